@@ -1,0 +1,226 @@
+// pybind11 module dffkit._cpu: the CPU engine. Arrays are checked, never converted: the Python
+// layer makes the one deliberate copy (dtype, contiguity) before calling in.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <omp.h>
+#include <string>
+#include <vector>
+
+#include "nmf_mu_cpu.hpp"
+
+namespace py = pybind11;
+using namespace dffkit;
+using i64 = std::int64_t;
+
+namespace {
+
+template <class T>
+T* data_of(const py::array& a, const char* name, i64 rows, i64 cols, bool writable) {
+  if (!py::isinstance<py::array_t<T>>(a) || a.dtype().kind() != 'f' || a.itemsize() != sizeof(T))
+    throw invalid_argument(std::string("dffkit._cpu: ") + name + " has the wrong dtype");
+  if (a.ndim() != 2 || a.shape(0) != rows || a.shape(1) != cols)
+    throw invalid_argument(std::string("dffkit._cpu: ") + name + " must have shape (" +
+                           std::to_string(rows) + ", " + std::to_string(cols) + ")");
+  if (!(a.flags() & py::array::c_style))
+    throw invalid_argument(std::string("dffkit._cpu: ") + name + " must be C-contiguous");
+  if (writable && !a.writeable())
+    throw invalid_argument(std::string("dffkit._cpu: ") + name + " must be writeable");
+  return static_cast<T*>(const_cast<void*>(a.data()));
+}
+
+/// Polls Python signals (Ctrl-C) at most every 50 ms from the calling thread.
+struct SignalPoller {
+  std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+  bool operator()() {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last < std::chrono::milliseconds(50)) return false;
+    last = now;
+    py::gil_scoped_acquire gil;
+    return PyErr_CheckSignals() != 0;
+  }
+};
+
+struct Params {
+  int beta = 2;
+  double l1_W = 0, l2_W = 0, l1_H = 0, l2_H = 0, lam = 0, mu = 0;
+  int max_iter = 200;
+  double tol = 1e-4;
+  bool update_H = true, record_objective = false;
+  int num_threads = 0;
+};
+
+Problem make_problem(i64 m, i64 n, i64 k, const Params& q, const std::vector<i64>* groups) {
+  Problem p;
+  p.m = m; p.n = n; p.k = k;
+  if (q.beta != 1 && q.beta != 2) throw invalid_argument("dffkit._cpu: beta must be 1 or 2");
+  p.loss = q.beta == 2 ? Loss::frobenius : Loss::kullback_leibler;
+  p.l1_W = q.l1_W; p.l2_W = q.l2_W; p.l1_H = q.l1_H; p.l2_H = q.l2_H;
+  p.lam = q.lam; p.mu = q.mu;
+  if (groups && !groups->empty()) {
+    p.group_offsets = groups->data();
+    p.n_groups = i64(groups->size()) - 1;
+  }
+  return p;
+}
+
+Options make_options(const Params& q) {
+  Options o;
+  o.max_iter = q.max_iter; o.tol = q.tol; o.update_H = q.update_H;
+  o.record_objective = q.record_objective; o.num_threads = q.num_threads;
+  return o;
+}
+
+py::dict result_dict(const Result& r, const std::vector<double>* obj) {
+  py::dict d;
+  d["n_iter"] = r.n_iter;
+  d["error_init"] = r.error_init;
+  d["error"] = r.error;
+  if (obj) d["objective"] = *obj;
+  return d;
+}
+
+void raise_if_interrupted(const Result& r) {
+  if (r.interrupted && PyErr_Occurred()) throw py::error_already_set();
+}
+
+template <class T>
+py::dict fit_t(const py::array& X, py::array& W, py::array& H, const Params& q,
+               const std::vector<i64>& groups) {
+  if (X.ndim() != 2) throw invalid_argument("dffkit._cpu: X must be 2-D");
+  const i64 m = X.shape(0), n = X.shape(1), k = W.ndim() == 2 ? W.shape(1) : -1;
+  const T* x = data_of<T>(X, "X", m, n, false);
+  T* w = data_of<T>(W, "W", m, k, true);
+  T* h = data_of<T>(H, "H", k, n, true);
+  const Problem p = make_problem(m, n, k, q, &groups);
+  const Options o = make_options(q);
+  std::vector<double> obj;
+  Result r;
+  {
+    py::gil_scoped_release nogil;
+    SignalPoller poll;
+    r = fit_mu_cpu<T>(x, w, h, p, o, std::ref(poll), q.record_objective ? &obj : nullptr);
+  }
+  raise_if_interrupted(r);
+  return result_dict(r, q.record_objective ? &obj : nullptr);
+}
+
+template <class T>
+py::list fit_batched_t(const std::vector<py::array>& Xs, std::vector<py::array>& Ws,
+                       std::vector<py::array>& Hs, const Params& q) {
+  const std::size_t B = Xs.size();
+  if (Ws.size() != B || Hs.size() != B)
+    throw invalid_argument("dffkit._cpu: X, W and H lists must have the same length");
+  std::vector<BatchItem<T>> items(B);
+  for (std::size_t b = 0; b < B; ++b) {
+    if (Xs[b].ndim() != 2 || Ws[b].ndim() != 2)
+      throw invalid_argument("dffkit._cpu: every X and W must be 2-D");
+    const i64 m = Xs[b].shape(0), n = Xs[b].shape(1), k = Ws[b].shape(1);
+    items[b].X = data_of<T>(Xs[b], "X[b]", m, n, false);
+    items[b].W = data_of<T>(Ws[b], "W[b]", m, k, true);
+    items[b].H = data_of<T>(Hs[b], "H[b]", k, n, true);
+    items[b].problem = make_problem(m, n, k, q, nullptr);
+    check_problem(items[b].problem);
+  }
+  const Options o = make_options(q);
+  bool interrupted = false;
+  {
+    py::gil_scoped_release nogil;
+    SignalPoller poll;
+    StopFn stop = [&]() { return interrupted = interrupted || poll(); };
+    fit_mu_cpu_batched<T>(items, o, stop);
+  }
+  if (interrupted && PyErr_Occurred()) throw py::error_already_set();
+  py::list out;
+  for (auto& it : items) out.append(result_dict(it.result, nullptr));
+  return out;
+}
+
+bool is_f32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
+bool is_f64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, mod) {
+  mod.doc() = "dffkit CPU engine (C++17/OpenMP): multiplicative-update NMF";
+  py::class_<Params>(mod, "Params")
+      .def(py::init<>())
+      .def_readwrite("beta", &Params::beta)
+      .def_readwrite("l1_W", &Params::l1_W)
+      .def_readwrite("l2_W", &Params::l2_W)
+      .def_readwrite("l1_H", &Params::l1_H)
+      .def_readwrite("l2_H", &Params::l2_H)
+      .def_readwrite("lam", &Params::lam)
+      .def_readwrite("mu", &Params::mu)
+      .def_readwrite("max_iter", &Params::max_iter)
+      .def_readwrite("tol", &Params::tol)
+      .def_readwrite("update_H", &Params::update_H)
+      .def_readwrite("record_objective", &Params::record_objective)
+      .def_readwrite("num_threads", &Params::num_threads);
+
+  mod.def(
+      "fit",
+      [](const py::array& X, py::array& W, py::array& H, const Params& q,
+         const std::vector<i64>& groups) {
+        if (is_f32(X)) return fit_t<float>(X, W, H, q, groups);
+        if (is_f64(X)) return fit_t<double>(X, W, H, q, groups);
+        throw invalid_argument("dffkit._cpu.fit: X must be float32 or float64");
+      },
+      py::arg("X"), py::arg("W"), py::arg("H"), py::arg("params"),
+      py::arg("group_offsets") = std::vector<i64>{},
+      "Fit W (m x k) and H (k x n) in place for X (m x n); all C-contiguous, same dtype.");
+  mod.def(
+      "fit_batched",
+      [](const std::vector<py::array>& Xs, std::vector<py::array>& Ws, std::vector<py::array>& Hs,
+         const Params& q) {
+        if (Xs.empty()) return py::list();
+        if (is_f32(Xs[0])) return fit_batched_t<float>(Xs, Ws, Hs, q);
+        if (is_f64(Xs[0])) return fit_batched_t<double>(Xs, Ws, Hs, q);
+        throw invalid_argument("dffkit._cpu.fit_batched: X must be float32 or float64");
+      },
+      py::arg("Xs"), py::arg("Ws"), py::arg("Hs"), py::arg("params"));
+  mod.def(
+      "random_init",
+      [](const py::array& X, py::array& W, py::array& H, std::uint64_t seed, int num_threads) {
+        const i64 m = X.shape(0), n = X.shape(1), k = W.shape(1);
+        auto run = [&](auto tag) {
+          using T = decltype(tag);
+          const T* x = data_of<T>(X, "X", m, n, false);
+          T* w = data_of<T>(W, "W", m, k, true);
+          T* h = data_of<T>(H, "H", k, n, true);
+          py::gil_scoped_release nogil;
+          random_init_cpu<T>(x, w, h, m, n, k, seed, num_threads);
+        };
+        if (X.ndim() != 2 || W.ndim() != 2) throw invalid_argument("random_init: 2-D arrays");
+        if (is_f32(X)) return run(float{});
+        if (is_f64(X)) return run(double{});
+        throw invalid_argument("dffkit._cpu.random_init: X must be float32 or float64");
+      },
+      py::arg("X"), py::arg("W"), py::arg("H"), py::arg("seed"), py::arg("num_threads") = 0,
+      "init='random': W, H = sqrt(mean(X)/k) |N(0,1)| from Philox(seed), in place.");
+  mod.def(
+      "beta_error",
+      [](const py::array& X, const py::array& W, const py::array& H, int beta) {
+        if (X.ndim() != 2 || W.ndim() != 2) throw invalid_argument("beta_error: 2-D arrays");
+        const i64 m = X.shape(0), n = X.shape(1), k = W.shape(1);
+        Params q;
+        q.beta = beta;
+        const Problem p = make_problem(m, n, k, q, nullptr);
+        auto run = [&](auto tag) {
+          using T = decltype(tag);
+          const T* x = data_of<T>(X, "X", m, n, false);
+          const T* w = data_of<T>(W, "W", m, k, false);
+          const T* h = data_of<T>(H, "H", k, n, false);
+          py::gil_scoped_release nogil;
+          return beta_error_cpu<T>(x, w, h, p, 0);
+        };
+        if (is_f32(X)) return run(float{});
+        if (is_f64(X)) return run(double{});
+        throw invalid_argument("dffkit._cpu.beta_error: X must be float32 or float64");
+      },
+      py::arg("X"), py::arg("W"), py::arg("H"), py::arg("beta"),
+      "scikit-learn's error sqrt(2 * beta-divergence(X, W H)), one pass over X.");
+  mod.def("max_threads", []() { return omp_get_max_threads(); });
+}

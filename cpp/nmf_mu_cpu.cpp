@@ -1,0 +1,637 @@
+// The CPU engine. For each row block b of X (held in cache while it is used):
+//   Frobenius: N_b = X_b H^T -> W_b <- W_b * N_b / (W_b G_H + penalties [+ group term])
+//              -> P += W_b^T X_b, G_W += W_b^T W_b
+//   KL:        R_b = X_b / (W_b H) -> N_b = R_b H^T -> W_b <- W_b * N_b / (1 H^T + penalties)
+//              -> R'_b = X_b / (W_b H) with the new W_b -> P += W_b^T R'_b, colsum += W_b
+// then H <- H * P / (G_W H + penalties) (Frobenius) or H * P / (colsum + penalties) (KL).
+// Rows are split into chunks that depend on the shape only; each chunk accumulates its own
+// partial P and G_W, and partials are added in chunk order, so the result is the same for any
+// number of threads. Frobenius error: ||X||^2 - 2 <P, H> + <G_W, H H^T> (float64).
+#include "nmf_mu_cpu.hpp"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <limits>
+
+#include "mu_update.hpp"
+#include "philox.hpp"
+
+namespace dffkit {
+namespace {
+
+using i64 = std::int64_t;
+
+template <class T> struct simd;
+template <> struct simd<float> {
+  typedef float v __attribute__((vector_size(64)));
+  static constexpr int L = 16;
+};
+template <> struct simd<double> {
+  typedef double v __attribute__((vector_size(64)));
+  static constexpr int L = 8;
+};
+template <class T> using vec = typename simd<T>::v;
+
+template <class T> inline vec<T> load(const T* p) {
+  vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <class T> inline vec<T> load_part(const T* p, int count) {
+  vec<T> v = {};
+  std::memcpy(&v, p, sizeof(T) * count);
+  return v;
+}
+template <class T> inline void store(T* p, vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
+template <class T> inline void store_part(T* p, vec<T> v, int count) {
+  std::memcpy(p, &v, sizeof(T) * count);
+}
+template <class T> inline vec<T> splat(T x) { return vec<T>{} + x; }
+template <class T> inline T hsum(vec<T> v) {
+  T s = v[0];
+  for (int i = 1; i < simd<T>::L; ++i) s += v[i];
+  return s;
+}
+
+// out[a*ldo + b] = sum_l A[a, l] B[b, l] for an RA x RB tile. Element l of a row always goes to
+// lane l % L and lanes are added in order, so every tile shape gives the same bits.
+template <class T, int RA, int RB>
+inline void dot_tile(const T* A, i64 lda, const T* B, i64 ldb, i64 n, T* out, i64 ldo) {
+  constexpr int L = simd<T>::L;
+  vec<T> acc[RA][RB];
+  for (int a = 0; a < RA; ++a)
+    for (int b = 0; b < RB; ++b) acc[a][b] = vec<T>{};
+  const i64 nf = n / L * L;
+  for (i64 l = 0; l < nf; l += L) {
+    vec<T> av[RA], bv[RB];
+    for (int a = 0; a < RA; ++a) av[a] = load(A + a * lda + l);
+    for (int b = 0; b < RB; ++b) bv[b] = load(B + b * ldb + l);
+    for (int a = 0; a < RA; ++a)
+      for (int b = 0; b < RB; ++b) acc[a][b] += av[a] * bv[b];
+  }
+  if (nf < n) {
+    const int r = int(n - nf);
+    vec<T> av[RA], bv[RB];
+    for (int a = 0; a < RA; ++a) av[a] = load_part(A + a * lda + nf, r);
+    for (int b = 0; b < RB; ++b) bv[b] = load_part(B + b * ldb + nf, r);
+    for (int a = 0; a < RA; ++a)
+      for (int b = 0; b < RB; ++b) acc[a][b] += av[a] * bv[b];
+  }
+  for (int a = 0; a < RA; ++a)
+    for (int b = 0; b < RB; ++b) out[a * ldo + b] = hsum<T>(acc[a][b]);
+}
+
+/// out (ra x rb, ld ldo) = A (ra x n) B^T (B: rb x n).
+template <class T>
+void dot_rows(const T* A, i64 lda, i64 ra, const T* B, i64 ldb, i64 rb, i64 n, T* out, i64 ldo) {
+  i64 a = 0;
+  for (; a + 4 <= ra; a += 4) {
+    i64 b = 0;
+    for (; b + 4 <= rb; b += 4)
+      dot_tile<T, 4, 4>(A + a * lda, lda, B + b * ldb, ldb, n, out + a * ldo + b, ldo);
+    for (; b < rb; ++b)
+      dot_tile<T, 4, 1>(A + a * lda, lda, B + b * ldb, ldb, n, out + a * ldo + b, ldo);
+  }
+  for (; a < ra; ++a)
+    for (i64 b = 0; b < rb; ++b)
+      dot_tile<T, 1, 1>(A + a * lda, lda, B + b * ldb, ldb, n, out + a * ldo + b, ldo);
+}
+
+// P[j, :] += sum_i C[i, j] A[i, :] for j in [j0, j0 + RJ), rows i in order.
+template <class T, int RJ>
+inline void axpy_tile(const T* C, i64 ldc, i64 rows, const T* A, i64 lda, i64 n, T* P, i64 ldp,
+                      i64 j0) {
+  constexpr int L = simd<T>::L;
+  const i64 nf = n / L * L;
+  for (i64 l = 0; l < nf; l += L) {
+    vec<T> p[RJ];
+    for (int b = 0; b < RJ; ++b) p[b] = load(P + (j0 + b) * ldp + l);
+    for (i64 i = 0; i < rows; ++i) {
+      const vec<T> x = load(A + i * lda + l);
+      for (int b = 0; b < RJ; ++b) p[b] += splat(C[i * ldc + j0 + b]) * x;
+    }
+    for (int b = 0; b < RJ; ++b) store(P + (j0 + b) * ldp + l, p[b]);
+  }
+  if (nf < n) {
+    const int r = int(n - nf);
+    vec<T> p[RJ];
+    for (int b = 0; b < RJ; ++b) p[b] = load_part(P + (j0 + b) * ldp + nf, r);
+    for (i64 i = 0; i < rows; ++i) {
+      const vec<T> x = load_part(A + i * lda + nf, r);
+      for (int b = 0; b < RJ; ++b) p[b] += splat(C[i * ldc + j0 + b]) * x;
+    }
+    for (int b = 0; b < RJ; ++b) store_part(P + (j0 + b) * ldp + nf, p[b], r);
+  }
+}
+
+/// P (k x n) += C^T A, C: rows x k, A: rows x n.
+template <class T>
+void accumulate_ct_a(const T* C, i64 rows, i64 k, const T* A, i64 lda, i64 n, T* P) {
+  i64 j = 0;
+  for (; j + 8 <= k; j += 8) axpy_tile<T, 8>(C, k, rows, A, lda, n, P, n, j);
+  for (; j + 4 <= k; j += 4) axpy_tile<T, 4>(C, k, rows, A, lda, n, P, n, j);
+  for (; j < k; ++j) axpy_tile<T, 1>(C, k, rows, A, lda, n, P, n, j);
+}
+
+/// out (rows x n) = C (rows x k) H (k x n), j in order for every element.
+template <class T>
+void product_ch(const T* C, i64 rows, i64 k, const T* H, i64 n, T* out) {
+  constexpr int L = simd<T>::L;
+  const i64 nf = n / L * L;
+  for (i64 i = 0; i < rows; ++i) {
+    const T* c = C + i * k;
+    T* o = out + i * n;
+    for (i64 l = 0; l < nf; l += L) {
+      vec<T> acc = {};
+      for (i64 j = 0; j < k; ++j) acc += splat(c[j]) * load(H + j * n + l);
+      store(o + l, acc);
+    }
+    if (nf < n) {
+      const int r = int(n - nf);
+      vec<T> acc = {};
+      for (i64 j = 0; j < k; ++j) acc += splat(c[j]) * load_part(H + j * n + nf, r);
+      store_part(o + nf, acc, r);
+    }
+  }
+}
+
+/// G (k x k) += C^T C over rows, in row order; upper triangle then mirrored by the caller.
+template <class T>
+void accumulate_gram(const T* C, i64 rows, i64 k, T* G) {
+  for (i64 i = 0; i < rows; ++i) {
+    const T* c = C + i * k;
+    for (i64 a = 0; a < k; ++a) {
+      const T ca = c[a];
+      T* g = G + a * k;
+      for (i64 b = a; b < k; ++b) g[b] += ca * c[b];
+    }
+  }
+}
+
+inline int resolve_threads(int requested) {
+  return requested > 0 ? requested : omp_get_max_threads();
+}
+
+/// Chunks of rows that depend on the shape only (fixed reduction order for any thread count).
+struct Chunking {
+  i64 n_chunks, m;
+  i64 begin(i64 c) const { return c * m / n_chunks; }
+  i64 end(i64 c) const { return (c + 1) * m / n_chunks; }
+};
+
+template <class T>
+Chunking make_chunking(i64 m, i64 n, i64 k) {
+  i64 c = std::min<i64>(64, (m + 255) / 256);
+  const i64 cap = (i64(256) << 20) / std::max<i64>(1, k * n * i64(sizeof(T)));
+  c = std::max<i64>(1, std::min(c, cap));
+  return {c, m};
+}
+
+/// Rows per block: the block of X (rows x n) should stay in L2 while it is used twice.
+inline i64 block_rows(i64 n, std::size_t elem) {
+  const i64 target = (i64(192) << 10) / std::max<i64>(1, n * i64(elem));
+  return std::max<i64>(4, std::min<i64>(128, target / 4 * 4));
+}
+
+template <class T>
+struct Workspace {
+  i64 m, n, k;
+  Chunking ch;
+  std::vector<T> P_part, G_part, colsum_part;  // per chunk: k*n, k*k, k
+  std::vector<double> dot0_part;               // per chunk: <X H^T, W> of the first sweep
+  std::vector<T> P, G_W, G_H, colsum, rowsum_H, H_new;
+  std::vector<T> blockbuf;                     // per thread: N (rows*k), Wnew row, R (rows*n)
+  std::vector<double> group_norm;              // n_groups * k
+  i64 brows;
+};
+
+template <class T>
+void compute_gram_rows(const T* A, i64 rows, i64 n, T* G) {
+  // G = A A^T (rows x rows); only used for H H^T (k x k).
+  dot_rows(A, n, rows, A, n, rows, n, G, rows);
+}
+
+template <class T>
+double frob_sq_norm(const T* X, i64 count, int nt) {
+  // fixed order: chunks of kMeanChunk elements
+  const i64 nc = (count + kMeanChunk - 1) / kMeanChunk;
+  std::vector<double> part(nc);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nc > 16)
+  for (i64 c = 0; c < nc; ++c) {
+    double s = 0;
+    const i64 e = std::min(count, (c + 1) * kMeanChunk);
+    for (i64 i = c * kMeanChunk; i < e; ++i) s += double(X[i]) * double(X[i]);
+    part[c] = s;
+  }
+  double s = 0;
+  for (double v : part) s += v;
+  return s;
+}
+
+template <class T>
+void compute_group_norms(const T* W, const Problem& p, std::vector<double>& out) {
+  out.assign(p.n_groups * p.k, 0.0);
+  for (i64 g = 0; g < p.n_groups; ++g) {
+    double* o = out.data() + g * p.k;
+    for (i64 i = p.group_offsets[g]; i < p.group_offsets[g + 1]; ++i)
+      for (i64 j = 0; j < p.k; ++j) o[j] += double(W[i * p.k + j]) * double(W[i * p.k + j]);
+    for (i64 j = 0; j < p.k; ++j) o[j] = std::sqrt(o[j]);
+  }
+}
+
+inline i64 group_of_row(const Problem& p, i64 row) {
+  // offsets are sorted: last g with offsets[g] <= row and offsets[g+1] > row
+  const i64* lo = p.group_offsets;
+  const i64* it = std::upper_bound(lo, lo + p.n_groups + 1, row);
+  i64 g = i64(it - lo) - 1;
+  while (g + 1 < p.n_groups && p.group_offsets[g + 1] <= row) ++g;
+  return g;
+}
+
+template <class T>
+double penalty_value(const T* W, const T* H, const Problem& p) {
+  double s1w = 0, s2w = 0, s1h = 0, s2h = 0;
+  for (i64 i = 0; i < p.m * p.k; ++i) { s1w += double(W[i]); s2w += double(W[i]) * double(W[i]); }
+  for (i64 i = 0; i < p.k * p.n; ++i) { s1h += double(H[i]); s2h += double(H[i]) * double(H[i]); }
+  double v = p.l1_W * s1w + 0.5 * p.l2_W * s2w + p.l1_H * s1h + 0.5 * p.l2_H * s2h + 0.5 * p.mu * s2h;
+  if (p.group_offsets && p.lam > 0) {
+    std::vector<double> nrm;
+    compute_group_norms(W, p, nrm);
+    double g = 0;
+    for (double x : nrm) g += x;
+    v += p.lam * g;
+  }
+  return v;
+}
+
+/// One sweep over X: updates W in place; accumulates P (if want_P), G_W, and for KL the
+/// column sums of the new W. first: also accumulate <X H^T, W_old> for the initial error.
+template <class T>
+void sweep(const T* X, T* W, const T* H, const Problem& p, Workspace<T>& ws, bool want_P,
+           bool first, int nt) {
+  const i64 n = p.n, k = p.k;
+  const bool kl = p.loss == Loss::kullback_leibler;
+  const bool groups = p.group_offsets != nullptr && p.lam > 0;
+  const double tiny = double(std::numeric_limits<T>::min());
+  const T l1 = T(p.l1_W), l2 = T(p.l2_W);
+  const i64 nch = ws.ch.n_chunks, brows = ws.brows;
+  std::fill(ws.G_part.begin(), ws.G_part.end(), T(0));
+  if (want_P) std::fill(ws.P_part.begin(), ws.P_part.end(), T(0));
+  if (kl) std::fill(ws.colsum_part.begin(), ws.colsum_part.end(), T(0));
+  std::fill(ws.dot0_part.begin(), ws.dot0_part.end(), 0.0);
+  const i64 per_thread = brows * k + k + (kl ? brows * n : 0);
+
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nch > 1)
+  for (i64 c = 0; c < nch; ++c) {
+    T* buf = ws.blockbuf.data() + i64(omp_get_thread_num()) * per_thread;
+    T* Nb = buf;
+    T* wrow = Nb + brows * k;
+    T* R = wrow + k;
+    T* Pc = ws.P_part.data() + c * k * n;
+    T* Gc = ws.G_part.data() + c * k * k;
+    T* cs = kl ? ws.colsum_part.data() + c * k : nullptr;
+    double dot0 = 0;
+    for (i64 r0 = ws.ch.begin(c); r0 < ws.ch.end(c); r0 += brows) {
+      const i64 rows = std::min(brows, ws.ch.end(c) - r0);
+      const T* Xb = X + r0 * n;
+      T* Wb = W + r0 * k;
+      // numerator N_b
+      if (!kl) {
+        dot_rows(Xb, n, rows, H, n, k, n, Nb, k);
+      } else {
+        product_ch(Wb, rows, k, H, n, R);
+        for (i64 t = 0; t < rows * n; ++t) R[t] = kl_ratio(Xb[t], R[t]);
+        dot_rows(R, n, rows, H, n, k, n, Nb, k);
+      }
+      if (first && !kl)
+        for (i64 t = 0; t < rows * k; ++t) dot0 += double(Nb[t]) * double(Wb[t]);
+      // W update, row by row
+      i64 g = groups ? group_of_row(p, r0) : 0;
+      for (i64 i = 0; i < rows; ++i) {
+        T* w = Wb + i * k;
+        const T* num = Nb + i * k;
+        if (!kl) {
+          for (i64 j = 0; j < k; ++j) wrow[j] = T(0);
+          for (i64 a = 0; a < k; ++a) {
+            const T wa = w[a];
+            const T* gh = ws.G_H.data() + a * k;
+            for (i64 j = 0; j < k; ++j) wrow[j] += wa * gh[j];
+          }
+        } else {
+          for (i64 j = 0; j < k; ++j) wrow[j] = ws.rowsum_H[j];
+        }
+        if (groups) {
+          while (g + 1 < p.n_groups && p.group_offsets[g + 1] <= r0 + i) ++g;
+          const double* nrm = ws.group_norm.data() + g * k;
+          for (i64 j = 0; j < k; ++j)
+            wrow[j] = mu_step(w[j], num[j], wrow[j], l1, l2, group_term(w[j], p.lam, nrm[j], tiny));
+        } else {
+          for (i64 j = 0; j < k; ++j) wrow[j] = mu_step(w[j], num[j], wrow[j], l1, l2, T(0));
+        }
+        for (i64 j = 0; j < k; ++j) w[j] = wrow[j];
+      }
+      // accumulations with the new W while X_b is in cache
+      accumulate_gram(Wb, rows, k, Gc);
+      if (want_P) {
+        if (!kl) {
+          accumulate_ct_a(Wb, rows, k, Xb, n, n, Pc);
+        } else {
+          product_ch(Wb, rows, k, H, n, R);
+          for (i64 t = 0; t < rows * n; ++t) R[t] = kl_ratio(Xb[t], R[t]);
+          accumulate_ct_a(Wb, rows, k, R, n, n, Pc);
+        }
+      }
+      if (kl)
+        for (i64 i = 0; i < rows; ++i)
+          for (i64 j = 0; j < k; ++j) cs[j] += Wb[i * k + j];
+    }
+    ws.dot0_part[c] = dot0;
+  }
+
+  // reductions in chunk order
+  for (i64 a = 0; a < k; ++a)
+    for (i64 b = a; b < k; ++b) {
+      double s = 0;
+      for (i64 c = 0; c < nch; ++c) s += double(ws.G_part[c * k * k + a * k + b]);
+      ws.G_W[a * k + b] = ws.G_W[b * k + a] = T(s);
+    }
+  if (want_P) {
+    const i64 kn = k * n;
+#pragma omp parallel for num_threads(nt) schedule(static) if (kn * nch > 65536)
+    for (i64 e = 0; e < kn; ++e) {
+      double s = 0;
+      for (i64 c = 0; c < nch; ++c) s += double(ws.P_part[c * kn + e]);
+      ws.P[e] = T(s);
+    }
+  }
+  if (kl)
+    for (i64 j = 0; j < k; ++j) {
+      double s = 0;
+      for (i64 c = 0; c < nch; ++c) s += double(ws.colsum_part[c * k + j]);
+      ws.colsum[j] = T(s);
+    }
+}
+
+template <class T>
+void update_h(T* H, const Problem& p, Workspace<T>& ws, int nt) {
+  const i64 n = p.n, k = p.k;
+  const bool kl = p.loss == Loss::kullback_leibler;
+  const T l1 = T(p.l1_H), l2 = T(p.l2_H), mu = T(p.mu);
+  if (kl)
+    for (i64 j = 0; j < k; ++j)
+      if (ws.colsum[j] == T(0)) ws.colsum[j] = T(1);
+  T* Hn = ws.H_new.data();
+  const i64 nb = (n + 255) / 256;
+#pragma omp parallel for num_threads(nt) schedule(static) if (k * k * n > 200000)
+  for (i64 blk = 0; blk < nb; ++blk) {
+    const i64 l0 = blk * 256, l1e = std::min(n, l0 + 256);
+    for (i64 j = 0; j < k; ++j) {
+      T* out = Hn + j * n;
+      if (!kl) {
+        for (i64 l = l0; l < l1e; ++l) out[l] = T(0);
+        for (i64 a = 0; a < k; ++a) {
+          const T g = ws.G_W[j * k + a];
+          const T* h = H + a * n;
+          for (i64 l = l0; l < l1e; ++l) out[l] += g * h[l];
+        }
+      } else {
+        for (i64 l = l0; l < l1e; ++l) out[l] = ws.colsum[j];
+      }
+      const T* h = H + j * n;
+      const T* num = ws.P.data() + j * n;
+      for (i64 l = l0; l < l1e; ++l) {
+        T v = mu_step(h[l], num[l], out[l], l1, l2, mu > T(0) ? mu * h[l] : T(0));
+        out[l] = kl ? kl_clamp_h(v) : v;
+      }
+    }
+  }
+  std::copy(ws.H_new.begin(), ws.H_new.end(), H);
+}
+
+template <class T>
+void refresh_h_stats(const T* H, const Problem& p, Workspace<T>& ws) {
+  if (p.loss == Loss::frobenius) {
+    compute_gram_rows(H, p.k, p.n, ws.G_H.data());
+  } else {
+    for (i64 j = 0; j < p.k; ++j) {
+      double s = 0;  // float64 sum of the row: scikit-learn sums in the array's dtype (pairwise)
+      for (i64 l = 0; l < p.n; ++l) s += double(H[j * p.n + l]);
+      ws.rowsum_H[j] = T(s);
+    }
+  }
+}
+
+template <class T>
+double frob_error_from_stats(double xx, const T* H, const Problem& p, const Workspace<T>& ws) {
+  double ph = 0, gg = 0;
+  for (i64 e = 0; e < p.k * p.n; ++e) ph += double(ws.P[e]) * double(H[e]);
+  for (i64 e = 0; e < p.k * p.k; ++e) gg += double(ws.G_W[e]) * double(ws.G_H[e]);
+  const double sq = xx - 2.0 * ph + gg;
+  return std::sqrt(std::max(sq, 0.0));
+}
+
+}  // namespace
+
+template <class T>
+double mean_fixed_order(const T* X, std::int64_t count, int num_threads) {
+  const int nt = resolve_threads(num_threads);
+  const i64 nc = (count + kMeanChunk - 1) / kMeanChunk;
+  std::vector<double> part(nc);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nc > 16)
+  for (i64 c = 0; c < nc; ++c) {
+    double s = 0;
+    const i64 e = std::min<i64>(count, (c + 1) * kMeanChunk);
+    for (i64 i = c * kMeanChunk; i < e; ++i) s += double(X[i]);
+    part[c] = s;
+  }
+  double s = 0;
+  for (double v : part) s += v;
+  return s / double(count);
+}
+
+template <class T>
+void random_init_cpu(const T* X, T* W, T* H, i64 m, i64 n, i64 k, std::uint64_t seed,
+                     int num_threads) {
+  const int nt = resolve_threads(num_threads);
+  const double scale = std::sqrt(mean_fixed_order(X, m * n, nt) / double(k));
+#pragma omp parallel for num_threads(nt) schedule(static) if (m * k > 65536)
+  for (i64 i = 0; i < m * k; ++i) W[i] = T(scale * philox_half_normal(seed, 0, std::uint64_t(i)));
+#pragma omp parallel for num_threads(nt) schedule(static) if (k * n > 65536)
+  for (i64 i = 0; i < k * n; ++i) H[i] = T(scale * philox_half_normal(seed, 1, std::uint64_t(i)));
+}
+
+template <class T>
+double beta_error_cpu(const T* X, const T* W, const T* H, const Problem& p, int num_threads) {
+  const int nt = resolve_threads(num_threads);
+  const i64 m = p.m, n = p.n, k = p.k;
+  const Chunking ch = make_chunking<T>(m, n, k);
+  const i64 brows = block_rows(n, sizeof(T));
+  const bool kl = p.loss == Loss::kullback_leibler;
+  std::vector<double> part(ch.n_chunks, 0.0), xsum(ch.n_chunks, 0.0);
+  std::vector<T> buf(i64(nt) * brows * n);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (ch.n_chunks > 1)
+  for (i64 c = 0; c < ch.n_chunks; ++c) {
+    T* R = buf.data() + i64(omp_get_thread_num()) * brows * n;
+    double s = 0, sx = 0;
+    for (i64 r0 = ch.begin(c); r0 < ch.end(c); r0 += brows) {
+      const i64 rows = std::min(brows, ch.end(c) - r0);
+      product_ch(W + r0 * k, rows, k, H, n, R);
+      const T* Xb = X + r0 * n;
+      for (i64 t = 0; t < rows * n; ++t) {
+        if (!kl) {
+          const double d = double(Xb[t]) - double(R[t]);
+          s += d * d;
+        } else if (Xb[t] > T(kEpsilon)) {
+          const double wh = std::max(double(R[t]), kEpsilon);
+          s += double(Xb[t]) * std::log(double(Xb[t]) / wh);
+          sx += double(Xb[t]);
+        }
+      }
+    }
+    part[c] = s;
+    xsum[c] = sx;
+  }
+  double s = 0, sx = 0;
+  for (i64 c = 0; c < ch.n_chunks; ++c) { s += part[c]; sx += xsum[c]; }
+  if (!kl) return std::sqrt(s);
+  double sum_wh = 0;
+  for (i64 j = 0; j < k; ++j) {
+    double cw = 0, rh = 0;
+    for (i64 i = 0; i < m; ++i) cw += double(W[i * k + j]);
+    for (i64 l = 0; l < n; ++l) rh += double(H[j * n + l]);
+    sum_wh += cw * rh;
+  }
+  const double div = s + sum_wh - sx;
+  return std::sqrt(2.0 * std::max(div, 0.0));
+}
+
+template <class T>
+Result fit_mu_cpu(const T* X, T* W, T* H, const Problem& p, const Options& o,
+                  const StopFn& should_stop, std::vector<double>* objective) {
+  check_problem(p);
+  const int nt = resolve_threads(o.num_threads);
+  const i64 m = p.m, n = p.n, k = p.k;
+  const bool kl = p.loss == Loss::kullback_leibler;
+  Workspace<T> ws;
+  ws.m = m; ws.n = n; ws.k = k;
+  ws.ch = make_chunking<T>(m, n, k);
+  ws.brows = block_rows(n, sizeof(T));
+  const i64 nch = ws.ch.n_chunks;
+  ws.P_part.assign(nch * k * n, T(0));
+  ws.G_part.assign(nch * k * k, T(0));
+  ws.dot0_part.assign(nch, 0.0);
+  if (kl) ws.colsum_part.assign(nch * k, T(0));
+  ws.P.assign(k * n, T(0));
+  ws.G_W.assign(k * k, T(0));
+  ws.G_H.assign(k * k, T(0));
+  ws.colsum.assign(k, T(0));
+  ws.rowsum_H.assign(k, T(0));
+  ws.H_new.assign(k * n, T(0));
+  const i64 per_thread = ws.brows * k + k + (kl ? ws.brows * n : 0);
+  ws.blockbuf.assign(i64(std::max(nt, 1)) * per_thread, T(0));
+
+  Result res;
+  const double xx = kl ? 0.0 : frob_sq_norm(X, m * n, nt);
+  refresh_h_stats(H, p, ws);
+  const bool groups = p.group_offsets != nullptr && p.lam > 0;
+
+  if (kl) {
+    res.error_init = beta_error_cpu(X, W, H, p, nt);
+  } else if (o.max_iter < 1) {
+    res.error_init = beta_error_cpu(X, W, H, p, nt);
+  }
+  double prev = res.error_init, err = res.error_init;
+  bool err_fresh = kl || o.max_iter < 1;
+  int it = 0;
+  for (it = 1; it <= o.max_iter; ++it) {
+    const bool check = o.tol > 0 && it % 10 == 0;
+    const bool need_err = check || it == o.max_iter || objective != nullptr;
+    if (groups) compute_group_norms(W, p, ws.group_norm);
+    if (it == 1 && !kl) {
+      // <W0^T W0, H0 H0^T> for the initial error, before W changes
+      std::vector<T> g0(k * k, T(0));
+      accumulate_gram(W, m, k, g0.data());
+      double gg = 0;
+      for (i64 a = 0; a < k; ++a)
+        for (i64 b = 0; b < k; ++b) {
+          const T v = a <= b ? g0[a * k + b] : g0[b * k + a];
+          gg += double(v) * double(ws.G_H[a * k + b]);
+        }
+      sweep(X, W, H, p, ws, o.update_H || need_err, true, nt);
+      double dot0 = 0;
+      for (double v : ws.dot0_part) dot0 += v;
+      res.error_init = std::sqrt(std::max(xx - 2.0 * dot0 + gg, 0.0));
+      prev = res.error_init;
+    } else {
+      sweep(X, W, H, p, ws, kl ? o.update_H : (o.update_H || need_err), false, nt);
+    }
+    if (o.update_H) {
+      update_h(H, p, ws, nt);
+      refresh_h_stats(H, p, ws);
+    }
+    err_fresh = false;
+    if (need_err) {
+      err = kl ? beta_error_cpu(X, W, H, p, nt) : frob_error_from_stats(xx, H, p, ws);
+      err_fresh = true;
+      if (objective) objective->push_back(0.5 * err * err + penalty_value(W, H, p));
+    }
+    if (check) {
+      if ((prev - err) / res.error_init < o.tol) break;
+      prev = err;
+    }
+    if (should_stop && should_stop()) {
+      res.interrupted = true;
+      break;
+    }
+  }
+  res.n_iter = std::min(it, o.max_iter);
+  if (!err_fresh) err = beta_error_cpu(X, W, H, p, nt);
+  res.error = err;
+  return res;
+}
+
+template <class T>
+void fit_mu_cpu_batched(std::vector<BatchItem<T>>& items, const Options& o,
+                        const StopFn& should_stop) {
+  const int nt = resolve_threads(o.num_threads);
+  Options one = o;
+  one.num_threads = 1;
+  std::atomic<bool> stop{false};
+  std::exception_ptr error;
+  const i64 count = i64(items.size());
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (i64 b = 0; b < count; ++b) {
+    if (stop.load()) continue;
+    try {
+      auto& it = items[b];
+      StopFn local = [&]() {
+        if (omp_get_thread_num() == 0 && should_stop && should_stop()) stop = true;
+        return stop.load();
+      };
+      it.result = fit_mu_cpu(it.X, it.W, it.H, it.problem, one, local, nullptr);
+    } catch (...) {
+#pragma omp critical(dffkit_batched_error)
+      if (!error) error = std::current_exception();
+      stop = true;
+    }
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+#define DFFKIT_INSTANTIATE(T)                                                                  \
+  template Result fit_mu_cpu<T>(const T*, T*, T*, const Problem&, const Options&,             \
+                                const StopFn&, std::vector<double>*);                          \
+  template void fit_mu_cpu_batched<T>(std::vector<BatchItem<T>>&, const Options&,             \
+                                      const StopFn&);                                          \
+  template double beta_error_cpu<T>(const T*, const T*, const T*, const Problem&, int);        \
+  template double mean_fixed_order<T>(const T*, std::int64_t, int);                            \
+  template void random_init_cpu<T>(const T*, T*, T*, i64, i64, i64, std::uint64_t, int);
+DFFKIT_INSTANTIATE(float)
+DFFKIT_INSTANTIATE(double)
+
+}  // namespace dffkit

@@ -1,0 +1,5 @@
+import sys
+
+from dffkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+"""Which engines are usable here, and why not.
+
+``dffkit._cpu`` (C++/OpenMP) always builds. ``dffkit._cuda`` builds where CMake found nvcc and
+is usable where a CUDA driver and device are present; ``_cuda.probe()`` says which.
+"""
+from __future__ import annotations
+
+import importlib
+
+_reasons: dict[str, str] = {}
+_modules: dict[str, object] = {}
+
+
+def _load(name: str):
+    if name in _modules:
+        return _modules[name]
+    module = None
+    try:
+        module = importlib.import_module(f"dffkit._{name}")
+    except ImportError as exc:
+        _reasons[name] = (
+            f"dffkit._{name} is not built ({exc}); "
+            + ("reinstall dffkit" if name == "cpu" else "install dffkit on a machine where CMake finds nvcc")
+        )
+    if module is not None and name == "cuda":
+        ok, why = module.probe()
+        if not ok:
+            _reasons[name] = f"the CUDA module is built but cannot run here: {why}"
+            module = None
+    _modules[name] = module
+    return module
+
+
+def cpu():
+    """The CPU engine module; raises ImportError with the reason if it is missing."""
+    module = _load("cpu")
+    if module is None:
+        raise ImportError(_reasons["cpu"])
+    return module
+
+
+def cuda():
+    """The CUDA engine module; raises RuntimeError with the reason if it is not usable."""
+    module = _load("cuda")
+    if module is None:
+        raise RuntimeError(f"backend='cuda' is not available: {_reasons['cuda']}")
+    return module
+
+
+def available_backends() -> list[str]:
+    """Names of the usable backends, best first (``"cuda"`` before ``"cpu"``)."""
+    return [name for name in ("cuda", "cpu") if _load(name) is not None]
+
+
+def unavailable_reasons() -> dict[str, str]:
+    """For each backend that is not usable, why not."""
+    for name in ("cuda", "cpu"):
+        _load(name)
+    return dict(_reasons)

@@ -1,0 +1,785 @@
+"""Non-negative matrix factorization with multiplicative updates: the public API.
+
+``non_negative_factorization`` and ``NMF`` mirror scikit-learn's (solver="mu") so that a user
+switches by changing an import; ``backend`` chooses the engine. X (m x n) ~ W (m x k) H (k x n):
+rows of X are samples, ``W`` is what ``transform`` returns, ``H`` is ``components_``.
+"""
+from __future__ import annotations
+
+import numbers
+import os
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dffkit import _backends
+
+__all__ = [
+    "non_negative_factorization",
+    "NMF",
+    "NMFResult",
+    "nmf_batched",
+    "ConvergenceWarning",
+    "initialize",
+]
+
+try:  # scikit-learn's warning class when it is installed, so filters written for it apply
+    from sklearn.exceptions import ConvergenceWarning
+except ImportError:  # pragma: no cover - exercised only without scikit-learn
+
+    class ConvergenceWarning(UserWarning):
+        """The solver stopped at max_iter before meeting tol."""
+
+
+_INITS = ("random", "nndsvd", "nndsvda", "nndsvdar", "custom")
+_BACKENDS = ("auto", "cpu", "cuda")
+_PRECISIONS = ("fp32", "tf32", "bf16x")
+# Above this many elements of X, "auto" sends host data to a GPU: the copy is paid back.
+_AUTO_CUDA_MIN_ELEMENTS = 2_000_000
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------------------------
+
+def _beta_from(beta_loss) -> int:
+    names = {"frobenius": 2, "kullback-leibler": 1}
+    if isinstance(beta_loss, str):
+        if beta_loss in names:
+            return names[beta_loss]
+        if beta_loss == "itakura-saito":
+            raise ValueError(
+                "beta_loss='itakura-saito' is not supported by dffkit; use 'frobenius' or "
+                "'kullback-leibler' (or scikit-learn's NMF for other beta divergences)"
+            )
+    elif isinstance(beta_loss, numbers.Real) and not isinstance(beta_loss, bool):
+        if float(beta_loss) in (1.0, 2.0):
+            return int(beta_loss)
+    raise ValueError(
+        f"beta_loss must be 'frobenius' (2) or 'kullback-leibler' (1), got {beta_loss!r}"
+    )
+
+
+def _check_real(name, value, low=0.0, low_inclusive=True, integer=False):
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an integer" if integer else "a real number"
+        raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}")
+    if not np.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if value < low or (value == low and not low_inclusive):
+        op = ">=" if low_inclusive else ">"
+        raise ValueError(f"{name} must be {op} {low}, got {value!r}")
+    return value
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(
+            f"backend must be one of {_BACKENDS}, got {backend!r}; available here: "
+            f"{_backends.available_backends()}"
+        )
+    return backend
+
+
+def _as_float_matrix(X, name="X", whom="NMF", copy=False):
+    """X as a C-contiguous float32/float64 2-D numpy array (int -> float64, like scikit-learn).
+
+    The caller's array is never written: a copy is made when the dtype or layout must change
+    or when ``copy`` is true.
+    """
+    if hasattr(X, "toarray") or type(X).__module__.startswith("scipy.sparse"):
+        raise TypeError(
+            f"{name} is a sparse matrix; dffkit needs dense data: pass {name}.toarray()"
+        )
+    arr = np.asarray(X)
+    if arr.dtype == object:
+        raise TypeError(f"{name} must be numeric, got an object array")
+    if arr.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (samples x features), got {arr.ndim}-D with shape {arr.shape}; "
+            "reshape it, e.g. X.reshape(-1, n_features)"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {arr.shape}); it needs at least one row and one column")
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
+    if arr.dtype not in (np.float32, np.float64):
+        arr = arr.astype(np.float64)
+    out = np.ascontiguousarray(arr)
+    if copy and out is arr and np.shares_memory(out, np.asarray(X)):
+        out = out.copy()
+    if not np.isfinite(out).all():
+        raise ValueError(f"Input {name} contains NaN or infinity; remove or impute those entries")
+    if out.size and out.min() < 0:
+        raise ValueError(
+            f"Negative values in data passed to {whom} ({name}): NMF needs {name} >= 0; "
+            "shift or clip the data first"
+        )
+    return out
+
+
+def _check_factor(A, shape, dtype, name):
+    if A is None:
+        raise ValueError(f"{name} is required with init='custom'")
+    arr = np.asarray(A)
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
+    if arr.dtype != dtype:
+        raise TypeError(
+            f"{name} must have the same dtype as X ({dtype}), got {arr.dtype}; "
+            f"convert it with {name}.astype(X.dtype)"
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinity")
+    if arr.min() < 0:
+        raise ValueError(f"Negative values in data passed to NMF ({name}): {name} must be >= 0")
+    if not arr.any():
+        raise ValueError(
+            f"{name} is all zeros: multiplicative updates cannot move away from zero; "
+            "use another initialisation"
+        )
+    return np.array(arr, dtype=dtype, order="C", copy=True)  # ours to update in place
+
+
+def _seed_from(random_state) -> int:
+    """A 64-bit Philox key from None / int / numpy RandomState or Generator."""
+    if random_state is None:
+        return int.from_bytes(os.urandom(8), "little")
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        if random_state < 0:
+            raise ValueError(f"random_state must be >= 0, got {random_state}")
+        return int(random_state) & 0xFFFFFFFFFFFFFFFF
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(0, 2**31 - 1)) * 2**32 + int(random_state.randint(0, 2**31 - 1))
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(0, 2**63 - 1))
+    raise ValueError(
+        f"random_state must be None, an int, a numpy RandomState or Generator; got {random_state!r}"
+    )
+
+
+def _numpy_rng(random_state):
+    if isinstance(random_state, (np.random.RandomState, np.random.Generator)):
+        return random_state
+    return np.random.default_rng(_seed_from(random_state))
+
+
+# ---------------------------------------------------------------------------------------------
+# initialisation
+# ---------------------------------------------------------------------------------------------
+
+def _leading_svd(X: np.ndarray, k: int):
+    """Top-k singular triplets of X, exact, through the Gram matrix of the smaller side."""
+    m, n = X.shape
+    Xd = X.astype(np.float64, copy=False)
+    if min(m, n) <= 4096:
+        if n <= m:
+            vals, V = np.linalg.eigh(Xd.T @ Xd)
+            order = np.argsort(vals)[::-1][:k]
+            S = np.sqrt(np.maximum(vals[order], 0.0))
+            V = V[:, order]
+            U = Xd @ V / np.where(S > 0, S, 1.0)
+            return U, S, V.T
+        vals, U = np.linalg.eigh(Xd @ Xd.T)
+        order = np.argsort(vals)[::-1][:k]
+        S = np.sqrt(np.maximum(vals[order], 0.0))
+        U = U[:, order]
+        V = (U.T @ Xd) / np.where(S > 0, S, 1.0)[:, None]
+        return U, S, V
+    U, S, Vt = np.linalg.svd(Xd, full_matrices=False)
+    return U[:, :k], S[:k], Vt[:k]
+
+
+def initialize(X, n_components, init="random", random_state=None, eps=1e-6):
+    """Initial (W, H) for X (numpy, float32/float64) following scikit-learn's definitions.
+
+    ``random`` draws sqrt(mean(X)/k) |N(0,1)| from dffkit's Philox stream (the same bits on
+    every backend for one seed); the NNDSVD variants follow scikit-learn's formulas.
+    """
+    X = _as_float_matrix(X)
+    m, n = X.shape
+    k = int(n_components)
+    if init == "random":
+        W = np.empty((m, k), dtype=X.dtype)
+        H = np.empty((k, n), dtype=X.dtype)
+        _backends.cpu().random_init(X, W, H, _seed_from(random_state))
+        return W, H
+    if init not in ("nndsvd", "nndsvda", "nndsvdar"):
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    if k > min(m, n):
+        raise ValueError(
+            f"init={init!r} needs n_components <= min(n_samples, n_features) = {min(m, n)}, "
+            f"got {k}; use init='random'"
+        )
+    U, S, V = _leading_svd(X, k)
+    W = np.zeros((m, k))
+    H = np.zeros((k, n))
+    W[:, 0] = np.sqrt(S[0]) * np.abs(U[:, 0])
+    H[0, :] = np.sqrt(S[0]) * np.abs(V[0, :])
+    for j in range(1, k):
+        x, y = U[:, j], V[j, :]
+        x_p, y_p = np.maximum(x, 0), np.maximum(y, 0)
+        x_n, y_n = np.abs(np.minimum(x, 0)), np.abs(np.minimum(y, 0))
+        x_p_nrm, y_p_nrm = np.linalg.norm(x_p), np.linalg.norm(y_p)
+        x_n_nrm, y_n_nrm = np.linalg.norm(x_n), np.linalg.norm(y_n)
+        m_p, m_n = x_p_nrm * y_p_nrm, x_n_nrm * y_n_nrm
+        if m_p > m_n:
+            u, v, sigma = x_p / x_p_nrm, y_p / y_p_nrm, m_p
+        else:
+            u, v, sigma = x_n / max(x_n_nrm, 1e-300), y_n / max(y_n_nrm, 1e-300), m_n
+        lbd = np.sqrt(S[j] * sigma)
+        W[:, j] = lbd * u
+        H[j, :] = lbd * v
+    W[W < eps] = 0
+    H[H < eps] = 0
+    if init == "nndsvda":
+        avg = X.mean()
+        W[W == 0] = avg
+        H[H == 0] = avg
+    elif init == "nndsvdar":
+        rng = _numpy_rng(random_state)
+        normal = rng.standard_normal if hasattr(rng, "standard_normal") else rng.normal
+        avg = X.mean()
+        W[W == 0] = abs(avg * normal(size=int((W == 0).sum())) / 100)
+        H[H == 0] = abs(avg * normal(size=int((H == 0).sum())) / 100)
+    return W.astype(X.dtype), H.astype(X.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the solver entry point
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class NMFResult:
+    """What a solve returns besides W and H."""
+
+    n_iter: int
+    error_init: float
+    error: float
+    backend: str
+    precision: str = "fp32"
+    objective: list = field(default_factory=list)
+
+
+def _penalties(alpha_W, alpha_H, l1_ratio, m, n):
+    """scikit-learn >= 1.2 scaling: the W terms scale with n_features, the H terms with n_samples."""
+    _check_real("alpha_W", alpha_W)
+    if alpha_H == "same":
+        alpha_H = alpha_W
+    else:
+        _check_real("alpha_H", alpha_H)
+    _check_real("l1_ratio", l1_ratio)
+    if l1_ratio > 1:
+        raise ValueError(f"l1_ratio must be in [0, 1], got {l1_ratio}")
+    return (
+        n * alpha_W * l1_ratio,
+        n * alpha_W * (1.0 - l1_ratio),
+        m * alpha_H * l1_ratio,
+        m * alpha_H * (1.0 - l1_ratio),
+    )
+
+
+def _resolve_backend(backend, X, n_elements):
+    backend = _check_backend(backend)
+    if backend == "cpu":
+        return "cpu"
+    if backend == "cuda":
+        _backends.cuda()  # raises with the reason when unusable
+        return "cuda"
+    if "cuda" not in _backends.available_backends():
+        return "cpu"
+    from dffkit import _cuda_backend
+
+    if _cuda_backend.is_device_array(X) or n_elements >= _AUTO_CUDA_MIN_ELEMENTS:
+        return "cuda"
+    return "cpu"
+
+
+def _is_device_array(X) -> bool:
+    if isinstance(X, np.ndarray):
+        return False
+    if not (hasattr(X, "__cuda_array_interface__") or hasattr(X, "__dlpack_device__")):
+        return False
+    if "cuda" not in _backends.available_backends():
+        if hasattr(X, "__cuda_array_interface__"):
+            raise RuntimeError(
+                "X lives in GPU memory but the CUDA backend is not usable here: "
+                + _backends.unavailable_reasons().get("cuda", "")
+            )
+        return False
+    from dffkit import _cuda_backend
+
+    return _cuda_backend.is_device_array(X)
+
+
+def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalties,
+           random_state, verbose, backend, precision="fp32", groups=None, lam=0.0, mu=0.0,
+           record_objective=False, whom="NMF"):
+    """Validate, initialise and run one engine. Returns (W, H, NMFResult)."""
+    _check_real("tol", tol)
+    _check_real("max_iter", max_iter, integer=True)
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    _check_backend(backend)
+    on_device = _is_device_array(X)
+    if on_device:
+        from dffkit import _cuda_backend
+
+        if backend == "cpu":
+            raise ValueError(
+                "X is in GPU memory; use backend='cuda' (or 'auto'), or copy it to the host first"
+            )
+        shape = tuple(_cuda_backend.shape_of(X))
+        dtype = np.dtype(_cuda_backend.dtype_of(X))
+        if len(shape) != 2 or 0 in shape:
+            raise ValueError(f"X must be a non-empty 2-D array, got shape {shape}")
+        lo, nonfinite = _cuda_backend.check_values(X)
+        if nonfinite:
+            raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
+        if lo < 0:
+            raise ValueError(f"Negative values in data passed to {whom} (X): NMF needs X >= 0")
+        Xh = None
+    else:
+        Xh = _as_float_matrix(X, whom=whom)
+        shape, dtype = Xh.shape, Xh.dtype
+    m, n = shape
+    if n_components is None or n_components == "auto":
+        if init == "custom" or not update_H:
+            src = H if H is not None else W
+            if src is None:
+                raise ValueError("n_components='auto' needs H (or W) with init='custom'")
+            n_components = np.shape(src)[0] if src is H else np.shape(src)[1]
+        else:
+            n_components = n
+    _check_real("n_components", n_components, low=1, integer=True)
+    k = int(n_components)
+    if init is None:
+        init = "nndsvda" if k <= min(m, n) else "random"
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS} or None, got {init!r}")
+    if init == "nndsvd":
+        warnings.warn(
+            "The multiplicative update solver cannot update zeros present in the "
+            "initialization; init='nndsvd' leads to poorer results. Try 'nndsvda' or 'nndsvdar'.",
+            UserWarning,
+            stacklevel=3,
+        )
+    l1_W, l2_W, l1_H, l2_H = penalties(m, n)
+    engine = _resolve_backend(backend, X, m * n)
+
+    # initial factors: our own arrays, never the caller's
+    if not update_H:
+        if W is not None:
+            warnings.warn("When update_H=False, the provided initial W is not used.", RuntimeWarning, stacklevel=3)
+        H0 = _check_factor(H, (k, n), dtype, "H")
+        mean = float(Xh.mean()) if Xh is not None else float(_cuda_backend.mean(X))
+        W0 = np.full((m, k), np.sqrt(mean / k), dtype=dtype)
+    elif init == "custom":
+        W0 = _check_factor(W, (m, k), dtype, "W")
+        H0 = _check_factor(H, (k, n), dtype, "H")
+    else:
+        if W is not None or H is not None:
+            warnings.warn(
+                "When init!='custom', provided W or H are ignored. Set init='custom' to use them "
+                "as initialization.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if on_device and init == "random":
+            W0, H0 = _cuda_backend.random_init(X, k, _seed_from(random_state))
+        else:
+            if Xh is None:
+                Xh = _cuda_backend.to_host(X)
+            W0, H0 = initialize(Xh, k, init=init, random_state=random_state)
+
+    group_offsets = [] if groups is None else [int(g) for g in groups]
+    if engine == "cpu":
+        cpu = _backends.cpu()
+        params = cpu.Params()
+        _fill_params(params, beta, l1_W, l2_W, l1_H, l2_H, lam, mu, max_iter, tol, update_H,
+                     record_objective)
+        if max_iter == 0:
+            err = float(cpu.beta_error(Xh, W0, H0, beta))
+            info = {"n_iter": 0, "error_init": err, "error": err}
+        else:
+            info = cpu.fit(Xh, W0, H0, params, group_offsets)
+        Wout, Hout = W0, H0
+    else:
+        from dffkit import _cuda_backend
+
+        cuda = _backends.cuda()
+        params = cuda.Params()
+        _fill_params(params, beta, l1_W, l2_W, l1_H, l2_H, lam, mu, max_iter, tol, update_H,
+                     record_objective)
+        Wout, Hout, info = _cuda_backend.fit(X if on_device else Xh, W0, H0, params,
+                                             group_offsets=group_offsets or None,
+                                             precision=precision)
+    result = NMFResult(
+        n_iter=int(info["n_iter"]),
+        error_init=float(info["error_init"]),
+        error=float(info["error"]),
+        backend=engine,
+        precision=precision if engine == "cuda" else "fp32" if dtype == np.float32 else "fp64",
+        objective=list(info.get("objective", [])),
+    )
+    if verbose:
+        print(
+            f"dffkit {whom}: {engine} backend, {result.n_iter} iterations, "
+            f"error {result.error_init:.6g} -> {result.error:.6g}"
+        )
+    if tol > 0 and result.n_iter == max_iter and max_iter > 0:
+        warnings.warn(
+            f"Maximum number of iterations {max_iter} reached. Increase it to improve convergence.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+    return Wout, Hout, result
+
+
+def _fill_params(params, beta, l1_W, l2_W, l1_H, l2_H, lam, mu, max_iter, tol, update_H,
+                 record_objective):
+    params.beta = int(beta)
+    params.l1_W, params.l2_W, params.l1_H, params.l2_H = float(l1_W), float(l2_W), float(l1_H), float(l2_H)
+    params.lam, params.mu = float(lam), float(mu)
+    params.max_iter = int(max_iter)
+    params.tol = float(tol)
+    params.update_H = bool(update_H)
+    params.record_objective = bool(record_objective)
+
+
+def non_negative_factorization(
+    X,
+    W=None,
+    H=None,
+    n_components="auto",
+    *,
+    init=None,
+    update_H=True,
+    solver="mu",
+    beta_loss="frobenius",
+    tol=1e-4,
+    max_iter=200,
+    alpha_W=0.0,
+    alpha_H="same",
+    l1_ratio=0.0,
+    random_state=None,
+    verbose=0,
+    shuffle=False,
+    backend="auto",
+    precision="fp32",
+    return_info=False,
+):
+    """Compute W (m x k) and H (k x n) with X ~ W H by multiplicative updates.
+
+    Same parameters and results as ``sklearn.decomposition.non_negative_factorization`` with
+    ``solver="mu"``; from the same initial W and H the iterates agree to rounding.
+
+    Parameters
+    ----------
+    X : array-like (m, n), non-negative
+        numpy (float32 stays float32, integers become float64) on any backend, or a GPU array
+        (PyTorch, CuPy, anything with ``__cuda_array_interface__`` / ``__dlpack__``) for
+        ``backend="cuda"``/``"auto"``, read in place.
+    W, H : arrays (m, k) and (k, n), optional
+        Initial factors with ``init="custom"``; H alone (fixed) with ``update_H=False``.
+        Never modified.
+    n_components : int, "auto" or None
+        k. "auto"/None: from W/H with init="custom", else n.
+    init : {"random", "nndsvd", "nndsvda", "nndsvdar", "custom"} or None
+    beta_loss : "frobenius" (2) or "kullback-leibler" (1)
+    tol, max_iter : stop when the error decreased by less than tol (relative to the initial
+        error) over 10 iterations, or after max_iter iterations; tol=0 runs max_iter.
+    alpha_W, alpha_H, l1_ratio : scikit-learn >= 1.2 regularisation.
+    backend : "auto", "cpu" or "cuda"
+        "auto" uses CUDA for data already on the GPU or large enough to pay for the copy.
+    precision : "fp32", "tf32" or "bf16x" (CUDA only; see the README for each mode's error).
+    return_info : bool
+        Also return an :class:`NMFResult` (backend used, errors, iterations).
+
+    Returns
+    -------
+    W, H, n_iter  (plus the NMFResult when ``return_info``)
+        numpy for numpy input; GPU arrays of the input's library for GPU input.
+    """
+    if solver != "mu":
+        raise ValueError(
+            f"solver={solver!r} is not offered: dffkit implements solver='mu' (multiplicative "
+            "updates); use scikit-learn for the coordinate-descent solver"
+        )
+    beta = _beta_from(beta_loss)
+    Wout, Hout, info = _solve(
+        X, W, H,
+        n_components=n_components, init=init, update_H=update_H, beta=beta, tol=tol,
+        max_iter=max_iter, penalties=lambda m, n: _penalties(alpha_W, alpha_H, l1_ratio, m, n),
+        random_state=random_state, verbose=verbose, backend=backend, precision=precision,
+        whom="non_negative_factorization",
+    )
+    if return_info:
+        return Wout, Hout, info.n_iter, info
+    return Wout, Hout, info.n_iter
+
+
+# ---------------------------------------------------------------------------------------------
+# batched problems
+# ---------------------------------------------------------------------------------------------
+
+def nmf_batched(X, n_components, *, init="random", beta_loss="frobenius", tol=1e-4,
+                max_iter=200, alpha_W=0.0, alpha_H="same", l1_ratio=0.0, random_state=None,
+                backend="auto", precision="fp32"):
+    """Solve many independent problems at once (one per image, say).
+
+    Parameters
+    ----------
+    X : array (B, m, n) or a list of 2-D arrays (shapes may differ), non-negative.
+    n_components : int, the same k for every problem.
+    random_state : seeds problem b with seed + b (random init), so a problem's result does not
+        depend on the others in the batch.
+
+    Returns
+    -------
+    list of (W_b, H_b, NMFResult_b); each equals the same problem solved alone.
+    """
+    beta = _beta_from(beta_loss)
+    _check_real("n_components", n_components, low=1, integer=True)
+    _check_real("tol", tol)
+    _check_real("max_iter", max_iter, integer=True)
+    if isinstance(X, (list, tuple)):
+        items = list(X)
+    else:
+        if _is_device_array(X):
+            from dffkit import _cuda_backend
+
+            return _cuda_backend.nmf_batched_device(
+                X, n_components, beta=beta, tol=tol, max_iter=max_iter,
+                penalties=lambda m, n: _penalties(alpha_W, alpha_H, l1_ratio, m, n),
+                seed=_seed_from(random_state), precision=precision)
+        arr = np.asarray(X)
+        if arr.ndim != 3:
+            raise ValueError(
+                f"X must be a 3-D array (B, m, n) or a list of 2-D arrays, got shape {arr.shape}"
+            )
+        items = list(arr)
+    if not items:
+        raise ValueError("X holds no problems (empty batch)")
+    Xs = [_as_float_matrix(x, name=f"X[{b}]", whom="nmf_batched") for b, x in enumerate(items)]
+    dtypes = {x.dtype for x in Xs}
+    if len(dtypes) > 1:
+        Xs = [x.astype(np.float64) for x in Xs]
+    k = int(n_components)
+    seed = _seed_from(random_state)
+    Ws, Hs = [], []
+    for b, x in enumerate(Xs):
+        if init == "random":
+            W0, H0 = initialize(x, k, init="random", random_state=(seed + b) & 0xFFFFFFFFFFFFFFFF)
+        else:
+            W0, H0 = initialize(x, k, init=init, random_state=random_state)
+        Ws.append(W0)
+        Hs.append(H0)
+    engine = _resolve_backend(backend, Xs[0], sum(x.size for x in Xs))
+    results = []
+    if engine == "cpu":
+        cpu = _backends.cpu()
+        params = cpu.Params()
+        pens = [_penalties(alpha_W, alpha_H, l1_ratio, *x.shape) for x in Xs]
+        if len({p for p in pens}) == 1:
+            _fill_params(params, beta, *pens[0], 0.0, 0.0, max_iter, tol, True, False)
+            infos = cpu.fit_batched(Xs, Ws, Hs, params)
+        else:  # penalties scale with the shape: group problems of one shape
+            infos = [None] * len(Xs)
+            for pen in set(pens):
+                idx = [b for b in range(len(Xs)) if pens[b] == pen]
+                _fill_params(params, beta, *pen, 0.0, 0.0, max_iter, tol, True, False)
+                sub = cpu.fit_batched([Xs[b] for b in idx], [Ws[b] for b in idx],
+                                      [Hs[b] for b in idx], params)
+                for b, info in zip(idx, sub):
+                    infos[b] = info
+        for W0, H0, info in zip(Ws, Hs, infos):
+            results.append((W0, H0, NMFResult(info["n_iter"], info["error_init"], info["error"], "cpu",
+                                              "fp32" if W0.dtype == np.float32 else "fp64")))
+    else:
+        from dffkit import _cuda_backend
+
+        cuda = _backends.cuda()
+        params = cuda.Params()
+        pen = _penalties(alpha_W, alpha_H, l1_ratio, *Xs[0].shape)
+        _fill_params(params, beta, *pen, 0.0, 0.0, max_iter, tol, True, False)
+        for W0, H0, info in _cuda_backend.fit_batched(Xs, Ws, Hs, params, precision=precision):
+            results.append((W0, H0, NMFResult(info["n_iter"], info["error_init"], info["error"],
+                                              "cuda", precision)))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimator
+# ---------------------------------------------------------------------------------------------
+
+try:
+    from sklearn.base import BaseEstimator as _BaseEstimator
+    from sklearn.base import ClassNamePrefixFeaturesOutMixin as _FeaturesOutMixin
+    from sklearn.base import TransformerMixin as _TransformerMixin
+
+    try:
+        from sklearn.utils.validation import validate_data as _sk_validate_data
+    except ImportError:  # scikit-learn < 1.6
+        _sk_validate_data = None
+    _HAVE_SKLEARN = True
+except ImportError:  # pragma: no cover - exercised only without scikit-learn
+    _HAVE_SKLEARN = False
+    _sk_validate_data = None
+    from dffkit._estimator_base import BaseEstimator as _BaseEstimator  # noqa: F401
+    from dffkit._estimator_base import FeaturesOutMixin as _FeaturesOutMixin
+    from dffkit._estimator_base import TransformerMixin as _TransformerMixin
+
+
+class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
+    """Non-negative matrix factorization by multiplicative updates, scikit-learn compatible.
+
+    Same parameters as ``sklearn.decomposition.NMF`` (``solver`` is "mu", the only solver
+    offered), plus ``backend`` ("auto", "cpu", "cuda") and ``precision`` (CUDA only).
+
+    Attributes
+    ----------
+    components_ : (n_components, n_features) array, H
+    n_components_ : int
+    reconstruction_err_ : float, ||X - W H||_F (Frobenius) or sqrt(2 KL) at the end of fit
+    n_iter_ : int
+    n_features_in_ : int
+    backend_ : str, the engine that ran the last fit
+    """
+
+    def __init__(
+        self,
+        n_components="auto",
+        *,
+        init=None,
+        solver="mu",
+        beta_loss="frobenius",
+        tol=1e-4,
+        max_iter=200,
+        random_state=None,
+        alpha_W=0.0,
+        alpha_H="same",
+        l1_ratio=0.0,
+        verbose=0,
+        backend="auto",
+        precision="fp32",
+    ):
+        self.n_components = n_components
+        self.init = init
+        self.solver = solver
+        self.beta_loss = beta_loss
+        self.tol = tol
+        self.max_iter = max_iter
+        self.random_state = random_state
+        self.alpha_W = alpha_W
+        self.alpha_H = alpha_H
+        self.l1_ratio = l1_ratio
+        self.verbose = verbose
+        self.backend = backend
+        self.precision = precision
+
+    # scikit-learn >= 1.6 tags
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.input_tags.sparse = False
+        tags.transformer_tags.preserves_dtype = ["float64", "float32"]
+        return tags
+
+    def _more_tags(self):  # scikit-learn < 1.6
+        return {"requires_positive_X": True, "preserves_dtype": [np.float64, np.float32]}
+
+    @property
+    def _n_features_out(self):
+        return self.components_.shape[0]
+
+    def _validate(self, X, reset):
+        if _is_device_array(X):
+            if not reset and X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input"
+                )
+            if reset:
+                self.n_features_in_ = int(X.shape[1])
+            return X
+        if _sk_validate_data is not None:
+            X = _sk_validate_data(self, X, dtype=[np.float64, np.float32], reset=reset,
+                                  accept_sparse=False)
+        else:
+            X = _as_float_matrix(X, whom=type(self).__name__)
+            if reset:
+                self.n_features_in_ = X.shape[1]
+            elif X.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
+                    f"{self.n_features_in_} features as input"
+                )
+        return _as_float_matrix(X, whom=type(self).__name__)
+
+    def _check_solver(self):
+        if self.solver != "mu":
+            raise ValueError(
+                f"solver={self.solver!r} is not offered: dffkit implements solver='mu' "
+                "(multiplicative updates); use scikit-learn's NMF for 'cd'"
+            )
+
+    def _run(self, X, W=None, H=None, update_H=True):
+        self._check_solver()
+        beta = _beta_from(self.beta_loss)
+        n_components = self.n_components
+        if n_components is not None and n_components != "auto":
+            _check_real("n_components", n_components, low=1, integer=True)
+        return _solve(
+            X, W, H, n_components=n_components, init=self.init if update_H else "custom",
+            update_H=update_H, beta=beta, tol=self.tol, max_iter=self.max_iter,
+            penalties=lambda m, n: _penalties(self.alpha_W, self.alpha_H, self.l1_ratio, m, n),
+            random_state=self.random_state, verbose=self.verbose, backend=self.backend,
+            precision=self.precision, whom=type(self).__name__,
+        )
+
+    def fit_transform(self, X, y=None, W=None, H=None):
+        """Learn the factorization of X and return W (n_samples, n_components)."""
+        X = self._validate(X, reset=True)
+        W, H, info = self._run(X, W, H)
+        self.reconstruction_err_ = info.error
+        self.n_components_ = H.shape[0]
+        self.components_ = H
+        self.n_iter_ = info.n_iter
+        self.backend_ = info.backend
+        return W
+
+    def fit(self, X, y=None, **params):
+        """Learn the factorization of X; returns self."""
+        self.fit_transform(X, **params)
+        return self
+
+    def transform(self, X):
+        """W for new data with the learned components fixed (W-only updates)."""
+        if not hasattr(self, "components_"):
+            raise _not_fitted(self)
+        X = self._validate(X, reset=False)
+        W, _, _ = self._run(X, None, self.components_, update_H=False)
+        return W
+
+    def inverse_transform(self, X):
+        """W H: data back in the original space."""
+        if not hasattr(self, "components_"):
+            raise _not_fitted(self)
+        W = np.asarray(X)
+        return W @ self.components_
+
+
+def _not_fitted(est):
+    msg = (
+        f"This {type(est).__name__} instance is not fitted yet. Call 'fit' with appropriate "
+        "arguments before using this estimator."
+    )
+    try:
+        from sklearn.exceptions import NotFittedError
+
+        return NotFittedError(msg)
+    except ImportError:  # pragma: no cover
+        return AttributeError(msg)
