@@ -52,11 +52,22 @@ template <class T> inline void store_part(T* p, vec<T> v, int count) {
   std::memcpy(p, &v, sizeof(T) * count);
 }
 template <class T> inline vec<T> splat(T x) { return vec<T>{} + x; }
-template <class T> inline T hsum(vec<T> v) {
-  T s = v[0];
-  for (int i = 1; i < simd<T>::L; ++i) s += v[i];
-  return s;
+// Sum of the lanes by a fixed pairwise tree (lane i + lane i + L/2, and so on): the same order
+// everywhere, done with shuffles.
+inline float hsum_tree(vec<float> v) {
+  v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+  v += __builtin_shufflevector(v, v, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0);
+  return v[0];
 }
+inline double hsum_tree(vec<double> v) {
+  v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1);
+  v += __builtin_shufflevector(v, v, 1, 0, 1, 0, 1, 0, 1, 0);
+  return v[0];
+}
+template <class T> inline T hsum(vec<T> v) { return hsum_tree(v); }
 
 // out[a*ldo + b] = sum_l A[a, l] B[b, l] for an RA x RB tile. Element l of a row always goes to
 // lane l % L and lanes are added in order, so every tile shape gives the same bits.
@@ -86,37 +97,72 @@ inline void dot_tile(const T* A, i64 lda, const T* B, i64 ldb, i64 n, T* out, i6
     for (int b = 0; b < RB; ++b) out[a * ldo + b] = hsum<T>(acc[a][b]);
 }
 
-/// out (ra x rb, ld ldo) = A (ra x n) B^T (B: rb x n).
+template <class T, int RA>
+inline void dot_tile_cols(const T* A, i64 lda, const T* B, i64 ldb, i64 rb, i64 n, T* out,
+                          i64 ldo) {
+  switch (rb) {
+    case 1: return dot_tile<T, RA, 1>(A, lda, B, ldb, n, out, ldo);
+    case 2: return dot_tile<T, RA, 2>(A, lda, B, ldb, n, out, ldo);
+    case 3: return dot_tile<T, RA, 3>(A, lda, B, ldb, n, out, ldo);
+    case 4: return dot_tile<T, RA, 4>(A, lda, B, ldb, n, out, ldo);
+    case 5: return dot_tile<T, RA, 5>(A, lda, B, ldb, n, out, ldo);
+    case 6: return dot_tile<T, RA, 6>(A, lda, B, ldb, n, out, ldo);
+    default: return dot_tile<T, RA, 7>(A, lda, B, ldb, n, out, ldo);
+  }
+}
+
+/// out (ra x rb, ld ldo) = A (ra x n) B^T (B: rb x n). Tiles of 4 rows x up to 4 columns when
+/// rb is large, 2 rows x up to 7 columns for the narrow rb of small ranks.
 template <class T>
 void dot_rows(const T* A, i64 lda, i64 ra, const T* B, i64 ldb, i64 rb, i64 n, T* out, i64 ldo) {
+  if (rb <= 7) {
+    i64 a = 0;
+    for (; a + 2 <= ra; a += 2) dot_tile_cols<T, 2>(A + a * lda, lda, B, ldb, rb, n, out + a * ldo, ldo);
+    for (; a < ra; ++a) dot_tile_cols<T, 1>(A + a * lda, lda, B, ldb, rb, n, out + a * ldo, ldo);
+    return;
+  }
   i64 a = 0;
   for (; a + 4 <= ra; a += 4) {
     i64 b = 0;
     for (; b + 4 <= rb; b += 4)
       dot_tile<T, 4, 4>(A + a * lda, lda, B + b * ldb, ldb, n, out + a * ldo + b, ldo);
-    for (; b < rb; ++b)
-      dot_tile<T, 4, 1>(A + a * lda, lda, B + b * ldb, ldb, n, out + a * ldo + b, ldo);
+    if (b < rb) dot_tile_cols<T, 4>(A + a * lda, lda, B + b * ldb, ldb, rb - b, n, out + a * ldo + b, ldo);
   }
   for (; a < ra; ++a)
     for (i64 b = 0; b < rb; ++b)
       dot_tile<T, 1, 1>(A + a * lda, lda, B + b * ldb, ldb, n, out + a * ldo + b, ldo);
 }
 
-// P[j, :] += sum_i C[i, j] A[i, :] for j in [j0, j0 + RJ), rows i in order.
+// P[j, :] += sum_i C[i, j] A[i, :] for j in [j0, j0 + RJ), rows i in order; V vectors of
+// columns at a time give RJ * V independent accumulation chains.
+template <class T, int RJ, int V>
+inline void axpy_block(const T* C, i64 ldc, i64 rows, const T* A, i64 lda, T* P, i64 ldp,
+                       i64 j0, i64 l) {
+  constexpr int L = simd<T>::L;
+  vec<T> p[RJ][V];
+  for (int b = 0; b < RJ; ++b)
+    for (int v = 0; v < V; ++v) p[b][v] = load(P + (j0 + b) * ldp + l + v * L);
+  for (i64 i = 0; i < rows; ++i) {
+    vec<T> x[V];
+    for (int v = 0; v < V; ++v) x[v] = load(A + i * lda + l + v * L);
+    for (int b = 0; b < RJ; ++b) {
+      const vec<T> c = splat(C[i * ldc + j0 + b]);
+      for (int v = 0; v < V; ++v) p[b][v] += c * x[v];
+    }
+  }
+  for (int b = 0; b < RJ; ++b)
+    for (int v = 0; v < V; ++v) store(P + (j0 + b) * ldp + l + v * L, p[b][v]);
+}
+
 template <class T, int RJ>
 inline void axpy_tile(const T* C, i64 ldc, i64 rows, const T* A, i64 lda, i64 n, T* P, i64 ldp,
                       i64 j0) {
   constexpr int L = simd<T>::L;
+  constexpr int V = 2;
   const i64 nf = n / L * L;
-  for (i64 l = 0; l < nf; l += L) {
-    vec<T> p[RJ];
-    for (int b = 0; b < RJ; ++b) p[b] = load(P + (j0 + b) * ldp + l);
-    for (i64 i = 0; i < rows; ++i) {
-      const vec<T> x = load(A + i * lda + l);
-      for (int b = 0; b < RJ; ++b) p[b] += splat(C[i * ldc + j0 + b]) * x;
-    }
-    for (int b = 0; b < RJ; ++b) store(P + (j0 + b) * ldp + l, p[b]);
-  }
+  i64 l = 0;
+  for (; l + V * L <= nf; l += V * L) axpy_block<T, RJ, V>(C, ldc, rows, A, lda, P, ldp, j0, l);
+  for (; l < nf; l += L) axpy_block<T, RJ, 1>(C, ldc, rows, A, lda, P, ldp, j0, l);
   if (nf < n) {
     const int r = int(n - nf);
     vec<T> p[RJ];
@@ -134,8 +180,16 @@ template <class T>
 void accumulate_ct_a(const T* C, i64 rows, i64 k, const T* A, i64 lda, i64 n, T* P) {
   i64 j = 0;
   for (; j + 8 <= k; j += 8) axpy_tile<T, 8>(C, k, rows, A, lda, n, P, n, j);
-  for (; j + 4 <= k; j += 4) axpy_tile<T, 4>(C, k, rows, A, lda, n, P, n, j);
-  for (; j < k; ++j) axpy_tile<T, 1>(C, k, rows, A, lda, n, P, n, j);
+  switch (k - j) {
+    case 0: break;
+    case 1: axpy_tile<T, 1>(C, k, rows, A, lda, n, P, n, j); break;
+    case 2: axpy_tile<T, 2>(C, k, rows, A, lda, n, P, n, j); break;
+    case 3: axpy_tile<T, 3>(C, k, rows, A, lda, n, P, n, j); break;
+    case 4: axpy_tile<T, 4>(C, k, rows, A, lda, n, P, n, j); break;
+    case 5: axpy_tile<T, 5>(C, k, rows, A, lda, n, P, n, j); break;
+    case 6: axpy_tile<T, 6>(C, k, rows, A, lda, n, P, n, j); break;
+    default: axpy_tile<T, 7>(C, k, rows, A, lda, n, P, n, j); break;
+  }
 }
 
 /// out (rows x n) = C (rows x k) H (k x n), j in order for every element.
@@ -173,6 +227,9 @@ void accumulate_gram(const T* C, i64 rows, i64 k, T* G) {
   }
 }
 
+/// Below this many multiply-adds per sweep a problem runs on one thread.
+constexpr i64 kParallelWork = i64(1) << 18;
+
 inline int resolve_threads(int requested) {
   return requested > 0 ? requested : omp_get_max_threads();
 }
@@ -186,7 +243,7 @@ struct Chunking {
 
 template <class T>
 Chunking make_chunking(i64 m, i64 n, i64 k) {
-  i64 c = std::min<i64>(64, (m + 255) / 256);
+  i64 c = std::min<i64>(64, (m + 63) / 64);
   const i64 cap = (i64(256) << 20) / std::max<i64>(1, k * n * i64(sizeof(T)));
   c = std::max<i64>(1, std::min(c, cap));
   return {c, m};
@@ -286,7 +343,7 @@ void sweep(const T* X, T* W, const T* H, const Problem& p, Workspace<T>& ws, boo
   std::fill(ws.dot0_part.begin(), ws.dot0_part.end(), 0.0);
   const i64 per_thread = brows * k + k + (kl ? brows * n : 0);
 
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nch > 1)
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nch > 1 && p.m * n * k >= kParallelWork)
   for (i64 c = 0; c < nch; ++c) {
     T* buf = ws.blockbuf.data() + i64(omp_get_thread_num()) * per_thread;
     T* Nb = buf;

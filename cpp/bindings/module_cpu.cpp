@@ -138,8 +138,8 @@ py::list fit_batched_t(const std::vector<py::array>& Xs, std::vector<py::array>&
   return out;
 }
 
-bool is_f32(const py::array& a) { return a.dtype().is(py::dtype::of<float>()); }
-bool is_f64(const py::array& a) { return a.dtype().is(py::dtype::of<double>()); }
+bool is_f32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
+bool is_f64(const py::array& a) { return py::isinstance<py::array_t<double>>(a); }
 
 }  // namespace
 

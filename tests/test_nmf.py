@@ -1,0 +1,460 @@
+"""The NMF contract (issue 3): parity with scikit-learn's MU, determinism, monotonicity,
+initialisation, bad input. Every body runs on every available backend."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dffkit
+from dffkit import _backends
+
+from conftest import readonly
+
+sk_decomp = pytest.importorskip("sklearn.decomposition")
+
+
+def make_problem(rng, m=60, n=40, k=4, dtype=np.float64, zeros=False):
+    X = rng.random((m, k)) @ rng.random((k, n)) + 0.05 * rng.random((m, n))
+    if zeros:
+        X[rng.random((m, n)) < 0.2] = 0.0
+    W0 = rng.random((m, k)) + 0.1
+    H0 = rng.random((k, n)) + 0.1
+    return X.astype(dtype), W0.astype(dtype), H0.astype(dtype)
+
+
+def rel(a, b):
+    return np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max()
+
+
+PENALTIES = [
+    {},
+    {"alpha_W": 0.01, "l1_ratio": 1.0},                   # l1 on both (alpha_H="same")
+    {"alpha_W": 0.02, "l1_ratio": 0.0},                   # l2 on both
+    {"alpha_W": 0.01, "alpha_H": 0.0, "l1_ratio": 0.5},   # W only, mixed
+    {"alpha_W": 0.0, "alpha_H": 0.03, "l1_ratio": 0.3},   # H only
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with scikit-learn
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("penalty", PENALTIES, ids=lambda p: "-".join(f"{k}={v}" for k, v in p.items()) or "none")
+def test_parity_with_sklearn_mu(backend, rng, beta_loss, dtype, penalty):
+    X, W0, H0 = make_problem(rng, dtype=dtype, zeros=beta_loss == "kullback-leibler")
+    for n_iter in (1, 10, 200):
+        Ws, Hs, _ = sk_decomp.non_negative_factorization(
+            X, W0.copy(), H0.copy(), n_components=W0.shape[1], init="custom", solver="mu",
+            beta_loss=beta_loss, tol=0, max_iter=n_iter, **penalty)
+        Wd, Hd, it = dffkit.non_negative_factorization(
+            readonly(X), readonly(W0), readonly(H0), n_components=W0.shape[1], init="custom",
+            beta_loss=beta_loss, tol=0, max_iter=n_iter, backend=backend, **penalty)
+        assert it == n_iter
+        assert Wd.dtype == dtype and Hd.dtype == dtype
+        if dtype == np.float64:
+            bound = 1e-8
+        else:
+            bound = 1e-4 if n_iter <= 10 else 1e-3
+        assert rel(Wd, Ws) <= bound, (n_iter, rel(Wd, Ws))
+        assert rel(Hd, Hs) <= bound, (n_iter, rel(Hd, Hs))
+
+
+@pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_parity_update_H_false(backend, rng, beta_loss, dtype):
+    X, _, H0 = make_problem(rng, dtype=dtype)
+    for n_iter in (1, 10, 200):
+        Ws, Hs, _ = sk_decomp.non_negative_factorization(
+            X, None, H0.copy(), n_components=H0.shape[0], init="custom", update_H=False,
+            solver="mu", beta_loss=beta_loss, tol=0, max_iter=n_iter)
+        Wd, Hd, _ = dffkit.non_negative_factorization(
+            X, None, H0, n_components=H0.shape[0], init="custom", update_H=False,
+            beta_loss=beta_loss, tol=0, max_iter=n_iter, backend=backend)
+        bound = 1e-8 if dtype == np.float64 else (1e-4 if n_iter <= 10 else 1e-3)
+        assert rel(Wd, Ws) <= bound
+        np.testing.assert_array_equal(Hd, H0)  # H is fixed
+
+
+@pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
+@pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-4])
+def test_same_n_iter_as_sklearn_with_tol(backend, rng, beta_loss, tol):
+    X, W0, H0 = make_problem(rng, m=80, n=50, k=5)
+    _, _, it_s = sk_decomp.non_negative_factorization(
+        X, W0.copy(), H0.copy(), n_components=5, init="custom", solver="mu",
+        beta_loss=beta_loss, tol=tol, max_iter=1000)
+    _, _, it_d = dffkit.non_negative_factorization(
+        X, W0, H0, n_components=5, init="custom", beta_loss=beta_loss, tol=tol, max_iter=1000,
+        backend=backend)
+    assert it_d == it_s
+    assert it_d % 10 == 0 and it_d < 1000
+
+
+def test_reported_error_matches_numpy(backend, rng):
+    X, W0, H0 = make_problem(rng)
+    for beta_loss in ("frobenius", "kullback-leibler"):
+        W, H, _, info = dffkit.non_negative_factorization(
+            X, W0, H0, n_components=4, init="custom", beta_loss=beta_loss, tol=0, max_iter=30,
+            backend=backend, return_info=True)
+        if beta_loss == "frobenius":
+            expect0, expect = np.linalg.norm(X - W0 @ H0), np.linalg.norm(X - W @ H)
+        else:
+            def kl(W_, H_):
+                WH = W_ @ H_
+                return np.sqrt(2 * np.sum(X * np.log(X / WH) - X + WH))
+            expect0, expect = kl(W0, H0), kl(W, H)
+        assert info.error_init == pytest.approx(expect0, rel=1e-9)
+        assert info.error == pytest.approx(expect, rel=1e-9)
+        assert info.backend == backend
+
+
+# ---------------------------------------------------------------------------------------------
+# the estimator
+# ---------------------------------------------------------------------------------------------
+
+def test_check_estimator():
+    from sklearn.utils.estimator_checks import check_estimator
+
+    reason = ("scikit-learn's own NMF(solver='mu') fails it too: multiplicative updates "
+              "converge slowly, so fit_transform and a later transform differ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        check_estimator(
+            dffkit.NMF(backend="cpu"),
+            expected_failed_checks={
+                "check_transformer_general": reason,
+                "check_transformer_data_not_an_array": reason,
+            },
+        )
+
+
+def test_estimator_matches_sklearn_estimator(backend, rng):
+    X, _, _ = make_problem(rng, m=50, n=30, k=3)
+    ours = dffkit.NMF(n_components=3, init="nndsvda", tol=0, max_iter=50, backend=backend)
+    theirs = sk_decomp.NMF(n_components=3, init="nndsvda", solver="mu", tol=0, max_iter=50)
+    Wd = ours.fit_transform(X)
+    Ws = theirs.fit_transform(X)
+    assert rel(ours.components_, theirs.components_) < 1e-6
+    assert rel(Wd, Ws) < 1e-6
+    assert ours.reconstruction_err_ == pytest.approx(theirs.reconstruction_err_, rel=1e-6)
+    assert ours.n_iter_ == theirs.n_iter_ == 50
+    assert ours.n_features_in_ == 30 and ours.n_components_ == 3
+    Wt = ours.transform(X[:7])
+    np.testing.assert_allclose(Wt, theirs.transform(X[:7]), rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(ours.inverse_transform(Wd), Wd @ ours.components_)
+    assert ours.get_params()["backend"] == backend
+    assert ours.set_params(max_iter=7).max_iter == 7
+
+
+def test_solver_cd_refused():
+    with pytest.raises(ValueError, match="solver='mu'"):
+        dffkit.NMF(solver="cd").fit(np.ones((4, 3)))
+    with pytest.raises(ValueError, match="solver='mu'"):
+        dffkit.non_negative_factorization(np.ones((4, 3)), n_components=2, solver="cd")
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism, threads, monotonicity
+# ---------------------------------------------------------------------------------------------
+
+def test_same_seed_same_bits(backend, rng):
+    X, _, _ = make_problem(rng, m=300, n=64, k=6, dtype=np.float32)
+    a = dffkit.non_negative_factorization(X, n_components=6, init="random", random_state=7,
+                                          max_iter=50, backend=backend)
+    b = dffkit.non_negative_factorization(X, n_components=6, init="random", random_state=7,
+                                          max_iter=50, backend=backend)
+    c = dffkit.non_negative_factorization(X, n_components=6, init="random", random_state=8,
+                                          max_iter=50, backend=backend)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("beta", [2, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_thread_count_does_not_change_bits(rng, beta, dtype):
+    cpu = _backends.cpu()
+    X, W0, H0 = make_problem(rng, m=3000, n=200, k=7, dtype=dtype)  # several row chunks
+    out = []
+    for threads in (1, 2):
+        W, H = W0.copy(), H0.copy()
+        p = cpu.Params()
+        p.beta, p.max_iter, p.tol, p.num_threads = beta, 25, 0.0, threads
+        info = cpu.fit(X, W, H, p)
+        out.append((W, H, info["error"]))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    assert out[0][2] == out[1][2]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(1, 6),
+    seed=st.integers(0, 2**32 - 1), scale=st.floats(1e-3, 1e3),
+)
+def test_frobenius_loss_never_increases(m, n, k, seed, scale):
+    rng = np.random.default_rng(seed)
+    X = rng.random((m, n)) * scale
+    X[rng.random((m, n)) < 0.3] = 0.0
+    W = rng.random((m, k)) + 1e-3
+    H = rng.random((k, n)) + 1e-3
+    loss = 0.5 * np.sum((X - W @ H) ** 2)
+    for _ in range(15):
+        if not (W.any() and H.any()):  # X == 0 drives a factor to zero: nothing left to update
+            break
+        W, H, _ = dffkit.non_negative_factorization(X, W, H, n_components=k, init="custom",
+                                                    tol=0, max_iter=1, backend="cpu")
+        new = 0.5 * np.sum((X - W @ H) ** 2)
+        assert new <= loss * (1 + 1e-12) + 1e-12
+        loss = new
+
+
+# ---------------------------------------------------------------------------------------------
+# initialisation
+# ---------------------------------------------------------------------------------------------
+
+def _philox4x32(ctr, key):
+    M0, M1, W0, W1 = 0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85
+    c = list(ctr)
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = M0 * c[0], M1 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & 0xFFFFFFFF, p1 & 0xFFFFFFFF,
+             ((p0 >> 32) ^ c[3] ^ k1) & 0xFFFFFFFF, p0 & 0xFFFFFFFF]
+        k0, k1 = (k0 + W0) & 0xFFFFFFFF, (k1 + W1) & 0xFFFFFFFF
+    return c
+
+
+def _half_normal_reference(seed, stream, index):
+    attempt = 0
+    while True:
+        r = _philox4x32([index & 0xFFFFFFFF, index >> 32, stream, attempt],
+                        (seed & 0xFFFFFFFF, seed >> 32))
+        for p in (0, 2):
+            u = (2.0 * r[p] + 1.0) / 2**32 - 1.0
+            v = (2.0 * r[p + 1] + 1.0) / 2**32 - 1.0
+            s = u * u + v * v
+            if 0.0 < s < 1.0:
+                return abs(u * math.sqrt(-2.0 * math.log(s) / s))
+        attempt += 1
+
+
+def test_random_init_is_philox_half_normal(rng):
+    X = rng.random((30, 20)) * 3
+    W, H = dffkit.initialize(X, 4, init="random", random_state=2**40 + 5)
+    scale = math.sqrt(X.mean() / 4)
+    for idx in (0, 1, 7, 119):
+        assert W.flat[idx] == pytest.approx(scale * _half_normal_reference(2**40 + 5, 0, idx), rel=1e-14)
+    for idx in (0, 3, 79):
+        assert H.flat[idx] == pytest.approx(scale * _half_normal_reference(2**40 + 5, 1, idx), rel=1e-14)
+    # scikit-learn's scale: E|N(0,1)| = sqrt(2/pi)
+    big_W, _ = dffkit.initialize(rng.random((4000, 50)), 5, init="random", random_state=1)
+    assert big_W.mean() == pytest.approx(math.sqrt(0.5 / 5) * math.sqrt(2 / math.pi), rel=0.02)
+
+
+@pytest.mark.parametrize("init", ["nndsvd", "nndsvda", "nndsvdar"])
+def test_nndsvd_matches_sklearn(rng, init):
+    from sklearn.decomposition._nmf import _initialize_nmf
+
+    X = rng.random((60, 6)) @ rng.random((6, 30))
+    Wd, Hd = dffkit.initialize(X, 4, init=init, random_state=0)
+    Ws, Hs = _initialize_nmf(X, 4, init=init, random_state=0)
+    if init == "nndsvdar":  # the zeros of NNDSVD get random fills: compare the other entries
+        mask = dffkit.initialize(X, 4, init="nndsvd")[0] > 0
+        np.testing.assert_allclose(Wd[mask], Ws[mask], rtol=1e-6)
+        assert (Wd[~mask] > 0).all() and (Wd[~mask] < X.mean()).all()
+    else:
+        np.testing.assert_allclose(Wd, Ws, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(Hd, Hs, rtol=1e-6, atol=1e-9)
+
+
+def test_default_init_follows_sklearn(backend, rng):
+    X, _, _ = make_problem(rng, m=20, n=10)
+    # k <= min(m, n): nndsvda, deterministic
+    a = dffkit.non_negative_factorization(X, n_components=3, max_iter=5, tol=0, backend=backend)
+    b = sk_decomp.non_negative_factorization(X, n_components=3, solver="mu", max_iter=5, tol=0)
+    assert rel(a[0], b[0]) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# input handling
+# ---------------------------------------------------------------------------------------------
+
+def test_inputs_never_modified_and_layouts(backend, rng):
+    X, W0, H0 = make_problem(rng)
+    Xf = np.asfortranarray(X)
+    Xs = X[:, ::1].copy()[::1]
+    copies = [a.copy() for a in (X, W0, H0)]
+    ref = dffkit.non_negative_factorization(X, W0, H0, n_components=4, init="custom", tol=0,
+                                            max_iter=20, backend=backend)
+    for variant in (readonly(X.copy()), Xf, np.repeat(X, 2, axis=1)[:, ::2], Xs):
+        out = dffkit.non_negative_factorization(variant, W0, H0, n_components=4, init="custom",
+                                                tol=0, max_iter=20, backend=backend)
+        np.testing.assert_array_equal(out[0], ref[0])
+    for a, c in zip((X, W0, H0), copies):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_integer_input_becomes_float64(backend):
+    X = np.arange(1, 13, dtype=np.int32).reshape(4, 3)
+    W, H, _ = dffkit.non_negative_factorization(X, n_components=2, init="random", random_state=0,
+                                                max_iter=10, backend=backend)
+    assert W.dtype == np.float64 and H.dtype == np.float64
+
+
+def test_float32_stays_float32(backend, rng):
+    X, _, _ = make_problem(rng, dtype=np.float32)
+    W = dffkit.NMF(n_components=3, max_iter=20, backend=backend).fit_transform(X)
+    assert W.dtype == np.float32
+
+
+BAD = [
+    (lambda: np.array([[1.0, -1.0], [0.5, 0.2]]), {}, ValueError, "Negative values"),
+    (lambda: np.array([[1.0, np.nan], [0.5, 0.2]]), {}, ValueError, "NaN"),
+    (lambda: np.array([[1.0, np.inf], [0.5, 0.2]]), {}, ValueError, "infinity"),
+    (lambda: np.ones(5), {}, ValueError, "2-D"),
+    (lambda: np.ones((2, 2, 2)), {}, ValueError, "2-D"),
+    (lambda: np.ones((0, 3)), {}, ValueError, "empty"),
+    (lambda: np.ones((3, 3)), {"n_components": 0}, ValueError, "n_components"),
+    (lambda: np.ones((3, 3)), {"n_components": 2.5}, TypeError, "n_components"),
+    (lambda: np.ones((3, 3)), {"init": "magic"}, ValueError, "init"),
+    (lambda: np.ones((3, 3)), {"beta_loss": "itakura-saito"}, ValueError, "itakura-saito"),
+    (lambda: np.ones((3, 3)), {"beta_loss": 0.5}, ValueError, "beta_loss"),
+    (lambda: np.ones((3, 3)), {"backend": "tpu"}, ValueError, "available here"),
+    (lambda: np.ones((3, 3)), {"tol": -1.0}, ValueError, "tol"),
+    (lambda: np.ones((3, 3)), {"max_iter": -1}, ValueError, "max_iter"),
+    (lambda: np.ones((3, 3)), {"alpha_W": -0.1}, ValueError, "alpha_W"),
+    (lambda: np.ones((3, 3)), {"l1_ratio": 2.0}, ValueError, "l1_ratio"),
+    (lambda: np.ones((3, 3)), {"init": "custom", "W": np.ones((3, 3)), "H": np.ones((2, 3))}, ValueError, "shape"),
+    (lambda: np.ones((3, 3)), {"init": "custom", "W": -np.ones((3, 2)), "H": np.ones((2, 3))}, ValueError, "Negative"),
+    (lambda: np.ones((3, 3)), {"init": "custom", "W": np.ones((3, 2), np.float32), "H": np.ones((2, 3))}, TypeError, "dtype"),
+    (lambda: np.ones((3, 3)), {"init": "custom", "W": None, "H": np.ones((2, 3))}, ValueError, "W is required"),
+    (lambda: np.ones((3, 3)), {"init": "nndsvd", "n_components": 5}, ValueError, "n_components <= min"),
+    (lambda: np.array([["a", "b"]]), {}, TypeError, "numeric"),
+]
+
+
+@pytest.mark.parametrize("make_x, kwargs, exc, match", BAD)
+def test_bad_input(make_x, kwargs, exc, match):
+    kwargs = dict(kwargs)
+    kwargs.setdefault("n_components", 2)
+    kwargs.setdefault("backend", "cpu")
+    W, H = kwargs.pop("W", None), kwargs.pop("H", None)
+    with pytest.raises(exc, match=match):
+        dffkit.non_negative_factorization(make_x(), W, H, **kwargs)
+
+
+def test_sparse_input_is_refused_clearly():
+    sp = pytest.importorskip("scipy.sparse")
+    with pytest.raises(TypeError, match="toarray"):
+        dffkit.non_negative_factorization(sp.csr_matrix(np.ones((3, 3))), n_components=2, backend="cpu")
+
+
+def test_backends_are_reported():
+    names = dffkit.available_backends()
+    assert "cpu" in names
+    reasons = dffkit.unavailable_reasons()
+    for name in ("cpu", "cuda"):
+        assert (name in names) != (name in reasons)
+    if "cuda" not in names:
+        with pytest.raises(RuntimeError, match="not available"):
+            dffkit.non_negative_factorization(np.ones((3, 3)), n_components=2, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# batched problems
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
+def test_batched_equals_one_at_a_time(backend, rng, beta_loss):
+    shapes = [(49, 64), (30, 64), (49, 64), (12, 20)]
+    Xs = [rng.random(s).astype(np.float32) for s in shapes]
+    out = dffkit.nmf_batched(Xs, 4, init="random", random_state=3, max_iter=60, tol=1e-4,
+                             beta_loss=beta_loss, backend=backend)
+    assert len(out) == len(Xs)
+    for b, (X, (W, H, info)) in enumerate(zip(Xs, out)):
+        W1, H1, it1 = dffkit.non_negative_factorization(
+            X, n_components=4, init="random", random_state=3 + b, max_iter=60, tol=1e-4,
+            beta_loss=beta_loss, backend=backend)
+        assert info.n_iter == it1
+        if backend == "cpu":
+            np.testing.assert_array_equal(W, W1)
+            np.testing.assert_array_equal(H, H1)
+        else:
+            assert rel(W, W1) < 1e-5
+    # a (B, m, n) array works the same as the list
+    stacked = np.stack([Xs[0], Xs[2]])
+    out2 = dffkit.nmf_batched(stacked, 4, init="random", random_state=3, max_iter=60,
+                              beta_loss=beta_loss, backend=backend)
+    np.testing.assert_array_equal(out2[0][0], out[0][0])
+
+
+def test_batched_bad_input():
+    with pytest.raises(ValueError, match="empty batch"):
+        dffkit.nmf_batched([], 3, backend="cpu")
+    with pytest.raises(ValueError, match=r"X\[1\]"):
+        dffkit.nmf_batched([np.ones((4, 4)), -np.ones((4, 4))], 2, backend="cpu")
+    with pytest.raises(ValueError, match="3-D"):
+        dffkit.nmf_batched(np.ones((4, 4)), 2, backend="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# GIL and Ctrl-C
+# ---------------------------------------------------------------------------------------------
+
+def test_gil_is_released_during_a_fit(rng):
+    X = rng.random((4000, 256)).astype(np.float32)
+    ticks = []
+    done = threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.005)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    start = time.perf_counter()
+    dffkit.non_negative_factorization(X, n_components=16, init="random", random_state=0,
+                                      tol=0, max_iter=60, backend="cpu")
+    elapsed = time.perf_counter() - start
+    done.set()
+    t.join()
+    during = [x for x in ticks if start < x < start + elapsed]
+    # with the GIL held for the whole fit the ticker could not run at all
+    assert elapsed < 0.05 or len(during) >= 3
+
+
+def test_ctrl_c_stops_a_long_fit(tmp_path):
+    script = tmp_path / "long_fit.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time, numpy as np, dffkit
+        X = np.random.default_rng(0).random((2000, 300)).astype(np.float32)
+        print("ready", flush=True)
+        t = time.perf_counter()
+        try:
+            dffkit.non_negative_factorization(X, n_components=10, init="random", tol=0,
+                                              max_iter=10**7, backend="cpu")
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert "interrupted" in out
+    assert time.perf_counter() - sent < 2.0
