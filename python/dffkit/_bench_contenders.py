@@ -1,0 +1,486 @@
+"""The contenders of ``dffkit bench``: dffkit's engines and the peers it is measured against.
+
+A contender turns a problem and the shared start (X, W0, H0, float32 numpy) into W, H after a
+given number of iterations. The harness calls, for each problem:
+
+``setup`` (untimed: copy data to the device) -> ``start`` (untimed: fresh copies of the
+start for solvers that update in place) -> ``solve`` (timed; returns once the result is
+complete, device work included) -> ``fetch`` (untimed: W, H as numpy) -> ``teardown``.
+
+``solver = "mu"`` contenders must reproduce the multiplicative updates from the shared start
+(checked after one iteration against a float64 oracle); ``"cd"`` contenders are timed to a
+target error instead.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from dffkit._bench_problems import Problem, mu_iterations
+
+
+@dataclass
+class Setup:
+    """What a contender gets: the problem, its data and start (numpy float32), and for GSNMF
+    the group offsets and penalties in the objective's units."""
+
+    problem: Problem
+    X: np.ndarray
+    W0: np.ndarray
+    H0: np.ndarray
+    offsets: list
+    lam: float = 0.0
+    mu: float = 0.0
+
+
+class Contender:
+    """Base class: subclass it to put another implementation into ``dffkit bench``."""
+
+    name = "contender"
+    solver = "mu"        # "mu" (same start, same iterations) or "cd" (time to a target error)
+    device = "cpu"
+    family = "peer"      # "dffkit" or "peer": speed ratios are against the best peer
+    precision = "fp32"
+    library = ""         # the package it exercises, for the machine description
+
+    def unavailable(self):
+        """None when the contender can run here, else why not (shown as skipped)."""
+        return None
+
+    def unsupported(self, problem: Problem):
+        """None when the contender handles ``problem``, else why not."""
+        return None
+
+    def setup(self, s: Setup):
+        return s
+
+    def start(self, state):
+        return None
+
+    def solve(self, state, args, n_iter: int):
+        raise NotImplementedError
+
+    def sync(self):
+        pass
+
+    def fetch(self, state, out):
+        return out
+
+    def teardown(self, state):
+        pass
+
+    def notes(self, state) -> str:
+        return ""
+
+
+def _have(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def to_numpy(a):
+    """numpy from numpy, PyTorch (any device) or CuPy."""
+    if isinstance(a, np.ndarray):
+        return a
+    mod = type(a).__module__
+    if mod.startswith("torch"):
+        return a.detach().cpu().numpy()
+    if mod.startswith("cupy"):
+        return a.get()
+    return np.asarray(a)
+
+
+# ---------------------------------------------------------------------------------------------
+# dffkit
+# ---------------------------------------------------------------------------------------------
+
+def _group_sparse_entry():
+    """dffkit.group_sparse_nmf when it exists (issue 8), else None (the harness then calls
+    the solver core ``dffkit.nmf._solve`` with groups)."""
+    if not _have("dffkit.group_sparse"):
+        return None
+    try:
+        module = importlib.import_module("dffkit.group_sparse")
+    except ImportError:
+        return None
+    return getattr(module, "group_sparse_nmf", None)
+
+
+class DffkitContender(Contender):
+    family = "dffkit"
+    library = "dffkit"
+
+    def __init__(self, backend="cpu", precision="fp32"):
+        self.backend = backend
+        self.device = backend
+        self.precision = precision
+        self.name = "dffkit-" + backend + ("" if precision == "fp32" else "-" + precision)
+        self._wh_on_device = None
+        self._gs_entry = None
+
+    def unavailable(self):
+        import dffkit
+
+        if self.backend in dffkit.available_backends():
+            return None
+        return dffkit.unavailable_reasons().get(self.backend, f"backend {self.backend!r} is not usable")
+
+    def unsupported(self, problem):
+        if problem.is_gsnmf and self.precision != "fp32":
+            gs = _group_sparse_entry()
+            if gs is None or "precision" not in inspect.signature(gs).parameters:
+                return "group-sparse NMF is offered in fp32 only"
+        return None
+
+    # device arrays for the CUDA engine: PyTorch, else CuPy, else numpy (copied per call)
+    def _device_lib(self):
+        if self.backend != "cuda":
+            return None
+        for lib in ("torch", "cupy"):
+            if _have(lib):
+                return lib
+        return None
+
+    def setup(self, s):
+        lib = self._device_lib()
+        state = {"s": s, "lib": lib, "X": s.X, "W0": s.W0, "H0": s.H0}
+        if lib == "torch":
+            import torch
+
+            state["X"] = torch.from_numpy(s.X).cuda()
+            state["W0d"] = torch.from_numpy(s.W0).cuda()
+            state["H0d"] = torch.from_numpy(s.H0).cuda()
+        elif lib == "cupy":
+            import cupy
+
+            state["X"] = cupy.asarray(s.X)
+            state["W0d"] = cupy.asarray(s.W0)
+            state["H0d"] = cupy.asarray(s.H0)
+        self._wh_on_device = None if lib else False
+        self.sync()
+        return state
+
+    def _call(self, state, W, H, n_iter):
+        import dffkit
+        from dffkit import nmf
+
+        s, p = state["s"], state["s"].problem
+        kw = {"backend": self.backend}
+        if self.backend == "cuda":
+            kw["precision"] = self.precision
+        if p.batch:
+            res = dffkit.nmf_batched(state["X"], p.k, init="random", beta_loss=p.loss, tol=0,
+                                     max_iter=n_iter, random_state=p.seed, **kw)
+            return [r[0] for r in res], [r[1] for r in res]
+        if p.is_gsnmf:
+            gs = self._gs_entry = _group_sparse_entry()
+            if gs is not None:
+                if "precision" not in inspect.signature(gs).parameters:
+                    kw.pop("precision", None)
+                out = gs(state["X"], s.offsets, p.k, lam=s.lam, mu=s.mu, init="custom", W=W, H=H,
+                         max_iter=n_iter, tol=0, random_state=0, **kw)
+                return out[0], out[1]
+            Wo, Ho, _ = nmf._solve(state["X"], W, H, n_components=p.k, init="custom",
+                                   update_H=True, beta=p.beta, tol=0, max_iter=n_iter,
+                                   penalties=lambda m, n: (0.0, 0.0, 0.0, 0.0), random_state=0,
+                                   verbose=0, groups=s.offsets, lam=s.lam, mu=s.mu, **kw)
+            return Wo, Ho
+        Wo, Ho, _, _ = dffkit.non_negative_factorization(
+            state["X"], W, H, p.k, init="custom", beta_loss=p.loss, tol=0, max_iter=n_iter,
+            return_info=True, **kw)
+        return Wo, Ho
+
+    def solve(self, state, args, n_iter):
+        if self._wh_on_device is None:  # the first call finds out whether W, H may live on the GPU
+            try:
+                out = self._call(state, state["W0d"], state["H0d"], n_iter)
+                self._wh_on_device = True
+            except (TypeError, ValueError, RuntimeError):
+                self._wh_on_device = False
+                out = self._call(state, state["W0"], state["H0"], n_iter)
+        elif self._wh_on_device:
+            out = self._call(state, state["W0d"], state["H0d"], n_iter)
+        else:
+            out = self._call(state, state["W0"], state["H0"], n_iter)
+        self.sync()
+        return out
+
+    def sync(self):
+        if self.backend != "cuda":
+            return
+        if _have("torch"):
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                return
+        if _have("cupy"):
+            import cupy
+
+            cupy.cuda.Device().synchronize()
+
+    def fetch(self, state, out):
+        W, H = out
+        if isinstance(W, list):
+            return np.stack([to_numpy(w) for w in W]), np.stack([to_numpy(h) for h in H])
+        return to_numpy(W), to_numpy(H)
+
+    def teardown(self, state):
+        state.clear()
+        _free_device_memory()
+
+    def notes(self, state):
+        out = []
+        if self.backend == "cuda":
+            lib = state.get("lib")
+            out.append(f"X on the device ({lib})" if lib else "numpy in/out (copies timed)")
+            if self._wh_on_device is False and lib:
+                out.append("W0, H0 passed from the host")
+        p = state.get("s").problem if state.get("s") else None
+        if p is not None and p.batch:
+            out.append("nmf_batched (its own init='random', seed+b: the shared start)")
+        if p is not None and p.is_gsnmf:
+            out.append("group_sparse_nmf" if self._gs_entry else "nmf._solve(groups=...)")
+        return "; ".join(out)
+
+
+def _free_device_memory():
+    if "torch" in __import__("sys").modules:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if "cupy" in __import__("sys").modules:
+        import cupy
+
+        try:
+            cupy.get_default_memory_pool().free_all_blocks()
+        except Exception:  # noqa: BLE001 - no device: nothing to free
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-learn
+# ---------------------------------------------------------------------------------------------
+
+class SklearnContender(Contender):
+    family = "peer"
+    library = "scikit-learn"
+    device = "cpu"
+
+    def __init__(self, solver="mu"):
+        self.solver = solver
+        self.name = f"sklearn-{solver}"
+
+    def unavailable(self):
+        if not _have("sklearn"):
+            return "scikit-learn is not installed (pip install scikit-learn)"
+        return None
+
+    def unsupported(self, problem):
+        if problem.is_gsnmf:
+            return "scikit-learn has no group-sparse NMF"
+        if self.solver == "cd" and problem.beta != 2:
+            return "scikit-learn's CD solver supports only the Frobenius loss"
+        if self.solver == "cd" and problem.batch:
+            return "time-to-target is measured per problem; CD skips batches"
+        return None
+
+    def setup(self, s):
+        from sklearn.decomposition import non_negative_factorization
+
+        self._nnf = non_negative_factorization
+        return s
+
+    def start(self, s):
+        return s.W0.copy(), s.H0.copy()  # scikit-learn updates W and H in place
+
+    def solve(self, s, args, n_iter):
+        W, H = args
+        p = s.problem
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if p.batch:
+                outs = [self._nnf(s.X[b], W[b], H[b], n_components=p.k, init="custom",
+                                  solver=self.solver, beta_loss=p.loss, tol=0, max_iter=n_iter)
+                        for b in range(p.batch)]
+                return np.stack([o[0] for o in outs]), np.stack([o[1] for o in outs])
+            Wo, Ho, _ = self._nnf(s.X, W, H, n_components=p.k, init="custom", solver=self.solver,
+                                  beta_loss=p.loss, tol=0, max_iter=n_iter)
+        return Wo, Ho
+
+    def notes(self, state):
+        return "loop over the batch" if state.problem.batch else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# plain array-library MU loops
+# ---------------------------------------------------------------------------------------------
+
+class TorchContender(Contender):
+    family = "peer"
+    library = "torch"
+
+    def __init__(self, device="cpu", precision="fp32"):
+        self.device = device
+        self.precision = precision
+        self.name = f"torch-{device}" + ("" if precision == "fp32" else "-" + precision)
+
+    def unavailable(self):
+        if not _have("torch"):
+            return "PyTorch is not installed (pip install torch)"
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                return "PyTorch sees no CUDA device"
+        return None
+
+    def setup(self, s):
+        import torch
+
+        self._torch = torch
+        if self.device == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
+        dev = torch.device(self.device)
+        state = {"s": s, "X": torch.from_numpy(s.X).to(dev), "W0": torch.from_numpy(s.W0).to(dev),
+                 "H0": torch.from_numpy(s.H0).to(dev)}
+        if s.problem.is_gsnmf:
+            sizes = torch.tensor(np.diff(s.offsets), device=dev)
+            n_groups = len(s.offsets) - 1
+            gid = torch.repeat_interleave(torch.arange(n_groups, device=dev), sizes)
+            k = s.problem.k
+
+            def segment_sum(A):
+                acc = torch.zeros((n_groups, k), dtype=A.dtype, device=A.device)
+                acc.index_add_(0, gid, A)
+                return acc[gid]
+
+            state["segment_sum"] = segment_sum
+        self.sync()
+        return state
+
+    def start(self, state):
+        return state["W0"].clone(), state["H0"].clone()
+
+    def solve(self, state, args, n_iter):
+        torch = self._torch
+        s = state["s"]
+        W, H = args
+
+        class _xp:  # the few numpy names the loop uses
+            maximum = staticmethod(lambda a, b: torch.clamp_min(a, b))
+            sqrt = staticmethod(torch.sqrt)
+
+        with torch.no_grad():
+            mu_iterations(_xp, state["X"], W, H, s.problem.beta, n_iter, lam=s.lam, mu=s.mu,
+                          segment_sum=state.get("segment_sum"))
+        self.sync()
+        return W, H
+
+    def sync(self):
+        if self.device == "cuda":
+            self._torch.cuda.synchronize() if hasattr(self, "_torch") else None
+
+    def fetch(self, state, out):
+        return to_numpy(out[0]), to_numpy(out[1])
+
+    def teardown(self, state):
+        state.clear()
+        if self.device == "cuda":
+            self._torch.backends.cuda.matmul.allow_tf32 = False
+        _free_device_memory()
+
+    def notes(self, state):
+        n = "torch.matmul (cuBLAS" + (", TF32" if self.precision == "tf32" else "") + ")" \
+            if self.device == "cuda" else "torch.matmul (CPU BLAS)"
+        return n
+
+
+class CupyContender(Contender):
+    family = "peer"
+    library = "cupy"
+    device = "cuda"
+    name = "cupy-cuda"
+
+    def unavailable(self):
+        if not _have("cupy"):
+            return "CuPy is not installed (pip install cupy-cuda12x)"
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                return "CuPy sees no CUDA device"
+        except Exception as exc:  # noqa: BLE001 - any CUDA failure means: not usable here
+            return f"CuPy cannot use a CUDA device: {exc}"
+        return None
+
+    def setup(self, s):
+        import cupy
+
+        self._cp = cupy
+        state = {"s": s, "X": cupy.asarray(s.X), "W0": cupy.asarray(s.W0), "H0": cupy.asarray(s.H0)}
+        if s.problem.is_gsnmf:
+            import cupyx
+
+            sizes = np.diff(s.offsets)
+            n_groups = len(sizes)
+            gid = cupy.asarray(np.repeat(np.arange(n_groups), sizes))
+            k = s.problem.k
+
+            def segment_sum(A):
+                acc = cupy.zeros((n_groups, k), dtype=A.dtype)
+                cupyx.scatter_add(acc, gid, A)
+                return acc[gid]
+
+            state["segment_sum"] = segment_sum
+        self.sync()
+        return state
+
+    def start(self, state):
+        return state["W0"].copy(), state["H0"].copy()
+
+    def solve(self, state, args, n_iter):
+        s = state["s"]
+        W, H = args
+        mu_iterations(self._cp, state["X"], W, H, s.problem.beta, n_iter, lam=s.lam, mu=s.mu,
+                      segment_sum=state.get("segment_sum"))
+        self.sync()
+        return W, H
+
+    def sync(self):
+        if hasattr(self, "_cp"):
+            self._cp.cuda.Device().synchronize()
+
+    def fetch(self, state, out):
+        return to_numpy(out[0]), to_numpy(out[1])
+
+    def teardown(self, state):
+        state.clear()
+        _free_device_memory()
+
+    def notes(self, state):
+        return "cupy.matmul (cuBLAS)"
+
+
+def default_contenders() -> list:
+    """Every contender the bench knows, dffkit first; unusable ones are reported as skipped."""
+    return [
+        DffkitContender("cpu"),
+        DffkitContender("cuda", "fp32"),
+        DffkitContender("cuda", "tf32"),
+        DffkitContender("cuda", "bf16x"),
+        SklearnContender("mu"),
+        SklearnContender("cd"),
+        TorchContender("cpu"),
+        TorchContender("cuda"),
+        TorchContender("cuda", "tf32"),
+        CupyContender(),
+    ]

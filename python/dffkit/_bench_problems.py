@@ -1,0 +1,380 @@
+"""Benchmark problems for ``dffkit bench``: generation, suites, targets, the cost model and
+the small float64 oracle every multiplicative-update contender is checked against.
+
+A problem is X (m x n), or a batch (B, m, n), non-negative float32, built from a seed as a
+rank-k non-negative product plus noise, rectified like a ReLU layer's activations, so that
+a good factorization exists and X has the zeros real activations have.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+# float32 machine epsilon: the guard scikit-learn and dffkit put on zero denominators
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One benchmark problem.
+
+    ``m`` x ``n`` matrix (``batch`` of them when ``batch`` is set), rank ``k``, ``n_iter``
+    iterations, ``beta`` 2 (Frobenius) or 1 (Kullback-Leibler). ``groups`` > 0 makes it a
+    group-sparse problem: the rows fall into ``groups`` equal contiguous segments (one per
+    image) and the group penalty ``lam_rel`` / L2 ``mu_rel`` are set relative to the data
+    (see :meth:`penalties`). ``twin`` names the plain problem with the same X.
+    """
+
+    name: str
+    m: int
+    n: int
+    k: int
+    n_iter: int
+    beta: int = 2
+    batch: int = 0
+    groups: int = 0
+    lam_rel: float = 0.0
+    mu_rel: float = 0.0
+    seed: int = 0
+    note: str = ""
+    twin: str = ""
+
+    @property
+    def loss(self) -> str:
+        return "frobenius" if self.beta == 2 else "kullback-leibler"
+
+    @property
+    def is_gsnmf(self) -> bool:
+        return self.groups > 0
+
+    @property
+    def shape(self) -> tuple:
+        return (self.batch, self.m, self.n) if self.batch else (self.m, self.n)
+
+    @property
+    def n_problems(self) -> int:
+        return self.batch or 1
+
+    def describe(self) -> str:
+        size = f"{self.batch}x{self.m}x{self.n}" if self.batch else f"{self.m}x{self.n}"
+        loss = "Frobenius" if self.beta == 2 else "KL"
+        extra = f", GSNMF {self.groups} groups" if self.groups else ""
+        return f"{size}, k={self.k}, {self.n_iter} it, {loss}{extra}"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["loss"] = self.loss
+        d["description"] = self.describe()
+        return d
+
+    # --- data ---------------------------------------------------------------------------
+    def make(self):
+        """(X, W0, H0) in float32: the data and the shared start of every contender.
+
+        W0, H0 are dffkit's ``init="random"`` factors (Philox) with ``random_state=seed``; for
+        a batch, problem b uses ``seed + b``, as :func:`dffkit.nmf_batched` does, so that the
+        batched solver's own start is this one.
+        """
+        from dffkit.nmf import initialize
+
+        rng = np.random.default_rng([self.seed, self.m, self.n, self.k, self.batch, self.beta])
+        if self.batch:
+            X = np.empty((self.batch, self.m, self.n), dtype=np.float32)
+            for b in range(self.batch):
+                X[b] = _low_rank_plus_noise(rng, self.m, self.n, self.k)
+            Ws, Hs = zip(*(initialize(X[b], self.k, init="random", random_state=self.seed + b)
+                           for b in range(self.batch)))
+            return X, np.stack(Ws), np.stack(Hs)
+        X = _low_rank_plus_noise(rng, self.m, self.n, self.k)
+        W0, H0 = initialize(X, self.k, init="random", random_state=self.seed)
+        return X, W0, H0
+
+    def group_offsets(self) -> list:
+        """Row offsets of the groups, ``[0, ..., m]`` (``groups + 1`` entries)."""
+        if not self.groups:
+            return []
+        size = self.m // self.groups
+        return [g * size for g in range(self.groups)] + [self.m]
+
+    def penalties(self, X, W0, H0) -> tuple:
+        """(lam, mu) in the objective's own units (DESIGN.md), set from the data.
+
+        lam: the group term's share of the W update's denominator is about ``lam_rel`` of the
+        numerator X H^T for a group of equal entries (lam / sqrt(rows per group) against
+        mean(X H0^T)); mu: ``mu_rel`` of mean diag(W0^T W0).
+        """
+        if not self.groups:
+            return 0.0, 0.0
+        rows = self.m // self.groups
+        num = float(np.mean(X.astype(np.float64) @ H0.T.astype(np.float64)))
+        lam = self.lam_rel * num * np.sqrt(rows)
+        mu = self.mu_rel * float(np.mean(np.sum(W0.astype(np.float64) ** 2, axis=0)))
+        return float(lam), float(mu)
+
+
+def _low_rank_plus_noise(rng, m, n, k, noise=0.2, density=0.5):
+    """relu(W* H* + noise): W* sparse exponential (about ``density`` non-zero), H* exponential,
+    Gaussian noise of ``noise`` times the rms of W* H*."""
+    W = rng.standard_exponential((m, k), dtype=np.float32)
+    W *= rng.random((m, k), dtype=np.float32) < density
+    H = rng.standard_exponential((k, n), dtype=np.float32)
+    X = W @ H
+    scale = float(np.sqrt(np.mean(X.astype(np.float64) ** 2))) or 1.0
+    X += rng.standard_normal((m, n), dtype=np.float32) * np.float32(noise * scale)
+    np.maximum(X, 0, out=X)
+    X *= np.float32(1.0 / scale)  # rms of the clean part = 1
+    return X
+
+
+# ---------------------------------------------------------------------------------------------
+# cost model
+# ---------------------------------------------------------------------------------------------
+
+def flops_per_iter(p: Problem) -> float:
+    """Floating-point operations of one MU iteration (W then H), all problems of a batch.
+
+    Frobenius: X H^T and W^T X (2mnk each) + the k x k Gram products and their use
+    (4(m+n)k^2) + element-wise terms (3(m+n)k). KL: W H twice, R H^T and W^T R (8mnk) + the
+    two element-wise divisions X / (W H) (2mn). GSNMF adds the group norms (3mk).
+    """
+    m, n, k = p.m, p.n, p.k
+    if p.beta == 2:
+        f = 4.0 * m * n * k + 4.0 * (m + n) * k * k + 3.0 * (m + n) * k
+    else:
+        f = 8.0 * m * n * k + 2.0 * m * n + 4.0 * (m + n) * k
+    if p.groups:
+        f += 3.0 * m * k
+    return f * p.n_problems
+
+
+def bytes_per_iter(p: Problem, itemsize: int = 4) -> float:
+    """The memory-traffic floor of one iteration: one pass over X (m n), W and H read and
+    written once (2 (m + n) k), for every problem of a batch."""
+    return float(itemsize) * (p.m * p.n + 2 * (p.m + p.n) * p.k) * p.n_problems
+
+
+# ---------------------------------------------------------------------------------------------
+# the float64 oracle and the error
+# ---------------------------------------------------------------------------------------------
+
+def mu_iterations(xp, X, W, H, beta, n_iter, lam=0.0, mu=0.0, segment_sum=None):
+    """``n_iter`` textbook MU iterations (W then H, DESIGN.md's formulas) in any array library
+    with numpy's operators (numpy, CuPy, PyTorch through a small shim), on the last two axes so
+    that batches broadcast. Updates W and H in place and returns them.
+
+    ``segment_sum(A)`` (GSNMF, lam > 0): for each row, the sum of A over the rows of its group.
+    """
+    for _ in range(n_iter):
+        Ht = H.swapaxes(-1, -2)
+        if beta == 2:
+            num = X @ Ht
+            den = W @ (H @ Ht)
+        else:
+            num = (X / xp.maximum(W @ H, EPS32)) @ Ht
+            den = H.sum(-1)[..., None, :]
+        if lam > 0:
+            den = den + lam * W / xp.maximum(xp.sqrt(segment_sum(W * W)), EPS32)
+        W *= num / xp.maximum(den, EPS32)
+        Wt = W.swapaxes(-1, -2)
+        if beta == 2:
+            num = Wt @ X
+            den = (Wt @ W) @ H
+        else:
+            num = Wt @ (X / xp.maximum(W @ H, EPS32))
+            den = W.sum(-2)[..., :, None]
+        if mu > 0:
+            den = den + mu * H
+        H *= num / xp.maximum(den, EPS32)
+    return W, H
+
+
+def oracle_step(X, W, H, beta, offsets=(), lam=0.0, mu=0.0):
+    """One MU iteration in float64 numpy, batch-aware ((B, m, n)): the reference every MU
+    contender must agree with after one iteration from the shared start."""
+    X = np.asarray(X, dtype=np.float64)
+    W = np.array(W, dtype=np.float64)
+    H = np.array(H, dtype=np.float64)
+    off = np.asarray(offsets, dtype=np.int64)
+
+    def segment_sum(A):
+        return np.repeat(np.add.reduceat(A, off[:-1], axis=-2), np.diff(off), axis=-2)
+
+    return mu_iterations(np, X, W, H, beta, 1, lam, mu, segment_sum if len(off) else None)
+
+
+def relative_difference(A, B) -> float:
+    """||A - B||_F / ||B||_F in float64."""
+    A = np.asarray(A, dtype=np.float64)
+    B = np.asarray(B, dtype=np.float64)
+    nb = np.linalg.norm(B)
+    return float(np.linalg.norm(A - B) / (nb if nb > 0 else 1.0))
+
+
+def reconstruction_error(X, W, H, beta, chunk_elems: int = 1 << 24) -> float:
+    """scikit-learn's reconstruction error: ||X - W H||_F (beta 2) or sqrt(2 KL(X || W H))
+    (beta 1), in float64, over all problems of a batch, in row blocks (no m x n temporary
+    beyond a block)."""
+    X = np.asarray(X)
+    W = np.asarray(W)
+    H = np.asarray(H)
+    if X.ndim == 2:
+        X, W, H = X[None], W[None], H[None]
+    total = 0.0
+    rows = max(1, chunk_elems // max(1, X.shape[2]))
+    for b in range(X.shape[0]):
+        Hb = H[b].astype(np.float64)
+        for r0 in range(0, X.shape[1], rows):
+            Xb = X[b, r0:r0 + rows].astype(np.float64)
+            WH = W[b, r0:r0 + rows].astype(np.float64) @ Hb
+            if beta == 2:
+                Xb -= WH
+                total += float(np.einsum("ij,ij->", Xb, Xb))
+            else:
+                WH = np.maximum(WH, EPS32)
+                pos = Xb > 0
+                total += float(np.sum(Xb[pos] * np.log(Xb[pos] / WH[pos])) - Xb.sum() + WH.sum())
+    return float(np.sqrt(2.0 * max(total, 0.0)) if beta == 1 else np.sqrt(max(total, 0.0)))
+
+
+def data_norm(X) -> float:
+    """||X||_F in float64 (all problems of a batch)."""
+    X = np.asarray(X)
+    flat = X.reshape(-1, X.shape[-1])
+    total = 0.0
+    step = max(1, (1 << 24) // X.shape[-1])
+    for r0 in range(0, flat.shape[0], step):
+        blk = flat[r0:r0 + step].astype(np.float64)
+        total += float(np.einsum("ij,ij->", blk, blk))
+    return float(np.sqrt(total))
+
+
+# ---------------------------------------------------------------------------------------------
+# suites and targets
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """A performance claim the suite checks.
+
+    kind: ``"speedup"`` (time of ``other`` / time of ``contender`` >= ``value``),
+    ``"max_ratio"`` (time of ``contender`` on ``problem`` / time of ``other_contender`` on
+    ``other_problem`` <= ``value``), ``"max_time"`` (median time <= ``value`` seconds),
+    ``"loss_match"`` (|err - err of ``other``| / err of ``other`` <= ``value``).
+    """
+
+    issue: int
+    problem: str
+    contender: str
+    kind: str
+    value: float
+    other: str = ""
+    other_problem: str = ""
+    text: str = ""
+
+
+@dataclass
+class Suite:
+    name: str
+    description: str
+    problems: list
+    targets: list = field(default_factory=list)
+    repeats: tuple = (3, 5)       # (min, max) timed runs after warm-up
+    budget_s: float = 1.0         # repeats are added while min repeats fit in this budget
+    row_cap_s: float = 60.0       # a contender whose one run is estimated above this is skipped
+    cd_cap_factor: float = 2.0    # CD may use up to this many times the MU iteration count
+
+
+def _dff(name, images, k, it, beta=2, **kw):
+    return Problem(name, 196 * images, 512, k, it, beta=beta, **kw)
+
+
+def _gsnmf_pair(prefix, images, k, it, lam_rel=0.1, mu_rel=0.01):
+    plain = Problem(f"{prefix}-plain", 196 * images, 512, k, it, groups=0,
+                    note="same X as the GSNMF problem, lam = mu = 0 (plain NMF)")
+    group = Problem(f"{prefix}-gsnmf", 196 * images, 512, k, it, groups=images,
+                    lam_rel=lam_rel, mu_rel=mu_rel, twin=plain.name,
+                    note="group-sparse NMF, one group per image")
+    return [plain, group]
+
+
+def _gsnmf_targets(prefix, contenders):
+    return [Target(8, f"{prefix}-gsnmf", c, "max_ratio", 1.3, other=c,
+                   other_problem=f"{prefix}-plain",
+                   text=f"GSNMF within 1.3x of plain NMF per iteration ({c})")
+            for c in contenders]
+
+
+def suites() -> dict:
+    """The named suites: quick, default, issue3, gpu."""
+    out = {}
+    quick = [
+        _dff("dff-1img", 1, 5, 200, note="one image's conv5_3 activations (14x14 positions)"),
+        _dff("dff-1img-kl", 1, 5, 100, beta=1),
+        _dff("dff-10img", 10, 5, 100, note="ten images stacked"),
+        Problem("dff-batch16", 196, 512, 5, 100, batch=16, note="per-image problems, batched"),
+        Problem("tall-10k", 10000, 512, 10, 20),
+        Problem("square-1k", 1024, 1024, 16, 30),
+        *_gsnmf_pair("images32", 32, 10, 30),
+    ]
+    out["quick"] = Suite("quick", "small versions of every problem kind; under a minute on 2 cores",
+                         quick, targets=_gsnmf_targets("images32", ["dffkit-cpu"]),
+                         repeats=(3, 5), budget_s=0.3, row_cap_s=5.0)
+    default = [
+        _dff("dff-1img", 1, 5, 200),
+        _dff("dff-1img-k20", 1, 20, 200),
+        _dff("dff-1img-kl", 1, 5, 200, beta=1),
+        _dff("dff-10img", 10, 5, 200),
+        _dff("dff-10img-kl", 10, 5, 100, beta=1),
+        Problem("dff-batch64", 196, 512, 5, 100, batch=64, note="per-image problems, batched"),
+        Problem("tall-50k", 50000, 512, 20, 50),
+        Problem("tall-50k-kl", 50000, 512, 20, 20, beta=1),
+        Problem("square-2k", 2048, 2048, 64, 30),
+        *_gsnmf_pair("images256", 256, 20, 30),
+    ]
+    out["default"] = Suite("default", "DFF shapes, a batch, tall and square, ranks 5 to 64, "
+                           "Frobenius and KL, GSNMF vs plain; a few minutes on a 2-core CPU",
+                           default, targets=_gsnmf_targets("images256", ["dffkit-cpu", "dffkit-cuda"]),
+                           repeats=(3, 7), budget_s=1.5, row_cap_s=60.0)
+    issue3 = [
+        _dff("dff-1img", 1, 5, 200),
+        _dff("dff-10img", 10, 5, 200),
+        Problem("tall-50k", 50000, 512, 20, 50),
+    ]
+    t3 = []
+    for p in issue3:
+        t3.append(Target(3, p.name, "dffkit-cpu", "speedup", 5.0, other="sklearn-mu",
+                         text="dffkit CPU >= 5x faster than scikit-learn MU"))
+        t3.append(Target(3, p.name, "dffkit-cpu", "loss_match", 1e-4, other="sklearn-mu",
+                         text="final loss within 1e-4 (relative) of scikit-learn MU"))
+    out["issue3"] = Suite("issue3", "issue 3's CPU benchmark: dffkit CPU vs scikit-learn MU and CD, "
+                          "float32", issue3, targets=t3, repeats=(5, 9), budget_s=3.0,
+                          row_cap_s=300.0, cd_cap_factor=2.0)
+    gpu = [
+        _dff("dff-1img", 1, 5, 200, note="issue 5 target: <= 0.5 ms"),
+        _dff("dff-1img-kl", 1, 5, 200, beta=1),
+        _dff("dff-10img", 10, 5, 200),
+        Problem("dff-batch4096", 196, 512, 5, 100, batch=4096, note="issue 5 target: <= 20 ms"),
+        Problem("tall-200k", 200000, 512, 20, 100, note="issue 5 target: <= 12 ms"),
+        Problem("tall-200k-kl", 200000, 512, 20, 50, beta=1),
+        Problem("tall-1m", 1000000, 512, 32, 50),
+        Problem("square-16k", 16384, 16384, 64, 50,
+                note="issue 5 target: fp32 <= PyTorch fp32, tf32 <= 10 ms"),
+        *_gsnmf_pair("images1024", 1024, 20, 100),
+    ]
+    t5 = [
+        Target(5, "dff-1img", "dffkit-cuda", "max_time", 0.5e-3, text="one image <= 0.5 ms"),
+        Target(5, "dff-batch4096", "dffkit-cuda", "max_time", 20e-3, text="4096 images batched <= 20 ms"),
+        Target(5, "tall-200k", "dffkit-cuda", "max_time", 12e-3, text="200000x512 k=20 <= 12 ms"),
+        Target(5, "square-16k", "dffkit-cuda", "speedup", 1.0, other="torch-cuda",
+               text="16384^2 k=64 fp32 no slower than PyTorch fp32"),
+        Target(5, "square-16k", "dffkit-cuda-tf32", "max_time", 10e-3, text="16384^2 k=64 tf32 <= 10 ms"),
+    ]
+    for p in ("dff-1img", "dff-batch4096", "tall-200k"):
+        t5.append(Target(5, p, "dffkit-cuda", "speedup", 1.0, other="torch-cuda",
+                         text="faster than the plain PyTorch MU loop"))
+    out["gpu"] = Suite("gpu", "sized for a large GPU (H100/H200): issue 5's four target shapes, "
+                       "KL, a 1M-row matrix, GSNMF vs plain", gpu,
+                       targets=t5 + _gsnmf_targets("images1024", ["dffkit-cuda", "dffkit-cpu"]),
+                       repeats=(5, 20), budget_s=2.0, row_cap_s=60.0)
+    return out

@@ -1,0 +1,634 @@
+"""``dffkit bench``: NMF backends side by side on built-in problems.
+
+Every contender (dffkit's CPU and CUDA engines, scikit-learn MU and CD, plain PyTorch and CuPy
+MU loops) solves the same generated problems from the same initial W, H for the same number
+of iterations; scikit-learn's CD solver is timed to the error the MU reference reaches.
+Each multiplicative-update contender is checked against a float64 oracle after one iteration
+from the shared start and flagged when it disagrees. Contenders that cannot run here are
+listed as skipped, with why.
+
+From Python::
+
+    from dffkit import bench
+    report = bench.run("quick")             # or "default", "issue3", "gpu"
+    print(report.to_text())
+    report.write(json="bench.json", markdown="bench.md", plot="bench.png")
+
+From the shell: ``dffkit bench --quick`` (see ``dffkit bench --help``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import fnmatch
+import json as _json
+import math
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from dffkit import _bench_report as _report
+from dffkit._bench_contenders import (
+    Contender,
+    CupyContender,
+    DffkitContender,
+    Setup,
+    SklearnContender,
+    TorchContender,
+    default_contenders,
+)
+from dffkit._bench_problems import (
+    Problem,
+    Suite,
+    Target,
+    bytes_per_iter,
+    data_norm,
+    flops_per_iter,
+    oracle_step,
+    reconstruction_error,
+    relative_difference,
+    suites,
+)
+
+__all__ = [
+    "run",
+    "Report",
+    "Problem",
+    "Suite",
+    "Target",
+    "Contender",
+    "Setup",
+    "DffkitContender",
+    "SklearnContender",
+    "TorchContender",
+    "CupyContender",
+    "default_contenders",
+    "suites",
+    "AGREE_TOL",
+    "CLI",
+]
+
+SCHEMA = "dffkit-bench/1"
+
+# relative difference from the float64 oracle after one iteration that still counts as
+# "the same multiplicative update from the same start", by precision
+AGREE_TOL = {"fp32": 1e-4, "fp64": 1e-8, "tf32": 1e-2, "bf16x": 3e-2}
+# batches: the agreement check looks at this many problems of the batch
+_AGREE_BATCH = 64
+
+
+class Report:
+    """A bench result: ``data`` is the JSON document (machine, ceilings, problems, rows,
+    skipped contenders, targets)."""
+
+    def __init__(self, data: dict):
+        self.data = data
+
+    @property
+    def rows(self) -> list:
+        return self.data["rows"]
+
+    @property
+    def skipped(self) -> list:
+        return self.data["skipped"]
+
+    @property
+    def targets(self) -> list:
+        return self.data["targets"]
+
+    def row(self, problem: str, contender: str):
+        for r in self.rows:
+            if r["problem"] == problem and r["contender"] == contender:
+                return r
+        return None
+
+    def flagged(self) -> list:
+        return [r for r in self.rows if r.get("agrees") is False]
+
+    def to_json(self) -> str:
+        return _json.dumps(self.data, indent=1, default=_json_default)
+
+    def to_markdown(self) -> str:
+        return _report.render(self.data, markdown=True)
+
+    def to_text(self) -> str:
+        return _report.render(self.data, markdown=False)
+
+    def plot(self, path) -> bool:
+        """Time per iteration by problem and contender as a PNG; False without matplotlib."""
+        return _report.plot(self.data, str(path))
+
+    def write(self, json=None, markdown=None, plot=None) -> list:
+        """Write the requested outputs; returns the paths written."""
+        written = []
+        if json:
+            with open(json, "w") as f:
+                f.write(self.to_json() + "\n")
+            written.append(str(json))
+        if markdown:
+            with open(markdown, "w") as f:
+                f.write(self.to_markdown())
+            written.append(str(markdown))
+        if plot and self.plot(plot):
+            written.append(str(plot))
+        return written
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+# ---------------------------------------------------------------------------------------------
+# progress
+# ---------------------------------------------------------------------------------------------
+
+class _Progress:
+    """tqdm on stderr where installed, else a one-line bar; silent when disabled."""
+
+    def __init__(self, total, enabled, desc):
+        self.total, self.n, self.enabled, self.desc = total, 0, enabled, desc
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, desc=desc, file=sys.stderr, unit="run",
+                                 dynamic_ncols=True, leave=False)
+            except ImportError:
+                self._bar = None
+
+    def step(self, label):
+        self.n += 1
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix_str(label, refresh=False)
+            self._bar.update(1)
+            return
+        width = 30
+        done = int(width * self.n / max(1, self.total))
+        sys.stderr.write(f"\r{self.desc} [{'#' * done}{'.' * (width - done)}] "
+                         f"{self.n}/{self.total} {label[:40]:<40}")
+        sys.stderr.flush()
+
+    def close(self):
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# the harness
+# ---------------------------------------------------------------------------------------------
+
+def _select(items, patterns, name):
+    """Items whose ``name`` matches one of the glob patterns (comma lists allowed)."""
+    if not patterns:
+        return list(items)
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    pats = [q.strip() for p in patterns for q in str(p).split(",") if q.strip()]
+    out = [it for it in items if any(fnmatch.fnmatch(name(it), p) for p in pats)]
+    unknown = [p for p in pats if not any(fnmatch.fnmatch(name(it), p) for it in items)]
+    if unknown:
+        raise ValueError(f"no match for {unknown}; known: {[name(it) for it in items]}")
+    return out
+
+
+def _timed(c: Contender, state, n_iter):
+    args = c.start(state)
+    c.sync()
+    t0 = time.perf_counter()
+    out = c.solve(state, args, n_iter)
+    t = time.perf_counter() - t0
+    return out, t
+
+
+def _base_row(p: Problem, c: Contender) -> dict:
+    return {"problem": p.name, "contender": c.name, "solver": c.solver, "device": c.device,
+            "family": c.family, "precision": c.precision, "status": "ok", "reason": "",
+            "n_iter": p.n_iter, "time_s": None, "times_s": [], "time_per_iter_s": None,
+            "rel_error": None, "error": None, "loss_rel_diff": None, "agree_rel_diff": None,
+            "agrees": None, "speedup_vs_best_peer": None, "GBps": None, "bw_frac": None,
+            "GFLOPs": None, "flop_frac": None, "notes": ""}
+
+
+def _measure_mu(c, state, p, suite, oracle, row):
+    W1, H1 = c.fetch(state, _timed(c, state, 1)[0])
+    Wo, Ho = oracle
+    if p.batch:
+        W1, H1 = W1[:len(Wo)], H1[:len(Ho)]
+    diff = max(relative_difference(W1, Wo), relative_difference(H1, Ho))
+    row["agree_rel_diff"] = diff
+    row["agrees"] = bool(np.isfinite(diff) and diff <= AGREE_TOL.get(c.precision, 1e-4))
+    if not row["agrees"]:
+        row["status"] = "flagged"
+    # a short warm run (a tenth of the solve) estimates the cost of one solve; above the cap,
+    # a second one guards against a hiccup of a busy machine
+    n_short = min(p.n_iter, max(2, p.n_iter // 10))
+    est = _timed(c, state, n_short)[1] / n_short * p.n_iter
+    if est > suite.row_cap_s and n_short < p.n_iter:
+        est = min(est, _timed(c, state, n_short)[1] / n_short * p.n_iter)
+    return est, p.n_iter
+
+
+def _measure_cd(c, state, p, suite, target, X, xnorm, row):
+    """Smallest iteration count at which the CD solver's error is <= target (doubling, then
+    bisection; the error after i iterations from one start does not depend on the run)."""
+    cap = max(1, int(round(suite.cd_cap_factor * p.n_iter)))
+    errs = {}
+
+    def err_at(i):
+        out, t = _timed(c, state, i)
+        W, H = c.fetch(state, out)
+        errs[i] = reconstruction_error(X, W, H, p.beta) / xnorm
+        return errs[i], t
+
+    i, lo, reached = 1, 0, False
+    while True:
+        e, t = err_at(i)
+        if e <= target:
+            reached = True
+            break
+        if i >= cap or t > suite.row_cap_s:
+            break
+        lo, i = i, min(2 * i, cap)
+    if reached:
+        hi = i
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if err_at(mid)[0] <= target:
+                hi = mid
+            else:
+                lo = mid
+        i = hi
+    row["reached"] = reached
+    row["target_rel_error"] = target
+    row["n_iter"] = i
+    _, t = _timed(c, state, i)
+    return t, i
+
+
+def _run_problem(p, suite, contenders, unavailable, ceilings, progress, rows, skipped):
+    X, W0, H0 = p.make()
+    offsets = p.group_offsets()
+    lam, mu = p.penalties(X, W0, H0)
+    nb = min(p.batch, _AGREE_BATCH) if p.batch else None
+    oracle = oracle_step(X[:nb] if nb else X, W0[:nb] if nb else W0, H0[:nb] if nb else H0,
+                         p.beta, offsets, lam, mu)
+    xnorm = data_norm(X)
+    setup = Setup(p, X, W0, H0, offsets, lam, mu)
+    prow = []
+    ordered = [c for c in contenders if c.solver != "cd"] + [c for c in contenders if c.solver == "cd"]
+    for c in ordered:
+        progress.step(f"{p.name}: {c.name}")
+        reason = unavailable[c.name] or c.unsupported(p)
+        if reason:
+            skipped.append((c.name, p.name, reason))
+            continue
+        row = _base_row(p, c)
+        state = None
+        t_row = time.perf_counter()
+        try:
+            state = c.setup(setup)
+            if c.solver == "cd":
+                ref = _reference(prow)
+                if ref is None:
+                    skipped.append((c.name, p.name, "no MU result to take the target error from"))
+                    continue
+                est, n_iter = _measure_cd(c, state, p, suite, ref["rel_error"] * (1 + 1e-4), X,
+                                          xnorm, row)
+            else:
+                est, n_iter = _measure_mu(c, state, p, suite, oracle, row)
+            if est > suite.row_cap_s:
+                skipped.append((c.name, p.name, f"one solve estimated at {est:.0f} s, above this "
+                                                f"suite's cap of {suite.row_cap_s:.0f} s"))
+                continue
+            # warm-up: a whole solve when cheap, else the runs above were the warm-up
+            if est <= suite.budget_s:
+                _timed(c, state, n_iter)
+            lo_r, hi_r = suite.repeats
+            reps = int(min(hi_r, max(lo_r, suite.budget_s // max(est, 1e-9))))
+            times, out = [], None
+            for _ in range(reps):
+                out, t = _timed(c, state, n_iter)
+                times.append(t)
+            W, H = c.fetch(state, out)
+            row["times_s"] = times
+            row["time_s"] = statistics.median(times)
+            row["time_per_iter_s"] = row["time_s"] / n_iter
+            row["error"] = reconstruction_error(X, W, H, p.beta)
+            row["rel_error"] = row["error"] / xnorm
+            row["notes"] = c.notes(state)
+            _efficiency(row, p, c, ceilings)
+            prow.append(row)
+        except Exception as exc:  # noqa: BLE001 - one contender's failure is a row, not the end
+            row["status"] = "error"
+            row["reason"] = f"{type(exc).__name__}: {exc}"
+            prow.append(row)
+        finally:
+            row["bench_wall_s"] = time.perf_counter() - t_row
+            if state is not None:
+                try:
+                    c.teardown(state)
+                except Exception:  # noqa: BLE001
+                    pass
+    _compare(prow)
+    rows.extend(prow)
+
+
+def _reference(prow):
+    """The reference MU row of a problem: scikit-learn MU, else dffkit CPU, else any."""
+    ok = [r for r in prow if r["status"] == "ok" and r["solver"] == "mu"]
+    for name in ("sklearn-mu", "dffkit-cpu"):
+        for r in ok:
+            if r["contender"] == name:
+                return r
+    return ok[0] if ok else None
+
+
+def _compare(prow):
+    ref = _reference(prow)
+    peers = [r for r in prow if r["status"] == "ok" and r["family"] == "peer" and r["solver"] == "mu"]
+    best = min((r["time_s"] for r in peers), default=None)
+    for r in prow:
+        if r["time_s"] is None:
+            continue
+        if ref is not None and r["rel_error"] is not None and r["solver"] == "mu":
+            r["loss_rel_diff"] = abs(r["rel_error"] - ref["rel_error"]) / max(ref["rel_error"], 1e-300)
+            r["reference"] = ref["contender"]
+        if best is not None:
+            r["speedup_vs_best_peer"] = best / r["time_s"]
+            r["best_peer"] = min(peers, key=lambda q: q["time_s"])["contender"]
+
+
+def _efficiency(row, p, c, ceilings):
+    if c.solver != "mu" or not row["time_per_iter_s"]:
+        return
+    t = row["time_per_iter_s"]
+    row["GBps"] = bytes_per_iter(p) / t / 1e9
+    row["GFLOPs"] = flops_per_iter(p) / t / 1e9
+    if c.device == "cuda":
+        bw = ceilings.get("gpu_copy_GBps")
+        peak = ceilings.get("gpu_tf32_GFLOPs") if c.precision in ("tf32", "bf16x") else None
+        peak = peak or ceilings.get("gpu_sgemm_GFLOPs")
+    else:
+        bw, peak = ceilings.get("cpu_copy_GBps"), ceilings.get("cpu_sgemm_GFLOPs")
+    row["bw_frac"] = row["GBps"] / bw if bw else None
+    row["flop_frac"] = row["GFLOPs"] / peak if peak else None
+
+
+def _evaluate_targets(targets, rows, problem_names):
+    def find(problem, contender):
+        for r in rows:
+            if r["problem"] == problem and r["contender"] == contender and r["status"] == "ok":
+                return r
+        return None
+
+    out = []
+    for t in targets:
+        d = dataclasses.asdict(t)
+        if t.problem not in problem_names:
+            continue
+        a = find(t.problem, t.contender)
+        b = find(t.other_problem or t.problem, t.other) if t.other else None
+        measured, ok, text = None, None, "n/a"
+        if a is None or (t.other and b is None):
+            missing = t.contender if a is None else t.other
+            text = f"n/a ({missing} has no result on {t.other_problem or t.problem})"
+        elif t.kind == "speedup":
+            measured = b["time_s"] / a["time_s"]
+            ok = measured >= t.value
+            text = f"{measured:.2f}x ({_report.fmt_time(a['time_s'])} vs {_report.fmt_time(b['time_s'])})"
+        elif t.kind == "max_ratio":
+            measured = a["time_per_iter_s"] / b["time_per_iter_s"]
+            ok = measured <= t.value
+            text = (f"{measured:.2f}x ({_report.fmt_time(a['time_per_iter_s'])} vs "
+                    f"{_report.fmt_time(b['time_per_iter_s'])} per iteration)")
+        elif t.kind == "max_time":
+            measured = a["time_s"]
+            ok = measured <= t.value
+            text = f"{_report.fmt_time(measured)} (target {_report.fmt_time(t.value)})"
+        elif t.kind == "loss_match":
+            measured = abs(a["rel_error"] - b["rel_error"]) / b["rel_error"]
+            ok = measured <= t.value
+            text = f"{measured:.1e}"
+        d.update(measured=measured, passed=ok, measured_text=text,
+                 result="n/a" if ok is None else ("PASS" if ok else "FAIL"))
+        out.append(d)
+    return out
+
+
+def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0,
+        row_cap_s=None, progress=True, json=None, markdown=None, plot=None,
+        measure_ceilings=True) -> Report:
+    """Run a benchmark suite and return its :class:`Report`.
+
+    Parameters
+    ----------
+    suite : str or Suite
+        "quick", "default", "issue3" or "gpu" (see ``suites()``), or a Suite of your own.
+    contenders : list of str or Contender, optional
+        Names or glob patterns ("dffkit-*", "sklearn-mu") chosen from
+        :func:`default_contenders`, and/or Contender instances. Default: all of them.
+    problems : list of str or Problem, optional
+        Names or glob patterns of the suite's problems, and/or Problem instances.
+    repeats : int, optional
+        Timed runs per row (overrides the suite's adaptive count).
+    seed : int
+        Seed of the problem data and of the shared start.
+    row_cap_s : float, optional
+        Skip a contender whose single solve is estimated above this many seconds.
+    progress : bool
+        Show a progress bar on stderr.
+    json, markdown, plot : path, optional
+        Write the JSON document, the Markdown table, the PNG plot.
+    """
+    all_suites = suites()
+    if isinstance(suite, str):
+        if suite not in all_suites:
+            raise ValueError(f"unknown suite {suite!r}; choose from {sorted(all_suites)}")
+        suite = all_suites[suite]
+    suite = dataclasses.replace(suite)
+    if repeats is not None:
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        suite.repeats = (int(repeats), int(repeats))
+    if row_cap_s is not None:
+        suite.row_cap_s = float(row_cap_s)
+
+    pool = default_contenders()
+    if contenders is None:
+        chosen = pool
+    else:
+        names = [c for c in contenders if isinstance(c, str)]
+        chosen = _select(pool, names, lambda c: c.name) if names else []
+        chosen += [c for c in contenders if isinstance(c, Contender)]
+    probs_in = [p for p in (problems or []) if isinstance(p, Problem)]
+    names = [p for p in (problems or []) if isinstance(p, str)]
+    probs = _select(suite.problems, names, lambda p: p.name) if names or not probs_in else []
+    probs = [dataclasses.replace(p, seed=seed) for p in probs + probs_in]
+
+    unavailable = {}
+    for c in chosen:
+        try:
+            unavailable[c.name] = c.unavailable()
+        except Exception as exc:  # noqa: BLE001 - a broken peer is a skipped peer
+            unavailable[c.name] = f"{type(exc).__name__}: {exc}"
+    ceilings = {}
+    if measure_ceilings:
+        quick = suite.name == "quick"
+        ceilings.update(_report.cpu_ceilings(quick))
+        if any(c.device == "cuda" and not unavailable[c.name] for c in chosen):
+            ceilings.update(_report.gpu_ceilings(quick))
+    created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    machine = _report.describe_machine()
+
+    rows, skipped_raw = [], []
+    bar = _Progress(len(probs) * len(chosen), progress, f"dffkit bench {suite.name}")
+    t_start = time.perf_counter()
+    try:
+        for p in probs:
+            _run_problem(p, suite, chosen, unavailable, ceilings, bar, rows, skipped_raw)
+    finally:
+        bar.close()
+    # skipped: one line per contender and reason
+    skipped = []
+    for name, prob, reason in skipped_raw:
+        for s in skipped:
+            if s["contender"] == name and s["reason"] == reason:
+                s["problems"].append(prob)
+                break
+        else:
+            skipped.append({"contender": name, "problems": [prob], "reason": reason})
+    data = {
+        "schema": SCHEMA,
+        "suite": suite.name,
+        "suite_description": suite.description,
+        "created": created,
+        "elapsed_s": time.perf_counter() - t_start,
+        "seed": seed,
+        "settings": {"repeats": list(suite.repeats), "budget_s": suite.budget_s,
+                     "row_cap_s": suite.row_cap_s, "cd_cap_factor": suite.cd_cap_factor,
+                     "agree_tol": AGREE_TOL, "agree_batch_problems": _AGREE_BATCH},
+        "machine": machine,
+        "ceilings": ceilings,
+        "problems": [p.as_dict() for p in probs],
+        "contenders": [{"name": c.name, "solver": c.solver, "device": c.device,
+                        "family": c.family, "precision": c.precision, "library": c.library,
+                        "unavailable": unavailable[c.name]} for c in chosen],
+        "rows": rows,
+        "skipped": skipped,
+        "targets": _evaluate_targets(suite.targets, rows, {p.name for p in probs}),
+        "legend": _report.LEGEND,
+    }
+    _sanitize(data)
+    report = Report(data)
+    report.write(json=json, markdown=markdown, plot=plot)
+    return report
+
+
+def _sanitize(obj):
+    """NaN / inf -> None so that the JSON is strict."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                obj[k] = None
+            else:
+                _sanitize(v)
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            if isinstance(v, float) and not math.isfinite(v):
+                obj[i] = None
+            else:
+                _sanitize(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+def _add_arguments(parser):
+    names = sorted(suites())
+    parser.add_argument("--suite", default="default", choices=names,
+                        help="which problems: quick (< 1 min on 2 cores), default (a few minutes), "
+                             "issue3 (issue 3's CPU targets), gpu (sized for a large GPU)")
+    parser.add_argument("--quick", action="store_true", help="same as --suite quick")
+    parser.add_argument("--contenders", "--only", dest="contenders", default=None,
+                        help="comma-separated names or globs, e.g. 'dffkit-*,sklearn-mu' (default: all)")
+    parser.add_argument("--problems", default=None,
+                        help="comma-separated problem names or globs of the suite (default: all)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per row (default: adaptive, the suite's range)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the shared start")
+    parser.add_argument("--row-cap", type=float, default=None, metavar="SECONDS",
+                        help="skip a contender whose one solve is estimated above this")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="write a Markdown report")
+    parser.add_argument("--plot", default=None, metavar="PATH",
+                        help="write a PNG plot of time per iteration (needs matplotlib)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 3 when a contender is flagged or a target fails")
+    parser.add_argument("--list", action="store_true",
+                        help="list suites, problems and contenders (with availability) and exit")
+
+
+def _list(args) -> int:
+    for s in suites().values():
+        print(f"suite {s.name}: {s.description}")
+        for p in s.problems:
+            print(f"  {p.name:<18} {p.describe()}")
+    print("contenders:")
+    for c in default_contenders():
+        why = c.unavailable()
+        print(f"  {c.name:<18} {'available' if not why else 'skipped: ' + why}")
+    return 0
+
+
+def _run_cli(args) -> int:
+    if args.list:
+        return _list(args)
+    suite = "quick" if args.quick else args.suite
+    report = run(suite, contenders=args.contenders.split(",") if args.contenders else None,
+                 problems=args.problems.split(",") if args.problems else None,
+                 repeats=args.repeats, seed=args.seed, row_cap_s=args.row_cap,
+                 progress=not args.no_progress, json=args.json, markdown=args.markdown,
+                 plot=args.plot)
+    print(report.to_text())
+    for label, path in (("JSON", args.json), ("Markdown", args.markdown), ("plot", args.plot)):
+        if path:
+            print(f"{label}: {path}")
+    if args.plot and not _report_has_matplotlib():
+        print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+    if args.strict and (report.flagged() or any(t["passed"] is False for t in report.targets)):
+        return 3
+    return 0
+
+
+def _report_has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+CLI = {
+    "bench": (
+        _add_arguments,
+        _run_cli,
+        "benchmark NMF backends side by side (dffkit CPU/CUDA, scikit-learn, PyTorch, CuPy) "
+        "on built-in problems",
+    )
+}

@@ -1,0 +1,204 @@
+"""``dffkit bench`` (issue 4): the quick suite end to end, its outputs, skipped peers, and the
+agreement check that flags a contender which ignores the shared start."""
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from dffkit import bench
+from dffkit._bench_problems import Problem, oracle_step, reconstruction_error
+from dffkit.cli import main as cli_main
+
+sklearn = pytest.importorskip("sklearn")
+
+
+def _seconds(text):
+    value, unit = text.split()
+    return float(value) * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
+
+
+def _markdown_rows(md):
+    """The results table of a Markdown report as a list of dicts (header -> cell)."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| problem | contender |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """The quick suite through the command line, all contenders, with every output."""
+    out = tmp_path_factory.mktemp("bench")
+    paths = {k: str(out / f"quick.{k}") for k in ("json", "md", "png")}
+    rc = cli_main(["bench", "--quick", "--no-progress", "--row-cap", "60",
+                   "--json", paths["json"], "--markdown", paths["md"], "--plot", paths["png"]])
+    assert rc == 0
+    with open(paths["json"]) as f:
+        data = json.load(f)
+    with open(paths["md"]) as f:
+        md = f.read()
+    return data, md, paths
+
+
+def test_quick_every_row_finite_and_close_to_reference(quick):
+    data, _, _ = quick
+    assert data["schema"] == bench.SCHEMA and data["suite"] == "quick"
+    rows = data["rows"]
+    assert not [r for r in rows if r["status"] == "error"], [r["reason"] for r in rows]
+    problems = {p["name"] for p in data["problems"]}
+    # dffkit's CPU engine and scikit-learn's MU ran every problem they support
+    assert {r["problem"] for r in rows if r["contender"] == "dffkit-cpu"} == problems
+    assert {r["problem"] for r in rows if r["contender"] == "sklearn-mu"} == {
+        p for p in problems if not p.endswith("gsnmf")}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["time_s"] is not None and math.isfinite(r["time_s"]) and r["time_s"] > 0
+        assert len(r["times_s"]) >= 1 and r["time_per_iter_s"] > 0
+        assert math.isfinite(r["rel_error"]) and 0 < r["rel_error"] < 1
+        if r["solver"] == "mu":
+            assert r["agrees"] is True, r
+            if not r["problem"].endswith("gsnmf"):
+                assert r["loss_rel_diff"] <= 1e-4, r  # float32, same start, same iterations
+        else:  # CD: timed to the reference MU error
+            assert r["reached"] and r["rel_error"] <= r["target_rel_error"]
+    assert data["machine"]["cores"] >= 1 and data["machine"]["cpu_model"]
+    assert data["ceilings"]["cpu_copy_GBps"] > 0 and data["ceilings"]["cpu_sgemm_GFLOPs"] > 0
+    # the GSNMF vs plain target of issue 8 is evaluated
+    assert any(t["issue"] == 8 and t["result"] in ("PASS", "FAIL") for t in data["targets"])
+
+
+def test_quick_json_and_markdown_agree(quick):
+    data, md, paths = quick
+    table = _markdown_rows(md)
+    ran = [r for r in data["rows"] if r["status"] in ("ok", "flagged")]
+    assert len(table) == len(ran)
+    for cells in table:
+        r = next(x for x in ran if x["problem"] == cells["problem"]
+                 and x["contender"] == cells["contender"])
+        assert int(cells["iters"].split()[0]) == r["n_iter"]
+        assert _seconds(cells["time"]) == pytest.approx(r["time_s"], rel=2e-3)
+        assert _seconds(cells["per iter"]) == pytest.approx(r["time_per_iter_s"], rel=2e-3)
+        assert float(cells["rel. error"]) == pytest.approx(r["rel_error"], rel=1e-5)
+        assert cells["agrees"].startswith("yes" if r["agrees"] else ("n/a" if r["agrees"] is None else "**NO**"))
+    for s in data["skipped"]:
+        assert s["contender"] in md and s["reason"].replace("|", "\\|") in md
+    with open(paths["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_missing_peers_are_skipped_with_a_reason(quick):
+    data, _, _ = quick
+    skipped = {s["contender"]: s for s in data["skipped"]}
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        assert "not installed" in skipped["cupy-cuda"]["reason"]
+        assert not [r for r in data["rows"] if r["contender"] == "cupy-cuda"]
+    import dffkit
+
+    if "cuda" not in dffkit.available_backends():
+        assert skipped["dffkit-cuda"]["reason"] == dffkit.unavailable_reasons()["cuda"]
+
+
+class _Absent(bench.Contender):
+    name = "absent-peer"
+
+    def unavailable(self):
+        return "absentlib is not installed (pip install absentlib)"
+
+
+class _OwnStart(bench.Contender):
+    """Plain numpy MU that ignores the shared start and draws its own."""
+
+    name = "own-start"
+
+    def solve(self, s, args, n_iter):
+        rng = np.random.default_rng(12345)
+        W = rng.random(s.W0.shape, dtype=np.float32)
+        H = rng.random(s.H0.shape, dtype=np.float32)
+        X = s.X
+        for _ in range(n_iter):
+            W *= (X @ H.T) / np.maximum(W @ (H @ H.T), 1e-7)
+            H *= (W.T @ X) / np.maximum((W.T @ W) @ H, 1e-7)
+        return W, H
+
+
+class _SharedStart(_OwnStart):
+    """The same loop from the shared start: must not be flagged."""
+
+    name = "shared-start"
+
+    def start(self, s):
+        return s.W0.copy(), s.H0.copy()
+
+    def solve(self, s, args, n_iter):
+        W, H = args
+        X = s.X
+        for _ in range(n_iter):
+            W *= (X @ H.T) / np.maximum(W @ (H @ H.T), np.float32(np.finfo(np.float32).eps))
+            H *= (W.T @ X) / np.maximum((W.T @ W) @ H, np.float32(np.finfo(np.float32).eps))
+        return W, H
+
+
+def test_contender_ignoring_the_shared_start_is_flagged_and_absent_one_skipped():
+    tiny = Problem("tiny", 120, 64, 4, 30)
+    report = bench.run("quick", problems=[tiny], progress=False, measure_ceilings=False,
+                       contenders=["dffkit-cpu", "sklearn-mu", _OwnStart(), _SharedStart(), _Absent()])
+    own = report.row("tiny", "own-start")
+    assert own["agrees"] is False and own["status"] == "flagged" and own["agree_rel_diff"] > 0.1
+    assert report.flagged() == [own]
+    for name in ("dffkit-cpu", "sklearn-mu", "shared-start"):
+        assert report.row("tiny", name)["agrees"] is True, name
+    # a flagged contender is timed but never counted as the best peer
+    assert report.row("tiny", "dffkit-cpu")["best_peer"] in ("sklearn-mu", "shared-start")
+    assert report.row("tiny", "absent-peer") is None
+    assert report.skipped[-1] == {"contender": "absent-peer", "problems": ["tiny"],
+                                  "reason": "absentlib is not installed (pip install absentlib)"}
+    assert "FLAGGED" in report.to_text() and "own-start" in report.to_markdown()
+
+
+def test_oracle_matches_scikit_learn_one_iteration():
+    from sklearn.decomposition import non_negative_factorization as sk_nnf
+
+    rng = np.random.default_rng(0)
+    X = rng.random((30, 20))
+    W0, H0 = rng.random((30, 4)), rng.random((4, 20))
+    for beta, loss in ((2, "frobenius"), (1, "kullback-leibler")):
+        Ws, Hs, _ = sk_nnf(X, W0.copy(), H0.copy(), n_components=4, init="custom", solver="mu",
+                           beta_loss=loss, tol=0, max_iter=1)
+        Wo, Ho = oracle_step(X, W0, H0, beta)
+        np.testing.assert_allclose(Wo, Ws, rtol=1e-10)
+        np.testing.assert_allclose(Ho, Hs, rtol=1e-10)
+        err = reconstruction_error(X, Wo, Ho, beta)
+        est = sklearn.decomposition.NMF(n_components=4, init="custom", solver="mu",
+                                        beta_loss=loss, max_iter=1, tol=0)
+        est.fit_transform(X, W=W0.copy(), H=H0.copy())
+        assert err == pytest.approx(est.reconstruction_err_, rel=1e-9)
+
+
+def test_group_oracle_reduces_to_plain_and_batches_broadcast():
+    rng = np.random.default_rng(1)
+    X = rng.random((3, 12, 10))
+    W0, H0 = rng.random((3, 12, 2)), rng.random((3, 2, 10))
+    Wb, Hb = oracle_step(X, W0, H0, 2)
+    for b in range(3):
+        Wp, Hp = oracle_step(X[b], W0[b], H0[b], 2, offsets=[0, 4, 12], lam=0.0, mu=0.0)
+        np.testing.assert_allclose(Wb[b], Wp)
+        np.testing.assert_allclose(Hb[b], Hp)
+    Wg, _ = oracle_step(X[0], W0[0], H0[0], 2, offsets=[0, 4, 12], lam=0.5, mu=0.1)
+    assert (Wg <= Wb[0] + 1e-12).all()  # the group term only shrinks W
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="unknown suite"):
+        bench.run("nope")
+    with pytest.raises(ValueError, match="no match"):
+        bench.run("quick", contenders=["no-such-contender"])
+    assert re.search(r"dff-1img", "\n".join(p.name for p in bench.suites()["issue3"].problems))
