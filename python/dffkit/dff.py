@@ -1,0 +1,1129 @@
+"""Deep Feature Factorization (Collins, Achanta and Süsstrunk, ECCV 2018).
+
+The activations of one CNN layer for a set of images are stacked into one non-negative
+matrix X (positions x channels, N·h·w x C) and factorized, X ≈ W H, with rank k. Row j of H
+is concept j's embedding (C values); column j of W, reshaped to each image's h x w grid and
+upsampled bilinearly to the image's size, is where concept j appears in that image.
+
+``dff(images, k)`` runs the whole path (features, factorization, heat maps, labels) and
+returns a :class:`DFFResult`; ``CLI`` holds the ``dffkit dff`` and ``dffkit demo`` commands.
+
+Heat-map conventions (one place, so that every consumer agrees):
+
+- ``heatmaps[i][j]``: concept j in image i at the image's size, divided by its own maximum
+  (a map whose maximum is 0, a concept absent from the image, stays 0);
+- ``strength[i, j]``: that maximum relative to concept j's largest maximum over the images
+  factorized together (joint mode: all images; per-image mode: the image itself), so
+  ``heatmaps[i][j] * strength[i, j]`` compares one concept across images;
+- ``labels[i]``: argmax over j of ``heatmaps[i][j] * strength[i, j]``, -1 where that maximum
+  is below ``threshold`` (``assign="argmax"``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "dff",
+    "DFFResult",
+    "bilinear_matrix",
+    "upsample",
+    "connected_components",
+    "largest_component",
+    "mask_box",
+    "sample_images",
+    "CLI",
+]
+
+_MODES = ("joint", "per_image")
+_NEGATIVES = ("error", "clip", "shift")
+_ASSIGN = ("argmax", "kmeans")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+# ---------------------------------------------------------------------------------------------
+# bilinear upsampling, connected components
+# ---------------------------------------------------------------------------------------------
+
+def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) float32 R with ``R @ v`` = v resampled bilinearly to n_out samples.
+
+    Pixel centres are aligned (``align_corners=False`` in PyTorch, OpenCV's and Pillow's
+    convention without antialiasing); samples beyond the outer centres repeat the edge.
+    """
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    t = src - i0
+    R = np.zeros((n_out, n_in), dtype=np.float64)
+    rows = np.arange(n_out)
+    np.add.at(R, (rows, i0), 1.0 - t)
+    np.add.at(R, (rows, i1), t)
+    return R.astype(np.float32)
+
+
+def upsample(maps, size: Tuple[int, int]) -> np.ndarray:
+    """Bilinear resampling of (k, h, w) maps (numpy) to (k, H, W) float32."""
+    maps = np.asarray(maps, dtype=np.float32)
+    H, W = size
+    Ry = bilinear_matrix(H, maps.shape[1])
+    Rx = bilinear_matrix(W, maps.shape[2])
+    return np.matmul(np.matmul(Ry, maps), Rx.T)
+
+
+def connected_components(mask, connectivity: int = 8):
+    """Label the connected regions of a boolean (H, W) mask.
+
+    Returns (labels, n): labels (H, W) int32 with 0 for background and 1..n for the
+    components, numbered in raster order of their first pixel. Runs of each row are joined
+    to the runs of the row above that touch them (union-find over runs), so the cost grows
+    with the number of runs, not of pixels.
+    """
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    H, W = mask.shape
+    padded = np.zeros((H, W + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    d = np.diff(padded, axis=1)
+    r_start, c_start = np.nonzero(d == 1)
+    _, c_end = np.nonzero(d == -1)  # exclusive ends; both come out in (row, column) order
+    n_runs = len(r_start)
+    labels = np.zeros((H, W), dtype=np.int32)
+    if n_runs == 0:
+        return labels, 0
+    parent = list(range(n_runs))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    reach = 1 if connectivity == 8 else 0
+    row_first = np.searchsorted(r_start, np.arange(H + 1))
+    for r in range(1, H):
+        a0, a1 = row_first[r - 1], row_first[r]
+        b0, b1 = row_first[r], row_first[r + 1]
+        if a0 == a1 or b0 == b1:
+            continue
+        j = a0
+        for i in range(b0, b1):
+            s, e = c_start[i], c_end[i]
+            while j < a1 and c_end[j] + reach <= s:  # runs above that end before this one
+                j += 1
+            jj = j
+            while jj < a1 and c_start[jj] < e + reach:
+                ra, rb = find(i), find(jj)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+                jj += 1
+    roots = np.array([find(i) for i in range(n_runs)])
+    _, comp = np.unique(roots, return_inverse=True)  # roots are run indices: raster order
+    for i in range(n_runs):
+        labels[r_start[i], c_start[i]:c_end[i]] = comp[i] + 1
+    return labels, int(comp.max()) + 1
+
+
+def largest_component(mask, connectivity: int = 8) -> np.ndarray:
+    """The largest connected region of a boolean mask (the first in raster order on ties)."""
+    labels, n = connected_components(mask, connectivity)
+    if n == 0:
+        return np.zeros_like(labels, dtype=bool)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    areas[0] = 0
+    return labels == int(np.argmax(areas))
+
+
+def mask_box(mask) -> Optional[Tuple[int, int, int, int]]:
+    """Bounding box (x0, y0, x1, y1) of a boolean mask, in pixels, x1 and y1 exclusive;
+    None for an empty mask."""
+    mask = np.asarray(mask, dtype=bool)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# array back ends for the heat maps: numpy on the host; CuPy or PyTorch on a GPU
+# ---------------------------------------------------------------------------------------------
+
+class _NumpyOps:
+    name = "numpy"
+    xp = np
+
+    def asarray(self, a):
+        return self.xp.asarray(a)
+
+    def to_host(self, a) -> np.ndarray:
+        return np.asarray(a)
+
+    def amax(self, a, axis):
+        return a.max(axis=axis)
+
+    def argmax0(self, a):
+        return a.argmax(axis=0)
+
+    def rows_to_maps(self, W, h, w):
+        """(h·w, k) -> (k, h, w) float32, contiguous."""
+        return self.xp.ascontiguousarray(W.T.reshape(W.shape[1], h, w), dtype=self.xp.float32)
+
+    def matrix(self, acts):
+        """(N, C, h, w) -> (N·h·w, C) float32, C-contiguous."""
+        n, c = acts.shape[:2]
+        return self.xp.ascontiguousarray(acts.transpose(0, 2, 3, 1).reshape(-1, c), dtype=self.xp.float32)
+
+    def per_image(self, acts):
+        n, c = acts.shape[:2]
+        return self.xp.ascontiguousarray(acts.transpose(0, 2, 3, 1).reshape(n, -1, c), dtype=self.xp.float32)
+
+    def concat(self, parts):
+        return self.xp.concatenate(parts, axis=0)
+
+    def channel_min(self, X):
+        return X.min(axis=0)
+
+    def clip0(self, X):
+        return self.xp.maximum(X, 0)
+
+    def norm(self, X) -> float:
+        """Frobenius norm, accumulated in float64."""
+        return float(self.xp.sqrt(self.xp.square(X, dtype=self.xp.float64).sum()))
+
+
+class _CupyOps(_NumpyOps):
+    name = "cupy"
+
+    def __init__(self):
+        import cupy
+
+        self.xp = cupy
+
+    def to_host(self, a):
+        return self.xp.asnumpy(a)
+
+
+class _TorchOps(_NumpyOps):
+    name = "torch"
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+
+    def asarray(self, a):
+        if isinstance(a, self.torch.Tensor):
+            return a
+        if isinstance(a, np.ndarray):
+            return self.torch.from_numpy(a).cuda()
+        return self.torch.from_dlpack(a) if hasattr(a, "__dlpack__") else self.torch.as_tensor(a, device="cuda")
+
+    def to_host(self, a):
+        return a.detach().cpu().numpy() if isinstance(a, self.torch.Tensor) else np.asarray(a)
+
+    def amax(self, a, axis):
+        return a.amax(dim=axis)
+
+    def argmax0(self, a):
+        return a.argmax(dim=0)
+
+    def rows_to_maps(self, W, h, w):
+        return W.T.reshape(W.shape[1], h, w).contiguous().float()
+
+    def matrix(self, acts):
+        return acts.permute(0, 2, 3, 1).reshape(-1, acts.shape[1]).contiguous().float()
+
+    def per_image(self, acts):
+        return acts.permute(0, 2, 3, 1).reshape(acts.shape[0], -1, acts.shape[1]).contiguous().float()
+
+    def concat(self, parts):
+        return self.torch.cat(parts, dim=0)
+
+    def channel_min(self, X):
+        return X.amin(dim=0)
+
+    def clip0(self, X):
+        return X.clamp_min(0)
+
+    def norm(self, X) -> float:
+        return float(X.double().norm())
+
+
+def _device_ops(extractor, backend):
+    """The GPU array library to keep activations on the device, or None for the host path.
+
+    The device path needs the CUDA NMF, an extractor running on CUDA, and CuPy or PyTorch
+    to reshape and upsample on the GPU; anything missing means the host path.
+    """
+    if backend == "cpu" or extractor is None:
+        return None
+    from dffkit import _backends
+
+    if "cuda" not in _backends.available_backends():
+        return None
+    if "cuda" not in str(getattr(extractor, "provider", "")).lower():
+        return None
+    for ops in (_CupyOps, _TorchOps):
+        try:
+            return ops()
+        except ImportError:
+            continue
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the result
+# ---------------------------------------------------------------------------------------------
+
+class DFFResult:
+    """What :func:`dff` found in a set of images.
+
+    Attributes
+    ----------
+    heatmaps : list of N float32 arrays (k, H_i, W_i) in [0, 1]
+        Concept j in image i at the image's original size, each map divided by its maximum
+        (a map of a concept absent from the image is 0). Host memory.
+    strength : (N, k) float32
+        Maximum of concept j in image i relative to its largest maximum over the images
+        factorized together (see the module notes).
+    labels : list of N int16 arrays (H_i, W_i)
+        Concept per pixel, -1 for background (below ``threshold``).
+    concepts : (k, C) float32, the rows of H (joint mode); (N, k, C) in per-image mode,
+        where each image has concepts of its own.
+    loadings : list of N float32 arrays (h_i, w_i, k), the rows of W on each image's
+        feature grid.
+    concept_names : list of k str (joint) or N lists of k str (per image)
+        ImageNet classes when the model has a classifier head (``concept_classes`` holds
+        the top five with probabilities), else the colour of the concept's pixels.
+    images : list of PIL RGB images (the originals) or None; image_sizes : list of (H, W);
+    sources : list of str (paths, or descriptions of in-memory images)
+    mode, assign, threshold, n_concepts : the settings used
+    model_name, layer, provider, untrained : the feature extractor's
+    backend : the NMF engine that ran; n_iter : int (joint) or list (per image)
+    reconstruction_error : ||X - W H||_F / ||X||_F (per image: a list)
+    timings : seconds spent in "load", "extract", "factorize", "maps"
+    """
+
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    # ---- small helpers
+    @property
+    def n_images(self) -> int:
+        return len(self.heatmaps)
+
+    def _concept(self, concept) -> int:
+        if isinstance(concept, bool) or not isinstance(concept, (int, np.integer)):
+            raise TypeError(f"concept must be an int index, got {concept!r}")
+        if not 0 <= concept < self.n_concepts:
+            raise ValueError(f"concept must be in 0..{self.n_concepts - 1}, got {concept}")
+        return int(concept)
+
+    def names_for(self, i: int) -> List[str]:
+        """The concept names that apply to image i."""
+        if self.mode == "per_image":
+            return list(self.concept_names[i])
+        return list(self.concept_names)
+
+    # ---- co-segmentation and co-localization
+    def masks(self, concept: int, threshold: float = 0.5) -> List[np.ndarray]:
+        """Boolean (H_i, W_i) masks where concept's heat map is at least ``threshold``
+        (each map is relative to its own maximum, so the concept's strongest region in every
+        image where it is present)."""
+        j = self._concept(concept)
+        _check_fraction("threshold", threshold)
+        return [hm[j] >= threshold if hm[j].max() > 0 else np.zeros(hm.shape[1:], bool) for hm in self.heatmaps]
+
+    def boxes(self, concept: int, threshold: float = 0.5) -> List[Optional[Tuple[int, int, int, int]]]:
+        """Per image, the box (x0, y0, x1, y1; x1, y1 exclusive) of the largest connected
+        region of ``masks(concept, threshold)``, or None where the mask is empty."""
+        return [mask_box(largest_component(m)) for m in self.masks(concept, threshold)]
+
+    def concept_consistency(self, min_area: float = 0.02) -> np.ndarray:
+        """(k,) float: for each concept, the fraction of images in which its label covers at
+        least ``min_area`` of the pixels (how common the concept is across the set)."""
+        _check_fraction("min_area", min_area)
+        k = self.n_concepts
+        present = np.zeros(k)
+        for lab in self.labels:
+            area = np.bincount(lab[lab >= 0].ravel().astype(np.int64), minlength=k)[:k] / max(lab.size, 1)
+            present += area >= max(min_area, 1e-12)
+        return present / max(self.n_images, 1)
+
+    # ---- pictures
+    def overlay(self, i: int, *, opacity: float = 0.75, legend: bool = True):
+        """Image i as a PIL image: the photo desaturated, each concept painted in its own
+        colour with opacity by heat (relative across images, ``heatmaps * strength``), and a
+        legend of concept names."""
+        from dffkit import visualize
+
+        image = self._image(i)
+        heat = self.heatmaps[i] * self.strength[i][:, None, None]
+        names = [f"{j}: {n}" for j, n in enumerate(self.names_for(i))] if legend else None
+        return visualize.overlay(image, heat, opacity=opacity, names=names,
+                                 title=self._caption() if legend else None)
+
+    def heatmap_image(self, i: int, concept: int, *, colormap: str = "viridis"):
+        """Concept's heat map in image i through a colour map, over the desaturated photo."""
+        from dffkit import visualize
+
+        return visualize.heatmap_image(self.heatmaps[i][self._concept(concept)], self._image(i), colormap=colormap)
+
+    def grid(self, *, cell: int = 256, columns: Optional[int] = None):
+        """All overlays (without legends) tiled in one picture, with one legend below."""
+        from dffkit import visualize
+
+        tiles = [self.overlay(i, legend=False) for i in range(self.n_images)]
+        captions = [Path(s).name if os.sep in s or "." in s else s for s in self.sources]
+        picture = visualize.grid(tiles, captions, cell=cell, columns=columns)
+        if self.mode == "joint":
+            names = [f"{j}: {n}" for j, n in enumerate(self.concept_names)]
+            picture = visualize.add_legend(picture, names, title=self._caption())
+        return picture
+
+    def _image(self, i: int):
+        if self.images is None:
+            raise ValueError("this result keeps no images (dff(..., keep_images=False)); pass them again")
+        return self.images[i]
+
+    def _caption(self) -> str:
+        what = f"{self.model_name} {self.layer}" if self.layer else str(self.model_name)
+        if self.untrained:
+            what += " (UNTRAINED random weights)"
+        elif self.model_name == "filterbank":
+            what += " (colour and texture)"
+        return f"DFF k={self.n_concepts}, {self.mode}, {what}"
+
+    # ---- records
+    def summary(self) -> dict:
+        """A JSON-ready description: settings, model, concept names, consistency, per-image
+        strength and boxes of each concept, timings."""
+        consistency = self.concept_consistency()
+        return {
+            "method": "Deep Feature Factorization (Collins et al., ECCV 2018)",
+            "n_images": self.n_images,
+            "n_concepts": self.n_concepts,
+            "mode": self.mode,
+            "assign": self.assign,
+            "threshold": self.threshold,
+            "model": self.model_name,
+            "layer": self.layer,
+            "untrained": bool(self.untrained),
+            "note": _model_note(self.model_name, self.untrained),
+            "provider": self.provider,
+            "backend": self.backend,
+            "n_iter": self.n_iter,
+            "reconstruction_error": self.reconstruction_error,
+            "concepts": [
+                {"index": j, "name": self.concept_names[j] if self.mode == "joint" else None,
+                 "classes": (self.concept_classes[j] if self.concept_classes and self.mode == "joint" else None),
+                 "consistency": float(consistency[j])}
+                for j in range(self.n_concepts)
+            ],
+            "images": [
+                {"source": self.sources[i], "size": list(self.image_sizes[i]),
+                 "feature_size": list(self.feature_sizes[i]),
+                 "concept_names": self.names_for(i) if self.mode == "per_image" else None,
+                 "strength": [round(float(s), 4) for s in self.strength[i]],
+                 "area": [round(float((self.labels[i] == j).mean()), 4) for j in range(self.n_concepts)],
+                 "boxes": [mask_box(largest_component(self.heatmaps[i][j] >= 0.5)) if self.heatmaps[i][j].max() > 0 else None
+                           for j in range(self.n_concepts)]}
+                for i in range(self.n_images)
+            ],
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+        }
+
+    def save(self, directory, *, heatmaps: bool = True) -> Dict[str, List[str]]:
+        """Write the pictures and the summary into ``directory`` (created if needed):
+        ``overlay_XXX_<name>.png`` per image (with legend), ``heatmaps/heat_XXX_cJ.png``
+        per image and concept, ``grid.png`` (all images) and ``summary.json``.
+        Returns the written paths by kind."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        written: Dict[str, List[str]] = {"overlays": [], "heatmaps": [], "grid": [], "summary": []}
+        stems = _unique_stems(self.sources)
+        for i in range(self.n_images):
+            path = out / f"overlay_{i:03d}_{stems[i]}.png"
+            self.overlay(i).save(path)
+            written["overlays"].append(str(path))
+            if heatmaps:
+                (out / "heatmaps").mkdir(exist_ok=True)
+                for j in range(self.n_concepts):
+                    path = out / "heatmaps" / f"heat_{i:03d}_{stems[i]}_c{j}.png"
+                    self.heatmap_image(i, j).save(path)
+                    written["heatmaps"].append(str(path))
+        path = out / "grid.png"
+        self.grid().save(path)
+        written["grid"].append(str(path))
+        path = out / "summary.json"
+        summary = self.summary()
+        summary["files"] = {k: [os.path.relpath(p, out) for p in v] for k, v in written.items()}
+        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        written["summary"].append(str(path))
+        return written
+
+    def __repr__(self) -> str:
+        return (f"DFFResult({self.n_images} images, k={self.n_concepts}, mode={self.mode!r}, "
+                f"model={self.model_name!r}, layer={self.layer!r}, backend={self.backend!r}"
+                + (", UNTRAINED" if self.untrained else "") + ")")
+
+
+def _unique_stems(sources: Sequence[str]) -> List[str]:
+    stems, seen = [], {}
+    for s in sources:
+        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(s).stem)[:40] or "image"
+        n = seen.get(stem, 0)
+        seen[stem] = n + 1
+        stems.append(stem if n == 0 else f"{stem}_{n}")
+    return stems
+
+
+def _model_note(model_name, untrained) -> str:
+    if untrained:
+        return ("the network has random, untrained weights: its concepts carry no meaning; bring a trained "
+                "VGG-16 (dffkit.models.vgg16(weights='torchvision'), or --model vgg16.onnx)")
+    if model_name == "filterbank":
+        return ("the built-in filter bank sees colour and texture, not objects: concepts are regions of "
+                "similar colour and texture; for semantic concepts bring a trained VGG-16 "
+                "(dffkit.models.vgg16(weights='torchvision'), or --model vgg16.onnx)")
+    return ""
+
+
+def _check_fraction(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# concept names
+# ---------------------------------------------------------------------------------------------
+
+_COLOUR_NAMES = {
+    "black": (20, 20, 20), "dark grey": (70, 70, 70), "grey": (128, 128, 128), "light grey": (190, 190, 190),
+    "white": (245, 245, 245), "red": (200, 30, 30), "dark red": (110, 20, 20), "orange": (240, 140, 30),
+    "brown": (120, 75, 40), "tan": (200, 170, 120), "yellow": (235, 220, 50), "olive": (120, 120, 40),
+    "green": (50, 160, 50), "dark green": (25, 80, 30), "teal": (30, 130, 130), "cyan": (60, 200, 220),
+    "sky blue": (130, 180, 230), "blue": (40, 70, 200), "navy": (20, 30, 90), "purple": (120, 50, 150),
+    "pink": (235, 140, 180), "magenta": (210, 50, 170),
+}
+
+
+def colour_name(rgb) -> str:
+    """The nearest of a few plain colour names to an RGB triple (distance in RGB)."""
+    names = list(_COLOUR_NAMES)
+    table = np.array([_COLOUR_NAMES[n] for n in names], dtype=np.float64)
+    d = ((table - np.asarray(rgb, dtype=np.float64)[None]) ** 2).sum(axis=1)
+    return names[int(np.argmin(d))]
+
+
+def _colour_names(images, labels, k, per_image: bool):
+    """Name each concept by the mean colour of its pixels (the filter bank's concepts are
+    colour-and-texture regions)."""
+    def name(pixels_sum, count):
+        return f"{colour_name(pixels_sum / count)} region" if count else "absent"
+
+    if images is None:
+        return [[f"concept {j}" for j in range(k)] for _ in labels] if per_image else [f"concept {j}" for j in range(k)]
+    sums, counts = np.zeros((len(labels), k, 3)), np.zeros((len(labels), k))
+    for i, (img, lab) in enumerate(zip(images, labels)):
+        a = np.asarray(img, dtype=np.float64).reshape(-1, 3)
+        flat = lab.ravel().astype(np.int64)
+        keep = flat >= 0
+        for c in range(3):
+            sums[i, :, c] = np.bincount(flat[keep], weights=a[keep, c], minlength=k)[:k]
+        counts[i] = np.bincount(flat[keep], minlength=k)[:k]
+    if per_image:
+        return [[name(sums[i, j], counts[i, j]) for j in range(k)] for i in range(len(labels))]
+    return [name(sums[:, j].sum(0), counts[:, j].sum()) for j in range(k)]
+
+
+def _classifier_head(extractor):
+    """The extractor's ``classifier_head()`` (dffkit.models.ClassifierHead) when its model is
+    a VGG-16 with the fully connected layers and the layer is conv5_3 after its ReLU, the
+    tensor the head reads; else None."""
+    model = getattr(extractor, "model", None)
+    if model is None or not hasattr(model, "graph") or not hasattr(extractor, "classifier_head"):
+        return None
+    from dffkit import models
+
+    layers = models.vgg16_layers(model)
+    if not layers or getattr(extractor, "layer", None) != layers.get("relu5_3"):
+        return None
+    return extractor.classifier_head()
+
+
+def _class_names(head, H, W_peak, top: int = 5):
+    """Top ImageNet classes of each concept: the embedding is scaled to the activation at the
+    concept's strongest position (W's maximum times the row of H) and read as a constant
+    conv5_3 map through the fully connected layers."""
+    if head is None or H.shape[-1] != head.channels:
+        return None
+    emb = H * W_peak[:, None]
+    return [[(label, round(p, 4)) for label, p in row] for row in head.top(emb, top)]
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------------------------
+
+def _resolve_extractor(extractor, layer, backend):
+    """A FeatureExtractor from None (the filter bank), a name or path, or the caller's."""
+    from dffkit import features
+
+    if extractor is None:
+        extractor = "filterbank"
+    if isinstance(extractor, (str, os.PathLike)) or hasattr(extractor, "graph"):
+        providers = "cpu" if backend == "cpu" else "auto"
+        return features.FeatureExtractor(extractor, layer, providers=providers)
+    if layer is not None and layer != getattr(extractor, "layer", layer):
+        raise ValueError(
+            f"layer={layer!r} was given with an extractor built for layer {extractor.layer!r}; "
+            "build the extractor with that layer instead"
+        )
+    if not callable(extractor):
+        raise TypeError(f"extractor must be a FeatureExtractor, a model name or an ONNX path, got {type(extractor).__name__}")
+    return extractor
+
+
+def _check_k(n_concepts):
+    if isinstance(n_concepts, bool) or not isinstance(n_concepts, (int, np.integer)):
+        raise TypeError(f"n_concepts must be an int, got {n_concepts!r} of type {type(n_concepts).__name__}")
+    if n_concepts < 1:
+        raise ValueError(f"n_concepts must be at least 1, got {n_concepts}")
+    return int(n_concepts)
+
+
+def _progress_callback(progress, total):
+    if progress is None or progress is False:
+        return lambda done: None
+    if callable(progress):
+        return lambda done: progress(done, total)
+    return _TextProgress(total, "images")
+
+
+class _TextProgress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, unit: str, width: int = 30, stream=None):
+        self.total, self.unit, self.width = total, unit, width
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int) -> None:
+        frac = done / self.total if self.total else 1.0
+        bar = "#" * int(round(frac * self.width))
+        elapsed = time.perf_counter() - self.start
+        rate = f" {done / elapsed:.1f} {self.unit}/s" if done and elapsed > 0 else ""
+        end = "\n" if done >= self.total else ""
+        self.stream.write(f"\r[{bar:<{self.width}}] {done}/{self.total} {self.unit}{rate}{end}")
+        self.stream.flush()
+
+
+def _split_activations(acts) -> list:
+    """Activations as a list of per-image (C, h, w) arrays or one (N, C, h, w) array kept
+    whole (host or device). Lists from extractors that handle images of different sizes are
+    flattened."""
+    if isinstance(acts, (list, tuple)):
+        out = []
+        for a in acts:
+            shape = tuple(a.shape)
+            if len(shape) == 4:
+                out.extend(a[i] for i in range(shape[0]))
+            elif len(shape) == 3:
+                out.append(a)
+            else:
+                raise ValueError(f"activations must be (C, h, w) per image or (N, C, h, w), got shape {shape}")
+        return out
+    shape = tuple(acts.shape)
+    if len(shape) != 4:
+        raise ValueError(f"activations must be a 4-D array (N, C, h, w), got shape {shape}")
+    return [acts[i] for i in range(shape[0])]
+
+
+def _describe_source(item, i) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    name = getattr(item, "filename", None)
+    return name if isinstance(name, str) and name else f"image_{i}"
+
+
+def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None, mode: str = "joint",
+        backend: str = "auto", max_iter: int = 200, tol: float = 1e-4, random_state=0, init: str = "random",
+        negatives: str = "error", assign: str = "argmax", threshold: float = 0.2, activations=None,
+        keep_images: bool = True, name_concepts: bool = True, progress=None) -> DFFResult:
+    """Deep Feature Factorization of a set of images.
+
+    Parameters
+    ----------
+    images : path, PIL image, uint8 array (H, W, 3), or a sequence of them
+        Read with ``dffkit.images.load_images`` (EXIF orientation applied, any mode to RGB).
+        Heat maps come back at each image's original size.
+    n_concepts : int
+        k, the number of concepts (rank of the factorization), 1 <= k <= number of positions
+        (N·h·w jointly, h·w per image).
+    extractor : FeatureExtractor, model name ("filterbank", "vgg16"), ONNX path or ModelProto
+        None: the built-in colour-and-texture filter bank (concepts of colour and texture);
+        a trained VGG-16 (conv5_3) gives the paper's semantic concepts.
+    layer : str, optional
+        Tensor to factorize when the extractor is built here (default: the model's own).
+    mode : "joint" | "per_image"
+        joint: all images stacked into one (N·h·w x C) matrix, concepts shared across images;
+        per_image: each image factorized on its own (batched solver), concepts per image.
+    backend : "auto" | "cpu" | "cuda"
+        NMF engine. On a GPU (CUDA NMF, an extractor on CUDA, CuPy or PyTorch present)
+        activations stay in device memory and the maps are computed there; only the final
+        maps come back.
+    max_iter, tol, random_state, init : the NMF's (see ``non_negative_factorization``).
+    negatives : "error" | "clip" | "shift"
+        What to do with negative activations (a layer before its ReLU): refuse, set them to
+        0, or subtract each channel's minimum (over the images factorized together).
+    assign : "argmax" | "kmeans"
+        Labels: the strongest concept per pixel, or k-means (k clusters, started at the k
+        concepts) on the L2-normalised rows of W, upsampled by majority of bilinear weights.
+    threshold : float in [0, 1]
+        Pixels whose strongest relative heat (``heatmaps * strength``) is below it are
+        labelled -1 (background).
+    activations : array (N, C, h, w) or list of (C, h, w), optional
+        Precomputed non-negative activations of ``images`` (host or GPU): the extractor is
+        not run. ``extractor`` may still be passed for its metadata and classifier head.
+    keep_images : keep the PIL images in the result (overlays need them).
+    name_concepts : name concepts (ImageNet classes through the model's classifier when it
+        has one; else the mean colour of each concept's pixels).
+    progress : None, True (a bar on stderr) or a callable(done, total) over images.
+
+    Returns
+    -------
+    DFFResult (host numpy arrays).
+
+    Raises
+    ------
+    ValueError : no images, k < 1, k larger than the number of positions, negative
+        activations with ``negatives="error"``, unknown option values.
+    """
+    from dffkit.images import image_sizes, load_images
+    from dffkit.nmf import ConvergenceWarning, _check_backend, nmf_batched, non_negative_factorization
+
+    k = _check_k(n_concepts)
+    for name, value, allowed in (("mode", mode, _MODES), ("negatives", negatives, _NEGATIVES), ("assign", assign, _ASSIGN)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    _check_backend(backend)
+    threshold = _check_fraction("threshold", threshold)
+    timings = {}
+
+    t0 = time.perf_counter()
+    if images is None:
+        raise ValueError("no images given")
+    items = images if isinstance(images, (list, tuple)) else None
+    pil = load_images(images)
+    if not pil:
+        raise ValueError("no images given: pass at least one image path, PIL image or array")
+    items = items if items is not None and len(items) == len(pil) else [None] * len(pil)
+    sources = [_describe_source(it, i) for i, it in enumerate(items)]
+    sizes = image_sizes(pil)
+    timings["load"] = time.perf_counter() - t0
+
+    # ---- activations
+    t0 = time.perf_counter()
+    ops = None
+    if activations is not None:
+        ext = None if extractor is None else _resolve_extractor(extractor, layer, backend)
+        on_host = isinstance(activations, np.ndarray) or (
+            isinstance(activations, (list, tuple)) and all(isinstance(a, np.ndarray) for a in activations))
+        if not on_host and backend != "cpu":
+            for candidate in (_CupyOps, _TorchOps):
+                try:
+                    ops = candidate()
+                    break
+                except ImportError:
+                    continue
+        if ops is not None:
+            parts = activations if isinstance(activations, (list, tuple)) else [activations]
+            per = _split_activations([ops.asarray(a) for a in parts])
+        else:
+            per = [_host(a) for a in _split_activations(
+                activations if on_host or isinstance(activations, (list, tuple)) else _host(activations))]
+        if len(per) != len(pil):
+            raise ValueError(f"activations hold {len(per)} images but {len(pil)} images were given")
+    else:
+        ext = _resolve_extractor(extractor, layer, backend)
+        ops = _device_ops(ext, backend)
+        per = _extract(ext, pil, ops, _progress_callback(progress, len(pil)))
+    ops = ops or _NumpyOps()
+    channels = {int(a.shape[0]) for a in per}
+    if len(channels) != 1:
+        raise ValueError(f"activations of the images have different channel counts {sorted(channels)}")
+    C = channels.pop()
+    feature_sizes = [(int(a.shape[1]), int(a.shape[2])) for a in per]
+    positions = [h * w for h, w in feature_sizes]
+    if mode == "joint" and k > sum(positions):
+        raise ValueError(
+            f"n_concepts={k} is larger than the number of positions ({sum(positions)} = {len(pil)} images "
+            f"x their feature grids); use fewer concepts or more/larger images"
+        )
+    if mode == "per_image" and k > min(positions):
+        raise ValueError(
+            f"n_concepts={k} is larger than the number of positions of the smallest image's feature grid "
+            f"({min(positions)}, {feature_sizes[int(np.argmin(positions))]}); use fewer concepts or larger images"
+        )
+    timings["extract"] = time.perf_counter() - t0
+
+    # ---- the factorization
+    t0 = time.perf_counter()
+    same_grid = len(set(feature_sizes)) == 1
+    if mode == "joint":
+        if same_grid:
+            stacked = ops.asarray(per[0][None]) if len(per) == 1 else _stack(ops, per)
+            X = ops.matrix(stacked)
+        else:
+            X = ops.concat([ops.matrix(a[None]) for a in per])
+        X = _nonnegative(ops, X, negatives, getattr(ext, "layer", layer))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            W, H, n_iter, info = non_negative_factorization(
+                X, n_components=k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
+                backend=backend, return_info=True)
+        Ws, Hs = [W], [H]
+        n_iter_out, engine = int(n_iter), info.backend
+        errors = float(info.error) / max(ops.norm(X), 1e-30)
+    else:
+        Xs = [ops.matrix(ops.asarray(a)[None]) for a in per]
+        Xs = [_nonnegative(ops, x, negatives, getattr(ext, "layer", layer)) for x in Xs]
+        batch = _stack(ops, Xs) if same_grid and ops.name != "numpy" else Xs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            solved = nmf_batched(batch, k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
+                                 backend=backend)
+        Ws = [w for w, _, _ in solved]
+        Hs = [h for _, h, _ in solved]
+        n_iter_out = [int(r.n_iter) for _, _, r in solved]
+        errors = [float(r.error) / max(ops.norm(x), 1e-30) for (_, _, r), x in zip(solved, Xs)]
+        engine = solved[0][2].backend
+    timings["factorize"] = time.perf_counter() - t0
+
+    # ---- heat maps, strength, labels
+    t0 = time.perf_counter()
+    heatmaps, strength, labels, loadings = _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign)
+    timings["maps"] = time.perf_counter() - t0
+
+    concepts = _host(Hs[0]).astype(np.float32) if mode == "joint" else np.stack([_host(h) for h in Hs]).astype(np.float32)
+    concept_names, concept_classes = None, None
+    if name_concepts:
+        head = _classifier_head(ext)
+        if head is not None:
+            if mode == "joint":
+                peaks = _host(Ws[0]).max(axis=0)
+                concept_classes = _class_names(head, concepts, peaks)
+                concept_names = [row[0][0] for row in concept_classes] if concept_classes else None
+            else:
+                per_classes = [_class_names(head, concepts[i], _host(Ws[i]).max(axis=0)) for i in range(len(pil))]
+                if all(per_classes):
+                    concept_classes = per_classes
+                    concept_names = [[row[0][0] for row in c] for c in per_classes]
+            if concept_names is not None and getattr(ext, "untrained", False):
+                concept_names = ([f"{n} (untrained)" for n in concept_names] if mode == "joint"
+                                 else [[f"{n} (untrained)" for n in row] for row in concept_names])
+        if concept_names is None:
+            concept_names = _colour_names(pil, labels, k, mode == "per_image")
+    if concept_names is None:
+        concept_names = ([f"concept {j}" for j in range(k)] if mode == "joint"
+                         else [[f"concept {j}" for j in range(k)] for _ in pil])
+
+    return DFFResult(
+        heatmaps=heatmaps, strength=strength, labels=labels, concepts=concepts, loadings=loadings,
+        concept_names=concept_names, concept_classes=concept_classes,
+        images=pil if keep_images else None, image_sizes=[tuple(s) for s in sizes], feature_sizes=feature_sizes,
+        sources=sources, mode=mode, assign=assign, threshold=threshold, n_concepts=k,
+        model_name=_model_name(ext), layer=getattr(ext, "layer", layer),
+        provider=getattr(ext, "provider", None), untrained=bool(getattr(ext, "untrained", False)),
+        backend=engine, n_iter=n_iter_out, reconstruction_error=errors, timings=timings,
+        device_path=ops.name != "numpy",
+    )
+
+
+def _model_name(ext) -> Optional[str]:
+    if ext is None:
+        return "activations"
+    return getattr(ext, "model_name", None) or type(ext).__name__
+
+
+def _host(a) -> np.ndarray:
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    if hasattr(a, "get") and type(a).__module__.startswith("cupy"):
+        return a.get()
+    if hasattr(a, "numpy"):
+        return np.asarray(a.numpy())
+    return np.asarray(a)
+
+
+def _stack(ops, parts):
+    if ops.name == "torch":
+        return ops.torch.stack([ops.asarray(p) for p in parts])
+    return ops.xp.stack([ops.asarray(p) for p in parts])
+
+
+def _extract(ext, pil, ops, report):
+    """Run the extractor over the images in batches; per-image activations (host, or device
+    arrays of ``ops`` on the GPU path)."""
+    batch = int(getattr(ext, "batch_size", 16) or 16)
+    fixed_size = getattr(ext, "resize", "fixed") == "fixed" and getattr(ext, "image_size", 0) is not None
+    if not fixed_size:
+        ops = None
+    per = []
+    report(0)
+    for start in range(0, len(pil), batch):
+        chunk = pil[start:start + batch]
+        if ops is not None:
+            try:
+                out = ops.asarray(ext(chunk, device_output=True))
+                per.extend(out[i] for i in range(int(out.shape[0])))
+            except (TypeError, ValueError, RuntimeError, ImportError, BufferError) as exc:  # host from here on
+                warnings.warn(f"activations could not stay on the GPU ({exc}); continuing on the host",
+                              RuntimeWarning, stacklevel=3)
+                return _extract(ext, pil, None, report)
+        elif fixed_size:
+            per.extend(_split_activations(ext(chunk)))
+        else:  # images keep their own sizes (resize="shorter" or image_size=None)
+            per.extend(_split_activations(list(ext.extract_list(chunk))))
+        report(min(start + batch, len(pil)))
+    return per
+
+
+def _nonnegative(ops, X, negatives, layer):
+    lo = float(_host(X.min()))
+    if lo >= 0:
+        return X
+    if negatives == "error":
+        raise ValueError(
+            f"the activations of layer {layer!r} have negative values (minimum {lo:.4g}): DFF needs "
+            "non-negative activations, e.g. a layer after its ReLU; or pass negatives='clip' (set them "
+            "to 0) or negatives='shift' (subtract each channel's minimum)"
+        )
+    if negatives == "clip":
+        return ops.clip0(X)
+    return X - ops.channel_min(X)[None, :]
+
+
+def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign):
+    """Heat maps, strength and labels from W (joint: one (Σ h_i w_i, k) matrix; per image:
+    one (h_i w_i, k) matrix per image), on the host or the device of ``ops``."""
+    rows = np.concatenate([[0], np.cumsum([h * w for h, w in feature_sizes])])
+    ups, peaks, loadings = [], [], []
+    for i, ((h, w), (H, Wd)) in enumerate(zip(feature_sizes, sizes)):
+        Wi = Ws[0][rows[i]:rows[i + 1]] if mode == "joint" else Ws[i]
+        A = ops.rows_to_maps(Wi, h, w)  # (k, h, w)
+        Ry, RxT = ops.asarray(bilinear_matrix(H, h)), ops.asarray(np.ascontiguousarray(bilinear_matrix(Wd, w).T))
+        U = (Ry @ A) @ RxT  # (k, H, W)
+        ups.append(U)
+        peaks.append(_host(ops.amax(U, (1, 2))).astype(np.float64))
+        loadings.append(_host(A).transpose(1, 2, 0).copy())
+    peaks = np.maximum(np.stack(peaks), 0.0)  # (N, k)
+    reference = peaks.max(axis=0, keepdims=True) if mode == "joint" else peaks
+    strength = np.where(reference > 0, peaks / np.where(reference > 0, reference, 1.0), 0.0).astype(np.float32)
+    k = peaks.shape[1]
+    heatmaps, labels = [], []
+    for i, U in enumerate(ups):
+        inv = np.where(peaks[i] > 0, 1.0 / np.where(peaks[i] > 0, peaks[i], 1.0), 0.0).astype(np.float32)
+        heat = U * ops.asarray(inv)[:, None, None]
+        heat = heat.clamp(0, 1) if ops.name == "torch" else ops.xp.clip(heat, 0, 1)
+        if assign == "argmax":
+            rel = heat * ops.asarray(strength[i])[:, None, None]
+            lab = _host(ops.argmax0(rel)).astype(np.int16)
+            lab[_host(ops.amax(rel, 0)) < threshold] = -1
+            labels.append(lab)
+        heatmaps.append(_host(heat).astype(np.float32, copy=False))
+    if assign == "kmeans":
+        labels = _kmeans_labels(loadings, peaks, mode, sizes, threshold, k)
+    return heatmaps, strength, labels, loadings
+
+
+def _kmeans_labels(loadings, peaks, mode, sizes, threshold, k, n_iter: int = 50):
+    """k-means on the L2-normalised rows of W (started at the k unit vectors, so cluster j
+    starts as concept j), background where the strongest relative loading is below
+    ``threshold``; cluster maps upsampled by the largest bilinear weight."""
+    def relative(i):
+        ref = peaks.max(axis=0) if mode == "joint" else peaks[i]
+        return loadings[i] / np.where(ref > 0, ref, 1.0)
+
+    if mode == "joint":
+        groups = [list(range(len(loadings)))]
+    else:
+        groups = [[i] for i in range(len(loadings))]
+    labels: List[Optional[np.ndarray]] = [None] * len(loadings)
+    for group in groups:
+        rel = [relative(i).reshape(-1, k) for i in group]
+        Y = np.concatenate([loadings[i].reshape(-1, k) for i in group]).astype(np.float64)
+        Y /= np.maximum(np.linalg.norm(Y, axis=1, keepdims=True), 1e-12)
+        fg = np.concatenate([r.max(axis=1) >= threshold for r in rel])
+        centres = np.eye(k)
+        assign = np.argmax(Y, axis=1)
+        for _ in range(n_iter):
+            assign_new = np.argmin(((Y[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+            for j in range(k):
+                members = Y[(assign_new == j) & fg]
+                if len(members):
+                    centres[j] = members.mean(axis=0)
+            if np.array_equal(assign_new, assign):
+                break
+            assign = assign_new
+        assign = np.where(fg, assign, k)
+        offset = 0
+        for i in group:
+            h, w = loadings[i].shape[:2]
+            cells = assign[offset:offset + h * w].reshape(h, w)
+            offset += h * w
+            onehot = (cells[None] == np.arange(k + 1)[:, None, None]).astype(np.float32)
+            lab = upsample(onehot, sizes[i]).argmax(axis=0).astype(np.int16)
+            lab[lab == k] = -1
+            labels[i] = lab
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# command line: dffkit dff, dffkit demo
+# ---------------------------------------------------------------------------------------------
+
+def sample_images() -> List[str]:
+    """Paths of the photographs shipped with dffkit (``dffkit/data/sample_images``)."""
+    from importlib import resources
+
+    folder = resources.files("dffkit").joinpath("data", "sample_images")
+    paths = sorted(str(p) for p in folder.iterdir() if p.name.lower().endswith(_IMAGE_SUFFIXES))
+    if not paths:
+        raise FileNotFoundError(f"no sample images found in {folder}")
+    return paths
+
+
+def _expand_images(args: Sequence[str]) -> List[str]:
+    paths = []
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            found = sorted(str(q) for q in p.iterdir() if q.suffix.lower() in _IMAGE_SUFFIXES)
+            if not found:
+                raise ValueError(f"folder {a} holds no images ({', '.join(_IMAGE_SUFFIXES)})")
+            paths.extend(found)
+        elif not p.exists():
+            raise FileNotFoundError(f"no such image file or folder: {a}")
+        else:
+            paths.append(str(p))
+    if not paths:
+        raise ValueError("no images given")
+    return paths
+
+
+def _add_common_arguments(p, k_default: int):
+    p.add_argument("-k", "--concepts", type=int, default=k_default, dest="k",
+                   help=f"number of concepts (default {k_default})")
+    p.add_argument("--model", default=None,
+                   help="ONNX model file, or 'filterbank' (default: colour and texture) or 'vgg16' "
+                        "(random weights offline: untrained)")
+    p.add_argument("--layer", default=None, help="tensor to factorize (default: the model's own, conv5_3 for VGG-16)")
+    p.add_argument("--per-image", action="store_true", help="factorize each image on its own")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto", help="NMF engine")
+    p.add_argument("--max-iter", type=int, default=200)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=0.2, help="background below this relative heat")
+    p.add_argument("--assign", choices=_ASSIGN, default="argmax", help="label pixels by argmax or k-means")
+    p.add_argument("--negatives", choices=_NEGATIVES, default="error",
+                   help="negative activations: refuse, clip to 0, or shift by each channel's minimum")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize images to this square size for the network (default: the extractor's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _dff_arguments(p):
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    _add_common_arguments(p, 5)
+    p.add_argument("--out", default="dff_out", help="folder for overlays, heat maps, grid and summary.json")
+    p.add_argument("--no-heatmaps", action="store_true", help="skip the per-concept heat map PNGs")
+
+
+def _demo_arguments(p):
+    _add_common_arguments(p, 4)
+    p.add_argument("--out", default="dffkit_demo", help="folder for the pictures (default ./dffkit_demo)")
+
+
+def _build_extractor(args):
+    from dffkit import features, models
+
+    model = args.model or "filterbank"
+    kwargs = {"providers": "cpu" if args.backend == "cpu" else "auto"}
+    if args.image_size:
+        kwargs["image_size"] = args.image_size
+    with warnings.catch_warnings():
+        # the command prints its own note about untrained weights
+        warnings.simplefilter("ignore", models.UntrainedWeightsWarning)
+        return features.FeatureExtractor(model, args.layer, **kwargs)
+
+
+def _run(args, paths, *, noted: bool = False) -> int:
+    ext = _build_extractor(args)
+    print(f"model {_model_name(ext)}, layer {ext.layer}, provider {getattr(ext, 'provider', '?')}; "
+          f"{len(paths)} images, k={args.k}, {'per image' if args.per_image else 'joint'}", file=sys.stderr)
+    note = _model_note(_model_name(ext), getattr(ext, "untrained", False))
+    if note and not noted:
+        print(f"note: {note}", file=sys.stderr)
+    result = dff(paths, args.k, extractor=ext, mode="per_image" if args.per_image else "joint",
+                 backend=args.backend, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
+                 negatives=args.negatives, assign=args.assign, threshold=args.threshold,
+                 progress=None if args.quiet else True)
+    written = result.save(args.out, heatmaps=not getattr(args, "no_heatmaps", False))
+    t = result.timings
+    print(f"{result.backend} NMF, {result.n_iter if result.mode == 'joint' else max(result.n_iter)} iterations; "
+          f"extract {t['extract']:.2f} s, factorize {t['factorize']:.2f} s, maps {t['maps']:.2f} s")
+    consistency = result.concept_consistency()
+    if result.mode == "joint":
+        for j, name in enumerate(result.concept_names):
+            print(f"  concept {j}: {name}  (in {consistency[j]:.0%} of the images)")
+    out = Path(args.out).resolve()
+    print(f"wrote {len(written['overlays'])} overlays, {len(written['heatmaps'])} heat maps, grid.png and "
+          f"summary.json to {out}")
+    print(f"  open {out / 'grid.png'}")
+    return 0
+
+
+def run_dff(args) -> int:
+    """``dffkit dff IMAGES... -k 5``: concepts of a set of images, pictures and a summary."""
+    _check_k(args.k)
+    return _run(args, _expand_images(args.images))
+
+
+def run_demo(args) -> int:
+    """``dffkit demo``: DFF on the bundled sample photographs."""
+    paths = sample_images()
+    if not args.model:
+        print("dffkit demo: the built-in filter bank (Gabor texture + colour-opponent channels, no learned "
+              "weights) sees colour and texture, so the concepts below are regions of similar colour and "
+              "texture, not objects.\nFor semantic concepts bring a trained VGG-16: "
+              "dffkit.models.vgg16(weights='torchvision') exports one where torch and torchvision are "
+              "installed, or pass your own file: dffkit demo --model vgg16.onnx", file=sys.stderr)
+    return _run(args, paths, noted=not args.model)
+
+
+CLI = {
+    "dff": (_dff_arguments, run_dff,
+            "Deep Feature Factorization: concepts shared by a set of images, as heat maps and overlays"),
+    "demo": (_demo_arguments, run_demo,
+             "run DFF on the bundled sample photographs and write pictures (colour/texture filter bank "
+             "unless --model is given)"),
+}

@@ -1,0 +1,518 @@
+"""Co-segmentation and co-localization metrics, dataset readers and ``dffkit eval``.
+
+Metrics (numpy, on boolean masks and pixel boxes):
+
+- ``jaccard(pred, gt)``: |pred ∩ gt| / |pred ∪ gt| (IoU); two empty masks score 1.
+- ``precision(pred, gt)``: the co-segmentation benchmarks' "precision" (Rubinstein et al.
+  2013, reported by the DFF paper on iCoseg): the fraction of pixels labelled correctly,
+  foreground and background alike; ``convention="detection"`` gives TP / (TP + FP).
+- ``box_iou(a, b)`` and ``corloc(pred_boxes, gt_boxes)``: the fraction of images whose
+  predicted box overlaps some ground-truth box with IoU >= 0.5 (Deselaers et al. 2012).
+
+Boxes are (x0, y0, x1, y1) in pixels with x1, y1 exclusive (a box covering pixel columns 0..9
+has x0 = 0, x1 = 10); PASCAL VOC's 1-based inclusive coordinates are converted on reading.
+
+Readers: ``read_icoseg(root)`` (images with ground-truth masks, grouped by folder) and
+``read_voc(root)`` (JPEGImages + Annotations XML, grouped by class).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "jaccard",
+    "precision",
+    "box_iou",
+    "corloc",
+    "load_mask",
+    "CosegSample",
+    "BoxSample",
+    "read_icoseg",
+    "read_voc",
+    "choose_concept",
+    "evaluate_coseg",
+    "evaluate_coloc",
+    "CLI",
+]
+
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".gif")
+_MASK_DIRS = ("GroundTruth", "ground_truth", "groundtruth", "gt", "GT", "masks", "Masks", "mask")
+_IMAGE_DIRS = ("images", "Images", "JPEGImages", "img", "imgs")
+_MASK_SUFFIXES = ("_mask", "_gt", "_GT", "-mask", "-gt")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------
+
+def _pair(pred, gt):
+    p = np.asarray(pred, dtype=bool)
+    g = np.asarray(gt, dtype=bool)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {p.shape} and ground truth {g.shape} differ in shape")
+    return p, g
+
+
+def jaccard(pred, gt) -> float:
+    """Intersection over union of two boolean masks of one shape; 1.0 when both are empty."""
+    p, g = _pair(pred, gt)
+    union = np.count_nonzero(p | g)
+    return 1.0 if union == 0 else np.count_nonzero(p & g) / union
+
+
+def precision(pred, gt, convention: str = "coseg") -> float:
+    """Precision of a mask against the ground truth.
+
+    ``convention="coseg"`` (default, the co-segmentation benchmarks'): the fraction of all
+    pixels whose foreground/background label is right. ``"detection"``: TP / (TP + FP), the
+    fraction of predicted foreground that is foreground (1.0 for an empty prediction).
+    """
+    p, g = _pair(pred, gt)
+    if convention == "coseg":
+        return float(np.count_nonzero(p == g)) / max(p.size, 1)
+    if convention == "detection":
+        n = np.count_nonzero(p)
+        return 1.0 if n == 0 else np.count_nonzero(p & g) / n
+    raise ValueError(f"convention must be 'coseg' or 'detection', got {convention!r}")
+
+
+def _box(b) -> Tuple[float, float, float, float]:
+    if b is None or len(b) != 4:
+        raise ValueError(f"a box is (x0, y0, x1, y1), got {b!r}")
+    x0, y0, x1, y1 = (float(v) for v in b)
+    return x0, y0, x1, y1
+
+
+def box_iou(a, b) -> float:
+    """IoU of two boxes (x0, y0, x1, y1), x1 and y1 exclusive; 0 when either is empty."""
+    ax0, ay0, ax1, ay1 = _box(a)
+    bx0, by0, bx1, by1 = _box(b)
+    iw = max(0.0, min(ax1, bx1) - max(ax0, bx0))
+    ih = max(0.0, min(ay1, by1) - max(ay0, by0))
+    inter = iw * ih
+    area_a = max(0.0, ax1 - ax0) * max(0.0, ay1 - ay0)
+    area_b = max(0.0, bx1 - bx0) * max(0.0, by1 - by0)
+    union = area_a + area_b - inter
+    return inter / union if union > 0 else 0.0
+
+
+def corloc(pred_boxes: Sequence, gt_boxes: Sequence, threshold: float = 0.5) -> float:
+    """Correct localization: the fraction of images whose predicted box (or None) has IoU
+    >= ``threshold`` with at least one of the image's ground-truth boxes."""
+    if len(pred_boxes) != len(gt_boxes):
+        raise ValueError(f"{len(pred_boxes)} predicted boxes for {len(gt_boxes)} images")
+    if not len(pred_boxes):
+        raise ValueError("no images to score")
+    hits = [_hit(p, g, threshold) for p, g in zip(pred_boxes, gt_boxes)]
+    return float(np.mean(hits))
+
+
+def _hit(pred, gts, threshold) -> bool:
+    if pred is None:
+        return False
+    gts = np.asarray(gts, dtype=np.float64).reshape(-1, 4)
+    return any(box_iou(pred, g) >= threshold for g in gts)
+
+
+# ---------------------------------------------------------------------------------------------
+# readers
+# ---------------------------------------------------------------------------------------------
+
+def load_mask(path, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """A ground-truth mask as boolean (H, W): masks holding only 0 and 1 are read as they
+    are, 8-bit masks as value >= 128 (JPEG-compressed masks included). ``size`` (H, W)
+    resizes it (nearest neighbour) to the image's size."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if size is not None and (im.height, im.width) != tuple(size):
+            im = im.resize((size[1], size[0]), Image.NEAREST)
+        a = np.asarray(im.convert("L") if im.mode not in ("1", "L", "P", "I", "I;16") else im)
+    if a.ndim == 3:
+        a = a.max(axis=2)
+    return a > 0 if a.max(initial=0) <= 1 else a >= 128
+
+
+@dataclass
+class CosegSample:
+    """One image of a co-segmentation set and its ground-truth mask."""
+
+    image: str
+    mask: str
+    group: str
+
+    def load_mask(self, size=None) -> np.ndarray:
+        return load_mask(self.mask, size)
+
+
+@dataclass
+class BoxSample:
+    """One image of a co-localization set: its boxes (n, 4) (x0, y0, x1, y1; x1, y1
+    exclusive) with class names and 'difficult' flags."""
+
+    image: str
+    boxes: np.ndarray
+    names: List[str] = field(default_factory=list)
+    difficult: List[bool] = field(default_factory=list)
+    size: Optional[Tuple[int, int]] = None
+
+
+def _images_in(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def _find_mask(image: Path, candidates_dirs: Sequence[Path]) -> Optional[Path]:
+    for d in candidates_dirs:
+        if d.is_dir():
+            for suffix in (".png", ".bmp", ".gif", ".tif", ".jpg", ".jpeg"):
+                for stem in (image.stem, *(image.stem + m for m in _MASK_SUFFIXES)):
+                    p = d / (stem + suffix)
+                    if p.is_file() and p != image:
+                        return p
+    return None
+
+
+def read_icoseg(root, groups: Optional[Sequence[str]] = None) -> Dict[str, List[CosegSample]]:
+    """Images and ground-truth masks of an iCoseg-style folder, grouped.
+
+    Layouts understood (masks matched by file stem, also with ``_mask``/``_gt`` suffixes):
+
+    - ``root/<group>/<image>.jpg`` with masks in ``root/<group>/GroundTruth/`` (iCoseg's
+      own layout; also ``ground_truth``, ``gt``, ``masks``), or next to the image as
+      ``<image>_mask.png``;
+    - ``root/images/<group>/...`` with ``root/ground_truth/<group>/...`` (or ``masks``,
+      ``GroundTruth``) as a parallel tree.
+
+    A group is the folder holding the images (its path relative to ``root``). Images without
+    a mask are skipped. Raises FileNotFoundError / ValueError when nothing is found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such dataset folder: {root}")
+    image_tree = next((root / d for d in _IMAGE_DIRS if (root / d).is_dir()), None)
+    mask_tree = next((root / d for d in _MASK_DIRS if (root / d).is_dir()), None)
+    out: Dict[str, List[CosegSample]] = {}
+    parallel = image_tree is not None and mask_tree is not None
+    base = image_tree if parallel else root
+    folders = [base] + sorted(p for p in base.rglob("*") if p.is_dir() and p.name not in _MASK_DIRS
+                              and not any(part in _MASK_DIRS for part in p.relative_to(base).parts))
+    for folder in folders:
+        rel = folder.relative_to(base)
+        group = rel.as_posix() if rel.parts else root.name
+        if groups is not None and group not in groups:
+            continue
+        dirs = [folder / d for d in _MASK_DIRS] + [folder]
+        if parallel:
+            dirs = [mask_tree / rel] + dirs
+        for image in _images_in(folder):
+            if image.stem.endswith(_MASK_SUFFIXES):
+                continue
+            mask = _find_mask(image, dirs)
+            if mask is not None:
+                out.setdefault(group, []).append(CosegSample(str(image), str(mask), group))
+    if not out:
+        raise ValueError(
+            f"no images with ground-truth masks found under {root} (expected <group>/<image>.jpg with masks in "
+            f"<group>/GroundTruth/, or images/ and ground_truth/ trees)"
+        )
+    return out
+
+
+def _voc_number(obj, tag) -> float:
+    el = obj.find(tag)
+    if el is None or el.text is None:
+        raise ValueError(f"missing <{tag}>")
+    return float(el.text)
+
+
+def read_voc_annotation(path) -> BoxSample:
+    """One PASCAL VOC XML file: boxes converted to 0-based (x0, y0, x1, y1), x1 and y1
+    exclusive (VOC's xmin - 1, ymin - 1, xmax, ymax). ``image`` is the file name in it."""
+    try:
+        tree = ET.parse(path)
+    except ET.ParseError as e:
+        raise ValueError(f"{path}: not a readable XML annotation ({e})") from e
+    ann = tree.getroot()
+    filename = (ann.findtext("filename") or Path(path).stem + ".jpg").strip()
+    size = None
+    size_el = ann.find("size")
+    if size_el is not None and size_el.findtext("height") and size_el.findtext("width"):
+        size = (int(float(size_el.findtext("height"))), int(float(size_el.findtext("width"))))
+    boxes, names, difficult = [], [], []
+    for obj in ann.iter("object"):
+        bb = obj.find("bndbox")
+        if bb is None:
+            continue
+        try:
+            xmin, ymin = _voc_number(bb, "xmin"), _voc_number(bb, "ymin")
+            xmax, ymax = _voc_number(bb, "xmax"), _voc_number(bb, "ymax")
+        except ValueError as e:
+            raise ValueError(f"{path}: object without a complete box ({e})") from e
+        boxes.append((xmin - 1, ymin - 1, xmax, ymax))
+        names.append((obj.findtext("name") or "").strip())
+        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
+    return BoxSample(filename, np.array(boxes, dtype=np.float64).reshape(-1, 4), names, difficult, size)
+
+
+def read_voc(root, classes: Optional[Sequence[str]] = None, image_set: Optional[str] = None,
+             skip_difficult: bool = True) -> Dict[str, List[BoxSample]]:
+    """A PASCAL-VOC-style folder (``Annotations/*.xml``, ``JPEGImages/``, optionally
+    ``ImageSets/Main/<image_set>.txt``), grouped by class for co-localization: group c holds
+    every image with an object of class c, with only that class's boxes (difficult ones
+    dropped when ``skip_difficult``, and images left with none skipped)."""
+    root = Path(root)
+    ann_dir, img_dir = root / "Annotations", root / "JPEGImages"
+    if not ann_dir.is_dir():
+        raise FileNotFoundError(f"{root} has no Annotations/ folder (PASCAL VOC layout: Annotations/, JPEGImages/)")
+    if not img_dir.is_dir():
+        raise FileNotFoundError(f"{root} has no JPEGImages/ folder (PASCAL VOC layout: Annotations/, JPEGImages/)")
+    if image_set is not None:
+        listing = root / "ImageSets" / "Main" / f"{image_set}.txt"
+        if not listing.is_file():
+            raise FileNotFoundError(f"no image set {listing}")
+        ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+        xmls = [ann_dir / f"{i}.xml" for i in ids]
+    else:
+        xmls = sorted(ann_dir.glob("*.xml"))
+    out: Dict[str, List[BoxSample]] = {}
+    for xml in xmls:
+        if not xml.is_file():
+            raise FileNotFoundError(f"missing annotation {xml}")
+        ann = read_voc_annotation(xml)
+        image = img_dir / ann.image
+        if not image.is_file():
+            image = next((img_dir / (xml.stem + s) for s in _IMAGE_SUFFIXES if (img_dir / (xml.stem + s)).is_file()), image)
+        if not image.is_file():
+            raise FileNotFoundError(f"{xml.name} names image {ann.image}, not found in {img_dir}")
+        for c in sorted(set(ann.names)):
+            if classes is not None and c not in classes:
+                continue
+            keep = [i for i, n in enumerate(ann.names) if n == c and not (skip_difficult and ann.difficult[i])]
+            if keep:
+                out.setdefault(c, []).append(BoxSample(str(image), ann.boxes[keep], [c] * len(keep),
+                                                       [ann.difficult[i] for i in keep], ann.size))
+    if not out:
+        raise ValueError(f"no annotated objects found under {root}" + (f" for classes {list(classes)}" if classes else ""))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation of DFF
+# ---------------------------------------------------------------------------------------------
+
+def _center_score(result, j, images: Optional[Sequence[int]] = None) -> float:
+    """How much of concept j's heat lies in the central half of the images rather than near
+    their borders (objects of co-localization sets are mostly central)."""
+    scores = []
+    for i in range(result.n_images) if images is None else images:
+        m = result.heatmaps[i][j] * result.strength[i, j]
+        H, W = m.shape
+        inner = m[H // 4: H - H // 4, W // 4: W - W // 4]
+        total = m.sum()
+        scores.append(inner.sum() / total if total > 0 else 0.0)
+    return float(np.mean(scores))
+
+
+def choose_concept(result, how: str = "oracle", score=None, images: Optional[Sequence[int]] = None) -> int:
+    """Which concept stands for the object (in ``images``, default all).
+
+    ``"oracle"``: the concept with the best ``score(j)`` against the ground truth (an upper
+    bound, the convention of the issue's tests); ``"center"``: the concept, among those
+    present in at least half of the images, whose heat lies most in the image centres — no
+    ground truth used.
+    """
+    k = result.n_concepts
+    if how == "oracle":
+        if score is None:
+            raise ValueError("choose='oracle' needs the ground truth")
+        return int(np.argmax([score(j) for j in range(k)]))
+    if how == "center":
+        candidates = list(range(k))
+        if images is None:
+            consistency = result.concept_consistency()
+            candidates = [j for j in range(k) if consistency[j] >= 0.5] or candidates
+        return max(candidates, key=lambda j: _center_score(result, j, images))
+    raise ValueError(f"choose must be 'oracle' or 'center', got {how!r}")
+
+
+def _evaluate(task, metric, samples, n_concepts, choose, result, dff_kwargs, predict, score) -> dict:
+    """Run DFF (unless ``result`` is given), pick the object's concept and score it.
+
+    ``predict(result, j)``: concept j's prediction per image; ``score(prediction, i)``: a
+    dict of metrics for image i whose ``metric`` entry decides the oracle's choice. Joint
+    results use one concept for all images; per-image results choose in each image.
+    """
+    from dffkit.dff import dff
+
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    if result is None:
+        result = dff([s.image for s in samples], n_concepts, **dff_kwargs)
+    if result.n_images != len(samples):
+        raise ValueError(f"the result holds {result.n_images} images for {len(samples)} samples")
+    k, n = result.n_concepts, len(samples)
+    predictions = [predict(result, j) for j in range(k)]
+    scores = [[score(predictions[j][i], i) for i in range(n)] for j in range(k)]
+    table = np.array([[row[metric] for row in per_image] for per_image in scores], dtype=np.float64)  # (k, n)
+    if result.mode == "joint":
+        chosen = [choose_concept(result, choose, score=lambda c: table[c].mean())] * n
+    else:
+        chosen = [choose_concept(result, choose, score=lambda c: table[c, i], images=[i]) for i in range(n)]
+    rows = [{"image": s.image, "concept": chosen[i], **scores[chosen[i]][i]} for i, s in enumerate(samples)]
+    means = {key: float(np.mean([r[key] for r in rows])) for key, v in rows[0].items()
+             if key not in ("concept", "image") and isinstance(v, (bool, int, float, np.floating))}
+    return {
+        "task": task,
+        "n_images": n,
+        "mode": result.mode,
+        "concept": chosen[0] if result.mode == "joint" else None,
+        "concept_name": result.concept_names[chosen[0]] if result.mode == "joint" else None,
+        "choose": choose,
+        **means,
+        f"per_concept_{metric}": table.mean(axis=1).tolist(),
+        "per_image": rows,
+        "model": result.model_name,
+        "layer": result.layer,
+        "untrained": bool(result.untrained),
+    }
+
+
+def evaluate_coseg(samples: Sequence[CosegSample], n_concepts: int = 3, *, choose: str = "oracle",
+                   mask_threshold: float = 0.5, result=None, **dff_kwargs) -> dict:
+    """Run DFF on a co-segmentation group and score the object concept's masks
+    (``result.masks(concept, mask_threshold)``) by Jaccard and precision; ``result`` scores
+    an existing DFFResult of the same images instead, ``dff_kwargs`` go to
+    :func:`dffkit.dff`.
+
+    Returns a dict: ``concept`` (joint mode; per image in ``per_image``), ``jaccard`` and
+    ``precision`` (means over images), ``per_concept_jaccard``, ``per_image`` rows, and
+    the model used.
+    """
+    gts = {}
+
+    def score(mask, i):
+        if i not in gts:
+            gts[i] = samples[i].load_mask(mask.shape)
+        return {"jaccard": jaccard(mask, gts[i]), "precision": precision(mask, gts[i])}
+
+    report = _evaluate("co-segmentation", "jaccard", samples, n_concepts, choose, result, dff_kwargs,
+                       lambda r, j: r.masks(j, mask_threshold), score)
+    report["mask_threshold"] = mask_threshold
+    return report
+
+
+def evaluate_coloc(samples: Sequence[BoxSample], n_concepts: int = 3, *, choose: str = "oracle",
+                   mask_threshold: float = 0.5, iou: float = 0.5, result=None, **dff_kwargs) -> dict:
+    """Run DFF on a co-localization group and score the object concept's boxes (the box of
+    the largest connected region of its mask) by CorLoc: ``corloc`` is the fraction of
+    images whose box has IoU >= ``iou`` with one of their ground-truth boxes."""
+    def score(box, i):
+        return {"corloc": float(_hit(box, samples[i].boxes, iou)), "box": None if box is None else list(box)}
+
+    report = _evaluate("co-localization", "corloc", samples, n_concepts, choose, result, dff_kwargs,
+                       lambda r, j: r.boxes(j, mask_threshold), score)
+    report.update(mask_threshold=mask_threshold, iou=iou)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# dffkit eval
+# ---------------------------------------------------------------------------------------------
+
+def _detect_format(root: Path) -> str:
+    if (root / "Annotations").is_dir() and (root / "JPEGImages").is_dir():
+        return "voc"
+    return "icoseg"
+
+
+def _eval_arguments(p):
+    p.add_argument("dataset", help="an iCoseg-style folder (images + masks) or a PASCAL-VOC-style folder "
+                                   "(JPEGImages + Annotations)")
+    p.add_argument("--format", choices=("auto", "icoseg", "voc"), default="auto")
+    p.add_argument("-k", "--concepts", type=int, default=3, dest="k", help="concepts per group (default 3)")
+    p.add_argument("--model", default=None, help="ONNX model, 'filterbank' (default) or 'vgg16'")
+    p.add_argument("--layer", default=None)
+    p.add_argument("--per-image", action="store_true", help="factorize each image on its own")
+    p.add_argument("--choose", choices=("oracle", "center"), default="oracle",
+                   help="which concept is the object: best against the ground truth (oracle, an upper "
+                        "bound) or the most central consistent one (no ground truth)")
+    p.add_argument("--threshold", type=float, default=0.5, help="mask threshold on the heat maps")
+    p.add_argument("--group", action="append", default=None,
+                   help="only these groups (iCoseg folders / VOC classes); repeatable")
+    p.add_argument("--image-set", default=None, help="VOC: ImageSets/Main/<name>.txt to use")
+    p.add_argument("--max-images", type=int, default=None, help="at most this many images per group")
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--out", default="dff_eval.json", help="where to write the metrics (JSON)")
+
+
+def run_eval(args) -> int:
+    """``dffkit eval DATASET``: DFF per group, metrics printed and written as JSON."""
+    from dffkit.dff import _build_extractor, _check_k, _model_note, _model_name
+
+    _check_k(args.k)
+    root = Path(args.dataset)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no such dataset folder: {root}")
+    fmt = _detect_format(root) if args.format == "auto" else args.format
+    if fmt == "voc":
+        groups = read_voc(root, classes=args.group, image_set=args.image_set)
+    else:
+        groups = read_icoseg(root, groups=args.group)
+    args.quiet = True
+    ext = _build_extractor(args)
+    note = _model_note(_model_name(ext), getattr(ext, "untrained", False))
+    if note:
+        print(f"note: {note}", file=sys.stderr)
+    reports = []
+    for name in sorted(groups):
+        samples = groups[name][: args.max_images] if args.max_images else groups[name]
+        kwargs = dict(extractor=ext, mode="per_image" if args.per_image else "joint", backend=args.backend,
+                      random_state=args.seed, threshold=0.2, name_concepts=False)
+        if fmt == "voc":
+            rep = evaluate_coloc(samples, args.k, choose=args.choose, mask_threshold=args.threshold, **kwargs)
+            line = f"CorLoc {rep['corloc']:.3f}"
+        else:
+            rep = evaluate_coseg(samples, args.k, choose=args.choose, mask_threshold=args.threshold, **kwargs)
+            line = f"Jaccard {rep['jaccard']:.3f}  precision {rep['precision']:.3f}"
+        rep["group"] = name
+        reports.append(rep)
+        print(f"{name:<30} {len(samples):4d} images  concept {rep['concept']}  {line}")
+    key = "corloc" if fmt == "voc" else "jaccard"
+    summary = {
+        "dataset": str(root),
+        "format": fmt,
+        "n_concepts": args.k,
+        "choose": args.choose,
+        "model": _model_name(ext),
+        "layer": ext.layer,
+        "untrained": bool(getattr(ext, "untrained", False)),
+        "note": note,
+        "mean": {key: float(np.mean([r[key] for r in reports]))},
+        "groups": reports,
+    }
+    if fmt != "voc":
+        summary["mean"]["precision"] = float(np.mean([r["precision"] for r in reports]))
+    print("mean over groups: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out.resolve()}")
+    return 0
+
+
+CLI = {
+    "eval": (_eval_arguments, run_eval,
+             "score DFF co-segmentation (Jaccard, precision) or co-localization (CorLoc) on an iCoseg- or "
+             "PASCAL-VOC-style folder"),
+}

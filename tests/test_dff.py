@@ -1,0 +1,396 @@
+"""Deep Feature Factorization (issue 7): the pipeline, its conventions, the CLI."""
+import json
+import os
+import warnings
+from collections import deque
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import dffkit
+from dffkit import cli
+from dffkit.dff import (DFFResult, bilinear_matrix, connected_components, dff, largest_component,
+                        mask_box, sample_images, upsample)
+from dffkit.evaluation import jaccard
+
+try:  # the extractor (issue 6); the tests that need it skip, visibly, without it
+    from dffkit.features import FeatureExtractor
+except ImportError as exc:  # pragma: no cover - only while features.py is missing
+    FeatureExtractor = None
+    _NO_EXTRACTOR = str(exc)
+
+needs_extractor = pytest.mark.skipif(FeatureExtractor is None, reason="dffkit.features is not importable")
+
+
+# ---------------------------------------------------------------------------------------------
+# a synthetic co-segmentation set: a striped red/yellow ellipse on green noise or flat blue
+# ---------------------------------------------------------------------------------------------
+
+def coseg_set(n=6, size=96, seed=0):
+    rng = np.random.default_rng(seed)
+    images, masks = [], []
+    for i in range(n):
+        H, W = size, size + 16 * (i % 3)
+        if i % 2 == 0:
+            bg = np.array([60, 140, 60]) + rng.normal(0, 25, (H, W, 3))
+        else:
+            bg = np.array([70, 90, 170]) + rng.normal(0, 8, (H, W, 3))
+        y, x = np.mgrid[0:H, 0:W]
+        stripe = (np.sin(2 * np.pi * (x + y) / (8 * np.sqrt(2))) > 0)[..., None]
+        obj = np.where(stripe, np.array([220, 60, 40]), np.array([250, 200, 60]))
+        cy, cx = rng.integers(H // 3, 2 * H // 3), rng.integers(W // 3, 2 * W // 3)
+        ry, rx = rng.integers(H // 5, H // 3), rng.integers(W // 5, W // 3)
+        mask = ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1
+        images.append(np.clip(np.where(mask[..., None], obj, bg), 0, 255).astype(np.uint8))
+        masks.append(mask)
+    return images, masks
+
+
+def block_activations(n=3, C=8, h=6, w=10, seed=0):
+    """Activations with two clean regions (top rows: channels 0..3, bottom: 4..7)."""
+    rng = np.random.default_rng(seed)
+    acts = np.zeros((n, C, h, w), np.float32)
+    acts[:, : C // 2, : h // 2] = 1.0
+    acts[:, C // 2:, h // 2:] = 1.0
+    acts += rng.random(acts.shape).astype(np.float32) * 0.05
+    images = [np.zeros((40 + 10 * i, 70, 3), np.uint8) + 100 for i in range(n)]
+    return images, acts
+
+
+def best_concept_iou(result, masks):
+    return max(np.mean([jaccard(m, g) for m, g in zip(result.masks(j), masks)]) for j in range(result.n_concepts))
+
+
+@pytest.fixture(scope="module")
+def filterbank():
+    if FeatureExtractor is None:
+        pytest.skip(f"dffkit.features is not importable: {_NO_EXTRACTOR}")
+    return FeatureExtractor("filterbank", providers="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# quality on the synthetic set (the issue's acceptance test)
+# ---------------------------------------------------------------------------------------------
+
+@needs_extractor
+def test_filterbank_joint_separates_object(filterbank):
+    images, masks = coseg_set()
+    result = dff(images, 3, extractor=filterbank, backend="cpu")
+    iou = best_concept_iou(result, masks)
+    assert iou >= 0.85, f"mean IoU of the best concept {iou:.3f}"
+    assert result.model_name == "filterbank" and not result.untrained
+
+
+@needs_extractor
+def test_filterbank_per_image_separates_object(filterbank):
+    images, masks = coseg_set()
+    result = dff(images, 2, extractor=filterbank, mode="per_image", backend="cpu")
+    per_image = [max(jaccard(result.masks(j)[i], masks[i]) for j in range(2)) for i in range(len(images))]
+    assert np.mean(per_image) >= 0.85
+    assert result.concepts.shape[:2] == (len(images), 2)
+    assert len(result.concept_names) == len(images) and len(result.concept_names[0]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# conventions of the result, on activations made here (every NMF backend)
+# ---------------------------------------------------------------------------------------------
+
+def _bilinear_oracle(a, H, W):
+    """Per-pixel bilinear resampling with half-pixel centres and clamped edges."""
+    h, w = a.shape
+    out = np.empty((H, W))
+    for y in range(H):
+        sy = min(max((y + 0.5) * h / H - 0.5, 0.0), h - 1)
+        y0 = int(np.floor(sy)); y1 = min(y0 + 1, h - 1); ty = sy - y0
+        for x in range(W):
+            sx = min(max((x + 0.5) * w / W - 0.5, 0.0), w - 1)
+            x0 = int(np.floor(sx)); x1 = min(x0 + 1, w - 1); tx = sx - x0
+            out[y, x] = ((1 - ty) * ((1 - tx) * a[y0, x0] + tx * a[y0, x1])
+                         + ty * ((1 - tx) * a[y1, x0] + tx * a[y1, x1]))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 9), (1, 1, 1, 4), (2, 4, 4, 4)])
+def test_upsample_matches_oracle_and_pillow(shape):
+    rng = np.random.default_rng(1)
+    maps = rng.random(shape[1:]).astype(np.float32) if shape[0] == 1 else rng.random(shape[:3]).astype(np.float32)
+    H, W = shape[3] * 3 + 1, shape[2] * 2 + 3
+    up = upsample(maps, (H, W))
+    for j in range(maps.shape[0]):
+        np.testing.assert_allclose(up[j], _bilinear_oracle(maps[j].astype(np.float64), H, W), atol=1e-5)
+        pil = np.asarray(Image.fromarray(maps[j], "F").resize((W, H), Image.BILINEAR))
+        np.testing.assert_allclose(up[j], pil, atol=1e-5)
+    np.testing.assert_allclose(bilinear_matrix(9, 4).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_heatmaps_follow_the_documented_formula(backend):
+    images, acts = block_activations()
+    result = dff(images, 2, activations=acts, backend=backend, random_state=3, tol=0, max_iter=50)
+    X = acts.transpose(0, 2, 3, 1).reshape(-1, acts.shape[1])
+    W, H, _ = dffkit.non_negative_factorization(X, n_components=2, init="random", random_state=3, tol=0,
+                                                max_iter=50, backend=backend)
+    W = np.asarray(W)
+    n, _, h, w = acts.shape
+    peaks = np.zeros((n, 2))
+    for i, img in enumerate(images):
+        maps = W[i * h * w:(i + 1) * h * w].T.reshape(2, h, w)
+        up = np.stack([_bilinear_oracle(m, *img.shape[:2]) for m in maps.astype(np.float64)])
+        peaks[i] = up.max(axis=(1, 2))
+        np.testing.assert_allclose(result.heatmaps[i], up / peaks[i][:, None, None], atol=2e-4)
+    np.testing.assert_allclose(result.strength, peaks / peaks.max(axis=0), atol=2e-4)
+    np.testing.assert_allclose(result.concepts, np.asarray(H), rtol=1e-4, atol=1e-6)
+    assert result.backend == backend
+
+
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+def test_heatmap_and_label_contract(mode):
+    images, acts = block_activations()
+    result = dff(images, 2, activations=acts, mode=mode, threshold=0.3)
+    assert isinstance(result, DFFResult) and result.n_images == 3
+    for i, img in enumerate(images):
+        hm = result.heatmaps[i]
+        assert hm.shape == (2,) + img.shape[:2] and hm.dtype == np.float32
+        assert hm.min() >= 0.0 and hm.max() <= 1.0
+        for j in range(2):
+            assert hm[j].max() == pytest.approx(1.0) if result.strength[i, j] > 0 else hm[j].max() == 0
+        rel = hm * result.strength[i][:, None, None]
+        expected = np.where(rel.max(axis=0) >= 0.3, rel.argmax(axis=0), -1)
+        np.testing.assert_array_equal(result.labels[i], expected)
+        assert result.labels[i].shape == img.shape[:2]
+        # the two blocks get different concepts
+        top, bottom = result.labels[i][2, 35], result.labels[i][-3, 35]
+        assert {int(top), int(bottom)} == {0, 1}
+    ref = result.strength.max(axis=0) if mode == "joint" else result.strength.max(axis=1)
+    np.testing.assert_allclose(ref, 1.0, atol=1e-6)
+    if mode == "joint":
+        assert result.concepts.shape == (2, 8) and isinstance(result.n_iter, int)
+    else:
+        assert result.concepts.shape == (3, 2, 8) and len(result.n_iter) == 3
+    assert result.loadings[0].shape == (6, 10, 2)
+
+
+def test_kmeans_assignment_agrees_on_clean_regions():
+    images, acts = block_activations()
+    a = dff(images, 2, activations=acts, assign="argmax", threshold=0.0)
+    b = dff(images, 2, activations=acts, assign="kmeans", threshold=0.0)
+    for la, lb in zip(a.labels, b.labels):
+        assert la.shape == lb.shape and set(np.unique(lb)) <= {-1, 0, 1}
+        assert (la == lb).mean() > 0.95
+
+
+def test_negative_activations():
+    images, acts = block_activations()
+    acts = acts - 0.5
+    with pytest.raises(ValueError, match="negative.*negatives='clip'"):
+        dff(images, 2, activations=acts)
+    clipped = dff(images, 2, activations=acts, negatives="clip")
+    shifted = dff(images, 2, activations=acts, negatives="shift")
+    for r in (clipped, shifted):
+        assert r.heatmaps[0].shape == (2, 40, 70)
+
+
+def test_bad_input_gives_clear_errors():
+    images, acts = block_activations(n=1, h=2, w=2)
+    with pytest.raises(ValueError, match="no images"):
+        dff([], 2, activations=acts)
+    with pytest.raises(ValueError, match="at least 1"):
+        dff(images, 0, activations=acts)
+    with pytest.raises(TypeError, match="n_concepts must be an int"):
+        dff(images, 2.5, activations=acts)
+    with pytest.raises(ValueError, match="larger than the number of positions"):
+        dff(images, 5, activations=acts)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        dff(images, 2, activations=acts, mode="together")
+    with pytest.raises(ValueError, match="threshold must be in"):
+        dff(images, 2, activations=acts, threshold=2)
+    with pytest.raises(ValueError, match="activations hold 1 images but 2"):
+        dff(images * 2, 2, activations=acts)
+    two, acts2 = block_activations(n=2, h=2, w=2)
+    with pytest.raises(ValueError, match="smallest image's feature grid"):
+        dff(two, 5, activations=acts2, mode="per_image")
+
+
+# ---------------------------------------------------------------------------------------------
+# masks, boxes, connected components, consistency
+# ---------------------------------------------------------------------------------------------
+
+def _components_oracle(mask, connectivity):
+    H, W = mask.shape
+    labels = np.zeros((H, W), int)
+    n = 0
+    steps = [(1, 0), (-1, 0), (0, 1), (0, -1)]
+    if connectivity == 8:
+        steps += [(1, 1), (1, -1), (-1, 1), (-1, -1)]
+    for y in range(H):
+        for x in range(W):
+            if mask[y, x] and not labels[y, x]:
+                n += 1
+                labels[y, x] = n
+                queue = deque([(y, x)])
+                while queue:
+                    cy, cx = queue.popleft()
+                    for dy, dx in steps:
+                        ny, nx = cy + dy, cx + dx
+                        if 0 <= ny < H and 0 <= nx < W and mask[ny, nx] and not labels[ny, nx]:
+                            labels[ny, nx] = n
+                            queue.append((ny, nx))
+    return labels, n
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("seed", range(6))
+def test_connected_components_match_flood_fill(connectivity, seed):
+    rng = np.random.default_rng(seed)
+    mask = rng.random((rng.integers(1, 30), rng.integers(1, 30))) < rng.uniform(0.2, 0.7)
+    labels, n = connected_components(mask, connectivity)
+    expected, n_expected = _components_oracle(mask, connectivity)
+    assert n == n_expected
+    np.testing.assert_array_equal(labels, expected)  # both number components in raster order
+
+
+def test_largest_component_box():
+    mask = np.zeros((20, 30), bool)
+    mask[2:5, 3:6] = True        # 9 pixels
+    mask[10:18, 12:25] = True    # 104 pixels
+    mask[18, 25] = True          # touches diagonally: joins with 8-connectivity
+    assert mask_box(largest_component(mask)) == (12, 10, 26, 19)
+    assert mask_box(largest_component(mask, connectivity=4)) == (12, 10, 25, 18)
+    assert mask_box(np.zeros((3, 3), bool)) is None
+
+
+def test_masks_boxes_and_consistency():
+    images, acts = block_activations()
+    result = dff(images, 2, activations=acts)
+    top = int(result.labels[0][2, 35])
+    masks = result.masks(top, 0.5)
+    assert all(m.dtype == bool and m.shape == img.shape[:2] for m, img in zip(masks, images))
+    for box, img in zip(result.boxes(top, 0.5), images):
+        x0, y0, x1, y1 = box
+        H, W = img.shape[:2]
+        assert (x0, x1) == (0, W) and y0 == 0 and abs(y1 - H / 2) <= H / 6
+    np.testing.assert_allclose(result.concept_consistency(), [1.0, 1.0])
+    # by hand: concept 0 covers 50% of image 0 and 1% of image 1
+    result.labels = [np.array([[0, 0], [1, 1]]), np.array([[1] * 99 + [0]])]
+    result.heatmaps = result.heatmaps[:2]
+    np.testing.assert_allclose(result.concept_consistency(min_area=0.02), [0.5, 1.0])
+    with pytest.raises(ValueError, match="concept must be in 0..1"):
+        result.masks(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# pictures and files
+# ---------------------------------------------------------------------------------------------
+
+def test_overlay_and_save(tmp_path):
+    images, acts = block_activations()
+    result = dff(images, 2, activations=acts)
+    ov = result.overlay(0)
+    assert ov.mode == "RGB" and ov.width == 70 and ov.height > 40  # legend below
+    written = result.save(tmp_path / "out")
+    assert len(written["overlays"]) == 3 and len(written["heatmaps"]) == 6
+    for kind in ("overlays", "heatmaps", "grid"):
+        for path in written[kind]:
+            with Image.open(path) as im:
+                im.verify()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["n_concepts"] == 2 and len(summary["images"]) == 3
+    assert summary["images"][0]["size"] == [40, 70]
+
+
+@needs_extractor
+def test_random_vgg16_path_runs_and_is_labelled_untrained(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ext = FeatureExtractor("vgg16", providers="cpu", image_size=64, batch_size=2)
+    images, _ = coseg_set(n=3, size=48)
+    for mode in ("joint", "per_image"):
+        result = dff(images, 3, extractor=ext, mode=mode, max_iter=50)
+        assert result.untrained and result.layer == ext.layer
+        assert [r.shape for r in result.heatmaps] == [(3,) + im.shape[:2] for im in images]
+        assert result.feature_sizes == [(4, 4)] * 3
+        assert result.concepts.shape[-1] == 512
+    assert "untrained" in result.summary()["note"]
+    assert "UNTRAINED" in result._caption()
+
+
+@needs_extractor
+def test_concepts_named_through_the_classifier_head():
+    from dffkit import models
+
+    proto = models._build_vgg16_random(True, 0, widths=(4, 4, 8, 8, 8), fc_dims=(16, 16, 1000))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ext = FeatureExtractor(proto, providers="cpu")
+    images, _ = coseg_set(n=2, size=48)
+    result = dff(images, 2, extractor=ext, max_iter=30)
+    classes = result.concept_classes
+    assert len(classes) == 2 and len(classes[0]) == 5
+    assert all(name in models.imagenet_classes() for name, _ in classes[0])
+    assert result.concept_names[0].endswith("(untrained)")
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+
+@needs_extractor
+def test_cli_dff_writes_the_promised_files(tmp_path, capsys):
+    images, _ = coseg_set(n=3, size=64)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(im).save(paths[-1])
+    out = tmp_path / "out"
+    rc = cli.main(["dff", *paths, "-k", "3", "--out", str(out), "--backend", "cpu"])
+    assert rc == 0
+    text = capsys.readouterr()
+    assert str(out.resolve()) in text.out and "3/3 images" in text.err
+    files = sorted(p.name for p in out.iterdir())
+    assert "grid.png" in files and "summary.json" in files
+    assert len([f for f in files if f.startswith("overlay_")]) == 3
+    assert len(list((out / "heatmaps").iterdir())) == 9
+    for p in list(out.glob("*.png")) + list((out / "heatmaps").glob("*.png")):
+        with Image.open(p) as im:
+            im.load()
+    rc = cli.main(["dff", *paths, "-k", "2", "--per-image", "--out", str(tmp_path / "pi"), "--quiet", "--no-heatmaps"])
+    assert rc == 0 and not (tmp_path / "pi" / "heatmaps").exists()
+
+
+def test_cli_dff_errors(tmp_path, capsys):
+    assert cli.main(["dff", str(tmp_path / "missing.jpg"), "-k", "2"]) == 1
+    assert "no such image file" in capsys.readouterr().err
+    assert cli.main(["dff", str(tmp_path), "-k", "0"]) == 1
+    assert "at least 1" in capsys.readouterr().err
+
+
+@needs_extractor
+def test_cli_demo(tmp_path, capsys):
+    assert len(sample_images()) == 4
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "colour and texture" in captured.err and "vgg16" in captured.err
+    assert str(out.resolve()) in captured.out
+    assert len(list(out.glob("overlay_*.png"))) == 4 and (out / "grid.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the device path gives the host path's maps
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@needs_extractor
+def test_device_path_matches_host():
+    if "cuda" not in dffkit.available_backends():
+        pytest.skip(f"CUDA backend not usable: {dffkit.unavailable_reasons().get('cuda')}")
+    images, masks = coseg_set()
+    gpu_ext = FeatureExtractor("filterbank", providers="cuda")
+    if "CUDA" not in gpu_ext.provider:
+        pytest.skip("onnxruntime's CUDA provider is not usable")
+    gpu = dff(images, 3, extractor=gpu_ext, backend="cuda", tol=0, max_iter=100)
+    cpu = dff(images, 3, extractor=FeatureExtractor("filterbank", providers="cpu"), backend="cpu", tol=0, max_iter=100)
+    assert gpu.backend == "cuda"
+    for a, b in zip(gpu.heatmaps, cpu.heatmaps):
+        np.testing.assert_allclose(a, b, atol=2e-2)
+    assert best_concept_iou(gpu, masks) >= 0.85
