@@ -69,8 +69,31 @@ inline double hsum_tree(vec<double> v) {
 }
 template <class T> inline T hsum(vec<T> v) { return hsum_tree(v); }
 
+// Two lane sums at once with the same tree as hsum_tree (bit-identical results).
+inline void hsum2(vec<float> a, vec<float> b, float* ra, float* rb) {
+  vec<float> r = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                 __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  r += __builtin_shufflevector(r, r, 4, 5, 6, 7, 4, 5, 6, 7, 12, 13, 14, 15, 12, 13, 14, 15);
+  r += __builtin_shufflevector(r, r, 2, 3, 2, 3, 2, 3, 2, 3, 10, 11, 10, 11, 10, 11, 10, 11);
+  r += __builtin_shufflevector(r, r, 1, 1, 1, 1, 1, 1, 1, 1, 9, 9, 9, 9, 9, 9, 9, 9);
+  *ra = r[0];
+  *rb = r[8];
+}
+inline void hsum2(vec<double> a, vec<double> b, double* ra, double* rb) {
+  vec<double> r = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+                  __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+  r += __builtin_shufflevector(r, r, 2, 3, 2, 3, 6, 7, 6, 7);
+  r += __builtin_shufflevector(r, r, 1, 1, 1, 1, 5, 5, 5, 5);
+  *ra = r[0];
+  *rb = r[4];
+}
+
+// Keeps a loaded vector in a register: without it the compiler folds the load into every FMA
+// that uses it, and a tile reloads its operands RA or RB times.
+template <class V> inline void in_register(V& v) { asm volatile("" : "+v"(v)); }
+
 // out[a*ldo + b] = sum_l A[a, l] B[b, l] for an RA x RB tile. Element l of a row always goes to
-// lane l % L and lanes are added in order, so every tile shape gives the same bits.
+// lane l % L and lanes are added by the same tree, so every tile shape gives the same bits.
 template <class T, int RA, int RB>
 inline void dot_tile(const T* A, i64 lda, const T* B, i64 ldb, i64 n, T* out, i64 ldo) {
   constexpr int L = simd<T>::L;
@@ -80,8 +103,8 @@ inline void dot_tile(const T* A, i64 lda, const T* B, i64 ldb, i64 n, T* out, i6
   const i64 nf = n / L * L;
   for (i64 l = 0; l < nf; l += L) {
     vec<T> av[RA], bv[RB];
-    for (int a = 0; a < RA; ++a) av[a] = load(A + a * lda + l);
-    for (int b = 0; b < RB; ++b) bv[b] = load(B + b * ldb + l);
+    for (int a = 0; a < RA; ++a) { av[a] = load(A + a * lda + l); in_register(av[a]); }
+    for (int b = 0; b < RB; ++b) { bv[b] = load(B + b * ldb + l); in_register(bv[b]); }
     for (int a = 0; a < RA; ++a)
       for (int b = 0; b < RB; ++b) acc[a][b] += av[a] * bv[b];
   }
@@ -93,8 +116,11 @@ inline void dot_tile(const T* A, i64 lda, const T* B, i64 ldb, i64 n, T* out, i6
     for (int a = 0; a < RA; ++a)
       for (int b = 0; b < RB; ++b) acc[a][b] += av[a] * bv[b];
   }
-  for (int a = 0; a < RA; ++a)
-    for (int b = 0; b < RB; ++b) out[a * ldo + b] = hsum<T>(acc[a][b]);
+  for (int a = 0; a < RA; ++a) {
+    int b = 0;
+    for (; b + 2 <= RB; b += 2) hsum2(acc[a][b], acc[a][b + 1], &out[a * ldo + b], &out[a * ldo + b + 1]);
+    if (b < RB) out[a * ldo + b] = hsum<T>(acc[a][b]);
+  }
 }
 
 template <class T, int RA>
