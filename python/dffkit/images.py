@@ -1,0 +1,335 @@
+"""Reading images into RGB and turning them into network input.
+
+Everything here is Pillow and numpy. ``load_images`` takes file paths, file objects, PIL
+images or integer arrays and returns RGB PIL images with their EXIF orientation applied;
+``preprocess`` resizes them and normalises them into one float32 (N, 3, H, W) array.
+
+Mode conversions (all to 8-bit RGB):
+
+- ``1``, ``L``, ``P``, ``YCbCr``, ``HSV``, ``CMYK``: Pillow's own conversion. CMYK uses
+  R = (255 - C)(255 - K) / 255 (Adobe's inverted CMYK JPEGs are un-inverted by Pillow's
+  decoder); an embedded ICC profile, when present and LittleCMS is available, is used
+  instead.
+- ``LA``, ``RGBA``, ``PA`` and palette images with transparency: composited over white.
+- 16-bit (``I;16*``) and 32-bit integer (``I``) images: divided by 257 (65535 -> 255);
+  ``I`` images whose values all lie in 0..255 are taken as 8-bit. ``F`` images: values in
+  0..1 are scaled by 255, values in 0..255 kept, anything else min-max scaled.
+- ``LAB``: through LittleCMS to sRGB.
+
+Arrays: uint8 or uint16, shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (RGBA, composited
+over white); uint16 values are divided by 257. A 4-D array (N, H, W, C) is N images.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Iterable, List, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CAFFE_MEAN_BGR",
+    "NORMALIZATIONS",
+    "load_image",
+    "load_images",
+    "to_rgb",
+    "resize_image",
+    "resized_size",
+    "normalize",
+    "preprocess",
+    "image_sizes",
+    "as_image_list",
+]
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+#: Caffe / Keras ``preprocess_input`` for VGG: BGR, 0..255, mean subtracted, no scaling.
+CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+NORMALIZATIONS = ("imagenet", "caffe", "unit", "none")
+
+ImageLike = Union[str, "os.PathLike[str]", "Image.Image", np.ndarray, io.IOBase]
+
+
+def _pil():
+    from PIL import Image
+
+    return Image
+
+
+def _describe(item) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    if isinstance(item, np.ndarray):
+        return f"array {item.shape} {item.dtype}"
+    name = getattr(item, "filename", None) or getattr(item, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return type(item).__name__
+
+
+def _flatten_alpha(img, mode_with_alpha: str):
+    Image = _pil()
+    rgba = img.convert(mode_with_alpha).convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _from_wide_ints(a: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    a = a.astype(np.float64)
+    if not sixteen_bit and a.size and a.min() >= 0 and a.max() <= 255:
+        return np.round(a).astype(np.uint8)
+    return np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+
+
+def _from_float(a: np.ndarray) -> np.ndarray:
+    a = np.nan_to_num(a.astype(np.float64))
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif not (lo >= 0 and hi <= 255):
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.clip(np.round(a), 0, 255).astype(np.uint8)
+
+
+def to_rgb(img):
+    """Convert a PIL image of any mode to 8-bit RGB (see the module notes for each mode)."""
+    Image = _pil()
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        return _flatten_alpha(img, "RGBA" if mode in ("RGBA", "RGBa", "PA") else "LA")
+    if mode == "P":
+        if "transparency" in img.info:
+            return _flatten_alpha(img, "RGBA")
+        return img.convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        gray = _from_wide_ints(np.asarray(img), sixteen_bit=mode != "I")
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        return Image.fromarray(_from_float(np.asarray(img)), "L").convert("RGB")
+    if mode == "CMYK" and img.info.get("icc_profile"):
+        try:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+            return ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception:  # no LittleCMS or a broken profile: the formula below
+            pass
+    if mode == "LAB":
+        from PIL import ImageCms
+
+        transform = ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+        return ImageCms.applyTransform(img, transform)
+    return img.convert("RGB")
+
+
+def _array_to_pil(a: np.ndarray):
+    Image = _pil()
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ValueError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got shape {a.shape}")
+    if a.dtype == np.uint16:
+        a = np.clip(np.round(a.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        raise ValueError(
+            f"image arrays must be uint8 (0..255) or uint16 (0..65535), got {a.dtype}; "
+            "convert floats yourself (e.g. (x * 255).round().astype(np.uint8) for values in 0..1)"
+        )
+    if 0 in a.shape[:2]:
+        raise ValueError(f"zero-size image (shape {a.shape})")
+    a = np.ascontiguousarray(a)
+    if a.ndim == 2:
+        return Image.fromarray(a, "L").convert("RGB")
+    if a.shape[2] == 4:
+        return to_rgb(Image.fromarray(a, "RGBA"))
+    return Image.fromarray(a, "RGB")
+
+
+def _open(item):
+    Image = _pil()
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such image file: {path}")
+        if os.path.isdir(path):
+            raise ValueError("is a directory, not an image file")
+        try:
+            img = Image.open(path)
+        except Image.UnidentifiedImageError:
+            raise ValueError("not an image file Pillow can read") from None
+        except OSError as e:
+            raise ValueError(f"cannot read: {e}") from e
+    else:
+        try:
+            img = Image.open(item)
+        except Image.UnidentifiedImageError:
+            raise ValueError("not an image Pillow can read") from None
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"truncated or corrupt image ({e})") from e
+    return img
+
+
+def load_image(item):
+    """Read one image as an RGB PIL image with its EXIF orientation applied.
+
+    ``item``: a path, a binary file object, a PIL image or a uint8/uint16 array. Raises
+    FileNotFoundError for a missing file and ValueError for anything that is not a readable,
+    non-empty image.
+    """
+    Image = _pil()
+    from PIL import ImageOps
+
+    if isinstance(item, np.ndarray):
+        return _array_to_pil(item)
+    if isinstance(item, Image.Image):
+        img = item
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"truncated or corrupt image ({e})") from e
+    elif isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):
+        img = _open(item)
+    else:
+        raise ValueError(f"cannot read an image from a {type(item).__name__}; pass a path, a PIL image or a uint8 array")
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"zero-size image ({img.width} x {img.height})")
+    if img.getexif().get(0x0112, 1) not in (1, None):
+        img = ImageOps.exif_transpose(img)
+    return to_rgb(img)
+
+
+def as_image_list(images) -> List:
+    """``images`` as a list of single images (a 4-D array counts as N images)."""
+    Image = _pil()
+    if isinstance(images, (str, os.PathLike, Image.Image)) or hasattr(images, "read"):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, Iterable):
+        return list(images)
+    raise ValueError(f"images must be paths, PIL images or arrays, or a list of them; got {type(images).__name__}")
+
+
+def load_images(images, *, start: int = 0) -> list:
+    """Read images as RGB PIL images (EXIF orientation applied, any mode converted).
+
+    Parameters
+    ----------
+    images : path, file object, PIL image, array, or a sequence of them
+        A 4-D array (N, H, W, C) counts as N images.
+    start : int
+        Index of the first image in the caller's batch, used in error messages.
+
+    Returns
+    -------
+    list of PIL.Image.Image in mode RGB; ``image_sizes`` gives their (H, W).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the image by its index in the batch and its path.
+    """
+    out = []
+    for i, item in enumerate(as_image_list(images), start):
+        try:
+            out.append(load_image(item))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"image {i} ({_describe(item)}): {e}") from e
+        except ValueError as e:
+            raise ValueError(f"image {i} ({_describe(item)}): {e}") from e
+    return out
+
+
+def image_sizes(pil_images: Sequence) -> List[Tuple[int, int]]:
+    """(H, W) of each PIL image."""
+    return [(im.height, im.width) for im in pil_images]
+
+
+def _pair(size) -> Tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = size
+    return int(h), int(w)
+
+
+def resized_size(hw: Tuple[int, int], size, resize: str = "fixed") -> Tuple[int, int]:
+    """Output (H, W) for an image of size ``hw``.
+
+    ``resize="fixed"``: ``size`` (int or (H, W)). ``resize="shorter"``: the shorter side
+    becomes ``size`` (an int) and the longer one keeps the aspect ratio, truncated to an int
+    as torchvision's ``Resize(size)`` does. ``size=None`` keeps the image's size.
+    """
+    if size is None:
+        return tuple(hw)
+    if resize == "fixed":
+        out = _pair(size)
+    elif resize == "shorter":
+        if not isinstance(size, (int, np.integer)):
+            raise ValueError(f"resize='shorter' needs an int image_size (the shorter side), got {size!r}")
+        h, w = hw
+        s = int(size)
+        out = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+    else:
+        raise ValueError(f"resize must be 'fixed' or 'shorter', got {resize!r}")
+    if min(out) < 1:
+        raise ValueError(f"image size must be positive, got {size!r}")
+    return out
+
+
+def resize_image(img, size, resize: str = "fixed"):
+    """Resize an RGB PIL image (bilinear, antialiased when shrinking, as torchvision does)."""
+    Image = _pil()
+    h, w = resized_size((img.height, img.width), size, resize)
+    if (h, w) == (img.height, img.width):
+        return img
+    return img.resize((w, h), Image.BILINEAR)
+
+
+def normalize(batch_uint8: np.ndarray, normalization: str = "imagenet") -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB -> (N, 3, H, W) float32.
+
+    ``imagenet``: (x / 255 - mean) / std with ImageNet's mean and std (torchvision,
+    the ONNX model zoo); ``caffe``: BGR order, 0..255 minus the Caffe mean (Keras VGG16);
+    ``unit``: x / 255; ``none``: x as float.
+    """
+    x = np.asarray(batch_uint8, dtype=np.float32).transpose(0, 3, 1, 2)
+    if normalization == "imagenet":
+        scale = (1.0 / (255.0 * IMAGENET_STD)).reshape(1, 3, 1, 1)
+        shift = (IMAGENET_MEAN / IMAGENET_STD).reshape(1, 3, 1, 1)
+        out = x * scale - shift
+    elif normalization == "caffe":
+        out = x[:, ::-1] - CAFFE_MEAN_BGR.reshape(1, 3, 1, 1)
+    elif normalization == "unit":
+        out = x * np.float32(1.0 / 255.0)
+    elif normalization == "none":
+        out = x
+    else:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def preprocess(pil_images: Sequence, size=224, resize: str = "fixed", normalization: str = "imagenet") -> np.ndarray:
+    """Resize and normalise RGB PIL images into one float32 array (N, 3, H, W).
+
+    All images must come out the same size: with ``resize="shorter"`` or ``size=None``
+    images of different shapes raise ValueError (run them one by one, or use
+    ``FeatureExtractor.extract_list``).
+    """
+    if len(pil_images) == 0:
+        raise ValueError("no images given")
+    resized = [resize_image(to_rgb(im), size, resize) for im in pil_images]
+    shapes = {(im.height, im.width) for im in resized}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images come out in {len(shapes)} different sizes {sorted(shapes)} "
+            f"(resize={resize!r}, size={size!r}); use resize='fixed' or process them one by one"
+        )
+    batch = np.stack([np.asarray(im, dtype=np.uint8) for im in resized])
+    return normalize(batch, normalization)
