@@ -240,17 +240,11 @@ void product_ch(const T* C, i64 rows, i64 k, const T* H, i64 n, T* out) {
   }
 }
 
-/// G (k x k) += C^T C over rows, in row order; upper triangle then mirrored by the caller.
+/// G (k x k) += C^T C over rows, in row order (symmetric to the bit: each entry is the same
+/// sequence of products).
 template <class T>
 void accumulate_gram(const T* C, i64 rows, i64 k, T* G) {
-  for (i64 i = 0; i < rows; ++i) {
-    const T* c = C + i * k;
-    for (i64 a = 0; a < k; ++a) {
-      const T ca = c[a];
-      T* g = G + a * k;
-      for (i64 b = a; b < k; ++b) g[b] += ca * c[b];
-    }
-  }
+  accumulate_ct_a(C, rows, k, C, k, k, G);
 }
 
 /// Below this many multiply-adds per sweep a problem runs on one thread.
