@@ -375,6 +375,38 @@ def test_cli_demo(tmp_path, capsys):
     assert len(list(out.glob("overlay_*.png"))) == 4 and (out / "grid.png").is_file()
 
 
+class _StandInDeviceExtractor:
+    """Claims the CUDA provider and hands out precomputed activations batch by batch."""
+
+    provider, layer, model_name, untrained, batch_size, resize, image_size = (
+        "CUDAExecutionProvider", "x", "stand-in", False, 2, "fixed", (8, 8))
+
+    def __init__(self, acts):
+        self.acts, self.start = acts, 0
+
+    def __call__(self, images, device_output=False):
+        assert device_output
+        out = self.acts[self.start:self.start + len(images)]
+        self.start += len(images)
+        return out
+
+
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+def test_device_branch_runs_with_a_stand_in_array_library(monkeypatch, mode):
+    from dffkit import dff as dff_module
+
+    class StandInOps(dff_module._NumpyOps):
+        name = "stand-in"  # takes the device branches, computes with numpy
+
+    monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: StandInOps())
+    images, acts = block_activations(n=3)
+    on_device = dff(images, 2, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu")
+    host = dff(images, 2, activations=acts, mode=mode, backend="cpu")
+    assert on_device.device_path and not host.device_path
+    for a, b in zip(on_device.heatmaps, host.heatmaps):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: the device path gives the host path's maps
 # ---------------------------------------------------------------------------------------------
@@ -394,3 +426,16 @@ def test_device_path_matches_host():
     for a, b in zip(gpu.heatmaps, cpu.heatmaps):
         np.testing.assert_allclose(a, b, atol=2e-2)
     assert best_concept_iou(gpu, masks) >= 0.85
+
+
+def test_a_folder_of_images_and_sources(tmp_path):
+    images, acts = block_activations(n=2)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / f"b{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = dff(tmp_path, 2, activations=acts)
+    assert [os.path.basename(s) for s in result.sources] == ["b0.png", "b1.png"]
+    assert result.concept_names == ["concept 0", "concept 1"]
+    result = dff(images, 2, activations=acts, keep_images=False)
+    with pytest.raises(ValueError, match="keeps no images"):
+        result.overlay(0)

@@ -185,10 +185,6 @@ class _NumpyOps:
         n, c = acts.shape[:2]
         return self.xp.ascontiguousarray(acts.transpose(0, 2, 3, 1).reshape(-1, c), dtype=self.xp.float32)
 
-    def per_image(self, acts):
-        n, c = acts.shape[:2]
-        return self.xp.ascontiguousarray(acts.transpose(0, 2, 3, 1).reshape(n, -1, c), dtype=self.xp.float32)
-
     def concat(self, parts):
         return self.xp.concatenate(parts, axis=0)
 
@@ -199,8 +195,8 @@ class _NumpyOps:
         return self.xp.maximum(X, 0)
 
     def norm(self, X) -> float:
-        """Frobenius norm, accumulated in float64."""
-        return float(self.xp.sqrt(self.xp.square(X, dtype=self.xp.float64).sum()))
+        """Frobenius norm."""
+        return float(self.xp.linalg.norm(X))
 
 
 class _CupyOps(_NumpyOps):
@@ -245,9 +241,6 @@ class _TorchOps(_NumpyOps):
     def matrix(self, acts):
         return acts.permute(0, 2, 3, 1).reshape(-1, acts.shape[1]).contiguous().float()
 
-    def per_image(self, acts):
-        return acts.permute(0, 2, 3, 1).reshape(acts.shape[0], -1, acts.shape[1]).contiguous().float()
-
     def concat(self, parts):
         return self.torch.cat(parts, dim=0)
 
@@ -258,7 +251,7 @@ class _TorchOps(_NumpyOps):
         return X.clamp_min(0)
 
     def norm(self, X) -> float:
-        return float(X.double().norm())
+        return float(X.norm())
 
 
 def _device_ops(extractor, backend):
@@ -306,7 +299,8 @@ class DFFResult:
         feature grid.
     concept_names : list of k str (joint) or N lists of k str (per image)
         ImageNet classes when the model has a classifier head (``concept_classes`` holds
-        the top five with probabilities), else the colour of the concept's pixels.
+        the top five with probabilities); for the filter bank the colour of the concept's
+        pixels; else "concept j".
     images : list of PIL RGB images (the originals) or None; image_sizes : list of (H, W);
     sources : list of str (paths, or descriptions of in-memory images)
     mode, assign, threshold, n_concepts : the settings used
@@ -670,7 +664,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
 
     Parameters
     ----------
-    images : path, PIL image, uint8 array (H, W, 3), or a sequence of them
+    images : path, PIL image, uint8 array (H, W, 3), a sequence of them, or a folder
         Read with ``dffkit.images.load_images`` (EXIF orientation applied, any mode to RGB).
         Heat maps come back at each image's original size.
     n_concepts : int
@@ -703,7 +697,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         not run. ``extractor`` may still be passed for its metadata and classifier head.
     keep_images : keep the PIL images in the result (overlays need them).
     name_concepts : name concepts (ImageNet classes through the model's classifier when it
-        has one; else the mean colour of each concept's pixels).
+        has one; the mean colour of each concept's pixels for the filter bank).
     progress : None, True (a bar on stderr) or a callable(done, total) over images.
 
     Returns
@@ -729,6 +723,8 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     t0 = time.perf_counter()
     if images is None:
         raise ValueError("no images given")
+    if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
+        images = _expand_images([os.fspath(images)])
     items = images if isinstance(images, (list, tuple)) else None
     pil = load_images(images)
     if not pil:
@@ -838,7 +834,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
             if concept_names is not None and getattr(ext, "untrained", False):
                 concept_names = ([f"{n} (untrained)" for n in concept_names] if mode == "joint"
                                  else [[f"{n} (untrained)" for n in row] for row in concept_names])
-        if concept_names is None:
+        if concept_names is None and _model_name(ext) == "filterbank":
             concept_names = _colour_names(pil, labels, k, mode == "per_image")
     if concept_names is None:
         concept_names = ([f"concept {j}" for j in range(k)] if mode == "joint"

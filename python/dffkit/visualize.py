@@ -180,7 +180,7 @@ def add_legend(image, names: Sequence[str], colors=None, *, title: Optional[str]
     draw = ImageDraw.Draw(out)
     y0 = img.height + 6
     if title:
-        draw.text((6, y0), title, fill=(40, 40, 40), font=font)
+        draw.text((6, y0), _fit(draw, title, font, img.width - 12), fill=(40, 40, 40), font=font)
         y0 += title_h
     for j, entry in enumerate(entries):
         r, c = divmod(j, per_row)
