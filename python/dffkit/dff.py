@@ -161,38 +161,46 @@ def mask_box(mask) -> Optional[Tuple[int, int, int, int]]:
 # ---------------------------------------------------------------------------------------------
 
 class _NumpyOps:
+    """The few array operations the pipeline needs, for numpy (host) and CuPy (the same
+    API); ``_TorchOps`` maps them onto PyTorch."""
+
     name = "numpy"
     xp = np
 
     def asarray(self, a):
         return self.xp.asarray(a)
 
-    def to_host(self, a) -> np.ndarray:
-        return np.asarray(a)
-
     def amax(self, a, axis):
         return a.max(axis=axis)
 
-    def argmax0(self, a):
-        return a.argmax(axis=0)
+    def argmax(self, a, axis):
+        return a.argmax(axis=axis)
 
-    def rows_to_maps(self, W, h, w):
-        """(h·w, k) -> (k, h, w) float32, contiguous."""
-        return self.xp.ascontiguousarray(W.T.reshape(W.shape[1], h, w), dtype=self.xp.float32)
+    def rows_to_maps(self, W, n, h, w):
+        """(n·h·w, k) rows of W -> (n, k, h, w) float32, contiguous."""
+        return self.xp.ascontiguousarray(W.reshape(n, h, w, W.shape[1]).transpose(0, 3, 1, 2), dtype=self.xp.float32)
 
     def matrix(self, acts):
         """(N, C, h, w) -> (N·h·w, C) float32, C-contiguous."""
-        n, c = acts.shape[:2]
-        return self.xp.ascontiguousarray(acts.transpose(0, 2, 3, 1).reshape(-1, c), dtype=self.xp.float32)
+        return self.xp.ascontiguousarray(acts.transpose(0, 2, 3, 1).reshape(-1, acts.shape[1]), dtype=self.xp.float32)
 
     def concat(self, parts):
         return self.xp.concatenate(parts, axis=0)
 
+    def stack(self, parts):
+        return self.xp.stack([self.asarray(p) for p in parts])
+
     def channel_min(self, X):
         return X.min(axis=0)
 
-    def clip0(self, X):
-        return self.xp.maximum(X, 0)
+    def clip(self, X, lo, hi=None):
+        return self.xp.clip(X, lo, hi)
+
+    def labels(self, rel, threshold):
+        """(n, k, H, W) relative heat -> (n, H, W) int16: argmax over k, -1 below threshold."""
+        lab = self.argmax(rel, 1).astype(self.xp.int16)
+        lab[self.amax(rel, 1) < threshold] = -1
+        return lab
 
     def norm(self, X) -> float:
         """Frobenius norm."""
@@ -206,9 +214,6 @@ class _CupyOps(_NumpyOps):
         import cupy
 
         self.xp = cupy
-
-    def to_host(self, a):
-        return self.xp.asnumpy(a)
 
 
 class _TorchOps(_NumpyOps):
@@ -226,17 +231,14 @@ class _TorchOps(_NumpyOps):
             return self.torch.from_numpy(a).cuda()
         return self.torch.from_dlpack(a) if hasattr(a, "__dlpack__") else self.torch.as_tensor(a, device="cuda")
 
-    def to_host(self, a):
-        return a.detach().cpu().numpy() if isinstance(a, self.torch.Tensor) else np.asarray(a)
-
     def amax(self, a, axis):
         return a.amax(dim=axis)
 
-    def argmax0(self, a):
-        return a.argmax(dim=0)
+    def argmax(self, a, axis):
+        return a.argmax(dim=axis)
 
-    def rows_to_maps(self, W, h, w):
-        return W.T.reshape(W.shape[1], h, w).contiguous().float()
+    def rows_to_maps(self, W, n, h, w):
+        return W.reshape(n, h, w, W.shape[1]).permute(0, 3, 1, 2).contiguous().float()
 
     def matrix(self, acts):
         return acts.permute(0, 2, 3, 1).reshape(-1, acts.shape[1]).contiguous().float()
@@ -244,11 +246,19 @@ class _TorchOps(_NumpyOps):
     def concat(self, parts):
         return self.torch.cat(parts, dim=0)
 
+    def stack(self, parts):
+        return self.torch.stack([self.asarray(p) for p in parts])
+
     def channel_min(self, X):
         return X.amin(dim=0)
 
-    def clip0(self, X):
-        return X.clamp_min(0)
+    def clip(self, X, lo, hi=None):
+        return X.clamp(lo, hi)
+
+    def labels(self, rel, threshold):
+        lab = rel.argmax(dim=1).to(self.torch.int16)
+        lab[rel.amax(dim=1) < threshold] = -1
+        return lab
 
     def norm(self, X) -> float:
         return float(X.norm())
@@ -784,7 +794,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     same_grid = len(set(feature_sizes)) == 1
     if mode == "joint":
         if same_grid:
-            stacked = ops.asarray(per[0][None]) if len(per) == 1 else _stack(ops, per)
+            stacked = ops.asarray(per[0][None]) if len(per) == 1 else ops.stack(per)
             X = ops.matrix(stacked)
         else:
             X = ops.concat([ops.matrix(a[None]) for a in per])
@@ -800,7 +810,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     else:
         Xs = [ops.matrix(ops.asarray(a)[None]) for a in per]
         Xs = [_nonnegative(ops, x, negatives, getattr(ext, "layer", layer)) for x in Xs]
-        batch = _stack(ops, Xs) if same_grid and ops.name != "numpy" else Xs
+        batch = ops.stack(Xs) if same_grid and ops.name != "numpy" else Xs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             solved = nmf_batched(batch, k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
@@ -870,12 +880,6 @@ def _host(a) -> np.ndarray:
     return np.asarray(a)
 
 
-def _stack(ops, parts):
-    if ops.name == "torch":
-        return ops.torch.stack([ops.asarray(p) for p in parts])
-    return ops.xp.stack([ops.asarray(p) for p in parts])
-
-
 def _extract(ext, pil, ops, report):
     """Run the extractor over the images in batches; per-image activations (host, or device
     arrays of ``ops`` on the GPU path)."""
@@ -914,38 +918,63 @@ def _nonnegative(ops, X, negatives, layer):
             "to 0) or negatives='shift' (subtract each channel's minimum)"
         )
     if negatives == "clip":
-        return ops.clip0(X)
+        return ops.clip(X, 0)
     return X - ops.channel_min(X)[None, :]
 
 
-def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign):
+def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 32):
     """Heat maps, strength and labels from W (joint: one (Σ h_i w_i, k) matrix; per image:
-    one (h_i w_i, k) matrix per image), on the host or the device of ``ops``."""
+    one (h_i w_i, k) matrix per image), on the host or the device of ``ops``.
+
+    Images with the same feature grid and size are processed together, ``chunk`` at a
+    time: one batched pair of products with the bilinear matrices, one copy to the host.
+    """
+    n_images = len(sizes)
     rows = np.concatenate([[0], np.cumsum([h * w for h, w in feature_sizes])])
-    ups, peaks, loadings = [], [], []
-    for i, ((h, w), (H, Wd)) in enumerate(zip(feature_sizes, sizes)):
-        Wi = Ws[0][rows[i]:rows[i + 1]] if mode == "joint" else Ws[i]
-        A = ops.rows_to_maps(Wi, h, w)  # (k, h, w)
-        Ry, RxT = ops.asarray(bilinear_matrix(H, h)), ops.asarray(np.ascontiguousarray(bilinear_matrix(Wd, w).T))
-        U = (Ry @ A) @ RxT  # (k, H, W)
+    groups: Dict[tuple, List[int]] = {}
+    for i, (fs, size) in enumerate(zip(feature_sizes, sizes)):
+        groups.setdefault(tuple(fs) + tuple(size), []).append(i)
+    batches = [(key, idx[s:s + chunk]) for key, idx in groups.items() for s in range(0, len(idx), chunk)]
+
+    def loadings_of(idx, h, w):
+        if mode == "joint" and idx == list(range(idx[0], idx[-1] + 1)):
+            Wi = Ws[0][rows[idx[0]]:rows[idx[-1] + 1]]
+        elif mode == "joint":
+            Wi = ops.concat([Ws[0][rows[i]:rows[i + 1]] for i in idx])
+        else:
+            Wi = ops.concat([Ws[i] for i in idx])
+        return ops.rows_to_maps(Wi, len(idx), h, w)  # (n, k, h, w)
+
+    ups, k = [], None
+    peaks = None
+    loadings: List[Optional[np.ndarray]] = [None] * n_images
+    for (h, w, H, Wd), idx in batches:
+        A = loadings_of(idx, h, w)
+        Ry = ops.asarray(bilinear_matrix(H, h))
+        RxT = ops.asarray(np.ascontiguousarray(bilinear_matrix(Wd, w).T))
+        U = (Ry @ A) @ RxT  # (n, k, H, W)
+        k = int(U.shape[1])
+        if peaks is None:
+            peaks = np.zeros((n_images, k))
+        peaks[idx] = np.maximum(_host(ops.amax(U, (2, 3))), 0.0)
+        A_host = _host(A)
+        for t, i in enumerate(idx):
+            loadings[i] = np.ascontiguousarray(A_host[t].transpose(1, 2, 0))
         ups.append(U)
-        peaks.append(_host(ops.amax(U, (1, 2))).astype(np.float64))
-        loadings.append(_host(A).transpose(1, 2, 0).copy())
-    peaks = np.maximum(np.stack(peaks), 0.0)  # (N, k)
     reference = peaks.max(axis=0, keepdims=True) if mode == "joint" else peaks
     strength = np.where(reference > 0, peaks / np.where(reference > 0, reference, 1.0), 0.0).astype(np.float32)
-    k = peaks.shape[1]
-    heatmaps, labels = [], []
-    for i, U in enumerate(ups):
-        inv = np.where(peaks[i] > 0, 1.0 / np.where(peaks[i] > 0, peaks[i], 1.0), 0.0).astype(np.float32)
-        heat = U * ops.asarray(inv)[:, None, None]
-        heat = heat.clamp(0, 1) if ops.name == "torch" else ops.xp.clip(heat, 0, 1)
+    heatmaps: List[Optional[np.ndarray]] = [None] * n_images
+    labels: List[Optional[np.ndarray]] = [None] * n_images
+    for ((h, w, H, Wd), idx), U in zip(batches, ups):
+        inv = np.where(peaks[idx] > 0, 1.0 / np.where(peaks[idx] > 0, peaks[idx], 1.0), 0.0).astype(np.float32)
+        heat = ops.clip(U * ops.asarray(inv)[:, :, None, None], 0.0, 1.0)
         if assign == "argmax":
-            rel = heat * ops.asarray(strength[i])[:, None, None]
-            lab = _host(ops.argmax0(rel)).astype(np.int16)
-            lab[_host(ops.amax(rel, 0)) < threshold] = -1
-            labels.append(lab)
-        heatmaps.append(_host(heat).astype(np.float32, copy=False))
+            lab = _host(ops.labels(heat * ops.asarray(strength[idx])[:, :, None, None], threshold))
+            for t, i in enumerate(idx):
+                labels[i] = lab[t]
+        heat = _host(heat)
+        for t, i in enumerate(idx):
+            heatmaps[i] = heat[t]
     if assign == "kmeans":
         labels = _kmeans_labels(loadings, peaks, mode, sizes, threshold, k)
     return heatmaps, strength, labels, loadings
