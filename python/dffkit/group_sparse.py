@@ -1,0 +1,322 @@
+"""Group-sparse NMF (GSNMF): NMF whose rows come in groups, each group using few components.
+
+X (m x n) ~ W (m x k) H (k x n), rows of X in contiguous groups G_g (for images: all spatial
+positions of one image). The objective, exactly as DESIGN.md writes it, with nothing rescaled::
+
+    1/2 ||X - W H||_F^2 + lam * sum_g sum_j ||W[G_g, j]||_2 + 1/2 mu ||H||_F^2
+        (+ scikit-learn's ordinary penalties alpha_W, alpha_H, l1_ratio)
+
+minimised by the majorize-minimize multiplicative updates (one engine pass over X each)::
+
+    W <- W * (X H^T) / (W (H H^T) + lam * W / max(Nrm, tiny))   Nrm[i, j] = ||W_old[G(i), j]||
+    H <- H * (W^T X) / ((W^T W) H + mu * H)
+
+which never increase the objective. lam = mu = 0 is plain NMF, bit for bit.
+
+``penalty_scale`` gives the units in which lam and mu are comparable across data sets (used
+by the clustering defaults); ``group_sparse_nmf`` and ``GroupSparseNMF`` take lam and mu as
+the absolute numbers of the objective.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dffkit.nmf import (
+    NMF,
+    _as_float_matrix,
+    _check_real,
+    _is_device_array,
+    _not_fitted,
+    _penalties,
+    _solve,
+)
+
+__all__ = [
+    "group_sparse_nmf",
+    "GroupSparseNMF",
+    "group_offsets",
+    "group_norms",
+    "group_objective",
+    "penalty_scale",
+]
+
+
+def group_offsets(groups, n_rows):
+    """Row offsets (n_groups + 1 ints, 0 ... n_rows) from offsets or from per-row labels.
+
+    Parameters
+    ----------
+    groups : 1-D sequence
+        Either group offsets ``[0, o_1, ..., n_rows]`` (non-decreasing integers; an empty
+        group is allowed), or one label per row (length ``n_rows``) whose equal labels are
+        contiguous, as sorted labels are. A sequence that reads as offsets (starts at 0, ends
+        at n_rows, non-decreasing) is taken as offsets.
+    n_rows : int, the number of rows of X (m).
+
+    Returns
+    -------
+    offsets : int64 array (n_groups + 1,)
+    """
+    if groups is None:
+        raise ValueError(
+            "groups is required: give row offsets [0, ..., n_rows] or one label per row of X"
+        )
+    arr = np.asarray(groups)
+    if arr.ndim != 1:
+        raise ValueError(f"groups must be 1-D (offsets or one label per row), got shape {arr.shape}")
+    integral = arr.dtype.kind in "iu" or (
+        arr.dtype.kind == "f" and bool(np.all(np.isfinite(arr))) and bool(np.all(arr == np.round(arr)))
+    )
+    if integral and arr.size >= 2 and arr[0] == 0 and arr[-1] == n_rows:
+        off = arr.astype(np.int64)
+        if np.all(np.diff(off) >= 0):
+            return off
+        if arr.size != n_rows:
+            raise ValueError(f"group offsets must be non-decreasing, got {_short(off)}")
+    if arr.size == n_rows:
+        return _offsets_from_labels(arr, n_rows)
+    raise ValueError(
+        f"groups has {arr.size} entries: it must be offsets [0, ..., {n_rows}] (non-decreasing "
+        f"integers from 0 to the number of rows of X) or one label per row of X ({n_rows} "
+        f"labels); got {_short(arr)}"
+    )
+
+
+def _offsets_from_labels(labels, n_rows):
+    if n_rows == 0:
+        raise ValueError("X has no rows")
+    change = np.flatnonzero(labels[1:] != labels[:-1]) + 1
+    starts = np.concatenate([[0], change])
+    firsts = labels[starts]
+    if len(np.unique(firsts)) != len(firsts):
+        seen = {}
+        for s in starts:  # name the first label that comes back after another one
+            key = labels[s].item() if hasattr(labels[s], "item") else labels[s]
+            if key in seen:
+                raise ValueError(
+                    f"group labels must be contiguous (sorted), but label {key!r} appears at row "
+                    f"{seen[key]} and again at row {s} after another label. Sort the rows of X by "
+                    "group first: order = np.argsort(labels, kind='stable'); X, labels = "
+                    "X[order], labels[order]"
+                )
+            seen[key] = int(s)
+    return np.concatenate([starts, [n_rows]]).astype(np.int64)
+
+
+def _short(a):
+    a = list(np.asarray(a).tolist())
+    return str(a) if len(a) <= 8 else f"[{', '.join(map(str, a[:4]))}, ..., {', '.join(map(str, a[-2:]))}]"
+
+
+def group_norms(W, offsets):
+    """Nrm (n_groups x k): Nrm[g, j] = ||W[G_g, j]||_2, computed in float64.
+
+    For images, row g is image g's code (how much it uses each part).
+    """
+    W = np.asarray(W)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    sq = np.square(W, dtype=np.float64)
+    sums = np.add.reduceat(sq, offsets[:-1], axis=0) if W.shape[0] else np.zeros((0, W.shape[1]))
+    empty = offsets[1:] == offsets[:-1]
+    sums[empty] = 0.0  # reduceat returns the row at the offset for an empty segment
+    return np.sqrt(sums)
+
+
+def group_objective(X, W, H, offsets, *, lam=0.0, mu=0.0, l1_W=0.0, l2_W=0.0, l1_H=0.0, l2_H=0.0):
+    """The GSNMF objective in float64, directly from its definition (no trace identity)."""
+    X = np.asarray(X, dtype=np.float64)
+    W = np.asarray(W, dtype=np.float64)
+    H = np.asarray(H, dtype=np.float64)
+    R = X - W @ H
+    value = 0.5 * float(np.sum(R * R))
+    value += lam * float(group_norms(W, offsets).sum()) + 0.5 * mu * float(np.sum(H * H))
+    value += l1_W * float(W.sum()) + 0.5 * l2_W * float(np.sum(W * W))
+    value += l1_H * float(H.sum()) + 0.5 * l2_H * float(np.sum(H * H))
+    return value
+
+
+def penalty_scale(X, groups, n_components):
+    """Units (lam_unit, mu_unit) in which lam and mu mean the same on any data.
+
+    With w0 = sqrt(mean(X) / k), the scale of scikit-learn's (and dffkit's) initial W and H::
+
+        lam_unit = (1/2 ||X||_F^2) / (k * w0 * sum_g sqrt(|G_g|))
+        mu_unit  = (1/2 ||X||_F^2) / (1/2 ||H0||_F^2),  ||H0||_F^2 = k * n * w0^2 = n * mean(X)
+
+    so lam = r * lam_unit makes the group term, evaluated at factors of the initial scale
+    (every entry w0), equal to r times 1/2 ||X||^2, and likewise for mu and the H term.
+    Scaling X by c scales lam_unit by c^1.5 and mu_unit by c, which is exactly how the
+    minimiser's lam and mu must scale (W and H each scale by sqrt(c)), so r is unit-free:
+    the same r gives the same solution, up to that scaling, on data of any magnitude.
+    """
+    Xh = _as_float_matrix(X, whom="penalty_scale")
+    _check_real("n_components", n_components, low=1, integer=True)
+    off = group_offsets(groups, Xh.shape[0])
+    k = int(n_components)
+    m, n = Xh.shape
+    sq = float(np.sum(np.square(Xh, dtype=np.float64)))
+    mean = float(np.mean(Xh, dtype=np.float64))
+    if sq == 0.0:
+        return 0.0, 0.0
+    w0 = np.sqrt(mean / k)
+    sizes = np.diff(off).astype(np.float64)
+    lam_unit = 0.5 * sq / (k * w0 * float(np.sqrt(sizes).sum()))
+    mu_unit = sq / (n * mean)
+    return lam_unit, mu_unit
+
+
+def _check_groups_and_X(X, groups, whom):
+    if _is_device_array(X):
+        m = int(X.shape[0])
+    else:
+        X = _as_float_matrix(X, whom=whom)
+        m = X.shape[0]
+    return X, group_offsets(groups, m)
+
+
+def group_sparse_nmf(X, groups, n_components, *, lam=0.0, mu=0.0, init=None, W=None, H=None,
+                     update_H=True, max_iter=200, tol=1e-4, alpha_W=0.0, alpha_H="same",
+                     l1_ratio=0.0, random_state=None, backend="auto", precision="fp32",
+                     record_objective=False, verbose=0):
+    """Group-sparse NMF of X (m x n) with row groups: X ~ W H.
+
+    Parameters
+    ----------
+    X : array-like (m, n), non-negative; numpy (float32 stays float32) or a GPU array for
+        the CUDA backend (read in place).
+    groups : offsets ``[0, ..., m]`` (n_groups + 1 ints) or one label per row (length m,
+        equal labels contiguous, e.g. sorted); see :func:`group_offsets`.
+    n_components : int, k.
+    lam : float >= 0, the group penalty lam of the objective, used as given (no scaling;
+        :func:`penalty_scale` gives a data-scaled unit).
+    mu : float >= 0, the L2 weight on H: the objective has 1/2 mu ||H||^2.
+    init : "random", "nndsvd", "nndsvda", "nndsvdar", "custom" or None (as in
+        ``non_negative_factorization``).
+    W, H : initial factors with init="custom"; H alone, fixed, with update_H=False. Never
+        modified.
+    update_H : False keeps H fixed and fits W only (W starts at sqrt(mean(X)/k), as
+        scikit-learn's transform does).
+    max_iter, tol : as in ``non_negative_factorization`` (tol=0 runs max_iter iterations).
+    alpha_W, alpha_H, l1_ratio : scikit-learn's ordinary penalties, added to the objective.
+    random_state, backend, precision, verbose : as in ``non_negative_factorization``.
+    record_objective : also return the objective after each iteration (a list of floats).
+
+    Returns
+    -------
+    W (m, k), H (k, n), n_iter  (+ objective list when ``record_objective``)
+    """
+    _check_real("lam", lam)
+    _check_real("mu", mu)
+    if n_components is None or isinstance(n_components, str):
+        raise TypeError(f"n_components must be an integer >= 1, got {n_components!r}")
+    _check_real("n_components", n_components, low=1, integer=True)
+    X, off = _check_groups_and_X(X, groups, "group_sparse_nmf")
+    Wout, Hout, info = _solve(
+        X, W, H, n_components=n_components, init=init, update_H=update_H, beta=2, tol=tol,
+        max_iter=max_iter, penalties=lambda m, n: _penalties(alpha_W, alpha_H, l1_ratio, m, n),
+        random_state=random_state, verbose=verbose, backend=backend, precision=precision,
+        groups=off.tolist(), lam=float(lam), mu=float(mu), record_objective=record_objective,
+        whom="group_sparse_nmf",
+    )
+    if record_objective:
+        return Wout, Hout, info.n_iter, list(info.objective)
+    return Wout, Hout, info.n_iter
+
+
+class GroupSparseNMF(NMF):
+    """Group-sparse NMF as a scikit-learn style estimator (an ``NMF`` with row groups).
+
+    ``fit(X, groups=...)`` learns H (``components_``); ``transform(X, groups=...)`` fits W
+    for new data with H fixed (W starts at sqrt(mean(X)/k) like scikit-learn's transform and
+    runs the same updates, group term included). Parameters as in :func:`group_sparse_nmf`;
+    lam and mu are the absolute weights of the objective.
+
+    Attributes
+    ----------
+    components_ : (n_components, n_features) array, H
+    n_components_, n_iter_, n_features_in_ : ints
+    reconstruction_err_ : float, ||X - W H||_F at the end of fit
+    objective_ : list of floats, the objective after each iteration of the last fit
+    codes_ : (n_groups, n_components) array, group norms of the fitted W (one row per group)
+    group_offsets_ : int64 array, the offsets of the fitted groups
+    backend_ : str
+    """
+
+    def __init__(self, n_components=None, *, lam=0.0, mu=0.0, init=None, tol=1e-4,
+                 max_iter=200, alpha_W=0.0, alpha_H="same", l1_ratio=0.0, random_state=None,
+                 verbose=0, backend="auto", precision="fp32", record_objective=True):
+        self.n_components = n_components
+        self.lam = lam
+        self.mu = mu
+        self.init = init
+        self.tol = tol
+        self.max_iter = max_iter
+        self.alpha_W = alpha_W
+        self.alpha_H = alpha_H
+        self.l1_ratio = l1_ratio
+        self.random_state = random_state
+        self.verbose = verbose
+        self.backend = backend
+        self.precision = precision
+        self.record_objective = record_objective
+
+    def _run(self, X, groups, W=None, H=None, update_H=True, record=False):
+        n_components = self.n_components
+        if n_components is None:
+            raise ValueError(f"{type(self).__name__}: set n_components (an integer >= 1)")
+        _check_real("n_components", n_components, low=1, integer=True)
+        _check_real("lam", self.lam)
+        _check_real("mu", self.mu)
+        X, off = _check_groups_and_X(X, groups, type(self).__name__)
+        W, H, info = _solve(
+            X, W, H, n_components=n_components, init=self.init if update_H else "custom",
+            update_H=update_H, beta=2, tol=self.tol, max_iter=self.max_iter,
+            penalties=lambda m, n: _penalties(self.alpha_W, self.alpha_H, self.l1_ratio, m, n),
+            random_state=self.random_state, verbose=self.verbose, backend=self.backend,
+            precision=self.precision, groups=off.tolist(), lam=float(self.lam),
+            mu=float(self.mu), record_objective=record, whom=type(self).__name__,
+        )
+        return W, H, info, off
+
+    def fit_transform(self, X, y=None, groups=None, W=None, H=None):
+        """Learn H from X (m, n) with row ``groups``; return W (m, n_components)."""
+        if groups is None:
+            raise ValueError(
+                f"{type(self).__name__}.fit needs groups=: row offsets [0, ..., m] or one "
+                "label per row of X"
+            )
+        X = self._validate(X, reset=True)
+        W, H, info, off = self._run(X, groups, W, H, record=self.record_objective)
+        self.components_ = H
+        self.n_components_ = H.shape[0]
+        self.n_iter_ = info.n_iter
+        self.reconstruction_err_ = info.error
+        self.objective_ = list(info.objective)
+        self.backend_ = info.backend
+        self.group_offsets_ = off
+        if isinstance(W, np.ndarray):
+            self.codes_ = group_norms(W, off)
+        return W
+
+    def fit(self, X, y=None, groups=None, **params):
+        """Learn H from X (m, n) with row ``groups``; returns self."""
+        self.fit_transform(X, groups=groups, **params)
+        return self
+
+    def transform(self, X, groups=None):
+        """W (m, n_components) for new X with H fixed; ``groups`` as in fit.
+
+        Without groups, all of X is one group (one image's positions, say).
+        """
+        if not hasattr(self, "components_"):
+            raise _not_fitted(self)
+        X = self._validate(X, reset=False)
+        if groups is None:
+            groups = [0, int(np.shape(X)[0])]
+        W, _, _, _ = self._run(X, groups, None, self.components_, update_H=False)
+        return W
+
+    def codes(self, X, groups):
+        """Group norms (n_groups, n_components) of ``transform(X, groups)``: one code per group."""
+        W = self.transform(X, groups=groups)
+        return group_norms(W, group_offsets(groups, int(np.shape(X)[0])))

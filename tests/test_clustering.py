@@ -1,0 +1,374 @@
+"""Image clustering with a factorized convolutional network, its metrics and its ONNX export
+(issue 8)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+import dffkit
+from dffkit import metrics
+from dffkit.clustering import (
+    ClusteringResult,
+    cluster_activations,
+    cluster_images,
+    kmeans,
+    synthetic_parts_activations,
+    transform_codes,
+)
+from dffkit.export_onnx import export_parts_model
+from dffkit.group_sparse import group_norms, group_sparse_nmf
+
+from conftest import readonly
+
+pytestmark = pytest.mark.filterwarnings("ignore:Maximum number of iterations")
+
+SAMPLES = os.path.join(os.path.dirname(dffkit.__file__), "data", "sample_images")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------
+
+def test_accuracy_hand_computed():
+    assert metrics.clustering_accuracy([0, 0, 1, 1], [1, 1, 0, 0]) == 1.0
+    # contingency [[2, 1, 0], [0, 1, 2]]: best matching 2 + 2 of 6
+    assert metrics.clustering_accuracy([0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]) == pytest.approx(4 / 6)
+    # string labels, more classes than clusters: the unmatched class counts as wrong
+    assert metrics.clustering_accuracy(list("aabbcc"), [7, 7, 7, 7, 3, 3]) == pytest.approx(4 / 6)
+
+
+def test_nmi_and_ari_hand_computed():
+    y, p = [0, 0, 1, 1], [0, 0, 0, 1]
+    # contingency [[2, 0], [1, 1]]
+    mi = 0.5 * math.log(4 / 3) + 0.25 * math.log(2 / 3) + 0.25 * math.log(2)
+    h_u = math.log(2)
+    h_v = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert metrics.normalized_mutual_info_score(y, p) == pytest.approx(mi / ((h_u + h_v) / 2))
+    # sum C(n_ij, 2) = 1, sum C(a_i, 2) = 2, sum C(b_j, 2) = 3, C(4, 2) = 6: expected 1, max 2.5
+    assert metrics.adjusted_rand_score(y, p) == pytest.approx((1 - 1) / (2.5 - 1))
+    y, p = [0, 0, 0, 1, 1, 1], [0, 0, 1, 1, 2, 2]
+    # sum C(n_ij, 2) = 1 + 1 = 2; a: 3 + 3 = 6; b: 1 + 1 + 1 = 3; C(6, 2) = 15
+    expected = 6 * 3 / 15
+    assert metrics.adjusted_rand_score(y, p) == pytest.approx((2 - expected) / ((6 + 3) / 2 - expected))
+    assert metrics.adjusted_rand_score([1, 1, 2, 2], [5, 5, 9, 9]) == 1.0
+    assert metrics.normalized_mutual_info_score([1, 1, 2, 2], [5, 5, 9, 9]) == pytest.approx(1.0)
+    assert metrics.normalized_mutual_info_score([0, 0, 0], [1, 1, 1]) == 1.0
+    assert metrics.normalized_mutual_info_score([0, 1, 0, 1], [0, 0, 0, 0]) == 0.0
+
+
+def test_metrics_against_sklearn_and_scipy():
+    skm = pytest.importorskip("sklearn.metrics")
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 60))
+        y = rng.integers(0, rng.integers(1, 6), n)
+        p = rng.integers(0, rng.integers(1, 7), n)
+        assert metrics.normalized_mutual_info_score(y, p) == pytest.approx(skm.normalized_mutual_info_score(y, p), abs=1e-12)
+        assert metrics.adjusted_rand_score(y, p) == pytest.approx(skm.adjusted_rand_score(y, p), abs=1e-12)
+        r, c = rng.integers(1, 9, 2)
+        cost = rng.random((r, c)) if rng.random() < 0.5 else rng.integers(0, 4, (r, c)).astype(float)
+        ri, ci = metrics.linear_sum_assignment(cost)
+        rs, cs = scipy_opt.linear_sum_assignment(cost)
+        assert len(ri) == min(r, c) and len(set(ci.tolist())) == len(ci)
+        assert cost[ri, ci].sum() == pytest.approx(cost[rs, cs].sum())
+        M = metrics.contingency_matrix(y, p)
+        rs, cs = scipy_opt.linear_sum_assignment(M, maximize=True)
+        assert metrics.clustering_accuracy(y, p) == pytest.approx(M[rs, cs].sum() / n)
+
+
+def test_metrics_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        metrics.clustering_accuracy([0, 1], [0, 1, 1])
+    with pytest.raises(ValueError, match="1-D"):
+        metrics.adjusted_rand_score(np.zeros((2, 2)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.linear_sum_assignment([[0.0, np.nan]])
+
+
+# ---------------------------------------------------------------------------------------------
+# k-means
+# ---------------------------------------------------------------------------------------------
+
+def test_kmeans_finds_separated_blobs_deterministically():
+    rng = np.random.default_rng(1)
+    centers = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], float)
+    y = np.repeat(np.arange(4), 25)
+    X = centers[y] + rng.normal(size=(100, 2))
+    labels, found, inertia = kmeans(X, 4, random_state=3)
+    assert metrics.clustering_accuracy(y, labels) == 1.0
+    again = kmeans(X, 4, random_state=3)
+    np.testing.assert_array_equal(again[0], labels)
+    np.testing.assert_array_equal(again[1], found)
+    assert inertia == pytest.approx(sum(((X[labels == c] - found[c]) ** 2).sum() for c in range(4)))
+    with pytest.raises(ValueError, match="larger than the number of samples"):
+        kmeans(X[:3], 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# clustering
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def parts_data():
+    A, y, parts = synthetic_parts_activations(n_per_class=30, n_classes=3, random_state=0)
+    return A, y, parts
+
+
+@pytest.fixture(scope="module")
+def fcn_result(parts_data):
+    A, y, _ = parts_data
+    return cluster_activations(readonly(A), 3, random_state=0, backend="cpu")
+
+
+def test_synthetic_classes_differ_by_parts_not_by_mean_pooling(parts_data):
+    A, y, parts = parts_data
+    pooled = A.mean(axis=(2, 3))
+    class_means = np.array([pooled[y == c].mean(0) for c in range(3)])
+    between = np.linalg.norm(class_means - class_means.mean(0), axis=1).max()
+    within = np.mean([np.linalg.norm(pooled[y == c] - class_means[c], axis=1).mean() for c in range(3)])
+    assert between < 0.5 * within  # pooling sees mostly noise
+    # the two parts of one class sum to the same vector for every class
+    sums = parts[0::2] + parts[1::2]
+    np.testing.assert_allclose(sums, np.broadcast_to(sums[0], sums.shape))
+
+
+def test_fcn_clusters_by_parts_and_beats_kmeans(parts_data, fcn_result):
+    A, y, _ = parts_data
+    fcn = fcn_result
+    base = cluster_activations(A, 3, method="kmeans", random_state=0)
+    acc_fcn = metrics.clustering_accuracy(y, fcn.labels)
+    acc_base = metrics.clustering_accuracy(y, base.labels)
+    assert acc_fcn >= 0.9, acc_fcn
+    assert acc_fcn >= acc_base + 0.2, (acc_fcn, acc_base)
+    assert metrics.normalized_mutual_info_score(y, fcn.labels) > 0.8
+    assert metrics.adjusted_rand_score(y, fcn.labels) > 0.8
+    # each image uses about 2 of the 6 parts
+    used = np.array([len(u) for u in fcn.parts_used])
+    assert np.median(used) == 2
+
+
+def test_fcn_argmax_layer2_runs_and_is_accurate_here(parts_data):
+    A, y, _ = parts_data
+    res = cluster_activations(A, 3, assign="argmax", random_state=0, backend="cpu")
+    assert res.layer2.shape == (3, 6) and res.centers is None
+    assert set(res.labels.tolist()) <= {0, 1, 2}
+    assert metrics.clustering_accuracy(y, res.labels) >= 0.9
+
+
+def test_result_contents(parts_data):
+    A, y, _ = parts_data
+    N, C, h, w = A.shape
+    res = cluster_activations(A[:30], 3, n_parts=5, random_state=1, n_init=1, backend="cpu")
+    assert isinstance(res, ClusteringResult)
+    assert res.labels.shape == (30,) and res.labels.dtype == np.int64
+    assert res.codes.shape == (30, 5) and res.parts.shape == (5, C)
+    assert res.part_maps.shape == (30, 5, h, w)
+    # the code is the norm of the heat map; the maps of the parts used come back per image
+    np.testing.assert_allclose(np.sqrt((res.part_maps.astype(np.float64) ** 2).sum(axis=(2, 3))),
+                               res.codes, rtol=1e-5)
+    for i in range(30):
+        maps = res.heat_maps(i)
+        assert list(maps) == res.parts_used[i].tolist()
+        assert all(m.shape == (h, w) for m in maps.values())
+        top = res.codes[i].max()
+        assert set(res.parts_used[i].tolist()) == set(np.flatnonzero(res.codes[i] >= 0.05 * top).tolist())
+    assert sum(len(c) for c in res.clusters()) == 30
+    assert res.lam > 0 and res.mu > 0 and np.isfinite(res.objective)
+
+
+def test_default_penalties_scale_with_the_data(parts_data):
+    A, y, _ = parts_data
+    kw = dict(random_state=0, n_init=1, backend="cpu", max_iter=100, tol=0)
+    a = cluster_activations(A[:45].astype(np.float64), 3, **kw)
+    b = cluster_activations(250.0 * A[:45].astype(np.float64), 3, **kw)
+    assert b.lam == pytest.approx(250.0 ** 1.5 * a.lam) and b.mu == pytest.approx(250.0 * a.mu)
+    np.testing.assert_allclose(b.codes, np.sqrt(250.0) * a.codes, rtol=1e-6)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_predict_on_the_training_images(parts_data, fcn_result):
+    A, y, _ = parts_data
+    res = fcn_result
+    pred = res.predict_activations(A[:30], max_iter=100)
+    assert metrics.clustering_accuracy(y[:30], pred) >= 0.9
+    assert metrics.clustering_accuracy(res.labels[:30], pred) >= 0.9
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(A=np.ones((2, 3, 4))), ValueError, "4-D"),
+    (dict(A=-np.ones((4, 3, 2, 2))), ValueError, "non-negative"),
+    (dict(A=np.full((4, 3, 2, 2), np.nan)), ValueError, "NaN"),
+    (dict(n_clusters=5), ValueError, "larger than the number of images"),
+    (dict(n_clusters=0), ValueError, "n_clusters must be >= 1"),
+    (dict(method="spectral"), ValueError, "method must be one of"),
+    (dict(assign="nearest"), ValueError, "assign must be one of"),
+    (dict(lam=-1.0), ValueError, "lam must be >= 0"),
+    (dict(lam_rel="x"), TypeError, "lam_rel must be a real number"),
+    (dict(images=["a"]), ValueError, "names for 4 images"),
+])
+def test_bad_input_is_named(kwargs, exc, match):
+    args = dict(A=np.random.default_rng(0).random((4, 3, 2, 2)), n_clusters=2)
+    args.update(kwargs)
+    A, n = args.pop("A"), args.pop("n_clusters")
+    with pytest.raises(exc, match=match):
+        cluster_activations(A, n, **args)
+
+
+def test_cluster_images_with_any_extractor(parts_data):
+    A, y, _ = parts_data
+    images = [f"img{i}.png" for i in range(len(A))]
+    lookup = dict(zip(images, A))
+
+    def fake_extractor(items):
+        return np.stack([lookup[i] for i in items])
+
+    res = cluster_images(images[:45], 3, extractor=fake_extractor, random_state=0, n_init=1,
+                         max_iter=100, backend="cpu")
+    direct = cluster_activations(A[:45], 3, random_state=0, n_init=1, max_iter=100, backend="cpu")
+    assert res.images == images[:45]
+    np.testing.assert_array_equal(res.labels, direct.labels)
+    with pytest.raises(TypeError, match="extractor must be"):
+        cluster_images(images, 3, extractor=42)
+    with pytest.raises(ValueError, match="no images"):
+        cluster_images([], 3, extractor=fake_extractor)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX export
+# ---------------------------------------------------------------------------------------------
+
+def _session(model):
+    ort = pytest.importorskip("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("with_lam", [False, True])
+def test_export_reproduces_transform_on_activations(parts_data, fcn_result, tmp_path, with_lam):
+    A, y, _ = parts_data
+    res = fcn_result
+    lam = res.lam if with_lam else 0.0
+    path = tmp_path / "parts.onnx"
+    model = export_parts_model(None, res.parts, 40, path, lam=lam, centers=res.centers)
+    assert path.exists() and model.ir_version == 9
+    assert {o.domain: o.version for o in model.opset_import}[""] == 17
+    maps, code, cluster = _session(model).run(None, {"activations": A[:12]})
+    k = res.parts.shape[0]
+    for i in range(12):
+        X = A[i].transpose(1, 2, 0).reshape(-1, A.shape[1])
+        W, _, _ = group_sparse_nmf(X, [0, len(X)], k, H=res.parts, update_H=False, lam=lam,
+                                   max_iter=40, tol=0, backend="cpu")
+        np.testing.assert_allclose(maps[i].transpose(1, 2, 0).reshape(-1, k), W, rtol=1e-4,
+                                   atol=1e-5 * W.max())
+        np.testing.assert_allclose(code[i], group_norms(W, [0, len(X)])[0], rtol=1e-4,
+                                   atol=1e-5 * W.max())
+    np.testing.assert_allclose(code, transform_codes(A[:12], res.parts, lam=lam, max_iter=40),
+                               rtol=1e-4, atol=1e-5 * code.max())
+    np.testing.assert_array_equal(cluster, res.predict_activations(A[:12], max_iter=40) if with_lam
+                                  else cluster)
+    # the batch does not change an image's result
+    alone = _session(model).run(["code"], {"activations": A[3:4]})[0]
+    np.testing.assert_allclose(alone[0], code[3], rtol=1e-5, atol=1e-6 * code.max())
+
+
+def _tiny_cnn():
+    """Conv 3 -> 8 channels, stride 4, then ReLU: a stand-in CNN written with onnx.helper."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    weight = rng.normal(size=(8, 3, 4, 4)).astype(np.float32)
+    bias = np.abs(rng.normal(size=8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w", "b"], ["conv"], strides=[4, 4]),
+         helper.make_node("Relu", ["conv"], ["relu"]),
+         helper.make_node("GlobalAveragePool", ["relu"], ["pooled"])],
+        "tiny",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    return model
+
+
+def test_export_with_a_network_maps_images_to_parts(tmp_path):
+    cnn = _tiny_cnn()
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(6, 3, 32, 32)).astype(np.float32)
+    A = _session(_cut(cnn)).run(None, {"image": images})[0]
+    assert A.shape == (6, 8, 8, 8)
+    X = A.transpose(0, 2, 3, 1).reshape(-1, 8)
+    _, H, _ = group_sparse_nmf(X, np.arange(7) * 64, 3, lam=0.5, mu=0.1, init="random",
+                               random_state=0, max_iter=50, backend="cpu")
+    model = export_parts_model(cnn, H, 25, tmp_path / "m.onnx", lam=0.5, layer="relu")
+    assert [o.name for o in model.graph.output] == ["part_maps", "code"]
+    maps, code = _session(model).run(None, {"image": images})
+    assert maps.shape == (6, 3, 8, 8)
+    np.testing.assert_allclose(code, transform_codes(A, H, lam=0.5, max_iter=25), rtol=1e-4,
+                               atol=1e-5 * code.max())
+
+
+def _cut(cnn):
+    from dffkit import models
+
+    return models.truncate(cnn, "relu")
+
+
+def test_export_with_the_filterbank_extractor(tmp_path):
+    features = pytest.importorskip("dffkit.features")
+    fx = features.FeatureExtractor("filterbank", image_size=64, providers="cpu")
+    files = sorted(os.path.join(SAMPLES, f) for f in os.listdir(SAMPLES) if f.endswith(".jpg"))
+    A = fx(files)
+    est = dffkit.GroupSparseNMF(4, lam=0.0, mu=0.0, init="random", random_state=0, max_iter=30,
+                                backend="cpu")
+    N, C, h, w = A.shape
+    est.fit(A.transpose(0, 2, 3, 1).reshape(-1, C), groups=np.repeat(np.arange(N), h * w))
+    est.lam = 0.01 * float(A.mean()) ** 1.5
+    model = export_parts_model(fx, est, 20, tmp_path / "fb.onnx")
+    from dffkit.images import load_images
+
+    x = fx.preprocess(load_images(files))
+    sess = _session(model)
+    maps, code = sess.run(None, {sess.get_inputs()[0].name: x})
+    np.testing.assert_allclose(code, transform_codes(A, est.components_, lam=est.lam, max_iter=20),
+                               rtol=1e-3, atol=1e-4 * code.max())
+
+
+def test_export_bad_input():
+    with pytest.raises(ValueError, match="n_iter"):
+        export_parts_model(None, np.ones((2, 3)), 0)
+    with pytest.raises(ValueError, match="non-negative"):
+        export_parts_model(None, -np.ones((2, 3)), 5)
+    with pytest.raises(ValueError, match="2-D"):
+        export_parts_model(None, np.ones(3), 5)
+    with pytest.raises(ValueError, match="centers"):
+        export_parts_model(None, np.ones((2, 3)), 5, centers=np.ones((3, 5)))
+    with pytest.raises(TypeError, match="extractor_or_model"):
+        export_parts_model(object(), np.ones((2, 3)), 5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------
+
+def test_cli_cluster_writes_json_and_contact_sheets(tmp_path, capsys):
+    pytest.importorskip("dffkit.features")
+    from dffkit.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["cluster", SAMPLES, "-n", "2", "--out", str(out), "--parts", "3"])
+    assert rc == 0
+    doc = json.loads((out / "clusters.json").read_text())
+    assert doc["n_clusters"] == 2 and doc["method"] == "fcn" and doc["n_parts"] == 3
+    assert sum(c["size"] for c in doc["clusters"]) == 4 == len(doc["images"])
+    for c in doc["clusters"]:
+        if c["size"]:
+            assert (out / c["sheet"]).exists()
+    assert "cluster 0" in capsys.readouterr().out
+    assert main(["cluster", str(tmp_path / "missing.jpg"), "-n", "2"]) == 1
