@@ -457,4 +457,4 @@ def test_ctrl_c_stops_a_long_fit(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
     assert "interrupted" in out
-    assert time.perf_counter() - sent < 2.0
+    assert time.perf_counter() - sent < 3.0  # generous: the poll is every 50 ms, the rest is process exit under load
