@@ -6,6 +6,8 @@ from collections import deque
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import dffkit
@@ -141,6 +143,27 @@ def test_heatmaps_follow_the_documented_formula(backend):
     np.testing.assert_allclose(result.strength, peaks / peaks.max(axis=0), atol=2e-4)
     np.testing.assert_allclose(result.concepts, np.asarray(H), rtol=1e-4, atol=1e-6)
     assert result.backend == backend
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3), C=st.integers(1, 6), h=st.integers(1, 5), w=st.integers(1, 5), k=st.integers(1, 4),
+       H=st.integers(1, 30), W=st.integers(1, 30), mode=st.sampled_from(["joint", "per_image"]),
+       seed=st.integers(0, 2**16))
+def test_heatmap_shapes_and_ranges_for_any_sizes(n, C, h, w, k, H, W, mode, seed):
+    k = min(k, h * w)
+    rng = np.random.default_rng(seed)
+    acts = rng.random((n, C, h, w)).astype(np.float32) * (rng.random((n, C, h, w)) < 0.7)
+    acts[:, 0, 0, 0] += 0.1  # never all zero
+    images = [np.zeros((H + i, W, 3), np.uint8) for i in range(n)]
+    result = dff(images, k, activations=acts, mode=mode, max_iter=30)
+    for i, hm in enumerate(result.heatmaps):
+        assert hm.shape == (k, H + i, W) and hm.dtype == np.float32
+        assert np.isfinite(hm).all() and hm.min() >= 0 and hm.max() <= 1
+        peaks = hm.max(axis=(1, 2))
+        assert np.all((np.abs(peaks - 1) < 1e-5) | (peaks == 0))
+        assert result.labels[i].shape == (H + i, W) and result.labels[i].min() >= -1
+        assert result.labels[i].max() < k
+    assert result.strength.shape == (n, k) and result.strength.max() <= 1
 
 
 @pytest.mark.parametrize("mode", ["joint", "per_image"])
