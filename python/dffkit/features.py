@@ -1,0 +1,585 @@
+"""CNN activations through onnxruntime: any layer of any ONNX model, VGG-16 by default.
+
+``FeatureExtractor(model, layer)`` cuts the model down to the named tensor (the graph keeps
+only the nodes that tensor needs, and the tensor becomes its output), opens one
+onnxruntime session on it, and turns images into activations (N, C, h, w) float32::
+
+    fx = FeatureExtractor("vgg16")              # conv5_3 after ReLU
+    acts = fx(["a.jpg", "b.png"])               # numpy (2, 512, 14, 14)
+    fx.last_sizes                               # [(H, W) of a.jpg, of b.png]
+
+On the CUDA provider, ``fx(images, device_output=True)`` leaves the activations in GPU
+memory (onnxruntime I/O binding) and returns a ``DeviceActivations`` that exposes them
+through ``__cuda_array_interface__`` and ``__dlpack__`` without a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import os
+import sys
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import models as _models
+from .images import as_image_list, image_sizes, load_image, load_images, preprocess, resized_size
+
+__all__ = [
+    "FeatureExtractor",
+    "DeviceActivations",
+    "load_images",
+    "load_image",
+    "preprocess",
+    "image_sizes",
+    "cuda_available",
+    "MODEL_NAMES",
+]
+
+#: names ``FeatureExtractor`` accepts in place of a model file.
+MODEL_NAMES = ("vgg16", "vgg16:random", "vgg16:torchvision", "filterbank")
+_FLOAT_TYPES = (0, 1, 10, 11, 16)  # unknown, float, float16, double, bfloat16
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def _cuda_device_status() -> Tuple[bool, str]:
+    """(usable, reason): the CUDA provider is in this onnxruntime and a device answers."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, "this onnxruntime has no CUDA provider (install onnxruntime-gpu, not onnxruntime)"
+    names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    lib = None
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if lib is None:
+        return False, "no NVIDIA driver (libcuda) found"
+    rc = lib.cuInit(0)
+    if rc != 0:
+        return False, f"the CUDA driver failed to initialise (cuInit error {rc})"
+    count = ctypes.c_int(0)
+    rc = lib.cuDeviceGetCount(ctypes.byref(count))
+    if rc != 0 or count.value == 0:
+        return False, "no CUDA device visible"
+    return True, f"{count.value} CUDA device(s)"
+
+
+def cuda_available() -> bool:
+    """True when onnxruntime's CUDA provider is installed and a CUDA device is visible
+    (whether its libraries load is known only once a session is made)."""
+    return _cuda_device_status()[0]
+
+
+_PRELOAD_LOG: Optional[str] = None
+
+
+def _preload_cuda_libraries() -> str:
+    """``onnxruntime.preload_dlls()`` once per process (it finds the CUDA and cuDNN
+    libraries of the nvidia-* wheels); what it printed is kept for error messages."""
+    global _PRELOAD_LOG
+    if _PRELOAD_LOG is None:
+        import onnxruntime as ort
+
+        buffer = io.StringIO()
+        if hasattr(ort, "preload_dlls"):
+            with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+                try:
+                    ort.preload_dlls()
+                except Exception as e:  # a failed preload is not fatal: system libraries may do
+                    print(f"preload_dlls failed: {e}")
+        _PRELOAD_LOG = buffer.getvalue().strip()
+    return _PRELOAD_LOG
+
+
+def _parse_providers(providers) -> Tuple[str, int]:
+    if isinstance(providers, str):
+        kind, _, device = providers.lower().partition(":")
+        if kind in ("auto", "cpu", "cuda") and (not device or (kind == "cuda" and device.isdigit())):
+            return kind, int(device or 0)
+    raise ValueError(f"providers must be 'auto', 'cpu', 'cuda' or 'cuda:<device>', or a list of onnxruntime providers; got {providers!r}")
+
+
+#: session config entries set unless the caller overrides them. Spinning worker threads
+#: keep the cores busy between runs: on a 2-core machine that slowed onnxruntime's own
+#: next run and whatever ran next (the NMF) more than it saved.
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
+
+def _make_session(model_bytes: bytes, providers, num_threads: Optional[int], provider_options=None, session_config=None):
+    """An onnxruntime session and the device id it runs on; never a silent CPU fallback
+    when CUDA was asked for."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    for key, value in {**SESSION_CONFIG, **(session_config or {})}.items():
+        options.add_session_config_entry(key, str(value))
+    if num_threads is not None:
+        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 0:
+            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+        options.intra_op_num_threads = int(num_threads)
+    if isinstance(providers, (list, tuple)):
+        return ort.InferenceSession(model_bytes, options, providers=list(providers)), 0
+    kind, device_id = _parse_providers(providers)
+    if kind in ("auto", "cuda"):
+        usable, reason = _cuda_device_status()
+        if usable:
+            log = _preload_cuda_libraries()
+            cuda_options = {"device_id": device_id, **{k: str(v) for k, v in (provider_options or {}).items()}}
+            session = ort.InferenceSession(
+                model_bytes, options, providers=[("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
+            )
+            if session.get_providers()[0] == "CUDAExecutionProvider":
+                return session, device_id
+            reason = "onnxruntime could not start its CUDA provider (CUDA or cuDNN libraries missing or of the wrong version?)"
+            if log:
+                reason += f"; preload_dlls said: {log}"
+            if kind == "cuda":
+                raise RuntimeError(f"providers='cuda' but {reason}")
+            warnings.warn(f"dffkit: a CUDA device is present but {reason}; running on the CPU", RuntimeWarning, stacklevel=3)
+            return session, 0
+        if kind == "cuda":
+            raise RuntimeError(f"providers='cuda' but {reason}")
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"]), 0
+
+
+# --------------------------------------------------------------------------- device output
+
+
+class DeviceActivations:
+    """Activations (N, C, h, w) float32 in the GPU memory of one onnxruntime OrtValue.
+
+    Exposes ``__cuda_array_interface__`` (CuPy, Numba, PyTorch via ``torch.as_tensor``)
+    and ``__dlpack__`` / ``__dlpack_device__`` (``torch.from_dlpack``,
+    ``cupy.from_dlpack``) without a copy; the memory lives as long as this object (or a
+    consumer's DLPack capsule). ``numpy()`` copies to the host. The data is complete when
+    the extractor returns (onnxruntime synchronises its stream at the end of a run).
+    """
+
+    def __init__(self, ortvalue, shape: Tuple[int, ...], device_id: int):
+        self.ortvalue = ortvalue
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(np.float32)
+        self.device_id = device_id
+
+    @property
+    def data_ptr(self) -> int:
+        return int(self.ortvalue.data_ptr())
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    @property
+    def __cuda_array_interface__(self):
+        return {
+            "shape": self.shape,
+            "typestr": "<f4",
+            "descr": [("", "<f4")],
+            "data": (self.data_ptr, False),
+            "strides": None,
+            "version": 3,
+        }
+
+    def __dlpack__(self, *, stream=None, **kwargs):
+        if tuple(self.ortvalue.shape()) != self.shape:
+            raise BufferError("this buffer is padded to the model's fixed batch size; use __cuda_array_interface__")
+        return self.ortvalue.__dlpack__(stream=stream)
+
+    def __dlpack_device__(self):
+        return self.ortvalue.__dlpack_device__()
+
+    def numpy(self) -> np.ndarray:
+        """A host copy, (N, C, h, w) float32."""
+        return np.asarray(self.ortvalue.numpy(), dtype=np.float32)[: self.shape[0]]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.numpy()
+        return out if dtype is None else out.astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"DeviceActivations(shape={self.shape}, dtype=float32, device='cuda:{self.device_id}')"
+
+
+# --------------------------------------------------------------------------- the extractor
+
+
+def _resolve_model(model, cache_dir=None):
+    """(ModelProto, model_name) for a name, a path, bytes or a ModelProto."""
+    import onnx
+
+    if isinstance(model, str) and model in MODEL_NAMES:
+        if model == "filterbank":
+            return _models.filterbank(), "filterbank"
+        weights = model.partition(":")[2]
+        if not weights:
+            torchvision_file = _models.cache_dir(cache_dir) / f"vgg16-torchvision-conv-v{_models._CACHE_FORMAT}.onnx"
+            weights = "torchvision" if torchvision_file.is_file() else "random"
+        return _models._vgg16(weights, False, 0, cache_dir), "vgg16"
+    if isinstance(model, onnx.ModelProto):
+        return _models.load_model(model), _models.model_info(model).get("model") or model.graph.name or "model"
+    if isinstance(model, (bytes, bytearray)):
+        proto = _models.load_model(model)
+        return proto, _models.model_info(proto).get("model") or proto.graph.name or "model"
+    if isinstance(model, (str, os.PathLike)):
+        proto = _models.load_model(model)
+        return proto, os.path.splitext(os.path.basename(os.fspath(model)))[0]
+    raise ValueError(f"model must be one of {MODEL_NAMES}, a path to an ONNX file or an onnx.ModelProto; got {type(model).__name__}")
+
+
+class FeatureExtractor:
+    """Activations of one layer of an ONNX model, computed by onnxruntime.
+
+    Parameters
+    ----------
+    model : str, path, bytes or onnx.ModelProto
+        ``"vgg16"`` (the cached torchvision export if ``dffkit.models.vgg16(weights=
+        "torchvision")`` has made one, else VGG-16 with random weights, with an
+        ``UntrainedWeightsWarning``), ``"vgg16:random"``, ``"vgg16:torchvision"``,
+        ``"filterbank"`` (the built-in colour-and-texture network,
+        ``dffkit.models.filterbank``), a path to an ONNX file, or a ModelProto.
+    layer : str, optional
+        Any tensor of the graph (a node output), or for a VGG-16 a canonical name
+        (``conv4_3``, ``relu5_3``, ``pool4``, ...). Default: conv5_3 after ReLU for a
+        VGG-16 (found by structure: the activation after the 13th convolution), the
+        output of the filter bank, otherwise the activation after the last convolution.
+        A wrong name raises ValueError listing close matches; a tensor that is not 4-D
+        raises ValueError.
+    providers : "auto", "cpu", "cuda", "cuda:<id>", or a list for onnxruntime
+        ``"auto"``: CUDA when the provider really starts (checked with
+        ``session.get_providers()``), else the CPU. ``"cuda"``: RuntimeError when CUDA
+        cannot run, never a silent fallback.
+    batch_size : int
+        Images per onnxruntime run.
+    image_size : int, (H, W) or None
+        With ``resize="fixed"``, every image is resized to this size (an int means
+        square); with ``resize="shorter"``, the shorter side is resized to it (an int),
+        aspect kept; None keeps each image's size. A model whose input has a fixed H, W
+        gets images of that size whatever is passed here.
+    resize : "fixed" or "shorter"
+    num_threads : int, optional
+        onnxruntime's intra-op threads (CPU provider); None lets onnxruntime choose.
+    normalization : "imagenet", "caffe", "unit", "none", optional
+        Default: the model's ``dffkit.normalization`` metadata, else ImageNet mean/std
+        (torchvision and the ONNX model zoo). Keras VGG16 files want ``"caffe"``.
+    cache_dir : path, optional
+        Where built models are cached (default ``$DFFKIT_CACHE_DIR`` or ``~/.cache/dffkit``).
+    provider_options : dict, optional
+        Options of onnxruntime's CUDA provider (e.g. ``{"prefer_nhwc": 1}``).
+    session_config : dict, optional
+        onnxruntime session config entries, over ``SESSION_CONFIG`` (thread spinning off).
+
+    Attributes
+    ----------
+    layer : the tensor name extracted.  provider : the provider running the session.
+    model : the whole onnx.ModelProto (classifier included, if it has one).
+    model_name, untrained, weights, image_size, resize, normalization, batch_size.
+    session : the onnxruntime session (input ``input_name``, output ``output_name``).
+    last_sizes : (H, W) of each image of the last call, after EXIF orientation.
+    """
+
+    def __init__(
+        self,
+        model,
+        layer: Optional[str] = None,
+        *,
+        providers="auto",
+        batch_size: int = 16,
+        image_size=224,
+        resize: str = "fixed",
+        num_threads: Optional[int] = None,
+        normalization: Optional[str] = None,
+        cache_dir=None,
+        provider_options: Optional[dict] = None,
+        session_config: Optional[dict] = None,
+    ):
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if resize not in ("fixed", "shorter"):
+            raise ValueError(f"resize must be 'fixed' or 'shorter', got {resize!r}")
+        if isinstance(providers, str):
+            _parse_providers(providers)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", _models.UntrainedWeightsWarning)
+            proto, self.model_name = _resolve_model(model, cache_dir)
+        info = _models.model_info(proto)
+        self.untrained = _models.is_untrained(proto)
+        self.weights = info.get("weights", "unknown")
+        self.normalization = normalization or info.get("normalization", "imagenet")
+        if self.normalization not in ("imagenet", "caffe", "unit", "none"):
+            raise ValueError(f"normalization must be 'imagenet', 'caffe', 'unit' or 'none', got {self.normalization!r}")
+        self.batch_size = int(batch_size)
+        self.resize = resize
+        self.num_threads = num_threads
+        self.layer = _models.resolve_layer(proto, layer)
+
+        # the image input: layout, fixed batch, fixed spatial size
+        graph = _models._Graph(proto)
+        inputs = graph.data_inputs()
+        if not inputs:
+            raise ValueError("the model has no input to feed images to")
+        dims = _models._value_dims(next(v for v in proto.graph.input if v.name == inputs[0])) or []
+        layout = _models.input_layout(proto)
+        hw = (dims[2], dims[3]) if layout == "NCHW" and len(dims) == 4 else (dims[1], dims[2]) if len(dims) == 4 else (None, None)
+        self._fixed_hw = tuple(hw) if all(isinstance(d, int) and d > 0 for d in hw) else None
+        self._fixed_batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+        if self._fixed_hw is not None:
+            if resize == "shorter":
+                warnings.warn(f"the model takes {self._fixed_hw} images only: resize='shorter' is ignored", stacklevel=2)
+            self.image_size, self.resize = self._fixed_hw, "fixed"
+        elif image_size is None:
+            self.image_size = None
+        elif resize == "fixed":
+            self.image_size = tuple(int(v) for v in ((image_size, image_size) if np.isscalar(image_size) else image_size))
+        else:
+            if not np.isscalar(image_size):
+                raise ValueError(f"resize='shorter' needs an int image_size, got {image_size!r}")
+            self.image_size = int(image_size)
+        if self._fixed_batch is not None:
+            self.batch_size = self._fixed_batch
+
+        probe_hw = self.image_size if isinstance(self.image_size, tuple) else None
+        shapes = _models.tensor_shapes(proto, probe_hw)
+        elem, shape = shapes.get(self.layer, (0, None))
+        if shape is not None and len(shape) != 4:
+            raise ValueError(
+                f"layer {layer or self.layer!r} has shape {shape}, not (N, C, h, w): choose a convolutional layer "
+                "(see FeatureExtractor.layers())"
+            )
+        if elem not in _FLOAT_TYPES:
+            raise ValueError(f"layer {self.layer!r} is not a float tensor (ONNX type {elem})")
+
+        self.model = proto
+        self._light = _models._strip_weights(proto)
+        truncated = _models.truncate(proto, self.layer)
+        self._shape_model = _models._strip_weights(truncated)
+        self.session, self._device_id = _make_session(
+            truncated.SerializeToString(), providers, num_threads, provider_options, session_config
+        )
+        self.provider = self.session.get_providers()[0]
+        self._device_type = "cuda"  # where device_output puts the activations
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self._out_shapes = {}
+        self.last_sizes: List[Tuple[int, int]] = []
+        if self.untrained:
+            _models._untrained_warning(f"FeatureExtractor({self.model_name!r})")
+
+    # ------------------------------------------------------------------ information
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureExtractor(model={self.model_name!r}, layer={self.layer!r}, provider={self.provider!r}, "
+            f"image_size={self.image_size!r}, resize={self.resize!r}, untrained={self.untrained})"
+        )
+
+    def layers(self) -> List[Tuple[str, Optional[tuple]]]:
+        """Candidate layers: (tensor name, shape) for every float node output, in graph
+        order. Shapes come from ONNX shape inference at this extractor's image size (None
+        where unknown; the batch is ``"N"``)."""
+        hw = self.image_size if isinstance(self.image_size, tuple) else None
+        shapes = _models.tensor_shapes(self._light, hw)
+        out = []
+        for node in self._light.graph.node:
+            if node.op_type == "Constant":
+                continue
+            for name in node.output:
+                elem, shape = shapes.get(name, (0, None))
+                if name and elem in _FLOAT_TYPES:
+                    out.append((name, shape))
+        return out
+
+    def classifier_head(self):
+        """``dffkit.models.ClassifierHead`` of the model when it is a VGG-16 with its fully
+        connected layers, for scoring conv5_3 concept embeddings; None otherwise."""
+        if not any(n.op_type in ("Gemm", "MatMul") for n in self.model.graph.node):
+            return None
+        try:
+            return _models.classifier_head(self.model)
+        except ValueError:
+            return None
+
+    def output_shape(self, image_hw: Tuple[int, int]) -> Optional[Tuple[int, int, int]]:
+        """(C, h, w) of the activations of one image of size ``image_hw`` (after resizing),
+        from shape inference; None where it cannot tell."""
+        key = tuple(image_hw)
+        if key not in self._out_shapes:
+            shapes = _models.tensor_shapes(self._shape_model, key)
+            shape = shapes.get(self.output_name, (0, None))[1]
+            ok = shape is not None and len(shape) == 4 and all(isinstance(d, int) for d in shape[1:])
+            self._out_shapes[key] = tuple(shape[1:]) if ok else None
+        return self._out_shapes[key]
+
+    # ------------------------------------------------------------------ running
+
+    def _check_input(self, x) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"input must be (N, 3, H, W) float32, got shape {x.shape}")
+        if x.shape[0] == 0:
+            raise ValueError("no images given")
+        if self._fixed_hw is not None and tuple(x.shape[2:]) != self._fixed_hw:
+            raise ValueError(f"the model takes {self._fixed_hw} images, got {tuple(x.shape[2:])}")
+        return x
+
+    def _pad(self, x: np.ndarray) -> np.ndarray:
+        b = self._fixed_batch
+        if b is None or len(x) == b:
+            return x
+        pad = np.zeros((b - len(x),) + x.shape[1:], np.float32)
+        return np.concatenate([x, pad])
+
+    def _run_host(self, x: np.ndarray) -> np.ndarray:
+        n = len(x)
+        out = self.session.run([self.output_name], {self.input_name: self._pad(x)})[0]
+        if out.ndim != 4:
+            raise ValueError(f"layer {self.layer!r} gives shape {out.shape}, not (N, C, h, w): choose a convolutional layer")
+        return out[:n]
+
+    def _device_buffer(self, n_total: int, chunk: np.ndarray):
+        """A device OrtValue for all N outputs (padded to the fixed batch if needed)."""
+        import onnxruntime as ort
+
+        per = self.output_shape(chunk.shape[2:])
+        if per is None:  # shape inference could not tell: run once to learn it
+            io_binding = self.session.io_binding()
+            io_binding.bind_cpu_input(self.input_name, self._pad(chunk))
+            io_binding.bind_output(self.output_name, self._device_type, self._device_id)
+            self.session.run_with_iobinding(io_binding)
+            per = tuple(io_binding.get_outputs()[0].shape()[1:])
+        b = self._fixed_batch
+        n_alloc = n_total if b is None else -(-n_total // b) * b
+        value = ort.OrtValue.ortvalue_from_shape_and_type((n_alloc,) + per, np.float32, self._device_type, self._device_id)
+        return value, per
+
+    def _forward(self, chunks, n_total: int, device_output: bool):
+        """Run float32 chunks (each at most batch_size images) into one result."""
+        if device_output and self.provider != "CUDAExecutionProvider":
+            raise RuntimeError(
+                f"device_output=True needs the CUDA provider, but this extractor runs on {self.provider}; "
+                "create it with providers='cuda' (or use the numpy result)"
+            )
+        out = buffer = per = None
+        start = 0
+        for x in chunks:
+            x = self._check_input(x)
+            n = len(x)
+            if device_output and n == n_total and self._fixed_batch is None:
+                # one run: onnxruntime's own (arena) allocation is the buffer, no extra cudaMalloc
+                io_binding = self.session.io_binding()
+                io_binding.bind_cpu_input(self.input_name, x)
+                io_binding.bind_output(self.output_name, self._device_type, self._device_id)
+                self.session.run_with_iobinding(io_binding)
+                buffer = io_binding.get_outputs()[0]
+                per = tuple(buffer.shape()[1:])
+                if len(per) != 3:
+                    raise ValueError(f"layer {self.layer!r} gives shape {tuple(buffer.shape())}, not (N, C, h, w)")
+            elif device_output:
+                if buffer is None:
+                    buffer, per = self._device_buffer(n_total, x)
+                    base = buffer.data_ptr()
+                elif self.output_shape(x.shape[2:]) not in (None, per):
+                    raise ValueError("images of different sizes cannot go into one device buffer; use resize='fixed'")
+                rows = n if self._fixed_batch is None else self._fixed_batch
+                io_binding = self.session.io_binding()
+                io_binding.bind_cpu_input(self.input_name, self._pad(x))
+                io_binding.bind_output(
+                    self.output_name, self._device_type, self._device_id, np.float32, (rows,) + per, base + start * int(np.prod(per)) * 4
+                )
+                self.session.run_with_iobinding(io_binding)
+            else:
+                y = self._run_host(x)
+                if out is None:
+                    out = np.empty((n_total,) + y.shape[1:], np.float32)
+                elif y.shape[1:] != out.shape[1:]:
+                    raise ValueError(
+                        f"images give activations of different sizes {out.shape[1:]} and {y.shape[1:]} "
+                        f"(resize={self.resize!r}); use resize='fixed' or extract_list()"
+                    )
+                out[start : start + n] = y
+            start += n
+        if device_output:
+            return DeviceActivations(buffer, (n_total,) + per, self._device_id)
+        return out
+
+    def run(self, x, *, device_output: bool = False):
+        """Activations for an already preprocessed batch ``x`` (N, 3, H, W) float32
+        (normalised as ``preprocess`` does); returns (N, C, h, w) float32 numpy, or
+        ``DeviceActivations`` with ``device_output=True`` (CUDA provider only)."""
+        x = self._check_input(x)
+        chunks = (x[i : i + self.batch_size] for i in range(0, len(x), self.batch_size))
+        return self._forward(chunks, len(x), device_output)
+
+    def preprocess(self, pil_images: Sequence) -> np.ndarray:
+        """RGB PIL images -> (N, 3, H, W) float32 at this extractor's size and normalisation."""
+        return preprocess(pil_images, self.image_size, self.resize, self.normalization)
+
+    def __call__(self, images, *, device_output: bool = False):
+        """Activations (N, C, h, w) float32 of the layer for ``images``.
+
+        ``images``: a path, PIL image or uint8 array (H, W[, 3|4]), or a sequence of
+        them (a 4-D uint8 array is N images). They are read with Pillow (EXIF
+        orientation applied, any mode converted to RGB), resized and normalised, and run
+        ``batch_size`` at a time; ``last_sizes`` then holds each image's original (H, W).
+
+        Returns numpy float32 (N, C, h, w); with ``device_output=True`` (CUDA provider
+        only, RuntimeError otherwise) a ``DeviceActivations`` in GPU memory. All images
+        must give activations of one size: with ``resize="shorter"`` or
+        ``image_size=None`` use ``extract_list``.
+
+        Raises FileNotFoundError / ValueError naming the image (index and path) that
+        cannot be read.
+        """
+        items = as_image_list(images)
+        if not items:
+            raise ValueError("no images given")
+        sizes: List[Tuple[int, int]] = []
+
+        def chunks():
+            for start in range(0, len(items), self.batch_size):
+                pil = load_images(items[start : start + self.batch_size], start=start)
+                sizes.extend(image_sizes(pil))
+                try:
+                    yield self.preprocess(pil)
+                except ValueError as e:
+                    raise ValueError(f"{e}; use extract_list() for images of different shapes") from None
+
+        out = self._forward(chunks(), len(items), device_output)
+        self.last_sizes = sizes
+        return out
+
+    def extract_list(self, images) -> List[np.ndarray]:
+        """Activations of each image at its own size: a list of (C, h, w) float32 arrays
+        (for ``resize="shorter"`` or ``image_size=None``, where shapes differ). Images
+        of one size are batched together."""
+        items = as_image_list(images)
+        if not items:
+            raise ValueError("no images given")
+        results: List[Optional[np.ndarray]] = [None] * len(items)
+        sizes: List[Tuple[int, int]] = []
+        for start in range(0, len(items), self.batch_size):
+            pil = load_images(items[start : start + self.batch_size], start=start)
+            sizes.extend(image_sizes(pil))
+            groups = {}
+            for i, im in enumerate(pil):
+                key = resized_size((im.height, im.width), self.image_size, self.resize)
+                groups.setdefault(key, []).append(i)
+            for idx in groups.values():
+                acts = self._run_host(self.preprocess([pil[i] for i in idx]))
+                for i, a in zip(idx, acts):
+                    results[start + i] = a
+        self.last_sizes = sizes
+        return results

@@ -1,0 +1,510 @@
+"""dffkit.features / dffkit.images: images -> activations through onnxruntime (issue 6).
+
+The oracle is numpy: a small network (conv -> relu -> pool -> conv) built here and computed
+by hand, PIL's bilinear filter written out, ImageNet normalisation written out."""
+import io
+import warnings
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dffkit import features, models  # noqa: E402
+from dffkit.features import FeatureExtractor, load_images, preprocess  # noqa: E402
+from dffkit.images import IMAGENET_MEAN, IMAGENET_STD, resized_size  # noqa: E402
+
+RNG = np.random.default_rng(20261123)
+W1 = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+B1 = RNG.standard_normal(4).astype(np.float32)
+W2 = RNG.standard_normal((5, 4, 3, 3)).astype(np.float32)
+B2 = RNG.standard_normal(5).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- numpy oracle
+
+
+def conv2d(x, w, b, pad):
+    x = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    windows = np.lib.stride_tricks.sliding_window_view(x, w.shape[2:], axis=(2, 3))
+    return np.einsum("nchwij,ocij->nohw", windows, w.astype(np.float64)) + b[None, :, None, None]
+
+
+def maxpool2(x):
+    n, c, h, w = x.shape
+    return x[:, :, : h // 2 * 2, : w // 2 * 2].reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+
+def reference(x):
+    """The small network by hand: every intermediate layer."""
+    conv1 = conv2d(x, W1, B1, 1)
+    relu1 = np.maximum(conv1, 0)
+    pool1 = maxpool2(relu1)
+    conv2 = conv2d(pool1, W2, B2, 0)
+    return {"conv1": conv1, "relu1": relu1, "pool1": pool1, "conv2": conv2}
+
+
+def normalize_reference(batch_uint8):
+    x = batch_uint8.astype(np.float64) / 255.0
+    return ((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2)
+
+
+def bilinear_weights(n_in, n_out):
+    """PIL's bilinear resampling matrix (triangle filter widened by the scale when shrinking)."""
+    scale = n_in / n_out
+    width = max(scale, 1.0)
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        center = (i + 0.5) * scale
+        lo = max(int(center - width + 0.5), 0)
+        hi = min(int(center + width + 0.5), n_in)
+        j = np.arange(lo, hi)
+        w = np.maximum(0.0, 1.0 - np.abs((j - center + 0.5) / width))
+        m[i, lo:hi] = w / w.sum()
+    return m
+
+
+def resize_reference(img, h, w):
+    """Horizontal pass, rounded to 8 bits, then vertical, as Pillow does for RGB."""
+    a = img.astype(np.float64)
+    a = np.clip(np.round(np.einsum("ow,hwc->hoc", bilinear_weights(img.shape[1], w), a)), 0, 255)
+    return np.clip(np.round(np.einsum("oh,hwc->owc", bilinear_weights(img.shape[0], h), a)), 0, 255)
+
+
+# --------------------------------------------------------------------------- test models
+
+
+def small_net(input_shape=("N", 3, "H", "W")):
+    """conv1 (3->4, 3x3, pad 1) -> relu1 -> pool1 (2x2) -> conv2 (4->5, 3x3); plus a
+    2-D tensor 'flat' (Flatten of pool1)."""
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["conv1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv1"], ["relu1"]),
+        helper.make_node("MaxPool", ["relu1"], ["pool1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["pool1", "w2", "b2"], ["conv2"]),
+        helper.make_node("Flatten", ["pool1"], ["flat"]),
+    ]
+    inits = [numpy_helper.from_array(a, n) for a, n in ((W1, "w1"), (B1, "b1"), (W2, "w2"), (B2, "b2"))]
+    graph = helper.make_graph(
+        nodes, "small",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_shape))],
+        [helper.make_tensor_value_info("conv2", TensorProto.FLOAT, None), helper.make_tensor_value_info("flat", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = models.max_ir_version()
+    return model
+
+
+def nhwc_net():
+    """A TensorFlow-converter-style graph: NHWC input and an NHWC named tensor."""
+    nodes = [
+        helper.make_node("Transpose", ["image"], ["to_nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["to_nchw", "w1", "b1"], ["conv1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv1"], ["relu1"]),
+        helper.make_node("Transpose", ["relu1"], ["block1/relu:0"], perm=[0, 2, 3, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes, "keras_like",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", "H", "W", 3])],
+        [helper.make_tensor_value_info("block1/relu:0", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(B1, "b1")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = models.max_ir_version()
+    return model
+
+
+def images(n, h=32, w=32, seed=0):
+    return list(np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def vgg_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("dffkit-cache")
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@pytest.mark.parametrize("layer", ["conv1", "relu1", "pool1", "conv2"])
+def test_small_net_layers_match_numpy(layer):
+    fx = FeatureExtractor(small_net(), layer, providers="cpu", image_size=32)
+    imgs = images(3)
+    out = fx(imgs)
+    ref = reference(normalize_reference(np.stack(imgs)))[layer]
+    assert out.dtype == np.float32 and out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert fx.layer == layer and fx.provider == "CPUExecutionProvider"
+    assert fx.last_sizes == [(32, 32)] * 3
+
+
+def test_default_layer_of_small_net_is_last_conv():
+    fx = FeatureExtractor(small_net(), providers="cpu", image_size=32)
+    assert fx.layer == "conv2"
+    x = np.random.default_rng(1).standard_normal((2, 3, 20, 24)).astype(np.float32)
+    np.testing.assert_allclose(fx.run(x), reference(x)["conv2"], rtol=1e-4, atol=1e-4)
+
+
+def test_batches_of_any_size_agree():
+    imgs = images(5, seed=3)
+    whole = FeatureExtractor(small_net(), "pool1", providers="cpu", image_size=32, batch_size=16)(imgs)
+    pieces = FeatureExtractor(small_net(), "pool1", providers="cpu", image_size=32, batch_size=2)(imgs)
+    np.testing.assert_allclose(pieces, whole, rtol=1e-6, atol=1e-6)
+
+
+def test_fixed_input_size_and_batch_are_honoured():
+    model = small_net(input_shape=(2, 3, 24, 24))
+    fx = FeatureExtractor(model, "relu1", providers="cpu", image_size=64, batch_size=8)
+    assert fx.image_size == (24, 24) and fx.batch_size == 2
+    imgs = images(3, 40, 30, seed=4)
+    out = fx(imgs)
+    assert out.shape == (3, 4, 24, 24)
+    x = preprocess(load_images(imgs), 24)
+    np.testing.assert_allclose(out, reference(x)["relu1"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"takes \(24, 24\) images"):
+        fx.run(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_nhwc_model_gives_nchw_activations():
+    fx = FeatureExtractor(nhwc_net(), "block1/relu:0", providers="cpu", image_size=16)
+    imgs = images(2, 16, 16, seed=5)
+    out = fx(imgs)
+    ref = reference(normalize_reference(np.stack(imgs)))["relu1"]
+    assert out.shape == (2, 4, 16, 16)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert fx.layers()[-1][0] == "block1/relu:0"
+
+
+def test_layers_lists_names_and_shapes():
+    fx = FeatureExtractor(small_net(), providers="cpu", image_size=(32, 40))
+    listed = dict(fx.layers())
+    assert listed["relu1"] == ("N", 4, 32, 40)
+    assert listed["pool1"] == ("N", 4, 16, 20)
+    assert listed["conv2"] == ("N", 5, 14, 18)
+    assert "flat" in listed and len(listed["flat"]) == 2
+    assert fx.output_shape((32, 40)) == (5, 14, 18)
+
+
+def test_num_threads_reaches_onnxruntime():
+    fx = FeatureExtractor(small_net(), providers="cpu", num_threads=1)
+    assert fx.session.get_session_options().intra_op_num_threads == 1
+
+
+def test_shorter_side_resize_and_extract_list():
+    assert resized_size((480, 640), 256, "shorter") == (256, 341)
+    assert resized_size((640, 480), 256, "shorter") == (341, 256)
+    fx = FeatureExtractor(small_net(), "relu1", providers="cpu", image_size=20, resize="shorter")
+    imgs = [images(1, 40, 60)[0], images(1, 60, 40, seed=1)[0], images(1, 30, 45, seed=2)[0]]
+    outs = fx.extract_list(imgs)
+    assert [o.shape for o in outs] == [(4, 20, 30), (4, 30, 20), (4, 20, 30)]
+    assert fx.last_sizes == [(40, 60), (60, 40), (30, 45)]
+    ref = reference(preprocess(load_images(imgs[1:2]), 20, "shorter"))["relu1"][0]
+    np.testing.assert_allclose(outs[1], ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="extract_list"):
+        fx(imgs)
+    same = fx([imgs[0], imgs[2]])  # one aspect ratio: one array
+    assert same.shape == (2, 4, 20, 30)
+
+
+# --------------------------------------------------------------------------- VGG-16
+
+
+def test_random_vgg16_shapes(vgg_cache):
+    with pytest.warns(models.UntrainedWeightsWarning):
+        fx = FeatureExtractor("vgg16:random", providers="cpu", cache_dir=vgg_cache)
+    assert fx.untrained and fx.model_name == "vgg16" and fx.layer == "relu5_3"
+    out = fx([images(1, 300, 200)[0], Image.new("RGB", (500, 375), (200, 100, 50))])
+    assert out.shape == (2, 512, 14, 14) and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() > 0
+    assert fx.last_sizes == [(300, 200), (375, 500)]
+    big = fx.run(preprocess(load_images(images(1, 256, 256, seed=9)), 256))
+    assert big.shape == (1, 512, 16, 16)
+
+
+def test_vgg16_default_layer_is_conv5_3_after_relu(vgg_cache):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", models.UntrainedWeightsWarning)
+        relu = FeatureExtractor("vgg16:random", providers="cpu", cache_dir=vgg_cache, image_size=64)
+        conv = FeatureExtractor("vgg16:random", "conv5_3", providers="cpu", cache_dir=vgg_cache, image_size=64)
+    x = preprocess(load_images(images(1, 64, 64, seed=7)), 64)
+    a, b = relu.run(x), conv.run(x)
+    assert b.min() < 0  # before the ReLU
+    np.testing.assert_allclose(a, np.maximum(b, 0), rtol=1e-5, atol=1e-5)
+    assert relu.classifier_head() is None
+
+
+def test_vgg16_name_falls_back_to_random_weights(vgg_cache):
+    with pytest.warns(models.UntrainedWeightsWarning, match="untrained"):
+        fx = FeatureExtractor("vgg16", providers="cpu", cache_dir=vgg_cache)
+    assert fx.untrained and fx.weights == "random"
+
+
+def test_filterbank_extractor_is_not_untrained():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", models.UntrainedWeightsWarning)
+        fx = FeatureExtractor("filterbank", providers="cpu")
+    assert not fx.untrained and fx.model_name == "filterbank"
+    out = fx(images(2, 50, 70), )
+    assert out.shape == (2, len(models.filterbank_channels()), 28, 28)
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@pytest.mark.parametrize("size", [(24, 20), (60, 90), (37, 37)])
+def test_preprocess_matches_numpy_reference(size):
+    img = np.random.default_rng(11).integers(0, 256, (45, 53, 3), dtype=np.uint8)
+    out = preprocess(load_images([img]), size)
+    ref = normalize_reference(resize_reference(img, *size)[None])
+    assert out.shape == (1, 3, *size) and out.dtype == np.float32
+    # Pillow's filter is fixed-point, rounded to 8 bits after each pass: grey levels apart
+    levels = np.abs(out - ref) * 255 * IMAGENET_STD.reshape(1, 3, 1, 1)
+    assert levels.max() <= 2 + 1e-3
+    assert levels.mean() < 0.1
+
+
+def test_preprocess_without_resize_is_exact_normalisation():
+    img = np.random.default_rng(12).integers(0, 256, (2, 9, 7, 3), dtype=np.uint8)
+    out = preprocess(load_images(img), None)
+    np.testing.assert_allclose(out, normalize_reference(img), rtol=1e-6, atol=1e-6)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = (255, 0, 0)
+    a[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
+    path = tmp_path / "sideways.jpg"
+    Image.fromarray(a).save(path, quality=95, exif=exif.tobytes())
+    (img,) = load_images([str(path)])
+    assert img.size == (20, 40)  # (W, H): now portrait
+    top, bottom = np.asarray(img)[5, 10].astype(int), np.asarray(img)[35, 10].astype(int)
+    assert top[0] > 200 and top[2] < 60  # the stored left half (red) is now on top
+    assert bottom[2] > 200 and bottom[0] < 60
+    fx = FeatureExtractor(small_net(), providers="cpu", image_size=16)
+    fx([str(path)])
+    assert fx.last_sizes == [(40, 20)]
+
+
+def _palette_with_transparency():
+    img = Image.new("P", (2, 1))
+    img.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    img.putpixel((0, 0), 0)
+    img.putpixel((1, 0), 1)
+    img.info["transparency"] = 0
+    return img
+
+
+MODE_CASES = {
+    "L": (lambda: Image.new("L", (2, 2), 77), (77, 77, 77)),
+    "1": (lambda: Image.new("1", (2, 2), 1), (255, 255, 255)),
+    "LA transparent": (lambda: Image.new("LA", (2, 2), (0, 0)), (255, 255, 255)),
+    "LA opaque": (lambda: Image.new("LA", (2, 2), (40, 255)), (40, 40, 40)),
+    "RGBA half": (lambda: Image.new("RGBA", (2, 2), (0, 0, 0, 128)), (127, 127, 127)),
+    "P": (lambda: Image.new("RGB", (2, 2), (10, 200, 30)).convert("P", palette=Image.Palette.ADAPTIVE), (10, 200, 30)),
+    "P transparent": (_palette_with_transparency, (255, 255, 255)),
+    "I;16": (lambda: Image.fromarray(np.full((2, 2), 65535, np.uint16)), (255, 255, 255)),
+    "I;16 mid": (lambda: Image.fromarray(np.full((2, 2), 257 * 100, np.uint16)), (100, 100, 100)),
+    "I 8-bit values": (lambda: Image.fromarray(np.full((2, 2), 200, np.int32)), (200, 200, 200)),
+    "F 0..1": (lambda: Image.fromarray(np.full((2, 2), 0.5, np.float32)), (128, 128, 128)),
+    "CMYK white": (lambda: Image.new("CMYK", (2, 2), (0, 0, 0, 0)), (255, 255, 255)),
+    "CMYK cyan": (lambda: Image.new("CMYK", (2, 2), (255, 0, 0, 0)), (0, 255, 255)),
+    "CMYK black": (lambda: Image.new("CMYK", (2, 2), (0, 0, 0, 255)), (0, 0, 0)),
+    "YCbCr": (lambda: Image.new("RGB", (2, 2), (0, 128, 255)).convert("YCbCr"), (0, 128, 255)),
+    "uint8 gray array": (lambda: np.full((2, 2), 9, np.uint8), (9, 9, 9)),
+    "uint8 (H, W, 1)": (lambda: np.full((2, 2, 1), 9, np.uint8), (9, 9, 9)),
+    "uint16 RGB array": (lambda: np.full((2, 2, 3), 257 * 50, np.uint16), (50, 50, 50)),
+    "RGBA array": (lambda: np.full((2, 2, 4), (255, 0, 0, 0), np.uint8), (255, 255, 255)),
+}
+
+
+@pytest.mark.parametrize("case", list(MODE_CASES))
+def test_image_modes_convert_to_rgb(case):
+    make, expected = MODE_CASES[case]
+    (img,) = load_images([make()])
+    assert img.mode == "RGB"
+    np.testing.assert_allclose(np.asarray(img)[0, 0], expected, atol=2)
+
+
+@pytest.mark.parametrize("fmt,mode,value,expected", [
+    ("PNG", "I;16", 257 * 200, (200, 200, 200)),
+    ("JPEG", "CMYK", (0, 255, 255, 0), (255, 0, 0)),
+    ("PNG", "P", None, (10, 200, 30)),
+])
+def test_image_files_of_other_modes(tmp_path, fmt, mode, value, expected):
+    if mode == "I;16":
+        src = Image.fromarray(np.full((8, 8), value, np.uint16))
+    elif mode == "CMYK":
+        src = Image.new("CMYK", (8, 8), value)
+    else:
+        src = Image.new("RGB", (8, 8), expected).convert("P", palette=Image.Palette.ADAPTIVE)
+    path = tmp_path / f"img.{fmt.lower()}"
+    src.save(path, fmt)
+    (img,) = load_images(str(path))
+    np.testing.assert_allclose(np.asarray(img)[4, 4], expected, atol=6)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_missing_file_names_it_and_its_index(tmp_path):
+    missing = tmp_path / "nothere.jpg"
+    with pytest.raises(FileNotFoundError, match=r"image 1 \(.*nothere.jpg\)"):
+        load_images([images(1)[0], str(missing)])
+
+
+def test_one_bad_image_in_a_batch_is_named(tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(images(1)[0]).save(good)
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image at all")
+    fx = FeatureExtractor(small_net(), providers="cpu", image_size=16, batch_size=2)
+    with pytest.raises(ValueError, match=r"image 2 \(.*bad.jpg\): not an image"):
+        fx([str(good), images(1)[0], str(bad), str(good)])
+
+
+def test_truncated_image(tmp_path):
+    buf = io.BytesIO()
+    Image.fromarray(images(1, 64, 64)[0]).save(buf, "JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with pytest.raises(ValueError, match=r"cut.jpg.*truncated"):
+        load_images(str(path))
+
+
+def test_zero_size_and_unreadable_objects(tmp_path):
+    with pytest.raises(ValueError, match="image 0 .*zero-size"):
+        load_images([np.zeros((0, 5, 3), np.uint8)])
+    with pytest.raises(ValueError, match="zero-size"):
+        load_images([Image.new("RGB", (0, 4))])
+    with pytest.raises(ValueError, match="uint8"):
+        load_images([np.zeros((4, 4, 3), np.float64)])
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        load_images([np.zeros((4, 4, 2), np.uint8)])
+    with pytest.raises(ValueError, match="cannot read an image from a int"):
+        load_images([7])
+    with pytest.raises(ValueError, match="directory"):
+        load_images([str(tmp_path)])
+    with pytest.raises(ValueError, match="no images"):
+        FeatureExtractor(small_net(), providers="cpu")([])
+
+
+def test_unknown_layer_lists_close_matches():
+    with pytest.raises(ValueError, match=r"no layer 'relu_1'.*'relu1'"):
+        FeatureExtractor(small_net(), "relu_1", providers="cpu")
+
+
+def test_layer_that_is_not_4d():
+    with pytest.raises(ValueError, match=r"layer 'flat' has shape .* not \(N, C, h, w\)"):
+        FeatureExtractor(small_net(), "flat", providers="cpu", image_size=32)
+
+
+def test_model_file_errors(tmp_path):
+    text = tmp_path / "model.onnx"
+    text.write_text("hello\n" * 50)
+    with pytest.raises(ValueError, match="model.onnx is not an ONNX model"):
+        FeatureExtractor(str(text), providers="cpu")
+    with pytest.raises(FileNotFoundError, match="absent.onnx"):
+        FeatureExtractor(str(tmp_path / "absent.onnx"), providers="cpu")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="providers"):
+        FeatureExtractor(small_net(), providers="gpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        FeatureExtractor(small_net(), providers="cpu", batch_size=0)
+    with pytest.raises(ValueError, match="resize"):
+        FeatureExtractor(small_net(), providers="cpu", resize="crop")
+    with pytest.raises(ValueError, match="shorter"):
+        FeatureExtractor(small_net(), providers="cpu", resize="shorter", image_size=(3, 4))
+    fx = FeatureExtractor(small_net(), providers="cpu")
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        fx.run(np.zeros((1, 4, 8, 8), np.float32))
+
+
+@pytest.mark.skipif(features.cuda_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_an_error():
+    with pytest.raises(RuntimeError, match="providers='cuda' but"):
+        FeatureExtractor(small_net(), providers="cuda")
+    fx = FeatureExtractor(small_net(), providers="auto")
+    assert fx.provider == "CPUExecutionProvider"
+
+
+def test_device_output_needs_cuda():
+    fx = FeatureExtractor(small_net(), providers="cpu", image_size=16)
+    with pytest.raises(RuntimeError, match="device_output=True needs the CUDA provider"):
+        fx(images(1, 16, 16), device_output=True)
+
+
+@pytest.mark.parametrize("batch_size,fixed", [(16, False), (2, False), (2, True)])
+def test_device_output_binding_logic_in_host_memory(batch_size, fixed):
+    """The I/O-binding path of device_output (one run into onnxruntime's buffer; several
+    runs into slices of one buffer; a fixed batch padded), pointed at host memory so that it
+    runs here; the GPU test below runs it for real."""
+    model = small_net(input_shape=(2, 3, 16, 16)) if fixed else small_net()
+    fx = FeatureExtractor(model, "pool1", providers="cpu", image_size=16, batch_size=batch_size)
+    imgs = images(5, 16, 16, seed=30)
+    host = fx(imgs)
+    fx.provider, fx._device_type = "CUDAExecutionProvider", "cpu"
+    dev = fx(imgs, device_output=True)
+    assert isinstance(dev, features.DeviceActivations) and dev.shape == (5, 4, 8, 8) and len(dev) == 5
+    np.testing.assert_array_equal(dev.numpy(), host)
+    np.testing.assert_array_equal(np.asarray(dev), host)
+    if fixed:  # the buffer holds 6 rows (3 runs of the fixed batch 2); DLPack would show them
+        with pytest.raises(BufferError):
+            dev.__dlpack__()
+    else:  # zero-copy exchange: numpy reads the OrtValue's memory
+        np.testing.assert_array_equal(np.from_dlpack(dev), host)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture
+def cuda_extractor():
+    if not features.cuda_available():
+        pytest.skip("no CUDA device, or an onnxruntime without the CUDA provider")
+    try:
+        FeatureExtractor(small_net(), providers="cuda")
+    except RuntimeError as e:  # a device, but onnxruntime's CUDA libraries do not load
+        pytest.skip(str(e))
+    return lambda *a, **k: FeatureExtractor(*a, providers="cuda", **k)
+
+
+@pytest.mark.gpu
+def test_cuda_activations_equal_cpu_and_stay_on_device(cuda_extractor):
+    imgs = images(5, 32, 32, seed=21)
+    cpu = FeatureExtractor(small_net(), "relu1", providers="cpu", image_size=32)(imgs)
+    fx = cuda_extractor(small_net(), "relu1", image_size=32, batch_size=2)
+    assert fx.provider == "CUDAExecutionProvider"
+    np.testing.assert_allclose(fx(imgs), cpu, rtol=1e-3, atol=1e-3)
+    dev = fx(imgs, device_output=True)
+    assert isinstance(dev, features.DeviceActivations) and dev.shape == (5, 4, 32, 32)
+    iface = dev.__cuda_array_interface__
+    assert iface["shape"] == (5, 4, 32, 32) and iface["typestr"] == "<f4" and iface["data"][0] == dev.data_ptr
+    assert dev.__dlpack_device__()[0] == 2  # kDLCUDA
+    np.testing.assert_allclose(dev.numpy(), cpu, rtol=1e-3, atol=1e-3)
+    try:
+        import torch
+    except ImportError:
+        return
+    t = torch.from_dlpack(dev)
+    assert t.is_cuda and tuple(t.shape) == dev.shape
+    np.testing.assert_allclose(t.cpu().numpy(), cpu, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_vgg16_fp16_close_to_fp32(cuda_extractor, vgg_cache):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", models.UntrainedWeightsWarning)
+        model = models.vgg16(cache_dir=vgg_cache)
+    imgs = images(2, 224, 224, seed=22)
+    full = cuda_extractor(model)(imgs)
+    half = cuda_extractor(models.to_float16(model))(imgs)
+    assert full.shape == half.shape == (2, 512, 14, 14)
+    assert np.abs(half - full).max() < 0.05 * np.abs(full).max()
