@@ -462,3 +462,27 @@ def test_a_folder_of_images_and_sources(tmp_path):
     result = dff(images, 2, activations=acts, keep_images=False)
     with pytest.raises(ValueError, match="keeps no images"):
         result.overlay(0)
+
+
+def test_visualize_building_blocks():
+    from dffkit import visualize
+
+    assert visualize.concept_colors(3).shape == (3, 3)
+    many = visualize.concept_colors(25)
+    assert len({tuple(c) for c in many}) == 25
+    cm = visualize.apply_colormap(np.array([[0.0, 1.0, 2.0, np.nan]]))
+    assert tuple(cm[0, 0]) == (68, 1, 84) and tuple(cm[0, 1]) == (253, 231, 37)
+    assert tuple(cm[0, 2]) == (253, 231, 37) and tuple(cm[0, 3]) == (68, 1, 84)  # clipped, NaN as 0
+    with pytest.raises(ValueError, match="colour map"):
+        visualize.apply_colormap(np.zeros((2, 2)), "jet")
+    photo = np.full((10, 12, 3), 200, np.uint8)
+    heat = np.zeros((2, 10, 12), np.float32)
+    heat[0, :, :6] = 1.0
+    out = np.asarray(visualize.overlay(photo, heat, opacity=1.0))
+    np.testing.assert_array_equal(out[0, 0], visualize.concept_colors(2)[0])   # fully painted
+    np.testing.assert_array_equal(out[0, 11], visualize.desaturate(photo)[0, 11])  # untouched
+    lab = visualize.label_image(np.array([[0, 1], [-1, 1]]))
+    assert lab.size == (2, 2) and lab.getpixel((0, 1)) == (0, 0, 0)
+    tiles = [Image.new("RGB", (40, 20)), Image.new("RGB", (20, 40)), Image.new("RGB", (30, 30))]
+    g = visualize.grid(tiles, ["a", "b", "a very long caption that will not fit"], cell=50)
+    assert g.size == (2 * 54 + 4, 2 * (50 + 18 + 4) + 4)
