@@ -1,0 +1,82 @@
+#pragma once
+/// The CUDA engine's host API, in plain C++ types (no CUDA headers), so that the pybind11 module
+/// is compiled by the host compiler. Pointers are device addresses passed as integers; `stream`
+/// is a cudaStream_t as an integer (0: the legacy default stream). Every call returns only when
+/// its work on `stream` is complete (results are read back to the host).
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "nmf_types.hpp"
+
+namespace dffkit {
+namespace cuda {
+
+enum class DType : int { f32 = 0, f64 = 1 };
+/// fp32: CUDA cores, float32 everywhere. bf16x: X stored as bfloat16 in a workspace copy made
+/// once per fit (half the bytes per pass), products accumulated in float32.
+/// tf32: the products with X on tensor cores (not implemented yet: rejected with a ValueError).
+enum class Precision : int { fp32 = 0, tf32 = 1, bf16x = 2 };
+
+struct DeviceInfo {
+  std::string name;
+  int cc_major = 0, cc_minor = 0, sm_count = 0;
+  std::int64_t mem_bytes = 0, l2_bytes = 0, smem_per_block_optin = 0;
+};
+
+/// Whether a driver and a device are usable, and if not, why (never throws).
+std::pair<bool, std::string> probe();
+int device_count();
+DeviceInfo device_info(int device);
+
+struct FitResult {
+  int n_iter = 0;
+  double error_init = 0, error = 0;
+  std::vector<double> objective;  // filled when Options::record_objective
+};
+
+/// Fit in place: X (m x n), W (m x k), H (k x n), row-major device memory of dtype dt, all on
+/// one device. W and H hold the initial factors on entry and the result on exit.
+FitResult fit(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, const Problem& p,
+              const Options& o, DType dt, Precision prec, std::uintptr_t stream);
+
+/// One problem of a batch (pointers into device memory).
+struct BatchItem {
+  std::uintptr_t X = 0, W = 0, H = 0;
+  std::int64_t m = 0, n = 0, k = 0;
+};
+/// Independent problems with the loss and penalties of `common` (its shapes and groups are
+/// ignored), one thread block each, all iterations in one launch; each problem gets exactly the
+/// result fit() gives it alone (same kernel, same order).
+std::vector<FitResult> fit_batched(const std::vector<BatchItem>& items, const Problem& common,
+                                   const Options& o, DType dt, Precision prec,
+                                   std::uintptr_t stream);
+
+/// init="random", bit-identical to random_init_cpu.
+void random_init(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, std::int64_t m,
+                 std::int64_t n, std::int64_t k, DType dt, std::uint64_t seed,
+                 std::uintptr_t stream);
+
+/// (min value, whether any value is NaN or +-inf) of count elements.
+std::pair<double, bool> check_values(std::uintptr_t X, std::int64_t count, DType dt,
+                                     std::uintptr_t stream);
+
+/// Device memory for the Python device buffer.
+std::uintptr_t device_malloc(std::int64_t bytes, int device);
+void device_free(std::uintptr_t ptr, int device) noexcept;
+void memcpy_async(std::uintptr_t dst, std::uintptr_t src, std::int64_t bytes,
+                  std::uintptr_t stream);
+void memcpy_to_host(void* dst, std::uintptr_t src, std::int64_t bytes, std::uintptr_t stream);
+void memcpy_from_host(std::uintptr_t dst, const void* src, std::int64_t bytes,
+                      std::uintptr_t stream);
+void stream_synchronize(std::uintptr_t stream);
+/// The device that owns ptr, or -1 when ptr is not device (or managed) memory.
+int pointer_device(std::uintptr_t ptr);
+int current_device();
+/// Bytes held by the workspace cache (for the tests of steady-state allocation).
+std::int64_t workspace_bytes();
+void release_workspaces();
+
+}  // namespace cuda
+}  // namespace dffkit

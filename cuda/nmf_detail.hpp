@@ -1,0 +1,77 @@
+#pragma once
+// Host-side helpers shared by the CUDA translation units: the workspace cache, the device guard,
+// and launchers defined in one .cu and used in another.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+
+#include "cuda_check.hpp"
+#include "nmf_cuda.hpp"
+
+namespace dffkit {
+namespace cuda_detail {
+
+/// Makes the device that owns the data current for the duration of a call, and restores the
+/// caller's current device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    DFFKIT_CUDA_TRY(cudaGetDevice(&previous_));
+    if (device >= 0 && device != previous_) {
+      DFFKIT_CUDA_TRY(cudaSetDevice(device));
+      switched_ = true;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+/// A device block from the workspace cache, returned to the cache when destroyed. Blocks are
+/// pooled per (device, size): a steady stream of calls of one shape allocates nothing after the
+/// first, and concurrent calls (several threads) each get their own block.
+class Workspace {
+ public:
+  Workspace(int device, std::size_t bytes);
+  ~Workspace();
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  unsigned char* data() const { return data_; }
+
+ private:
+  int device_;
+  std::size_t bytes_;
+  unsigned char* data_ = nullptr;
+};
+
+/// Carves aligned pieces out of a byte range (first pass: count; second pass: hand out).
+struct Carver {
+  unsigned char* base = nullptr;
+  std::size_t offset = 0;
+  template <class U>
+  U* take(std::int64_t count) {
+    offset = (offset + 255) & ~std::size_t(255);
+    U* p = base ? reinterpret_cast<U*>(base + offset) : nullptr;
+    offset += std::size_t(count > 0 ? count : 0) * sizeof(U);
+    return p;
+  }
+};
+
+/// Device that owns ptr (throws invalid_argument when it is not device memory).
+int require_device_pointer(std::uintptr_t ptr, const char* name);
+
+/// sum over chunks of 4096 consecutive elements (each summed in order in float64), then the
+/// chunk sums in order, of x (square = false) or x^2 (square = true); result in *out (device).
+/// scratch: ceil(count / 4096) doubles.
+void launch_fixed_order_sum(const void* X, std::int64_t count, cuda::DType dt, bool square,
+                            double* scratch, double* out, cudaStream_t stream);
+
+}  // namespace cuda_detail
+}  // namespace dffkit

@@ -1,0 +1,287 @@
+#pragma once
+// Device building blocks shared by the resident solver (one block per problem, the whole solve
+// in one launch) and the sweep path (many blocks per problem, a few launches per iteration).
+// The element-wise formulas come from cpp/mu_update.hpp; the tiling lives here.
+//
+// A tile is TM = 32 consecutive rows of X. For a tile, with H and G_H = H H^T on chip:
+//   N  = X_t H^T        (KL: R_t H^T, R_t = X_t / max(W_t H, eps))   warp = 4 rows x 8 lanes
+//   W_t <- mu_step(W_t, N, W_t G_H (KL: row sums of H), penalties, group term)
+//   P += W_t^T X_t      (KL: W_t^T R'_t with the new W_t)           thread = one column of P
+//   G += W_t^T W_t      (KL: colsum += column sums of W_t)
+// Every sum runs in a fixed order (rows in order, fixed shuffle butterflies, fixed trees), so
+// results depend on the shape only, never on timing.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "mu_update.hpp"
+
+namespace dffkit {
+namespace cuda_detail {
+
+using i64 = std::int64_t;
+
+constexpr int NT = 256;   // threads per block
+constexpr int TM = 32;    // rows per tile: 8 warps x 4 rows
+constexpr int SPLIT = 8;  // lanes that share one row in the N step
+
+template <class T, class XS>
+__device__ __forceinline__ T xget(const XS* p) {
+  return T(*p);
+}
+template <>
+__device__ __forceinline__ float xget<float, __nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(*p);
+}
+
+/// Loss, penalties and options, by value in every launch.
+struct KParams {
+  int kl = 0;
+  double l1_W = 0, l2_W = 0, l1_H = 0, l2_H = 0, lam = 0, mu = 0;
+  int groups = 0;  // group term active (offsets given and lam > 0)
+  int update_H = 1, max_iter = 200, record_obj = 0;
+  double tol = 1e-4;
+};
+
+/// Everything a tile needs. Pointers are generic: each may be shared or global memory.
+template <class T>
+struct TileArgs {
+  i64 m, n;
+  int k;
+  T* W;                    // global, m x k (updated in place)
+  const T* H;              // k x ldh
+  i64 ldh;
+  const T* GH;             // k x k (Frobenius)
+  const T* rowsumH;        // k (KL)
+  const i64* goff;         // n_groups + 1 (global), or null
+  i64 ngroups;
+  const double* gnorm;     // n_groups x k: group norms of the old W (global)
+  T *Wo, *Wn, *Nb;         // TM x k each
+  T* Rb;                   // TM x ldr (KL)
+  i64 ldr;
+  T* Pacc;                 // k x ldp: P accumulator, thread per column
+  i64 ldp;
+  T* Gacc;                 // k x k: G_W accumulator (Frobenius)
+  T* colsum;               // k: column sums of the new W (KL)
+};
+
+__device__ __forceinline__ i64 group_of_row(const i64* goff, i64 ngroups, i64 row) {
+  i64 lo = 0, hi = ngroups;  // last g with goff[g] <= row
+  while (hi - lo > 1) {
+    const i64 mid = (lo + hi) / 2;
+    if (goff[mid] <= row) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+/// R_t = src / max(W_t H, eps) for rt rows (src: X rows, W_t: Wsrc rows in smem).
+template <class T, class XS>
+__device__ void kl_ratio_tile(const TileArgs<T>& a, const T* Wsrc, int rt, const XS* xt,
+                              i64 ldxt) {
+  const i64 n = a.n;
+  const int k = a.k;
+  for (i64 e = threadIdx.x; e < i64(rt) * n; e += NT) {
+    const int i = int(e / n);
+    const i64 l = e - i64(i) * n;
+    T wh = T(0);
+    for (int j = 0; j < k; ++j) wh += Wsrc[i * k + j] * a.H[j * a.ldh + l];
+    a.Rb[i * a.ldr + l] = kl_ratio(xget<T>(xt + i * ldxt + l), wh);
+  }
+}
+
+/// Nb[i, j] = sum_l src[i, l] H[j, l] for the tile's rows: 4 rows per warp, 8 lanes per row
+/// striding over l, a fixed 3-level butterfly over the 8 lanes.
+template <class T, int KC, class S>
+__device__ void n_step(const TileArgs<T>& a, int rt, const S* src, i64 lds) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int s = lane & (SPLIT - 1);
+  const int i = warp * 4 + (lane >> 3);
+  const bool active = i < rt;
+  const i64 n = a.n;
+  const int k = a.k;
+  for (int jc = 0; jc < k; jc += KC) {
+    T acc[KC];
+#pragma unroll
+    for (int jj = 0; jj < KC; ++jj) acc[jj] = T(0);
+    if (active) {
+      const S* row = src + i * lds;
+      for (i64 l = s; l < n; l += SPLIT) {
+        const T x = xget<T>(row + l);
+        const T* h = a.H + jc * a.ldh + l;
+#pragma unroll
+        for (int jj = 0; jj < KC; ++jj)
+          if (jc + jj < k) acc[jj] += x * h[jj * a.ldh];
+      }
+    }
+#pragma unroll
+    for (int jj = 0; jj < KC; ++jj) {
+      acc[jj] += __shfl_xor_sync(0xffffffffu, acc[jj], 4);
+      acc[jj] += __shfl_xor_sync(0xffffffffu, acc[jj], 2);
+      acc[jj] += __shfl_xor_sync(0xffffffffu, acc[jj], 1);
+    }
+    if (active && s == 0) {
+#pragma unroll
+      for (int jj = 0; jj < KC; ++jj)
+        if (jc + jj < k) a.Nb[i * k + jc + jj] = acc[jj];
+    }
+  }
+}
+
+/// Pacc[j, l] += sum_i Wn[i, j] src[i, l], rows in order; thread per column l.
+template <class T, int KC, class S>
+__device__ void p_step(const TileArgs<T>& a, int rt, const S* src, i64 lds) {
+  const i64 n = a.n;
+  const int k = a.k;
+  for (i64 l = threadIdx.x; l < n; l += NT) {
+    for (int jc = 0; jc < k; jc += KC) {
+      T acc[KC];
+#pragma unroll
+      for (int jj = 0; jj < KC; ++jj) acc[jj] = jc + jj < k ? a.Pacc[(jc + jj) * a.ldp + l] : T(0);
+      for (int i = 0; i < rt; ++i) {
+        const T x = xget<T>(src + i * lds + l);
+        const T* w = a.Wn + i * k + jc;
+#pragma unroll
+        for (int jj = 0; jj < KC; ++jj)
+          if (jc + jj < k) acc[jj] += w[jj] * x;
+      }
+#pragma unroll
+      for (int jj = 0; jj < KC; ++jj)
+        if (jc + jj < k) a.Pacc[(jc + jj) * a.ldp + l] = acc[jj];
+    }
+  }
+}
+
+/// One tile: rows [r0, r0 + rt) of X, read from xt with row stride ldxt (shared or global).
+/// first: accumulate dot0 = <X H^T, W_old> and gg = <W_old G_H, W_old> (initial error, Frobenius).
+template <class T, class XS, int KC>
+__device__ void process_tile(const TileArgs<T>& a, const KParams& q, i64 r0, int rt,
+                             const XS* xt, i64 ldxt, bool first, bool want_P, double& dot0,
+                             double& gg) {
+  const int k = a.k;
+  const int tid = threadIdx.x;
+  for (int e = tid; e < rt * k; e += NT) a.Wo[e] = a.W[r0 * k + e];
+  __syncthreads();
+  if (q.kl) {
+    kl_ratio_tile<T, XS>(a, a.Wo, rt, xt, ldxt);
+    __syncthreads();
+    n_step<T, KC>(a, rt, a.Rb, a.ldr);
+  } else {
+    n_step<T, KC>(a, rt, xt, ldxt);
+  }
+  __syncthreads();
+  const T l1 = T(q.l1_W), l2 = T(q.l2_W);
+  const double tiny = double(std::numeric_limits<T>::min());
+  for (int o = tid; o < rt * k; o += NT) {
+    const int i = o / k, j = o - i * k;
+    const T wo = a.Wo[o], num = a.Nb[o];
+    T base;
+    if (q.kl) {
+      base = a.rowsumH[j];
+    } else {
+      base = T(0);
+      for (int c = 0; c < k; ++c) base += a.Wo[i * k + c] * a.GH[c * k + j];
+      if (first) {
+        dot0 += double(num) * double(wo);
+        gg += double(wo) * double(base);
+      }
+    }
+    T extra = T(0);
+    if (q.groups) {
+      const i64 g = group_of_row(a.goff, a.ngroups, r0 + i);
+      extra = group_term(wo, q.lam, a.gnorm[g * k + j], tiny);
+    }
+    const T w = mu_step(wo, num, base, l1, l2, extra);
+    a.Wn[o] = w;
+    a.W[r0 * k + o] = w;
+  }
+  __syncthreads();
+  if (want_P) {
+    if (q.kl) {
+      kl_ratio_tile<T, XS>(a, a.Wn, rt, xt, ldxt);
+      __syncthreads();
+      p_step<T, KC>(a, rt, a.Rb, a.ldr);
+    } else {
+      p_step<T, KC>(a, rt, xt, ldxt);
+    }
+  }
+  if (q.kl) {
+    for (int j = tid; j < k; j += NT) {
+      T s = a.colsum[j];
+      for (int i = 0; i < rt; ++i) s += a.Wn[i * k + j];
+      a.colsum[j] = s;
+    }
+  } else {
+    for (int p = tid; p < k * k; p += NT) {
+      const int c = p / k, b = p - c * k;
+      T s = a.Gacc[p];
+      for (int i = 0; i < rt; ++i) s += a.Wn[i * k + c] * a.Wn[i * k + b];
+      a.Gacc[p] = s;
+    }
+  }
+  __syncthreads();
+}
+
+/// Sum of v over the block in a fixed tree order; every thread gets the result.
+__device__ __forceinline__ double block_sum(double v, double* red) {
+  const int tid = threadIdx.x;
+  __syncthreads();
+  red[tid] = v;
+  __syncthreads();
+  for (int s = NT / 2; s > 0; s >>= 1) {
+    if (tid < s) red[tid] += red[tid + s];
+    __syncthreads();
+  }
+  const double r = red[0];
+  __syncthreads();
+  return r;
+}
+
+/// G[a, b] = sum_l A[a, l] A[b, l] (k x len, row stride lda), float64 sums in a fixed order:
+/// each pair split over S lanes, the S partials added in order.
+template <class T>
+__device__ void block_gram(const T* A, i64 lda, int k, i64 len, T* G, double* red) {
+  const int tid = threadIdx.x;
+  const int pairs = k * k;
+  __syncthreads();
+  if (pairs >= NT / 2) {
+    for (int p = tid; p < pairs; p += NT) {
+      const int c = p / k, b = p - c * k;
+      double s = 0;
+      for (i64 l = 0; l < len; ++l) s += double(A[c * lda + l]) * double(A[b * lda + l]);
+      G[p] = T(s);
+    }
+  } else {
+    const int S = NT / pairs;
+    const int p = tid / S, sidx = tid - p * S;
+    double s = 0;
+    if (p < pairs) {
+      const int c = p / k, b = p - c * k;
+      for (i64 l = sidx; l < len; l += S) s += double(A[c * lda + l]) * double(A[b * lda + l]);
+    }
+    red[tid] = s;
+    __syncthreads();
+    if (tid < pairs) {
+      double t = 0;
+      for (int q = 0; q < S; ++q) t += red[tid * S + q];
+      G[tid] = T(t);
+    }
+  }
+  __syncthreads();
+}
+
+/// rows sums of A (k x len) in float64, stored as T.
+template <class T>
+__device__ void block_rowsum(const T* A, i64 lda, int k, i64 len, T* out, double* red) {
+  for (int j = 0; j < k; ++j) {
+    double s = 0;
+    for (i64 l = threadIdx.x; l < len; l += NT) s += double(A[j * lda + l]);
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) out[j] = T(s);
+  }
+  __syncthreads();
+}
+
+}  // namespace cuda_detail
+}  // namespace dffkit
