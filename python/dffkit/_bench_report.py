@@ -346,8 +346,10 @@ def render(report: dict, markdown: bool) -> str:
     out.append(f"{bullet}Libraries: {libs}; Python {m['python']}")
     out.append(f"{bullet}BLAS: {blas}")
     if m.get("load_average") is not None:
-        out.append(f"{bullet}Load average (1, 5, 15 min) at the start: "
-                   + ", ".join(str(x) for x in m["load_average"]))
+        end = m.get("load_average_end")
+        out.append(f"{bullet}Load average (1, 5, 15 min): at the start "
+                   + ", ".join(str(x) for x in m["load_average"])
+                   + ("; at the end " + ", ".join(str(x) for x in end) if end else ""))
     if m.get("environment"):
         out.append(f"{bullet}Environment: " + ", ".join(f"{k}={v}" for k, v in m["environment"].items()))
     ceil = []

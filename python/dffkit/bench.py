@@ -154,7 +154,9 @@ class _Progress:
     def __init__(self, total, enabled, desc):
         self.total, self.n, self.enabled, self.desc = total, 0, enabled, desc
         self._bar = None
-        if enabled:
+        self._lines = enabled and not sys.stderr.isatty()  # a log: one line per problem
+        self._last = None
+        if enabled and not self._lines:
             try:
                 from tqdm.auto import tqdm
 
@@ -167,6 +169,13 @@ class _Progress:
         self.n += 1
         if not self.enabled:
             return
+        if self._lines:
+            problem = label.split(":")[0]
+            if problem != self._last:
+                self._last = problem
+                sys.stderr.write(f"{self.desc}: [{self.n}/{self.total}] {problem}\n")
+                sys.stderr.flush()
+            return
         if self._bar is not None:
             self._bar.set_postfix_str(label, refresh=False)
             self._bar.update(1)
@@ -178,7 +187,7 @@ class _Progress:
         sys.stderr.flush()
 
     def close(self):
-        if not self.enabled:
+        if not self.enabled or self._lines:
             return
         if self._bar is not None:
             self._bar.close()
@@ -310,9 +319,10 @@ def _run_problem(p, suite, contenders, unavailable, ceilings, progress, rows, sk
                                           xnorm, row)
             else:
                 est, n_iter = _measure_mu(c, state, p, suite, oracle, row)
-            if est > suite.row_cap_s:
-                skipped.append((c.name, p.name, f"one solve estimated at {est:.0f} s, above this "
-                                                f"suite's cap of {suite.row_cap_s:.0f} s"))
+            cap = suite.cpu_row_cap_s if c.device == "cpu" and suite.cpu_row_cap_s else suite.row_cap_s
+            if est > cap:
+                skipped.append((c.name, p.name, f"one solve estimated at {est:.3g} s, above this "
+                                                f"suite's cap of {cap:g} s"))
                 continue
             # warm-up: a whole solve when cheap, else the runs above were the warm-up
             if est <= suite.budget_s:
@@ -466,6 +476,7 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
         suite.repeats = (int(repeats), int(repeats))
     if row_cap_s is not None:
         suite.row_cap_s = float(row_cap_s)
+        suite.cpu_row_cap_s = 0.0
 
     pool = default_contenders()
     if contenders is None:
@@ -502,6 +513,7 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
             _run_problem(p, suite, chosen, unavailable, ceilings, bar, rows, skipped_raw)
     finally:
         bar.close()
+    machine["load_average_end"] = _report._loadavg()
     # skipped: one line per contender and reason
     skipped = []
     for name, prob, reason in skipped_raw:
@@ -519,7 +531,8 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
         "elapsed_s": time.perf_counter() - t_start,
         "seed": seed,
         "settings": {"repeats": list(suite.repeats), "budget_s": suite.budget_s,
-                     "row_cap_s": suite.row_cap_s, "cd_cap_factor": suite.cd_cap_factor,
+                     "row_cap_s": suite.row_cap_s, "cpu_row_cap_s": suite.cpu_row_cap_s,
+                     "cd_cap_factor": suite.cd_cap_factor,
                      "agree_tol": AGREE_TOL, "agree_batch_problems": _AGREE_BATCH},
         "machine": machine,
         "ceilings": ceilings,
