@@ -169,6 +169,23 @@ def test_fixed_input_size_and_batch_are_honoured():
         fx.run(np.zeros((1, 3, 32, 32), np.float32))
 
 
+def test_model_zoo_style_file(tmp_path):
+    """Old ONNX model-zoo files: IR version 3, initializers listed as graph inputs, opset 8,
+    batch fixed at 1."""
+    model = small_net(input_shape=(1, 3, 32, 32))
+    for t in model.graph.initializer:
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    model.ir_version = 3
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", 8))
+    path = tmp_path / "zoo.onnx"
+    onnx.save(model, str(path))
+    fx = FeatureExtractor(str(path), "relu1", providers="cpu")
+    assert fx.batch_size == 1 and fx.image_size == (32, 32) and fx.model_name == "zoo"
+    imgs = images(3, seed=8)
+    np.testing.assert_allclose(fx(imgs), reference(normalize_reference(np.stack(imgs)))["relu1"], rtol=1e-4, atol=1e-4)
+
+
 def test_nhwc_model_gives_nchw_activations():
     fx = FeatureExtractor(nhwc_net(), "block1/relu:0", providers="cpu", image_size=16)
     imgs = images(2, 16, 16, seed=5)
@@ -177,6 +194,13 @@ def test_nhwc_model_gives_nchw_activations():
     assert out.shape == (2, 4, 16, 16)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     assert fx.layers()[-1][0] == "block1/relu:0"
+
+
+@pytest.mark.parametrize("make,name", [(small_net, "input"), (nhwc_net, "image")])
+def test_the_input_itself_can_be_extracted(make, name):
+    fx = FeatureExtractor(make(), name, providers="cpu", image_size=16)
+    imgs = images(2, 16, 16, seed=6)
+    np.testing.assert_allclose(fx(imgs), normalize_reference(np.stack(imgs)), rtol=1e-5, atol=1e-5)
 
 
 def test_layers_lists_names_and_shapes():
@@ -422,6 +446,8 @@ def test_bad_arguments():
         FeatureExtractor(small_net(), providers="cpu", resize="crop")
     with pytest.raises(ValueError, match="shorter"):
         FeatureExtractor(small_net(), providers="cpu", resize="shorter", image_size=(3, 4))
+    with pytest.raises(ValueError, match="image_size must be positive"):
+        FeatureExtractor(small_net(), providers="cpu", image_size=(0, 4))
     fx = FeatureExtractor(small_net(), providers="cpu")
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         fx.run(np.zeros((1, 4, 8, 8), np.float32))

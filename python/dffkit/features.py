@@ -348,6 +348,8 @@ class FeatureExtractor:
             if not np.isscalar(image_size):
                 raise ValueError(f"resize='shorter' needs an int image_size, got {image_size!r}")
             self.image_size = int(image_size)
+        if self.image_size is not None and min(np.atleast_1d(self.image_size)) < 1:
+            raise ValueError(f"image_size must be positive, got {image_size!r}")
         if self._fixed_batch is not None:
             self.batch_size = self._fixed_batch
 

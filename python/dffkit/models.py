@@ -47,6 +47,7 @@ __all__ = [
     "tensor_shapes",
     "truncate",
     "input_layout",
+    "resolve_layer",
 ]
 
 #: opset of every graph this module writes; onnxruntime >= 1.14 runs it.
@@ -532,7 +533,10 @@ def truncate(model, layer: str, *, nchw_input: bool = True):
         output = "dffkit_identity"
     rank = shapes.get(layer, (None, None))[1]
     if rank is None or len(rank) == 4:
-        axis = _channel_axis(g, layer)
+        if layer in inputs:
+            axis = 3 if input_layout(model) == "NHWC" else 1
+        else:
+            axis = _channel_axis(g, layer)
         if axis != 1:
             perm = [0, axis] + [a for a in (1, 2, 3) if a != axis]
             nodes.append(helper.make_node("Transpose", [output], ["dffkit_nchw"], perm=perm, name="dffkit_to_nchw"))
