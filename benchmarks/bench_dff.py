@@ -91,14 +91,17 @@ def bench_model(model: str, args) -> dict:
     opts = dict(extractor=ext, backend=backend, max_iter=args.max_iter, tol=args.tol, random_state=0,
                 name_concepts=False, negatives="clip")
 
-    ext_times, acts = timed(lambda: ext(batch), args.repeats_batch)
-    ext_one, _ = timed(lambda: ext(one), args.repeats_one, warmup=3)
+    # the extractor's own speed: on a GPU with its output left in device memory, as DFF uses it
+    device_output = args.device == "cuda"
+    ext_times, acts = timed(lambda: ext(batch, device_output=device_output), args.repeats_batch)
+    ext_one, _ = timed(lambda: ext(one, device_output=device_output), args.repeats_one, warmup=3)
     row = {
         "model": ext.model_name,
         "untrained": bool(ext.untrained),
         "layer": ext.layer,
         "provider": ext.provider,
         "activations": list(acts.shape),
+        "extractor_device_output": device_output,
         "n_images": args.n_images,
         "k": args.k,
         "extractor_images_per_s": round(args.n_images / min(ext_times), 2),
@@ -125,7 +128,8 @@ def markdown(report: dict) -> str:
         "",
         f"Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, "
         f"{m.get('memory_gib', '?')} GiB; GPUs: {m.get('gpus') or 'none'}; load average at start "
-        f"{m.get('load_average')}. {report['date']}.",
+        f"{m.get('load_average')}, at the end {report.get('load_average_end')} (the machine is shared: "
+        "a load above the core count slows every number here). {report['date']}.",
         f"Images {report['image_size']} x {report['image_size']} (synthetic, in memory), batch of "
         f"{report['n_images']}, k = {report['k']}, max_iter {report['max_iter']}, tol {report['tol']}; "
         "concept naming off. Throughput: best of the repeats; latency: p50 / p99 over the repeats.",
@@ -191,6 +195,7 @@ def main(argv=None) -> int:
         print(f"{model} ...", file=sys.stderr, flush=True)
         report["results"].append(bench_model(model, args))
         print(json.dumps(report["results"][-1], indent=1), file=sys.stderr)
+    report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     stem = Path(args.out) if args.out else HERE / "results" / f"dff_{args.device}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

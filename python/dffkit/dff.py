@@ -20,6 +20,7 @@ Heat-map conventions (one place, so that every consumer agrees):
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -57,7 +58,13 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
 
     Pixel centres are aligned (``align_corners=False`` in PyTorch, OpenCV's and Pillow's
     convention without antialiasing); samples beyond the outer centres repeat the edge.
+    The array is shared between calls (read-only).
     """
+    return _bilinear_matrix(int(n_out), int(n_in))
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
     src = np.clip(src, 0.0, n_in - 1)
     i0 = np.floor(src).astype(np.int64)
@@ -67,7 +74,9 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     rows = np.arange(n_out)
     np.add.at(R, (rows, i0), 1.0 - t)
     np.add.at(R, (rows, i1), t)
-    return R.astype(np.float32)
+    R = R.astype(np.float32)
+    R.setflags(write=False)
+    return R
 
 
 def upsample(maps, size: Tuple[int, int]) -> np.ndarray:
