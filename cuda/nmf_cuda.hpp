@@ -58,6 +58,15 @@ void random_init(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, std::int6
                  std::int64_t n, std::int64_t k, DType dt, std::uint64_t seed,
                  std::uintptr_t stream);
 
+/// init="random" for B problems of one shape stored back to back; problem b uses seed + b.
+void random_init_strided(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, std::int64_t B,
+                         std::int64_t m, std::int64_t n, std::int64_t k, DType dt,
+                         std::uint64_t seed, std::uintptr_t stream);
+
+/// Sum of count elements (or of their squares) in the fixed chunked order of mean_fixed_order.
+double fixed_order_sum(std::uintptr_t X, std::int64_t count, DType dt, bool square,
+                       std::uintptr_t stream);
+
 /// (min value, whether any value is NaN or +-inf) of count elements.
 std::pair<double, bool> check_values(std::uintptr_t X, std::int64_t count, DType dt,
                                      std::uintptr_t stream);

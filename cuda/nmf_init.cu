@@ -50,12 +50,36 @@ __global__ void ordered_total_kernel(const double* part, i64 nc, double* out) {
 }
 
 template <class T>
-__global__ void random_fill_kernel(T* out, i64 count, const double* total, i64 mn, i64 k,
+__global__ void chunk_sum_batched_kernel(const T* X, i64 B, i64 count, double* part) {
+  const i64 nc = (count + kChunk - 1) / kChunk;
+  const i64 idx = i64(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= B * nc) return;
+  const i64 b = idx / nc, c = idx - b * nc;
+  const T* x = X + b * count;
+  const i64 e = (c + 1) * kChunk < count ? (c + 1) * kChunk : count;
+  double s = 0;
+  for (i64 i = c * kChunk; i < e; ++i) s += double(x[i]);
+  part[idx] = s;
+}
+
+__global__ void ordered_total_batched_kernel(const double* part, i64 B, i64 nc, double* out) {
+  const i64 b = i64(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  double s = 0;
+  for (i64 c = 0; c < nc; ++c) s += part[b * nc + c];
+  out[b] = s;
+}
+
+/// out[b, i] = sqrt(mean(X_b) / k) |N(0,1)| of element i of stream `stream_id` under seed + b.
+template <class T>
+__global__ void random_fill_kernel(T* out, i64 B, i64 per, const double* totals, i64 mn, i64 k,
                                    std::uint64_t seed, std::uint32_t stream_id) {
-  const double scale = std::sqrt(*total / double(mn) / double(k));
-  for (i64 i = i64(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
-       i += i64(gridDim.x) * blockDim.x)
-    out[i] = T(scale * philox_half_normal(seed, stream_id, std::uint64_t(i)));
+  for (i64 idx = i64(blockIdx.x) * blockDim.x + threadIdx.x; idx < B * per;
+       idx += i64(gridDim.x) * blockDim.x) {
+    const i64 b = idx / per, i = idx - b * per;
+    const double scale = std::sqrt(totals[b] / double(mn) / double(k));
+    out[idx] = T(scale * philox_half_normal(seed + std::uint64_t(b), stream_id, std::uint64_t(i)));
+  }
 }
 
 template <class T>
@@ -223,34 +247,56 @@ DeviceInfo device_info(int device) {
   return d;
 }
 
-void random_init(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, i64 m, i64 n, i64 k,
-                 DType dt, std::uint64_t seed, std::uintptr_t stream) {
-  if (m < 1 || n < 1 || k < 1)
-    throw invalid_argument("dffkit._cuda.random_init: m, n, k must be >= 1");
+void random_init_strided(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, i64 B, i64 m,
+                         i64 n, i64 k, DType dt, std::uint64_t seed, std::uintptr_t stream) {
+  if (B < 1 || m < 1 || n < 1 || k < 1)
+    throw invalid_argument("dffkit._cuda.random_init: B, m, n, k must be >= 1");
   const int dev = require_device_pointer(X, "X");
-  require_device_pointer(W, "W");
-  require_device_pointer(H, "H");
+  if (require_device_pointer(W, "W") != dev || require_device_pointer(H, "H") != dev)
+    throw invalid_argument("dffkit._cuda.random_init: X, W and H must live on one device");
   DeviceGuard guard(dev);
   cudaStream_t s = as_stream(stream);
   const i64 nc = (m * n + kChunk - 1) / kChunk;
+  Workspace ws(dev, std::size_t(B * nc + B) * sizeof(double));
+  double* part = reinterpret_cast<double*>(ws.data());
+  double* totals = part + B * nc;
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    chunk_sum_batched_kernel<T><<<unsigned((B * nc + 127) / 128), 128, 0, s>>>(
+        reinterpret_cast<const T*>(X), B, m * n, part);
+    DFFKIT_CUDA_CHECK_LAUNCH("chunk_sum_batched_kernel");
+    ordered_total_batched_kernel<<<unsigned((B + 127) / 128), 128, 0, s>>>(part, B, nc, totals);
+    DFFKIT_CUDA_CHECK_LAUNCH("ordered_total_batched_kernel");
+    auto fill = [&](T* out, i64 per, std::uint32_t id) {
+      const i64 blocks = std::min<i64>((B * per + 255) / 256, 8192);
+      random_fill_kernel<T><<<unsigned(blocks), 256, 0, s>>>(out, B, per, totals, m * n, k, seed, id);
+      DFFKIT_CUDA_CHECK_LAUNCH("random_fill_kernel");
+    };
+    fill(reinterpret_cast<T*>(W), m * k, 0);
+    fill(reinterpret_cast<T*>(H), k * n, 1);
+  };
+  if (dt == DType::f32) run(float{}); else run(double{});
+  DFFKIT_CUDA_TRY(cudaStreamSynchronize(s));
+}
+
+void random_init(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, i64 m, i64 n, i64 k,
+                 DType dt, std::uint64_t seed, std::uintptr_t stream) {
+  random_init_strided(X, W, H, 1, m, n, k, dt, seed, stream);
+}
+
+double fixed_order_sum(std::uintptr_t X, i64 count, DType dt, bool square, std::uintptr_t stream) {
+  if (count < 1) throw invalid_argument("dffkit._cuda.fixed_order_sum: count must be >= 1");
+  const int dev = require_device_pointer(X, "X");
+  DeviceGuard guard(dev);
+  cudaStream_t s = as_stream(stream);
+  const i64 nc = (count + kChunk - 1) / kChunk;
   Workspace ws(dev, std::size_t(nc + 1) * sizeof(double));
   double* part = reinterpret_cast<double*>(ws.data());
-  double* total = part + nc;
-  launch_fixed_order_sum(reinterpret_cast<const void*>(X), m * n, dt, false, part, total, s);
-  auto fill = [&](auto* out, i64 count, std::uint32_t id) {
-    using T = std::remove_pointer_t<decltype(out)>;
-    const i64 blocks = std::min<i64>((count + 255) / 256, 4096);
-    random_fill_kernel<T><<<unsigned(blocks), 256, 0, s>>>(out, count, total, m * n, k, seed, id);
-    DFFKIT_CUDA_CHECK_LAUNCH("random_fill_kernel");
-  };
-  if (dt == DType::f32) {
-    fill(reinterpret_cast<float*>(W), m * k, 0);
-    fill(reinterpret_cast<float*>(H), k * n, 1);
-  } else {
-    fill(reinterpret_cast<double*>(W), m * k, 0);
-    fill(reinterpret_cast<double*>(H), k * n, 1);
-  }
+  launch_fixed_order_sum(reinterpret_cast<const void*>(X), count, dt, square, part, part + nc, s);
+  double total = 0;
+  DFFKIT_CUDA_TRY(cudaMemcpyAsync(&total, part + nc, sizeof(double), cudaMemcpyDeviceToHost, s));
   DFFKIT_CUDA_TRY(cudaStreamSynchronize(s));
+  return total;
 }
 
 std::pair<double, bool> check_values(std::uintptr_t X, i64 count, DType dt, std::uintptr_t stream) {

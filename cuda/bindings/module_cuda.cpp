@@ -320,6 +320,27 @@ PYBIND11_MODULE(_cuda, mod) {
       "init='random' on the device, bit-identical to _cpu.random_init.");
 
   mod.def(
+      "random_init_strided",
+      [](std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, i64 B, i64 m, i64 n, i64 k,
+         const std::string& dtype, std::uint64_t seed, std::uintptr_t stream) {
+        const cuda::DType dt = parse_dtype(dtype);
+        py::gil_scoped_release nogil;
+        cuda::random_init_strided(X, W, H, B, m, n, k, dt, seed, stream);
+      },
+      py::arg("X"), py::arg("W"), py::arg("H"), py::arg("B"), py::arg("m"), py::arg("n"),
+      py::arg("k"), py::arg("dtype"), py::arg("seed"), py::arg("stream") = 0,
+      "init='random' for X (B, m, n): problem b as random_init with seed + b (mod 2^64).");
+  mod.def(
+      "fixed_order_sum",
+      [](std::uintptr_t X, i64 count, const std::string& dtype, bool square, std::uintptr_t stream) {
+        const cuda::DType dt = parse_dtype(dtype);
+        py::gil_scoped_release nogil;
+        return cuda::fixed_order_sum(X, count, dt, square, stream);
+      },
+      py::arg("X"), py::arg("count"), py::arg("dtype"), py::arg("square") = false,
+      py::arg("stream") = 0,
+      "Sum (or sum of squares) of count device elements in the CPU engine's fixed chunk order.");
+  mod.def(
       "check_values",
       [](std::uintptr_t X, i64 count, const std::string& dtype, std::uintptr_t stream) {
         const cuda::DType dt = parse_dtype(dtype);
