@@ -36,6 +36,11 @@ if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
   echo "== build took $(( $(date +%s) - t0 )) s"
 fi
 
+DFFKIT_COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || true)"
+[[ -n "$DFFKIT_COMMIT" && -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]] \
+  && DFFKIT_COMMIT="$DFFKIT_COMMIT+local changes"
+export DFFKIT_COMMIT
+
 # run from outside the source tree so that the installed package (with _cuda) is imported
 cd /tmp
 python3 - <<'EOF'

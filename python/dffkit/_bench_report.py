@@ -125,6 +125,7 @@ def describe_machine() -> dict:
                                       "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                       "CUDA_VISIBLE_DEVICES") if k in os.environ}
     return {
+        "dffkit_commit": _commit(),
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -139,6 +140,24 @@ def describe_machine() -> dict:
         "environment": env,
         "load_average": _loadavg(),
     }
+
+
+def _commit():
+    """The git commit dffkit was built from: $DFFKIT_COMMIT, else the checkout it runs from."""
+    if os.environ.get("DFFKIT_COMMIT"):
+        return os.environ["DFFKIT_COMMIT"]
+    import dffkit
+
+    try:
+        res = subprocess.run(["git", "-C", os.path.dirname(dffkit.__file__), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", os.path.dirname(dffkit.__file__), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        if res.returncode == 0:
+            return res.stdout.strip() + ("+local changes" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
 
 
 def _loadavg():
@@ -308,7 +327,7 @@ def row_cells(r: dict) -> list:
     return [
         r["problem"], r["contender"], iters, fmt_time(r["time_s"]), fmt_time(r["time_per_iter_s"]),
         fmt_num(r["rel_error"], ".6g"), fmt_num(r.get("loss_rel_diff"), ".1e"), agree_s,
-        ("-" if r.get("speedup_vs_best_peer") is None else f"{r['speedup_vs_best_peer']:.2f}x"),
+        ("-" if r.get("speedup_vs_best_peer") is None else f"{r['speedup_vs_best_peer']:.3g}x"),
         fmt_num(r.get("GBps"), ".4g"), fmt_pct(r.get("bw_frac")),
         fmt_num(r.get("GFLOPs"), ".4g"), fmt_pct(r.get("flop_frac")),
     ]
@@ -343,7 +362,8 @@ def render(report: dict, markdown: bool) -> str:
     out.append(f"{bullet}CPU: {m['cpu_model']}, {m['cores']} cores ({' '.join(m.get('cpu_flags', []))}), "
                f"{m.get('memory_gib')} GiB; dffkit CPU threads: {m.get('dffkit_cpu_threads')}")
     out.append(f"{bullet}GPU: {gpu}")
-    out.append(f"{bullet}Libraries: {libs}; Python {m['python']}")
+    out.append(f"{bullet}Libraries: {libs}; Python {m['python']}"
+               + (f"; dffkit commit {m['dffkit_commit']}" if m.get("dffkit_commit") else ""))
     out.append(f"{bullet}BLAS: {blas}")
     if m.get("load_average") is not None:
         end = m.get("load_average_end")

@@ -288,7 +288,17 @@ def _measure_cd(c, state, p, suite, target, X, xnorm, row):
     return t, i
 
 
+class _Entry:
+    """A contender being measured on one problem."""
+
+    def __init__(self, c, row):
+        self.c, self.row, self.state = c, row, None
+        self.n_iter, self.reps, self.times, self.t_wall = 0, 0, [], 0.0
+
+
 def _run_problem(p, suite, contenders, unavailable, ceilings, progress, rows, skipped):
+    """Prepare every contender (agreement check, cost estimate, warm-up solve that gives the
+    final error), then time them round-robin, so that a busy machine slows all alike."""
     X, W0, H0 = p.make()
     offsets = p.group_offsets()
     lam, mu = p.penalties(X, W0, H0)
@@ -297,62 +307,89 @@ def _run_problem(p, suite, contenders, unavailable, ceilings, progress, rows, sk
                          p.beta, offsets, lam, mu)
     xnorm = data_norm(X)
     setup = Setup(p, X, W0, H0, offsets, lam, mu)
-    prow = []
+    prow, active, entries = [], [], []
     ordered = [c for c in contenders if c.solver != "cd"] + [c for c in contenders if c.solver == "cd"]
+
+    def fail(e, exc):
+        e.row["status"] = "error"
+        e.row["reason"] = f"{type(exc).__name__}: {exc}"
+        release(e)
+
+    def release(e):
+        if e in active:
+            active.remove(e)
+        if e.state is not None:
+            try:
+                e.c.teardown(e.state)
+            except Exception:  # noqa: BLE001 - freeing what failed must not fail the run
+                pass
+            e.state = None
+
     for c in ordered:
         progress.step(f"{p.name}: {c.name}")
         reason = unavailable[c.name] or c.unsupported(p)
         if reason:
             skipped.append((c.name, p.name, reason))
             continue
-        row = _base_row(p, c)
-        state = None
-        t_row = time.perf_counter()
+        e = _Entry(c, _base_row(p, c))
+        entries.append(e)
+        t0 = time.perf_counter()
         try:
-            state = c.setup(setup)
+            e.state = c.setup(setup)
             if c.solver == "cd":
                 ref = _reference(prow)
                 if ref is None:
                     skipped.append((c.name, p.name, "no MU result to take the target error from"))
+                    release(e)
                     continue
-                est, n_iter = _measure_cd(c, state, p, suite, ref["rel_error"] * (1 + 1e-4), X,
-                                          xnorm, row)
+                est, e.n_iter = _measure_cd(c, e.state, p, suite, ref["rel_error"] * (1 + 1e-4),
+                                            X, xnorm, e.row)
             else:
-                est, n_iter = _measure_mu(c, state, p, suite, oracle, row)
+                est, e.n_iter = _measure_mu(c, e.state, p, suite, oracle, e.row)
             cap = suite.cpu_row_cap_s if c.device == "cpu" and suite.cpu_row_cap_s else suite.row_cap_s
             if est > cap:
                 skipped.append((c.name, p.name, f"one solve estimated at {est:.3g} s, above this "
                                                 f"suite's cap of {cap:g} s"))
+                release(e)
                 continue
-            # warm-up: a whole solve when cheap, else the runs above were the warm-up
-            if est <= suite.budget_s:
-                _timed(c, state, n_iter)
+            # warm-up: one whole solve, whose result gives the final error (runs from the same
+            # start are deterministic)
+            out, t = _timed(c, e.state, e.n_iter)
+            W, H = c.fetch(e.state, out)
+            del out
+            e.row["error"] = reconstruction_error(X, W, H, p.beta)
+            e.row["rel_error"] = e.row["error"] / xnorm
+            e.row["notes"] = c.notes(e.state)
             lo_r, hi_r = suite.repeats
-            reps = int(min(hi_r, max(lo_r, suite.budget_s // max(est, 1e-9))))
-            times, out = [], None
-            for _ in range(reps):
-                out, t = _timed(c, state, n_iter)
-                times.append(t)
-            W, H = c.fetch(state, out)
-            row["times_s"] = times
-            row["time_s"] = statistics.median(times)
-            row["time_per_iter_s"] = row["time_s"] / n_iter
-            row["error"] = reconstruction_error(X, W, H, p.beta)
-            row["rel_error"] = row["error"] / xnorm
-            row["notes"] = c.notes(state)
-            _efficiency(row, p, c, ceilings)
-            prow.append(row)
+            e.reps = int(min(hi_r, max(lo_r, suite.budget_s // max(min(est, t), 1e-9))))
+            active.append(e)
+            prow.append(e.row)
         except Exception as exc:  # noqa: BLE001 - one contender's failure is a row, not the end
-            row["status"] = "error"
-            row["reason"] = f"{type(exc).__name__}: {exc}"
-            prow.append(row)
+            prow.append(e.row)
+            fail(e, exc)
         finally:
-            row["bench_wall_s"] = time.perf_counter() - t_row
-            if state is not None:
-                try:
-                    c.teardown(state)
-                except Exception:  # noqa: BLE001
-                    pass
+            e.t_wall += time.perf_counter() - t0
+    # timed solves, round-robin over the contenders
+    for rnd in range(max((e.reps for e in active), default=0)):
+        for e in list(active):
+            if rnd >= e.reps:
+                continue
+            t0 = time.perf_counter()
+            try:
+                e.times.append(_timed(e.c, e.state, e.n_iter)[1])
+            except Exception as exc:  # noqa: BLE001
+                fail(e, exc)
+            e.t_wall += time.perf_counter() - t0
+    for e in list(active):
+        row = e.row
+        row["times_s"] = e.times
+        row["time_s"] = statistics.median(e.times)
+        row["time_per_iter_s"] = row["time_s"] / e.n_iter
+        row["n_iter"] = e.n_iter
+        _efficiency(row, p, e.c, ceilings)
+        release(e)
+    for e in entries:
+        e.row["bench_wall_s"] = e.t_wall
     _compare(prow)
     rows.extend(prow)
 
@@ -419,11 +456,11 @@ def _evaluate_targets(targets, rows, problem_names):
         elif t.kind == "speedup":
             measured = b["time_s"] / a["time_s"]
             ok = measured >= t.value
-            text = f"{measured:.2f}x ({_report.fmt_time(a['time_s'])} vs {_report.fmt_time(b['time_s'])})"
+            text = f"{measured:.3g}x ({_report.fmt_time(a['time_s'])} vs {_report.fmt_time(b['time_s'])})"
         elif t.kind == "max_ratio":
             measured = a["time_per_iter_s"] / b["time_per_iter_s"]
             ok = measured <= t.value
-            text = (f"{measured:.2f}x ({_report.fmt_time(a['time_per_iter_s'])} vs "
+            text = (f"{measured:.3g}x ({_report.fmt_time(a['time_per_iter_s'])} vs "
                     f"{_report.fmt_time(b['time_per_iter_s'])} per iteration)")
         elif t.kind == "max_time":
             measured = a["time_s"]
