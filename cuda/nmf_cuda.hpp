@@ -36,10 +36,14 @@ struct FitResult {
   std::vector<double> objective;  // filled when Options::record_objective
 };
 
+/// Which engine fit() uses: chosen from the shape, or forced (tests, sanitizer runs).
+enum class Engine : int { automatic = 0, resident = 1, sweep = 2 };
+
 /// Fit in place: X (m x n), W (m x k), H (k x n), row-major device memory of dtype dt, all on
 /// one device. W and H hold the initial factors on entry and the result on exit.
 FitResult fit(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, const Problem& p,
-              const Options& o, DType dt, Precision prec, std::uintptr_t stream);
+              const Options& o, DType dt, Precision prec, std::uintptr_t stream,
+              Engine engine = Engine::automatic);
 
 /// One problem of a batch (pointers into device memory).
 struct BatchItem {

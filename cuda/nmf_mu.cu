@@ -787,6 +787,7 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
     carve(count, nullptr, &a, &b, &g, nullptr);
   }
   Workspace ws(dev, count.offset + 256);
+  try {
   Carver c;
   c.base = ws.data();
   std::vector<ResDesc<T, XS>> descs;
@@ -821,6 +822,12 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
     }
   }
   return res;
+  } catch (...) {
+    // let the work in flight finish before the workspace can be handed to another call
+    cudaStreamSynchronize(s);
+    cudaGetLastError();
+    throw;
+  }
 }
 
 template <class T, class XS, int KC>
@@ -873,6 +880,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   Carver count;
   carve(count);
   Workspace ws(dev, count.offset + 256);
+  try {
   Carver c;
   c.base = ws.data();
   carve(c);
@@ -988,6 +996,11 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
     r.objective = std::move(objective);
   }
   return r;
+  } catch (...) {
+    cudaStreamSynchronize(s);
+    cudaGetLastError();
+    throw;
+  }
 }
 
 }  // namespace
@@ -1031,7 +1044,7 @@ auto dispatch(DType dt, Precision prec, F&& f) {
 }  // namespace
 
 FitResult fit(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, const Problem& p,
-              const Options& o, DType dt, Precision prec, std::uintptr_t stream) {
+              const Options& o, DType dt, Precision prec, std::uintptr_t stream, Engine engine) {
   check_problem(p);
   const std::vector<Item> items{Item{X, W, H, p.m, p.n, p.k}};
   const int dev = check_shapes_and_device(items, dt, prec);
@@ -1044,7 +1057,11 @@ FitResult fit(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, const Proble
     using XS = decltype(x);
     const ResLayout L = res_layout(p.m, p.n, int(p.k), kl, sizeof(T), sizeof(XS), limit);
     const bool fits = fixed_smem(int(p.k), sizeof(T)) <= limit && L.used <= limit;
-    if (fits && prefer_resident(p.m, p.n, p.k)) return resident_solve<T, XS>(items, p, o, dev, s)[0];
+    if (engine == Engine::resident && !fits)
+      throw invalid_argument("dffkit._cuda: n_components is too large for the resident engine");
+    if (engine == Engine::resident ||
+        (engine == Engine::automatic && fits && prefer_resident(p.m, p.n, p.k)))
+      return resident_solve<T, XS>(items, p, o, dev, s)[0];
     return sweep_solve<T, XS>(items[0], p, o, dev, s);
   });
 }

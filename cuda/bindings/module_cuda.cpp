@@ -28,7 +28,15 @@ struct Params {
   bool update_H = true, record_objective = false;
   int num_threads = 0;  // accepted for symmetry with _cpu.Params; unused on the GPU
   std::string precision = "fp32";
+  std::string engine = "auto";  // "auto" | "resident" | "sweep" (tests and sanitizer runs)
 };
+
+cuda::Engine parse_engine(const std::string& s) {
+  if (s == "auto") return cuda::Engine::automatic;
+  if (s == "resident") return cuda::Engine::resident;
+  if (s == "sweep") return cuda::Engine::sweep;
+  throw invalid_argument("dffkit._cuda: engine must be 'auto', 'resident' or 'sweep'");
+}
 
 cuda::DType parse_dtype(const std::string& s) {
   if (s == "float32" || s == "f32" || s == "<f4") return cuda::DType::f32;
@@ -220,7 +228,8 @@ PYBIND11_MODULE(_cuda, mod) {
       .def_readwrite("update_H", &Params::update_H)
       .def_readwrite("record_objective", &Params::record_objective)
       .def_readwrite("num_threads", &Params::num_threads)
-      .def_readwrite("precision", &Params::precision);
+      .def_readwrite("precision", &Params::precision)
+      .def_readwrite("engine", &Params::engine);
 
   mod.def(
       "fit",
@@ -229,13 +238,14 @@ PYBIND11_MODULE(_cuda, mod) {
          std::uintptr_t stream) {
         const cuda::DType dt = parse_dtype(dtype);
         const cuda::Precision prec = parse_precision(q.precision);
+        const cuda::Engine engine = parse_engine(q.engine);
         const Problem p = make_problem(m, n, k, q, &groups);
         check_problem(p);
         const Options o = make_options(q);
         cuda::FitResult r;
         {
           py::gil_scoped_release nogil;
-          r = cuda::fit(X, W, H, p, o, dt, prec, stream);
+          r = cuda::fit(X, W, H, p, o, dt, prec, stream, engine);
         }
         return result_dict(r, q.record_objective);
       },

@@ -1,0 +1,169 @@
+"""dffkit's CUDA engine against a plain PyTorch MU loop, same process, same card (issue 5's four
+target shapes). CUDA events, warm-up, median of repeats; achieved bandwidth (one pass over X per
+iteration) and FLOP rate against a copy-bandwidth and matrix-product ceiling measured here.
+
+    python3 benchmarks/cuda_bench.py [--quick]      # JSON to $OUT/cuda_bench.json (default .)
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from dffkit import _backends
+
+cuda = _backends.cuda()
+dev = torch.device("cuda")
+OUT = os.environ.get("OUT", ".")
+QUICK = "--quick" in sys.argv
+
+
+def timed(fn, reps, prep=None, warm=1):
+    for _ in range(warm):
+        if prep:
+            prep()
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        if prep:
+            prep()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return statistics.median(ts), ts
+
+
+def ceilings():
+    x = torch.empty(1 << 28, device=dev)  # 1 GiB
+    y = torch.empty_like(x)
+    t, _ = timed(lambda: y.copy_(x), 10)
+    bw = 2 * x.numel() * 4 / (t * 1e-3)
+    del x, y
+    a = torch.rand(8192, 8192, device=dev)
+    b = torch.rand(8192, 8192, device=dev)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t32, _ = timed(lambda: a @ b, 5)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ttf, _ = timed(lambda: a @ b, 5)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    f = 2 * 8192 ** 3
+    return {"copy_TBps": bw / 1e12, "sgemm_TFLOPs": f / (t32 * 1e-3) / 1e12,
+            "tf32_TFLOPs": f / (ttf * 1e-3) / 1e12}
+
+
+def torch_mu(X, W, H, iters):
+    for _ in range(iters):
+        W.mul_(X @ H.transpose(-1, -2)).div_(W @ (H @ H.transpose(-1, -2)))
+        H.mul_(W.transpose(-1, -2) @ X).div_((W.transpose(-1, -2) @ W) @ H)
+
+
+def frob_err(X, W, H):
+    return float(torch.linalg.norm((X - W @ H).double()))
+
+
+def params(iters, precision="fp32"):
+    p = cuda.Params()
+    p.max_iter, p.tol, p.precision = iters, 0.0, precision
+    return p
+
+
+def stream():
+    return torch.cuda.current_stream().cuda_stream
+
+
+def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffkit_iters=None):
+    torch.manual_seed(0)
+    shape = (B, m, n) if B > 1 else (m, n)
+    X = torch.rand(shape, device=dev)
+    s = float(X.mean() / k) ** 0.5
+    W0 = s * torch.rand(shape[:-1] + (k,), device=dev)
+    H0 = s * torch.rand(shape[:-2] + (k, n), device=dev)
+    W, H = W0.clone(), H0.clone()
+    rows = []
+    floor_bytes = iters * B * m * n * 4
+    flops = iters * B * (4 * m * n * k + 2 * (m + n) * k * k)
+    for prec in precisions:
+        it_d = dffkit_iters or iters
+
+        def prep():
+            W.copy_(W0)
+            H.copy_(H0)
+
+        if B > 1:
+            def run():
+                cuda.fit_batched_strided(X.data_ptr(), W.data_ptr(), H.data_ptr(), B, m, n, k,
+                                         "float32", params(it_d, prec), stream())
+        else:
+            def run():
+                cuda.fit(X.data_ptr(), W.data_ptr(), H.data_ptr(), m, n, k, "float32",
+                         params(it_d, prec), [], stream())
+        try:
+            t, ts = timed(run, reps, prep, warm=1 if reps > 1 else 0)
+        except Exception as exc:  # noqa: BLE001 - reported in the table
+            rows.append({"case": name, "impl": f"dffkit {prec}", "error": repr(exc)})
+            continue
+        t_full = t * iters / it_d
+        err = frob_err(X[0] if B > 1 else X, W[0] if B > 1 else W, H[0] if B > 1 else H)
+        rows.append({"case": name, "impl": f"dffkit {prec}", "ms": t_full, "all_ms": ts,
+                     "extrapolated_from_iters": it_d if it_d != iters else None,
+                     "TBps_one_pass": floor_bytes / (t_full * 1e-3) / 1e12,
+                     "TFLOPs": flops / (t_full * 1e-3) / 1e12, "err_problem0": err})
+        print(rows[-1]["case"], rows[-1]["impl"], f"{t_full:.3f} ms", flush=True)
+    for tf32 in (False, True):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+        def prep():
+            W.copy_(W0)
+            H.copy_(H0)
+
+        t, ts = timed(lambda: torch_mu(X, W, H, iters), torch_reps, prep)
+        err = frob_err(X[0] if B > 1 else X, W[0] if B > 1 else W, H[0] if B > 1 else H)
+        rows.append({"case": name, "impl": f"torch {'tf32' if tf32 else 'fp32'}", "ms": t,
+                     "all_ms": ts, "TBps_one_pass": floor_bytes / (t * 1e-3) / 1e12,
+                     "TFLOPs": flops / (t * 1e-3) / 1e12, "err_problem0": err})
+        print(rows[-1]["case"], rows[-1]["impl"], f"{t:.3f} ms", flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    del X, W, H, W0, H0
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    t0 = time.time()
+    info = cuda.device_info(0)
+    ceil = ceilings()
+    print("device", info, "ceilings", ceil, flush=True)
+    rows = []
+    rows += case("one image 196x512 k=5 200 it", 1, 196, 512, 5, 200, 20, ("fp32", "bf16x"), 5)
+    rows += case("batch 4096x196x512 k=5 100 it", 4096, 196, 512, 5, 100, 3, ("fp32", "bf16x"))
+    rows += case("tall 200000x512 k=20 100 it", 1, 200000, 512, 20, 100, 3, ("fp32", "bf16x"))
+    if not QUICK:
+        rows += case("square 16384^2 k=64 50 it", 1, 16384, 16384, 64, 50, 1, ("fp32",), 2,
+                     dffkit_iters=3)
+    res = {"device": info, "ceilings": ceil, "rows": rows, "wall_s": time.time() - t0}
+    with open(os.path.join(OUT, "cuda_bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\n{'case':34s} {'impl':14s} {'ms':>10s} {'TB/s':>7s} {'TFLOP/s':>8s} {'err':>10s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:34s} {r['impl']:14s} ERROR {r['error']}")
+            continue
+        ext = "*" if r.get("extrapolated_from_iters") else " "
+        print(f"{r['case']:34s} {r['impl']:14s} {r['ms']:9.3f}{ext} {r['TBps_one_pass']:7.2f} "
+              f"{r['TFLOPs']:8.2f} {r['err_problem0']:10.4g}")
+    print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, SGEMM {ceil['sgemm_TFLOPs']:.1f} "
+          f"TFLOP/s, TF32 {ceil['tf32_TFLOPs']:.1f} TFLOP/s; * = timed on fewer iterations, "
+          "scaled")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Small driver for compute-sanitizer (memcheck, racecheck): every kernel path of dffkit._cuda
+once, on tiny problems (the tools slow kernels down 10-100x). Exits non-zero on a wrong result.
+
+    compute-sanitizer --tool memcheck python3 benchmarks/cuda_sanitize_driver.py
+"""
+import sys
+
+import numpy as np
+
+from dffkit import _backends
+from dffkit import _cuda_backend as cb
+
+cuda = _backends.cuda()
+cpu = _backends.cpu()
+
+
+def params(mod, **kw):
+    p = mod.Params()
+    p.max_iter = kw.pop("max_iter", 4)
+    p.tol = kw.pop("tol", 0.0)
+    for key, v in kw.items():
+        setattr(p, key, v)
+    return p
+
+
+def problem(m, n, k, dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    X = (rng.random((m, k)) @ rng.random((k, n)) + 0.1 * rng.random((m, n))).astype(dtype)
+    X[rng.random((m, n)) < 0.1] = 0
+    W = rng.random((m, k)).astype(dtype) + 0.1
+    H = rng.random((k, n)).astype(dtype) + 0.1
+    return X, W, H
+
+
+failures = 0
+
+
+def check(name, X, W, H, groups=None, precision="fp32", tol=1e-3, **kw):
+    global failures
+    Wg, Hg, ig = cb.fit(X, W, H, params(cuda, **kw), group_offsets=groups, precision=precision)
+    kw.pop("engine", None)
+    Wc, Hc = W.copy(), H.copy()
+    cpu.fit(X, Wc, Hc, params(cpu, **kw), list(groups or []))
+    rel = np.linalg.norm(Wg - Wc) / np.linalg.norm(Wc)
+    ok = rel <= tol
+    failures += not ok
+    print(f"{'ok ' if ok else 'BAD'} {name}: rel diff W {rel:.2e}, n_iter {ig['n_iter']}", flush=True)
+
+
+for engine in ("resident", "sweep"):
+    for dtype in (np.float32, np.float64):
+        X, W, H = problem(70, 45, 3, dtype)
+        check(f"{engine} frobenius {np.dtype(dtype).name}", X, W, H, engine=engine)
+        check(f"{engine} kl {np.dtype(dtype).name}", X, W, H, beta=1, engine=engine)
+    X, W, H = problem(70, 45, 11)
+    check(f"{engine} frobenius k=11 penalties", X, W, H, engine=engine, l1_W=0.1, l2_H=0.2)
+    check(f"{engine} groups + objective", X, W, H, groups=[0, 20, 20, 70], lam=0.3, mu=0.1,
+          record_objective=True, engine=engine)
+    check(f"{engine} update_H=False", X, W, H, update_H=False, engine=engine)
+    check(f"{engine} kl update_H=False", X, W, H, beta=1, update_H=False, engine=engine)
+    check(f"{engine} stopping rule", X, W, H, max_iter=30, tol=1e-2, engine=engine)
+    check(f"{engine} bf16x", X, W, H, precision="bf16x", tol=5e-2, engine=engine)
+    check(f"{engine} max_iter=0", X, W, H, max_iter=0, engine=engine)
+X, W, H = problem(64, 128, 4)  # 16-byte staging
+check("resident aligned", X, W, H, engine="resident")
+check("sweep aligned", X, W, H, engine="sweep")
+probs = [problem(30 + 7 * b, 20 + 5 * b, 3, seed=b) for b in range(3)]
+out = cb.fit_batched([p[0] for p in probs], [p[1] for p in probs], [p[2] for p in probs],
+                     params(cuda, max_iter=5))
+print("ok  batched", [o[2]["n_iter"] for o in out], flush=True)
+Xd = cb.DeviceArray((50, 40), np.float32)
+Xh = problem(50, 40, 3)[0]
+cuda.memcpy_htod(Xd.ptr, Xh, 0)
+Wd, Hd = cb.random_init(Xd, 3, 5)
+Wc = np.empty((50, 3), np.float32)
+Hc = np.empty((3, 40), np.float32)
+cpu.random_init(Xh, Wc, Hc, 5)
+same = np.array_equal(Wd.get(), Wc) and np.array_equal(Hd.get(), Hc)
+failures += not same
+print("ok " if same else "BAD", "random_init bits", flush=True)
+print("ok  check_values", cb.check_values(Xd), flush=True)
+print("ok  mean", cb.mean(Xd), float(Xh.mean()), flush=True)
+sys.exit(1 if failures else 0)

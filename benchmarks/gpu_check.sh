@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The CUDA engine's checks on a GPU machine, in one go: build, tests/test_cuda.py,
+# compute-sanitizer memcheck + racecheck over a small driver, and the timing against a plain
+# PyTorch MU loop (benchmarks/cuda_bench.py). Logs and JSON go under $OUT (default ./gpu_out).
+#
+#   bash benchmarks/gpu_check.sh                  # from the repository root
+#
+# Environment:
+#   DFFKIT_CUDA_ARCHITECTURES  default 90 (H100/H200)
+#   GPU_CHECK_PREBUILT=DIR     link the CUDA objects compiled elsewhere (DIR/*.o, same nvcc) into
+#                              the module instead of `pip install .` (saves the nvcc time on a
+#                              leased machine); falls back to pip install when that fails
+#   GPU_CHECK_STAGES           default "build test bench memcheck racecheck"
+#   BENCH_ARGS                 e.g. --quick (skips the 16384^2 case)
+# Each stage runs under its own time limit and the script goes on after a failure; the last
+# lines are a summary.
+set -o pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$ROOT/gpu_out}"
+mkdir -p "$OUT"
+export DFFKIT_CUDA_ARCHITECTURES="${DFFKIT_CUDA_ARCHITECTURES:-90}"
+export PYTHONUNBUFFERED=1
+STAGES="${GPU_CHECK_STAGES:-build test bench memcheck racecheck}"
+SUMMARY=()
+note() { SUMMARY+=("$1"); echo "== $1"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+echo "== gpu_check $(date -u +%FT%TZ) on $(hostname)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv 2>&1 | tee "$OUT/nvidia_smi.txt"
+python3 --version
+PY=python3
+SAN="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+
+build_prebuilt() {
+  local pkg=/tmp/dffkit_site
+  rm -rf "$pkg" && mkdir -p "$pkg" && cp -r "$ROOT/python/dffkit" "$pkg/" || return 1
+  rm -f "$pkg"/dffkit/_c*.so
+  local inc pbinc ext cudalib
+  inc=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+  pbinc=$($PY -c "import pybind11; print(pybind11.get_include())")
+  ext=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+  cudalib="$(dirname "$(command -v nvcc)")/../lib64"
+  g++ -O1 -std=c++17 -fPIC -fvisibility=hidden -shared -I"$ROOT/cpp" -I"$ROOT/cuda" -I"$inc" \
+      -I"$pbinc" "$ROOT/cuda/bindings/module_cuda.cpp" "$GPU_CHECK_PREBUILT"/*.o \
+      -L"$cudalib" -lcudart_static -lrt -lpthread -ldl -o "$pkg/dffkit/_cuda$ext" &
+  local p1=$!
+  g++ -O2 -march=native -fopenmp -std=gnu++17 -fPIC -fvisibility=hidden -shared -I"$ROOT/cpp" \
+      -I"$inc" -I"$pbinc" "$ROOT/cpp/nmf_mu_cpu.cpp" "$ROOT/cpp/bindings/module_cpu.cpp" \
+      -o "$pkg/dffkit/_cpu$ext" &
+  local p2=$!
+  wait $p1 && wait $p2 || return 1
+  export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+if has build; then
+  t0=$(date +%s)
+  ok=0
+  if [[ -n "${GPU_CHECK_PREBUILT:-}" ]]; then
+    build_prebuilt 2>&1 | tail -n 20 | tee "$OUT/build.log" && ok=1
+    [[ $ok == 1 ]] && export PYTHONPATH="/tmp/dffkit_site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  if [[ $ok != 1 ]]; then
+    (cd "$ROOT" && timeout 400 $PY -m pip install --no-build-isolation --no-deps . 2>&1 | tail -n 20) \
+      | tee -a "$OUT/build.log" && ok=1
+  fi
+  note "build: $([[ $ok == 1 ]] && echo ok || echo FAILED) in $(( $(date +%s) - t0 )) s"
+fi
+
+cd /tmp || exit 1
+$PY -c "import dffkit, dffkit._cuda as c; print('dffkit from', dffkit.__file__); print(c.probe(), c.device_info(0))" 2>&1 | tee "$OUT/probe.txt"
+
+if has test; then
+  t0=$(date +%s)
+  timeout 150 $PY -m pytest -q -ra -p no:cacheprovider "$ROOT/tests/test_cuda.py" 2>&1 | tee "$OUT/test_cuda.log"
+  rc=$?
+  note "tests/test_cuda.py: rc=$rc, $(tail -n 1 "$OUT/test_cuda.log") ($(( $(date +%s) - t0 )) s)"
+fi
+
+if has bench; then
+  t0=$(date +%s)
+  OUT="$OUT" timeout 150 $PY "$ROOT/benchmarks/cuda_bench.py" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  note "bench: rc=$? ($(( $(date +%s) - t0 )) s)"
+fi
+
+for tool in memcheck racecheck; do
+  has $tool || continue
+  t0=$(date +%s)
+  timeout 120 "$SAN" --tool $tool --error-exitcode 9 $PY "$ROOT/benchmarks/cuda_sanitize_driver.py" \
+    > "$OUT/sanitizer_$tool.log" 2>&1
+  rc=$?
+  tail -n 6 "$OUT/sanitizer_$tool.log"
+  note "compute-sanitizer $tool: rc=$rc, $(grep -c 'BAD' "$OUT/sanitizer_$tool.log") wrong results, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -n 1) ($(( $(date +%s) - t0 )) s)"
+done
+
+echo
+echo "== summary"
+for s in "${SUMMARY[@]}"; do echo "  $s"; done
