@@ -84,8 +84,8 @@ def upsample(maps, size: Tuple[int, int]) -> np.ndarray:
     maps = np.asarray(maps, dtype=np.float32)
     H, W = size
     Ry = bilinear_matrix(H, maps.shape[1])
-    Rx = bilinear_matrix(W, maps.shape[2])
-    return np.matmul(np.matmul(Ry, maps), Rx.T)
+    RxT = np.ascontiguousarray(bilinear_matrix(W, maps.shape[2]).T)
+    return np.ascontiguousarray(_NumpyOps().upsample(maps[None], Ry, RxT)[0])
 
 
 def connected_components(mask, connectivity: int = 8):
@@ -193,6 +193,14 @@ class _NumpyOps:
         """(N, C, h, w) -> (N·h·w, C) float32, C-contiguous."""
         return self.xp.ascontiguousarray(acts.transpose(0, 2, 3, 1).reshape(-1, acts.shape[1]), dtype=self.xp.float32)
 
+    def upsample(self, A, Ry, RxT):
+        """(n, k, h, w) maps -> (n, k, H, W): Ry @ A @ RxT for every map, as two plain
+        matrix products (numpy's broadcasting matmul does not reach BLAS here)."""
+        n, k, h, w = A.shape
+        P = (A.reshape(-1, w) @ RxT).reshape(n * k, h, RxT.shape[1])
+        Q = self.xp.tensordot(Ry, P, axes=([1], [1]))  # (H, n·k, W)
+        return Q.transpose(1, 0, 2).reshape(n, k, Ry.shape[0], RxT.shape[1])
+
     def concat(self, parts):
         return self.xp.concatenate(parts, axis=0)
 
@@ -251,6 +259,9 @@ class _TorchOps(_NumpyOps):
 
     def matrix(self, acts):
         return acts.permute(0, 2, 3, 1).reshape(-1, acts.shape[1]).contiguous().float()
+
+    def upsample(self, A, Ry, RxT):
+        return (Ry @ A) @ RxT
 
     def concat(self, parts):
         return self.torch.cat(parts, dim=0)
@@ -961,7 +972,7 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
         A = loadings_of(idx, h, w)
         Ry = ops.asarray(bilinear_matrix(H, h))
         RxT = ops.asarray(np.ascontiguousarray(bilinear_matrix(Wd, w).T))
-        U = (Ry @ A) @ RxT  # (n, k, H, W)
+        U = ops.upsample(A, Ry, RxT)  # (n, k, H, W)
         k = int(U.shape[1])
         if peaks is None:
             peaks = np.zeros((n_images, k))
