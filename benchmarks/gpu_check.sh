@@ -10,7 +10,8 @@
 #   GPU_CHECK_PREBUILT=DIR     link the CUDA objects compiled elsewhere (DIR/*.o, same nvcc) into
 #                              the module instead of `pip install .` (saves the nvcc time on a
 #                              leased machine); falls back to pip install when that fails
-#   GPU_CHECK_STAGES           default "build test bench memcheck racecheck"
+#   GPU_CHECK_STAGES           default "build test memcheck bench racecheck" (run in that order)
+#   TEST_TIMEOUT, BENCH_TIMEOUT, SAN_TIMEOUT  seconds per stage (100, 100, 60)
 #   BENCH_ARGS                 e.g. --quick (skips the 16384^2 case)
 # Each stage runs under its own time limit and the script goes on after a failure; the last
 # lines are a summary.
@@ -20,7 +21,7 @@ OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 export DFFKIT_CUDA_ARCHITECTURES="${DFFKIT_CUDA_ARCHITECTURES:-90}"
 export PYTHONUNBUFFERED=1
-STAGES="${GPU_CHECK_STAGES:-build test bench memcheck racecheck}"
+STAGES="${GPU_CHECK_STAGES:-build test memcheck bench racecheck}"
 SUMMARY=()
 note() { SUMMARY+=("$1"); echo "== $1"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -69,27 +70,34 @@ fi
 cd /tmp || exit 1
 $PY -c "import dffkit, dffkit._cuda as c; print('dffkit from', dffkit.__file__); print(c.probe(), c.device_info(0))" 2>&1 | tee "$OUT/probe.txt"
 
-if has test; then
-  t0=$(date +%s)
-  timeout 150 $PY -m pytest -q -ra -p no:cacheprovider "$ROOT/tests/test_cuda.py" 2>&1 | tee "$OUT/test_cuda.log"
-  rc=$?
+stage_test() {
+  local t0=$(date +%s)
+  timeout "${TEST_TIMEOUT:-100}" $PY -m pytest -q -ra -p no:cacheprovider "$ROOT/tests/test_cuda.py" 2>&1 | tee "$OUT/test_cuda.log"
+  local rc=$?
   note "tests/test_cuda.py: rc=$rc, $(tail -n 1 "$OUT/test_cuda.log") ($(( $(date +%s) - t0 )) s)"
-fi
+}
 
-if has bench; then
-  t0=$(date +%s)
-  OUT="$OUT" timeout 150 $PY "$ROOT/benchmarks/cuda_bench.py" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+stage_bench() {
+  local t0=$(date +%s)
+  OUT="$OUT" timeout "${BENCH_TIMEOUT:-100}" $PY "$ROOT/benchmarks/cuda_bench.py" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
   note "bench: rc=$? ($(( $(date +%s) - t0 )) s)"
-fi
+}
 
-for tool in memcheck racecheck; do
-  has $tool || continue
-  t0=$(date +%s)
-  timeout 120 "$SAN" --tool $tool --error-exitcode 9 $PY "$ROOT/benchmarks/cuda_sanitize_driver.py" \
+stage_sanitizer() {
+  local tool=$1 t0=$(date +%s)
+  timeout "${SAN_TIMEOUT:-60}" "$SAN" --tool "$tool" --error-exitcode 9 $PY "$ROOT/benchmarks/cuda_sanitize_driver.py" \
     > "$OUT/sanitizer_$tool.log" 2>&1
-  rc=$?
+  local rc=$?
   tail -n 6 "$OUT/sanitizer_$tool.log"
   note "compute-sanitizer $tool: rc=$rc, $(grep -c 'BAD' "$OUT/sanitizer_$tool.log") wrong results, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -n 1) ($(( $(date +%s) - t0 )) s)"
+}
+
+for stage in $STAGES; do
+  case $stage in
+    test) stage_test ;;
+    bench) stage_bench ;;
+    memcheck|racecheck) stage_sanitizer "$stage" ;;
+  esac
 done
 
 echo
