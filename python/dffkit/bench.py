@@ -296,7 +296,7 @@ class _Entry:
         self.n_iter, self.reps, self.times, self.t_wall = 0, 0, [], 0.0
 
 
-def _run_problem(p, suite, contenders, unavailable, ceilings, progress, rows, skipped):
+def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped):
     """Prepare every contender (agreement check, cost estimate, warm-up solve that gives the
     final error), then time them round-robin, so that a busy machine slows all alike."""
     X, W0, H0 = p.make()
@@ -386,7 +386,7 @@ def _run_problem(p, suite, contenders, unavailable, ceilings, progress, rows, sk
         row["time_s"] = statistics.median(e.times)
         row["time_per_iter_s"] = row["time_s"] / e.n_iter
         row["n_iter"] = e.n_iter
-        _efficiency(row, p, e.c, ceilings)
+        _efficiency(row, p, e.c)
         release(e)
     for e in entries:
         e.row["bench_wall_s"] = e.t_wall
@@ -419,20 +419,35 @@ def _compare(prow):
             r["best_peer"] = min(peers, key=lambda q: q["time_s"])["contender"]
 
 
-def _efficiency(row, p, c, ceilings):
+def _efficiency(row, p, c):
     if c.solver != "mu" or not row["time_per_iter_s"]:
         return
     t = row["time_per_iter_s"]
     row["GBps"] = bytes_per_iter(p) / t / 1e9
     row["GFLOPs"] = flops_per_iter(p) / t / 1e9
-    if c.device == "cuda":
-        bw = ceilings.get("gpu_copy_GBps")
-        peak = ceilings.get("gpu_tf32_GFLOPs") if c.precision in ("tf32", "bf16x") else None
-        peak = peak or ceilings.get("gpu_sgemm_GFLOPs")
-    else:
-        bw, peak = ceilings.get("cpu_copy_GBps"), ceilings.get("cpu_sgemm_GFLOPs")
-    row["bw_frac"] = row["GBps"] / bw if bw else None
-    row["flop_frac"] = row["GFLOPs"] / peak if peak else None
+
+
+def _fractions(rows, ceilings):
+    """Achieved bandwidth and FLOP rate as fractions of the ceilings of the row's device
+    (TF32 GEMM for tf32/bf16x rows where measured)."""
+    for row in rows:
+        if row.get("GBps") is None:
+            continue
+        if row["device"] == "cuda":
+            bw = ceilings.get("gpu_copy_GBps")
+            peak = ceilings.get("gpu_tf32_GFLOPs") if row["precision"] in ("tf32", "bf16x") else None
+            peak = peak or ceilings.get("gpu_sgemm_GFLOPs")
+        else:
+            bw, peak = ceilings.get("cpu_copy_GBps"), ceilings.get("cpu_sgemm_GFLOPs")
+        row["bw_frac"] = row["GBps"] / bw if bw else None
+        row["flop_frac"] = row["GFLOPs"] / peak if peak else None
+
+
+def _measure_ceilings(quick, gpu):
+    out = dict(_report.cpu_ceilings(quick))
+    if gpu:
+        out.update(_report.gpu_ceilings(quick))
+    return out
 
 
 def _evaluate_targets(targets, rows, problem_names):
@@ -533,12 +548,13 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
             unavailable[c.name] = c.unavailable()
         except Exception as exc:  # noqa: BLE001 - a broken peer is a skipped peer
             unavailable[c.name] = f"{type(exc).__name__}: {exc}"
-    ceilings = {}
+    # ceilings: measured before and after the problems; the higher of the two counts (a busy
+    # moment lowers a ceiling, nothing raises it)
+    ceilings, ceilings_runs = {}, []
+    want_gpu = any(c.device == "cuda" and not unavailable[c.name] for c in chosen)
+    quick = suite.name == "quick"
     if measure_ceilings:
-        quick = suite.name == "quick"
-        ceilings.update(_report.cpu_ceilings(quick))
-        if any(c.device == "cuda" and not unavailable[c.name] for c in chosen):
-            ceilings.update(_report.gpu_ceilings(quick))
+        ceilings_runs.append(_measure_ceilings(quick, want_gpu))
     created = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     machine = _report.describe_machine()
 
@@ -547,10 +563,20 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
     t_start = time.perf_counter()
     try:
         for p in probs:
-            _run_problem(p, suite, chosen, unavailable, ceilings, bar, rows, skipped_raw)
+            _run_problem(p, suite, chosen, unavailable, bar, rows, skipped_raw)
     finally:
         bar.close()
     machine["load_average_end"] = _report._loadavg()
+    if measure_ceilings:
+        ceilings_runs.append(_measure_ceilings(quick, want_gpu))
+        for run_ in ceilings_runs:
+            for k, v in run_.items():
+                if isinstance(v, float) and k.endswith(("GBps", "GFLOPs")):
+                    ceilings[k] = max(ceilings.get(k, 0.0), v)
+                else:
+                    ceilings.setdefault(k, v)
+        ceilings["runs"] = ceilings_runs
+    _fractions(rows, ceilings)
     # skipped: one line per contender and reason
     skipped = []
     for name, prob, reason in skipped_raw:
