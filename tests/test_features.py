@@ -355,6 +355,15 @@ def test_image_modes_convert_to_rgb(case):
     np.testing.assert_allclose(np.asarray(img)[0, 0], expected, atol=2)
 
 
+def test_encoded_bytes_and_file_objects():
+    buf = io.BytesIO()
+    Image.new("RGB", (6, 4), (1, 2, 3)).save(buf, "PNG")
+    a, b = load_images([buf.getvalue(), io.BytesIO(buf.getvalue())])
+    assert a.size == b.size == (6, 4) and np.asarray(a)[0, 0].tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="image 0 .*not an image"):
+        load_images(b"definitely not a picture")
+
+
 @pytest.mark.parametrize("fmt,mode,value,expected", [
     ("PNG", "I;16", 257 * 200, (200, 200, 200)),
     ("JPEG", "CMYK", (0, 255, 255, 0), (255, 0, 0)),

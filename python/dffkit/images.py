@@ -179,7 +179,8 @@ def _open(item):
 def load_image(item):
     """Read one image as an RGB PIL image with its EXIF orientation applied.
 
-    ``item``: a path, a binary file object, a PIL image or a uint8/uint16 array. Raises
+    ``item``: a path, a binary file object, encoded bytes, a PIL image or a uint8/uint16
+    array. Raises
     FileNotFoundError for a missing file and ValueError for anything that is not a readable,
     non-empty image.
     """
@@ -196,6 +197,8 @@ def load_image(item):
             raise ValueError(f"truncated or corrupt image ({e})") from e
     elif isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):
         img = _open(item)
+    elif isinstance(item, (bytes, bytearray)):
+        img = _open(io.BytesIO(item))
     else:
         raise ValueError(f"cannot read an image from a {type(item).__name__}; pass a path, a PIL image or a uint8 array")
     if img.width == 0 or img.height == 0:
@@ -208,7 +211,7 @@ def load_image(item):
 def as_image_list(images) -> List:
     """``images`` as a list of single images (a 4-D array counts as N images)."""
     Image = _pil()
-    if isinstance(images, (str, os.PathLike, Image.Image)) or hasattr(images, "read"):
+    if isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray)) or hasattr(images, "read"):
         return [images]
     if isinstance(images, np.ndarray):
         return list(images) if images.ndim == 4 else [images]
