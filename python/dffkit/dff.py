@@ -1140,6 +1140,9 @@ def _run(args, paths, *, noted: bool = False) -> int:
     if result.mode == "joint":
         for j, name in enumerate(result.concept_names):
             print(f"  concept {j}: {name}  (in {consistency[j]:.0%} of the images)")
+    else:
+        for src, names in zip(result.sources, result.concept_names):
+            print(f"  {Path(src).name}: " + ", ".join(f"{j}: {n}" for j, n in enumerate(names)))
     out = Path(args.out).resolve()
     print(f"wrote {len(written['overlays'])} overlays, {len(written['heatmaps'])} heat maps, grid.png and "
           f"summary.json to {out}")
