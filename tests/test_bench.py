@@ -84,6 +84,8 @@ def test_quick_json_and_markdown_agree(quick):
                  and x["contender"] == cells["contender"])
         assert int(cells["iters"].split()[0]) == r["n_iter"]
         assert _seconds(cells["time"]) == pytest.approx(r["time_s"], rel=2e-3)
+        assert _seconds(cells["best"]) == pytest.approx(r["time_min_s"], rel=2e-3)
+        assert r["time_min_s"] <= r["time_s"]
         assert _seconds(cells["per iter"]) == pytest.approx(r["time_per_iter_s"], rel=2e-3)
         assert float(cells["rel. error"]) == pytest.approx(r["rel_error"], rel=1e-5)
         assert cells["agrees"].startswith("yes" if r["agrees"] else ("n/a" if r["agrees"] is None else "**NO**"))

@@ -313,11 +313,11 @@ def suites() -> dict:
     quick = [
         _dff("dff-1img", 1, 5, 200, note="one image's conv5_3 activations (14x14 positions)"),
         _dff("dff-1img-kl", 1, 5, 100, beta=1),
-        _dff("dff-10img", 10, 5, 100, note="ten images stacked"),
-        Problem("dff-batch16", 196, 512, 5, 100, batch=16, note="per-image problems, batched"),
+        _dff("dff-10img", 10, 5, 50, note="ten images stacked"),
+        Problem("dff-batch16", 196, 512, 5, 50, batch=16, note="per-image problems, batched"),
         Problem("tall-10k", 10000, 512, 10, 20),
-        Problem("square-1k", 1024, 1024, 16, 30),
-        *_gsnmf_pair("images32", 32, 10, 30),
+        Problem("square-1k", 1024, 1024, 16, 20),
+        *_gsnmf_pair("images32", 32, 10, 20),
     ]
     out["quick"] = Suite("quick", "small versions of every problem kind; under a minute on 2 cores",
                          quick, targets=_gsnmf_targets("images32", ["dffkit-cpu"]),

@@ -226,7 +226,8 @@ def _timed(c: Contender, state, n_iter):
 def _base_row(p: Problem, c: Contender) -> dict:
     return {"problem": p.name, "contender": c.name, "solver": c.solver, "device": c.device,
             "family": c.family, "precision": c.precision, "status": "ok", "reason": "",
-            "n_iter": p.n_iter, "time_s": None, "times_s": [], "time_per_iter_s": None,
+            "n_iter": p.n_iter, "time_s": None, "time_min_s": None, "times_s": [],
+            "time_per_iter_s": None,
             "rel_error": None, "error": None, "loss_rel_diff": None, "agree_rel_diff": None,
             "agrees": None, "speedup_vs_best_peer": None, "GBps": None, "bw_frac": None,
             "GFLOPs": None, "flop_frac": None, "notes": ""}
@@ -384,6 +385,7 @@ def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped):
         row = e.row
         row["times_s"] = e.times
         row["time_s"] = statistics.median(e.times)
+        row["time_min_s"] = min(e.times)
         row["time_per_iter_s"] = row["time_s"] / e.n_iter
         row["n_iter"] = e.n_iter
         _efficiency(row, p, e.c)
