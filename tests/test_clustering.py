@@ -388,8 +388,9 @@ def test_cli_cluster_writes_json_and_contact_sheets(tmp_path, capsys):
     from dffkit.cli import main
 
     out = tmp_path / "out"
-    rc = main(["cluster", SAMPLES, "-n", "2", "--out", str(out), "--parts", "3"])
+    rc = main(["cluster", SAMPLES, "-n", "2", "--out", str(out), "--parts", "3", "--onnx"])
     assert rc == 0
+    assert (out / "parts.onnx").exists()
     doc = json.loads((out / "clusters.json").read_text())
     assert doc["n_clusters"] == 2 and doc["method"] == "fcn" and doc["n_parts"] == 3
     assert sum(c["size"] for c in doc["clusters"]) == 4 == len(doc["images"])

@@ -678,6 +678,9 @@ def _add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--thumb", type=int, default=128, help="thumbnail size in the sheets")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write parts.onnx: the network + 100 W updates, mapping an "
+                             "image to its part maps, code and cluster (method fcn)")
 
 
 def _run(args):
@@ -690,6 +693,15 @@ def _run(args):
                             lam_rel=args.lam_rel, random_state=args.seed, backend=args.backend)
     path = write_clusters(result, paths, args.out, thumb=args.thumb,
                           extra={"model": args.model or "filterbank", "layer": args.layer})
+    if args.onnx:
+        if result.method != "fcn":
+            raise ValueError("--onnx needs --method fcn (the baseline has no parts)")
+        from dffkit.export_onnx import export_parts_model
+
+        fx = _make_extractor(extractor, args.layer)
+        onnx_path = os.path.join(args.out, "parts.onnx")
+        export_parts_model(fx, result, 100, onnx_path)
+        print(f"wrote {onnx_path}")
     for c, idx in enumerate(result.clusters()):
         print(f"cluster {c}: {len(idx)} images")
     print(f"wrote {path}")
