@@ -4,13 +4,14 @@
 // The element-wise formulas come from cpp/mu_update.hpp; the tiling lives here.
 //
 // A tile is TM = 32 consecutive rows of X. For a tile, with H and G_H = H H^T on chip:
-//   N  = X_t H^T        (KL: R_t H^T, R_t = X_t / max(W_t H, eps))   warp = 4 rows x 8 lanes
+//   N  = X_t H^T        (KL: R_t H^T, R_t = X_t / max(W_t H, eps))   warp = 4 rows, 2 per lane
 //   W_t <- mu_step(W_t, N, W_t G_H (KL: row sums of H), penalties, group term)
-//   P += W_t^T X_t      (KL: W_t^T R'_t with the new W_t)           thread = one column of P
+//   P += W_t^T X_t      (KL: W_t^T R'_t with the new W_t)           thread = two columns of P
 //   G += W_t^T W_t      (KL: colsum += column sums of W_t)
 // Every sum runs in a fixed order (rows in order, fixed shuffle butterflies, fixed trees), so
 // results depend on the shape only, never on timing.
 #include <cuda_bf16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -25,7 +26,7 @@ using i64 = std::int64_t;
 
 constexpr int NT = 256;   // threads per block
 constexpr int TM = 32;    // rows per tile: 8 warps x 4 rows
-constexpr int SPLIT = 8;  // lanes that share one row in the N step
+constexpr int NSPLIT = 16;  // lanes that share a pair of rows in the N step
 
 template <class T, class XS>
 __device__ __forceinline__ T xget(const XS* p) {
@@ -91,64 +92,91 @@ __device__ void kl_ratio_tile(const TileArgs<T>& a, const T* Wsrc, int rt, const
   }
 }
 
-/// Nb[i, j] = sum_l src[i, l] H[j, l] for the tile's rows: 4 rows per warp, 8 lanes per row
-/// striding over l, a fixed 3-level butterfly over the 8 lanes.
+/// Nb[i, j] = sum_l src[i, l] H[j, l] for the tile's rows: a warp takes 4 rows, each lane 2 of
+/// them (one H load feeds two FMAs) and every 16th l; a fixed 4-level butterfly over the 16
+/// lanes of a row pair.
 template <class T, int KC, class S>
 __device__ void n_step(const TileArgs<T>& a, int rt, const S* src, i64 lds) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int s = lane & (SPLIT - 1);
-  const int i = warp * 4 + (lane >> 3);
-  const bool active = i < rt;
+  const int s = lane & (NSPLIT - 1);
+  const int i0 = warp * 4 + (lane >> 4) * 2;
+  const bool act0 = i0 < rt, act1 = i0 + 1 < rt;
   const i64 n = a.n;
   const int k = a.k;
   for (int jc = 0; jc < k; jc += KC) {
-    T acc[KC];
+    T acc0[KC], acc1[KC];
 #pragma unroll
-    for (int jj = 0; jj < KC; ++jj) acc[jj] = T(0);
-    if (active) {
-      const S* row = src + i * lds;
-      for (i64 l = s; l < n; l += SPLIT) {
-        const T x = xget<T>(row + l);
+    for (int jj = 0; jj < KC; ++jj) acc0[jj] = acc1[jj] = T(0);
+    if (act0) {
+      const S* row0 = src + i0 * lds;
+      const S* row1 = src + (act1 ? i0 + 1 : i0) * lds;  // row 1 absent: a duplicate, dropped
+#pragma unroll 2
+      for (i64 l = s; l < n; l += NSPLIT) {
+        const T x0 = xget<T>(row0 + l), x1 = xget<T>(row1 + l);
         const T* h = a.H + jc * a.ldh + l;
 #pragma unroll
         for (int jj = 0; jj < KC; ++jj)
-          if (jc + jj < k) acc[jj] += x * h[jj * a.ldh];
+          if (jc + jj < k) {
+            const T hv = h[jj * a.ldh];
+            acc0[jj] += x0 * hv;
+            acc1[jj] += x1 * hv;
+          }
       }
     }
 #pragma unroll
     for (int jj = 0; jj < KC; ++jj) {
-      acc[jj] += __shfl_xor_sync(0xffffffffu, acc[jj], 4);
-      acc[jj] += __shfl_xor_sync(0xffffffffu, acc[jj], 2);
-      acc[jj] += __shfl_xor_sync(0xffffffffu, acc[jj], 1);
+#pragma unroll
+      for (int off = NSPLIT / 2; off > 0; off >>= 1) {
+        acc0[jj] += __shfl_xor_sync(0xffffffffu, acc0[jj], off);
+        acc1[jj] += __shfl_xor_sync(0xffffffffu, acc1[jj], off);
+      }
     }
-    if (active && s == 0) {
+    if (s == 0) {
 #pragma unroll
       for (int jj = 0; jj < KC; ++jj)
-        if (jc + jj < k) a.Nb[i * k + jc + jj] = acc[jj];
+        if (jc + jj < k) {
+          if (act0) a.Nb[i0 * k + jc + jj] = acc0[jj];
+          if (act1) a.Nb[(i0 + 1) * k + jc + jj] = acc1[jj];
+        }
     }
   }
 }
 
-/// Pacc[j, l] += sum_i Wn[i, j] src[i, l], rows in order; thread per column l.
+/// Pacc[j, l] += sum_i Wn[i, j] src[i, l], rows in order; a thread takes columns l and l + NT
+/// (one load of W feeds two FMAs).
 template <class T, int KC, class S>
 __device__ void p_step(const TileArgs<T>& a, int rt, const S* src, i64 lds) {
   const i64 n = a.n;
   const int k = a.k;
-  for (i64 l = threadIdx.x; l < n; l += NT) {
+  for (i64 l0 = threadIdx.x; l0 < n; l0 += 2 * NT) {
+    const i64 l1 = l0 + NT;
+    const bool two = l1 < n;
+    const i64 l1s = two ? l1 : l0;  // absent second column: a duplicate, dropped
     for (int jc = 0; jc < k; jc += KC) {
-      T acc[KC];
+      T acc0[KC], acc1[KC];
 #pragma unroll
-      for (int jj = 0; jj < KC; ++jj) acc[jj] = jc + jj < k ? a.Pacc[(jc + jj) * a.ldp + l] : T(0);
+      for (int jj = 0; jj < KC; ++jj) {
+        acc0[jj] = jc + jj < k ? a.Pacc[(jc + jj) * a.ldp + l0] : T(0);
+        acc1[jj] = jc + jj < k ? a.Pacc[(jc + jj) * a.ldp + l1s] : T(0);
+      }
+#pragma unroll 4
       for (int i = 0; i < rt; ++i) {
-        const T x = xget<T>(src + i * lds + l);
+        const T x0 = xget<T>(src + i * lds + l0), x1 = xget<T>(src + i * lds + l1s);
         const T* w = a.Wn + i * k + jc;
 #pragma unroll
         for (int jj = 0; jj < KC; ++jj)
-          if (jc + jj < k) acc[jj] += w[jj] * x;
+          if (jc + jj < k) {
+            const T wv = w[jj];
+            acc0[jj] += wv * x0;
+            acc1[jj] += wv * x1;
+          }
       }
 #pragma unroll
       for (int jj = 0; jj < KC; ++jj)
-        if (jc + jj < k) a.Pacc[(jc + jj) * a.ldp + l] = acc[jj];
+        if (jc + jj < k) {
+          a.Pacc[(jc + jj) * a.ldp + l0] = acc0[jj];
+          if (two) a.Pacc[(jc + jj) * a.ldp + l1] = acc1[jj];
+        }
     }
   }
 }
@@ -221,6 +249,30 @@ __device__ void process_tile(const TileArgs<T>& a, const KParams& q, i64 r0, int
     }
   }
   __syncthreads();
+}
+
+/// Start copying rows [r0, r0 + rows) of X (row stride n) into dst (row stride ld): 16-byte
+/// cp.async where the alignment allows it (completion: stage_wait), plain copies otherwise.
+/// Commits one pipeline group either way.
+template <class XS>
+__device__ void stage_rows_async(XS* dst, i64 ld, const XS* X, i64 n, i64 r0, i64 rows) {
+  const bool vec = (n * i64(sizeof(XS))) % 16 == 0 && (ld * i64(sizeof(XS))) % 16 == 0 &&
+                   (reinterpret_cast<std::uintptr_t>(X) % 16) == 0 &&
+                   (reinterpret_cast<std::uintptr_t>(dst) % 16) == 0;
+  if (vec) {
+    const i64 per_row = n * i64(sizeof(XS)) / 16;
+    for (i64 e = threadIdx.x; e < rows * per_row; e += NT) {
+      const i64 i = e / per_row, c = e - i * per_row;
+      __pipeline_memcpy_async(reinterpret_cast<uint4*>(dst + i * ld) + c,
+                              reinterpret_cast<const uint4*>(X + (r0 + i) * n) + c, 16);
+    }
+  } else {
+    for (i64 e = threadIdx.x; e < rows * n; e += NT) {
+      const i64 i = e / n, l = e - i * n;
+      dst[i * ld + l] = X[(r0 + i) * n + l];
+    }
+  }
+  __pipeline_commit();
 }
 
 /// Sum of v over the block in a fixed tree order; every thread gets the result.

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -40,8 +41,9 @@ DFFKIT_HD i64 staged_ld(i64 n, int xsz) {
 // Shared-memory layouts (computed identically on host and device)
 
 struct ResLayout {
-  std::size_t red, GH, GW, rs, cs, Wo, Wn, Nb, H, P, R, X, used;
+  std::size_t red, GH, GW, rs, cs, Wo, Wn, Nb, H, P, R, X, XT[2], used;
   bool H_s, P_s, R_s;
+  int nbuf;  // staging buffers for the rows that stay in global memory (0, 1 or 2)
   i64 ldx, xs_rows;
 };
 
@@ -68,8 +70,17 @@ DFFKIT_HD ResLayout res_layout(i64 m, i64 n, int k, bool kl, int esz, int xsz,
   L.R_s = kl && o + rb <= limit;
   if (L.R_s) L.R = put(rb);
   L.ldx = staged_ld(n, xsz);
-  const std::size_t rowb = std::size_t(L.ldx) * xsz;
-  i64 rows = o < limit ? i64((limit - o) / rowb) : 0;
+  const std::size_t rowb = std::size_t(L.ldx) * xsz, tileb = align16(TM * rowb);
+  std::size_t avail = o < limit ? limit - o : 0;
+  L.nbuf = 0;
+  if (std::size_t(m) * rowb > avail) {
+    // X does not fit: keep its first rows on chip, stream the rest through two (or one)
+    // staging tiles, the next tile loading while the current one is used
+    L.nbuf = avail >= 2 * tileb ? 2 : avail >= tileb ? 1 : 0;
+    for (int b = 0; b < L.nbuf; ++b) L.XT[b] = put(tileb);
+    avail = o < limit ? limit - o : 0;
+  }
+  i64 rows = i64(avail / rowb);
   if (rows >= m) rows = m; else rows = rows / TM * TM;
   L.xs_rows = rows;
   L.X = o;
@@ -79,8 +90,9 @@ DFFKIT_HD ResLayout res_layout(i64 m, i64 n, int k, bool kl, int esz, int xsz,
 }
 
 struct SweepLayout {
-  std::size_t red, GH, rs, Wo, Wn, Nb, G, cs, H, X, P, R, used;
-  bool H_s, X_s, P_s, R_s;
+  std::size_t red, GH, rs, Wo, Wn, Nb, G, cs, H, X[2], P, R, used;
+  bool H_s, P_s, R_s;
+  int nbuf;  // X tile buffers in shared memory: 2 (the next tile loads during this one), 1, 0
   i64 ldx;
 };
 
@@ -101,37 +113,20 @@ DFFKIT_HD SweepLayout sweep_layout(i64 n, int k, bool kl, int esz, int xsz, std:
   L.H_s = o + hb <= limit;
   if (L.H_s) L.H = put(hb);
   L.ldx = staged_ld(n, xsz);
-  const std::size_t xb = std::size_t(TM) * L.ldx * xsz;
-  L.X_s = o + xb <= limit;
-  if (L.X_s) L.X = put(xb);
+  const std::size_t xb = align16(std::size_t(TM) * L.ldx * xsz);
+  L.nbuf = o + xb <= limit ? 1 : 0;
+  if (L.nbuf) L.X[0] = put(xb);
   L.P_s = o + hb <= limit;
   if (L.P_s) L.P = put(hb);
   const std::size_t rb = std::size_t(TM) * n * esz;
   L.R_s = kl && o + rb <= limit;
   if (L.R_s) L.R = put(rb);
+  if (L.nbuf && o + xb <= limit) {
+    L.X[1] = put(xb);
+    L.nbuf = 2;
+  }
   L.used = o;
   return L;
-}
-
-/// Copy rows [r0, r0 + rows) of X (row stride n) into dst (row stride ld), 16 bytes per load
-/// where the alignment allows it.
-template <class XS>
-__device__ void stage_rows(XS* dst, i64 ld, const XS* X, i64 n, i64 r0, i64 rows) {
-  const bool vec = (n * sizeof(XS)) % 16 == 0 && (ld * sizeof(XS)) % 16 == 0 &&
-                   (reinterpret_cast<std::uintptr_t>(X) % 16) == 0;
-  if (vec) {
-    const i64 per_row = n * i64(sizeof(XS)) / 16;
-    for (i64 e = threadIdx.x; e < rows * per_row; e += NT) {
-      const i64 i = e / per_row, c = e - i * per_row;
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(X + (r0 + i) * n) + c);
-      reinterpret_cast<uint4*>(dst + i * ld)[c] = v;
-    }
-  } else {
-    for (i64 e = threadIdx.x; e < rows * n; e += NT) {
-      const i64 i = e / n, l = e - i * n;
-      dst[i * ld + l] = X[(r0 + i) * n + l];
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -243,13 +238,15 @@ __global__ void __launch_bounds__(NT) resident_kernel(const ResDesc<T, XS>* desc
   T* Pp = L.P_s ? reinterpret_cast<T*>(smem + L.P) : d.gP;
   T* Rp = q.kl ? (L.R_s ? reinterpret_cast<T*>(smem + L.R) : d.gR) : nullptr;
   XS* Xs = reinterpret_cast<XS*>(smem + L.X);
+  XS* XT[2] = {reinterpret_cast<XS*>(smem + L.XT[0]), reinterpret_cast<XS*>(smem + L.XT[1])};
   const i64 xs_rows = L.xs_rows, ldx = L.ldx;
   auto xrow = [&](i64 i) -> const XS* { return i < xs_rows ? Xs + i * ldx : d.X + i * n; };
   auto xld = [&](i64 i) -> i64 { return i < xs_rows ? ldx : n; };
 
   if (L.H_s)
     for (i64 e = tid; e < k * n; e += NT) Hp[e] = d.H[e];
-  stage_rows(Xs, ldx, d.X, n, 0, xs_rows);
+  stage_rows_async(Xs, ldx, d.X, n, 0, xs_rows);
+  __pipeline_wait_prior(0);
   __syncthreads();
 
   const bool kl = q.kl != 0;
@@ -294,9 +291,26 @@ __global__ void __launch_bounds__(NT) resident_kernel(const ResDesc<T, XS>* desc
     for (int e = tid; e < k; e += NT) cs[e] = T(0);
     __syncthreads();
     double d0 = 0, gg = 0;
+    if (L.nbuf > 0 && xs_rows < m)
+      stage_rows_async(XT[0], ldx, d.X, n, xs_rows, m - xs_rows < TM ? m - xs_rows : TM);
     for (i64 r0 = 0; r0 < m; r0 += TM) {
       const int rt = int(m - r0 < TM ? m - r0 : TM);
-      process_tile<T, XS, KC>(a, q, r0, rt, xrow(r0), xld(r0), first, want_P, d0, gg);
+      if (r0 >= xs_rows && L.nbuf > 0) {
+        const i64 g = (r0 - xs_rows) / TM;
+        if (L.nbuf == 1 && g > 0) stage_rows_async(XT[0], ldx, d.X, n, r0, rt);
+        const i64 r1 = r0 + TM;
+        if (L.nbuf == 2 && r1 < m) {
+          stage_rows_async(XT[(g + 1) & 1], ldx, d.X, n, r1, m - r1 < TM ? m - r1 : TM);
+          __pipeline_wait_prior(1);
+        } else {
+          __pipeline_wait_prior(0);
+        }
+        __syncthreads();
+        process_tile<T, XS, KC>(a, q, r0, rt, XT[L.nbuf == 2 ? (g & 1) : 0], ldx, first, want_P,
+                                d0, gg);
+      } else {
+        process_tile<T, XS, KC>(a, q, r0, rt, xrow(r0), xld(r0), first, want_P, d0, gg);
+      }
     }
     if (first) {
       d0 = block_sum(d0, red);
@@ -406,7 +420,7 @@ __global__ void __launch_bounds__(NT) sweep_kernel(SweepArgs<T, XS> s, KParams q
   T* G = reinterpret_cast<T*>(smem + L.G);
   T* cs = reinterpret_cast<T*>(smem + L.cs);
   T* Hs = L.H_s ? reinterpret_cast<T*>(smem + L.H) : const_cast<T*>(s.H);
-  XS* Xt = reinterpret_cast<XS*>(smem + L.X);
+  XS* Xt[2] = {reinterpret_cast<XS*>(smem + L.X[0]), reinterpret_cast<XS*>(smem + L.X[1])};
   T* Pglob = s.Ppart + i64(blockIdx.x) * k * n;
   T* Pp = L.P_s ? reinterpret_cast<T*>(smem + L.P) : Pglob;
   T* Rp = kl ? (L.R_s ? reinterpret_cast<T*>(smem + L.R) : s.gR + i64(blockIdx.x) * TM * n)
@@ -430,13 +444,25 @@ __global__ void __launch_bounds__(NT) sweep_kernel(SweepArgs<T, XS> s, KParams q
 
   double d0 = 0, gg = 0;
   const i64 tiles = (m + TM - 1) / TM;
-  for (i64 t = blockIdx.x; t < tiles; t += gridDim.x) {
+  auto rows_of = [&](i64 t) { return int(m - t * TM < TM ? m - t * TM : TM); };
+  if (L.nbuf > 0 && i64(blockIdx.x) < tiles)
+    stage_rows_async(Xt[0], L.ldx, s.X, n, i64(blockIdx.x) * TM, rows_of(blockIdx.x));
+  i64 c = 0;
+  for (i64 t = blockIdx.x; t < tiles; t += gridDim.x, ++c) {
     const i64 r0 = t * TM;
-    const int rt = int(m - r0 < TM ? m - r0 : TM);
-    if (L.X_s) {
-      stage_rows(Xt, L.ldx, s.X, n, r0, rt);
+    const int rt = rows_of(t);
+    if (L.nbuf > 0) {
+      if (L.nbuf == 1 && c > 0) stage_rows_async(Xt[0], L.ldx, s.X, n, r0, rt);
+      const i64 t1 = t + gridDim.x;
+      if (L.nbuf == 2 && t1 < tiles) {
+        stage_rows_async(Xt[(c + 1) & 1], L.ldx, s.X, n, t1 * TM, rows_of(t1));
+        __pipeline_wait_prior(1);
+      } else {
+        __pipeline_wait_prior(0);
+      }
       __syncthreads();
-      process_tile<T, XS, KC>(a, q, r0, rt, Xt, L.ldx, first != 0, want_P != 0, d0, gg);
+      process_tile<T, XS, KC>(a, q, r0, rt, Xt[L.nbuf == 2 ? (c & 1) : 0], L.ldx, first != 0,
+                              want_P != 0, d0, gg);
     } else {
       process_tile<T, XS, KC>(a, q, r0, rt, s.X + r0 * n, n, first != 0, want_P != 0, d0, gg);
     }
@@ -452,24 +478,39 @@ __global__ void __launch_bounds__(NT) sweep_kernel(SweepArgs<T, XS> s, KParams q
   }
 }
 
-/// G_W (Frobenius) and the column sums of W (KL) from the NB partials in block order; the
-/// initial error of the first iteration.
+/// part[e] <- sum over b < nb of part[b * stride + e], e < count, in a fixed order: 8 slices
+/// (slice s adds b = s, s + 8, ... in order, in float64), then the 8 slice sums in order.
+/// Afterwards partial 0 holds the total.
+template <class T>
+__global__ void __launch_bounds__(256) reduce_partials_kernel(const State* st, T* part, i64 count,
+                                                              int nb, i64 stride) {
+  if (st->stopped) return;
+  __shared__ double red[8][33];
+  const int lane = threadIdx.x & 31, sl = threadIdx.x >> 5;
+  const i64 e = i64(blockIdx.x) * 32 + lane;
+  double v = 0;
+  if (e < count)
+    for (int b = sl; b < nb; b += 8) v += double(part[i64(b) * stride + e]);
+  red[sl][lane] = v;
+  __syncthreads();
+  if (sl == 0 && e < count) {
+    double t = red[0][lane];
+    for (int q = 1; q < 8; ++q) t += red[q][lane];
+    part[e] = T(t);
+  }
+}
+
+/// G_W (Frobenius) and the column sums of W (KL) from the reduced partials; the initial error
+/// of the first iteration from the nb per-block dot products.
 template <class T>
 __global__ void reduce_kernel(State* st, int nb, int k, const T* Gpart, const T* cspart,
                               const double* d0part, const double* ggpart, T* GW, T* colsum,
                               int kl, int first) {
   if (st->stopped) return;
-  for (int p = threadIdx.x; p < k * k; p += blockDim.x) {
-    double s = 0;
-    for (int b = 0; b < nb; ++b) s += double(Gpart[i64(b) * k * k + p]);
-    GW[p] = T(s);
-  }
+  for (int p = threadIdx.x; p < k * k; p += blockDim.x) GW[p] = Gpart[p];
   if (kl)
-    for (int j = threadIdx.x; j < k; j += blockDim.x) {
-      double s = 0;
-      for (int b = 0; b < nb; ++b) s += double(cspart[i64(b) * k + j]);
-      colsum[j] = s == 0 ? T(1) : T(s);
-    }
+    for (int j = threadIdx.x; j < k; j += blockDim.x)
+      colsum[j] = cspart[j] == T(0) ? T(1) : cspart[j];
   if (first && threadIdx.x == 0) {
     double d0 = 0, gg = 0;
     for (int b = 0; b < nb; ++b) { d0 += d0part[b]; gg += ggpart[b]; }
@@ -716,6 +757,15 @@ std::size_t fixed_smem(int k, int esz) {
          8 * std::size_t(k) * esz + 256;
 }
 
+/// Calls f with the register-tile width KC (columns of W per pass) that fits k best.
+template <class F>
+void with_kc(int k, F&& f) {
+  if (k <= 8) f(std::integral_constant<int, 8>{});
+  else if (k <= 16) f(std::integral_constant<int, 16>{});
+  else if (k <= 24) f(std::integral_constant<int, 24>{});
+  else f(std::integral_constant<int, 32>{});
+}
+
 /// Whether one problem takes the resident engine (one block, one launch).
 bool prefer_resident(i64 m, i64 n, i64 k) { return m * n * k <= (i64(1) << 22) && m <= 8192; }
 
@@ -799,8 +849,9 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
                                     cudaMemcpyHostToDevice, s));
   for (std::size_t b = 0; b < B; ++b)
     convert_x<T, XS>(items[b].X, convs[b], items[b].m * items[b].n, s);
-  if (kmax <= 8) launch_resident<T, XS, 8>(descs, q, d_out, d_descs, limit, s);
-  else launch_resident<T, XS, 32>(descs, q, d_out, d_descs, limit, s);
+  with_kc(int(kmax), [&](auto kc) {
+    launch_resident<T, XS, decltype(kc)::value>(descs, q, d_out, d_descs, limit, s);
+  });
   std::vector<ResOut> outs(B);
   DFFKIT_CUDA_TRY(cudaMemcpyAsync(outs.data(), d_out, B * sizeof(ResOut), cudaMemcpyDeviceToHost, s));
   std::vector<cuda::FitResult> res(B);
@@ -923,10 +974,10 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   if (kl || o.max_iter < 1) full_error(0, 1, 0);
 
   const std::size_t smem = L.used;
-  auto kern8 = sweep_kernel<T, XS, 8>;
-  auto kern32 = sweep_kernel<T, XS, 32>;
-  DFFKIT_CUDA_TRY(cudaFuncSetAttribute(k <= 8 ? kern8 : kern32,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  with_kc(k, [&](auto kc) {
+    DFFKIT_CUDA_TRY(cudaFuncSetAttribute(sweep_kernel<T, XS, decltype(kc)::value>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  });
   SweepArgs<T, XS> a;
   a.X = Xd; a.W = W; a.H = H; a.m = m; a.n = n; a.k = k; a.GH = GH; a.rs = rs;
   a.goff = p.group_offsets ? goff : nullptr;
@@ -944,12 +995,21 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
           st, W, goff, p.n_groups, k, gnorm);
       DFFKIT_CUDA_CHECK_LAUNCH("group_norm_kernel");
     }
-    if (k <= 8) launch_sweep<T, XS, 8>(a, q, st, first, want_P, int(nb), smem, s);
-    else launch_sweep<T, XS, 32>(a, q, st, first, want_P, int(nb), smem, s);
+    with_kc(k, [&](auto kc) {
+      launch_sweep<T, XS, decltype(kc)::value>(a, q, st, first, want_P, int(nb), smem, s);
+    });
+    auto reduce_parts = [&](T* part, i64 count) {
+      if (nb < 2) return;
+      reduce_partials_kernel<T><<<unsigned((count + 31) / 32), 256, 0, s>>>(st, part, count,
+                                                                           int(nb), count);
+      DFFKIT_CUDA_CHECK_LAUNCH("reduce_partials_kernel");
+    };
+    if (kl) reduce_parts(cspart, k); else reduce_parts(Gpart, i64(k) * k);
+    if (want_P) reduce_parts(Ppart, kn);
     reduce_kernel<T><<<1, NT, 0, s>>>(st, int(nb), k, Gpart, cspart, d0p, ggp, GW, colsum, kl, first);
     DFFKIT_CUDA_CHECK_LAUNCH("reduce_kernel");
     if (o.update_H || (need_err && !kl)) {
-      h_update_kernel<T><<<unsigned(nbh), NT, 0, s>>>(st, q, int(nb), n, k, Ppart, H, GW, colsum,
+      h_update_kernel<T><<<unsigned(nbh), NT, 0, s>>>(st, q, 1, n, k, Ppart, H, GW, colsum,
                                                        o.update_H, php);
       DFFKIT_CUDA_CHECK_LAUNCH("h_update_kernel");
     }

@@ -167,8 +167,8 @@ def test_group_sparse(shape, engine):
 @pytest.mark.parametrize("beta", [2, 1])
 def test_stopping_rule_and_float64_oracle(shape, beta, engine):
     X, W, H = _problem(*shape, dtype=np.float64, zeros=beta == 1)
-    Wc, Hc, ic = _cpu_fit(X, W, H, beta=beta, max_iter=400, tol=1e-3)
-    Wg, Hg, ig = _gpu_fit(X, W, H, beta=beta, max_iter=400, tol=1e-3, engine=engine)
+    Wc, Hc, ic = _cpu_fit(X, W, H, beta=beta, max_iter=400, tol=3e-3)
+    Wg, Hg, ig = _gpu_fit(X, W, H, beta=beta, max_iter=400, tol=3e-3, engine=engine)
     assert ig["n_iter"] == ic["n_iter"] < 400
     assert _rel(Wg, Wc) <= 1e-9
     if beta == 2:
