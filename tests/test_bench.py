@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dffkit import bench
-from dffkit._bench_problems import Problem, oracle_step, reconstruction_error
+from dffkit._bench_problems import ErrorMeter, Problem, oracle_step, reconstruction_error
 from dffkit.cli import main as cli_main
 
 sklearn = pytest.importorskip("sklearn")
@@ -204,3 +204,16 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="no match"):
         bench.run("quick", contenders=["no-such-contender"])
     assert re.search(r"dff-1img", "\n".join(p.name for p in bench.suites()["issue3"].problems))
+
+
+@pytest.mark.parametrize("shape", [(50, 30), (3, 50, 30)])
+def test_error_meter_trace_identity_matches_the_direct_error(shape):
+    rng = np.random.default_rng(2)
+    X = rng.random(shape).astype(np.float32)
+    W = rng.random(shape[:-1] + (4,)).astype(np.float32)
+    H = rng.random(shape[:-2] + (4, shape[-1])).astype(np.float32)
+    direct = reconstruction_error(X, W, H, 2)
+    assert ErrorMeter(X, 2).error(W, H) == pytest.approx(direct, rel=1e-10)
+    assert ErrorMeter(X, 2, max_copy_bytes=0).error(W, H) == pytest.approx(direct, rel=1e-12)
+    assert ErrorMeter(X, 1).relative(W, H) == pytest.approx(
+        reconstruction_error(X, W, H, 1) / np.linalg.norm(X.astype(np.float64)), rel=1e-12)

@@ -238,6 +238,33 @@ def reconstruction_error(X, W, H, beta, chunk_elems: int = 1 << 24) -> float:
     return float(np.sqrt(2.0 * max(total, 0.0)) if beta == 1 else np.sqrt(max(total, 0.0)))
 
 
+class ErrorMeter:
+    """The relative error ``reconstruction_error / ||X||_F`` of many (W, H) for one X.
+
+    Frobenius: through the trace identity ||X||^2 - 2 <W^T X, H> + <W^T W, H H^T> on a float64
+    copy of X made once (BLAS products, no m x n temporary per call) when that copy takes at
+    most ``max_copy_bytes``; otherwise, and for KL, in row blocks.
+    """
+
+    def __init__(self, X, beta, max_copy_bytes=4 << 30):
+        self.X, self.beta = X, beta
+        self.norm = data_norm(X)
+        self.X64 = X.astype(np.float64) if beta == 2 and X.size * 8 <= max_copy_bytes else None
+
+    def error(self, W, H) -> float:
+        if self.X64 is None:
+            return reconstruction_error(self.X, W, H, self.beta)
+        W = np.asarray(W, dtype=np.float64)
+        H = np.asarray(H, dtype=np.float64)
+        Wt = np.swapaxes(W, -1, -2)
+        cross = float(np.sum((Wt @ self.X64) * H))
+        gram = float(np.sum((Wt @ W) * (H @ np.swapaxes(H, -1, -2))))
+        return float(np.sqrt(max(self.norm ** 2 - 2.0 * cross + gram, 0.0)))
+
+    def relative(self, W, H) -> float:
+        return self.error(W, H) / (self.norm or 1.0)
+
+
 def data_norm(X) -> float:
     """||X||_F in float64 (all problems of a batch)."""
     X = np.asarray(X)

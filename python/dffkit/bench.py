@@ -40,14 +40,13 @@ from dffkit._bench_contenders import (
     default_contenders,
 )
 from dffkit._bench_problems import (
+    ErrorMeter,
     Problem,
     Suite,
     Target,
     bytes_per_iter,
-    data_norm,
     flops_per_iter,
     oracle_step,
-    reconstruction_error,
     relative_difference,
     suites,
 )
@@ -233,8 +232,16 @@ def _base_row(p: Problem, c: Contender) -> dict:
             "GFLOPs": None, "flop_frac": None, "notes": ""}
 
 
-def _measure_mu(c, state, p, suite, oracle, row):
-    W1, H1 = c.fetch(state, _timed(c, state, 1)[0])
+def _cap(suite, c) -> float:
+    """The longest one solve of ``c`` may be estimated at before it is skipped."""
+    return suite.cpu_row_cap_s if c.device == "cpu" and suite.cpu_row_cap_s else suite.row_cap_s
+
+
+def _measure_mu(c, state, p, cap, oracle, row):
+    """Agreement after one iteration from the shared start; returns the estimated time of a
+    whole solve and its iteration count."""
+    out, t1 = _timed(c, state, 1)
+    W1, H1 = c.fetch(state, out)
     Wo, Ho = oracle
     if p.batch:
         W1, H1 = W1[:len(Wo)], H1[:len(Ho)]
@@ -243,41 +250,41 @@ def _measure_mu(c, state, p, suite, oracle, row):
     row["agrees"] = bool(np.isfinite(diff) and diff <= AGREE_TOL.get(c.precision, 1e-4))
     if not row["agrees"]:
         row["status"] = "flagged"
+    if t1 * p.n_iter > 3 * cap:  # far above the cap even counting a cold first call
+        return t1 * p.n_iter, p.n_iter
     # a short warm run (a tenth of the solve) estimates the cost of one solve; above the cap,
     # a second one guards against a hiccup of a busy machine
     n_short = min(p.n_iter, max(2, p.n_iter // 10))
     est = _timed(c, state, n_short)[1] / n_short * p.n_iter
-    if est > suite.row_cap_s and n_short < p.n_iter:
+    if est > cap and n_short < p.n_iter:
         est = min(est, _timed(c, state, n_short)[1] / n_short * p.n_iter)
     return est, p.n_iter
 
 
-def _measure_cd(c, state, p, suite, target, X, xnorm, row):
+def _measure_cd(c, state, p, suite, cap, target, meter, row):
     """Smallest iteration count at which the CD solver's error is <= target (doubling, then
     bisection; the error after i iterations from one start does not depend on the run)."""
-    cap = max(1, int(round(suite.cd_cap_factor * p.n_iter)))
-    errs = {}
+    most = max(1, int(round(suite.cd_cap_factor * p.n_iter)))
 
     def err_at(i):
         out, t = _timed(c, state, i)
-        W, H = c.fetch(state, out)
-        errs[i] = reconstruction_error(X, W, H, p.beta) / xnorm
-        return errs[i], t
+        return meter.relative(*c.fetch(state, out)), t
 
-    i, lo, reached = 1, 0, False
+    i, lo, reached, t = 1, 0, False, 0.0
     while True:
         e, t = err_at(i)
         if e <= target:
             reached = True
             break
-        if i >= cap or t > suite.row_cap_s:
+        if i >= most or t > cap:
             break
-        lo, i = i, min(2 * i, cap)
+        lo, i = i, min(2 * i, most)
     if reached:
         hi = i
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if err_at(mid)[0] <= target:
+            e_mid, t = err_at(mid)
+            if e_mid <= target:
                 hi = mid
             else:
                 lo = mid
@@ -285,8 +292,9 @@ def _measure_cd(c, state, p, suite, target, X, xnorm, row):
     row["reached"] = reached
     row["target_rel_error"] = target
     row["n_iter"] = i
-    _, t = _timed(c, state, i)
-    return t, i
+    if t > cap:
+        return t, i
+    return _timed(c, state, i)[1], i
 
 
 class _Entry:
@@ -306,7 +314,7 @@ def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped):
     nb = min(p.batch, _AGREE_BATCH) if p.batch else None
     oracle = oracle_step(X[:nb] if nb else X, W0[:nb] if nb else W0, H0[:nb] if nb else H0,
                          p.beta, offsets, lam, mu)
-    xnorm = data_norm(X)
+    meter = ErrorMeter(X, p.beta)
     setup = Setup(p, X, W0, H0, offsets, lam, mu)
     prow, active, entries = [], [], []
     ordered = [c for c in contenders if c.solver != "cd"] + [c for c in contenders if c.solver == "cd"]
@@ -343,11 +351,11 @@ def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped):
                     skipped.append((c.name, p.name, "no MU result to take the target error from"))
                     release(e)
                     continue
-                est, e.n_iter = _measure_cd(c, e.state, p, suite, ref["rel_error"] * (1 + 1e-4),
-                                            X, xnorm, e.row)
+                est, e.n_iter = _measure_cd(c, e.state, p, suite, _cap(suite, c),
+                                            ref["rel_error"] * (1 + 1e-4), meter, e.row)
             else:
-                est, e.n_iter = _measure_mu(c, e.state, p, suite, oracle, e.row)
-            cap = suite.cpu_row_cap_s if c.device == "cpu" and suite.cpu_row_cap_s else suite.row_cap_s
+                est, e.n_iter = _measure_mu(c, e.state, p, _cap(suite, c), oracle, e.row)
+            cap = _cap(suite, c)
             if est > cap:
                 skipped.append((c.name, p.name, f"one solve estimated at {est:.3g} s, above this "
                                                 f"suite's cap of {cap:g} s"))
@@ -358,8 +366,8 @@ def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped):
             out, t = _timed(c, e.state, e.n_iter)
             W, H = c.fetch(e.state, out)
             del out
-            e.row["error"] = reconstruction_error(X, W, H, p.beta)
-            e.row["rel_error"] = e.row["error"] / xnorm
+            e.row["error"] = meter.error(W, H)
+            e.row["rel_error"] = e.row["error"] / meter.norm
             e.row["notes"] = c.notes(e.state)
             lo_r, hi_r = suite.repeats
             e.reps = int(min(hi_r, max(lo_r, suite.budget_s // max(min(est, t), 1e-9))))
