@@ -13,6 +13,12 @@ minimised by the majorize-minimize multiplicative updates (one engine pass over 
 
 which never increase the objective. lam = mu = 0 is plain NMF, bit for bit.
 
+The group term costs little: time per iteration against plain NMF on the same problem
+(float32, k = 20, groups of 196 rows, 100 iterations, best of 3; 2026-11-26):
+H200 CUDA 200704 x 512: 9.01 vs 8.87 ms (1.02x), 19600 x 512: 1.08 vs 1.07 ms (1.01x);
+16-core CPU of that machine 19600 x 512: 3.81 vs 3.45 ms (1.10x). CPU and CUDA agree to
+4e-6 (relative, W and H after 50 iterations, 3000 x 64, k = 8).
+
 ``penalty_scale`` gives the units in which lam and mu are comparable across data sets (used
 by the clustering defaults); ``group_sparse_nmf`` and ``GroupSparseNMF`` take lam and mu as
 the absolute numbers of the objective.
