@@ -258,6 +258,36 @@ def test_cluster_images_with_any_extractor(parts_data):
         cluster_images([], 3, extractor=fake_extractor)
 
 
+def colour_pair_images(n_per_class=20, size=64, seed=0):
+    """Grey images holding two flat rectangles whose colours are complementary: red + cyan,
+    green + magenta or blue + yellow (the class). Each pair sums to the same grey, so the
+    classes differ by which colours appear together more than by their average."""
+    rng = np.random.default_rng(seed)
+    pairs = [((255, 0, 0), (0, 255, 255)), ((0, 255, 0), (255, 0, 255)), ((0, 0, 255), (255, 255, 0))]
+    images, y = [], []
+    for c, pair in enumerate(pairs):
+        for _ in range(n_per_class):
+            im = np.clip(128 + rng.normal(0, 8, (size, size, 3)), 0, 255).astype(np.uint8)
+            for colour in pair:
+                h, w = rng.integers(size // 5, size // 2 + 1, 2)
+                r0, c0 = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+                im[r0:r0 + h, c0:c0 + w] = colour
+            images.append(im)
+            y.append(c)
+    return images, np.array(y)
+
+
+def test_cluster_images_end_to_end_with_the_filterbank():
+    features = pytest.importorskip("dffkit.features")
+    images, y = colour_pair_images(seed=0)
+    fx = features.FeatureExtractor("filterbank", image_size=64, providers="cpu")
+    res = cluster_images(images, 3, extractor=fx, random_state=0, backend="cpu")
+    base = cluster_images(images, 3, extractor=fx, method="kmeans", random_state=0)
+    acc, acc_base = (metrics.clustering_accuracy(y, r.labels) for r in (res, base))
+    assert acc >= 0.9 and acc >= acc_base + 0.2, (acc, acc_base)
+    assert res.images == ["image %d" % i for i in range(len(images))]
+
+
 # ---------------------------------------------------------------------------------------------
 # ONNX export
 # ---------------------------------------------------------------------------------------------

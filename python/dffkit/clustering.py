@@ -42,6 +42,12 @@ the parts (with 1 restart, 6 parts for 3 classes: 0.82 mean accuracy at lam_rel=
 ``tests/test_clustering.py::test_measure_kmeans_against_argmax_assignment`` (marked slow)
 reruns a reduced version.
 
+End to end on pixels (``cluster_images`` with the built-in filter bank at 64 x 64, 60 grey
+images with two flat rectangles of complementary colours, red + cyan, green + magenta or
+blue + yellow, per class; 3 image seeds): fcn 1.00 / 1.00 / 1.00 at lam_rel 0.03 and 0.1
+(both assignments), 0.87 / 0.78 / 0.85 at lam_rel 0.3; the mean-pooling baseline
+0.57 / 0.75 / 0.78.
+
 Scaling of the penalties. Unless given, lam = lam_rel * lam_unit and mu = mu_rel * mu_unit
 with the units of :func:`dffkit.group_sparse.penalty_scale`: with w0 = sqrt(mean(X)/k),
 lam_unit = (1/2 ||X||^2) / (k * w0 * sum_i sqrt(h*w)) and mu_unit = ||X||^2 / (C * mean(X)),
