@@ -331,7 +331,7 @@ def test_export_reproduces_transform_on_activations(parts_data, fcn_result, tmp_
     np.testing.assert_allclose(alone[0], code[3], rtol=1e-5, atol=1e-6 * code.max())
 
 
-def _tiny_cnn():
+def _tiny_cnn(opset=17):
     """Conv 3 -> 8 channels, stride 4, then ReLU: a stand-in CNN written with onnx.helper."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
@@ -348,13 +348,14 @@ def _tiny_cnn():
         [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9 if opset <= 19 else 10
     return model
 
 
-def test_export_with_a_network_maps_images_to_parts(tmp_path):
-    cnn = _tiny_cnn()
+@pytest.mark.parametrize("opset", [13, 17, 19])  # reductions take axes as an input from 18 on
+def test_export_with_a_network_maps_images_to_parts(tmp_path, opset):
+    cnn = _tiny_cnn(opset)
     rng = np.random.default_rng(2)
     images = rng.normal(size=(6, 3, 32, 32)).astype(np.float32)
     A = _session(_cut(cnn)).run(None, {"image": images})[0]
@@ -364,6 +365,7 @@ def test_export_with_a_network_maps_images_to_parts(tmp_path):
                                random_state=0, max_iter=50, backend="cpu")
     model = export_parts_model(cnn, H, 25, tmp_path / "m.onnx", lam=0.5, layer="relu")
     assert [o.name for o in model.graph.output] == ["part_maps", "code"]
+    assert {o.domain: o.version for o in model.opset_import}[""] == opset
     maps, code = _session(model).run(None, {"image": images})
     assert maps.shape == (6, 3, 8, 8)
     np.testing.assert_allclose(code, transform_codes(A, H, lam=0.5, max_iter=25), rtol=1e-4,
