@@ -36,6 +36,9 @@ def __getattr__(name):
         "cluster_activations": ("dffkit.clustering", "cluster_activations"),
         "cluster_images": ("dffkit.clustering", "cluster_images"),
         "bench": ("dffkit.bench", None),
+        "export_parts_model": ("dffkit.export_onnx", "export_parts_model"),
+        "metrics": ("dffkit.metrics", None),
+        "features": ("dffkit.features", None),
     }
     if name in lazy:
         import importlib
