@@ -440,15 +440,17 @@ def test_device_path_matches_host():
     if "cuda" not in dffkit.available_backends():
         pytest.skip(f"CUDA backend not usable: {dffkit.unavailable_reasons().get('cuda')}")
     images, masks = coseg_set()
-    gpu_ext = FeatureExtractor("filterbank", providers="cuda")
-    if "CUDA" not in gpu_ext.provider:
-        pytest.skip("onnxruntime's CUDA provider is not usable")
+    try:
+        gpu_ext = FeatureExtractor("filterbank", providers="cuda")
+    except RuntimeError as exc:
+        pytest.skip(f"onnxruntime's CUDA provider is not usable: {exc}")
     gpu = dff(images, 3, extractor=gpu_ext, backend="cuda", tol=0, max_iter=100)
     cpu = dff(images, 3, extractor=FeatureExtractor("filterbank", providers="cpu"), backend="cpu", tol=0, max_iter=100)
-    assert gpu.backend == "cuda"
-    for a, b in zip(gpu.heatmaps, cpu.heatmaps):
-        np.testing.assert_allclose(a, b, atol=2e-2)
+    assert gpu.backend == "cuda" and gpu.provider == "CUDAExecutionProvider"
+    for a, b in zip(gpu.heatmaps, cpu.heatmaps):  # same Philox start: fp32 rounding apart
+        assert a.shape == b.shape and np.abs(a - b).mean() < 1e-2
     assert best_concept_iou(gpu, masks) >= 0.85
+    print(f"device path used: {gpu.device_path}")
 
 
 def test_a_folder_of_images_and_sources(tmp_path):
