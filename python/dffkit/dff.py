@@ -790,6 +790,8 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         ext = _resolve_extractor(extractor, layer, backend)
         ops = _device_ops(ext, backend)
         per = _extract(ext, pil, ops, _progress_callback(progress, len(pil)))
+        if per and isinstance(per[0], np.ndarray):  # the host path (by choice or by fallback)
+            ops = None
     ops = ops or _NumpyOps()
     channels = {int(a.shape[0]) for a in per}
     if len(channels) != 1:
