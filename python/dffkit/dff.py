@@ -789,8 +789,8 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     else:
         ext = _resolve_extractor(extractor, layer, backend)
         ops = _device_ops(ext, backend)
-        per = _extract(ext, pil, ops, _progress_callback(progress, len(pil)))
-        if per and isinstance(per[0], np.ndarray):  # the host path (by choice or by fallback)
+        per, on_device = _extract(ext, pil, ops, _progress_callback(progress, len(pil)))
+        if not on_device:  # the host path, by choice or by fallback
             ops = None
     ops = ops or _NumpyOps()
     channels = {int(a.shape[0]) for a in per}
@@ -903,8 +903,8 @@ def _host(a) -> np.ndarray:
 
 
 def _extract(ext, pil, ops, report):
-    """Run the extractor over the images in batches; per-image activations (host, or device
-    arrays of ``ops`` on the GPU path)."""
+    """Run the extractor over the images in batches. Returns (per-image activations, whether
+    they are device arrays of ``ops``); a failure on the device path falls back to the host."""
     batch = int(getattr(ext, "batch_size", 16) or 16)
     fixed_size = getattr(ext, "resize", "fixed") == "fixed" and getattr(ext, "image_size", 0) is not None
     if not fixed_size:
@@ -920,13 +920,13 @@ def _extract(ext, pil, ops, report):
             except (TypeError, ValueError, RuntimeError, ImportError, BufferError) as exc:  # host from here on
                 warnings.warn(f"activations could not stay on the GPU ({exc}); continuing on the host",
                               RuntimeWarning, stacklevel=3)
-                return _extract(ext, pil, None, report)
+                return _extract(ext, pil, None, report)[0], False
         elif fixed_size:
             per.extend(_split_activations(ext(chunk)))
         else:  # images keep their own sizes (resize="shorter" or image_size=None)
             per.extend(_split_activations(list(ext.extract_list(chunk))))
         report(min(start + batch, len(pil)))
-    return per
+    return per, ops is not None
 
 
 def _nonnegative(ops, X, negatives, layer):
