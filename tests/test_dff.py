@@ -491,3 +491,25 @@ def test_visualize_building_blocks():
     tiles = [Image.new("RGB", (40, 20)), Image.new("RGB", (20, 40)), Image.new("RGB", (30, 30))]
     g = visualize.grid(tiles, ["a", "b", "a very long caption that will not fit"], cell=50)
     assert g.size == (2 * 54 + 4, 2 * (50 + 18 + 4) + 4)
+
+
+def test_device_failure_falls_back_to_the_host(monkeypatch):
+    from dffkit import dff as dff_module
+
+    class StandInOps(dff_module._NumpyOps):
+        name = "stand-in"
+
+    class Flaky(_StandInDeviceExtractor):
+        def __call__(self, images, device_output=False):
+            if device_output:
+                raise RuntimeError("no device buffer today")
+            return super().__call__(images, device_output=True)
+
+    monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: StandInOps())
+    images, acts = block_activations(n=3)
+    with pytest.warns(RuntimeWarning, match="continuing on the host"):
+        result = dff(images, 2, extractor=Flaky(acts), backend="cpu")
+    assert not result.device_path
+    host = dff(images, 2, activations=acts, backend="cpu")
+    for a, b in zip(result.heatmaps, host.heatmaps):
+        np.testing.assert_allclose(a, b, atol=1e-6)
