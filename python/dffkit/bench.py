@@ -76,6 +76,8 @@ SCHEMA = "dffkit-bench/1"
 AGREE_TOL = {"fp32": 1e-4, "fp64": 1e-8, "tf32": 1e-2, "bf16x": 3e-2}
 # batches: the agreement check looks at this many problems of the batch
 _AGREE_BATCH = 64
+# pause before a CPU contender's timed solves, for the previous library's idle threads to sleep
+_SETTLE_S = 0.1
 
 
 class Report:
@@ -378,14 +380,23 @@ def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped):
             fail(e, exc)
         finally:
             e.t_wall += time.perf_counter() - t0
-    # timed solves, round-robin over the contenders
-    for rnd in range(max((e.reps for e in active), default=0)):
-        for e in list(active):
-            if rnd >= e.reps:
+    # timed solves in two passes over the contenders (forward, then backward), each contender's
+    # share of a pass back to back: a load that comes and goes hits all alike, and the worker
+    # threads one library leaves spinning (OpenBLAS, OpenMP) settle during a short pause before
+    # the next CPU contender starts
+    for pass_no, order in enumerate((list(active), list(reversed(active)))):
+        for e in order:
+            if e not in active:
                 continue
+            n = (e.reps + 1) // 2 if pass_no == 0 else e.reps - len(e.times)
+            if n <= 0:
+                continue
+            if e.c.device == "cpu":
+                time.sleep(_SETTLE_S)
             t0 = time.perf_counter()
             try:
-                e.times.append(_timed(e.c, e.state, e.n_iter)[1])
+                for _ in range(n):
+                    e.times.append(_timed(e.c, e.state, e.n_iter)[1])
             except Exception as exc:  # noqa: BLE001
                 fail(e, exc)
             e.t_wall += time.perf_counter() - t0
