@@ -143,12 +143,13 @@ def main():
     ceil = ceilings()
     print("device", info, "ceilings", ceil, flush=True)
     rows = []
-    rows += case("one image 196x512 k=5 200 it", 1, 196, 512, 5, 200, 20, ("fp32", "bf16x"), 5)
-    rows += case("batch 4096x196x512 k=5 100 it", 4096, 196, 512, 5, 100, 3, ("fp32", "bf16x"))
-    rows += case("tall 200000x512 k=20 100 it", 1, 200000, 512, 20, 100, 3, ("fp32", "bf16x"))
+    all3 = ("fp32", "tf32", "bf16x")
+    rows += case("one image 196x512 k=5 200 it", 1, 196, 512, 5, 200, 20, all3, 5)
+    rows += case("batch 4096x196x512 k=5 100 it", 4096, 196, 512, 5, 100, 3, all3)
+    rows += case("tall 200000x512 k=20 100 it", 1, 200000, 512, 20, 100, 3, all3)
     if not QUICK:
-        rows += case("square 16384^2 k=64 50 it", 1, 16384, 16384, 64, 50, 1, ("fp32",), 2,
-                     dffkit_iters=3)
+        rows += case("square 16384^2 k=64 50 it", 1, 16384, 16384, 64, 50, 1, ("fp32", "tf32"),
+                     2, dffkit_iters=3)
     res = {"device": info, "ceilings": ceil, "rows": rows, "wall_s": time.time() - t0}
     with open(os.path.join(OUT, "cuda_bench.json"), "w") as f:
         json.dump(res, f, indent=1)

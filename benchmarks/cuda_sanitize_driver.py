@@ -60,6 +60,8 @@ for engine in ("resident", "sweep"):
     check(f"{engine} kl update_H=False", X, W, H, beta=1, update_H=False, engine=engine)
     check(f"{engine} stopping rule", X, W, H, max_iter=30, tol=1e-2, engine=engine)
     check(f"{engine} bf16x", X, W, H, precision="bf16x", tol=5e-2, engine=engine)
+    check(f"{engine} tf32", X, W, H, precision="tf32", tol=5e-2, engine=engine)
+    check(f"{engine} tf32 kl", X, W, H, beta=1, precision="tf32", tol=5e-2, engine=engine)
     check(f"{engine} max_iter=0", X, W, H, max_iter=0, engine=engine)
 X, W, H = problem(64, 128, 4)  # 16-byte staging
 check("resident aligned", X, W, H, engine="resident")

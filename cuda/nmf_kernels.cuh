@@ -181,9 +181,115 @@ __device__ void p_step(const TileArgs<T>& a, int rt, const S* src, i64 lds) {
   }
 }
 
+// ---- tf32 tensor cores (mma.sync m16n8k8, float32 accumulation) --------------------------------
+
+__device__ __forceinline__ std::uint32_t to_tf32(float x) {
+  std::uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+/// d += a (16 x 8, row-major fragments) * b (8 x 8, column-major fragments)
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const std::uint32_t (&a)[4],
+                                         const std::uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+/// N step on tensor cores: Nb (rt x k) = src (rt x n) H^T. Warp per (16-row, 8-column) output
+/// tile, the whole reduction over l in order of 8-wide steps. Out-of-range rows, columns and l
+/// enter as zeros.
+template <class S>
+__device__ void n_step_tc(const TileArgs<float>& a, int rt, const S* src, i64 lds) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const i64 n = a.n;
+  const int k = a.k;
+  const int ntile = (k + 7) / 8, pairs = 2 * ntile;
+  for (int p = warp; p < pairs; p += NT / 32) {
+    const int m0 = (p / ntile) * 16, j0 = (p % ntile) * 8;
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    const int r0 = m0 + g, r1 = m0 + g + 8, jj = j0 + g;
+    const bool ok0 = r0 < rt, ok1 = r1 < rt, okj = jj < k;
+    const S* x0 = src + (ok0 ? r0 : 0) * lds;
+    const S* x1 = src + (ok1 ? r1 : 0) * lds;
+    const float* h = a.H + (okj ? jj : 0) * a.ldh;
+    for (i64 l0 = 0; l0 < n; l0 += 8) {
+      const i64 la = l0 + t, lb = l0 + t + 4;
+      const bool va = la < n, vb = lb < n;
+      std::uint32_t af[4], bf[2];
+      af[0] = to_tf32(ok0 && va ? xget<float>(x0 + la) : 0.f);
+      af[1] = to_tf32(ok1 && va ? xget<float>(x1 + la) : 0.f);
+      af[2] = to_tf32(ok0 && vb ? xget<float>(x0 + lb) : 0.f);
+      af[3] = to_tf32(ok1 && vb ? xget<float>(x1 + lb) : 0.f);
+      bf[0] = to_tf32(okj && va ? h[la] : 0.f);
+      bf[1] = to_tf32(okj && vb ? h[lb] : 0.f);
+      mma_tf32(d, af, bf);
+    }
+    const int c0 = j0 + 2 * t, c1 = c0 + 1;
+    if (ok0 && c0 < k) a.Nb[r0 * k + c0] = d[0];
+    if (ok0 && c1 < k) a.Nb[r0 * k + c1] = d[1];
+    if (ok1 && c0 < k) a.Nb[r1 * k + c0] = d[2];
+    if (ok1 && c1 < k) a.Nb[r1 * k + c1] = d[3];
+  }
+}
+
+/// P step on tensor cores: Pacc (k x n) += Wn^T (k x rt) src (rt x n). Warp per (16 rows of P,
+/// 8 columns) tile; the reduction over the tile's rows in 8-row steps, in order.
+template <class S>
+__device__ void p_step_tc(const TileArgs<float>& a, int rt, const S* src, i64 lds) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const i64 n = a.n;
+  const int k = a.k;
+  const int mt = (k + 15) / 16;
+  const i64 nt = (n + 7) / 8, pairs = i64(mt) * nt;
+  for (i64 p = warp; p < pairs; p += NT / 32) {
+    const int j0 = int(p / nt) * 16;
+    const i64 l0 = (p % nt) * 8;
+    const int ja = j0 + g, jb = j0 + g + 8;
+    const i64 lc = l0 + 2 * t, ld = lc + 1, lg = l0 + g;
+    const bool oka = ja < k, okb = jb < k, okc = lc < n, okd = ld < n, okg = lg < n;
+    float d[4];
+    d[0] = oka && okc ? a.Pacc[ja * a.ldp + lc] : 0.f;
+    d[1] = oka && okd ? a.Pacc[ja * a.ldp + ld] : 0.f;
+    d[2] = okb && okc ? a.Pacc[jb * a.ldp + lc] : 0.f;
+    d[3] = okb && okd ? a.Pacc[jb * a.ldp + ld] : 0.f;
+    for (int i0 = 0; i0 < rt; i0 += 8) {
+      const int ia = i0 + t, ib = i0 + t + 4;
+      const bool va = ia < rt, vb = ib < rt;
+      std::uint32_t af[4], bf[2];
+      af[0] = to_tf32(oka && va ? a.Wn[ia * k + ja] : 0.f);
+      af[1] = to_tf32(okb && va ? a.Wn[ia * k + jb] : 0.f);
+      af[2] = to_tf32(oka && vb ? a.Wn[ib * k + ja] : 0.f);
+      af[3] = to_tf32(okb && vb ? a.Wn[ib * k + jb] : 0.f);
+      bf[0] = to_tf32(okg && va ? xget<float>(src + ia * lds + lg) : 0.f);
+      bf[1] = to_tf32(okg && vb ? xget<float>(src + ib * lds + lg) : 0.f);
+      mma_tf32(d, af, bf);
+    }
+    if (oka && okc) a.Pacc[ja * a.ldp + lc] = d[0];
+    if (oka && okd) a.Pacc[ja * a.ldp + ld] = d[1];
+    if (okb && okc) a.Pacc[jb * a.ldp + lc] = d[2];
+    if (okb && okd) a.Pacc[jb * a.ldp + ld] = d[3];
+  }
+}
+
+/// The N and P steps of a precision mode: MODE 0 = CUDA cores, 1 = tf32 tensor cores.
+template <class T, int KC, int MODE, class S>
+__device__ __forceinline__ void n_step_mode(const TileArgs<T>& a, int rt, const S* src, i64 lds) {
+  if constexpr (MODE == 1) n_step_tc(a, rt, src, lds); else n_step<T, KC>(a, rt, src, lds);
+}
+template <class T, int KC, int MODE, class S>
+__device__ __forceinline__ void p_step_mode(const TileArgs<T>& a, int rt, const S* src, i64 lds) {
+  if constexpr (MODE == 1) p_step_tc(a, rt, src, lds); else p_step<T, KC>(a, rt, src, lds);
+}
+
 /// One tile: rows [r0, r0 + rt) of X, read from xt with row stride ldxt (shared or global).
 /// first: accumulate dot0 = <X H^T, W_old> and gg = <W_old G_H, W_old> (initial error, Frobenius).
-template <class T, class XS, int KC>
+template <class T, class XS, int KC, int MODE = 0>
 __device__ void process_tile(const TileArgs<T>& a, const KParams& q, i64 r0, int rt,
                              const XS* xt, i64 ldxt, bool first, bool want_P, double& dot0,
                              double& gg) {
@@ -194,9 +300,9 @@ __device__ void process_tile(const TileArgs<T>& a, const KParams& q, i64 r0, int
   if (q.kl) {
     kl_ratio_tile<T, XS>(a, a.Wo, rt, xt, ldxt);
     __syncthreads();
-    n_step<T, KC>(a, rt, a.Rb, a.ldr);
+    n_step_mode<T, KC, MODE>(a, rt, a.Rb, a.ldr);
   } else {
-    n_step<T, KC>(a, rt, xt, ldxt);
+    n_step_mode<T, KC, MODE>(a, rt, xt, ldxt);
   }
   __syncthreads();
   const T l1 = T(q.l1_W), l2 = T(q.l2_W);
@@ -229,9 +335,9 @@ __device__ void process_tile(const TileArgs<T>& a, const KParams& q, i64 r0, int
     if (q.kl) {
       kl_ratio_tile<T, XS>(a, a.Wn, rt, xt, ldxt);
       __syncthreads();
-      p_step<T, KC>(a, rt, a.Rb, a.ldr);
+      p_step_mode<T, KC, MODE>(a, rt, a.Rb, a.ldr);
     } else {
-      p_step<T, KC>(a, rt, xt, ldxt);
+      p_step_mode<T, KC, MODE>(a, rt, xt, ldxt);
     }
   }
   if (q.kl) {

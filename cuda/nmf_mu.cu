@@ -220,8 +220,8 @@ struct ResOut {
   double error_init, error;
 };
 
-template <class T, class XS, int KC>
-__global__ void __launch_bounds__(NT) resident_kernel(const ResDesc<T, XS>* descs, KParams q,
+template <class T, class XS, int KC, int MODE>
+__global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* descs, KParams q,
                                                       ResOut* outs, std::size_t limit) {
   extern __shared__ __align__(16) unsigned char smem[];
   const ResDesc<T, XS> d = descs[blockIdx.x];
@@ -306,10 +306,10 @@ __global__ void __launch_bounds__(NT) resident_kernel(const ResDesc<T, XS>* desc
           __pipeline_wait_prior(0);
         }
         __syncthreads();
-        process_tile<T, XS, KC>(a, q, r0, rt, XT[L.nbuf == 2 ? (g & 1) : 0], ldx, first, want_P,
+        process_tile<T, XS, KC, MODE>(a, q, r0, rt, XT[L.nbuf == 2 ? (g & 1) : 0], ldx, first, want_P,
                                 d0, gg);
       } else {
-        process_tile<T, XS, KC>(a, q, r0, rt, xrow(r0), xld(r0), first, want_P, d0, gg);
+        process_tile<T, XS, KC, MODE>(a, q, r0, rt, xrow(r0), xld(r0), first, want_P, d0, gg);
       }
     }
     if (first) {
@@ -404,8 +404,8 @@ struct SweepArgs {
   T* gR;           // NB x TM x n (KL, when R does not fit)
 };
 
-template <class T, class XS, int KC>
-__global__ void __launch_bounds__(NT) sweep_kernel(SweepArgs<T, XS> s, KParams q, const State* st,
+template <class T, class XS, int KC, int MODE>
+__global__ void __launch_bounds__(NT, 1) sweep_kernel(SweepArgs<T, XS> s, KParams q, const State* st,
                                                    int first, int want_P, std::size_t limit) {
   if (st->stopped) return;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -461,10 +461,10 @@ __global__ void __launch_bounds__(NT) sweep_kernel(SweepArgs<T, XS> s, KParams q
         __pipeline_wait_prior(0);
       }
       __syncthreads();
-      process_tile<T, XS, KC>(a, q, r0, rt, Xt[L.nbuf == 2 ? (c & 1) : 0], L.ldx, first != 0,
+      process_tile<T, XS, KC, MODE>(a, q, r0, rt, Xt[L.nbuf == 2 ? (c & 1) : 0], L.ldx, first != 0,
                               want_P != 0, d0, gg);
     } else {
-      process_tile<T, XS, KC>(a, q, r0, rt, s.X + r0 * n, n, first != 0, want_P != 0, d0, gg);
+      process_tile<T, XS, KC, MODE>(a, q, r0, rt, s.X + r0 * n, n, first != 0, want_P != 0, d0, gg);
     }
   }
   if (want_P && L.P_s)
@@ -740,10 +740,10 @@ KParams make_kparams(const Problem& p, const Options& o) {
   return q;
 }
 
-template <class T, class XS, int KC>
+template <class T, class XS, int KC, int MODE>
 void launch_resident(const std::vector<ResDesc<T, XS>>& descs, const KParams& q, ResOut* d_out,
                      ResDesc<T, XS>* d_descs, std::size_t limit, cudaStream_t s) {
-  auto kern = resident_kernel<T, XS, KC>;
+  auto kern = resident_kernel<T, XS, KC, MODE>;
   DFFKIT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(limit)));
   DFFKIT_CUDA_TRY(cudaMemcpyAsync(d_descs, descs.data(), descs.size() * sizeof(descs[0]),
                                   cudaMemcpyHostToDevice, s));
@@ -758,12 +758,17 @@ std::size_t fixed_smem(int k, int esz) {
 }
 
 /// Calls f with the register-tile width KC (columns of W per pass) that fits k best.
-template <class F>
+template <int MODE, class F>
 void with_kc(int k, F&& f) {
-  if (k <= 8) f(std::integral_constant<int, 8>{});
-  else if (k <= 16) f(std::integral_constant<int, 16>{});
-  else if (k <= 24) f(std::integral_constant<int, 24>{});
-  else f(std::integral_constant<int, 32>{});
+  if constexpr (MODE == 1) {
+    (void)k;
+    f(std::integral_constant<int, 8>{});  // tensor cores: the register tile is not used
+  } else {
+    if (k <= 8) f(std::integral_constant<int, 8>{});
+    else if (k <= 16) f(std::integral_constant<int, 16>{});
+    else if (k <= 24) f(std::integral_constant<int, 24>{});
+    else f(std::integral_constant<int, 32>{});
+  }
 }
 
 /// Whether one problem takes the resident engine (one block, one launch).
@@ -797,7 +802,7 @@ struct Item {
 };
 
 /// Resident engine for one or many problems (one block each). groups/objective: single only.
-template <class T, class XS>
+template <class T, class XS, int MODE>
 std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, const Problem& p,
                                             const Options& o, int dev, cudaStream_t s) {
   const KParams q = make_kparams(p, o);
@@ -849,8 +854,8 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
                                     cudaMemcpyHostToDevice, s));
   for (std::size_t b = 0; b < B; ++b)
     convert_x<T, XS>(items[b].X, convs[b], items[b].m * items[b].n, s);
-  with_kc(int(kmax), [&](auto kc) {
-    launch_resident<T, XS, decltype(kc)::value>(descs, q, d_out, d_descs, limit, s);
+  with_kc<MODE>(int(kmax), [&](auto kc) {
+    launch_resident<T, XS, decltype(kc)::value, MODE>(descs, q, d_out, d_descs, limit, s);
   });
   std::vector<ResOut> outs(B);
   DFFKIT_CUDA_TRY(cudaMemcpyAsync(outs.data(), d_out, B * sizeof(ResOut), cudaMemcpyDeviceToHost, s));
@@ -881,15 +886,15 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
   }
 }
 
-template <class T, class XS, int KC>
+template <class T, class XS, int KC, int MODE>
 void launch_sweep(const SweepArgs<T, XS>& a, const KParams& q, const State* st, int first,
                   int want_P, int nb, std::size_t smem, cudaStream_t s) {
-  sweep_kernel<T, XS, KC><<<unsigned(nb), NT, smem, s>>>(a, q, st, first, want_P, smem);
+  sweep_kernel<T, XS, KC, MODE><<<unsigned(nb), NT, smem, s>>>(a, q, st, first, want_P, smem);
   DFFKIT_CUDA_CHECK_LAUNCH("sweep_kernel");
 }
 
 /// Sweep engine for one large problem.
-template <class T, class XS>
+template <class T, class XS, int MODE>
 cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o, int dev,
                             cudaStream_t s) {
   const KParams q = make_kparams(p, o);
@@ -974,8 +979,8 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   if (kl || o.max_iter < 1) full_error(0, 1, 0);
 
   const std::size_t smem = L.used;
-  with_kc(k, [&](auto kc) {
-    DFFKIT_CUDA_TRY(cudaFuncSetAttribute(sweep_kernel<T, XS, decltype(kc)::value>,
+  with_kc<MODE>(k, [&](auto kc) {
+    DFFKIT_CUDA_TRY(cudaFuncSetAttribute(sweep_kernel<T, XS, decltype(kc)::value, MODE>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   });
   SweepArgs<T, XS> a;
@@ -995,8 +1000,8 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
           st, W, goff, p.n_groups, k, gnorm);
       DFFKIT_CUDA_CHECK_LAUNCH("group_norm_kernel");
     }
-    with_kc(k, [&](auto kc) {
-      launch_sweep<T, XS, decltype(kc)::value>(a, q, st, first, want_P, int(nb), smem, s);
+    with_kc<MODE>(k, [&](auto kc) {
+      launch_sweep<T, XS, decltype(kc)::value, MODE>(a, q, st, first, want_P, int(nb), smem, s);
     });
     auto reduce_parts = [&](T* part, i64 count) {
       if (nb < 2) return;
@@ -1072,11 +1077,8 @@ using namespace cuda_detail;
 namespace {
 
 int check_shapes_and_device(const std::vector<Item>& items, DType dt, Precision prec) {
-  if (prec == Precision::tf32)
-    throw invalid_argument("dffkit._cuda: precision='tf32' is not implemented yet; use 'fp32' "
-                           "or 'bf16x'");
-  if (prec == Precision::bf16x && dt != DType::f32)
-    throw invalid_argument("dffkit._cuda: precision='bf16x' needs float32 data");
+  if (prec != Precision::fp32 && dt != DType::f32)
+    throw invalid_argument("dffkit._cuda: precision='tf32' and 'bf16x' need float32 data");
   int dev = -1;
   for (const auto& it : items) {
     Problem p;
@@ -1096,9 +1098,10 @@ int check_shapes_and_device(const std::vector<Item>& items, DType dt, Precision 
 
 template <class F>
 auto dispatch(DType dt, Precision prec, F&& f) {
-  if (dt == DType::f64) return f(double{}, double{});
-  if (prec == Precision::bf16x) return f(float{}, __nv_bfloat16{});
-  return f(float{}, float{});
+  if (dt == DType::f64) return f(double{}, double{}, std::integral_constant<int, 0>{});
+  if (prec == Precision::bf16x) return f(float{}, __nv_bfloat16{}, std::integral_constant<int, 0>{});
+  if (prec == Precision::tf32) return f(float{}, float{}, std::integral_constant<int, 1>{});
+  return f(float{}, float{}, std::integral_constant<int, 0>{});
 }
 
 }  // namespace
@@ -1112,17 +1115,18 @@ FitResult fit(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, const Proble
   cudaStream_t s = as_stream(stream);
   const std::size_t limit = smem_optin(dev);
   const bool kl = p.loss == Loss::kullback_leibler;
-  return dispatch(dt, prec, [&](auto t, auto x) -> FitResult {
+  return dispatch(dt, prec, [&](auto t, auto x, auto mode) -> FitResult {
     using T = decltype(t);
     using XS = decltype(x);
+    constexpr int MODE = decltype(mode)::value;
     const ResLayout L = res_layout(p.m, p.n, int(p.k), kl, sizeof(T), sizeof(XS), limit);
     const bool fits = fixed_smem(int(p.k), sizeof(T)) <= limit && L.used <= limit;
     if (engine == Engine::resident && !fits)
       throw invalid_argument("dffkit._cuda: n_components is too large for the resident engine");
     if (engine == Engine::resident ||
         (engine == Engine::automatic && fits && prefer_resident(p.m, p.n, p.k)))
-      return resident_solve<T, XS>(items, p, o, dev, s)[0];
-    return sweep_solve<T, XS>(items[0], p, o, dev, s);
+      return resident_solve<T, XS, MODE>(items, p, o, dev, s)[0];
+    return sweep_solve<T, XS, MODE>(items[0], p, o, dev, s);
   });
 }
 
@@ -1144,9 +1148,10 @@ std::vector<FitResult> fit_batched(const std::vector<BatchItem>& batch, const Pr
   const std::size_t limit = smem_optin(dev);
   i64 kmax = 0;
   for (const auto& it : items) kmax = std::max(kmax, it.k);
-  return dispatch(dt, prec, [&](auto t, auto x) -> std::vector<FitResult> {
+  return dispatch(dt, prec, [&](auto t, auto x, auto mode) -> std::vector<FitResult> {
     using T = decltype(t);
     using XS = decltype(x);
+    constexpr int MODE = decltype(mode)::value;
     if (fixed_smem(int(kmax), sizeof(T)) <= limit) {
       // one launch for the whole batch, in chunks that keep the descriptor upload small
       std::vector<FitResult> out;
@@ -1154,7 +1159,7 @@ std::vector<FitResult> fit_batched(const std::vector<BatchItem>& batch, const Pr
       for (std::size_t b0 = 0; b0 < items.size(); b0 += chunk) {
         std::vector<Item> part(items.begin() + b0,
                                items.begin() + std::min(items.size(), b0 + chunk));
-        auto r = resident_solve<T, XS>(part, p, o, dev, s);
+        auto r = resident_solve<T, XS, MODE>(part, p, o, dev, s);
         out.insert(out.end(), r.begin(), r.end());
       }
       return out;
@@ -1163,7 +1168,7 @@ std::vector<FitResult> fit_batched(const std::vector<BatchItem>& batch, const Pr
     for (const auto& it : items) {
       Problem pi = p;
       pi.m = it.m; pi.n = it.n; pi.k = it.k;
-      out.push_back(sweep_solve<T, XS>(it, pi, o, dev, s));
+      out.push_back(sweep_solve<T, XS, MODE>(it, pi, o, dev, s));
     }
     return out;
   });
