@@ -44,7 +44,7 @@ def machine(device):
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in lscpu.splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache"):
+            if key.strip() in ("Model name", "CPU family", "Model", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache"):
                 info[key.strip()] = value.strip()
     except (OSError, subprocess.SubprocessError):
         pass
@@ -187,11 +187,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     stem = f"features_{args.device}"
     (out / f"{stem}.json").write_text(json.dumps({"machine": info, "results": rows}, indent=2) + "\n")
+    flags = " ".join(a for i, a in enumerate(sys.argv[1:]) if a != "--out" and (i == 0 or sys.argv[i] != "--out"))
     lines = [
         f"# CNN activations through onnxruntime: {args.device.upper()}",
         "",
         f"VGG-16 to conv5_3 (after ReLU, random He weights), 224 x 224 input; "
-        f"`python3 benchmarks/bench_features.py --device {args.device} --out {args.out}`.",
+        f"`python3 benchmarks/bench_features.py {flags} --out DIR`.",
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("date",)) + f"; {info['date']}.",
         "",
