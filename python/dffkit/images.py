@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterable, List, Sequence, Tuple, Union
+from typing import Iterable, List, Sequence, Tuple
 
 import numpy as np
 
@@ -49,8 +49,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 #: Caffe / Keras ``preprocess_input`` for VGG: BGR, 0..255, mean subtracted, no scaling.
 CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 NORMALIZATIONS = ("imagenet", "caffe", "unit", "none")
-
-ImageLike = Union[str, "os.PathLike[str]", "Image.Image", np.ndarray, io.IOBase]
 
 
 def _pil():
