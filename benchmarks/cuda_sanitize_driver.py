@@ -63,6 +63,11 @@ for engine in ("resident", "sweep"):
     check(f"{engine} tf32", X, W, H, precision="tf32", tol=5e-2, engine=engine)
     check(f"{engine} tf32 kl", X, W, H, beta=1, precision="tf32", tol=5e-2, engine=engine)
     check(f"{engine} max_iter=0", X, W, H, max_iter=0, engine=engine)
+X, W, H = problem(196, 512, 5)  # fp32: a cluster of blocks per problem (Hopper)
+check("resident cluster", X, W, H, engine="resident", max_iter=3)
+check("resident cluster tf32", X, W, H, engine="resident", max_iter=3, precision="tf32", tol=5e-2)
+X, W, H = problem(700, 512, 5)  # staged tiles (one block)
+check("resident staged", X, W, H, engine="resident", max_iter=2, beta=1)
 X, W, H = problem(64, 128, 4)  # 16-byte staging
 check("resident aligned", X, W, H, engine="resident")
 check("sweep aligned", X, W, H, engine="sweep")

@@ -10,7 +10,8 @@
 #   GPU_CHECK_PREBUILT=DIR     link the CUDA objects compiled elsewhere (DIR/*.o, same nvcc) into
 #                              the module instead of `pip install .` (saves the nvcc time on a
 #                              leased machine); falls back to pip install when that fails
-#   GPU_CHECK_STAGES           default "build test memcheck bench racecheck" (run in that order)
+#   GPU_CHECK_STAGES           default "build test test_nocluster memcheck bench racecheck"
+#                              (run in that order)
 #   TEST_TIMEOUT, BENCH_TIMEOUT, SAN_TIMEOUT  seconds per stage (100, 100, 60)
 #   BENCH_ARGS                 e.g. --quick (skips the 16384^2 case)
 # Each stage runs under its own time limit and the script goes on after a failure; the last
@@ -21,7 +22,7 @@ OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 export DFFKIT_CUDA_ARCHITECTURES="${DFFKIT_CUDA_ARCHITECTURES:-90}"
 export PYTHONUNBUFFERED=1
-STAGES="${GPU_CHECK_STAGES:-build test memcheck bench racecheck}"
+STAGES="${GPU_CHECK_STAGES:-build test test_nocluster memcheck bench racecheck}"
 SUMMARY=()
 note() { SUMMARY+=("$1"); echo "== $1"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -92,9 +93,18 @@ stage_sanitizer() {
   note "compute-sanitizer $tool: rc=$rc, $(grep -c 'BAD' "$OUT/sanitizer_$tool.log") wrong results, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -n 1) ($(( $(date +%s) - t0 )) s)"
 }
 
+stage_test_nocluster() {  # the one-block-per-problem path of the resident engine, on its own
+  local t0=$(date +%s)
+  DFFKIT_CUDA_NO_CLUSTER=1 timeout "${TEST_TIMEOUT:-100}" $PY -m pytest -q -ra -p no:cacheprovider \
+    -k "resident or batched or threads" "$ROOT/tests/test_cuda.py" 2>&1 | tee "$OUT/test_cuda_nocluster.log"
+  local rc=$?
+  note "tests/test_cuda.py with DFFKIT_CUDA_NO_CLUSTER=1: rc=$rc, $(tail -n 1 "$OUT/test_cuda_nocluster.log") ($(( $(date +%s) - t0 )) s)"
+}
+
 for stage in $STAGES; do
   case $stage in
     test) stage_test ;;
+    test_nocluster) stage_test_nocluster ;;
     bench) stage_bench ;;
     memcheck|racecheck) stage_sanitizer "$stage" ;;
   esac

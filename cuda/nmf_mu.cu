@@ -11,9 +11,11 @@
 //    on the device. The host reads the stop flag only every 10 iterations (when tol > 0).
 // NB depends on the shape only, so results do not depend on the device or on timing.
 #include <cuda_bf16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <cmath>
 #include <limits>
@@ -41,15 +43,17 @@ DFFKIT_HD i64 staged_ld(i64 n, int xsz) {
 // Shared-memory layouts (computed identically on host and device)
 
 struct ResLayout {
-  std::size_t red, GH, GW, rs, cs, Wo, Wn, Nb, H, P, R, X, XT[2], used;
+  std::size_t red, GH, GW, rs, cs, Wo, Wn, Nb, xch, GWs, Ps, H, P, R, X, XT[2], used;
   bool H_s, P_s, R_s;
   int nbuf;  // staging buffers for the rows that stay in global memory (0, 1 or 2)
   i64 ldx, xs_rows;
 };
 
-/// Resident solver: fixed part, then H, P, R (KL) if they fit, then as many X rows as fit.
+/// Resident solver: fixed part (with a cluster of C > 1 blocks per problem: the exchange slots
+/// and the summed P and G_W), then H, P, R (KL) if they fit, then as many X rows as fit.
+/// m: the rows this block owns.
 DFFKIT_HD ResLayout res_layout(i64 m, i64 n, int k, bool kl, int esz, int xsz,
-                               std::size_t limit) {
+                               std::size_t limit, int C = 1) {
   ResLayout L{};
   std::size_t o = 0;
   auto put = [&](std::size_t bytes) { const std::size_t at = o; o = align16(o + bytes); return at; };
@@ -62,6 +66,11 @@ DFFKIT_HD ResLayout res_layout(i64 m, i64 n, int k, bool kl, int esz, int xsz,
   L.Wn = put(std::size_t(TM) * k * esz);
   L.Nb = put(std::size_t(TM) * k * esz);
   const std::size_t hb = std::size_t(k) * n * esz;
+  if (C > 1) {
+    L.xch = put(4 * sizeof(double));
+    L.GWs = put(std::size_t(k) * k * esz);
+    L.Ps = put(hb);
+  }
   L.H_s = o + hb <= limit;
   if (L.H_s) L.H = put(hb);
   L.P_s = o + hb <= limit;
@@ -220,15 +229,50 @@ struct ResOut {
   double error_init, error;
 };
 
+// Thread-block clusters (sm_90): the C blocks of one problem share their partial sums through
+// distributed shared memory. With C = 1 these are a plain block barrier and the identity.
+__device__ __forceinline__ unsigned cluster_rank(int C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (C > 1) return cooperative_groups::this_cluster().block_rank();
+#endif
+  (void)C;
+  return 0;
+}
+__device__ __forceinline__ void cluster_barrier(int C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (C > 1) {
+    cooperative_groups::this_cluster().sync();
+    return;
+  }
+#endif
+  (void)C;
+  __syncthreads();
+}
+template <class U>
+__device__ __forceinline__ U* cluster_peer(U* p, int rank, int C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (C > 1) return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#endif
+  (void)rank; (void)C;
+  return p;
+}
+
+/// C = 1: one block per problem. C > 1 (Frobenius, no groups, no objective): the problem's
+/// rows are split over a cluster of C blocks, each keeping its rows of X in shared memory;
+/// after each sweep the blocks add the C partials of P and G_W in rank order (every block the
+/// same sums, so every block holds the same H and takes the same stopping decision).
 template <class T, class XS, int KC, int MODE>
 __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* descs, KParams q,
-                                                      ResOut* outs, std::size_t limit) {
+                                                      ResOut* outs, std::size_t limit, int C) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const ResDesc<T, XS> d = descs[blockIdx.x];
+  const int rank = int(cluster_rank(C));
+  const ResDesc<T, XS> d = descs[blockIdx.x / C];
   const i64 m = d.m, n = d.n;
   const int k = d.k;
   const int tid = threadIdx.x;
-  const ResLayout L = res_layout(m, n, k, q.kl != 0, int(sizeof(T)), int(sizeof(XS)), limit);
+  const i64 rb = i64(rank) * m / C, re = i64(rank + 1) * m / C;  // this block's rows
+  const ResLayout L = res_layout(C > 1 ? (m + C - 1) / C : m, n, k, q.kl != 0, int(sizeof(T)),
+                                 int(sizeof(XS)), limit, C);
   double* red = reinterpret_cast<double*>(smem + L.red);
   T* GH = reinterpret_cast<T*>(smem + L.GH);
   T* GW = reinterpret_cast<T*>(smem + L.GW);
@@ -240,12 +284,16 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
   XS* Xs = reinterpret_cast<XS*>(smem + L.X);
   XS* XT[2] = {reinterpret_cast<XS*>(smem + L.XT[0]), reinterpret_cast<XS*>(smem + L.XT[1])};
   const i64 xs_rows = L.xs_rows, ldx = L.ldx;
-  auto xrow = [&](i64 i) -> const XS* { return i < xs_rows ? Xs + i * ldx : d.X + i * n; };
-  auto xld = [&](i64 i) -> i64 { return i < xs_rows ? ldx : n; };
+  auto on_chip = [&](i64 i) { return i >= rb && i - rb < xs_rows; };
+  auto xrow = [&](i64 i) -> const XS* { return on_chip(i) ? Xs + (i - rb) * ldx : d.X + i * n; };
+  auto xld = [&](i64 i) -> i64 { return on_chip(i) ? ldx : n; };
+  double* xch = reinterpret_cast<double*>(smem + L.xch);
+  T* Pu = C > 1 ? reinterpret_cast<T*>(smem + L.Ps) : Pp;   // P summed over the cluster
+  T* GWu = C > 1 ? reinterpret_cast<T*>(smem + L.GWs) : GW;  // G_W summed over the cluster
 
   if (L.H_s)
     for (i64 e = tid; e < k * n; e += NT) Hp[e] = d.H[e];
-  stage_rows_async(Xs, ldx, d.X, n, 0, xs_rows);
+  stage_rows_async(Xs, ldx, d.X, n, rb, xs_rows < re - rb ? xs_rows : re - rb);
   __pipeline_wait_prior(0);
   __syncthreads();
 
@@ -253,12 +301,18 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
   double xx = 0;
   if (!kl) {
     double s = 0;
-    for (i64 e = tid; e < m * n; e += NT) {
+    for (i64 e = rb * n + tid; e < re * n; e += NT) {
       const i64 i = e / n;
       const double x = double(xget<T>(xrow(i) + (e - i * n)));
       s += x * x;
     }
     xx = block_sum(s, red);
+    if (C > 1) {
+      if (tid == 0) xch[0] = xx;
+      cluster_barrier(C);
+      xx = 0;
+      for (int r = 0; r < C; ++r) xx += cluster_peer(xch, r, C)[0];
+    }
   }
   if (kl) block_rowsum(Hp, n, k, n, rs, red); else block_gram(Hp, n, k, n, GH, red);
 
@@ -291,16 +345,18 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
     for (int e = tid; e < k; e += NT) cs[e] = T(0);
     __syncthreads();
     double d0 = 0, gg = 0;
-    if (L.nbuf > 0 && xs_rows < m)
-      stage_rows_async(XT[0], ldx, d.X, n, xs_rows, m - xs_rows < TM ? m - xs_rows : TM);
-    for (i64 r0 = 0; r0 < m; r0 += TM) {
-      const int rt = int(m - r0 < TM ? m - r0 : TM);
-      if (r0 >= xs_rows && L.nbuf > 0) {
-        const i64 g = (r0 - xs_rows) / TM;
+    // (with C > 1 every row of the block is on chip: rb + xs_rows == re, nothing is staged)
+    if (L.nbuf > 0 && rb + xs_rows < re)
+      stage_rows_async(XT[0], ldx, d.X, n, rb + xs_rows,
+                       re - rb - xs_rows < TM ? re - rb - xs_rows : TM);
+    for (i64 r0 = rb; r0 < re; r0 += TM) {
+      const int rt = int(re - r0 < TM ? re - r0 : TM);
+      if (r0 - rb >= xs_rows && L.nbuf > 0) {
+        const i64 g = (r0 - rb - xs_rows) / TM;
         if (L.nbuf == 1 && g > 0) stage_rows_async(XT[0], ldx, d.X, n, r0, rt);
         const i64 r1 = r0 + TM;
-        if (L.nbuf == 2 && r1 < m) {
-          stage_rows_async(XT[(g + 1) & 1], ldx, d.X, n, r1, m - r1 < TM ? m - r1 : TM);
+        if (L.nbuf == 2 && r1 < re) {
+          stage_rows_async(XT[(g + 1) & 1], ldx, d.X, n, r1, re - r1 < TM ? re - r1 : TM);
           __pipeline_wait_prior(1);
         } else {
           __pipeline_wait_prior(0);
@@ -315,6 +371,32 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
     if (first) {
       d0 = block_sum(d0, red);
       gg = block_sum(gg, red);
+    }
+    if (C > 1) {
+      // partials of the C blocks, added in rank order by every block
+      if (first && tid == 0) { xch[1] = d0; xch[2] = gg; }
+      cluster_barrier(C);
+      if (want_P)
+        for (i64 e = tid; e < k * n; e += NT) {
+          T v = T(0);
+          for (int r = 0; r < C; ++r) v += cluster_peer(Pp, r, C)[e];
+          Pu[e] = v;
+        }
+      for (int e = tid; e < k * k; e += NT) {
+        T v = T(0);
+        for (int r = 0; r < C; ++r) v += cluster_peer(GW, r, C)[e];
+        GWu[e] = v;
+      }
+      if (first) {
+        d0 = gg = 0;
+        for (int r = 0; r < C; ++r) {
+          d0 += cluster_peer(xch, r, C)[1];
+          gg += cluster_peer(xch, r, C)[2];
+        }
+      }
+      cluster_barrier(C);  // the peers' partials are read: they may be reset
+    }
+    if (first) {
       const double sq = xx - 2.0 * d0 + gg;
       err_init = std::sqrt(sq > 0 ? sq : 0.0);
       prev = err_init;
@@ -323,26 +405,26 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
     if (q.update_H) {
       for (i64 l = tid; l < n; l += NT) {
         for (int j = 0; j < k; ++j) {
-          const T hv = Hp[j * n + l], num = Pp[j * n + l];
+          const T hv = Hp[j * n + l], num = Pu[j * n + l];
           T den;
           if (kl) {
             den = cs[j] == T(0) ? T(1) : cs[j];
           } else {
             den = T(0);
-            for (int c = 0; c < k; ++c) den += GW[j * k + c] * Hp[c * n + l];
+            for (int c = 0; c < k; ++c) den += GWu[j * k + c] * Hp[c * n + l];
           }
           T v = mu_step(hv, num, den, l1H, l2H, muH > T(0) ? muH * hv : T(0));
           if (kl) v = kl_clamp_h(v);
           ph += double(num) * double(v);
-          Pp[j * n + l] = v;
+          Pu[j * n + l] = v;
         }
-        for (int j = 0; j < k; ++j) Hp[j * n + l] = Pp[j * n + l];
+        for (int j = 0; j < k; ++j) Hp[j * n + l] = Pu[j * n + l];
       }
       __syncthreads();
       if (kl) block_rowsum(Hp, n, k, n, rs, red); else block_gram(Hp, n, k, n, GH, red);
     } else if (need_err && !kl) {
       for (i64 l = tid; l < n; l += NT)
-        for (int j = 0; j < k; ++j) ph += double(Pp[j * n + l]) * double(Hp[j * n + l]);
+        for (int j = 0; j < k; ++j) ph += double(Pu[j * n + l]) * double(Hp[j * n + l]);
     }
     fresh = false;
     if (need_err) {
@@ -351,7 +433,7 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
       } else {
         ph = block_sum(ph, red);
         double g2 = 0;
-        for (int p = tid; p < k * k; p += NT) g2 += double(GW[p]) * double(GH[p]);
+        for (int p = tid; p < k * k; p += NT) g2 += double(GWu[p]) * double(GH[p]);
         g2 = block_sum(g2, red);
         const double sq = xx - 2.0 * ph + g2;
         err = std::sqrt(sq > 0 ? sq : 0.0);
@@ -369,11 +451,11 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
   }
   const int n_iter = it < q.max_iter ? it : q.max_iter;
   if (!fresh) err = full_error_block<T, XS>(xrow, d.W, Hp, m, n, k, kl, red);
-  if (L.H_s) {
+  if (L.H_s && rank == 0) {
     __syncthreads();
     for (i64 e = tid; e < k * n; e += NT) d.H[e] = Hp[e];
   }
-  if (tid == 0) outs[blockIdx.x] = ResOut{n_iter, err_init, err};
+  if (tid == 0 && rank == 0) outs[blockIdx.x / C] = ResOut{n_iter, err_init, err};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -741,14 +823,51 @@ KParams make_kparams(const Problem& p, const Options& o) {
 }
 
 template <class T, class XS, int KC, int MODE>
-void launch_resident(const std::vector<ResDesc<T, XS>>& descs, const KParams& q, ResOut* d_out,
-                     ResDesc<T, XS>* d_descs, std::size_t limit, cudaStream_t s) {
+void launch_resident(const ResDesc<T, XS>* descs, std::size_t count, const KParams& q,
+                     ResOut* d_out, ResDesc<T, XS>* d_descs, std::size_t limit, int C,
+                     cudaStream_t s) {
   auto kern = resident_kernel<T, XS, KC, MODE>;
   DFFKIT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(limit)));
-  DFFKIT_CUDA_TRY(cudaMemcpyAsync(d_descs, descs.data(), descs.size() * sizeof(descs[0]),
+  DFFKIT_CUDA_TRY(cudaMemcpyAsync(d_descs, descs, count * sizeof(descs[0]),
                                   cudaMemcpyHostToDevice, s));
-  kern<<<unsigned(descs.size()), NT, limit, s>>>(d_descs, q, d_out, limit);
-  DFFKIT_CUDA_CHECK_LAUNCH("resident_kernel");
+  if (C == 1) {
+    kern<<<unsigned(count), NT, limit, s>>>(d_descs, q, d_out, limit, 1);
+    DFFKIT_CUDA_CHECK_LAUNCH("resident_kernel");
+    return;
+  }
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(count * C));
+  cfg.blockDim = dim3(NT);
+  cfg.dynamicSmemBytes = limit;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(C);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  DFFKIT_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, static_cast<const ResDesc<T, XS>*>(d_descs), q,
+                                     d_out, limit, C));
+  DFFKIT_CUDA_CHECK_LAUNCH("resident_kernel (cluster)");
+}
+
+/// Blocks per problem for the resident engine, from the shape only (so that a problem gets the
+/// same bits alone and in a batch): 1 when X fits in one block's shared memory or the problem
+/// needs what the cluster path does not do (KL, groups, the objective, max_iter < 1, pre-Hopper);
+/// else the smallest cluster (2, 4, 8) whose blocks each hold their rows of X, H and P on chip.
+int cluster_size(i64 m, i64 n, i64 k, const KParams& q, int esz, int xsz, std::size_t limit,
+                 int cc_major) {
+  if (cc_major < 9 || q.kl || q.groups || q.record_obj || q.max_iter < 1) return 1;
+  if (const char* off = std::getenv("DFFKIT_CUDA_NO_CLUSTER"); off && *off && *off != '0') return 1;
+  const ResLayout L1 = res_layout(m, n, int(k), false, esz, xsz, limit, 1);
+  if (L1.xs_rows >= m) return 1;
+  for (int C = 2; C <= 8; C *= 2) {
+    const i64 ml = (m + C - 1) / C;
+    const ResLayout L = res_layout(ml, n, int(k), false, esz, xsz, limit, C);
+    if (L.H_s && L.P_s && L.xs_rows >= ml && L.used <= limit) return C;
+  }
+  return 1;
 }
 
 /// Fixed part of the shared memory both engines need (k x k statistics and tile buffers).
@@ -854,11 +973,31 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
                                     cudaMemcpyHostToDevice, s));
   for (std::size_t b = 0; b < B; ++b)
     convert_x<T, XS>(items[b].X, convs[b], items[b].m * items[b].n, s);
-  with_kc<MODE>(int(kmax), [&](auto kc) {
-    launch_resident<T, XS, decltype(kc)::value, MODE>(descs, q, d_out, d_descs, limit, s);
-  });
-  std::vector<ResOut> outs(B);
-  DFFKIT_CUDA_TRY(cudaMemcpyAsync(outs.data(), d_out, B * sizeof(ResOut), cudaMemcpyDeviceToHost, s));
+  // problems grouped by cluster size (one launch per size), in their order within a group
+  int cc_major = 0;
+  DFFKIT_CUDA_TRY(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+  std::vector<int> csize(B);
+  for (std::size_t b = 0; b < B; ++b)
+    csize[b] = cluster_size(items[b].m, items[b].n, items[b].k, q, sizeof(T), sizeof(XS), limit,
+                            cc_major);
+  std::vector<std::size_t> order;  // position in the launch -> problem
+  std::vector<ResDesc<T, XS>> sorted;
+  std::size_t off = 0;
+  for (int C = 1; C <= 8; C *= 2) {
+    const std::size_t start = sorted.size();
+    for (std::size_t b = 0; b < B; ++b)
+      if (csize[b] == C) { order.push_back(b); sorted.push_back(descs[b]); }
+    const std::size_t count = sorted.size() - start;
+    if (count == 0) continue;
+    with_kc<MODE>(int(kmax), [&](auto kc) {
+      launch_resident<T, XS, decltype(kc)::value, MODE>(sorted.data() + start, count, q,
+                                                        d_out + off, d_descs + off, limit, C, s);
+    });
+    off += count;
+  }
+  std::vector<ResOut> sorted_out(B), outs(B);
+  DFFKIT_CUDA_TRY(cudaMemcpyAsync(sorted_out.data(), d_out, B * sizeof(ResOut),
+                                  cudaMemcpyDeviceToHost, s));
   std::vector<cuda::FitResult> res(B);
   std::vector<std::vector<double>> objs(B);
   if (o.record_objective)
@@ -868,6 +1007,7 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
                                       objs[b].size() * sizeof(double), cudaMemcpyDeviceToHost, s));
     }
   DFFKIT_CUDA_TRY(cudaStreamSynchronize(s));
+  for (std::size_t j = 0; j < B; ++j) outs[order[j]] = sorted_out[j];
   for (std::size_t b = 0; b < B; ++b) {
     res[b].n_iter = outs[b].n_iter;
     res[b].error_init = outs[b].error_init;
