@@ -129,7 +129,8 @@ def markdown(report: dict) -> str:
         f"Machine: {m.get('cpu_model', '?')}, {m.get('cores', '?')} cores, "
         f"{m.get('memory_gib', '?')} GiB; GPUs: {m.get('gpus') or 'none'}; load average at start "
         f"{m.get('load_average')}, at the end {report.get('load_average_end')} (the machine is shared: "
-        f"a load above the core count slows every number here). {report['date']}.",
+        f"a load above the core count slows every number here). Settings: {m.get('environment') or 'defaults'}, "
+        f"dffkit CPU threads {m.get('dffkit_cpu_threads')}. {report['date']}.",
         f"Images {report['image_size']} x {report['image_size']} (synthetic, in memory), batch of "
         f"{report['n_images']}, k = {report['k']}, max_iter {report['max_iter']}, tol {report['tol']}; "
         "concept naming off. Throughput: best of the repeats; latency: p50 / p99 over the repeats.",
