@@ -513,3 +513,13 @@ def test_device_failure_falls_back_to_the_host(monkeypatch):
     host = dff(images, 2, activations=acts, backend="cpu")
     for a, b in zip(result.heatmaps, host.heatmaps):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_dffkit_dff_stays_callable_after_the_module_is_imported():
+    import importlib
+
+    importlib.import_module("dffkit.dff")  # binds dffkit.dff to the module
+    images, acts = block_activations(n=1)
+    assert isinstance(dffkit.dff(images, 2, activations=acts), DFFResult)
+    assert isinstance(dffkit.dff(images, 2, activations=acts), DFFResult)
+    assert dffkit.DFFResult is DFFResult
