@@ -18,6 +18,10 @@
 #include <exception>
 #include <limits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "mu_update.hpp"
 #include "philox.hpp"
 
@@ -42,15 +46,29 @@ template <class T> inline vec<T> load(const T* p) {
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
+// Loads and stores of the first `count` lanes (the tail of a row): masked instructions where
+// AVX-512 is there, a copy through a zeroed vector elsewhere.
+#if defined(__AVX512F__)
+inline vec<float> load_part(const float* p, int count) {
+  return (vec<float>)_mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), p);
+}
+inline vec<double> load_part(const double* p, int count) {
+  return (vec<double>)_mm512_maskz_loadu_pd(__mmask8((1u << count) - 1), p);
+}
+inline void store_part(float* p, vec<float> v, int count) {
+  _mm512_mask_storeu_ps(p, __mmask16((1u << count) - 1), (__m512)v);
+}
+inline void store_part(double* p, vec<double> v, int count) {
+  _mm512_mask_storeu_pd(p, __mmask8((1u << count) - 1), (__m512d)v);
+}
+#else
 template <class T> inline vec<T> load_part(const T* p, int count) {
   vec<T> v = {};
   std::memcpy(&v, p, sizeof(T) * count);
   return v;
 }
+#endif
 template <class T> inline void store(T* p, vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
-template <class T> inline void store_part(T* p, vec<T> v, int count) {
-  std::memcpy(p, &v, sizeof(T) * count);
-}
 template <class T> inline vec<T> splat(T x) { return vec<T>{} + x; }
 // Sum of the lanes by a fixed pairwise tree (lane i + lane i + L/2, and so on): the same order
 // everywhere, done with shuffles.

@@ -9,7 +9,15 @@ Quick use::
     model = dffkit.NMF(n_components=10).fit(X)       # a drop-in for sklearn's NMF(solver="mu")
 """
 from dffkit._backends import available_backends, unavailable_reasons
-from dffkit.nmf import NMF, NMFResult, initialize, nmf_batched, non_negative_factorization
+from dffkit.nmf import (
+    NMF,
+    NMFResult,
+    get_num_threads,
+    initialize,
+    nmf_batched,
+    non_negative_factorization,
+    set_num_threads,
+)
 
 __version__ = "0.1.0"
 
@@ -21,6 +29,8 @@ __all__ = [
     "NMFResult",
     "nmf_batched",
     "initialize",
+    "set_num_threads",
+    "get_num_threads",
 ]
 
 

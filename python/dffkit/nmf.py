@@ -22,6 +22,8 @@ __all__ = [
     "nmf_batched",
     "ConvergenceWarning",
     "initialize",
+    "set_num_threads",
+    "get_num_threads",
 ]
 
 try:  # scikit-learn's warning class when it is installed, so filters written for it apply
@@ -37,6 +39,25 @@ _BACKENDS = ("auto", "cpu", "cuda")
 _PRECISIONS = ("fp32", "tf32", "bf16x")
 # Above this many elements of X, "auto" sends host data to a GPU: the copy is paid back.
 _AUTO_CUDA_MIN_ELEMENTS = 2_000_000
+# CPU threads for the engine: 0 = OpenMP's default (OMP_NUM_THREADS or all cores).
+_NUM_THREADS = int(os.environ.get("DFFKIT_NUM_THREADS", "0") or 0)
+
+
+def set_num_threads(n: int) -> None:
+    """CPU threads the engine may use (0: OpenMP's default). Results do not depend on it.
+
+    On a machine whose cores are shared with other busy processes, fewer threads can be much
+    faster: each iteration ends at a barrier that waits for the slowest thread. The
+    environment variable DFFKIT_NUM_THREADS sets the starting value.
+    """
+    global _NUM_THREADS
+    _check_real("n", n, integer=True)
+    _NUM_THREADS = int(n)
+
+
+def get_num_threads() -> int:
+    """The engine's CPU thread setting (0: OpenMP's default)."""
+    return _NUM_THREADS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +468,7 @@ def _fill_params(params, beta, l1_W, l2_W, l1_H, l2_H, lam, mu, max_iter, tol, u
     params.tol = float(tol)
     params.update_H = bool(update_H)
     params.record_objective = bool(record_objective)
+    params.num_threads = _NUM_THREADS
 
 
 def non_negative_factorization(
