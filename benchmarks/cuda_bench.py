@@ -61,9 +61,13 @@ def ceilings():
 
 
 def torch_mu(X, W, H, iters):
+    # numerator and denominator both from the old factor (run 2 updated W in place before the
+    # denominator: the same work, but not MU, and its error column read NaN)
     for _ in range(iters):
-        W.mul_(X @ H.transpose(-1, -2)).div_(W @ (H @ H.transpose(-1, -2)))
-        H.mul_(W.transpose(-1, -2) @ X).div_((W.transpose(-1, -2) @ W) @ H)
+        num, den = X @ H.transpose(-1, -2), W @ (H @ H.transpose(-1, -2))
+        W.mul_(num).div_(den)
+        num, den = W.transpose(-1, -2) @ X, (W.transpose(-1, -2) @ W) @ H
+        H.mul_(num).div_(den)
 
 
 def frob_err(X, W, H):
