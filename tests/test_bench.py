@@ -91,6 +91,10 @@ def test_quick_json_and_markdown_agree(quick):
         assert cells["agrees"].startswith("yes" if r["agrees"] else ("n/a" if r["agrees"] is None else "**NO**"))
     for s in data["skipped"]:
         assert s["contender"] in md and s["reason"].replace("|", "\\|") in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the plot is optional: no matplotlib, no PNG, no failure
+        return
     with open(paths["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -217,3 +221,17 @@ def test_error_meter_trace_identity_matches_the_direct_error(shape):
     assert ErrorMeter(X, 2, max_copy_bytes=0).error(W, H) == pytest.approx(direct, rel=1e-12)
     assert ErrorMeter(X, 1).relative(W, H) == pytest.approx(
         reconstruction_error(X, W, H, 1) / np.linalg.norm(X.astype(np.float64)), rel=1e-12)
+
+
+def test_isolated_runs_merge_into_one_report():
+    """--isolate: each library in a process of its own, rows merged and compared here."""
+    report = bench.run("quick", problems=["dff-1img"], contenders=["dffkit-cpu", "sklearn-*", "cupy-cuda"],
+                       isolate=True, progress=False, measure_ceilings=False)
+    assert report.data["settings"]["isolate"] is True
+    dk, sk = report.row("dff-1img", "dffkit-cpu"), report.row("dff-1img", "sklearn-mu")
+    assert dk["status"] == sk["status"] == "ok" and dk["agrees"] and sk["agrees"]
+    assert dk["reference"] == "sklearn-mu" and dk["loss_rel_diff"] <= 1e-4
+    assert dk["speedup_vs_best_peer"] == pytest.approx(sk["time_s"] / dk["time_s"])
+    assert report.row("dff-1img", "sklearn-cd")["reached"]
+    with pytest.raises(ValueError, match="isolate"):
+        bench.run("quick", problems=[Problem("tiny", 30, 20, 2, 5)], isolate=True, progress=False)

@@ -139,6 +139,7 @@ def describe_machine() -> dict:
         "blas": _blas(),
         "environment": env,
         "load_average": _loadavg(),
+        "cpu_pressure": _cpu_pressure(),
     }
 
 
@@ -158,6 +159,16 @@ def _commit():
     except (OSError, subprocess.SubprocessError):
         pass
     return None
+
+
+def _cpu_pressure():
+    """Linux PSI: the share of time some runnable task waited for a CPU (avg10, avg60), or None."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            fields = dict(kv.split("=") for kv in f.readline().split()[1:])
+        return [float(fields["avg10"]), float(fields["avg60"])]
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _loadavg():
@@ -371,6 +382,11 @@ def render(report: dict, markdown: bool) -> str:
         out.append(f"{bullet}Load average (1, 5, 15 min): at the start "
                    + ", ".join(str(x) for x in m["load_average"])
                    + ("; at the end " + ", ".join(str(x) for x in end) if end else ""))
+    if m.get("cpu_pressure") is not None:
+        end = m.get("cpu_pressure_end")
+        out.append(f"{bullet}CPU pressure (share of time a task waited for a CPU, avg10/avg60 %): "
+                   f"at the start {m['cpu_pressure'][0]}/{m['cpu_pressure'][1]}"
+                   + (f"; at the end {end[0]}/{end[1]}" if end else ""))
     if m.get("environment"):
         out.append(f"{bullet}Environment: " + ", ".join(f"{k}={v}" for k, v in m["environment"].items()))
     ceil = []
@@ -382,6 +398,8 @@ def render(report: dict, markdown: bool) -> str:
         ceil.append(f"GPU SGEMM {c['gpu_sgemm_GFLOPs'] / 1e3:.1f} TFLOP/s")
     if "gpu_tf32_GFLOPs" in c:
         ceil.append(f"GPU TF32 {c['gpu_tf32_GFLOPs'] / 1e3:.1f} TFLOP/s")
+    if report.get("settings", {}).get("isolate"):
+        out.append(f"{bullet}Isolated: each library's contenders ran in a process of their own")
     out.append(f"{bullet}Ceilings measured in this run (the higher of before and after): "
                + (", ".join(ceil) or "not measured"))
     out.append("")

@@ -18,6 +18,7 @@ From the shell: ``dffkit bench --quick`` (see ``dffkit bench --help``).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as _dt
 import fnmatch
@@ -514,7 +515,7 @@ def _evaluate_targets(targets, rows, problem_names):
 
 def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0,
         row_cap_s=None, progress=True, json=None, markdown=None, plot=None,
-        measure_ceilings=True) -> Report:
+        measure_ceilings=True, isolate=False) -> Report:
     """Run a benchmark suite and return its :class:`Report`.
 
     Parameters
@@ -536,6 +537,12 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
         Show a progress bar on stderr.
     json, markdown, plot : path, optional
         Write the JSON document, the Markdown table, the PNG plot.
+    measure_ceilings : bool
+        Measure the copy and GEMM ceilings (before and after the problems).
+    isolate : bool
+        Run each library's contenders (dffkit, scikit-learn, PyTorch, CuPy) in a process of
+        its own, so that one library's worker threads (OpenBLAS, OpenMP) cannot slow another's;
+        named suite problems and built-in contenders only.
     """
     all_suites = suites()
     if isinstance(suite, str):
@@ -580,14 +587,19 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
     machine = _report.describe_machine()
 
     rows, skipped_raw = [], []
-    bar = _Progress(len(probs) * len(chosen), progress, f"dffkit bench {suite.name}")
     t_start = time.perf_counter()
-    try:
-        for p in probs:
-            _run_problem(p, suite, chosen, unavailable, bar, rows, skipped_raw)
-    finally:
-        bar.close()
+    if isolate:
+        _run_isolated(suite, chosen, probs, unavailable, seed, repeats, row_cap_s, progress,
+                      rows, skipped_raw)
+    else:
+        bar = _Progress(len(probs) * len(chosen), progress, f"dffkit bench {suite.name}")
+        try:
+            for p in probs:
+                _run_problem(p, suite, chosen, unavailable, bar, rows, skipped_raw)
+        finally:
+            bar.close()
     machine["load_average_end"] = _report._loadavg()
+    machine["cpu_pressure_end"] = _report._cpu_pressure()
     if measure_ceilings:
         ceilings_runs.append(_measure_ceilings(quick, want_gpu))
         for run_ in ceilings_runs:
@@ -614,7 +626,8 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
         "created": created,
         "elapsed_s": time.perf_counter() - t_start,
         "seed": seed,
-        "settings": {"repeats": list(suite.repeats), "budget_s": suite.budget_s,
+        "settings": {"isolate": bool(isolate),
+                     "repeats": list(suite.repeats), "budget_s": suite.budget_s,
                      "row_cap_s": suite.row_cap_s, "cpu_row_cap_s": suite.cpu_row_cap_s,
                      "cd_cap_factor": suite.cd_cap_factor,
                      "agree_tol": AGREE_TOL, "agree_batch_problems": _AGREE_BATCH},
@@ -633,6 +646,69 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
     report = Report(data)
     report.write(json=json, markdown=markdown, plot=plot)
     return report
+
+
+def _run_isolated(suite, chosen, probs, unavailable, seed, repeats, row_cap_s, progress, rows,
+                  skipped_raw):
+    """One ``dffkit bench`` process per library; their rows are merged and compared here."""
+    import os
+    import subprocess
+    import tempfile
+
+    pool = {c.name for c in default_contenders()}
+    custom = [c.name for c in chosen if c.name not in pool] + \
+        [p.name for p in probs if p.name not in {q.name for q in suite.problems}]
+    if custom or suite.name not in suites():
+        raise ValueError("isolate=True runs named suites, their problems and the built-in "
+                         f"contenders only; not: {custom or suite.name}")
+    groups = {}
+    for c in chosen:
+        if unavailable[c.name]:
+            skipped_raw.extend((c.name, p.name, unavailable[c.name]) for p in probs)
+        else:
+            groups.setdefault(c.library, []).append(c)
+    merged = {p.name: [] for p in probs}
+    for i, (lib, members) in enumerate(groups.items()):
+        names = [c.name for c in members]
+        if progress:
+            sys.stderr.write(f"dffkit bench {suite.name}: [{i + 1}/{len(groups)}] {lib} "
+                             f"({', '.join(names)}) in a process of its own\n")
+            sys.stderr.flush()
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "part.json")
+            cmd = [sys.executable, "-m", "dffkit", "bench", "--suite", suite.name,
+                   "--problems", ",".join(p.name for p in probs), "--contenders", ",".join(names),
+                   "--seed", str(seed), "--json", out, "--no-progress", "--no-ceilings"]
+            if repeats is not None:
+                cmd += ["--repeats", str(repeats)]
+            if row_cap_s is not None:
+                cmd += ["--row-cap", str(row_cap_s)]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            part = None
+            if res.returncode == 0 and os.path.exists(out):
+                with open(out) as f:
+                    part = _json.load(f)
+        if part is None:
+            why = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+            for c in members:
+                for p in probs:
+                    row = _base_row(p, c)
+                    row.update(status="error", reason=f"isolated run failed (exit {res.returncode}): {why[0]}")
+                    merged[p.name].append(row)
+            continue
+        for r in part["rows"]:
+            merged[r["problem"]].append(r)
+        for sk in part["skipped"]:
+            skipped_raw.extend((sk["contender"], prob, sk["reason"]) for prob in sk["problems"])
+    order = {c.name: i for i, c in enumerate(chosen)}
+    for p in probs:
+        prow = sorted(merged[p.name], key=lambda r: order.get(r["contender"], len(order)))
+        for r in prow:
+            r["speedup_vs_best_peer"] = r["loss_rel_diff"] = None
+            r.pop("best_peer", None)
+            r.pop("reference", None)
+        _compare(prow)
+        rows.extend(prow)
 
 
 def _sanitize(obj):
@@ -674,7 +750,11 @@ def _add_arguments(parser):
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write a Markdown report")
     parser.add_argument("--plot", default=None, metavar="PATH",
                         help="write a PNG plot of time per iteration (needs matplotlib)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each library's contenders in a process of its own (no thread-pool "
+                             "interference between libraries)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-ceilings", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 3 when a contender is flagged or a target fails")
     parser.add_argument("--list", action="store_true",
@@ -701,7 +781,7 @@ def _run_cli(args) -> int:
                  problems=args.problems.split(",") if args.problems else None,
                  repeats=args.repeats, seed=args.seed, row_cap_s=args.row_cap,
                  progress=not args.no_progress, json=args.json, markdown=args.markdown,
-                 plot=args.plot)
+                 plot=args.plot, measure_ceilings=not args.no_ceilings, isolate=args.isolate)
     print(report.to_text())
     for label, path in (("JSON", args.json), ("Markdown", args.markdown), ("plot", args.plot)):
         if path:
