@@ -255,6 +255,8 @@ def _measure_mu(c, state, p, cap, oracle, row):
         row["status"] = "flagged"
     if t1 * p.n_iter > 3 * cap:  # far above the cap even counting a cold first call
         return t1 * p.n_iter, p.n_iter
+    if t1 * p.n_iter < 0.05:  # cheap even counting the call overhead n_iter times
+        return t1 * p.n_iter, p.n_iter
     # a short warm run (a tenth of the solve) estimates the cost of one solve; above the cap,
     # a second one guards against a hiccup of a busy machine
     n_short = min(p.n_iter, max(2, p.n_iter // 10))
