@@ -153,6 +153,20 @@ __device__ void group_norms_block(const T* W, const i64* goff, i64 ng, int k, do
   __syncthreads();
 }
 
+/// One element's share of the error: (x - wh)^2 (Frobenius), or x log(x / max(wh, eps)) and x
+/// for x > eps (KL; the rest of the divergence comes from the column and row sums).
+template <class T>
+__device__ __forceinline__ void error_terms(T x, T wh, bool kl, double& s, double& sx) {
+  if (!kl) {
+    const double d = double(x) - double(wh);
+    s += d * d;
+  } else if (x > T(kEpsilon)) {
+    const double w = double(wh) > kEpsilon ? double(wh) : kEpsilon;
+    s += double(x) * std::log(double(x) / w);
+    sx += double(x);
+  }
+}
+
 /// sqrt(2 * beta-divergence(X, W H)), one pass; X row i at xrow(i).
 template <class T, class XS, class XRow>
 __device__ double full_error_block(const XRow& xrow, const T* W, const T* H, i64 m, i64 n, int k,
@@ -162,15 +176,7 @@ __device__ double full_error_block(const XRow& xrow, const T* W, const T* H, i64
     const i64 i = e / n, l = e - i * n;
     T wh = T(0);
     for (int j = 0; j < k; ++j) wh += W[i * k + j] * H[j * n + l];
-    const T x = xget<T>(xrow(i) + l);
-    if (!kl) {
-      const double d = double(x) - double(wh);
-      s += d * d;
-    } else if (x > T(kEpsilon)) {
-      const double w = double(wh) > kEpsilon ? double(wh) : kEpsilon;
-      s += double(x) * std::log(double(x) / w);
-      sx += double(x);
-    }
+    error_terms(xget<T>(xrow(i) + l), wh, kl, s, sx);
   }
   s = block_sum(s, red);
   if (!kl) return std::sqrt(s);
@@ -690,15 +696,7 @@ __global__ void __launch_bounds__(NT) error_kernel(const State* st, const XS* X,
     for (i64 l = threadIdx.x; l < n; l += NT) {
       T wh = T(0);
       for (int j = 0; j < k; ++j) wh += W[i * k + j] * H[j * n + l];
-      const T x = xget<T>(X + i * n + l);
-      if (!kl) {
-        const double d = double(x) - double(wh);
-        s += d * d;
-      } else if (x > T(kEpsilon)) {
-        const double w = double(wh) > kEpsilon ? double(wh) : kEpsilon;
-        s += double(x) * std::log(double(x) / w);
-        sx += double(x);
-      }
+      error_terms(xget<T>(X + i * n + l), wh, kl != 0, s, sx);
     }
   }
   s = block_sum(s, red);

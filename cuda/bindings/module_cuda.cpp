@@ -82,6 +82,23 @@ py::dict result_dict(const cuda::FitResult& r, bool with_objective) {
   return d;
 }
 
+/// Runs a batch with the GIL released; one result dict per problem.
+py::list run_batched(const std::vector<cuda::BatchItem>& items, const std::string& dtype,
+                     const Params& q, std::uintptr_t stream) {
+  const cuda::DType dt = parse_dtype(dtype);
+  const cuda::Precision prec = parse_precision(q.precision);
+  const Problem p = make_problem(1, 1, 1, q, nullptr);  // loss and penalties; shapes per item
+  const Options o = make_options(q);
+  std::vector<cuda::FitResult> r;
+  {
+    py::gil_scoped_release nogil;
+    r = cuda::fit_batched(items, p, o, dt, prec, stream);
+  }
+  py::list out;
+  for (const auto& x : r) out.append(result_dict(x, q.record_objective));
+  return out;
+}
+
 // ---- DLPack (v0.8 ABI, the one every framework takes) -----------------------------------------
 struct DLDevice { int32_t device_type; int32_t device_id; };
 struct DLDataType { uint8_t code; uint8_t bits; uint16_t lanes; };
@@ -271,18 +288,7 @@ PYBIND11_MODULE(_cuda, mod) {
             throw invalid_argument("dffkit._cuda.fit_batched: each shape is (m, n, k)");
           items[b] = cuda::BatchItem{Xs[b], Ws[b], Hs[b], shapes[b][0], shapes[b][1], shapes[b][2]};
         }
-        const cuda::DType dt = parse_dtype(dtype);
-        const cuda::Precision prec = parse_precision(q.precision);
-        const Problem p = make_problem(1, 1, 1, q, nullptr);
-        const Options o = make_options(q);
-        std::vector<cuda::FitResult> r;
-        {
-          py::gil_scoped_release nogil;
-          r = cuda::fit_batched(items, p, o, dt, prec, stream);
-        }
-        py::list out;
-        for (const auto& x : r) out.append(result_dict(x, q.record_objective));
-        return out;
+        return run_batched(items, dtype, q, stream);
       },
       py::arg("Xs"), py::arg("Ws"), py::arg("Hs"), py::arg("shapes"), py::arg("dtype"),
       py::arg("params"), py::arg("stream") = 0,
@@ -301,17 +307,7 @@ PYBIND11_MODULE(_cuda, mod) {
           items[b] = cuda::BatchItem{X + std::uintptr_t(b * m * n * esz),
                                      W + std::uintptr_t(b * m * k * esz),
                                      H + std::uintptr_t(b * k * n * esz), m, n, k};
-        const cuda::Precision prec = parse_precision(q.precision);
-        const Problem p = make_problem(m, n, k, q, nullptr);
-        const Options o = make_options(q);
-        std::vector<cuda::FitResult> r;
-        {
-          py::gil_scoped_release nogil;
-          r = cuda::fit_batched(items, p, o, dt, prec, stream);
-        }
-        py::list out;
-        for (const auto& x : r) out.append(result_dict(x, q.record_objective));
-        return out;
+        return run_batched(items, dtype, q, stream);
       },
       py::arg("X"), py::arg("W"), py::arg("H"), py::arg("B"), py::arg("m"), py::arg("n"),
       py::arg("k"), py::arg("dtype"), py::arg("params"), py::arg("stream") = 0,
