@@ -144,6 +144,19 @@ def _as_float_matrix(X, name="X", whom="NMF", copy=False):
 def _check_factor(A, shape, dtype, name):
     if A is None:
         raise ValueError(f"{name} is required with init='custom'")
+    if _is_device_array(A):  # a GPU factor: checked on the device, copied by the CUDA backend
+        from dffkit import _cuda_backend
+
+        if tuple(_cuda_backend.shape_of(A)) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(_cuda_backend.shape_of(A))}")
+        if np.dtype(_cuda_backend.dtype_of(A)) != dtype:
+            raise TypeError(f"{name} must have the same dtype as X ({dtype}), got {_cuda_backend.dtype_of(A)}")
+        lo, nonfinite = _cuda_backend.check_values(A)
+        if nonfinite:
+            raise ValueError(f"{name} contains NaN or infinity")
+        if lo < 0:
+            raise ValueError(f"Negative values in data passed to NMF ({name}): {name} must be >= 0")
+        return A
     arr = np.asarray(A)
     if arr.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
@@ -417,6 +430,11 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
 
     group_offsets = [] if groups is None else [int(g) for g in groups]
     if engine == "cpu":
+        if not (isinstance(W0, np.ndarray) and isinstance(H0, np.ndarray)):
+            from dffkit import _cuda_backend  # GPU factors for host data: one copy down
+
+            W0 = W0 if isinstance(W0, np.ndarray) else _cuda_backend.to_host(W0)
+            H0 = H0 if isinstance(H0, np.ndarray) else _cuda_backend.to_host(H0)
         cpu = _backends.cpu()
         params = cpu.Params()
         _fill_params(params, beta, l1_W, l2_W, l1_H, l2_H, lam, mu, max_iter, tol, update_H,
