@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <vector>
 
 #include "cuda_check.hpp"
 #include "nmf_cuda.hpp"
@@ -63,6 +64,25 @@ struct Carver {
     return p;
   }
 };
+
+/// One problem for the engines: device pointers and its shape.
+struct Item {
+  std::uintptr_t X, W, H;
+  std::int64_t m, n, k;
+};
+
+/// The two engines of one precision mode (nmf_mu_<mode>.cu) and its element sizes.
+struct Engines {
+  std::vector<cuda::FitResult> (*resident)(const std::vector<Item>& items, const Problem& p,
+                                           const Options& o, int device, cudaStream_t stream);
+  cuda::FitResult (*sweep)(const Item& item, const Problem& p, const Options& o, int device,
+                           cudaStream_t stream);
+  int esz, xsz;  // bytes of a factor element, of an element of X as the kernels read it
+};
+Engines engines_f32();
+Engines engines_tf32();
+Engines engines_bf16x();
+Engines engines_f64();
 
 /// Device that owns ptr (throws invalid_argument when it is not device memory).
 int require_device_pointer(std::uintptr_t ptr, const char* name);
