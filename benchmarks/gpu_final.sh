@@ -44,7 +44,7 @@ stamp "stage 1 done"
 
 # 2. every gpu-marked test
 cd /tmp
-timeout 150 python3 -m pytest -q -ra -p no:cacheprovider -m gpu "$ROOT/tests" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
+timeout "${PYTEST_GPU_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu "$ROOT/tests" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
 stamp "stage 2 done"
 
 # 3. the GPU benchmark suite
@@ -58,8 +58,8 @@ stamp "stage 3 done"
 
 # 4. onnxruntime on CUDA: the extractor and DFF end to end
 if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
-  timeout 90 python3 "$ROOT/benchmarks/bench_features.py" --device cuda --out "$OUT" 2>&1 | tail -n 20
-  timeout 90 python3 "$ROOT/benchmarks/bench_dff.py" --device cuda --out "$OUT/dff_cuda" 2>&1 | tail -n 20
+  timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_features.py" --device cuda --out "$OUT" 2>&1 | tail -n 20
+  timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_dff.py" --device cuda --out "$OUT/dff_cuda" 2>&1 | tail -n 20
 else
   stamp "no onnxruntime CUDA provider here: stage 4 skipped"
 fi
