@@ -331,8 +331,9 @@ double frob_sq_norm(const T* X, i64 count, int nt) {
 }
 
 template <class T>
-void compute_group_norms(const T* W, const Problem& p, std::vector<double>& out) {
+void compute_group_norms(const T* W, const Problem& p, std::vector<double>& out, int nt = 1) {
   out.assign(p.n_groups * p.k, 0.0);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1 && p.m * p.k >= (i64(1) << 16))
   for (i64 g = 0; g < p.n_groups; ++g) {
     double* o = out.data() + g * p.k;
     for (i64 i = p.group_offsets[g]; i < p.group_offsets[g + 1]; ++i)
@@ -648,7 +649,7 @@ Result fit_mu_cpu(const T* X, T* W, T* H, const Problem& p, const Options& o,
   for (it = 1; it <= o.max_iter; ++it) {
     const bool check = o.tol > 0 && it % 10 == 0;
     const bool need_err = check || it == o.max_iter || objective != nullptr;
-    if (groups) compute_group_norms(W, p, ws.group_norm);
+    if (groups) compute_group_norms(W, p, ws.group_norm, nt);
     if (it == 1 && !kl) {
       // <W0^T W0, H0 H0^T> for the initial error, before W changes
       std::vector<T> g0(k * k, T(0));
