@@ -6,14 +6,6 @@ is usable where a CUDA driver and device are present; ``_cuda.probe()`` says whi
 from __future__ import annotations
 
 import importlib
-import os
-
-# The engine's threads wait for each other at the end of every sweep. Spinning while waiting
-# (OpenMP's default for a while) is ruinous when the cores are shared with other busy
-# processes: measured on a 2-core machine, a 196 x 512 fit took 1.69 s with spinning threads
-# and 6.5 ms with passive ones. Read once, when the OpenMP runtime loads; the user's own
-# setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _reasons: dict[str, str] = {}
 _modules: dict[str, object] = {}
