@@ -382,13 +382,14 @@ void sweep(const T* X, T* W, const T* H, const Problem& p, Workspace<T>& ws, boo
   if (want_P) std::fill(ws.P_part.begin(), ws.P_part.end(), T(0));
   if (kl) std::fill(ws.colsum_part.begin(), ws.colsum_part.end(), T(0));
   std::fill(ws.dot0_part.begin(), ws.dot0_part.end(), 0.0);
-  const i64 per_thread = brows * k + k + (kl ? brows * n : 0);
+  const i64 per_thread = 2 * brows * k + k + (kl ? brows * n : 0);
 
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nch > 1 && p.m * n * k >= kParallelWork)
   for (i64 c = 0; c < nch; ++c) {
     T* buf = ws.blockbuf.data() + i64(omp_get_thread_num()) * per_thread;
     T* Nb = buf;
-    T* wrow = Nb + brows * k;
+    T* Db = Nb + brows * k;
+    T* wrow = Db + brows * k;
     T* R = wrow + k;
     T* Pc = ws.P_part.data() + c * k * n;
     T* Gc = ws.G_part.data() + c * k * k;
@@ -408,9 +409,20 @@ void sweep(const T* X, T* W, const T* H, const Problem& p, Workspace<T>& ws, boo
       }
       if (first && !kl)
         for (i64 t = 0; t < rows * k; ++t) dot0 += double(Nb[t]) * double(Wb[t]);
-      // W update, row by row
+      // W update. Without groups: the denominators of the whole block (W_b G_H, or the row sums
+      // of H for KL) and one element-wise pass the compiler vectorises; with groups, row by row.
+      if (!groups) {
+        if (!kl) {
+          product_ch(Wb, rows, k, ws.G_H.data(), k, Db);
+        } else {
+          for (i64 i = 0; i < rows; ++i)
+            for (i64 j = 0; j < k; ++j) Db[i * k + j] = ws.rowsum_H[j];
+        }
+        const i64 cnt = rows * k;
+        for (i64 t = 0; t < cnt; ++t) Wb[t] = mu_step(Wb[t], Nb[t], Db[t], l1, l2, T(0));
+      }
       i64 g = groups ? group_of_row(p, r0) : 0;
-      for (i64 i = 0; i < rows; ++i) {
+      for (i64 i = 0; groups && i < rows; ++i) {
         T* w = Wb + i * k;
         const T* num = Nb + i * k;
         if (!kl) {
@@ -423,14 +435,10 @@ void sweep(const T* X, T* W, const T* H, const Problem& p, Workspace<T>& ws, boo
         } else {
           for (i64 j = 0; j < k; ++j) wrow[j] = ws.rowsum_H[j];
         }
-        if (groups) {
-          while (g + 1 < p.n_groups && p.group_offsets[g + 1] <= r0 + i) ++g;
-          const double* nrm = ws.group_norm.data() + g * k;
-          for (i64 j = 0; j < k; ++j)
-            wrow[j] = mu_step(w[j], num[j], wrow[j], l1, l2, group_term(w[j], p.lam, nrm[j], tiny));
-        } else {
-          for (i64 j = 0; j < k; ++j) wrow[j] = mu_step(w[j], num[j], wrow[j], l1, l2, T(0));
-        }
+        while (g + 1 < p.n_groups && p.group_offsets[g + 1] <= r0 + i) ++g;
+        const double* nrm = ws.group_norm.data() + g * k;
+        for (i64 j = 0; j < k; ++j)
+          wrow[j] = mu_step(w[j], num[j], wrow[j], l1, l2, group_term(w[j], p.lam, nrm[j], tiny));
         for (i64 j = 0; j < k; ++j) w[j] = wrow[j];
       }
       // accumulations with the new W while X_b is in cache
@@ -630,7 +638,7 @@ Result fit_mu_cpu(const T* X, T* W, T* H, const Problem& p, const Options& o,
   ws.colsum.assign(k, T(0));
   ws.rowsum_H.assign(k, T(0));
   ws.H_new.assign(k * n, T(0));
-  const i64 per_thread = ws.brows * k + k + (kl ? ws.brows * n : 0);
+  const i64 per_thread = 2 * ws.brows * k + k + (kl ? ws.brows * n : 0);
   ws.blockbuf.assign(i64(std::max(nt, 1)) * per_thread, T(0));
 
   Result res;
