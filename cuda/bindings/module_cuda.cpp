@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "nmf_cuda.hpp"
+#include "bindings/params.hpp"
 
 namespace py = pybind11;
 using namespace dffkit;
@@ -20,13 +21,7 @@ using i64 = std::int64_t;
 
 namespace {
 
-struct Params {
-  int beta = 2;
-  double l1_W = 0, l2_W = 0, l1_H = 0, l2_H = 0, lam = 0, mu = 0;
-  int max_iter = 200;
-  double tol = 1e-4;
-  bool update_H = true, record_objective = false;
-  int num_threads = 0;  // accepted for symmetry with _cpu.Params; unused on the GPU
+struct Params : bindings::Params {
   std::string precision = "fp32";
   std::string engine = "auto";  // "auto" | "resident" | "sweep" (tests and sanitizer runs)
 };
@@ -53,25 +48,9 @@ cuda::Precision parse_precision(const std::string& s) {
 }
 
 Problem make_problem(i64 m, i64 n, i64 k, const Params& q, const std::vector<i64>* groups) {
-  Problem p;
-  p.m = m; p.n = n; p.k = k;
-  if (q.beta != 1 && q.beta != 2) throw invalid_argument("dffkit._cuda: beta must be 1 or 2");
-  p.loss = q.beta == 2 ? Loss::frobenius : Loss::kullback_leibler;
-  p.l1_W = q.l1_W; p.l2_W = q.l2_W; p.l1_H = q.l1_H; p.l2_H = q.l2_H;
-  p.lam = q.lam; p.mu = q.mu;
-  if (groups && !groups->empty()) {
-    p.group_offsets = groups->data();
-    p.n_groups = i64(groups->size()) - 1;
-  }
-  return p;
+  return bindings::make_problem(m, n, k, q, groups, "dffkit._cuda");
 }
-
-Options make_options(const Params& q) {
-  Options o;
-  o.max_iter = q.max_iter; o.tol = q.tol; o.update_H = q.update_H;
-  o.record_objective = q.record_objective;
-  return o;
-}
+using bindings::make_options;
 
 py::dict result_dict(const cuda::FitResult& r, bool with_objective) {
   py::dict d;
@@ -231,20 +210,7 @@ PYBIND11_MODULE(_cuda, mod) {
       },
       py::arg("device") = 0);
 
-  py::class_<Params>(mod, "Params")
-      .def(py::init<>())
-      .def_readwrite("beta", &Params::beta)
-      .def_readwrite("l1_W", &Params::l1_W)
-      .def_readwrite("l2_W", &Params::l2_W)
-      .def_readwrite("l1_H", &Params::l1_H)
-      .def_readwrite("l2_H", &Params::l2_H)
-      .def_readwrite("lam", &Params::lam)
-      .def_readwrite("mu", &Params::mu)
-      .def_readwrite("max_iter", &Params::max_iter)
-      .def_readwrite("tol", &Params::tol)
-      .def_readwrite("update_H", &Params::update_H)
-      .def_readwrite("record_objective", &Params::record_objective)
-      .def_readwrite("num_threads", &Params::num_threads)
+  bindings::bind_params<Params>(mod)
       .def_readwrite("precision", &Params::precision)
       .def_readwrite("engine", &Params::engine);
 
