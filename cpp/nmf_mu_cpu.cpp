@@ -313,21 +313,27 @@ void compute_gram_rows(const T* A, i64 rows, i64 n, T* G) {
   dot_rows(A, n, rows, A, n, rows, n, G, rows);
 }
 
-template <class T>
-double frob_sq_norm(const T* X, i64 count, int nt) {
-  // fixed order: chunks of kMeanChunk elements
+/// sum_i f(X[i]) in float64 in the fixed chunked order shared with the CUDA backend: kMeanChunk
+/// consecutive elements summed in order, then the chunk sums in order.
+template <class T, class F>
+double chunked_sum(const T* X, i64 count, int nt, F f) {
   const i64 nc = (count + kMeanChunk - 1) / kMeanChunk;
   std::vector<double> part(nc);
 #pragma omp parallel for num_threads(nt) schedule(static) if (nc > 16)
   for (i64 c = 0; c < nc; ++c) {
     double s = 0;
     const i64 e = std::min(count, (c + 1) * kMeanChunk);
-    for (i64 i = c * kMeanChunk; i < e; ++i) s += double(X[i]) * double(X[i]);
+    for (i64 i = c * kMeanChunk; i < e; ++i) s += f(double(X[i]));
     part[c] = s;
   }
   double s = 0;
   for (double v : part) s += v;
   return s;
+}
+
+template <class T>
+double frob_sq_norm(const T* X, i64 count, int nt) {
+  return chunked_sum(X, count, nt, [](double x) { return x * x; });
 }
 
 template <class T>
@@ -346,9 +352,7 @@ inline i64 group_of_row(const Problem& p, i64 row) {
   // offsets are sorted: last g with offsets[g] <= row and offsets[g+1] > row
   const i64* lo = p.group_offsets;
   const i64* it = std::upper_bound(lo, lo + p.n_groups + 1, row);
-  i64 g = i64(it - lo) - 1;
-  while (g + 1 < p.n_groups && p.group_offsets[g + 1] <= row) ++g;
-  return g;
+  return i64(it - lo) - 1;
 }
 
 template <class T>
@@ -545,19 +549,8 @@ double frob_error_from_stats(double xx, const T* H, const Problem& p, const Work
 
 template <class T>
 double mean_fixed_order(const T* X, std::int64_t count, int num_threads) {
-  const int nt = resolve_threads(num_threads);
-  const i64 nc = (count + kMeanChunk - 1) / kMeanChunk;
-  std::vector<double> part(nc);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nc > 16)
-  for (i64 c = 0; c < nc; ++c) {
-    double s = 0;
-    const i64 e = std::min<i64>(count, (c + 1) * kMeanChunk);
-    for (i64 i = c * kMeanChunk; i < e; ++i) s += double(X[i]);
-    part[c] = s;
-  }
-  double s = 0;
-  for (double v : part) s += v;
-  return s / double(count);
+  return chunked_sum(X, count, resolve_threads(num_threads), [](double x) { return x; }) /
+         double(count);
 }
 
 template <class T>
