@@ -104,11 +104,11 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-def _as_float_matrix(X, name="X", whom="NMF", copy=False):
+def _as_float_matrix(X, name="X", whom="NMF"):
     """X as a C-contiguous float32/float64 2-D numpy array (int -> float64, like scikit-learn).
 
-    The caller's array is never written: a copy is made when the dtype or layout must change
-    or when ``copy`` is true.
+    The caller's array is never written: a copy is made when the dtype or layout must change;
+    otherwise the result may share the caller's memory (read only by dffkit).
     """
     if hasattr(X, "toarray") or type(X).__module__.startswith("scipy.sparse"):
         raise TypeError(
@@ -129,8 +129,6 @@ def _as_float_matrix(X, name="X", whom="NMF", copy=False):
     if arr.dtype not in (np.float32, np.float64):
         arr = arr.astype(np.float64)
     out = np.ascontiguousarray(arr)
-    if copy and out is arr and np.shares_memory(out, np.asarray(X)):
-        out = out.copy()
     if not np.isfinite(out).all():
         raise ValueError(f"Input {name} contains NaN or infinity; remove or impute those entries")
     if out.size and out.min() < 0:
@@ -315,7 +313,7 @@ def _penalties(alpha_W, alpha_H, l1_ratio, m, n):
     )
 
 
-def _resolve_backend(backend, X, n_elements):
+def _resolve_backend(backend, on_device, n_elements):
     backend = _check_backend(backend)
     if backend == "cpu":
         return "cpu"
@@ -324,9 +322,7 @@ def _resolve_backend(backend, X, n_elements):
         return "cuda"
     if "cuda" not in _backends.available_backends():
         return "cpu"
-    from dffkit import _cuda_backend
-
-    if _cuda_backend.is_device_array(X) or n_elements >= _AUTO_CUDA_MIN_ELEMENTS:
+    if on_device or n_elements >= _AUTO_CUDA_MIN_ELEMENTS:
         return "cuda"
     return "cpu"
 
@@ -401,7 +397,7 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
             stacklevel=3,
         )
     l1_W, l2_W, l1_H, l2_H = penalties(m, n)
-    engine = _resolve_backend(backend, X, m * n)
+    engine = _resolve_backend(backend, on_device, m * n)
 
     # initial factors: our own arrays, never the caller's
     if not update_H:
@@ -617,37 +613,28 @@ def nmf_batched(X, n_components, *, init="random", beta_loss="frobenius", tol=1e
             W0, H0 = initialize(x, k, init=init, random_state=random_state)
         Ws.append(W0)
         Hs.append(H0)
-    engine = _resolve_backend(backend, Xs[0], sum(x.size for x in Xs))
-    results = []
+    engine = _resolve_backend(backend, False, sum(x.size for x in Xs))
+    module = _backends.cpu() if engine == "cpu" else _backends.cuda()
     if engine == "cpu":
-        cpu = _backends.cpu()
-        params = cpu.Params()
-        pens = [_penalties(alpha_W, alpha_H, l1_ratio, *x.shape) for x in Xs]
-        if len({p for p in pens}) == 1:
-            _fill_params(params, beta, *pens[0], 0.0, 0.0, max_iter, tol, True, False)
-            infos = cpu.fit_batched(Xs, Ws, Hs, params)
-        else:  # penalties scale with the shape: group problems of one shape
-            infos = [None] * len(Xs)
-            for pen in set(pens):
-                idx = [b for b in range(len(Xs)) if pens[b] == pen]
-                _fill_params(params, beta, *pen, 0.0, 0.0, max_iter, tol, True, False)
-                sub = cpu.fit_batched([Xs[b] for b in idx], [Ws[b] for b in idx],
-                                      [Hs[b] for b in idx], params)
-                for b, info in zip(idx, sub):
-                    infos[b] = info
-        for W0, H0, info in zip(Ws, Hs, infos):
-            results.append((W0, H0, NMFResult(info["n_iter"], info["error_init"], info["error"], "cpu",
-                                              "fp32" if W0.dtype == np.float32 else "fp64")))
+        def solve(xs, ws, hs, params):  # updates ws, hs in place
+            return list(zip(ws, hs, module.fit_batched(xs, ws, hs, params)))
     else:
         from dffkit import _cuda_backend
 
-        cuda = _backends.cuda()
-        params = cuda.Params()
-        pen = _penalties(alpha_W, alpha_H, l1_ratio, *Xs[0].shape)
+        def solve(xs, ws, hs, params):
+            return _cuda_backend.fit_batched(xs, ws, hs, params, precision=precision)
+    # the penalties scale with the shape: problems that share them are solved together
+    pens = [_penalties(alpha_W, alpha_H, l1_ratio, *x.shape) for x in Xs]
+    results = [None] * len(Xs)
+    for pen in dict.fromkeys(pens):
+        idx = [b for b, other in enumerate(pens) if other == pen]
+        params = module.Params()
         _fill_params(params, beta, *pen, 0.0, 0.0, max_iter, tol, True, False)
-        for W0, H0, info in _cuda_backend.fit_batched(Xs, Ws, Hs, params, precision=precision):
-            results.append((W0, H0, NMFResult(info["n_iter"], info["error_init"], info["error"],
-                                              "cuda", precision)))
+        solved = solve([Xs[b] for b in idx], [Ws[b] for b in idx], [Hs[b] for b in idx], params)
+        for b, (Wb, Hb, info) in zip(idx, solved):
+            label = precision if engine == "cuda" else ("fp32" if Xs[b].dtype == np.float32 else "fp64")
+            results[b] = (Wb, Hb, NMFResult(info["n_iter"], info["error_init"], info["error"],
+                                            engine, label))
     return results
 
 
