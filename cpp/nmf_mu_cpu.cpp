@@ -297,7 +297,6 @@ inline i64 block_rows(i64 n, std::size_t elem) {
 
 template <class T>
 struct Workspace {
-  i64 m, n, k;
   Chunking ch;
   std::vector<T> P_part, G_part, colsum_part;  // per chunk: k*n, k*k, k
   std::vector<double> dot0_part;               // per chunk: <X H^T, W> of the first sweep
@@ -617,7 +616,6 @@ Result fit_mu_cpu(const T* X, T* W, T* H, const Problem& p, const Options& o,
   const i64 m = p.m, n = p.n, k = p.k;
   const bool kl = p.loss == Loss::kullback_leibler;
   Workspace<T> ws;
-  ws.m = m; ws.n = n; ws.k = k;
   ws.ch = make_chunking<T>(m, n, k);
   ws.brows = block_rows(n, sizeof(T));
   const i64 nch = ws.ch.n_chunks;
