@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "python"))
 
 import dffkit  # noqa: E402
-from dffkit.dff import dff  # noqa: E402
+from dffkit.deep_feature_factorization import dff  # noqa: E402
 from dffkit.features import FeatureExtractor  # noqa: E402
 
 

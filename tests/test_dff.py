@@ -12,7 +12,7 @@ from PIL import Image
 
 import dffkit
 from dffkit import cli
-from dffkit.dff import (DFFResult, bilinear_matrix, connected_components, dff, largest_component,
+from dffkit.deep_feature_factorization import (DFFResult, bilinear_matrix, connected_components, dff, largest_component,
                         mask_box, sample_images, upsample)
 from dffkit.evaluation import jaccard
 
@@ -416,7 +416,7 @@ class _StandInDeviceExtractor:
 
 @pytest.mark.parametrize("mode", ["joint", "per_image"])
 def test_device_branch_runs_with_a_stand_in_array_library(monkeypatch, mode):
-    from dffkit import dff as dff_module
+    from dffkit import deep_feature_factorization as dff_module
 
     class StandInOps(dff_module._NumpyOps):
         name = "stand-in"  # takes the device branches, computes with numpy
@@ -494,7 +494,7 @@ def test_visualize_building_blocks():
 
 
 def test_device_failure_falls_back_to_the_host(monkeypatch):
-    from dffkit import dff as dff_module
+    from dffkit import deep_feature_factorization as dff_module
 
     class StandInOps(dff_module._NumpyOps):
         name = "stand-in"
@@ -518,7 +518,7 @@ def test_device_failure_falls_back_to_the_host(monkeypatch):
 def test_dffkit_dff_stays_callable_after_the_module_is_imported():
     import importlib
 
-    importlib.import_module("dffkit.dff")  # binds dffkit.dff to the module
+    importlib.import_module("dffkit.deep_feature_factorization")  # dffkit.dff stays the function
     images, acts = block_activations(n=1)
     assert isinstance(dffkit.dff(images, 2, activations=acts), DFFResult)
     assert isinstance(dffkit.dff(images, 2, activations=acts), DFFResult)

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from dffkit import cli
-from dffkit.dff import dff
+from dffkit.deep_feature_factorization import dff
 from dffkit.evaluation import (BoxSample, CosegSample, box_iou, choose_concept, corloc, evaluate_coloc,
                                evaluate_coseg, jaccard, load_mask, precision, read_icoseg, read_voc,
                                read_voc_annotation)

@@ -39,8 +39,8 @@ def __getattr__(name):
     lazy = {
         "FeatureExtractor": ("dffkit.features", "FeatureExtractor"),
         "models": ("dffkit.models", None),
-        "dff": ("dffkit.dff", "dff"),
-        "DFFResult": ("dffkit.dff", "DFFResult"),
+        "dff": ("dffkit.deep_feature_factorization", "dff"),
+        "DFFResult": ("dffkit.deep_feature_factorization", "DFFResult"),
         "group_sparse_nmf": ("dffkit.group_sparse", "group_sparse_nmf"),
         "GroupSparseNMF": ("dffkit.group_sparse", "GroupSparseNMF"),
         "cluster_activations": ("dffkit.clustering", "cluster_activations"),

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # subcommand modules, in the order they are listed by --help
-_MODULES = ("dffkit.bench", "dffkit.dff", "dffkit.evaluation", "dffkit.clustering", "dffkit.info")
+_MODULES = ("dffkit.bench", "dffkit.deep_feature_factorization", "dffkit.evaluation", "dffkit.clustering", "dffkit.info")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -350,7 +350,7 @@ def _evaluate(task, metric, samples, n_concepts, choose, result, dff_kwargs, pre
     dict of metrics for image i whose ``metric`` entry decides the oracle's choice. Joint
     results use one concept for all images; per-image results choose in each image.
     """
-    from dffkit.dff import dff
+    from dffkit.deep_feature_factorization import dff
 
     if not samples:
         raise ValueError("no samples to evaluate")
@@ -457,7 +457,7 @@ def _eval_arguments(p):
 
 def run_eval(args) -> int:
     """``dffkit eval DATASET``: DFF per group, metrics printed and written as JSON."""
-    from dffkit.dff import _build_extractor, _check_k, _model_note, _model_name
+    from dffkit.deep_feature_factorization import _build_extractor, _check_k, _model_note, _model_name
 
     _check_k(args.k)
     root = Path(args.dataset)

@@ -1177,14 +1177,3 @@ CLI = {
              "run DFF on the bundled sample photographs and write pictures (colour/texture filter bank "
              "unless --model is given)"),
 }
-
-
-class _CallableModule(type(sys)):
-    """``dffkit.dff`` names both this module and the function: importing the module binds it
-    to the package attribute, so the module itself calls :func:`dff`."""
-
-    def __call__(self, *args, **kwargs) -> DFFResult:
-        return dff(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
