@@ -21,6 +21,9 @@ cuda = _backends.cuda()
 dev = torch.device("cuda")
 OUT = os.environ.get("OUT", ".")
 QUICK = "--quick" in sys.argv
+# --ab: the small-problem cases also with the fast path switched off (the general resident
+# kernel), side by side in the same run
+AB = "--ab" in sys.argv
 
 
 def timed(fn, reps, prep=None, warm=1):
@@ -95,8 +98,16 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     rows = []
     floor_bytes = iters * B * m * n * 4
     flops = iters * B * (4 * m * n * k + 2 * (m + n) * k * k)
-    for prec in precisions:
+    variants = [(p, False) for p in precisions]
+    if AB and m * n <= (1 << 22):
+        variants.append(("fp32", True))
+    for prec, general in variants:
         it_d = dffkit_iters or iters
+        label = f"dffkit {prec}" + (" general" if general else "")
+        if general:
+            os.environ["DFFKIT_CUDA_SMALL"] = "0"
+        else:
+            os.environ.pop("DFFKIT_CUDA_SMALL", None)
 
         def prep():
             W.copy_(W0)
@@ -113,15 +124,16 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
         try:
             t, ts = timed(run, reps, prep, warm=1 if reps > 1 else 0)
         except Exception as exc:  # noqa: BLE001 - reported in the table
-            rows.append({"case": name, "impl": f"dffkit {prec}", "error": repr(exc)})
+            rows.append({"case": name, "impl": label, "error": repr(exc)})
             continue
         t_full = t * iters / it_d
         err = frob_err(X[0] if B > 1 else X, W[0] if B > 1 else W, H[0] if B > 1 else H)
-        rows.append({"case": name, "impl": f"dffkit {prec}", "ms": t_full, "all_ms": ts,
+        rows.append({"case": name, "impl": label, "ms": t_full, "all_ms": ts,
                      "extrapolated_from_iters": it_d if it_d != iters else None,
                      "TBps_one_pass": floor_bytes / (t_full * 1e-3) / 1e12,
                      "TFLOPs": flops / (t_full * 1e-3) / 1e12, "err_problem0": err})
         print(rows[-1]["case"], rows[-1]["impl"], f"{t_full:.3f} ms", flush=True)
+    os.environ.pop("DFFKIT_CUDA_SMALL", None)
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
 

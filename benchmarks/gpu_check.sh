@@ -11,6 +11,7 @@
 #                              the module instead of `pip install .` (saves the nvcc time on a
 #                              leased machine); falls back to pip install when that fails
 #   GPU_CHECK_STAGES           default "build test test_nocluster memcheck bench racecheck"
+#                              (also: test_general = the general resident kernel, fast path off)
 #                              (run in that order)
 #   TEST_TIMEOUT, BENCH_TIMEOUT, SAN_TIMEOUT  seconds per stage (100, 100, 60)
 #   BENCH_ARGS                 e.g. --quick (skips the 16384^2 case)
@@ -93,17 +94,26 @@ stage_sanitizer() {
   note "compute-sanitizer $tool: rc=$rc, $(grep -c 'BAD' "$OUT/sanitizer_$tool.log") wrong results, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -n 1) ($(( $(date +%s) - t0 )) s)"
 }
 
-stage_test_nocluster() {  # the one-block-per-problem path of the resident engine, on its own
+stage_test_nocluster() {  # the general resident kernel, one block per problem, on its own
   local t0=$(date +%s)
-  DFFKIT_CUDA_NO_CLUSTER=1 timeout "${TEST_TIMEOUT:-100}" $PY -m pytest -q -ra -p no:cacheprovider \
+  DFFKIT_CUDA_SMALL=0 DFFKIT_CUDA_NO_CLUSTER=1 timeout "${TEST_TIMEOUT:-100}" $PY -m pytest -q -ra -p no:cacheprovider \
     -k "resident or batched or threads" "$ROOT/tests/test_cuda.py" 2>&1 | tee "$OUT/test_cuda_nocluster.log"
   local rc=$?
-  note "tests/test_cuda.py with DFFKIT_CUDA_NO_CLUSTER=1: rc=$rc, $(tail -n 1 "$OUT/test_cuda_nocluster.log") ($(( $(date +%s) - t0 )) s)"
+  note "tests/test_cuda.py with DFFKIT_CUDA_SMALL=0 DFFKIT_CUDA_NO_CLUSTER=1: rc=$rc, $(tail -n 1 "$OUT/test_cuda_nocluster.log") ($(( $(date +%s) - t0 )) s)"
+}
+
+stage_test_general() {  # the general resident kernel with its clusters (the fast path off)
+  local t0=$(date +%s)
+  DFFKIT_CUDA_SMALL=0 timeout "${TEST_TIMEOUT:-100}" $PY -m pytest -q -ra -p no:cacheprovider \
+    -k "resident or batched" "$ROOT/tests/test_cuda.py" 2>&1 | tee "$OUT/test_cuda_general.log"
+  local rc=$?
+  note "tests/test_cuda.py with DFFKIT_CUDA_SMALL=0: rc=$rc, $(tail -n 1 "$OUT/test_cuda_general.log") ($(( $(date +%s) - t0 )) s)"
 }
 
 for stage in $STAGES; do
   case $stage in
     test) stage_test ;;
+    test_general) stage_test_general ;;
     test_nocluster) stage_test_nocluster ;;
     bench) stage_bench ;;
     memcheck|racecheck) stage_sanitizer "$stage" ;;

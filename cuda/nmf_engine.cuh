@@ -916,9 +916,11 @@ void convert_x(std::uintptr_t X, __nv_bfloat16* dst, i64 count, cudaStream_t s) 
   }
 }
 
+#include "nmf_small.cuh"
+
 /// Resident engine for one or many problems (one block each). groups/objective: single only.
 template <class T, class XS, int MODE>
-std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, const Problem& p,
+std::vector<cuda::FitResult> resident_solve_general(const std::vector<Item>& items, const Problem& p,
                                             const Options& o, int dev, cudaStream_t s) {
   const KParams q = make_kparams(p, o);
   const bool kl = q.kl != 0;
@@ -1020,6 +1022,44 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
     cudaGetLastError();
     throw;
   }
+}
+
+/// Resident engine: float32 problems the fast path takes (nmf_small.cuh) go there, the rest to
+/// the general resident kernel; results in the items' order.
+template <class T, class XS, int MODE>
+std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, const Problem& p,
+                                            const Options& o, int dev, cudaStream_t s) {
+  if constexpr (std::is_same<T, float>::value && MODE == 0) {
+    const KParams q = make_kparams(p, o);
+    int cc_major = 0;
+    DFFKIT_CUDA_TRY(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+    if (small_options_ok(q, cc_major)) {
+      const std::size_t limit = smem_optin(dev);
+      std::vector<Item> fast, rest;
+      std::vector<std::size_t> fast_at, rest_at;
+      for (std::size_t b = 0; b < items.size(); ++b) {
+        const Item& it = items[b];
+        if (small_cluster(it.m, it.n, it.k, limit) > 0) {
+          fast.push_back(it);
+          fast_at.push_back(b);
+        } else {
+          rest.push_back(it);
+          rest_at.push_back(b);
+        }
+      }
+      if (!fast.empty()) {
+        std::vector<cuda::FitResult> res(items.size());
+        auto rf = small_solve<!std::is_same<XS, T>::value>(fast, q, dev, s);
+        for (std::size_t j = 0; j < rf.size(); ++j) res[fast_at[j]] = std::move(rf[j]);
+        if (!rest.empty()) {
+          auto rr = resident_solve_general<T, XS, MODE>(rest, p, o, dev, s);
+          for (std::size_t j = 0; j < rr.size(); ++j) res[rest_at[j]] = std::move(rr[j]);
+        }
+        return res;
+      }
+    }
+  }
+  return resident_solve_general<T, XS, MODE>(items, p, o, dev, s);
 }
 
 template <class T, class XS, int KC, int MODE>

@@ -130,6 +130,44 @@ def test_matches_cpu(shape, beta, pen, dtype, tol):
     assert ig["backend"] == "cuda" and ig["precision"] == "fp32"
 
 
+# The resident engine's fast path (cuda/nmf_small.cuh): every register width (k rounded up to
+# 4, 5, 8, 12, 16), cluster sizes 1 to 8, n not a multiple of 4, fewer rows than a row group.
+FAST_SHAPES = [(40, 37, 3), (7, 9, 2), (196, 512, 5), (500, 256, 7), (90, 1000, 12),
+               (1200, 64, 16)]
+FAST_OPTIONS = [dict(), dict(pen=(0.3, 0.2, 0.1, 0.4)), dict(mu=0.05), dict(update_H=False)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", FAST_SHAPES)
+@pytest.mark.parametrize("opts", FAST_OPTIONS, ids=["plain", "penalties", "mu", "fixed_H"])
+def test_fast_path_matches_cpu_and_general_kernel(shape, opts, monkeypatch):
+    X, W, H = _problem(*shape)
+    Wc, Hc, ic = _cpu_fit(X, W, H, **opts)
+    Wf, Hf, i_f = _gpu_fit(X, W, H, engine="resident", **opts)
+    monkeypatch.setenv("DFFKIT_CUDA_SMALL", "0")
+    Wg, Hg, ig = _gpu_fit(X, W, H, engine="resident", **opts)
+    for Wx, Hx, ix in ((Wf, Hf, i_f), (Wg, Hg, ig)):
+        assert ix["n_iter"] == ic["n_iter"] == 100
+        assert _rel(Wx, Wc) <= 1e-4 and _rel(Hx, Hc) <= 1e-4
+        assert abs(ix["error"] - ic["error"]) <= 1e-3 * ic["error"]
+        assert abs(ix["error_init"] - ic["error_init"]) <= 1e-5 * ic["error_init"]
+    if shape[1] >= 64:  # the two kernels add in different orders: the fast path really ran
+        assert not np.array_equal(Wf, Wg)
+    if opts.get("update_H") is False:
+        assert np.array_equal(Hf, H)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_fast_path_stops_like_the_cpu():
+    X, W, H = _problem(196, 512, 5, seed=3)
+    Wc, Hc, ic = _cpu_fit(X, W, H, max_iter=1000, tol=1e-3)
+    Wf, Hf, i_f = _gpu_fit(X, W, H, max_iter=1000, tol=1e-3, engine="resident")
+    assert 10 <= ic["n_iter"] < 1000 and i_f["n_iter"] == ic["n_iter"]
+    assert _rel(Wf, Wc) <= 1e-3
+
+
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("engine", ENGINES)

@@ -1,0 +1,577 @@
+#pragma once
+// The resident engine's fast path for small float32 Frobenius problems (one image's activations:
+// 196 x 512, k <= 16), batched or alone: one launch runs the whole solve, a problem's rows are
+// split over a cluster of C blocks (sm_90) with every block's rows of X in shared memory.
+//
+// Per iteration, on each block of the cluster (rows [rb, re) of X, all of H, G_H = H H^T):
+//   A  N = X_b H^T: a warp owns a slice of columns with its H entries in registers (8 columns
+//      a lane, 4 for k > 8), takes R rows at a time (R k <= 32 partial dot products per lane)
+//      and adds the partials of the 32 lanes with one reduce-scatter butterfly (31 shuffles);
+//   B  W_b <- mu_step(W_b, N, W_b G_H): a thread per entry, W kept in shared memory;
+//   C  P_b = W_b^T X_b (a thread per 4 columns, rows split over 1-8 adjacent lanes added by
+//      shuffles) and G_b = W_b^T W_b;
+//   -- cluster barrier --
+//   D  block `rank` owns columns [c0, c1) of H: P and G_W summed over the C blocks in rank order
+//      (distributed shared memory), H updated there and written into every block's copy of H,
+//      the slice's share of H H^T;
+//   -- cluster barrier --
+//   E  G_H = the C shares in rank order; the error (trace identity) and the stopping rule, the
+//      same sums in the same order on every block, so all blocks stop together.
+// Every sum has a fixed order, so results depend on the shape only (a problem gives the same
+// bits alone and in a batch). The cluster size comes from the shape: the smallest C in
+// {1, 2, 4, 8} whose blocks fit two to an SM.
+// This header lives inside namespace dffkit::cuda_detail::{anonymous} (nmf_engine.cuh).
+
+constexpr int SNT = 256;        // threads per block
+constexpr int SNW = SNT / 32;   // warps per block
+
+DFFKIT_HD constexpr int pow2_floor(int v) {
+  int p = 1;
+  while (p * 2 <= v) p *= 2;
+  return p;
+}
+
+/// k rounded up to the widths the fast path is built for (0: not built for this k).
+DFFKIT_HD constexpr int small_width(i64 k) {
+  return k <= 4 ? 4 : k <= 5 ? 5 : k <= 8 ? 8 : k <= 12 ? 12 : k <= 16 ? 16 : 0;
+}
+
+template <int K>
+struct SmallCfg {
+  static constexpr int R = 32 / K;            // rows per N item
+  static constexpr int CPL = K <= 8 ? 8 : 4;  // columns per lane in the N step
+  static constexpr int SW = 32 * CPL;         // columns per warp slice
+  static constexpr int NCH = CPL / 4;         // float4 chunks per lane
+};
+
+struct SmallLayout {
+  int mb, mbp, G, ldx, ldh, Q, S, rsplit, nqs, lds;
+  std::size_t X, H, P, Ps, Wo, Wn, Np, GH, GW, GWb, GHp, xch, red, used;
+};
+
+/// Shared-memory layout of one block (host and device compute it alike).
+DFFKIT_HD SmallLayout small_layout(i64 m, i64 n, int K, int C) {
+  SmallLayout L{};
+  const int R = 32 / K, SW = 32 * (K <= 8 ? 8 : 4);
+  L.mb = int((m + C - 1) / C);
+  L.mbp = (L.mb + R - 1) / R * R;
+  L.G = L.mbp / R;
+  L.ldh = int((n + 3) / 4 * 4);
+  L.Q = L.ldh / 4;
+  L.S = (L.ldh + SW - 1) / SW;
+  L.rsplit = L.Q >= SNT ? 1 : pow2_floor(SNT / L.Q < 8 ? SNT / L.Q : 8);
+  // rows read together in the P step start on different banks
+  const int target = 32 / L.rsplit;
+  L.ldx = L.rsplit > 1 ? L.ldh + ((target - L.ldh % 32) % 32 + 32) % 32 : L.ldh;
+  L.nqs = (L.Q + C - 1) / C;  // quads of columns in a block's slice of H (at most)
+  L.lds = 4 * L.nqs;
+  std::size_t o = 0;
+  auto put = [&](std::size_t bytes) { const std::size_t at = o; o = (o + bytes + 15) & ~std::size_t(15); return at; };
+  const std::size_t f = sizeof(float);
+  L.X = put(std::size_t(L.mbp) * L.ldx * f);
+  L.H = put(std::size_t(K) * L.ldh * f);
+  L.P = put(std::size_t(K) * L.ldh * f);
+  L.Ps = put(std::size_t(K) * L.lds * f);
+  L.Wo = put(std::size_t(L.mbp) * K * f);
+  L.Wn = put(std::size_t(L.mbp) * K * f);
+  L.Np = put(std::size_t(L.S) * L.mbp * K * f);
+  L.GH = put(std::size_t(K) * K * f);
+  L.GW = put(std::size_t(K) * K * f);
+  L.GWb = put(std::size_t(K) * K * f);
+  L.GHp = put(std::size_t(K) * K * f);
+  L.xch = put(8 * sizeof(double));
+  L.red = put(48 * sizeof(double));
+  L.used = o;
+  return L;
+}
+
+struct SmallDesc {
+  const float* X;
+  float* W;
+  float* H;
+  i64 m, n;
+  int k;
+};
+
+/// Reduce-scatter of 32 values over the 32 lanes: lane l returns the sum over the lanes of
+/// v[l], in a fixed butterfly order.
+template <int O>
+__device__ __forceinline__ void reduce_scatter_step(float (&v)[32], int lane) {
+  const bool up = (lane & O) != 0;
+#pragma unroll
+  for (int t = 0; t < O; ++t) {
+    const float send = up ? v[t] : v[t + O];
+    const float keep = up ? v[t + O] : v[t];
+    v[t] = keep + __shfl_xor_sync(0xffffffffu, send, O);
+  }
+}
+__device__ __forceinline__ float reduce_scatter32(float (&v)[32], int lane) {
+  reduce_scatter_step<16>(v, lane);
+  reduce_scatter_step<8>(v, lane);
+  reduce_scatter_step<4>(v, lane);
+  reduce_scatter_step<2>(v, lane);
+  reduce_scatter_step<1>(v, lane);
+  return v[0];
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+/// G[a K + b] = sum_{c < len} A[a sa + c sc] A[b sa + c sc] in float64, a fixed order: each entry
+/// split over GS adjacent lanes, added by an xor butterfly.
+template <int K>
+__device__ void small_gram(const float* A, int sa, int sc, int len, float* G) {
+  constexpr int E = K * K;
+  constexpr int GS = E >= SNT ? 1 : pow2_floor(SNT / E < 32 ? SNT / E : 32);
+  for (int t0 = 0; t0 < E * GS; t0 += SNT) {
+    const int t = t0 + int(threadIdx.x);
+    const int e = t / GS, sp = t % GS;
+    double s = 0;
+    if (e < E) {
+      const float* a = A + (e / K) * sa;
+      const float* b = A + (e % K) * sa;
+      for (int c = sp; c < len; c += GS) s += double(a[c * sc]) * double(b[c * sc]);
+    }
+#pragma unroll
+    for (int o = 1; o < GS; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (sp == 0 && e < E) G[e] = float(s);
+  }
+}
+
+template <bool BF16, int K>
+__global__ void __launch_bounds__(SNT, 2)
+    small_kernel(const SmallDesc* descs, KParams q, ResOut* outs, int C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Cfg = SmallCfg<K>;
+  constexpr int R = Cfg::R, CPL = Cfg::CPL, NCH = Cfg::NCH, SW4 = Cfg::SW / 4;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int rank = int(cluster_rank(C));
+  const SmallDesc d = descs[blockIdx.x / C];
+  const i64 m = d.m, n = d.n;
+  const int k = d.k;
+  const SmallLayout L = small_layout(m, n, K, C);
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const i64 rb = i64(rank) * m / C, re = i64(rank + 1) * m / C;
+  const int mr = int(re - rb);
+  float* Xs = reinterpret_cast<float*>(smem + L.X);
+  float* Hs = reinterpret_cast<float*>(smem + L.H);
+  float* Pb = reinterpret_cast<float*>(smem + L.P);
+  float* Ps = reinterpret_cast<float*>(smem + L.Ps);
+  float* Wo = reinterpret_cast<float*>(smem + L.Wo);
+  float* Wn = reinterpret_cast<float*>(smem + L.Wn);
+  float* Np = reinterpret_cast<float*>(smem + L.Np);
+  float* GH = reinterpret_cast<float*>(smem + L.GH);
+  float* GW = reinterpret_cast<float*>(smem + L.GW);
+  float* GWb = reinterpret_cast<float*>(smem + L.GWb);
+  float* GHp = reinterpret_cast<float*>(smem + L.GHp);
+  double* xch = reinterpret_cast<double*>(smem + L.xch);  // read by the peers
+  double* red = reinterpret_cast<double*>(smem + L.red);  // this block's own
+  const int ldx4 = L.ldx / 4, ldh4 = L.ldh / 4, Q = L.Q;
+  const float4* Xs4 = reinterpret_cast<const float4*>(Xs);
+
+  // ---- load: X rows (zero padded), H (zero padded to K rows), W rows, ||X_b||^2
+  {
+    const float* Xg = d.X + rb * n;
+    double s = 0;
+    for (int e = tid; e < L.mbp * L.ldx; e += SNT) {
+      const int r = e / L.ldx, c = e - r * L.ldx;
+      float x = 0.f;
+      if (r < mr && c < n) {
+        x = Xg[i64(r) * n + c];
+        if constexpr (BF16) x = __bfloat162float(__float2bfloat16_rn(x));
+      }
+      Xs[e] = x;
+      s += double(x) * double(x);
+    }
+    for (int e = tid; e < K * L.ldh; e += SNT) {
+      const int j = e / L.ldh, c = e - j * L.ldh;
+      Hs[e] = j < k && c < n ? d.H[i64(j) * n + c] : 0.f;
+    }
+    for (int e = tid; e < K * L.lds; e += SNT) Ps[e] = 0.f;
+    for (int e = tid; e < L.mbp * K; e += SNT) {
+      const int r = e / K, j = e - r * K;
+      Wo[e] = r < mr && j < k ? d.W[(rb + r) * k + j] : 0.f;
+      Wn[e] = 0.f;
+    }
+    s = warp_sum(s);
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    if (tid == 0) {
+      double t = 0;
+      for (int w = 0; w < SNW; ++w) t += red[w];
+      xch[0] = t;
+    }
+    small_gram<K>(Hs, L.ldh, 1, L.ldh, GH);
+    cluster_barrier(C);
+    if (tid == 0) {
+      double t = 0;
+      for (int r = 0; r < C; ++r) t += cluster_peer(xch, r, C)[0];
+      red[34] = t;
+    }
+    __syncthreads();
+  }
+  const double xx = red[34];
+  const float l1W = float(q.l1_W), l2W = float(q.l2_W), l1H = float(q.l1_H), l2H = float(q.l2_H),
+              muH = float(q.mu);
+  const int q0 = rank * Q / C, q1 = (rank + 1) * Q / C;
+  const int c0 = 4 * q0, nc = 4 * (q1 - q0), nq = q1 - q0;
+  const int WPS = L.S >= SNW ? 1 : SNW / L.S, sstep = SNW / WPS;
+
+  double err_init = 0, err = 0, prev = 0;
+  int it;
+  for (it = 1; it <= q.max_iter; ++it) {
+    const bool check = q.tol > 0 && it % 10 == 0;
+    const bool need_err = check || it == q.max_iter;
+    const bool first = it == 1;
+    const bool want_P = q.update_H || need_err;
+
+    // ---- A: N = X_b H^T into Np (one partial per column slice)
+    for (int s = warp / WPS; s < L.S; s += sstep) {
+      float h[K][CPL];
+#pragma unroll
+      for (int j = 0; j < K; ++j)
+#pragma unroll
+        for (int ch = 0; ch < NCH; ++ch) {
+          const int qq = s * SW4 + lane + 32 * ch;
+          const float4 v = qq < Q ? reinterpret_cast<const float4*>(Hs)[j * ldh4 + qq]
+                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+          h[j][4 * ch] = v.x; h[j][4 * ch + 1] = v.y; h[j][4 * ch + 2] = v.z; h[j][4 * ch + 3] = v.w;
+        }
+      for (int g = warp % WPS; g < L.G; g += WPS) {
+        float acc[32];
+#pragma unroll
+        for (int t = 0; t < 32; ++t) acc[t] = 0.f;
+#pragma unroll
+        for (int ch = 0; ch < NCH; ++ch) {
+          const int qq = s * SW4 + lane + 32 * ch;
+          const bool ok = qq < Q;
+#pragma unroll
+          for (int i = 0; i < R; ++i) {
+            const float4 x = ok ? Xs4[(g * R + i) * ldx4 + qq] : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+            for (int j = 0; j < K; ++j) {
+              float a = acc[i * K + j];
+              a = fmaf(x.x, h[j][4 * ch], a);
+              a = fmaf(x.y, h[j][4 * ch + 1], a);
+              a = fmaf(x.z, h[j][4 * ch + 2], a);
+              a = fmaf(x.w, h[j][4 * ch + 3], a);
+              acc[i * K + j] = a;
+            }
+          }
+        }
+        const float v = reduce_scatter32(acc, lane);
+        if (lane < R * K) Np[(s * L.mbp + g * R) * K + lane] = v;
+      }
+    }
+    __syncthreads();
+
+    // ---- B: W update (Wo -> Wn)
+    {
+      double d0 = 0, gg = 0;
+      for (int e = tid; e < L.mbp * K; e += SNT) {
+        const int r = e / K, j = e - r * K;
+        float w = 0.f;
+        if (r < mr && j < k) {
+          float num = 0.f;
+          for (int s = 0; s < L.S; ++s) num += Np[(s * L.mbp + r) * K + j];
+          float base = 0.f;
+#pragma unroll
+          for (int c = 0; c < K; ++c) base += Wo[r * K + c] * GH[c * K + j];
+          const float wo = Wo[e];
+          if (first) {
+            d0 += double(num) * double(wo);
+            gg += double(wo) * double(base);
+          }
+          w = mu_step(wo, num, base, l1W, l2W, 0.f);
+        }
+        Wn[e] = w;
+      }
+      if (first) {
+        d0 = warp_sum(d0);
+        gg = warp_sum(gg);
+        if (lane == 0) { red[warp] = d0; red[8 + warp] = gg; }
+      }
+      __syncthreads();
+      if (first && tid == 0) {
+        double a = 0, b = 0;
+        for (int w = 0; w < SNW; ++w) { a += red[w]; b += red[8 + w]; }
+        xch[1] = a;
+        xch[2] = b;
+      }
+    }
+
+    // ---- C: P_b = Wn^T X_b, G_b = Wn^T Wn
+    if (want_P) {
+      const int RS = L.rsplit;
+      for (int t0 = 0; t0 < Q * RS; t0 += SNT) {
+        const int t = t0 + tid, qi = t / RS, rs = t % RS;
+        float acc[K][4];
+#pragma unroll
+        for (int j = 0; j < K; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+        if (qi < Q) {
+#pragma unroll 2
+          for (int r = rs; r < mr; r += RS) {
+            const float4 x = Xs4[r * ldx4 + qi];
+            const float* w = Wn + r * K;
+#pragma unroll
+            for (int j = 0; j < K; ++j) {
+              const float wv = w[j];
+              acc[j][0] = fmaf(wv, x.x, acc[j][0]);
+              acc[j][1] = fmaf(wv, x.y, acc[j][1]);
+              acc[j][2] = fmaf(wv, x.z, acc[j][2]);
+              acc[j][3] = fmaf(wv, x.w, acc[j][3]);
+            }
+          }
+        }
+        for (int o = 1; o < RS; o <<= 1)
+#pragma unroll
+          for (int j = 0; j < K; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[j][c] += __shfl_xor_sync(0xffffffffu, acc[j][c], o);
+        if (rs == 0 && qi < Q)
+#pragma unroll
+          for (int j = 0; j < K; ++j)
+            reinterpret_cast<float4*>(Pb)[j * ldh4 + qi] =
+                make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+      }
+    }
+    small_gram<K>(Wn, 1, K, mr, GWb);
+    cluster_barrier(C);
+
+    // ---- D: this block's columns of H
+    for (int e = tid; e < k * nc; e += SNT) {
+      const int j = e / nc, cc = e - j * nc;
+      float tmp[8];
+#pragma unroll
+      for (int r = 0; r < 8; ++r) tmp[r] = r < C ? cluster_peer(Pb, r, C)[j * L.ldh + c0 + cc] : 0.f;
+      float v = 0.f;
+#pragma unroll
+      for (int r = 0; r < 8; ++r)
+        if (r < C) v += tmp[r];
+      Ps[j * L.lds + cc] = v;
+    }
+    for (int e = tid; e < K * K; e += SNT) {
+      float v = 0.f;
+      for (int r = 0; r < C; ++r) v += cluster_peer(GWb, r, C)[e];
+      GW[e] = v;
+    }
+    if (first && tid == 0) {
+      double a = 0, b = 0;
+      for (int r = 0; r < C; ++r) {
+        a += cluster_peer(xch, r, C)[1];
+        b += cluster_peer(xch, r, C)[2];
+      }
+      const double sq = xx - 2.0 * a + b;
+      red[33] = std::sqrt(sq > 0 ? sq : 0.0);
+    }
+    __syncthreads();
+    {
+      double ph = 0;
+      for (int e = tid; e < k * nc; e += SNT) {
+        const int j = e / nc, cc = e - j * nc, c = c0 + cc;
+        const float hv = Hs[j * L.ldh + c], num = Ps[j * L.lds + cc];
+        float v = hv;
+        if (q.update_H) {
+          float den = 0.f;
+#pragma unroll
+          for (int i = 0; i < K; ++i) den += GW[j * K + i] * Hs[i * L.ldh + c];
+          v = mu_step(hv, num, den, l1H, l2H, muH > 0.f ? muH * hv : 0.f);
+        }
+        if (need_err) ph += double(num) * double(v);
+        Ps[j * L.lds + cc] = v;
+      }
+      if (need_err) {
+        ph = warp_sum(ph);
+        if (lane == 0) red[16 + warp] = ph;
+      }
+    }
+    __syncthreads();
+    if (q.update_H) {
+      for (int e = tid; e < k * nq * C; e += SNT) {
+        const int r = e % C, rest = e / C, j = rest / nq, qq = rest - j * nq;
+        const float4 v = reinterpret_cast<const float4*>(Ps)[j * (L.lds / 4) + qq];
+        reinterpret_cast<float4*>(cluster_peer(Hs, r, C))[j * ldh4 + q0 + qq] = v;
+      }
+      small_gram<K>(Ps, L.lds, 1, nc, GHp);
+    }
+    if (need_err && tid == 0) {
+      double t = 0;
+      for (int w = 0; w < SNW; ++w) t += red[16 + w];
+      xch[3] = t;
+    }
+    cluster_barrier(C);
+
+    // ---- E: G_H, the error, the stopping rule
+    {
+      double g2 = 0;
+      for (int e = tid; e < K * K; e += SNT) {
+        float v;
+        if (q.update_H) {
+          v = 0.f;
+          for (int r = 0; r < C; ++r) v += cluster_peer(GHp, r, C)[e];
+          GH[e] = v;
+        } else {
+          v = GH[e];
+        }
+        g2 += double(GW[e]) * double(v);
+      }
+      if (need_err) {
+        g2 = warp_sum(g2);
+        if (lane == 0) red[24 + warp] = g2;
+        if (warp == SNW - 1) {
+          double p = lane < C ? cluster_peer(xch, lane, C)[3] : 0.0;
+          p = warp_sum(p);
+          if (lane == 0) red[32] = p;
+        }
+      }
+    }
+    __syncthreads();
+    if (first) prev = err_init = red[33];
+    if (need_err) {
+      double g2 = 0;
+      for (int w = 0; w < SNW; ++w) g2 += red[24 + w];
+      const double sq = xx - 2.0 * red[32] + g2;
+      err = std::sqrt(sq > 0 ? sq : 0.0);
+    }
+    float* t = Wo; Wo = Wn; Wn = t;
+    if (check) {
+      if ((prev - err) / err_init < q.tol) break;
+      prev = err;
+    }
+  }
+  const int n_iter = it < q.max_iter ? it : q.max_iter;
+  for (int e = tid; e < mr * k; e += SNT) {
+    const int r = e / k, j = e - r * k;
+    d.W[(rb + r) * k + j] = Wo[r * K + j];
+  }
+  if (rank == 0) {
+    for (i64 e = tid; e < i64(k) * n; e += SNT) {
+      const i64 j = e / n, c = e - j * n;
+      d.H[e] = Hs[j * L.ldh + c];
+    }
+    if (tid == 0) outs[blockIdx.x / C] = ResOut{n_iter, err_init, err};
+  }
+  cluster_barrier(C);  // no block leaves while a peer may still read its shared memory
+#else
+  (void)descs; (void)q; (void)outs; (void)C;
+#endif
+}
+
+/// Blocks per problem for the fast path, 0 where it does not apply. From the shape only.
+int small_cluster(i64 m, i64 n, i64 k, std::size_t limit) {
+  const int K = small_width(k);
+  if (K == 0 || m < 1 || n < 1) return 0;
+  const std::size_t two = (limit + 1024) / 2 - 1024;  // two blocks per SM
+  for (std::size_t cap : {two, limit})
+    for (int C = 1; C <= 8; C *= 2)
+      if (m >= C && small_layout(m, n, K, C).used <= cap) return C;
+  return 0;
+}
+
+/// Whether the options allow the fast path (Frobenius, no groups, no objective, iterations).
+bool small_options_ok(const KParams& q, int cc_major) {
+  if (cc_major < 9 || q.kl || q.groups || q.record_obj || q.max_iter < 1) return false;
+  const char* off = std::getenv("DFFKIT_CUDA_SMALL");
+  return !(off && *off == '0');
+}
+
+template <bool BF16, int K>
+void launch_small(const SmallDesc* d_descs, std::size_t count, const KParams& q, ResOut* d_out,
+                  std::size_t smem, int C, cudaStream_t s) {
+  auto kern = small_kernel<BF16, K>;
+  DFFKIT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(count * C));
+  cfg.blockDim = dim3(SNT);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(C);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  DFFKIT_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, d_descs, q, d_out, C));
+  DFFKIT_CUDA_CHECK_LAUNCH("small_kernel");
+}
+
+template <bool BF16, class F>
+void with_small_width(int K, F&& f) {
+  switch (K) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 12: f(std::integral_constant<int, 12>{}); break;
+    default: f(std::integral_constant<int, 16>{}); break;
+  }
+}
+
+/// The fast path for the problems the caller found eligible (small_cluster > 0): one launch per
+/// (cluster size, width) group, in the items' order within a group.
+template <bool BF16>
+std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const KParams& q,
+                                         int dev, cudaStream_t s) {
+  const std::size_t limit = smem_optin(dev);
+  const std::size_t B = items.size();
+  Carver count;
+  count.take<SmallDesc>(i64(B));
+  count.take<ResOut>(i64(B));
+  Workspace ws(dev, count.offset + 256);
+  try {
+    Carver c;
+    c.base = ws.data();
+    SmallDesc* d_descs = c.take<SmallDesc>(i64(B));
+    ResOut* d_out = c.take<ResOut>(i64(B));
+    std::vector<int> cs(B), ks(B);
+    for (std::size_t b = 0; b < B; ++b) {
+      cs[b] = small_cluster(items[b].m, items[b].n, items[b].k, limit);
+      ks[b] = small_width(items[b].k);
+    }
+    std::vector<std::size_t> order;
+    std::vector<SmallDesc> sorted;
+    struct Group { std::size_t start, count, smem; int C, K; };
+    std::vector<Group> groups;
+    for (int C = 1; C <= 8; C *= 2)
+      for (int K : {4, 5, 8, 12, 16}) {
+        Group g{sorted.size(), 0, 0, C, K};
+        for (std::size_t b = 0; b < B; ++b)
+          if (cs[b] == C && ks[b] == K) {
+            const Item& it = items[b];
+            order.push_back(b);
+            sorted.push_back(SmallDesc{reinterpret_cast<const float*>(it.X),
+                                       reinterpret_cast<float*>(it.W),
+                                       reinterpret_cast<float*>(it.H), it.m, it.n, int(it.k)});
+            g.smem = std::max(g.smem, small_layout(it.m, it.n, K, C).used);
+          }
+        g.count = sorted.size() - g.start;
+        if (g.count) groups.push_back(g);
+      }
+    DFFKIT_CUDA_TRY(cudaMemcpyAsync(d_descs, sorted.data(), B * sizeof(SmallDesc),
+                                    cudaMemcpyHostToDevice, s));
+    for (const Group& g : groups)
+      with_small_width<BF16>(g.K, [&](auto kw) {
+        launch_small<BF16, decltype(kw)::value>(d_descs + g.start, g.count, q, d_out + g.start,
+                                                g.smem, g.C, s);
+      });
+    std::vector<ResOut> sorted_out(B);
+    DFFKIT_CUDA_TRY(cudaMemcpyAsync(sorted_out.data(), d_out, B * sizeof(ResOut),
+                                    cudaMemcpyDeviceToHost, s));
+    DFFKIT_CUDA_TRY(cudaStreamSynchronize(s));
+    std::vector<cuda::FitResult> res(B);
+    for (std::size_t j = 0; j < B; ++j) {
+      cuda::FitResult& r = res[order[j]];
+      r.n_iter = sorted_out[j].n_iter;
+      r.error_init = sorted_out[j].error_init;
+      r.error = sorted_out[j].error;
+    }
+    return res;
+  } catch (...) {
+    cudaStreamSynchronize(s);
+    cudaGetLastError();
+    throw;
+  }
+}
