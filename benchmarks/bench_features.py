@@ -161,16 +161,22 @@ def main(argv=None):
     precisions = ("fp32", "fp16") if cuda else ("fp32",)
     for precision in precisions:
         model = vgg if precision == "fp32" else models.to_float16(vgg)
-        fx = features.FeatureExtractor(model, providers=providers, num_threads=args.threads, batch_size=max(batches))
-        assert fx.layer == "relu5_3"
-        name = f"VGG-16 conv5_3 {precision} ({fx.provider.replace('ExecutionProvider', '')})"
-        rows += bench_extractor(fx, name, batches, warmup, repeats, budget, device_output_too=cuda)
-        if cuda and precision == "fp16":
+        # CUDA: NCHW and NHWC convolutions (dffkit's default is NHWC), and fp32 without TF32
+        variants = [("", None)]
+        if cuda:
+            variants = [("", {"prefer_nhwc": 0}), (", prefer_nhwc", {"prefer_nhwc": 1})]
+            if precision == "fp32":
+                variants.append((", prefer_nhwc, use_tf32=0", {"prefer_nhwc": 1, "use_tf32": 0}))
+        for suffix, opts in variants:
             try:
-                fx = features.FeatureExtractor(model, providers=providers, batch_size=max(batches), provider_options={"prefer_nhwc": 1})
-                rows += bench_extractor(fx, name + ", prefer_nhwc", batches, warmup, repeats, budget, device_output_too=True)
+                fx = features.FeatureExtractor(model, providers=providers, num_threads=args.threads,
+                                               batch_size=max(batches), provider_options=opts)
             except Exception as e:  # an onnxruntime without the option
-                print(f"  prefer_nhwc not available: {e}", flush=True)
+                print(f"  {suffix or 'default'} not available: {e}", flush=True)
+                continue
+            assert fx.layer == "relu5_3"
+            name = f"VGG-16 conv5_3 {precision} ({fx.provider.replace('ExecutionProvider', '')}){suffix}"
+            rows += bench_extractor(fx, name, batches, warmup, repeats, budget, device_output_too=cuda)
         del fx
     if not cuda and args.spinning:
         fx = features.FeatureExtractor(vgg, providers="cpu", num_threads=args.threads, batch_size=max(batches),

@@ -5,6 +5,7 @@
 #   2. every test marked `gpu` across the suite
 #   3. dffkit bench --suite gpu (issues 4, 5, 8): JSON, Markdown, PNG
 #   4. onnxruntime CUDA: VGG-16 conv5_3 throughput/latency (issue 6), DFF end to end (issue 7)
+#   5. compute-sanitizer memcheck + racecheck over benchmarks/cuda_sanitize_driver.py (SANITIZE=0: off)
 #
 # Before the lease, here:  bash benchmarks/gpu_final.sh --prepare   (compiles cuda/*.cu for sm_90
 # into .gpu_prebuilt/, an ignored folder to carry). onnxruntime-gpu arrives in chunks
@@ -62,5 +63,10 @@ if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' no
   timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_dff.py" --device cuda --out "$OUT/dff_cuda" 2>&1 | tail -n 20
 else
   stamp "no onnxruntime CUDA provider here: stage 4 skipped"
+fi
+# 5. compute-sanitizer memcheck and racecheck over the driver (every kernel path, tiny problems)
+if [[ "${SANITIZE:-1}" == 1 ]]; then
+  GPU_CHECK_STAGES="memcheck racecheck" SAN_TIMEOUT="${SAN_TIMEOUT:-100}" bash "$ROOT/benchmarks/gpu_check.sh" 2>&1 | tail -n 8
+  stamp "stage 5 done"
 fi
 stamp "all stages done"

@@ -44,6 +44,7 @@ struct KParams {
   int groups = 0;  // group term active (offsets given and lam > 0)
   int update_H = 1, max_iter = 200, record_obj = 0;
   double tol = 1e-4;
+  int profile = 0;  // DFFKIT_CUDA_PROFILE=1: the fast path prints its phase times (block 0)
 };
 
 /// Everything a tile needs. Pointers are generic: each may be shared or global memory.

@@ -22,8 +22,17 @@
 // {1, 2, 4, 8} whose blocks fit two to an SM.
 // This header lives inside namespace dffkit::cuda_detail::{anonymous} (nmf_engine.cuh).
 
-constexpr int SNT = 256;        // threads per block
-constexpr int SNW = SNT / 32;   // warps per block
+#ifndef DFFKIT_SMALL_MINB
+#define DFFKIT_SMALL_MINB 2  // blocks per SM the register budget is cut for
+#endif
+#ifndef DFFKIT_SMALL_THREADS
+#define DFFKIT_SMALL_THREADS 256
+#endif
+constexpr int SNT = DFFKIT_SMALL_THREADS;  // threads per block
+constexpr int SNW = SNT / 32;              // warps per block
+// slots of the block's float64 scratch (red): per-warp partials, then scalars, then the clock
+constexpr int RG_D0 = 0, RG_GG = SNW, RG_PH = 2 * SNW, RG_G2 = 3 * SNW, RG_PHS = 4 * SNW,
+              RG_E0 = RG_PHS + 1, RG_XX = RG_PHS + 2, RG_PROF = RG_PHS + 4, RG_SIZE = RG_PROF + 12;
 
 DFFKIT_HD constexpr int pow2_floor(int v) {
   int p = 1;
@@ -80,7 +89,7 @@ DFFKIT_HD SmallLayout small_layout(i64 m, i64 n, int K, int C) {
   L.GWb = put(std::size_t(K) * K * f);
   L.GHp = put(std::size_t(K) * K * f);
   L.xch = put(8 * sizeof(double));
-  L.red = put(48 * sizeof(double));
+  L.red = put(RG_SIZE * sizeof(double));
   L.used = o;
   return L;
 }
@@ -114,6 +123,19 @@ __device__ __forceinline__ float reduce_scatter32(float (&v)[32], int lane) {
   return v[0];
 }
 
+/// sum over the cluster's blocks, in rank order, of peer(p)[e]: the C loads issued together.
+template <class U>
+__device__ __forceinline__ U cluster_sum(U* p, int e, int C) {
+  U t[8];
+#pragma unroll
+  for (int r = 0; r < 8; ++r) t[r] = r < C ? cluster_peer(p, r, C)[e] : U(0);
+  U v = U(0);
+#pragma unroll
+  for (int r = 0; r < 8; ++r)
+    if (r < C) v += t[r];
+  return v;
+}
+
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
   for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -142,7 +164,7 @@ __device__ void small_gram(const float* A, int sa, int sc, int len, float* G) {
 }
 
 template <bool BF16, int K>
-__global__ void __launch_bounds__(SNT, 2)
+__global__ void __launch_bounds__(SNT, DFFKIT_SMALL_MINB)
     small_kernel(const SmallDesc* descs, KParams q, ResOut* outs, int C) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   using Cfg = SmallCfg<K>;
@@ -206,14 +228,26 @@ __global__ void __launch_bounds__(SNT, 2)
     }
     small_gram<K>(Hs, L.ldh, 1, L.ldh, GH);
     cluster_barrier(C);
-    if (tid == 0) {
-      double t = 0;
-      for (int r = 0; r < C; ++r) t += cluster_peer(xch, r, C)[0];
-      red[34] = t;
-    }
+    if (tid == 0) red[RG_XX] = cluster_sum(xch, 0, C);
+    for (int e = tid; e < 12; e += SNT) red[RG_PROF + e] = 0;  // phase clock slots
     __syncthreads();
   }
-  const double xx = red[34];
+  // Phase times (clock64, thread 0 of block 0) in builds with -DDFFKIT_SMALL_PROFILE, printed
+  // when DFFKIT_CUDA_PROFILE=1 (benchmarks/cuda_profile_small.py); nothing in normal builds.
+#ifdef DFFKIT_SMALL_PROFILE
+  long long t_last = clock64();
+  auto prof = [&](int slot) {
+    if (q.profile && tid == 0) {
+      const long long now = clock64();
+      red[RG_PROF + slot] += double(now - t_last);
+      t_last = now;
+    }
+  };
+#else
+  auto prof = [](int) {};
+#endif
+  prof(8);
+  const double xx = red[RG_XX];
   const float l1W = float(q.l1_W), l2W = float(q.l2_W), l1H = float(q.l1_H), l2H = float(q.l2_H),
               muH = float(q.mu);
   const int q0 = rank * Q / C, q1 = (rank + 1) * Q / C;
@@ -267,6 +301,7 @@ __global__ void __launch_bounds__(SNT, 2)
       }
     }
     __syncthreads();
+    prof(0);
 
     // ---- B: W update (Wo -> Wn)
     {
@@ -292,16 +327,17 @@ __global__ void __launch_bounds__(SNT, 2)
       if (first) {
         d0 = warp_sum(d0);
         gg = warp_sum(gg);
-        if (lane == 0) { red[warp] = d0; red[8 + warp] = gg; }
+        if (lane == 0) { red[RG_D0 + warp] = d0; red[RG_GG + warp] = gg; }
       }
       __syncthreads();
       if (first && tid == 0) {
         double a = 0, b = 0;
-        for (int w = 0; w < SNW; ++w) { a += red[w]; b += red[8 + w]; }
+        for (int w = 0; w < SNW; ++w) { a += red[RG_D0 + w]; b += red[RG_GG + w]; }
         xch[1] = a;
         xch[2] = b;
       }
     }
+    prof(1);
 
     // ---- C: P_b = Wn^T X_b, G_b = Wn^T Wn
     if (want_P) {
@@ -339,35 +375,22 @@ __global__ void __launch_bounds__(SNT, 2)
       }
     }
     small_gram<K>(Wn, 1, K, mr, GWb);
+    prof(2);
     cluster_barrier(C);
+    prof(3);
 
     // ---- D: this block's columns of H
     for (int e = tid; e < k * nc; e += SNT) {
       const int j = e / nc, cc = e - j * nc;
-      float tmp[8];
-#pragma unroll
-      for (int r = 0; r < 8; ++r) tmp[r] = r < C ? cluster_peer(Pb, r, C)[j * L.ldh + c0 + cc] : 0.f;
-      float v = 0.f;
-#pragma unroll
-      for (int r = 0; r < 8; ++r)
-        if (r < C) v += tmp[r];
-      Ps[j * L.lds + cc] = v;
+      Ps[j * L.lds + cc] = cluster_sum(Pb, j * L.ldh + c0 + cc, C);
     }
-    for (int e = tid; e < K * K; e += SNT) {
-      float v = 0.f;
-      for (int r = 0; r < C; ++r) v += cluster_peer(GWb, r, C)[e];
-      GW[e] = v;
-    }
+    for (int e = tid; e < K * K; e += SNT) GW[e] = cluster_sum(GWb, e, C);
     if (first && tid == 0) {
-      double a = 0, b = 0;
-      for (int r = 0; r < C; ++r) {
-        a += cluster_peer(xch, r, C)[1];
-        b += cluster_peer(xch, r, C)[2];
-      }
-      const double sq = xx - 2.0 * a + b;
-      red[33] = std::sqrt(sq > 0 ? sq : 0.0);
+      const double sq = xx - 2.0 * cluster_sum(xch, 1, C) + cluster_sum(xch, 2, C);
+      red[RG_E0] = std::sqrt(sq > 0 ? sq : 0.0);
     }
     __syncthreads();
+    prof(4);
     {
       double ph = 0;
       for (int e = tid; e < k * nc; e += SNT) {
@@ -385,24 +408,28 @@ __global__ void __launch_bounds__(SNT, 2)
       }
       if (need_err) {
         ph = warp_sum(ph);
-        if (lane == 0) red[16 + warp] = ph;
+        if (lane == 0) red[RG_PH + warp] = ph;
       }
     }
     __syncthreads();
+    prof(5);
     if (q.update_H) {
-      for (int e = tid; e < k * nq * C; e += SNT) {
-        const int r = e % C, rest = e / C, j = rest / nq, qq = rest - j * nq;
+      for (int e = tid; e < k * nq; e += SNT) {
+        const int j = e / nq, qq = e - j * nq;
         const float4 v = reinterpret_cast<const float4*>(Ps)[j * (L.lds / 4) + qq];
-        reinterpret_cast<float4*>(cluster_peer(Hs, r, C))[j * ldh4 + q0 + qq] = v;
+#pragma unroll
+        for (int r = 0; r < 8; ++r)
+          if (r < C) reinterpret_cast<float4*>(cluster_peer(Hs, r, C))[j * ldh4 + q0 + qq] = v;
       }
       small_gram<K>(Ps, L.lds, 1, nc, GHp);
     }
     if (need_err && tid == 0) {
       double t = 0;
-      for (int w = 0; w < SNW; ++w) t += red[16 + w];
+      for (int w = 0; w < SNW; ++w) t += red[RG_PH + w];
       xch[3] = t;
     }
     cluster_barrier(C);
+    prof(6);
 
     // ---- E: G_H, the error, the stopping rule
     {
@@ -410,8 +437,7 @@ __global__ void __launch_bounds__(SNT, 2)
       for (int e = tid; e < K * K; e += SNT) {
         float v;
         if (q.update_H) {
-          v = 0.f;
-          for (int r = 0; r < C; ++r) v += cluster_peer(GHp, r, C)[e];
+          v = cluster_sum(GHp, e, C);
           GH[e] = v;
         } else {
           v = GH[e];
@@ -420,20 +446,21 @@ __global__ void __launch_bounds__(SNT, 2)
       }
       if (need_err) {
         g2 = warp_sum(g2);
-        if (lane == 0) red[24 + warp] = g2;
+        if (lane == 0) red[RG_G2 + warp] = g2;
         if (warp == SNW - 1) {
           double p = lane < C ? cluster_peer(xch, lane, C)[3] : 0.0;
           p = warp_sum(p);
-          if (lane == 0) red[32] = p;
+          if (lane == 0) red[RG_PHS] = p;
         }
       }
     }
     __syncthreads();
-    if (first) prev = err_init = red[33];
+    prof(7);
+    if (first) prev = err_init = red[RG_E0];
     if (need_err) {
       double g2 = 0;
-      for (int w = 0; w < SNW; ++w) g2 += red[24 + w];
-      const double sq = xx - 2.0 * red[32] + g2;
+      for (int w = 0; w < SNW; ++w) g2 += red[RG_G2 + w];
+      const double sq = xx - 2.0 * red[RG_PHS] + g2;
       err = std::sqrt(sq > 0 ? sq : 0.0);
     }
     float* t = Wo; Wo = Wn; Wn = t;
@@ -454,6 +481,15 @@ __global__ void __launch_bounds__(SNT, 2)
     }
     if (tid == 0) outs[blockIdx.x / C] = ResOut{n_iter, err_init, err};
   }
+  prof(9);
+#ifdef DFFKIT_SMALL_PROFILE
+  if (q.profile && tid == 0 && blockIdx.x == 0)
+    printf("dffkit small_kernel K=%d C=%d m=%lld n=%lld it=%d cycles: load %.0f | per iteration: "
+           "A(N) %.0f B(W) %.0f C(P+G) %.0f sync1 %.0f D1(sum) %.0f D2(H) %.0f D3+sync2 %.0f "
+           "E(GH,err) %.0f | store %.0f\n", K, C, (long long)m, (long long)n, n_iter, red[RG_PROF + 8],
+           red[RG_PROF] / n_iter, red[RG_PROF + 1] / n_iter, red[RG_PROF + 2] / n_iter, red[RG_PROF + 3] / n_iter,
+           red[RG_PROF + 4] / n_iter, red[RG_PROF + 5] / n_iter, red[RG_PROF + 6] / n_iter, red[RG_PROF + 7] / n_iter, red[RG_PROF + 9]);
+#endif
   cluster_barrier(C);  // no block leaves while a peer may still read its shared memory
 #else
   (void)descs; (void)q; (void)outs; (void)C;

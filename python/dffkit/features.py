@@ -114,6 +114,12 @@ def _parse_providers(providers) -> Tuple[str, int]:
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 
 
+# onnxruntime CUDA provider options dffkit sets unless the caller gives them: NHWC convolutions
+# (cuDNN's tensor-core kernels want channels last; measured on the H200 with VGG-16 to conv5_3,
+# benchmarks/results/features_cuda_h200.md). provider_options={"prefer_nhwc": 0} turns it off.
+CUDA_PROVIDER_DEFAULTS = {"prefer_nhwc": "1"}
+
+
 def _make_session(model_bytes: bytes, providers, num_threads: Optional[int], provider_options=None, session_config=None):
     """An onnxruntime session and the device id it runs on; never a silent CPU fallback
     when CUDA was asked for."""
@@ -135,7 +141,8 @@ def _make_session(model_bytes: bytes, providers, num_threads: Optional[int], pro
         usable, reason = _cuda_device_status()
         if usable:
             log = _preload_cuda_libraries()
-            cuda_options = {"device_id": device_id, **{k: str(v) for k, v in (provider_options or {}).items()}}
+            cuda_options = {"device_id": device_id, **CUDA_PROVIDER_DEFAULTS,
+                            **{k: str(v) for k, v in (provider_options or {}).items()}}
             session = ort.InferenceSession(
                 model_bytes, options, providers=[("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
             )
@@ -278,7 +285,8 @@ class FeatureExtractor:
     cache_dir : path, optional
         Where built models are cached (default ``$DFFKIT_CACHE_DIR`` or ``~/.cache/dffkit``).
     provider_options : dict, optional
-        Options of onnxruntime's CUDA provider (e.g. ``{"prefer_nhwc": 1}``).
+        Options of onnxruntime's CUDA provider, over ``CUDA_PROVIDER_DEFAULTS`` (NHWC
+        convolutions on; ``{"prefer_nhwc": 0}`` turns them off).
     session_config : dict, optional
         onnxruntime session config entries, over ``SESSION_CONFIG`` (thread spinning off).
 

@@ -1,0 +1,66 @@
+"""Phase times of the resident fast path (cuda/nmf_small.cuh) as block 0 sees them (clock64,
+DFFKIT_CUDA_PROFILE=1), for the shapes of issue 5's small cases. Prints the kernel's own lines.
+
+    python3 benchmarks/cuda_profile_small.py
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["DFFKIT_CUDA_PROFILE"] = "1"
+
+import torch  # noqa: E402
+
+from dffkit import _backends  # noqa: E402
+
+cuda = _backends.cuda()
+
+
+def run(B, m, n, k, iters):
+    torch.manual_seed(0)
+    X = torch.rand((B, m, n), device="cuda")
+    W = 0.1 * torch.rand((B, m, k), device="cuda")
+    H = 0.1 * torch.rand((B, k, n), device="cuda")
+    p = cuda.Params()
+    p.max_iter, p.tol = iters, 0.0
+    s = torch.cuda.current_stream().cuda_stream
+    print(f"-- B={B} {m}x{n} k={k} {iters} it", flush=True)
+    if B == 1:
+        cuda.fit(X.data_ptr(), W.data_ptr(), H.data_ptr(), m, n, k, "float32", p, [], s)
+    else:
+        cuda.fit_batched_strided(X.data_ptr(), W.data_ptr(), H.data_ptr(), B, m, n, k, "float32",
+                                 p, s)
+    torch.cuda.synchronize()
+
+
+for args in [(1, 196, 512, 5, 200), (1, 196, 512, 5, 200), (528, 196, 512, 5, 100),
+             (1, 196, 512, 8, 200), (1, 196, 512, 16, 200), (1, 784, 512, 5, 100)]:
+    run(*args)
+
+# timing with the phase clock off (same build)
+os.environ["DFFKIT_CUDA_PROFILE"] = "0"
+
+
+def timed(B, m, n, k, iters, reps):
+    X = torch.rand((B, m, n), device="cuda")
+    W0 = 0.1 * torch.rand((B, m, k), device="cuda")
+    H0 = 0.1 * torch.rand((B, k, n), device="cuda")
+    p = cuda.Params()
+    p.max_iter, p.tol = iters, 0.0
+    s = torch.cuda.current_stream().cuda_stream
+    ts = []
+    for _ in range(reps + 1):
+        W, H = W0.clone(), H0.clone()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        cuda.fit_batched_strided(X.data_ptr(), W.data_ptr(), H.data_ptr(), B, m, n, k, "float32",
+                                 p, s)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts = sorted(ts[1:])
+    print(f"time B={B} {m}x{n} k={k} {iters} it: median {ts[len(ts) // 2]:.3f} ms", flush=True)
+
+
+timed(1, 196, 512, 5, 200, 9)
+timed(4096, 196, 512, 5, 100, 3)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build variants of the CUDA module side by side on a GPU machine and run one script with each:
+# .gpu_variants/<name>/*.o replace the same-named objects of .gpu_prebuilt/ (both compiled here,
+# see gpu_final.sh --prepare). Used for A/B runs of kernel build options (e.g. the fast path's
+# register budget, its phase clock).
+#   bash benchmarks/gpu_variants.sh SCRIPT.py [args]
+set -o pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY=python3
+inc=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+pbinc=$($PY -c "import pybind11; print(pybind11.get_include())")
+ext=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+cudalib="$(dirname "$(command -v nvcc)")/../lib64"
+for vdir in "$ROOT"/.gpu_variants/*/; do
+  name=$(basename "$vdir")
+  pkg=/tmp/variant_$name
+  rm -rf "$pkg" && mkdir -p "$pkg" && cp -r "$ROOT/python/dffkit" "$pkg/" && rm -f "$pkg"/dffkit/_cuda*.so
+  objs=()
+  for o in "$ROOT"/.gpu_prebuilt/*.o; do
+    b=$(basename "$o"); [[ -f "$vdir/$b" ]] && objs+=("$vdir/$b") || objs+=("$o")
+  done
+  g++ -O1 -std=c++17 -fPIC -fvisibility=hidden -shared -I"$ROOT/cpp" -I"$ROOT/cuda" -I"$inc" -I"$pbinc" \
+      "$ROOT/cuda/bindings/module_cuda.cpp" "${objs[@]}" -L"$cudalib" -lcudart_static -lrt -lpthread -ldl \
+      -o "$pkg/dffkit/_cuda$ext" || { echo "== variant $name: link failed"; continue; }
+  # the CPU module of the main build
+  cp /tmp/dffkit_site/dffkit/_cpu*.so "$pkg/dffkit/" 2>/dev/null
+  echo "== variant $name"
+  (cd /tmp && PYTHONPATH="$pkg" timeout "${VARIANT_TIMEOUT:-60}" $PY "$@")
+done
