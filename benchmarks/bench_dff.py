@@ -30,7 +30,10 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "python"))
+try:  # an installed dffkit (with its compiled modules) first; else this checkout's source
+    import dffkit  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(HERE.parent / "python"))
 
 import dffkit  # noqa: E402
 from dffkit.deep_feature_factorization import dff  # noqa: E402

@@ -28,7 +28,10 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "python"))
+try:  # an installed dffkit (with its compiled modules) first; else this checkout's source
+    import dffkit  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(HERE.parent / "python"))
 
 import numpy as np  # noqa: E402
 

@@ -51,7 +51,7 @@ stamp "stage 2 done"
 # 3. the GPU benchmark suite
 DATE="$(date -u +%Y-%m-%d)"
 set -f  # BENCH_ARGS holds globs for the bench, not for the shell
-timeout "${BENCH_SUITE_TIMEOUT:-200}" python3 -m dffkit bench --suite gpu --no-progress \
+timeout "${BENCH_SUITE_TIMEOUT:-400}" python3 -m dffkit bench --suite gpu \
   --json "$OUT/gpu-$DATE-h200.json" --markdown "$OUT/gpu-$DATE-h200.md" --plot "$OUT/gpu-$DATE-h200.png" \
   ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" | tail -n 60
 set +f
