@@ -454,32 +454,182 @@ def test_to_float16_keeps_float32_io_and_agrees():
 
 
 # --------------------------------------------------------------------------- torchvision
+# torchvision's VGG-16 with its own random init (weights=None: no download), exported and
+# compared with the same network in torch (same seed). Skipped where torch or torchvision
+# cannot be imported (CI).
+
+TV_SEED = 7
 
 
-def test_torchvision_export_matches_torch(tmp_path):
+def _torchvision():
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
-    path = tmp_path / "tv.onnx"
-    model = models.export_vgg16_torchvision(path, weights=None)
-    assert path.is_file() and model.ir_version <= models.max_ir_version()
-    assert models.is_untrained(model)  # torchvision's random init, labelled so
-    layer = models.default_layer(model)
-    net = torchvision.models.vgg16(weights=None)
-    net.features.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in _torch_state(model).items()})
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    y = session(models.truncate(model, layer)).run(None, {"input": x})[0]
-    with torch.no_grad():
-        ref = net.features[:30](torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    return torch, torchvision
 
 
-def _torch_state(model):
-    """torchvision's features.* state dict from the exported initializers, by conv order."""
+def _tv_net(torch, torchvision):
+    """The network ``export_vgg16_torchvision(weights=None)`` builds after ``manual_seed(TV_SEED)``."""
+    torch.manual_seed(TV_SEED)
+    return torchvision.models.vgg16(weights=None).eval()
+
+
+def _tv_export(torch, include_classifier, path=None):
+    torch.manual_seed(TV_SEED)
+    return models.export_vgg16_torchvision(path, include_classifier=include_classifier, weights=None)
+
+
+@pytest.fixture(scope="module")
+def tv_conv(tmp_path_factory):
+    torch, torchvision = _torchvision()
+    path = tmp_path_factory.mktemp("tv") / "vgg16_conv.onnx"
+    return _tv_export(torch, False, path), path, _tv_net(torch, torchvision)
+
+
+@pytest.fixture(scope="module")
+def tv_full():
+    torch, torchvision = _torchvision()
+    return _tv_export(torch, True), _tv_net(torch, torchvision)
+
+
+def _tv_images():
+    return np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+
+
+def _tv_extract(model):
+    """FeatureExtractor on the CPU: (extractor, activations of _tv_images(), its normalised input)."""
+    from PIL import Image
+
+    import dffkit
+
+    with pytest.warns(models.UntrainedWeightsWarning):
+        fx = dffkit.FeatureExtractor(model, providers="cpu", batch_size=2)
+    images = _tv_images()
+    x = fx.preprocess([Image.fromarray(im) for im in images])
+    np.testing.assert_array_equal(x, normalize(images))
+    return fx, fx(images), x
+
+
+def _assert_conv5_3_relu(model, layer):
+    """``layer`` is the ReLU of the 13th 3x3 convolution, whatever the exporter named it."""
     g = models._Graph(model)
     convs = [n for n in g.nodes if n.op_type == "Conv"]
-    indices = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
-    state = {}
-    for i, conv in zip(indices, convs):
-        state[f"{i}.weight"] = g.constant(conv.input[1])
-        state[f"{i}.bias"] = g.constant(conv.input[2])
-    return state
+    assert len(convs) == 13
+    relu = g.producer[layer]
+    assert relu.op_type == "Relu" and g.producer[relu.input[0]] is convs[-1]
+    assert layer == models.default_layer(model) == models.vgg16_layers(model)["relu5_3"]
+
+
+def _close(y, ref, rtol=1e-4):
+    """allclose within ``rtol`` of each value, or of the largest one for values near 0."""
+    np.testing.assert_allclose(y, ref, rtol=rtol, atol=rtol * float(np.abs(ref).max()))
+
+
+def _tv_torch(net, x, part):
+    torch, _ = _torchvision()
+    with torch.no_grad():
+        return part(net, torch.from_numpy(np.ascontiguousarray(x))).numpy()
+
+
+def _full_session(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_torchvision_export_conv_part(tv_conv):
+    model, path, net = tv_conv
+    assert path.is_file()
+    assert models.load_model(str(path)).SerializeToString() == model.SerializeToString()
+    assert model.ir_version <= models.max_ir_version()
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [models.OPSET]
+    assert [v.name for v in model.graph.input] == ["input"] and [v.name for v in model.graph.output] == ["pool5"]
+    assert models._value_dims(model.graph.input[0]) == ["N", 3, "H", "W"]
+    assert models._value_dims(model.graph.output[0]) == ["N", 512, "h", "w"]
+    info = models.model_info(model)
+    assert info["model"] == "vgg16" and info["weights"] == "torchvision random init"
+    assert info["normalization"] == "imagenet" and "torchscript" in info["exporter"]
+    assert models.is_untrained(model)  # torchvision's random init, labelled so
+
+    fx, y, x = _tv_extract(model)
+    _assert_conv5_3_relu(model, fx.layer)
+    assert y.shape == (2, 512, 14, 14)
+    _close(y, _tv_torch(net, x, lambda n, t: n.features[:30](t)))
+
+    # H and W are dynamic: pool5 of a 64 x 96 batch of 3
+    x2 = np.random.default_rng(1).standard_normal((3, 3, 64, 96)).astype(np.float32)
+    (p,) = _full_session(model).run(None, {"input": x2})
+    assert p.shape == (3, 512, 2, 3)
+    _close(p, _tv_torch(net, x2, lambda n, t: n.features(t)))
+
+
+def test_torchvision_export_with_classifier(tv_full):
+    model, net = tv_full
+    assert model.ir_version <= models.max_ir_version()
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [models.OPSET]
+    assert [v.name for v in model.graph.output] == ["logits"]
+    assert models._value_dims(model.graph.input[0]) == ["N", 3, 224, 224]
+    assert models._value_dims(model.graph.output[0]) == ["N", 1000]
+    assert models.is_untrained(model)
+
+    fx, y, x = _tv_extract(model)
+    _assert_conv5_3_relu(model, fx.layer)
+    assert fx.image_size == (224, 224) and y.shape == (2, 512, 14, 14)
+    _close(y, _tv_torch(net, x, lambda n, t: n.features[:30](t)))
+
+    (logits,) = _full_session(model).run(None, {"input": x})
+    ref = _tv_torch(net, x, lambda n, t: n(t))
+    assert logits.shape == (2, 1000)
+    _close(logits, ref)
+
+    # the numpy classifier head reads fc6..fc8 out of the export
+    head = fx.classifier_head()
+    assert head is not None
+    assert (head.channels, head.positions, head.order, head.n_classes, head.untrained) == (512, 49, "chw", 1000, True)
+    assert models.classifier_head(model).order == "chw"
+    pool5 = _tv_torch(net, x, lambda n, t: n.features(t))
+    _close(head(pool5), ref)
+    # an embedding scores as the constant conv5_3 map it stands for scores in torch
+    emb = np.abs(np.random.default_rng(2).standard_normal((3, 512))).astype(np.float32)
+    maps = np.broadcast_to(emb[:, :, None, None], (3, 512, 7, 7))
+    _close(head(emb), _tv_torch(net, maps, lambda n, t: n.classifier(n.avgpool(t).flatten(1))))
+    assert len(head.top(emb, 5)[0]) == 5
+
+
+def test_torchvision_export_dynamo_exporter(monkeypatch):
+    """The torch.export-based exporter (used where torch has no TorchScript exporter) gives a
+    model that meets the same contract, though its tensor names differ."""
+    torch, torchvision = _torchvision()
+    pytest.importorskip("onnxscript")
+    if not hasattr(torch.export.Dim, "DYNAMIC"):
+        pytest.skip("torch.export.Dim.DYNAMIC needs torch >= 2.6")
+    monkeypatch.setattr(models, "_TORCH_EXPORTERS", ("dynamo",))
+    model = _tv_export(torch, False)
+    assert "dynamo" in models.model_info(model)["exporter"]
+    assert model.ir_version <= models.max_ir_version()
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [models.OPSET]
+    assert models._value_dims(model.graph.input[0]) == ["N", 3, "H", "W"]
+    assert models._value_dims(model.graph.output[0]) == ["N", 512, "h", "w"]
+    net = _tv_net(torch, torchvision)
+    fx, y, x = _tv_extract(model)
+    _assert_conv5_3_relu(model, fx.layer)
+    assert y.shape == (2, 512, 14, 14)
+    _close(y, _tv_torch(net, x, lambda n, t: n.features[:30](t)))
+
+
+def test_torchvision_export_errors(monkeypatch):
+    import urllib.error
+
+    torch, torchvision = _torchvision()
+
+    def offline(weights=None, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    with monkeypatch.context() as m:
+        m.setattr(torchvision.models, "vgg16", offline)
+        with pytest.raises(OSError, match="hub cache"):
+            models.export_vgg16_torchvision(weights="IMAGENET1K_V1")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter broke")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="could not export VGG-16.*torchscript exporter: RuntimeError: exporter broke"):
+        models.export_vgg16_torchvision(weights=None)

@@ -4,7 +4,8 @@ built-in colour-and-texture filter bank, and the graph surgery the extractor rel
 Every model this module writes carries an explicit IR version that the installed
 onnxruntime accepts (``max_ir_version()``) and opset 17. Models it builds are labelled in
 ``metadata_props`` (keys ``dffkit.*``: ``model``, ``weights``, ``untrained``,
-``normalization``); ``model_info(model)`` reads them back.
+``normalization``; torchvision exports also ``exporter``); ``model_info(model)`` reads them
+back.
 
 Nothing here needs torch: VGG-16 with random weights and the filter bank are written with
 ``onnx.helper``. Only ``export_vgg16_torchvision`` (``vgg16(weights="torchvision")``)
@@ -709,13 +710,71 @@ def vgg16(weights="random", include_classifier: bool = False, seed: int = 0, cac
     return model
 
 
+#: torch.onnx exporters ``export_vgg16_torchvision`` tries, in order: the TorchScript one
+#: (``dynamo=False``; deprecated since torch 2.9 but needs nothing more) and the
+#: torch.export-based one (``dynamo=True``; needs onnxscript), for a torch without the former.
+_TORCH_EXPORTERS = ("torchscript", "dynamo")
+
+
+def _torch_export_torchscript(torch, module, example, output: str, dynamic_hw: bool):
+    import inspect
+
+    import onnx
+
+    dynamic = {"input": {0: "N"}, output: {0: "N"}}
+    if dynamic_hw:
+        dynamic["input"].update({2: "H", 3: "W"})
+        dynamic[output].update({2: "h", 3: "w"})
+    kwargs = dict(input_names=["input"], output_names=[output], opset_version=OPSET, dynamic_axes=dynamic, do_constant_folding=True)
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # torch >= 2.9 defaults to the dynamo exporter; torch < 2.5 has no argument
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # torch >= 2.9 warns that this exporter is deprecated: nothing the caller can act on
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(module, (example,), buffer, **kwargs)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _torch_export_dynamo(torch, module, example, output: str, dynamic_hw: bool):
+    import onnxscript  # noqa: F401  (the dynamo exporter needs it; fail with its name)
+
+    dim = getattr(torch.export.Dim, "DYNAMIC", None)
+    if dim is None:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.export.Dim.DYNAMIC (torch >= 2.6 has)")
+    shapes = ({0: dim, 2: dim, 3: dim} if dynamic_hw else {0: dim},)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+        program = torch.onnx.export(
+            module, (example,), None, input_names=["input"], output_names=[output], opset_version=OPSET,
+            dynamic_shapes=shapes, dynamo=True, external_data=False, verbose=False,
+        )
+    model = program.model_proto
+    # the exporter names dynamic dims by its symbols (s31, (s16//32)): use the TorchScript names
+    names = {0: "N", 2: "H", 3: "W"}
+    for value, labels in ((model.graph.input[0], names), (model.graph.output[0], {0: "N", 2: "h", 3: "w"})):
+        for axis, d in enumerate(value.type.tensor_type.shape.dim):
+            if d.HasField("dim_param") and axis in labels:
+                d.dim_param = labels[axis]
+    del model.graph.value_info[:]  # intermediate shapes in the exporter's symbols
+    return model
+
+
 def export_vgg16_torchvision(path=None, include_classifier: bool = False, weights: str = "IMAGENET1K_V1"):
     """Export torchvision's VGG-16 to ONNX (needs torch and torchvision, imported here).
 
     The graph has input ``input`` (N x 3 x H x W, ImageNet normalisation) and output
     ``pool5`` (N x 512 x H/32 x W/32; H and W dynamic) or, with ``include_classifier``,
-    ``logits`` (N x 1000; input 224 x 224). ``weights=None`` exports torchvision's own
-    random initialisation. Written to ``path`` when given; returns the ModelProto.
+    ``logits`` (N x 1000; input 224 x 224), opset 17, the IR version onnxruntime accepts.
+    ``weights=None`` exports torchvision's own random initialisation (labelled untrained);
+    other weights are downloaded by torchvision once (network needed) into torch's hub
+    cache. Written to ``path`` when given; returns the ModelProto.
+
+    The TorchScript exporter (``torch.onnx.export(..., dynamo=False)``) is used where torch
+    has it; otherwise the dynamo exporter, which needs onnxscript. Tensor names differ
+    between the two (``/features/features.29/Relu_output_0`` or ``relu_12`` for conv5_3's
+    ReLU): the extractor finds the layers by structure. ``metadata_props`` ``dffkit.exporter``
+    says which one wrote the file.
     """
     try:
         import torch
@@ -727,26 +786,41 @@ def export_vgg16_torchvision(path=None, include_classifier: bool = False, weight
         ) from e
     import onnx
 
-    net = torchvision.models.vgg16(weights=weights).eval()
+    try:
+        net = torchvision.models.vgg16(weights=weights).eval()
+    except OSError as e:  # urllib's URLError included: no network for the one-time download
+        raise OSError(
+            f"could not get torchvision's VGG-16 weights {weights!r} ({type(e).__name__}: {e}); torchvision downloads "
+            "them once into torch's hub cache ($TORCH_HOME, ~/.cache/torch): with no network, put vgg16-397923af.pth "
+            "in its hub/checkpoints folder, or pass the path of a VGG-16 ONNX file, or use weights='random'"
+        ) from e
     module = net if include_classifier else net.features
     output = "logits" if include_classifier else "pool5"
-    dynamic = {"input": {0: "N"}, output: {0: "N"}}
-    if not include_classifier:
-        dynamic["input"].update({2: "H", 3: "W"})
-        dynamic[output].update({2: "h", 3: "w"})
-    kwargs = dict(input_names=["input"], output_names=[output], opset_version=OPSET, dynamic_axes=dynamic, do_constant_folding=True)
-    buffer = io.BytesIO()
-    with torch.no_grad():
+    exporters = {"torchscript": _torch_export_torchscript, "dynamo": _torch_export_dynamo}
+    errors = []
+    model = None
+    for name in _TORCH_EXPORTERS:
         try:
-            torch.onnx.export(module, torch.zeros(1, 3, 224, 224), buffer, dynamo=False, **kwargs)
-        except TypeError:  # torch < 2.5 has no dynamo argument
-            torch.onnx.export(module, torch.zeros(1, 3, 224, 224), buffer, **kwargs)
-    model = fit_ir_version(onnx.load_from_string(buffer.getvalue()))
+            with torch.no_grad():
+                model = exporters[name](torch, module, torch.zeros(1, 3, 224, 224), output, not include_classifier)
+            break
+        except Exception as e:  # noqa: BLE001 - the next exporter may work; all errors are reported
+            errors.append((name, e))
+    if model is None:
+        detail = "; ".join(f"{name} exporter: {type(e).__name__}: {e}" for name, e in errors)
+        raise RuntimeError(f"torch.onnx could not export VGG-16 (torch {torch.__version__}): {detail}") from errors[-1][1]
+    if [v.name for v in model.graph.input] != ["input"] or [v.name for v in model.graph.output] != [output]:
+        raise RuntimeError(
+            f"torch.onnx ({name} exporter) wrote inputs {[v.name for v in model.graph.input]} and outputs "
+            f"{[v.name for v in model.graph.output]}, not ['input'] and [{output!r}]"
+        )
+    model = fit_ir_version(model)
     for key, value in {
         "model": "vgg16",
         "weights": f"torchvision {weights}" if weights else "torchvision random init",
         "untrained": "0" if weights else "1",
         "normalization": "imagenet",
+        "exporter": f"torch {torch.__version__} {name}, torchvision {torchvision.__version__}",
     }.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = f"dffkit.{key}", value
