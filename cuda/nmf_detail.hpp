@@ -84,6 +84,16 @@ Engines engines_tf32();
 Engines engines_bf16x();
 Engines engines_f64();
 
+struct KParams;  // nmf_kernels.cuh
+
+/// The resident engine's fast path (nmf_small.cuh), compiled once in nmf_small_{f32,bf16x}.cu:
+/// float32 X as is, or rounded to bfloat16 as it is staged (bf16x). For the items that
+/// small_cluster() accepts; results in the items' order.
+std::vector<cuda::FitResult> small_solve_f32(const std::vector<Item>& items, const KParams& q,
+                                             int device, cudaStream_t stream);
+std::vector<cuda::FitResult> small_solve_bf16x(const std::vector<Item>& items, const KParams& q,
+                                               int device, cudaStream_t stream);
+
 /// Device that owns ptr (throws invalid_argument when it is not device memory).
 int require_device_pointer(std::uintptr_t ptr, const char* name);
 

@@ -1054,7 +1054,8 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
       }
       if (!fast.empty()) {
         std::vector<cuda::FitResult> res(items.size());
-        auto rf = small_solve<!std::is_same<XS, T>::value>(fast, q, dev, s);
+        auto rf = std::is_same<XS, T>::value ? small_solve_f32(fast, q, dev, s)
+                                             : small_solve_bf16x(fast, q, dev, s);
         for (std::size_t j = 0; j < rf.size(); ++j) res[fast_at[j]] = std::move(rf[j]);
         if (!rest.empty()) {
           auto rr = resident_solve_general<T, XS, MODE>(rest, p, o, dev, s);
