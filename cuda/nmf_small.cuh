@@ -45,10 +45,13 @@ DFFKIT_HD constexpr int small_width(i64 k) {
   return k <= 4 ? 4 : k <= 5 ? 5 : k <= 8 ? 8 : k <= 12 ? 12 : k <= 16 ? 16 : 0;
 }
 
+/// Columns per lane in the N step (K of them each in registers: 40-64 for the H slice).
+DFFKIT_HD constexpr int small_cpl(int K) { return K <= 8 ? 8 : 4; }
+
 template <int K>
 struct SmallCfg {
-  static constexpr int R = 32 / K;            // rows per N item
-  static constexpr int CPL = K <= 8 ? 8 : 4;  // columns per lane in the N step
+  static constexpr int R = 32 / K;             // rows per N item
+  static constexpr int CPL = small_cpl(K);     // columns per lane in the N step
   static constexpr int SW = 32 * CPL;         // columns per warp slice
   static constexpr int NCH = CPL / 4;         // float4 chunks per lane
 };
@@ -61,7 +64,7 @@ struct SmallLayout {
 /// Shared-memory layout of one block (host and device compute it alike).
 DFFKIT_HD SmallLayout small_layout(i64 m, i64 n, int K, int C) {
   SmallLayout L{};
-  const int R = 32 / K, SW = 32 * (K <= 8 ? 8 : 4);
+  const int R = 32 / K, SW = 32 * small_cpl(K);  // as SmallCfg<K>
   L.mb = int((m + C - 1) / C);
   L.mbp = (L.mb + R - 1) / R * R;
   L.G = L.mbp / R;
@@ -535,7 +538,7 @@ void launch_small(const SmallDesc* d_descs, std::size_t count, const KParams& q,
   DFFKIT_CUDA_CHECK_LAUNCH("small_kernel");
 }
 
-template <bool BF16, class F>
+template <class F>
 void with_small_width(int K, F&& f) {
   switch (K) {
     case 4: f(std::integral_constant<int, 4>{}); break;
@@ -589,7 +592,7 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
     DFFKIT_CUDA_TRY(cudaMemcpyAsync(d_descs, sorted.data(), B * sizeof(SmallDesc),
                                     cudaMemcpyHostToDevice, s));
     for (const Group& g : groups)
-      with_small_width<BF16>(g.K, [&](auto kw) {
+      with_small_width(g.K, [&](auto kw) {
         launch_small<BF16, decltype(kw)::value>(d_descs + g.start, g.count, q, d_out + g.start,
                                                 g.smem, g.C, s);
       });
