@@ -543,3 +543,32 @@ def test_cuda_vgg16_fp16_close_to_fp32(cuda_extractor, vgg_cache):
     half = cuda_extractor(models.to_float16(model))(imgs)
     assert full.shape == half.shape == (2, 512, 14, 14)
     assert np.abs(half - full).max() < 0.05 * np.abs(full).max()
+
+
+def test_cuda_provider_options_defaults_and_overrides(monkeypatch):
+    """The CUDA provider gets dffkit's defaults (NHWC convolutions) under the caller's own
+    options, which win; checked with the device and onnxruntime's session faked, so it runs
+    anywhere."""
+    import onnxruntime as ort
+
+    seen = []
+
+    class FakeSession:
+        def __init__(self, model_bytes, options, providers):
+            seen.append(providers)
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    monkeypatch.setattr(features, "_cuda_device_status", lambda: (True, ""))
+    monkeypatch.setattr(features, "_preload_cuda_libraries", lambda: "")
+    monkeypatch.setattr(ort, "InferenceSession", FakeSession)
+    for given, nhwc in [(None, "1"), ({"prefer_nhwc": 0}, "0"), ({"use_tf32": 0}, "1")]:
+        seen.clear()
+        session, device = features._make_session(b"", "cuda:1", None, provider_options=given)
+        (name, opts), cpu = seen[0]
+        assert (name, cpu, device) == ("CUDAExecutionProvider", "CPUExecutionProvider", 1)
+        assert opts["prefer_nhwc"] == nhwc and opts["device_id"] == 1
+        for key, value in (given or {}).items():
+            assert opts[key] == str(value)
+    assert features.CUDA_PROVIDER_DEFAULTS == {"prefer_nhwc": "1"}  # the defaults are not mutated
