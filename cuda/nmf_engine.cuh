@@ -826,6 +826,26 @@ KParams make_kparams(const Problem& p, const Options& o) {
   return q;
 }
 
+/// Launches kern on problems x C blocks of `threads`, each C consecutive blocks one thread-block
+/// cluster (sm_90; C = 1 is a plain launch). The caller checks the launch.
+template <class... KArgs, class... Args>
+void launch_clusters(void (*kern)(KArgs...), std::size_t problems, int C, int threads,
+                     std::size_t smem, cudaStream_t s, Args... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(problems * C));
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = unsigned(C);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  DFFKIT_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, args...));
+}
+
 template <class T, class XS, int KC, int MODE>
 void launch_resident(const ResDesc<T, XS>* descs, std::size_t count, const KParams& q,
                      ResOut* d_out, ResDesc<T, XS>* d_descs, std::size_t limit, int C,
@@ -839,20 +859,8 @@ void launch_resident(const ResDesc<T, XS>* descs, std::size_t count, const KPara
     DFFKIT_CUDA_CHECK_LAUNCH("resident_kernel");
     return;
   }
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(count * C));
-  cfg.blockDim = dim3(NT);
-  cfg.dynamicSmemBytes = limit;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(C);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  DFFKIT_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, static_cast<const ResDesc<T, XS>*>(d_descs), q,
-                                     d_out, limit, C));
+  launch_clusters(kern, count, C, NT, limit, s, static_cast<const ResDesc<T, XS>*>(d_descs), q,
+                  d_out, limit, C);
   DFFKIT_CUDA_CHECK_LAUNCH("resident_kernel (cluster)");
 }
 

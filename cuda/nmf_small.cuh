@@ -522,19 +522,7 @@ void launch_small(const SmallDesc* d_descs, std::size_t count, const KParams& q,
                   std::size_t smem, int C, cudaStream_t s) {
   auto kern = small_kernel<BF16, K>;
   DFFKIT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(unsigned(count * C));
-  cfg.blockDim = dim3(SNT);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(C);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  DFFKIT_CUDA_TRY(cudaLaunchKernelEx(&cfg, kern, d_descs, q, d_out, C));
+  launch_clusters(kern, count, C, SNT, smem, s, d_descs, q, d_out, C);
   DFFKIT_CUDA_CHECK_LAUNCH("small_kernel");
 }
 
