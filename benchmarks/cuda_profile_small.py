@@ -16,45 +16,39 @@ from dffkit import _backends  # noqa: E402
 cuda = _backends.cuda()
 
 
-def run(B, m, n, k, iters):
+def problem(B, m, n, k):
     torch.manual_seed(0)
     X = torch.rand((B, m, n), device="cuda")
-    W = 0.1 * torch.rand((B, m, k), device="cuda")
-    H = 0.1 * torch.rand((B, k, n), device="cuda")
+    return X, 0.1 * torch.rand((B, m, k), device="cuda"), 0.1 * torch.rand((B, k, n), device="cuda")
+
+
+def solve(X, W, H, iters):
+    """One batched solve (a lone problem takes the same kernel as in a batch)."""
+    B, m, n = X.shape
     p = cuda.Params()
     p.max_iter, p.tol = iters, 0.0
-    s = torch.cuda.current_stream().cuda_stream
+    cuda.fit_batched_strided(X.data_ptr(), W.data_ptr(), H.data_ptr(), B, m, n, W.shape[2],
+                             "float32", p, torch.cuda.current_stream().cuda_stream)
+
+
+for B, m, n, k, iters in [(1, 196, 512, 5, 200), (1, 196, 512, 5, 200), (528, 196, 512, 5, 100),
+                          (1, 196, 512, 8, 200), (1, 196, 512, 16, 200), (1, 784, 512, 5, 100)]:
     print(f"-- B={B} {m}x{n} k={k} {iters} it", flush=True)
-    if B == 1:
-        cuda.fit(X.data_ptr(), W.data_ptr(), H.data_ptr(), m, n, k, "float32", p, [], s)
-    else:
-        cuda.fit_batched_strided(X.data_ptr(), W.data_ptr(), H.data_ptr(), B, m, n, k, "float32",
-                                 p, s)
+    solve(*problem(B, m, n, k), iters)
     torch.cuda.synchronize()
-
-
-for args in [(1, 196, 512, 5, 200), (1, 196, 512, 5, 200), (528, 196, 512, 5, 100),
-             (1, 196, 512, 8, 200), (1, 196, 512, 16, 200), (1, 784, 512, 5, 100)]:
-    run(*args)
 
 # timing with the phase clock off (same build)
 os.environ["DFFKIT_CUDA_PROFILE"] = "0"
 
 
 def timed(B, m, n, k, iters, reps):
-    X = torch.rand((B, m, n), device="cuda")
-    W0 = 0.1 * torch.rand((B, m, k), device="cuda")
-    H0 = 0.1 * torch.rand((B, k, n), device="cuda")
-    p = cuda.Params()
-    p.max_iter, p.tol = iters, 0.0
-    s = torch.cuda.current_stream().cuda_stream
+    X, W0, H0 = problem(B, m, n, k)
     ts = []
     for _ in range(reps + 1):
         W, H = W0.clone(), H0.clone()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        cuda.fit_batched_strided(X.data_ptr(), W.data_ptr(), H.data_ptr(), B, m, n, k, "float32",
-                                 p, s)
+        solve(X, W, H, iters)
         b.record()
         b.synchronize()
         ts.append(a.elapsed_time(b))
