@@ -38,14 +38,11 @@ build_prebuilt() {
   local pkg=/tmp/dffkit_site
   rm -rf "$pkg" && mkdir -p "$pkg" && cp -r "$ROOT/python/dffkit" "$pkg/" || return 1
   rm -f "$pkg"/dffkit/_c*.so
-  local inc pbinc ext cudalib
+  local inc pbinc ext
   inc=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
   pbinc=$($PY -c "import pybind11; print(pybind11.get_include())")
   ext=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-  cudalib="$(dirname "$(command -v nvcc)")/../lib64"
-  g++ -O1 -std=c++17 -fPIC -fvisibility=hidden -shared -I"$ROOT/cpp" -I"$ROOT/cuda" -I"$inc" \
-      -I"$pbinc" "$ROOT/cuda/bindings/module_cuda.cpp" "$GPU_CHECK_PREBUILT"/*.o \
-      -L"$cudalib" -lcudart_static -lrt -lpthread -ldl -o "$pkg/dffkit/_cuda$ext" &
+  bash "$ROOT/benchmarks/link_cuda_module.sh" "$pkg/dffkit" "$GPU_CHECK_PREBUILT"/*.o &
   local p1=$!
   g++ -O2 -march=native -fopenmp -std=gnu++17 -fPIC -fvisibility=hidden -shared -I"$ROOT/cpp" \
       -I"$inc" -I"$pbinc" "$ROOT/cpp/nmf_mu_cpu.cpp" "$ROOT/cpp/bindings/module_cpu.cpp" \

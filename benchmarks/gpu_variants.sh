@@ -7,10 +7,6 @@
 set -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY=python3
-inc=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
-pbinc=$($PY -c "import pybind11; print(pybind11.get_include())")
-ext=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-cudalib="$(dirname "$(command -v nvcc)")/../lib64"
 for vdir in "$ROOT"/.gpu_variants/*/; do
   name=$(basename "$vdir")
   pkg=/tmp/variant_$name
@@ -19,9 +15,8 @@ for vdir in "$ROOT"/.gpu_variants/*/; do
   for o in "$ROOT"/.gpu_prebuilt/*.o; do
     b=$(basename "$o"); [[ -f "$vdir/$b" ]] && objs+=("$vdir/$b") || objs+=("$o")
   done
-  g++ -O1 -std=c++17 -fPIC -fvisibility=hidden -shared -I"$ROOT/cpp" -I"$ROOT/cuda" -I"$inc" -I"$pbinc" \
-      "$ROOT/cuda/bindings/module_cuda.cpp" "${objs[@]}" -L"$cudalib" -lcudart_static -lrt -lpthread -ldl \
-      -o "$pkg/dffkit/_cuda$ext" || { echo "== variant $name: link failed"; continue; }
+  bash "$ROOT/benchmarks/link_cuda_module.sh" "$pkg/dffkit" "${objs[@]}" \
+      || { echo "== variant $name: link failed"; continue; }
   # the CPU module of the main build
   cp /tmp/dffkit_site/dffkit/_cpu*.so "$pkg/dffkit/" 2>/dev/null
   echo "== variant $name"
