@@ -77,9 +77,11 @@ def frob_err(X, W, H):
     return float(torch.linalg.norm((X - W @ H).double()))
 
 
-def params(iters, precision="fp32"):
+def params(iters, precision="fp32", engine=None):
     p = cuda.Params()
     p.max_iter, p.tol, p.precision = iters, 0.0, precision
+    if engine:
+        p.engine = engine
     return p
 
 
@@ -98,13 +100,18 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     rows = []
     floor_bytes = iters * B * m * n * 4
     flops = iters * B * (4 * m * n * k + 2 * (m + n) * k * k)
-    variants = [(p, False) for p in precisions]
+    # (precision, variant): None = engine "auto"; "general" = the fast path off; "gemm" = the
+    # gemm engine forced (single problems too large for the resident engine)
+    variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
-        variants.append(("fp32", True))
-    for prec, general in variants:
+        variants.append(("fp32", "general"))
+    if B == 1 and m * n * k > (1 << 22):
+        variants += [("fp32", "gemm"), ("bf16x", "gemm")]
+    for prec, variant in variants:
         it_d = dffkit_iters or iters
-        label = f"dffkit {prec}" + (" general" if general else "")
-        if general:
+        label = f"dffkit {prec}" + (f" {variant}" if variant else "")
+        engine = "gemm" if variant == "gemm" else None
+        if variant == "general":
             os.environ["DFFKIT_CUDA_SMALL"] = "0"
         else:
             os.environ.pop("DFFKIT_CUDA_SMALL", None)
@@ -120,7 +127,7 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
         else:
             def run():
                 cuda.fit(X.data_ptr(), W.data_ptr(), H.data_ptr(), m, n, k, "float32",
-                         params(it_d, prec), [], stream())
+                         params(it_d, prec, engine), [], stream())
         try:
             t, ts = timed(run, reps, prep, warm=1 if reps > 1 else 0)
         except Exception as exc:  # noqa: BLE001 - reported in the table
@@ -165,7 +172,7 @@ def main():
     rows += case("tall 200000x512 k=20 100 it", 1, 200000, 512, 20, 100, 3, all3)
     if not QUICK:
         rows += case("square 16384^2 k=64 50 it", 1, 16384, 16384, 64, 50, 1, ("fp32", "tf32"),
-                     2, dffkit_iters=3)
+                     2, dffkit_iters=5)
     res = {"device": info, "ceilings": ceil, "rows": rows, "wall_s": time.time() - t0}
     with open(os.path.join(OUT, "cuda_bench.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -37,7 +37,7 @@ struct FitResult {
 };
 
 /// Which engine fit() uses: chosen from the shape, or forced (tests, sanitizer runs).
-enum class Engine : int { automatic = 0, resident = 1, sweep = 2 };
+enum class Engine : int { automatic = 0, resident = 1, sweep = 2, gemm = 3 };
 
 /// Fit in place: X (m x n), W (m x k), H (k x n), row-major device memory of dtype dt, all on
 /// one device. W and H hold the initial factors on entry and the result on exit.

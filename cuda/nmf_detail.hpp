@@ -71,12 +71,15 @@ struct Item {
   std::int64_t m, n, k;
 };
 
-/// The two engines of one precision mode (nmf_mu_<mode>.cu) and its element sizes.
+/// The engines of one precision mode (nmf_mu_<mode>.cu) and its element sizes.
 struct Engines {
   std::vector<cuda::FitResult> (*resident)(const std::vector<Item>& items, const Problem& p,
                                            const Options& o, int device, cudaStream_t stream);
   cuda::FitResult (*sweep)(const Item& item, const Problem& p, const Options& o, int device,
                            cudaStream_t stream);
+  /// the sweep engine's driver with the gemm engine's products (nmf_gemm.cuh)
+  cuda::FitResult (*gemm)(const Item& item, const Problem& p, const Options& o, int device,
+                          cudaStream_t stream);
   int esz, xsz;  // bytes of a factor element, of an element of X as the kernels read it
 };
 Engines engines_f32();

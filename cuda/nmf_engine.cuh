@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "nmf_detail.hpp"
+#include "nmf_gemm.cuh"
 #include "nmf_kernels.cuh"
 
 namespace dffkit {
@@ -1084,8 +1085,48 @@ void launch_sweep(const SweepArgs<T, XS>& a, const KParams& q, const State* st, 
   DFFKIT_CUDA_CHECK_LAUNCH("sweep_kernel");
 }
 
-/// Sweep engine for one large problem.
-template <class T, class XS, int MODE>
+/// Calls f with the gemm kernels' column width KP (16, 32 or 64).
+template <class F>
+void with_kp(int kp, F&& f) {
+  if (kp == 16) f(std::integral_constant<int, 16>{});
+  else if (kp == 32) f(std::integral_constant<int, 32>{});
+  else f(std::integral_constant<int, 64>{});
+}
+
+/// Whether the gemm engine serves a problem: Frobenius, k <= 64, its kernels' shared memory
+/// within the device's limit.
+bool gemm_fits(bool kl, i64 k, int esz, std::size_t limit) {
+  const int kp = gemm_kp(k);
+  if (kl || kp == 0) return false;
+  const std::size_t need = std::max(esz == 8 ? gemm_n_smem<double>(kp) : gemm_n_smem<float>(kp),
+                                    esz == 8 ? gemm_p_smem<double>(kp) : gemm_p_smem<float>(kp));
+  return need <= limit;
+}
+
+/// The gemm engine's products for one iteration (nmf_gemm.cuh): N and the W update, then the
+/// P and G_W partials over the plan's row slices.
+template <class T, class XS>
+void launch_gemm(const GemmArgs<T, XS>& g, const GemmPlan& plan, const KParams& q,
+                 const int* stop, int first, int want_P, cudaStream_t s) {
+  with_kp(plan.kp, [&](auto kpc) {
+    constexpr int KP = decltype(kpc)::value;
+    gemm_n_kernel<T, XS, KP><<<unsigned(plan.n_blocks), NT, gemm_n_smem<T>(KP), s>>>(g, q, stop,
+                                                                                   first);
+    DFFKIT_CUDA_CHECK_LAUNCH("gemm_n_kernel");
+    if (want_P) {
+      gemm_p_kernel<T, XS, KP><<<dim3(unsigned(plan.col_blocks), unsigned(plan.slices)), NT,
+                                 gemm_p_smem<T>(KP), s>>>(g, stop);
+      DFFKIT_CUDA_CHECK_LAUNCH("gemm_p_kernel");
+    }
+    gemm_gram_kernel<T, KP><<<unsigned(plan.slices), NT, gemm_gram_smem<T>(KP), s>>>(
+        g.W, g.m, g.k, g.slice_rows, g.Gpart, stop);
+    DFFKIT_CUDA_CHECK_LAUNCH("gemm_gram_kernel");
+  });
+}
+
+/// Sweep engine for one large problem; GEMM: the gemm engine instead of the row-tile sweep for
+/// the products (Frobenius, k <= 64; the statistics, H update and stopping rule are shared).
+template <class T, class XS, int MODE, bool GEMM = false>
 cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o, int dev,
                             cudaStream_t s) {
   const KParams q = make_kparams(p, o);
@@ -1094,13 +1135,19 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   const int k = int(item.k);
   const std::size_t limit = smem_optin(dev);
   const SweepLayout L = sweep_layout(n, k, kl, sizeof(T), sizeof(XS), limit);
-  if (L.used > limit)
+  if (GEMM && !gemm_fits(kl, k, int(sizeof(T)), limit))
+    throw invalid_argument("dffkit._cuda: the gemm engine serves the Frobenius loss with "
+                           "n_components <= 64; use engine='auto' or 'sweep'");
+  if (!GEMM && L.used > limit)
     throw invalid_argument("dffkit._cuda: n_components=" + std::to_string(k) +
                            " is too large for the CUDA engine's on-chip statistics");
   const i64 tiles = (m + TM - 1) / TM;
   const i64 kn = i64(k) * n;
-  i64 nb = std::min<i64>(tiles, 264);
-  nb = std::max<i64>(1, std::min<i64>(nb, (i64(512) << 20) / std::max<i64>(1, kn * i64(sizeof(T)))));
+  const i64 max_parts = std::max<i64>(1, (i64(512) << 20) / std::max<i64>(1, kn * i64(sizeof(T))));
+  const GemmPlan plan = GEMM ? gemm_plan(m, n, k, max_parts) : GemmPlan{};
+  // nb: partials of P and G_W; nbd: partials of the first iteration's error terms
+  const i64 nb = GEMM ? plan.slices : std::max<i64>(1, std::min<i64>(std::min<i64>(tiles, 264), max_parts));
+  const i64 nbd = GEMM ? plan.n_blocks : nb;
   const i64 nbh = (n + NT - 1) / NT;
   const i64 nbe = std::min<i64>(m, 1024);
   const i64 nchunks = (m * n + 4095) / 4096;
@@ -1112,7 +1159,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
     GH = c.take<T>(i64(k) * k); GW = c.take<T>(i64(k) * k);
     rs = c.take<T>(k); colsum = c.take<T>(k); rsd = c.take<double>(k);
     Gpart = c.take<T>(nb * k * k); cspart = c.take<T>(nb * k);
-    d0p = c.take<double>(nb); ggp = c.take<double>(nb);
+    d0p = c.take<double>(nbd); ggp = c.take<double>(nbd);
     Ppart = c.take<T>(nb * kn);
     gR = (kl && !L.R_s) ? c.take<T>(nb * TM * n) : nullptr;
     php = c.take<double>(nbh);
@@ -1170,10 +1217,30 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   if (kl || o.max_iter < 1) full_error(0, 1, 0);
 
   const std::size_t smem = L.used;
-  with_kc<MODE>(k, [&](auto kc) {
-    DFFKIT_CUDA_TRY(cudaFuncSetAttribute(sweep_kernel<T, XS, decltype(kc)::value, MODE>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  });
+  if constexpr (GEMM) {
+    with_kp(plan.kp, [&](auto kpc) {
+      constexpr int KP = decltype(kpc)::value;
+      DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_n_kernel<T, XS, KP>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(gemm_n_smem<T>(KP))));
+      DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_p_kernel<T, XS, KP>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(gemm_p_smem<T>(KP))));
+    });
+  } else {
+    with_kc<MODE>(k, [&](auto kc) {
+      DFFKIT_CUDA_TRY(cudaFuncSetAttribute(sweep_kernel<T, XS, decltype(kc)::value, MODE>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    });
+  }
+  GemmArgs<T, XS> g{};
+  g.X = Xd; g.W = W; g.H = H; g.GH = GH; g.m = m; g.n = n; g.k = k;
+  g.vec = n % 4 == 0 && reinterpret_cast<std::uintptr_t>(Xd) % (4 * sizeof(XS)) == 0 &&
+          reinterpret_cast<std::uintptr_t>(H) % (4 * sizeof(T)) == 0;
+  g.goff = p.group_offsets ? goff : nullptr;
+  g.ngroups = p.group_offsets ? p.n_groups : 0;
+  g.gnorm = gnorm; g.Ppart = Ppart; g.Gpart = Gpart; g.d0part = d0p; g.ggpart = ggp;
+  g.slice_rows = plan.slice_rows;
   SweepArgs<T, XS> a;
   a.X = Xd; a.W = W; a.H = H; a.m = m; a.n = n; a.k = k; a.GH = GH; a.rs = rs;
   a.goff = p.group_offsets ? goff : nullptr;
@@ -1191,9 +1258,13 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
           st, W, goff, p.n_groups, k, gnorm);
       DFFKIT_CUDA_CHECK_LAUNCH("group_norm_kernel");
     }
-    with_kc<MODE>(k, [&](auto kc) {
-      launch_sweep<T, XS, decltype(kc)::value, MODE>(a, q, st, first, want_P, int(nb), smem, s);
-    });
+    if constexpr (GEMM) {
+      launch_gemm<T, XS>(g, plan, q, &st->stopped, first, want_P, s);
+    } else {
+      with_kc<MODE>(k, [&](auto kc) {
+        launch_sweep<T, XS, decltype(kc)::value, MODE>(a, q, st, first, want_P, int(nb), smem, s);
+      });
+    }
     auto reduce_parts = [&](T* part, i64 count) {
       if (nb < 2) return;
       reduce_partials_kernel<T><<<unsigned((count + 31) / 32), 256, 0, s>>>(st, part, count,
@@ -1202,7 +1273,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
     };
     if (kl) reduce_parts(cspart, k); else reduce_parts(Gpart, i64(k) * k);
     if (want_P) reduce_parts(Ppart, kn);
-    reduce_kernel<T><<<1, NT, 0, s>>>(st, int(nb), k, Gpart, cspart, d0p, ggp, GW, colsum, kl, first);
+    reduce_kernel<T><<<1, NT, 0, s>>>(st, int(nbd), k, Gpart, cspart, d0p, ggp, GW, colsum, kl, first);
     DFFKIT_CUDA_CHECK_LAUNCH("reduce_kernel");
     if (o.update_H || (need_err && !kl)) {
       h_update_kernel<T><<<unsigned(nbh), NT, 0, s>>>(st, q, 1, n, k, Ppart, H, GW, colsum,
@@ -1268,8 +1339,8 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   namespace dffkit {                                                                           \
   namespace cuda_detail {                                                                      \
   Engines engines_##name() {                                                                   \
-    return Engines{resident_solve<T, XS, MODE>, sweep_solve<T, XS, MODE>, int(sizeof(T)),      \
-                   int(sizeof(XS))};                                                           \
+    return Engines{resident_solve<T, XS, MODE>, sweep_solve<T, XS, MODE>,                     \
+                   sweep_solve<T, XS, MODE, true>, int(sizeof(T)), int(sizeof(XS))};           \
   }                                                                                            \
   }                                                                                            \
   }

@@ -18,34 +18,13 @@
 #include <limits>
 
 #include "mu_update.hpp"
+#include "nmf_device_common.cuh"
 
 namespace dffkit {
 namespace cuda_detail {
 
-using i64 = std::int64_t;
-
-constexpr int NT = 256;   // threads per block
 constexpr int TM = 32;    // rows per tile: 8 warps x 4 rows
 constexpr int NSPLIT = 16;  // lanes that share a pair of rows in the N step
-
-template <class T, class XS>
-__device__ __forceinline__ T xget(const XS* p) {
-  return T(*p);
-}
-template <>
-__device__ __forceinline__ float xget<float, __nv_bfloat16>(const __nv_bfloat16* p) {
-  return __bfloat162float(*p);
-}
-
-/// Loss, penalties and options, by value in every launch.
-struct KParams {
-  int kl = 0;
-  double l1_W = 0, l2_W = 0, l1_H = 0, l2_H = 0, lam = 0, mu = 0;
-  int groups = 0;  // group term active (offsets given and lam > 0)
-  int update_H = 1, max_iter = 200, record_obj = 0;
-  double tol = 1e-4;
-  int profile = 0;  // DFFKIT_CUDA_PROFILE=1: the fast path prints its phase times (block 0)
-};
 
 /// Everything a tile needs. Pointers are generic: each may be shared or global memory.
 template <class T>
@@ -68,15 +47,6 @@ struct TileArgs {
   T* Gacc;                 // k x k: G_W accumulator (Frobenius)
   T* colsum;               // k: column sums of the new W (KL)
 };
-
-__device__ __forceinline__ i64 group_of_row(const i64* goff, i64 ngroups, i64 row) {
-  i64 lo = 0, hi = ngroups;  // last g with goff[g] <= row
-  while (hi - lo > 1) {
-    const i64 mid = (lo + hi) / 2;
-    if (goff[mid] <= row) lo = mid; else hi = mid;
-  }
-  return lo;
-}
 
 /// R_t = src / max(W_t H, eps) for rt rows (src: X rows, W_t: Wsrc rows in smem).
 template <class T, class XS>
@@ -380,21 +350,6 @@ __device__ void stage_rows_async(XS* dst, i64 ld, const XS* X, i64 n, i64 r0, i6
     }
   }
   __pipeline_commit();
-}
-
-/// Sum of v over the block in a fixed tree order; every thread gets the result.
-__device__ __forceinline__ double block_sum(double v, double* red) {
-  const int tid = threadIdx.x;
-  __syncthreads();
-  red[tid] = v;
-  __syncthreads();
-  for (int s = NT / 2; s > 0; s >>= 1) {
-    if (tid < s) red[tid] += red[tid + s];
-    __syncthreads();
-  }
-  const double r = red[0];
-  __syncthreads();
-  return r;
 }
 
 /// G[a, b] = sum_l A[a, l] A[b, l] (k x len, row stride lda), float64 sums in a fixed order:

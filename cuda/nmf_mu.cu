@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "nmf_detail.hpp"
@@ -34,6 +35,13 @@ int check_shapes_and_device(const std::vector<Item>& items, DType dt, Precision 
   return dev;
 }
 
+/// DFFKIT_CUDA_GEMM=1: engine "auto" takes the gemm engine instead of the sweep where it serves
+/// the problem. Off by default until its speed is measured against the sweep on a GPU.
+bool gemm_by_default() {
+  const char* v = std::getenv("DFFKIT_CUDA_GEMM");
+  return v && v[0] == '1';
+}
+
 Engines pick_engines(DType dt, Precision prec) {
   if (dt == DType::f64) return engines_f64();
   if (prec == Precision::bf16x) return engines_bf16x();
@@ -60,6 +68,9 @@ FitResult fit(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, const Proble
   if (engine == Engine::resident ||
       (engine == Engine::automatic && fits && prefer_resident(p.m, p.n, p.k)))
     return E.resident(items, p, o, dev, s)[0];
+  if (engine == Engine::gemm || (engine == Engine::automatic && gemm_by_default() &&
+                                 gemm_fits(kl, p.k, E.esz, limit)))
+    return E.gemm(items[0], p, o, dev, s);
   return E.sweep(items[0], p, o, dev, s);
 }
 

@@ -228,6 +228,88 @@ def test_max_iter_zero_and_caller_arrays_untouched():
     assert not np.array_equal(Wg, W)  # results are ours, the inputs stay as they were
 
 
+# ---- the gemm engine (cuda/nmf_gemm.cuh; its kernels also run on the CPU emulator in
+# tests/test_cuda_emu.py): Frobenius, k <= 64, every column width (16, 32, 64), n not a multiple
+# of 4 (scalar loads), several row slices, partial row and column tiles
+
+GEMM_SHAPES = [(301, 131, 12), (1000, 300, 20), (257, 520, 64), (90, 1000, 33), (3000, 40, 3)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+@pytest.mark.parametrize("opts", [dict(), dict(pen=(0.3, 0.2, 0.1, 0.4), mu=0.05), dict(update_H=False)],
+                         ids=["plain", "penalties", "fixed_H"])
+def test_gemm_engine_matches_cpu_and_sweep(shape, opts):
+    X, W, H = _problem(*shape)
+    Wc, Hc, ic = _cpu_fit(X, W, H, **opts)
+    Wm, Hm, im = _gpu_fit(X, W, H, engine="gemm", **opts)
+    Ws, Hs, is_ = _gpu_fit(X, W, H, engine="sweep", **opts)
+    assert im["n_iter"] == ic["n_iter"] == 100
+    assert _rel(Wm, Wc) <= 1e-4 and _rel(Hm, Hc) <= 1e-4
+    assert abs(im["error"] - ic["error"]) <= 1e-3 * ic["error"]
+    assert abs(im["error_init"] - ic["error_init"]) <= 1e-5 * ic["error_init"]
+    assert _rel(Wm, Ws) <= 1e-4 and not np.array_equal(Wm, Ws)  # another kernel really ran
+    if opts.get("update_H") is False:
+        assert np.array_equal(Hm, H)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", [(301, 131, 12), (257, 520, 64)])
+def test_gemm_engine_groups_float64_and_stopping(shape):
+    m = shape[0]
+    X, W, H = _problem(*shape)
+    groups = [0, m // 5, m // 5, 2 * m // 3, m]
+    Wc, Hc, ic = _cpu_fit(X, W, H, groups=groups, lam=0.5, mu=0.2, record=True)
+    Wg, Hg, ig = _gpu_fit(X, W, H, groups=groups, lam=0.5, mu=0.2, record=True, engine="gemm")
+    assert _rel(Wg, Wc) <= 1e-4 and _rel(Hg, Hc) <= 1e-4
+    np.testing.assert_allclose(ig["objective"], ic["objective"], rtol=1e-4)
+    X, W, H = _problem(*shape, dtype=np.float64)
+    Wc, Hc, ic = _cpu_fit(X, W, H, max_iter=400, tol=3e-3)
+    Wg, Hg, ig = _gpu_fit(X, W, H, max_iter=400, tol=3e-3, engine="gemm")
+    assert ig["n_iter"] == ic["n_iter"] < 400
+    assert _rel(Wg, Wc) <= 1e-9
+    Wo, Ho = _mu_oracle(X, W, H, 10)
+    Wg, Hg, _ = _gpu_fit(X, W, H, max_iter=10, engine="gemm")
+    assert _rel(Wg, Wo) <= 1e-9 and _rel(Hg, Ho) <= 1e-9
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("precision", ["bf16x", "tf32"])
+def test_gemm_engine_low_precision(precision):
+    X, W, H = _problem(1000, 300, 20)
+    W32, H32, i32 = _gpu_fit(X, W, H, engine="gemm")
+    Wl, Hl, il = _gpu_fit(X, W, H, precision=precision, engine="gemm")
+    err_bound, factor_bound = LOW_PRECISION_BOUNDS[precision]
+    assert abs(il["error"] - i32["error"]) <= err_bound * i32["error"]
+    assert _rel(Wl, W32) <= factor_bound and _rel(Hl, H32) <= factor_bound
+    # tf32: the gemm kernels multiply on CUDA cores in float32, so fp32's bits; bf16x rounds X
+    assert np.array_equal(Wl, W32) == (precision == "tf32")
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gemm_engine_refuses_what_it_does_not_serve_and_auto_can_take_it(monkeypatch):
+    X, W, H = _problem(301, 131, 12, zeros=True)
+    with pytest.raises(ValueError, match="gemm engine serves the Frobenius"):
+        _gpu_fit(X, W, H, beta=1, engine="gemm")
+    X, W, H = _problem(200, 100, 65)
+    with pytest.raises(ValueError, match="n_components <= 64"):
+        _gpu_fit(X, W, H, engine="gemm")
+    _gpu_fit(X, W, H, max_iter=3)  # the next call works
+    # DFFKIT_CUDA_GEMM=1: engine "auto" takes it for a problem too large for the resident engine
+    X, W, H = _problem(3000, 2000, 8)
+    Wg, Hg, _ = _gpu_fit(X, W, H, max_iter=20, engine="gemm")
+    monkeypatch.setenv("DFFKIT_CUDA_GEMM", "1")
+    Wa, Ha, _ = _gpu_fit(X, W, H, max_iter=20)
+    assert np.array_equal(Wa, Wg) and np.array_equal(Ha, Hg)
+    monkeypatch.delenv("DFFKIT_CUDA_GEMM")
+    Wa, Ha, _ = _gpu_fit(X, W, H, max_iter=20)
+    assert not np.array_equal(Wa, Wg)  # the sweep
+
+
 # ---- precision modes ------------------------------------------------------------------------
 
 # Documented bounds (cuda/NOTES.md): bf16x solves the problem for X rounded to bfloat16

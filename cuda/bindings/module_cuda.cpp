@@ -23,14 +23,15 @@ namespace {
 
 struct Params : bindings::Params {
   std::string precision = "fp32";
-  std::string engine = "auto";  // "auto" | "resident" | "sweep" (tests and sanitizer runs)
+  std::string engine = "auto";  // "auto" | "resident" | "sweep" | "gemm" (tests, sanitizer runs)
 };
 
 cuda::Engine parse_engine(const std::string& s) {
   if (s == "auto") return cuda::Engine::automatic;
   if (s == "resident") return cuda::Engine::resident;
   if (s == "sweep") return cuda::Engine::sweep;
-  throw invalid_argument("dffkit._cuda: engine must be 'auto', 'resident' or 'sweep'");
+  if (s == "gemm") return cuda::Engine::gemm;
+  throw invalid_argument("dffkit._cuda: engine must be 'auto', 'resident', 'sweep' or 'gemm'");
 }
 
 cuda::DType parse_dtype(const std::string& s) {

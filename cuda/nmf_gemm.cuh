@@ -1,0 +1,452 @@
+#pragma once
+// The gemm engine's kernels: Frobenius loss, k <= 64, any m and n. Per iteration the two
+// products with X run as register-tiled matrix products (each thread an 8 x 4 or 8 x 8 block of
+// outputs, operands staged through shared memory in steps of 16 along the reduction, the next
+// step's global loads in flight while the current one is multiplied):
+//
+//   gemm_n_kernel     N = X H^T for BM rows of X and all k columns, then, in the epilogue, the
+//                     W update of those rows: W <- mu_step(W, N, W G_H, penalties, group term)
+//                     (first iteration: <N, W_old> and <W_old G_H, W_old> for the initial error)
+//   gemm_p_kernel     P_s = W^T X over slice s of the rows, for BN columns: S partials
+//   gemm_gram_kernel  G_s = W^T W over slice s of the rows
+//
+// The partials are added afterwards in a fixed order (reduce_partials_kernel), so results depend
+// on the shape only. Each output is a sum in ascending order of its reduction index (float32 in
+// the products, float64 in the Gram matrix). X may be float, double or bfloat16 (converted to T
+// when it is staged). The sweep engine's single pass keeps a row tile of X on chip, which stops
+// working once a row (n floats) no longer fits; these kernels read X twice per iteration, at
+// arithmetic intensity that does not depend on n.
+//
+// This file compiles under nvcc and under the CPU emulator (cuda/emu/cuda_emu.hpp), which the
+// tests use to check these kernels on machines without a GPU.
+#include <limits>
+#include <type_traits>
+
+#include "mu_update.hpp"
+#include "nmf_device_common.cuh"
+
+namespace dffkit {
+namespace cuda_detail {
+
+constexpr int GBK = 16;  // reduction step of both products
+
+// ---- 4-element loads and stores ---------------------------------------------------------------
+
+/// v = p[0..3] as T; p is aligned to 4 elements.
+template <class T, class S>
+__device__ __forceinline__ void load4(const S* p, T* v) {
+  if constexpr (std::is_same<S, float>::value) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = T(q.x); v[1] = T(q.y); v[2] = T(q.z); v[3] = T(q.w);
+  } else if constexpr (std::is_same<S, double>::value) {
+    const double2 a = reinterpret_cast<const double2*>(p)[0];
+    const double2 b = reinterpret_cast<const double2*>(p)[1];
+    v[0] = T(a.x); v[1] = T(a.y); v[2] = T(b.x); v[3] = T(b.y);
+  } else {
+    static_assert(sizeof(S) == 2, "X is float, double or bfloat16");
+    // bfloat16: the upper half of a float32 (element 0 is the low half of the first word)
+    const uint2 q = *reinterpret_cast<const uint2*>(p);
+    v[0] = T(__uint_as_float(q.x << 16));
+    v[1] = T(__uint_as_float(q.x & 0xffff0000u));
+    v[2] = T(__uint_as_float(q.y << 16));
+    v[3] = T(__uint_as_float(q.y & 0xffff0000u));
+  }
+}
+
+/// p[0..3] = v (p aligned to 4 elements; shared memory).
+template <class T>
+__device__ __forceinline__ void store4(T* p, const T* v) {
+  if constexpr (std::is_same<T, float>::value) {
+    *reinterpret_cast<float4*>(p) = float4{v[0], v[1], v[2], v[3]};
+  } else {
+    reinterpret_cast<double2*>(p)[0] = double2{v[0], v[1]};
+    reinterpret_cast<double2*>(p)[1] = double2{v[2], v[3]};
+  }
+}
+
+/// Four elements of a row, from column l on: 4-wide when the row allows it (vec: n % 4 == 0
+/// and the array aligned), else one by one; columns at or beyond n and absent rows are zero.
+template <class T, class S>
+__device__ __forceinline__ void fetch4(const S* row, bool row_ok, i64 l, i64 n, bool vec, T* v) {
+  if (vec) {
+    if (row_ok && l < n) {
+      load4<T, S>(row + l, v);
+      return;
+    }
+    v[0] = v[1] = v[2] = v[3] = T(0);
+    return;
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) v[c] = row_ok && l + c < n ? xget<T>(row + l + c) : T(0);
+}
+
+// ---- geometry ---------------------------------------------------------------------------------
+
+/// N kernel: threads TY x TX, each 8 rows x 4 columns of N; KP = k rounded up to 16, 32 or 64.
+template <int KP>
+struct NGeom {
+  static constexpr int TX = KP / 4;           // threads across the columns
+  static constexpr int TY = NT / TX;          // threads down the rows
+  static constexpr int BM = TY * 8;           // rows per block: 512, 256, 128
+  static constexpr int LDA = BM + 4;          // As[l][row]: X staged transposed, padded
+  static constexpr int LDB = KP + 4;          // Bs[l][j] = H[j][l]
+  static constexpr int XG = BM * GBK / 4 / NT;  // 4-element groups of X per thread and step
+  static constexpr int LDW = KP + 1;          // epilogue: old W rows
+  static_assert(KP * GBK / 4 <= NT, "one group of H per thread");
+};
+
+/// P kernel: threads TY x TX, each 8 rows of P (components) x TC columns.
+template <int KP>
+struct PGeom {
+  static constexpr int TC = KP == 64 ? 8 : 4;
+  static constexpr int TY = KP / 8;
+  static constexpr int TX = NT / TY;
+  static constexpr int BN = TX * TC;          // columns per block: 512, 256, 256
+  static constexpr int LDW = KP + 4;          // Ws[i][j]
+  static constexpr int LDX = BN + 4;          // Xs[i][l]
+  static constexpr int XG = GBK * BN / 4 / NT;
+  static constexpr int WG = (GBK * KP + NT - 1) / NT;
+};
+
+constexpr int GRAM_ROWS = 32;
+
+template <class T>
+DFFKIT_HD std::size_t gemm_n_smem(int KP) {
+  const int TX = KP / 4, BM = (NT / TX) * 8;
+  const std::size_t stage = std::size_t(2) * GBK * ((BM + 4) + (KP + 4));
+  const std::size_t epi = std::size_t(BM) * (KP + 1) + std::size_t(KP) * KP;
+  return NT * sizeof(double) + (stage > epi ? stage : epi) * sizeof(T);
+}
+template <class T>
+DFFKIT_HD std::size_t gemm_p_smem(int KP) {
+  const int TC = KP == 64 ? 8 : 4, BN = (NT / (KP / 8)) * TC;
+  return std::size_t(2) * GBK * ((KP + 4) + (BN + 4)) * sizeof(T);
+}
+template <class T>
+DFFKIT_HD std::size_t gemm_gram_smem(int KP) {
+  return std::size_t(GRAM_ROWS) * KP * sizeof(T);
+}
+DFFKIT_HD int gemm_block_rows(int KP) { return (NT / (KP / 4)) * 8; }
+DFFKIT_HD int gemm_block_cols(int KP) { return (NT / (KP / 8)) * (KP == 64 ? 8 : 4); }
+
+template <class T, class XS>
+struct GemmArgs {
+  const XS* X;           // m x n
+  T* W;                  // m x k, updated in place by gemm_n_kernel
+  const T* H;            // k x n
+  const T* GH;           // k x k
+  i64 m, n;
+  int k;
+  int vec;               // rows of X and H readable 4 elements at a time
+  const i64* goff;       // group offsets (null: no groups)
+  i64 ngroups;
+  const double* gnorm;   // ngroups x k: norms of the old W's groups
+  T* Ppart;              // S x k x n
+  T* Gpart;              // S x k x k
+  double* d0part;        // per N block: <N, W_old> (first iteration)
+  double* ggpart;        // per N block: <W_old G_H, W_old>
+  i64 slice_rows;        // P and G slices: rows [s * slice_rows, (s + 1) * slice_rows)
+};
+
+// ---- N = X H^T and the W update ---------------------------------------------------------------
+
+template <class T, class XS, int KP>
+__global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q, const int* stop,
+                                                    int first) {
+  if (stop && *stop) return;
+  using G = NGeom<KP>;
+  DFFKIT_DYNAMIC_SMEM(smem);
+  double* red = reinterpret_cast<double*>(smem);
+  T* As = reinterpret_cast<T*>(smem + NT * sizeof(double));  // [2][GBK][LDA]
+  T* Bs = As + 2 * GBK * G::LDA;                              // [2][GBK][LDB]
+  const int tid = threadIdx.x, tx = tid % G::TX, ty = tid / G::TX;
+  const i64 m = g.m, n = g.n;
+  const int k = g.k;
+  const bool vec = g.vec != 0;
+  const i64 r0 = i64(blockIdx.x) * G::BM;
+
+  T xr[G::XG][4], hr[4];
+  auto load = [&](i64 l0) {
+#pragma unroll
+    for (int u = 0; u < G::XG; ++u) {
+      const int e = tid + u * NT, row = e / (GBK / 4), c4 = (e % (GBK / 4)) * 4;
+      const i64 gi = r0 + row;
+      fetch4<T, XS>(g.X + (gi < m ? gi : 0) * n, gi < m, l0 + c4, n, vec, xr[u]);
+    }
+    if (tid < KP * GBK / 4) {
+      const int j = tid / (GBK / 4), c4 = (tid % (GBK / 4)) * 4;
+      fetch4<T, T>(g.H + (j < k ? j : 0) * n, j < k, l0 + c4, n, vec, hr);
+    }
+  };
+  auto store = [&](int buf) {
+    T* a = As + buf * GBK * G::LDA;
+    T* b = Bs + buf * GBK * G::LDB;
+#pragma unroll
+    for (int u = 0; u < G::XG; ++u) {
+      const int e = tid + u * NT, row = e / (GBK / 4), c4 = (e % (GBK / 4)) * 4;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) a[(c4 + c) * G::LDA + row] = xr[u][c];
+    }
+    if (tid < KP * GBK / 4) {
+      const int j = tid / (GBK / 4), c4 = (tid % (GBK / 4)) * 4;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) b[(c4 + c) * G::LDB + j] = hr[c];
+    }
+  };
+
+  T acc[8][4];
+#pragma unroll
+  for (int r = 0; r < 8; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[r][c] = T(0);
+
+  const i64 steps = (n + GBK - 1) / GBK;
+  load(0);
+  store(0);
+  __syncthreads();
+  for (i64 t = 0; t < steps; ++t) {
+    const int buf = int(t & 1);
+    if (t + 1 < steps) load((t + 1) * GBK);
+    const T* a = As + buf * GBK * G::LDA + ty * 8;
+    const T* b = Bs + buf * GBK * G::LDB + tx * 4;
+#pragma unroll
+    for (int kk = 0; kk < GBK; ++kk) {
+      T av[8], bv[4];
+      load4<T, T>(a + kk * G::LDA, av);
+      load4<T, T>(a + kk * G::LDA + 4, av + 4);
+      load4<T, T>(b + kk * G::LDB, bv);
+#pragma unroll
+      for (int r = 0; r < 8; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] += av[r] * bv[c];
+    }
+    if (t + 1 < steps) store(buf ^ 1);
+    __syncthreads();
+  }
+
+  // epilogue: the W update of the block's rows (staging buffers reused)
+  T* Wo = As;                    // [BM][LDW]
+  T* GHs = As + G::BM * G::LDW;  // [KP][KP]
+  for (int e = tid; e < G::BM * KP; e += NT) {
+    const int i = e / KP, j = e % KP;
+    const i64 gi = r0 + i;
+    Wo[i * G::LDW + j] = gi < m && j < k ? g.W[gi * k + j] : T(0);
+  }
+  for (int e = tid; e < KP * KP; e += NT) {
+    const int l = e / KP, j = e % KP;
+    GHs[e] = l < k && j < k ? g.GH[l * k + j] : T(0);
+  }
+  __syncthreads();
+  const T l1 = T(q.l1_W), l2 = T(q.l2_W);
+  const double tiny = double(std::numeric_limits<T>::min());
+  double d0 = 0, gg = 0;
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    const int i = ty * 8 + r;
+    const i64 gi = r0 + i;
+    if (gi < m) {
+      T base[4] = {T(0), T(0), T(0), T(0)};
+      for (int l = 0; l < k; ++l) {
+        const T w = Wo[i * G::LDW + l];
+        T gv[4];
+        load4<T, T>(GHs + l * KP + tx * 4, gv);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) base[c] += w * gv[c];
+      }
+      const i64 grp = q.groups ? group_of_row(g.goff, g.ngroups, gi) : 0;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int j = tx * 4 + c;
+        if (j < k) {
+          const T wo = Wo[i * G::LDW + j], num = acc[r][c];
+          if (first) {
+            d0 += double(num) * double(wo);
+            gg += double(wo) * double(base[c]);
+          }
+          const T extra = q.groups ? group_term(wo, q.lam, g.gnorm[grp * k + j], tiny) : T(0);
+          g.W[gi * k + j] = mu_step(wo, num, base[c], l1, l2, extra);
+        }
+      }
+    }
+  }
+  if (first) {
+    d0 = block_sum(d0, red);
+    gg = block_sum(gg, red);
+    if (tid == 0) {
+      g.d0part[blockIdx.x] = d0;
+      g.ggpart[blockIdx.x] = gg;
+    }
+  }
+}
+
+// ---- P_s = W^T X over a slice of rows -----------------------------------------------------------
+
+template <class T, class XS, int KP>
+__global__ void __launch_bounds__(NT) gemm_p_kernel(GemmArgs<T, XS> g, const int* stop) {
+  if (stop && *stop) return;
+  using G = PGeom<KP>;
+  DFFKIT_DYNAMIC_SMEM(smem);
+  T* Ws = reinterpret_cast<T*>(smem);   // [2][GBK][LDW]
+  T* Xs = Ws + 2 * GBK * G::LDW;        // [2][GBK][LDX]
+  const int tid = threadIdx.x, tx = tid % G::TX, ty = tid / G::TX;
+  const i64 m = g.m, n = g.n;
+  const int k = g.k;
+  const bool vec = g.vec != 0;
+  const i64 l0 = i64(blockIdx.x) * G::BN;
+  const i64 ib = i64(blockIdx.y) * g.slice_rows;
+  const i64 ie = ib + g.slice_rows < m ? ib + g.slice_rows : m;
+  const i64 steps = ie > ib ? (ie - ib + GBK - 1) / GBK : 0;
+
+  T xr[G::XG][4], wr[G::WG];
+  auto load = [&](i64 i0) {
+#pragma unroll
+    for (int u = 0; u < G::XG; ++u) {
+      const int e = tid + u * NT, row = e / (G::BN / 4), c4 = (e % (G::BN / 4)) * 4;
+      const i64 gi = i0 + row;
+      fetch4<T, XS>(g.X + (gi < ie ? gi : 0) * n, gi < ie, l0 + c4, n, vec, xr[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < G::WG; ++u) {
+      const int e = tid + u * NT, row = e / KP, j = e % KP;
+      const i64 gi = i0 + row;
+      wr[u] = e < GBK * KP && gi < ie && j < k ? g.W[gi * k + j] : T(0);
+    }
+  };
+  auto store = [&](int buf) {
+    T* w = Ws + buf * GBK * G::LDW;
+    T* x = Xs + buf * GBK * G::LDX;
+#pragma unroll
+    for (int u = 0; u < G::XG; ++u) {
+      const int e = tid + u * NT, row = e / (G::BN / 4), c4 = (e % (G::BN / 4)) * 4;
+      store4<T>(x + row * G::LDX + c4, xr[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < G::WG; ++u) {
+      const int e = tid + u * NT;
+      if (e < GBK * KP) w[(e / KP) * G::LDW + e % KP] = wr[u];
+    }
+  };
+
+  T acc[8][G::TC];
+#pragma unroll
+  for (int r = 0; r < 8; ++r)
+#pragma unroll
+    for (int c = 0; c < G::TC; ++c) acc[r][c] = T(0);
+
+  if (steps > 0) {
+    load(ib);
+    store(0);
+  }
+  __syncthreads();
+  for (i64 t = 0; t < steps; ++t) {
+    const int buf = int(t & 1);
+    if (t + 1 < steps) load(ib + (t + 1) * GBK);
+    const T* w = Ws + buf * GBK * G::LDW + ty * 8;
+    const T* x = Xs + buf * GBK * G::LDX + tx * 4;
+#pragma unroll
+    for (int kk = 0; kk < GBK; ++kk) {
+      T av[8], bv[G::TC];
+      load4<T, T>(w + kk * G::LDW, av);
+      load4<T, T>(w + kk * G::LDW + 4, av + 4);
+#pragma unroll
+      for (int cg = 0; cg < G::TC / 4; ++cg) load4<T, T>(x + kk * G::LDX + cg * G::TX * 4, bv + 4 * cg);
+#pragma unroll
+      for (int r = 0; r < 8; ++r)
+#pragma unroll
+        for (int c = 0; c < G::TC; ++c) acc[r][c] += av[r] * bv[c];
+    }
+    if (t + 1 < steps) store(buf ^ 1);
+    __syncthreads();
+  }
+
+  T* P = g.Ppart + i64(blockIdx.y) * k * n;
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    const int j = ty * 8 + r;
+    if (j < k) {
+#pragma unroll
+      for (int cg = 0; cg < G::TC / 4; ++cg)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const i64 l = l0 + cg * G::TX * 4 + tx * 4 + c;
+          if (l < n) P[j * n + l] = acc[r][cg * 4 + c];
+        }
+    }
+  }
+}
+
+// ---- G_s = W^T W over a slice of rows -----------------------------------------------------------
+
+template <class T, int KP>
+__global__ void __launch_bounds__(NT) gemm_gram_kernel(const T* W, i64 m, int k, i64 slice_rows,
+                                                       T* Gpart, const int* stop) {
+  if (stop && *stop) return;
+  constexpr int NPAIR = (KP * KP + NT - 1) / NT;
+  DFFKIT_DYNAMIC_SMEM(smem);
+  T* Ws = reinterpret_cast<T*>(smem);  // [GRAM_ROWS][KP]
+  const int tid = threadIdx.x;
+  const i64 ib = i64(blockIdx.x) * slice_rows;
+  const i64 ie = ib + slice_rows < m ? ib + slice_rows : m;
+  double acc[NPAIR];
+#pragma unroll
+  for (int u = 0; u < NPAIR; ++u) acc[u] = 0;
+  for (i64 i0 = ib; i0 < ie; i0 += GRAM_ROWS) {
+    for (int e = tid; e < GRAM_ROWS * KP; e += NT) {
+      const int row = e / KP, j = e % KP;
+      const i64 gi = i0 + row;
+      Ws[e] = gi < ie && j < k ? W[gi * k + j] : T(0);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < NPAIR; ++u) {
+      const int p = tid + u * NT;
+      if (p < k * k) {
+        const int a = p / k, b = p % k;
+        double s = acc[u];
+        for (int i = 0; i < GRAM_ROWS; ++i) s += double(Ws[i * KP + a]) * double(Ws[i * KP + b]);
+        acc[u] = s;
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int u = 0; u < NPAIR; ++u) {
+    const int p = tid + u * NT;
+    if (p < k * k) Gpart[i64(blockIdx.x) * k * k + p] = T(acc[u]);
+  }
+}
+
+// ---- host-side plan -----------------------------------------------------------------------------
+
+/// k rounded up to the kernels' column width (16, 32 or 64); 0 when k is too large.
+DFFKIT_HD int gemm_kp(i64 k) { return k <= 16 ? 16 : k <= 32 ? 32 : k <= 64 ? 64 : 0; }
+
+/// Slices of rows for the P and G partials, from the shape only: about 512 blocks for the P
+/// kernel, slices of at least 64 rows, a multiple of GBK rows each, none empty, and at most
+/// max_slices (the partials' memory).
+struct GemmPlan {
+  int kp = 0;
+  i64 n_blocks = 0;    // N kernel blocks
+  i64 col_blocks = 0;  // P kernel blocks across the columns
+  i64 slices = 0;
+  i64 slice_rows = 0;
+};
+DFFKIT_HD GemmPlan gemm_plan(i64 m, i64 n, i64 k, i64 max_slices) {
+  GemmPlan p;
+  p.kp = gemm_kp(k);
+  if (p.kp == 0) return p;
+  p.n_blocks = (m + gemm_block_rows(p.kp) - 1) / gemm_block_rows(p.kp);
+  p.col_blocks = (n + gemm_block_cols(p.kp) - 1) / gemm_block_cols(p.kp);
+  i64 s = (512 + p.col_blocks - 1) / p.col_blocks;
+  const i64 by_rows = (m + 63) / 64;
+  if (s > by_rows) s = by_rows;
+  if (s > max_slices) s = max_slices;
+  if (s < 1) s = 1;
+  const i64 per = (m + s - 1) / s;
+  p.slice_rows = (per + GBK - 1) / GBK * GBK;
+  p.slices = (m + p.slice_rows - 1) / p.slice_rows;
+  return p;
+}
+
+}  // namespace cuda_detail
+}  // namespace dffkit

@@ -1,0 +1,197 @@
+"""The gemm engine's CUDA kernels (cuda/nmf_gemm.cuh), run on the CPU emulator
+(cuda/emu/cuda_emu.hpp: a std::thread per CUDA thread, a std::barrier per __syncthreads), against
+a float64 numpy oracle. This checks on any machine what the kernels compute: the tiling, the
+bounds of the last row and column tiles, the 4-wide and the scalar load paths, the slices of the
+partial sums, the W update's epilogue (penalties, groups, the first iteration's error terms). It
+does not check speed or anything the GPU adds (tests/test_cuda.py runs the engine there)."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _compiler():
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the CUDA emulator harness")
+    exe = tmp_path_factory.mktemp("emu") / "gemm_emu"
+    cmd = [cxx, "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'cpp'}", f"-I{ROOT / 'cuda'}",
+           str(ROOT / "tests" / "emu" / "gemm_emu.cpp"), "-o", str(exe)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, f"emulator harness did not compile:\n{done.stderr[-4000:]}"
+    return exe
+
+
+def _bf16_round(x):
+    """float32 -> bfloat16 bits (round to nearest even) and their float32 values."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return bits, (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def _run(emu, tmp_path, *, m, n, k, dtype="f32", first=1, vec=1, l1=0.0, l2=0.0, lam=0.0,
+         groups=None, max_slices=1 << 30, seed=0, zero_rows=()):
+    rng = np.random.default_rng(seed)
+    T = np.float64 if dtype == "f64" else np.float32
+    X = rng.random((m, n)).astype(T)
+    W = rng.random((m, k)).astype(T)
+    for i in zero_rows:
+        W[i] = 0
+    H = rng.random((k, n)).astype(T)
+    if dtype == "bf16x":
+        xbits, X = _bf16_round(X)
+    GH = (H.astype(np.float64) @ H.T.astype(np.float64)).astype(T)
+    goff = np.asarray(groups if groups is not None else [], dtype=np.int64)
+    ng = max(len(goff) - 1, 0)
+    gnorm = np.stack([np.linalg.norm(W[goff[g]:goff[g + 1]].astype(np.float64), axis=0)
+                      for g in range(ng)]) if ng else np.zeros((0, k))
+    d = tmp_path / f"case_{dtype}_{m}_{n}_{k}_{seed}"
+    d.mkdir()
+    meta = dict(m=m, n=n, k=k, dtype=dtype, first=first, vec=vec, l1=l1, l2=l2, lam=lam, ngroups=ng,
+                max_slices=max_slices)
+    (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
+    (xbits if dtype == "bf16x" else X).tofile(d / "X.bin")
+    for name, a in (("W", W), ("H", H), ("GH", GH)):
+        a.tofile(d / f"{name}.bin")
+    goff.tofile(d / "goff.bin")
+    gnorm.astype(np.float64).tofile(d / "gnorm.bin")
+    done = subprocess.run([str(emu), str(d)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    plan = dict(line.split() for line in (d / "plan.txt").read_text().splitlines())
+    plan = {key: int(v) for key, v in plan.items()}
+    S = plan["slices"]
+    out = dict(
+        W_new=np.fromfile(d / "W_new.bin", dtype=T).reshape(m, k),
+        Ppart=np.fromfile(d / "Ppart.bin", dtype=T).reshape(S, k, n),
+        Gpart=np.fromfile(d / "Gpart.bin", dtype=T).reshape(S, k, k),
+        d0=np.fromfile(d / "d0.bin", dtype=np.float64),
+        gg=np.fromfile(d / "gg.bin", dtype=np.float64),
+        plan=plan,
+    )
+    return dict(X=X, W=W, H=H, GH=GH, goff=goff, gnorm=gnorm), out
+
+
+def _oracle_w(inp, l1, l2, lam):
+    """The W step in float64 (mu_step of cpp/mu_update.hpp)."""
+    X, W, H, GH = (inp[key].astype(np.float64) for key in ("X", "W", "H", "GH"))
+    N = X @ H.T
+    base = W @ GH
+    den = base.copy()
+    if l1 > 0:
+        den += l1
+    if l2 > 0:
+        den += l2 * W
+    goff = inp["goff"]
+    if lam > 0 and len(goff) > 1:
+        tiny = np.finfo(inp["W"].dtype).tiny
+        for g in range(len(goff) - 1):
+            rows = slice(goff[g], goff[g + 1])
+            den[rows] += lam * W[rows] / np.maximum(inp["gnorm"][g], tiny)
+    den[den == 0] = EPS32
+    return W * (N / den), N, base
+
+
+def _check(inp, out, *, l1=0.0, l2=0.0, lam=0.0, first=1, rtol=3e-5):
+    m, k = inp["W"].shape
+    n = inp["X"].shape[1]
+    W_ref, N, base = _oracle_w(inp, l1, l2, lam)
+    scale = np.abs(W_ref).max() + 1e-30
+    np.testing.assert_allclose(out["W_new"], W_ref, rtol=rtol, atol=rtol * scale, err_msg="W update")
+
+    # the partials of P and G: each slice of rows on its own, from the kernel's new W
+    plan = out["plan"]
+    Wn = out["W_new"].astype(np.float64)
+    X = inp["X"].astype(np.float64)
+    rows = plan["slice_rows"]
+    assert plan["slices"] == -(-m // rows), "every slice holds rows"
+    for s in range(plan["slices"]):
+        sl = slice(s * rows, min(m, (s + 1) * rows))
+        P_ref = Wn[sl].T @ X[sl]
+        G_ref = Wn[sl].T @ Wn[sl]
+        np.testing.assert_allclose(out["Ppart"][s], P_ref, rtol=rtol, atol=rtol * (np.abs(P_ref).max() + 1e-30),
+                                   err_msg=f"P slice {s}")
+        np.testing.assert_allclose(out["Gpart"][s], G_ref, rtol=rtol, atol=rtol * (np.abs(G_ref).max() + 1e-30),
+                                   err_msg=f"G slice {s}")
+    assert out["d0"].shape == (plan["n_blocks"],)
+    if first:
+        W0 = inp["W"].astype(np.float64)
+        np.testing.assert_allclose(out["d0"].sum(), (N * W0).sum(), rtol=rtol)
+        np.testing.assert_allclose(out["gg"].sum(), (base * W0).sum(), rtol=rtol)
+    else:  # not written: the sentinel stays
+        assert np.all(out["d0"] == -7.0)
+
+
+@pytest.mark.parametrize("case", [
+    # k = 20 (width 32): two N blocks, the last one partial; five P slices, the last partial
+    dict(m=300, n=200, k=20),
+    # width 16, n not a multiple of 4 (scalar loads), penalties, a zero row of W, not first
+    dict(m=130, n=37, k=5, l1=0.05, l2=0.1, first=0, zero_rows=(3, 129)),
+    # width 64, scalar loads forced, groups with the group term
+    dict(m=129, n=64, k=64, vec=0, lam=0.3, groups=[0, 40, 41, 129]),
+    # float64, k = 33 (width 64), P column tile partial
+    dict(m=100, n=300, k=33, dtype="f64"),
+    # bfloat16 X, k = 17 (width 32)
+    dict(m=70, n=48, k=17, dtype="bf16x"),
+    # one row, one column, k = 1
+    dict(m=1, n=1, k=1),
+    # the partials' memory cap: two slices only
+    dict(m=200, n=40, k=8, max_slices=2),
+], ids=["k20", "k5-scalar-penalties", "k64-groups", "f64-k33", "bf16x-k17", "1x1", "two-slices"])
+def test_gemm_kernels_match_float64_oracle(emu, tmp_path, case):
+    dtype = case.get("dtype", "f32")
+    inp, out = _run(emu, tmp_path, **case)
+    rtol = 1e-11 if dtype == "f64" else 3e-5
+    _check(inp, out, l1=case.get("l1", 0.0), l2=case.get("l2", 0.0), lam=case.get("lam", 0.0),
+           first=case.get("first", 1), rtol=rtol)
+    if case.get("max_slices") == 2:
+        assert out["plan"]["slices"] == 2
+
+
+def test_gemm_plan_covers_the_rows_once(emu, tmp_path):
+    """The plan's slices tile the rows exactly (the oracle above checks each slice's rows);
+    here: more rows than one slice size, so several slices, each a multiple of 16 rows."""
+    inp, out = _run(emu, tmp_path, m=1000, n=8, k=3)
+    plan = out["plan"]
+    assert plan["slices"] > 1 and plan["slice_rows"] % 16 == 0
+    assert (plan["slices"] - 1) * plan["slice_rows"] < 1000 <= plan["slices"] * plan["slice_rows"]
+    _check(inp, out)
+
+
+def test_gemm_kernels_have_no_shared_memory_races(tmp_path_factory, tmp_path):
+    """The same kernels under ThreadSanitizer: a missing __syncthreads between writing and
+    reading a staging buffer is a data race between the emulated threads, and TSan reports it
+    (checked by deleting the main loop's barrier: it reported the race)."""
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    d = tmp_path_factory.mktemp("tsan")
+    probe = d / "probe.cpp"
+    probe.write_text("#include <thread>\nint main() { std::thread t([] {}); t.join(); }\n")
+    ok = subprocess.run([cxx, "-std=c++20", "-fsanitize=thread", "-pthread", str(probe), "-o", str(d / "probe")],
+                        capture_output=True)
+    if ok.returncode != 0 or subprocess.run([str(d / "probe")], capture_output=True).returncode != 0:
+        pytest.skip("ThreadSanitizer is not usable with this compiler or kernel")
+    exe = d / "gemm_emu_tsan"
+    done = subprocess.run([cxx, "-std=c++20", "-O1", "-fsanitize=thread", "-pthread", f"-I{ROOT / 'cpp'}",
+                           f"-I{ROOT / 'cuda'}", str(ROOT / "tests" / "emu" / "gemm_emu.cpp"), "-o", str(exe)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for case in (dict(m=300, n=200, k=20), dict(m=129, n=37, k=64, lam=0.3, groups=[0, 40, 129]),
+                 dict(m=70, n=48, k=5, dtype="f64", first=0)):
+        inp, out = _run(exe, tmp_path, **case)  # a TSan report makes the run exit non-zero
+        _check(inp, out, lam=case.get("lam", 0.0), first=case.get("first", 1),
+               rtol=1e-11 if case.get("dtype") == "f64" else 3e-5)
