@@ -71,6 +71,18 @@ check("resident staged", X, W, H, engine="resident", max_iter=2, beta=1)
 X, W, H = problem(64, 128, 4)  # 16-byte staging
 check("resident aligned", X, W, H, engine="resident")
 check("sweep aligned", X, W, H, engine="sweep")
+# the gemm engine (Frobenius only): every column width, 4-wide and scalar loads, groups, float64
+for k in (3, 20, 40):
+    X, W, H = problem(150, 64, k)
+    check(f"gemm k={k} aligned", X, W, H, engine="gemm")
+X, W, H = problem(150, 45, 11)
+check("gemm scalar loads + penalties", X, W, H, engine="gemm", l1_W=0.1, l2_H=0.2)
+check("gemm groups + objective", X, W, H, groups=[0, 20, 20, 150], lam=0.3, mu=0.1,
+      record_objective=True, engine="gemm")
+check("gemm update_H=False", X, W, H, update_H=False, engine="gemm")
+check("gemm bf16x", X, W, H, precision="bf16x", tol=5e-2, engine="gemm")
+X, W, H = problem(150, 45, 11, np.float64)
+check("gemm float64", X, W, H, engine="gemm")
 probs = [problem(30 + 7 * b, 20 + 5 * b, 3, seed=b) for b in range(3)]
 out = cb.fit_batched([p[0] for p in probs], [p[1] for p in probs], [p[2] for p in probs],
                      params(cuda, max_iter=5))

@@ -5,7 +5,10 @@
 #if defined(DFFKIT_EMULATE)
 #include "emu/cuda_emu.hpp"
 #define DFFKIT_DYNAMIC_SMEM(name) unsigned char* name = ::dffkit_emu::block_smem()
+// a vector access the GPU would fault on ("misaligned address") stops the emulator
+#define DFFKIT_EMU_ALIGNED(p, bytes) ::dffkit_emu::check_aligned(p, bytes, __FILE__, __LINE__)
 #else
+#define DFFKIT_EMU_ALIGNED(p, bytes) ((void)0)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #define DFFKIT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
@@ -62,6 +65,31 @@ __device__ __forceinline__ double block_sum(double v, double* red) {
   __syncthreads();
   return r;
 }
+
+// ---- tf32 tensor cores (mma.sync m16n8k8, float32 accumulation) --------------------------------
+#if defined(DFFKIT_EMULATE)
+__device__ __forceinline__ std::uint32_t to_tf32(float x) { return ::dffkit_emu::to_tf32(x); }
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const std::uint32_t (&a)[4],
+                                         const std::uint32_t (&b)[2]) {
+  ::dffkit_emu::mma_m16n8k8_tf32(d, a, b);
+}
+#else
+__device__ __forceinline__ std::uint32_t to_tf32(float x) {
+  std::uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+/// d += a (16 x 8, row-major fragments) * b (8 x 8, column-major fragments)
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const std::uint32_t (&a)[4],
+                                         const std::uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+#endif
 
 }  // namespace cuda_detail
 }  // namespace dffkit

@@ -1098,29 +1098,42 @@ void with_kp(int kp, F&& f) {
 bool gemm_fits(bool kl, i64 k, int esz, std::size_t limit) {
   const int kp = gemm_kp(k);
   if (kl || kp == 0) return false;
-  const std::size_t need = std::max(esz == 8 ? gemm_n_smem<double>(kp) : gemm_n_smem<float>(kp),
+  const std::size_t need = std::max(esz == 8 ? gemm_n_smem<double>(kp) : gemm_n_smem<float>(kp, 1),
                                     esz == 8 ? gemm_p_smem<double>(kp) : gemm_p_smem<float>(kp));
   return need <= limit;
 }
 
 /// The gemm engine's products for one iteration (nmf_gemm.cuh): N and the W update, then the
 /// P and G_W partials over the plan's row slices.
-template <class T, class XS>
+template <class T, class XS, int GM>
 void launch_gemm(const GemmArgs<T, XS>& g, const GemmPlan& plan, const KParams& q,
                  const int* stop, int first, int want_P, cudaStream_t s) {
   with_kp(plan.kp, [&](auto kpc) {
     constexpr int KP = decltype(kpc)::value;
-    gemm_n_kernel<T, XS, KP><<<unsigned(plan.n_blocks), NT, gemm_n_smem<T>(KP), s>>>(g, q, stop,
-                                                                                   first);
+    gemm_n_kernel<T, XS, KP, GM><<<unsigned(plan.n_blocks), NT, gemm_n_smem<T>(KP, GM), s>>>(
+        g, q, stop, first);
     DFFKIT_CUDA_CHECK_LAUNCH("gemm_n_kernel");
     if (want_P) {
-      gemm_p_kernel<T, XS, KP><<<dim3(unsigned(plan.col_blocks), unsigned(plan.slices)), NT,
+      gemm_p_kernel<T, XS, KP, GM><<<dim3(unsigned(plan.col_blocks), unsigned(plan.slices)), NT,
                                  gemm_p_smem<T>(KP), s>>>(g, stop);
       DFFKIT_CUDA_CHECK_LAUNCH("gemm_p_kernel");
     }
     gemm_gram_kernel<T, KP><<<unsigned(plan.slices), NT, gemm_gram_smem<T>(KP), s>>>(
-        g.W, g.m, g.k, g.slice_rows, g.Gpart, stop);
+        g.W, g.m, g.k, i64(g.k), i64(1), g.slice_rows, g.Gpart, stop);
     DFFKIT_CUDA_CHECK_LAUNCH("gemm_gram_kernel");
+  });
+}
+
+/// G_H = H H^T through the slice kernel: partials over slices of H's columns, added in the fixed
+/// order; the total is left in partial 0 (GHpart, which the gemm engine uses as G_H).
+template <class T>
+void launch_gemm_gh(const T* H, i64 n, int k, const GemmPlan& plan, T* GHpart, const int* stop,
+                    cudaStream_t s) {
+  with_kp(plan.kp, [&](auto kpc) {
+    constexpr int KP = decltype(kpc)::value;
+    gemm_gram_kernel<T, KP><<<unsigned(plan.h_slices), NT, gemm_gram_smem<T>(KP), s>>>(
+        H, n, k, i64(1), n, plan.h_slice_cols, GHpart, stop);
+    DFFKIT_CUDA_CHECK_LAUNCH("gemm_gram_kernel (H)");
   });
 }
 
@@ -1145,6 +1158,8 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   const i64 kn = i64(k) * n;
   const i64 max_parts = std::max<i64>(1, (i64(512) << 20) / std::max<i64>(1, kn * i64(sizeof(T))));
   const GemmPlan plan = GEMM ? gemm_plan(m, n, k, max_parts) : GemmPlan{};
+  // the gemm kernels' products: tensor cores (tf32) in the tf32 mode, CUDA cores otherwise
+  constexpr int GM = MODE == 1 && std::is_same<T, float>::value && std::is_same<XS, float>::value;
   // nb: partials of P and G_W; nbd: partials of the first iteration's error terms
   const i64 nb = GEMM ? plan.slices : std::max<i64>(1, std::min<i64>(std::min<i64>(tiles, 264), max_parts));
   const i64 nbd = GEMM ? plan.n_blocks : nb;
@@ -1156,7 +1171,8 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
       *sp, *sxp, *cwp, *gnorm, *obj, *chunks; i64* goff; __nv_bfloat16* conv;
   auto carve = [&](Carver& c) {
     st = c.take<State>(1);
-    GH = c.take<T>(i64(k) * k); GW = c.take<T>(i64(k) * k);
+    // gemm: G_H is partial 0 of the H-slice partials (the total after their reduction)
+    GH = c.take<T>((GEMM ? plan.h_slices : 1) * i64(k) * k); GW = c.take<T>(i64(k) * k);
     rs = c.take<T>(k); colsum = c.take<T>(k); rsd = c.take<double>(k);
     Gpart = c.take<T>(nb * k * k); cspart = c.take<T>(nb * k);
     d0p = c.take<double>(nbd); ggp = c.take<double>(nbd);
@@ -1203,6 +1219,15 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
     }
   }
   auto stats = [&]() {
+    if constexpr (GEMM) {
+      launch_gemm_gh<T>(H, n, k, plan, GH, &st->stopped, s);
+      if (plan.h_slices > 1) {
+        reduce_partials_kernel<T><<<unsigned((i64(k) * k + 31) / 32), 256, 0, s>>>(
+            st, GH, i64(k) * k, int(plan.h_slices), i64(k) * k);
+        DFFKIT_CUDA_CHECK_LAUNCH("reduce_partials_kernel (G_H)");
+      }
+      return;
+    }
     h_stats_kernel<T><<<unsigned(kl ? k : k * k), NT, 0, s>>>(st, H, n, k, kl, GH, rs, rsd);
     DFFKIT_CUDA_CHECK_LAUNCH("h_stats_kernel");
   };
@@ -1220,10 +1245,10 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   if constexpr (GEMM) {
     with_kp(plan.kp, [&](auto kpc) {
       constexpr int KP = decltype(kpc)::value;
-      DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_n_kernel<T, XS, KP>,
+      DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_n_kernel<T, XS, KP, GM>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(gemm_n_smem<T>(KP))));
-      DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_p_kernel<T, XS, KP>,
+                                           int(gemm_n_smem<T>(KP, GM))));
+      DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_p_kernel<T, XS, KP, GM>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(gemm_p_smem<T>(KP))));
     });
@@ -1235,8 +1260,9 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   }
   GemmArgs<T, XS> g{};
   g.X = Xd; g.W = W; g.H = H; g.GH = GH; g.m = m; g.n = n; g.k = k;
-  g.vec = n % 4 == 0 && reinterpret_cast<std::uintptr_t>(Xd) % (4 * sizeof(XS)) == 0 &&
-          reinterpret_cast<std::uintptr_t>(H) % (4 * sizeof(T)) == 0;
+  // 4-element loads: float4, two double2 or one uint2 (bfloat16)
+  g.vec = n % 4 == 0 && reinterpret_cast<std::uintptr_t>(Xd) % std::min<std::size_t>(16, 4 * sizeof(XS)) == 0 &&
+          reinterpret_cast<std::uintptr_t>(H) % 16 == 0;
   g.goff = p.group_offsets ? goff : nullptr;
   g.ngroups = p.group_offsets ? p.n_groups : 0;
   g.gnorm = gnorm; g.Ppart = Ppart; g.Gpart = Gpart; g.d0part = d0p; g.ggpart = ggp;
@@ -1259,7 +1285,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
       DFFKIT_CUDA_CHECK_LAUNCH("group_norm_kernel");
     }
     if constexpr (GEMM) {
-      launch_gemm<T, XS>(g, plan, q, &st->stopped, first, want_P, s);
+      launch_gemm<T, XS, GM>(g, plan, q, &st->stopped, first, want_P, s);
     } else {
       with_kc<MODE>(k, [&](auto kc) {
         launch_sweep<T, XS, decltype(kc)::value, MODE>(a, q, st, first, want_P, int(nb), smem, s);

@@ -10,6 +10,10 @@
 //   gemm_p_kernel     P_s = W^T X over slice s of the rows, for BN columns: S partials
 //   gemm_gram_kernel  G_s = W^T W over slice s of the rows
 //
+// MODE 1 (precision "tf32"): the two products on tensor cores (mma.sync m16n8k8, operands rounded
+// to tf32 as they are staged, float32 accumulation), each warp a 32 x 32, 64 x 16 or 32 x 64
+// block of outputs; the W update is the same float32 code (N passes through shared memory).
+//
 // The partials are added afterwards in a fixed order (reduce_partials_kernel), so results depend
 // on the shape only. Each output is a sum in ascending order of its reduction index (float32 in
 // the products, float64 in the Gram matrix). X may be float, double or bfloat16 (converted to T
@@ -35,6 +39,7 @@ constexpr int GBK = 16;  // reduction step of both products
 /// v = p[0..3] as T; p is aligned to 4 elements.
 template <class T, class S>
 __device__ __forceinline__ void load4(const S* p, T* v) {
+  DFFKIT_EMU_ALIGNED(p, 4 * sizeof(S) < 16 ? 4 * sizeof(S) : 16);  // float4, 2 x double2, uint2
   if constexpr (std::is_same<S, float>::value) {
     const float4 q = *reinterpret_cast<const float4*>(p);
     v[0] = T(q.x); v[1] = T(q.y); v[2] = T(q.z); v[3] = T(q.w);
@@ -56,6 +61,7 @@ __device__ __forceinline__ void load4(const S* p, T* v) {
 /// p[0..3] = v (p aligned to 4 elements; shared memory).
 template <class T>
 __device__ __forceinline__ void store4(T* p, const T* v) {
+  DFFKIT_EMU_ALIGNED(p, 16);  // float4 or 2 x double2
   if constexpr (std::is_same<T, float>::value) {
     *reinterpret_cast<float4*>(p) = float4{v[0], v[1], v[2], v[3]};
   } else {
@@ -80,11 +86,83 @@ __device__ __forceinline__ void fetch4(const S* row, bool row_ok, i64 l, i64 n, 
   for (int c = 0; c < 4; ++c) v[c] = row_ok && l + c < n ? xget<T>(row + l + c) : T(0);
 }
 
+// ---- one step of 16 along the reduction ---------------------------------------------------------
+
+/// CUDA cores: acc[r][c] += a[kk * lda + r] * b[kk * ldb + (c / 4) * gstride + c % 4] for kk < 16:
+/// a thread's 8 rows are contiguous, its NC columns come in groups of 4, gstride apart.
+template <class T, int NC>
+__device__ __forceinline__ void fma_step16(const T* a, int lda, const T* b, int ldb, int gstride,
+                                           T (&acc)[8][NC]) {
+#pragma unroll
+  for (int kk = 0; kk < GBK; ++kk) {
+    T av[8], bv[NC];
+    load4<T, T>(a + kk * lda, av);
+    load4<T, T>(a + kk * lda + 4, av + 4);
+#pragma unroll
+    for (int cg = 0; cg < NC / 4; ++cg) load4<T, T>(b + kk * ldb + cg * gstride, bv + 4 * cg);
+#pragma unroll
+    for (int r = 0; r < 8; ++r)
+#pragma unroll
+      for (int c = 0; c < NC; ++c) acc[r][c] += av[r] * bv[c];
+  }
+}
+
+/// Tensor cores: d[mt][nt] += A B over 16 reduction indices, A's rows r0 + mt * 16 + (0..15) at
+/// a[l * lda + row], B's columns c0 + nt * 8 + (0..7) at b[l * ldb + col] (values already tf32).
+/// Fragments as mma.m16n8k8 wants them (gq = lane / 4, tq = lane % 4).
+template <int MT, int N8>
+__device__ __forceinline__ void mma_step16(const float* a, int lda, int r0, const float* b, int ldb,
+                                           int c0, float (&d)[MT][N8][4]) {
+  const int gq = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
+#pragma unroll
+  for (int ks = 0; ks < GBK; ks += 8) {
+    std::uint32_t af[MT][4], bf[N8][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int r = r0 + mt * 16 + gq;
+      af[mt][0] = __float_as_uint(a[(ks + tq) * lda + r]);
+      af[mt][1] = __float_as_uint(a[(ks + tq) * lda + r + 8]);
+      af[mt][2] = __float_as_uint(a[(ks + tq + 4) * lda + r]);
+      af[mt][3] = __float_as_uint(a[(ks + tq + 4) * lda + r + 8]);
+    }
+#pragma unroll
+    for (int nt = 0; nt < N8; ++nt) {
+      const int c = c0 + nt * 8 + gq;
+      bf[nt][0] = __float_as_uint(b[(ks + tq) * ldb + c]);
+      bf[nt][1] = __float_as_uint(b[(ks + tq + 4) * ldb + c]);
+    }
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < N8; ++nt) mma_tf32(d[mt][nt], af[mt], bf[nt]);
+  }
+}
+
+template <class U, int A, int B, int C>
+__device__ __forceinline__ void zero(U (&v)[A][B][C]) {
+#pragma unroll
+  for (int a = 0; a < A; ++a)
+#pragma unroll
+    for (int b = 0; b < B; ++b)
+#pragma unroll
+      for (int c = 0; c < C; ++c) v[a][b][c] = U(0);
+}
+template <class U, int A, int B>
+__device__ __forceinline__ void zero(U (&v)[A][B]) {
+#pragma unroll
+  for (int a = 0; a < A; ++a)
+#pragma unroll
+    for (int b = 0; b < B; ++b) v[a][b] = U(0);
+}
+
 // ---- geometry ---------------------------------------------------------------------------------
 
 /// N kernel: threads TY x TX, each 8 rows x 4 columns of N; KP = k rounded up to 16, 32 or 64.
+/// Tensor cores: warps RW x CW, each WM x WN outputs (MT x N8 tiles of 16 x 8).
 template <int KP>
 struct NGeom {
+  static constexpr int WN = KP >= 32 ? 32 : 16, CW = KP / WN, RW = 8 / CW;
+  static constexpr int WM = (NT / (KP / 4)) * 8 / RW, MT = WM / 16, N8 = WN / 8;
   static constexpr int TX = KP / 4;           // threads across the columns
   static constexpr int TY = NT / TX;          // threads down the rows
   static constexpr int BM = TY * 8;           // rows per block: 512, 256, 128
@@ -98,6 +176,8 @@ struct NGeom {
 /// P kernel: threads TY x TX, each 8 rows of P (components) x TC columns.
 template <int KP>
 struct PGeom {
+  static constexpr int RW = KP >= 32 ? KP / 32 : 1, WM = KP / RW, CW = 8 / RW;
+  static constexpr int MT = WM / 16;
   static constexpr int TC = KP == 64 ? 8 : 4;
   static constexpr int TY = KP / 8;
   static constexpr int TX = NT / TY;
@@ -106,15 +186,24 @@ struct PGeom {
   static constexpr int LDX = BN + 4;          // Xs[i][l]
   static constexpr int XG = GBK * BN / 4 / NT;
   static constexpr int WG = (GBK * KP + NT - 1) / NT;
+  static constexpr int WN = BN / CW, N8 = WN / 8;  // tensor cores: warp tile WM x WN
 };
+
+/// The value as the tensor cores see it (MODE 1: rounded to tf32 once, when staged).
+template <int MODE, class T>
+__device__ __forceinline__ T staged(T v) {
+  if constexpr (MODE == 1) return __uint_as_float(to_tf32(v));
+  else return v;
+}
 
 constexpr int GRAM_ROWS = 32;
 
 template <class T>
-DFFKIT_HD std::size_t gemm_n_smem(int KP) {
+DFFKIT_HD std::size_t gemm_n_smem(int KP, int mode = 0) {
   const int TX = KP / 4, BM = (NT / TX) * 8;
   const std::size_t stage = std::size_t(2) * GBK * ((BM + 4) + (KP + 4));
-  const std::size_t epi = std::size_t(BM) * (KP + 1) + std::size_t(KP) * KP;
+  // old W rows, G_H, and (tensor cores) N on its way from the fragments to the W update
+  const std::size_t epi = std::size_t(BM) * (KP + 1) * (mode == 1 ? 2 : 1) + std::size_t(KP) * KP;
   return NT * sizeof(double) + (stage > epi ? stage : epi) * sizeof(T);
 }
 template <class T>
@@ -150,11 +239,13 @@ struct GemmArgs {
 
 // ---- N = X H^T and the W update ---------------------------------------------------------------
 
-template <class T, class XS, int KP>
+template <class T, class XS, int KP, int MODE>
 __global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q, const int* stop,
                                                     int first) {
   if (stop && *stop) return;
   using G = NGeom<KP>;
+  constexpr bool TC = MODE == 1;
+  static_assert(!TC || std::is_same<T, float>::value, "tensor cores: float32 factors");
   DFFKIT_DYNAMIC_SMEM(smem);
   double* red = reinterpret_cast<double*>(smem);
   T* As = reinterpret_cast<T*>(smem + NT * sizeof(double));  // [2][GBK][LDA]
@@ -185,20 +276,24 @@ __global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q
     for (int u = 0; u < G::XG; ++u) {
       const int e = tid + u * NT, row = e / (GBK / 4), c4 = (e % (GBK / 4)) * 4;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) a[(c4 + c) * G::LDA + row] = xr[u][c];
+      for (int c = 0; c < 4; ++c) a[(c4 + c) * G::LDA + row] = staged<MODE>(xr[u][c]);
     }
     if (tid < KP * GBK / 4) {
       const int j = tid / (GBK / 4), c4 = (tid % (GBK / 4)) * 4;
 #pragma unroll
-      for (int c = 0; c < 4; ++c) b[(c4 + c) * G::LDB + j] = hr[c];
+      for (int c = 0; c < 4; ++c) b[(c4 + c) * G::LDB + j] = staged<MODE>(hr[c]);
     }
   };
 
+  // tensor cores: this warp's block of outputs, rows m0.., columns n0.. (fragment layout of
+  // mma.m16n8k8: gq = lane / 4, tq = lane % 4)
+  const int warp = tid >> 5, gq = (tid & 31) >> 2, tq = tid & 3;
+  const int m0 = (warp / G::CW) * G::WM, n0 = (warp % G::CW) * G::WN;
+  float d[TC ? G::MT : 1][TC ? G::N8 : 1][4];
+  zero(d);
+
   T acc[8][4];
-#pragma unroll
-  for (int r = 0; r < 8; ++r)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) acc[r][c] = T(0);
+  zero(acc);
 
   const i64 steps = (n + GBK - 1) / GBK;
   load(0);
@@ -207,19 +302,11 @@ __global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q
   for (i64 t = 0; t < steps; ++t) {
     const int buf = int(t & 1);
     if (t + 1 < steps) load((t + 1) * GBK);
-    const T* a = As + buf * GBK * G::LDA + ty * 8;
-    const T* b = Bs + buf * GBK * G::LDB + tx * 4;
-#pragma unroll
-    for (int kk = 0; kk < GBK; ++kk) {
-      T av[8], bv[4];
-      load4<T, T>(a + kk * G::LDA, av);
-      load4<T, T>(a + kk * G::LDA + 4, av + 4);
-      load4<T, T>(b + kk * G::LDB, bv);
-#pragma unroll
-      for (int r = 0; r < 8; ++r)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[r][c] += av[r] * bv[c];
-    }
+    if constexpr (TC)
+      mma_step16(As + buf * GBK * G::LDA, G::LDA, m0, Bs + buf * GBK * G::LDB, G::LDB, n0, d);
+    else
+      fma_step16(As + buf * GBK * G::LDA + ty * 8, G::LDA, Bs + buf * GBK * G::LDB + tx * 4, G::LDB,
+                 0, acc);
     if (t + 1 < steps) store(buf ^ 1);
     __syncthreads();
   }
@@ -236,7 +323,24 @@ __global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q
     const int l = e / KP, j = e % KP;
     GHs[e] = l < k && j < k ? g.GH[l * k + j] : T(0);
   }
-  __syncthreads();
+  if constexpr (TC) {  // the fragments into the thread-per-8 x 4 layout of the W update
+    T* Ns = GHs + KP * KP;  // [BM][LDW]
+#pragma unroll
+    for (int mt = 0; mt < G::MT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < G::N8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          Ns[(m0 + mt * 16 + gq + (e >> 1) * 8) * G::LDW + n0 + nt * 8 + 2 * tq + (e & 1)] =
+              d[mt][nt][e];
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < 8; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][c] = Ns[(ty * 8 + r) * G::LDW + tx * 4 + c];
+  } else {
+    __syncthreads();
+  }
   const T l1 = T(q.l1_W), l2 = T(q.l2_W);
   const double tiny = double(std::numeric_limits<T>::min());
   double d0 = 0, gg = 0;
@@ -281,10 +385,12 @@ __global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q
 
 // ---- P_s = W^T X over a slice of rows -----------------------------------------------------------
 
-template <class T, class XS, int KP>
+template <class T, class XS, int KP, int MODE>
 __global__ void __launch_bounds__(NT) gemm_p_kernel(GemmArgs<T, XS> g, const int* stop) {
   if (stop && *stop) return;
   using G = PGeom<KP>;
+  constexpr bool TC = MODE == 1;
+  static_assert(!TC || std::is_same<T, float>::value, "tensor cores: float32 factors");
   DFFKIT_DYNAMIC_SMEM(smem);
   T* Ws = reinterpret_cast<T*>(smem);   // [2][GBK][LDW]
   T* Xs = Ws + 2 * GBK * G::LDW;        // [2][GBK][LDX]
@@ -318,20 +424,26 @@ __global__ void __launch_bounds__(NT) gemm_p_kernel(GemmArgs<T, XS> g, const int
 #pragma unroll
     for (int u = 0; u < G::XG; ++u) {
       const int e = tid + u * NT, row = e / (G::BN / 4), c4 = (e % (G::BN / 4)) * 4;
-      store4<T>(x + row * G::LDX + c4, xr[u]);
+      T v[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) v[c] = staged<MODE>(xr[u][c]);
+      store4<T>(x + row * G::LDX + c4, v);
     }
 #pragma unroll
     for (int u = 0; u < G::WG; ++u) {
       const int e = tid + u * NT;
-      if (e < GBK * KP) w[(e / KP) * G::LDW + e % KP] = wr[u];
+      if (e < GBK * KP) w[(e / KP) * G::LDW + e % KP] = staged<MODE>(wr[u]);
     }
   };
 
+  // tensor cores: this warp's block of P, components j0.., columns c0.. of the block's
+  const int warp = tid >> 5, gq = (tid & 31) >> 2, tq = tid & 3;
+  const int j0 = (warp / G::CW) * G::WM, c0 = (warp % G::CW) * G::WN;
+  float d[TC ? G::MT : 1][TC ? G::N8 : 1][4];
+  zero(d);
+
   T acc[8][G::TC];
-#pragma unroll
-  for (int r = 0; r < 8; ++r)
-#pragma unroll
-    for (int c = 0; c < G::TC; ++c) acc[r][c] = T(0);
+  zero(acc);
 
   if (steps > 0) {
     load(ib);
@@ -341,60 +453,67 @@ __global__ void __launch_bounds__(NT) gemm_p_kernel(GemmArgs<T, XS> g, const int
   for (i64 t = 0; t < steps; ++t) {
     const int buf = int(t & 1);
     if (t + 1 < steps) load(ib + (t + 1) * GBK);
-    const T* w = Ws + buf * GBK * G::LDW + ty * 8;
-    const T* x = Xs + buf * GBK * G::LDX + tx * 4;
-#pragma unroll
-    for (int kk = 0; kk < GBK; ++kk) {
-      T av[8], bv[G::TC];
-      load4<T, T>(w + kk * G::LDW, av);
-      load4<T, T>(w + kk * G::LDW + 4, av + 4);
-#pragma unroll
-      for (int cg = 0; cg < G::TC / 4; ++cg) load4<T, T>(x + kk * G::LDX + cg * G::TX * 4, bv + 4 * cg);
-#pragma unroll
-      for (int r = 0; r < 8; ++r)
-#pragma unroll
-        for (int c = 0; c < G::TC; ++c) acc[r][c] += av[r] * bv[c];
-    }
+    if constexpr (TC)
+      mma_step16(Ws + buf * GBK * G::LDW, G::LDW, j0, Xs + buf * GBK * G::LDX, G::LDX, c0, d);
+    else
+      fma_step16(Ws + buf * GBK * G::LDW + ty * 8, G::LDW, Xs + buf * GBK * G::LDX + tx * 4, G::LDX,
+                 G::TX * 4, acc);
     if (t + 1 < steps) store(buf ^ 1);
     __syncthreads();
   }
 
   T* P = g.Ppart + i64(blockIdx.y) * k * n;
+  if constexpr (TC) {
 #pragma unroll
-  for (int r = 0; r < 8; ++r) {
-    const int j = ty * 8 + r;
-    if (j < k) {
+    for (int mt = 0; mt < G::MT; ++mt)
 #pragma unroll
-      for (int cg = 0; cg < G::TC / 4; ++cg)
+      for (int nt = 0; nt < G::N8; ++nt)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const i64 l = l0 + cg * G::TX * 4 + tx * 4 + c;
-          if (l < n) P[j * n + l] = acc[r][cg * 4 + c];
+        for (int e = 0; e < 4; ++e) {
+          const int j = j0 + mt * 16 + gq + (e >> 1) * 8;
+          const i64 l = l0 + c0 + nt * 8 + 2 * tq + (e & 1);
+          if (j < k && l < n) P[j * n + l] = d[mt][nt][e];
         }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 8; ++r) {
+      const int j = ty * 8 + r;
+      if (j < k) {
+#pragma unroll
+        for (int cg = 0; cg < G::TC / 4; ++cg)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const i64 l = l0 + cg * G::TX * 4 + tx * 4 + c;
+            if (l < n) P[j * n + l] = acc[r][cg * 4 + c];
+          }
+      }
     }
   }
 }
 
-// ---- G_s = W^T W over a slice of rows -----------------------------------------------------------
+// ---- G_s = A^T A over a slice of rows -----------------------------------------------------------
 
+/// A is rows x k with element (i, j) at A[i * si + j * sj]: W (si = k, sj = 1) or H^T
+/// (si = 1, sj = n; G = H H^T). Block s: rows [s * slice_rows, ...), float64 sums in row order.
 template <class T, int KP>
-__global__ void __launch_bounds__(NT) gemm_gram_kernel(const T* W, i64 m, int k, i64 slice_rows,
-                                                       T* Gpart, const int* stop) {
+__global__ void __launch_bounds__(NT) gemm_gram_kernel(const T* A, i64 rows, int k, i64 si, i64 sj,
+                                                       i64 slice_rows, T* Gpart, const int* stop) {
   if (stop && *stop) return;
   constexpr int NPAIR = (KP * KP + NT - 1) / NT;
   DFFKIT_DYNAMIC_SMEM(smem);
   T* Ws = reinterpret_cast<T*>(smem);  // [GRAM_ROWS][KP]
   const int tid = threadIdx.x;
   const i64 ib = i64(blockIdx.x) * slice_rows;
-  const i64 ie = ib + slice_rows < m ? ib + slice_rows : m;
+  const i64 ie = ib + slice_rows < rows ? ib + slice_rows : rows;
+  const bool by_row = sj == 1;  // consecutive threads read consecutive addresses either way
   double acc[NPAIR];
 #pragma unroll
   for (int u = 0; u < NPAIR; ++u) acc[u] = 0;
   for (i64 i0 = ib; i0 < ie; i0 += GRAM_ROWS) {
     for (int e = tid; e < GRAM_ROWS * KP; e += NT) {
-      const int row = e / KP, j = e % KP;
+      const int row = by_row ? e / KP : e % GRAM_ROWS, j = by_row ? e % KP : e / GRAM_ROWS;
       const i64 gi = i0 + row;
-      Ws[e] = gi < ie && j < k ? W[gi * k + j] : T(0);
+      Ws[row * KP + j] = gi < ie && j < k ? A[gi * si + j * sj] : T(0);
     }
     __syncthreads();
 #pragma unroll
@@ -430,6 +549,8 @@ struct GemmPlan {
   i64 col_blocks = 0;  // P kernel blocks across the columns
   i64 slices = 0;
   i64 slice_rows = 0;
+  i64 h_slices = 0;    // G_H = H H^T: slices of the n columns of H
+  i64 h_slice_cols = 0;
 };
 DFFKIT_HD GemmPlan gemm_plan(i64 m, i64 n, i64 k, i64 max_slices) {
   GemmPlan p;
@@ -445,6 +566,11 @@ DFFKIT_HD GemmPlan gemm_plan(i64 m, i64 n, i64 k, i64 max_slices) {
   const i64 per = (m + s - 1) / s;
   p.slice_rows = (per + GBK - 1) / GBK * GBK;
   p.slices = (m + p.slice_rows - 1) / p.slice_rows;
+  i64 hs = (n + 63) / 64;
+  if (hs > 256) hs = 256;
+  if (hs > max_slices) hs = max_slices;
+  p.h_slice_cols = (n + hs - 1) / hs;
+  p.h_slices = (n + p.h_slice_cols - 1) / p.h_slice_cols;
   return p;
 }
 

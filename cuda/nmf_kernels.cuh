@@ -154,21 +154,6 @@ __device__ void p_step(const TileArgs<T>& a, int rt, const S* src, i64 lds) {
 
 // ---- tf32 tensor cores (mma.sync m16n8k8, float32 accumulation) --------------------------------
 
-__device__ __forceinline__ std::uint32_t to_tf32(float x) {
-  std::uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-  return r;
-}
-
-/// d += a (16 x 8, row-major fragments) * b (8 x 8, column-major fragments)
-__device__ __forceinline__ void mma_tf32(float (&d)[4], const std::uint32_t (&a)[4],
-                                         const std::uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
 
 /// N step on tensor cores: Nb (rt x k) = src (rt x n) H^T. Warp per (16-row, 8-column) output
 /// tile, the whole reduction over l in order of 8-wide steps. Out-of-range rows, columns and l

@@ -285,8 +285,8 @@ def test_gemm_engine_low_precision(precision):
     err_bound, factor_bound = LOW_PRECISION_BOUNDS[precision]
     assert abs(il["error"] - i32["error"]) <= err_bound * i32["error"]
     assert _rel(Wl, W32) <= factor_bound and _rel(Hl, H32) <= factor_bound
-    # tf32: the gemm kernels multiply on CUDA cores in float32, so fp32's bits; bf16x rounds X
-    assert np.array_equal(Wl, W32) == (precision == "tf32")
+    # tf32: the products ran on tensor cores; bf16x: X was rounded. Either way not fp32's bits
+    assert not np.array_equal(Wl, W32)
 
 
 @pytest.mark.gpu

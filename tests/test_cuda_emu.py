@@ -43,6 +43,12 @@ def _bf16_round(x):
     return bits, (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+def _tf32(a):
+    """float32 -> tf32 as cvt.rna rounds it (10 mantissa bits, ties away from zero), as float64."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
+
+
 def _run(emu, tmp_path, *, m, n, k, dtype="f32", first=1, vec=1, l1=0.0, l2=0.0, lam=0.0,
          groups=None, max_slices=1 << 30, seed=0, zero_rows=()):
     rng = np.random.default_rng(seed)
@@ -78,6 +84,7 @@ def _run(emu, tmp_path, *, m, n, k, dtype="f32", first=1, vec=1, l1=0.0, l2=0.0,
         W_new=np.fromfile(d / "W_new.bin", dtype=T).reshape(m, k),
         Ppart=np.fromfile(d / "Ppart.bin", dtype=T).reshape(S, k, n),
         Gpart=np.fromfile(d / "Gpart.bin", dtype=T).reshape(S, k, k),
+        GHpart=np.fromfile(d / "GHpart.bin", dtype=T).reshape(plan["h_slices"], k, k),
         d0=np.fromfile(d / "d0.bin", dtype=np.float64),
         gg=np.fromfile(d / "gg.bin", dtype=np.float64),
         plan=plan,
@@ -85,10 +92,10 @@ def _run(emu, tmp_path, *, m, n, k, dtype="f32", first=1, vec=1, l1=0.0, l2=0.0,
     return dict(X=X, W=W, H=H, GH=GH, goff=goff, gnorm=gnorm), out
 
 
-def _oracle_w(inp, l1, l2, lam):
-    """The W step in float64 (mu_step of cpp/mu_update.hpp)."""
+def _oracle_w(inp, l1, l2, lam, tf32=False):
+    """The W step in float64 (mu_step of cpp/mu_update.hpp); tf32: N from tf32-rounded X, H."""
     X, W, H, GH = (inp[key].astype(np.float64) for key in ("X", "W", "H", "GH"))
-    N = X @ H.T
+    N = _tf32(inp["X"]) @ _tf32(inp["H"]).T if tf32 else X @ H.T
     base = W @ GH
     den = base.copy()
     if l1 > 0:
@@ -105,10 +112,9 @@ def _oracle_w(inp, l1, l2, lam):
     return W * (N / den), N, base
 
 
-def _check(inp, out, *, l1=0.0, l2=0.0, lam=0.0, first=1, rtol=3e-5):
+def _check(inp, out, *, l1=0.0, l2=0.0, lam=0.0, first=1, rtol=3e-5, tf32=False):
     m, k = inp["W"].shape
-    n = inp["X"].shape[1]
-    W_ref, N, base = _oracle_w(inp, l1, l2, lam)
+    W_ref, N, base = _oracle_w(inp, l1, l2, lam, tf32)
     scale = np.abs(W_ref).max() + 1e-30
     np.testing.assert_allclose(out["W_new"], W_ref, rtol=rtol, atol=rtol * scale, err_msg="W update")
 
@@ -116,16 +122,24 @@ def _check(inp, out, *, l1=0.0, l2=0.0, lam=0.0, first=1, rtol=3e-5):
     plan = out["plan"]
     Wn = out["W_new"].astype(np.float64)
     X = inp["X"].astype(np.float64)
+    Wr, Xr = (_tf32(out["W_new"]), _tf32(inp["X"])) if tf32 else (Wn, X)
     rows = plan["slice_rows"]
     assert plan["slices"] == -(-m // rows), "every slice holds rows"
     for s in range(plan["slices"]):
         sl = slice(s * rows, min(m, (s + 1) * rows))
-        P_ref = Wn[sl].T @ X[sl]
+        P_ref = Wr[sl].T @ Xr[sl]
         G_ref = Wn[sl].T @ Wn[sl]
         np.testing.assert_allclose(out["Ppart"][s], P_ref, rtol=rtol, atol=rtol * (np.abs(P_ref).max() + 1e-30),
                                    err_msg=f"P slice {s}")
         np.testing.assert_allclose(out["Gpart"][s], G_ref, rtol=rtol, atol=rtol * (np.abs(G_ref).max() + 1e-30),
                                    err_msg=f"G slice {s}")
+    H = inp["H"].astype(np.float64)
+    cols = plan["h_slice_cols"]
+    assert plan["h_slices"] == -(-H.shape[1] // cols)
+    for s in range(plan["h_slices"]):  # G_H = H H^T over slices of H's columns
+        Hs = H[:, s * cols:(s + 1) * cols]
+        np.testing.assert_allclose(out["GHpart"][s], Hs @ Hs.T, rtol=rtol, atol=rtol * np.abs(Hs @ Hs.T).max(),
+                                   err_msg=f"G_H slice {s}")
     assert out["d0"].shape == (plan["n_blocks"],)
     if first:
         W0 = inp["W"].astype(np.float64)
@@ -150,13 +164,23 @@ def _check(inp, out, *, l1=0.0, l2=0.0, lam=0.0, first=1, rtol=3e-5):
     dict(m=1, n=1, k=1),
     # the partials' memory cap: two slices only
     dict(m=200, n=40, k=8, max_slices=2),
-], ids=["k20", "k5-scalar-penalties", "k64-groups", "f64-k33", "bf16x-k17", "1x1", "two-slices"])
+    # tensor cores (tf32 mma.sync, emulated by fragment layout): every width, partial tiles
+    dict(m=300, n=200, k=20, dtype="tf32"),
+    dict(m=129, n=37, k=64, dtype="tf32", l1=0.05),
+    dict(m=520, n=530, k=9, dtype="tf32", first=0),
+], ids=["k20", "k5-scalar-penalties", "k64-groups", "f64-k33", "bf16x-k17", "1x1", "two-slices",
+        "tf32-k20", "tf32-k64-scalar", "tf32-k9"])
 def test_gemm_kernels_match_float64_oracle(emu, tmp_path, case):
     dtype = case.get("dtype", "f32")
     inp, out = _run(emu, tmp_path, **case)
     rtol = 1e-11 if dtype == "f64" else 3e-5
     _check(inp, out, l1=case.get("l1", 0.0), l2=case.get("l2", 0.0), lam=case.get("lam", 0.0),
-           first=case.get("first", 1), rtol=rtol)
+           first=case.get("first", 1), rtol=rtol, tf32=dtype == "tf32")
+    if dtype == "tf32":  # the operands really were rounded: the exact products are further away
+        args = (case.get("l1", 0.0), case.get("l2", 0.0), case.get("lam", 0.0))
+        d_exact = np.abs(out["W_new"] - _oracle_w(inp, *args)[0]).max()
+        d_tf32 = np.abs(out["W_new"] - _oracle_w(inp, *args, tf32=True)[0]).max()
+        assert d_exact > 10 * d_tf32
     if case.get("max_slices") == 2:
         assert out["plan"]["slices"] == 2
 
@@ -171,27 +195,32 @@ def test_gemm_plan_covers_the_rows_once(emu, tmp_path):
     _check(inp, out)
 
 
-def test_gemm_kernels_have_no_shared_memory_races(tmp_path_factory, tmp_path):
-    """The same kernels under ThreadSanitizer: a missing __syncthreads between writing and
-    reading a staging buffer is a data race between the emulated threads, and TSan reports it
-    (checked by deleting the main loop's barrier: it reported the race)."""
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_gemm_kernels_under_sanitizers(tmp_path_factory, tmp_path, sanitizer):
+    """The same kernels under ThreadSanitizer and AddressSanitizer. TSan: a missing
+    __syncthreads between writing and reading a staging buffer is a data race between the
+    emulated threads (checked by deleting the main loop's barrier: it reported the race).
+    ASan: a read or write past a tile's end, in shared memory (one allocation of exactly the
+    launch's bytes) or in X, W, H and the partials. A run with a report exits non-zero."""
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no C++ compiler")
-    d = tmp_path_factory.mktemp("tsan")
+    d = tmp_path_factory.mktemp(sanitizer)
+    flag = f"-fsanitize={sanitizer}"
     probe = d / "probe.cpp"
     probe.write_text("#include <thread>\nint main() { std::thread t([] {}); t.join(); }\n")
-    ok = subprocess.run([cxx, "-std=c++20", "-fsanitize=thread", "-pthread", str(probe), "-o", str(d / "probe")],
+    ok = subprocess.run([cxx, "-std=c++20", flag, "-pthread", str(probe), "-o", str(d / "probe")],
                         capture_output=True)
     if ok.returncode != 0 or subprocess.run([str(d / "probe")], capture_output=True).returncode != 0:
-        pytest.skip("ThreadSanitizer is not usable with this compiler or kernel")
-    exe = d / "gemm_emu_tsan"
-    done = subprocess.run([cxx, "-std=c++20", "-O1", "-fsanitize=thread", "-pthread", f"-I{ROOT / 'cpp'}",
+        pytest.skip(f"{flag} is not usable with this compiler or kernel")
+    exe = d / "gemm_emu_san"
+    done = subprocess.run([cxx, "-std=c++20", "-O1", "-g", flag, "-pthread", f"-I{ROOT / 'cpp'}",
                            f"-I{ROOT / 'cuda'}", str(ROOT / "tests" / "emu" / "gemm_emu.cpp"), "-o", str(exe)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
     for case in (dict(m=300, n=200, k=20), dict(m=129, n=37, k=64, lam=0.3, groups=[0, 40, 129]),
-                 dict(m=70, n=48, k=5, dtype="f64", first=0)):
-        inp, out = _run(exe, tmp_path, **case)  # a TSan report makes the run exit non-zero
+                 dict(m=70, n=48, k=5, dtype="f64", first=0), dict(m=130, n=40, k=20, dtype="tf32"),
+                 dict(m=33, n=20, k=16, dtype="bf16x")):
+        inp, out = _run(exe, tmp_path, **case)
         _check(inp, out, lam=case.get("lam", 0.0), first=case.get("first", 1),
-               rtol=1e-11 if case.get("dtype") == "f64" else 3e-5)
+               rtol=1e-11 if case.get("dtype") == "f64" else 3e-5, tf32=case.get("dtype") == "tf32")

@@ -1,8 +1,9 @@
 // Runs the gemm engine's kernels (cuda/nmf_gemm.cuh) on the CPU emulator for tests/test_cuda_emu.py.
 // Usage: gemm_emu DIR. DIR/meta.txt holds "key value" lines (m n k dtype first vec l1 l2 lam
-// ngroups); DIR holds X.bin (float32, float64, or bfloat16 bits for dtype bf16x), W.bin, H.bin,
+// ngroups max_slices; dtype f32, tf32 (tensor-core kernels), f64 or bf16x); DIR holds X.bin
+// (float32, float64, or bfloat16 bits for dtype bf16x), W.bin, H.bin,
 // GH.bin (T), goff.bin (int64, ngroups + 1), gnorm.bin (float64, ngroups x k). Writes W_new.bin,
-// Ppart.bin (S x k x n), Gpart.bin (S x k x k), d0.bin and gg.bin (float64 per N block) and
+// Ppart.bin (S x k x n), Gpart.bin (S x k x k), GHpart.bin (H H^T over slices of H's columns), d0.bin and gg.bin (float64 per N block) and
 // plan.txt.
 #define DFFKIT_EMULATE 1
 #include "nmf_gemm.cuh"
@@ -44,7 +45,7 @@ void write_bin(const std::string& path, const U* p, std::size_t count) {
   f.write(reinterpret_cast<const char*>(p), std::streamsize(count * sizeof(U)));
 }
 
-template <class T, class XS, int KP>
+template <class T, class XS, int KP, int MODE>
 void run_kp(const std::string& dir, std::map<std::string, std::string>& meta) {
   const i64 m = std::stoll(meta["m"]), n = std::stoll(meta["n"]);
   const int k = std::stoi(meta["k"]);
@@ -76,30 +77,36 @@ void run_kp(const std::string& dir, std::map<std::string, std::string>& meta) {
   a.slice_rows = plan.slice_rows;
   int stopped = 0;
 
-  dffkit_emu::launch(gemm_n_kernel<T, XS, KP>, dim3(unsigned(plan.n_blocks)), dim3(NT),
-                     gemm_n_smem<T>(KP), a, q, static_cast<const int*>(&stopped), first);
-  dffkit_emu::launch(gemm_p_kernel<T, XS, KP>, dim3(unsigned(plan.col_blocks), unsigned(plan.slices)),
+  dffkit_emu::launch(gemm_n_kernel<T, XS, KP, MODE>, dim3(unsigned(plan.n_blocks)), dim3(NT),
+                     gemm_n_smem<T>(KP, MODE), a, q, static_cast<const int*>(&stopped), first);
+  dffkit_emu::launch(gemm_p_kernel<T, XS, KP, MODE>, dim3(unsigned(plan.col_blocks), unsigned(plan.slices)),
                      dim3(NT), gemm_p_smem<T>(KP), a, static_cast<const int*>(&stopped));
   dffkit_emu::launch(gemm_gram_kernel<T, KP>, dim3(unsigned(plan.slices)), dim3(NT),
-                     gemm_gram_smem<T>(KP), static_cast<const T*>(W.data()), m, k, plan.slice_rows,
-                     Gpart.data(), static_cast<const int*>(&stopped));
+                     gemm_gram_smem<T>(KP), static_cast<const T*>(W.data()), m, k, i64(k), i64(1),
+                     plan.slice_rows, Gpart.data(), static_cast<const int*>(&stopped));
+  std::vector<T> GHpart(std::size_t(plan.h_slices * k * k), T(-7));
+  dffkit_emu::launch(gemm_gram_kernel<T, KP>, dim3(unsigned(plan.h_slices)), dim3(NT),
+                     gemm_gram_smem<T>(KP), static_cast<const T*>(H.data()), n, k, i64(1), n,
+                     plan.h_slice_cols, GHpart.data(), static_cast<const int*>(&stopped));
 
   write_bin(dir + "/W_new.bin", W.data(), W.size());
   write_bin(dir + "/Ppart.bin", Ppart.data(), Ppart.size());
   write_bin(dir + "/Gpart.bin", Gpart.data(), Gpart.size());
+  write_bin(dir + "/GHpart.bin", GHpart.data(), GHpart.size());
   write_bin(dir + "/d0.bin", d0.data(), d0.size());
   write_bin(dir + "/gg.bin", gg.data(), gg.size());
   std::ofstream p(dir + "/plan.txt");
   p << "kp " << plan.kp << "\nn_blocks " << plan.n_blocks << "\ncol_blocks " << plan.col_blocks
-    << "\nslices " << plan.slices << "\nslice_rows " << plan.slice_rows << "\n";
+    << "\nslices " << plan.slices << "\nslice_rows " << plan.slice_rows << "\nh_slices "
+    << plan.h_slices << "\nh_slice_cols " << plan.h_slice_cols << "\n";
 }
 
-template <class T, class XS>
+template <class T, class XS, int MODE>
 void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   switch (gemm_kp(std::stoll(meta["k"]))) {
-    case 16: run_kp<T, XS, 16>(dir, meta); break;
-    case 32: run_kp<T, XS, 32>(dir, meta); break;
-    case 64: run_kp<T, XS, 64>(dir, meta); break;
+    case 16: run_kp<T, XS, 16, MODE>(dir, meta); break;
+    case 32: run_kp<T, XS, 32, MODE>(dir, meta); break;
+    case 64: run_kp<T, XS, 64, MODE>(dir, meta); break;
     default: throw std::runtime_error("k > 64");
   }
 }
@@ -115,10 +122,11 @@ int main(int argc, char** argv) {
     const std::string dir = argv[1];
     auto meta = read_meta(dir);
     const std::string dt = meta["dtype"];
-    if (dt == "f32") run<float, float>(dir, meta);
-    else if (dt == "f64") run<double, double>(dir, meta);
-    else if (dt == "bf16x") run<float, __nv_bfloat16>(dir, meta);
-    else throw std::runtime_error("dtype must be f32, f64 or bf16x");
+    if (dt == "f32") run<float, float, 0>(dir, meta);
+    else if (dt == "tf32") run<float, float, 1>(dir, meta);
+    else if (dt == "f64") run<double, double, 0>(dir, meta);
+    else if (dt == "bf16x") run<float, __nv_bfloat16, 0>(dir, meta);
+    else throw std::runtime_error("dtype must be f32, tf32, f64 or bf16x");
   } catch (const std::exception& e) {
     std::cerr << "gemm_emu: " << e.what() << "\n";
     return 1;
