@@ -101,16 +101,21 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     floor_bytes = iters * B * m * n * 4
     flops = iters * B * (4 * m * n * k + 2 * (m + n) * k * k)
     # (precision, variant): None = engine "auto"; "general" = the fast path off; "gemm" = the
-    # gemm engine forced (single problems too large for the resident engine)
+    # gemm engine forced (single problems too large for the resident engine; float32 and bf16x
+    # on split-tf32 tensor cores), "gemm simt" = the same on CUDA cores
     variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
         variants.append(("fp32", "general"))
     if B == 1 and m * n * k > (1 << 22):
-        variants += [("fp32", "gemm"), ("bf16x", "gemm")]
+        variants += [("fp32", "gemm"), ("fp32", "gemm simt"), ("tf32", "gemm"), ("bf16x", "gemm")]
     for prec, variant in variants:
         it_d = dffkit_iters or iters
         label = f"dffkit {prec}" + (f" {variant}" if variant else "")
-        engine = "gemm" if variant == "gemm" else None
+        engine = "gemm" if variant and variant.startswith("gemm") else None
+        if variant == "gemm simt":
+            os.environ["DFFKIT_CUDA_GEMM_SIMT"] = "1"
+        else:
+            os.environ.pop("DFFKIT_CUDA_GEMM_SIMT", None)
         if variant == "general":
             os.environ["DFFKIT_CUDA_SMALL"] = "0"
         else:
@@ -141,6 +146,7 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
                      "TFLOPs": flops / (t_full * 1e-3) / 1e12, "err_problem0": err})
         print(rows[-1]["case"], rows[-1]["impl"], f"{t_full:.3f} ms", flush=True)
     os.environ.pop("DFFKIT_CUDA_SMALL", None)
+    os.environ.pop("DFFKIT_CUDA_GEMM_SIMT", None)
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
 

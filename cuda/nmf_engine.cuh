@@ -1093,6 +1093,32 @@ void with_kp(int kp, F&& f) {
   else f(std::integral_constant<int, 64>{});
 }
 
+/// How the gemm kernels multiply (nmf_gemm.cuh's MODE): float64 on CUDA cores (0); the tf32 mode
+/// on tensor cores (1); float32 and bf16x on tensor cores with float32 accuracy (split tf32, 2),
+/// or on CUDA cores (0) with DFFKIT_CUDA_GEMM_SIMT=1 (for side-by-side timings).
+template <class T, int MODE>
+int gemm_mode() {
+  if constexpr (!std::is_same<T, float>::value) return 0;
+  if constexpr (MODE == 1) return 1;
+  const char* v = std::getenv("DFFKIT_CUDA_GEMM_SIMT");
+  return v && v[0] == '1' ? 0 : 2;
+}
+
+/// Calls f with the gemm MODE gm as a constant (only the modes the precision mode can take).
+template <class T, int MODE, class F>
+void with_gm(int gm, F&& f) {
+  if constexpr (!std::is_same<T, float>::value) {
+    (void)gm;
+    f(std::integral_constant<int, 0>{});
+  } else if constexpr (MODE == 1) {
+    (void)gm;
+    f(std::integral_constant<int, 1>{});
+  } else {
+    if (gm == 2) f(std::integral_constant<int, 2>{});
+    else f(std::integral_constant<int, 0>{});
+  }
+}
+
 /// Whether the gemm engine serves a problem: Frobenius, k <= 64, its kernels' shared memory
 /// within the device's limit.
 bool gemm_fits(bool kl, i64 k, int esz, std::size_t limit) {
@@ -1158,8 +1184,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   const i64 kn = i64(k) * n;
   const i64 max_parts = std::max<i64>(1, (i64(512) << 20) / std::max<i64>(1, kn * i64(sizeof(T))));
   const GemmPlan plan = GEMM ? gemm_plan(m, n, k, max_parts) : GemmPlan{};
-  // the gemm kernels' products: tensor cores (tf32) in the tf32 mode, CUDA cores otherwise
-  constexpr int GM = MODE == 1 && std::is_same<T, float>::value && std::is_same<XS, float>::value;
+  const int gm = GEMM ? gemm_mode<T, MODE>() : 0;
   // nb: partials of P and G_W; nbd: partials of the first iteration's error terms
   const i64 nb = GEMM ? plan.slices : std::max<i64>(1, std::min<i64>(std::min<i64>(tiles, 264), max_parts));
   const i64 nbd = GEMM ? plan.n_blocks : nb;
@@ -1243,14 +1268,17 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
 
   const std::size_t smem = L.used;
   if constexpr (GEMM) {
-    with_kp(plan.kp, [&](auto kpc) {
-      constexpr int KP = decltype(kpc)::value;
-      DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_n_kernel<T, XS, KP, GM>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(gemm_n_smem<T>(KP, GM))));
-      DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_p_kernel<T, XS, KP, GM>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(gemm_p_smem<T>(KP))));
+    with_gm<T, MODE>(gm, [&](auto gmc) {
+      constexpr int GM = decltype(gmc)::value;
+      with_kp(plan.kp, [&](auto kpc) {
+        constexpr int KP = decltype(kpc)::value;
+        DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_n_kernel<T, XS, KP, GM>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             int(gemm_n_smem<T>(KP, GM))));
+        DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_p_kernel<T, XS, KP, GM>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             int(gemm_p_smem<T>(KP))));
+      });
     });
   } else {
     with_kc<MODE>(k, [&](auto kc) {
@@ -1285,7 +1313,9 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
       DFFKIT_CUDA_CHECK_LAUNCH("group_norm_kernel");
     }
     if constexpr (GEMM) {
-      launch_gemm<T, XS, GM>(g, plan, q, &st->stopped, first, want_P, s);
+      with_gm<T, MODE>(gm, [&](auto gmc) {
+        launch_gemm<T, XS, decltype(gmc)::value>(g, plan, q, &st->stopped, first, want_P, s);
+      });
     } else {
       with_kc<MODE>(k, [&](auto kc) {
         launch_sweep<T, XS, decltype(kc)::value, MODE>(a, q, st, first, want_P, int(nb), smem, s);

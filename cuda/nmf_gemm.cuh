@@ -10,9 +10,15 @@
 //   gemm_p_kernel     P_s = W^T X over slice s of the rows, for BN columns: S partials
 //   gemm_gram_kernel  G_s = W^T W over slice s of the rows
 //
-// MODE 1 (precision "tf32"): the two products on tensor cores (mma.sync m16n8k8, operands rounded
-// to tf32 as they are staged, float32 accumulation), each warp a 32 x 32, 64 x 16 or 32 x 64
-// block of outputs; the W update is the same float32 code (N passes through shared memory).
+// MODE selects how the two products multiply:
+//   0  CUDA cores, in T (float32, or float64 for float64 data);
+//   1  tensor cores, tf32 (precision "tf32"): mma.sync m16n8k8 with float32 accumulation,
+//      operands rounded to tf32 once, when they are staged;
+//   2  tensor cores, split tf32 ("3xTF32", float32 accuracy): each operand v = hi + lo with hi
+//      = tf32(v) and lo = tf32(v - hi), and a b = a_lo b_hi + a_hi b_lo + a_hi b_hi (the
+//      dropped a_lo b_lo is below 2^-22 of a b), three mma per product.
+// On tensor cores each warp takes a 32 x 32, 64 x 16 or 32 x 64 block of outputs; the W
+// update is the same float32 code for every MODE (N passes through shared memory).
 //
 // The partials are added afterwards in a fixed order (reduce_partials_kernel), so results depend
 // on the shape only. Each output is a sum in ascending order of its reduction index (float32 in
@@ -107,34 +113,53 @@ __device__ __forceinline__ void fma_step16(const T* a, int lda, const T* b, int 
   }
 }
 
+/// v as its tf32 part (SPLIT: and the tf32 part of the remainder in lo).
+template <bool SPLIT>
+__device__ __forceinline__ void tf32_parts(float v, std::uint32_t& hi, std::uint32_t& lo) {
+  if constexpr (SPLIT) {
+    hi = to_tf32(v);
+    lo = to_tf32(v - __uint_as_float(hi));
+  } else {
+    hi = __float_as_uint(v);  // rounded when staged
+    lo = 0;
+  }
+}
+
 /// Tensor cores: d[mt][nt] += A B over 16 reduction indices, A's rows r0 + mt * 16 + (0..15) at
-/// a[l * lda + row], B's columns c0 + nt * 8 + (0..7) at b[l * ldb + col] (values already tf32).
-/// Fragments as mma.m16n8k8 wants them (gq = lane / 4, tq = lane % 4).
-template <int MT, int N8>
+/// a[l * lda + row], B's columns c0 + nt * 8 + (0..7) at b[l * ldb + col]. SPLIT: three mma
+/// per tile (3xTF32), else the values are tf32 already. Fragments as mma.m16n8k8 wants them
+/// (gq = lane / 4, tq = lane % 4).
+template <bool SPLIT, int MT, int N8>
 __device__ __forceinline__ void mma_step16(const float* a, int lda, int r0, const float* b, int ldb,
                                            int c0, float (&d)[MT][N8][4]) {
   const int gq = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
 #pragma unroll
   for (int ks = 0; ks < GBK; ks += 8) {
-    std::uint32_t af[MT][4], bf[N8][2];
+    std::uint32_t ah[MT][4], al[MT][4], bh[N8][2], bl[N8][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const int r = r0 + mt * 16 + gq;
-      af[mt][0] = __float_as_uint(a[(ks + tq) * lda + r]);
-      af[mt][1] = __float_as_uint(a[(ks + tq) * lda + r + 8]);
-      af[mt][2] = __float_as_uint(a[(ks + tq + 4) * lda + r]);
-      af[mt][3] = __float_as_uint(a[(ks + tq + 4) * lda + r + 8]);
+      tf32_parts<SPLIT>(a[(ks + tq) * lda + r], ah[mt][0], al[mt][0]);
+      tf32_parts<SPLIT>(a[(ks + tq) * lda + r + 8], ah[mt][1], al[mt][1]);
+      tf32_parts<SPLIT>(a[(ks + tq + 4) * lda + r], ah[mt][2], al[mt][2]);
+      tf32_parts<SPLIT>(a[(ks + tq + 4) * lda + r + 8], ah[mt][3], al[mt][3]);
     }
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt) {
       const int c = c0 + nt * 8 + gq;
-      bf[nt][0] = __float_as_uint(b[(ks + tq) * ldb + c]);
-      bf[nt][1] = __float_as_uint(b[(ks + tq + 4) * ldb + c]);
+      tf32_parts<SPLIT>(b[(ks + tq) * ldb + c], bh[nt][0], bl[nt][0]);
+      tf32_parts<SPLIT>(b[(ks + tq + 4) * ldb + c], bh[nt][1], bl[nt][1]);
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < N8; ++nt) mma_tf32(d[mt][nt], af[mt], bf[nt]);
+      for (int nt = 0; nt < N8; ++nt) {
+        if constexpr (SPLIT) {  // the small terms first
+          mma_tf32(d[mt][nt], al[mt], bh[nt]);
+          mma_tf32(d[mt][nt], ah[mt], bl[nt]);
+        }
+        mma_tf32(d[mt][nt], ah[mt], bh[nt]);
+      }
   }
 }
 
@@ -189,7 +214,8 @@ struct PGeom {
   static constexpr int WN = BN / CW, N8 = WN / 8;  // tensor cores: warp tile WM x WN
 };
 
-/// The value as the tensor cores see it (MODE 1: rounded to tf32 once, when staged).
+/// The value as staged for the products (MODE 1: rounded to tf32 once; MODE 2 splits it into
+/// two tf32 parts when it is read).
 template <int MODE, class T>
 __device__ __forceinline__ T staged(T v) {
   if constexpr (MODE == 1) return __uint_as_float(to_tf32(v));
@@ -203,7 +229,7 @@ DFFKIT_HD std::size_t gemm_n_smem(int KP, int mode = 0) {
   const int TX = KP / 4, BM = (NT / TX) * 8;
   const std::size_t stage = std::size_t(2) * GBK * ((BM + 4) + (KP + 4));
   // old W rows, G_H, and (tensor cores) N on its way from the fragments to the W update
-  const std::size_t epi = std::size_t(BM) * (KP + 1) * (mode == 1 ? 2 : 1) + std::size_t(KP) * KP;
+  const std::size_t epi = std::size_t(BM) * (KP + 1) * (mode != 0 ? 2 : 1) + std::size_t(KP) * KP;
   return NT * sizeof(double) + (stage > epi ? stage : epi) * sizeof(T);
 }
 template <class T>
@@ -244,7 +270,7 @@ __global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q
                                                     int first) {
   if (stop && *stop) return;
   using G = NGeom<KP>;
-  constexpr bool TC = MODE == 1;
+  constexpr bool TC = MODE != 0;
   static_assert(!TC || std::is_same<T, float>::value, "tensor cores: float32 factors");
   DFFKIT_DYNAMIC_SMEM(smem);
   double* red = reinterpret_cast<double*>(smem);
@@ -303,7 +329,7 @@ __global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q
     const int buf = int(t & 1);
     if (t + 1 < steps) load((t + 1) * GBK);
     if constexpr (TC)
-      mma_step16(As + buf * GBK * G::LDA, G::LDA, m0, Bs + buf * GBK * G::LDB, G::LDB, n0, d);
+      mma_step16<MODE == 2>(As + buf * GBK * G::LDA, G::LDA, m0, Bs + buf * GBK * G::LDB, G::LDB, n0, d);
     else
       fma_step16(As + buf * GBK * G::LDA + ty * 8, G::LDA, Bs + buf * GBK * G::LDB + tx * 4, G::LDB,
                  0, acc);
@@ -389,7 +415,7 @@ template <class T, class XS, int KP, int MODE>
 __global__ void __launch_bounds__(NT) gemm_p_kernel(GemmArgs<T, XS> g, const int* stop) {
   if (stop && *stop) return;
   using G = PGeom<KP>;
-  constexpr bool TC = MODE == 1;
+  constexpr bool TC = MODE != 0;
   static_assert(!TC || std::is_same<T, float>::value, "tensor cores: float32 factors");
   DFFKIT_DYNAMIC_SMEM(smem);
   T* Ws = reinterpret_cast<T*>(smem);   // [2][GBK][LDW]
@@ -454,7 +480,7 @@ __global__ void __launch_bounds__(NT) gemm_p_kernel(GemmArgs<T, XS> g, const int
     const int buf = int(t & 1);
     if (t + 1 < steps) load(ib + (t + 1) * GBK);
     if constexpr (TC)
-      mma_step16(Ws + buf * GBK * G::LDW, G::LDW, j0, Xs + buf * GBK * G::LDX, G::LDX, c0, d);
+      mma_step16<MODE == 2>(Ws + buf * GBK * G::LDW, G::LDW, j0, Xs + buf * GBK * G::LDX, G::LDX, c0, d);
     else
       fma_step16(Ws + buf * GBK * G::LDW + ty * 8, G::LDW, Xs + buf * GBK * G::LDX + tx * 4, G::LDX,
                  G::TX * 4, acc);

@@ -240,7 +240,12 @@ GEMM_SHAPES = [(301, 131, 12), (1000, 300, 20), (257, 520, 64), (90, 1000, 33), 
 @pytest.mark.parametrize("shape", GEMM_SHAPES)
 @pytest.mark.parametrize("opts", [dict(), dict(pen=(0.3, 0.2, 0.1, 0.4), mu=0.05), dict(update_H=False)],
                          ids=["plain", "penalties", "fixed_H"])
-def test_gemm_engine_matches_cpu_and_sweep(shape, opts):
+@pytest.mark.parametrize("kernels", ["split-tf32", "cuda-cores"])
+def test_gemm_engine_matches_cpu_and_sweep(shape, opts, kernels, monkeypatch):
+    """float32 on the gemm engine: tensor cores with split operands (3xTF32, the default) or
+    CUDA cores (DFFKIT_CUDA_GEMM_SIMT=1); both hold the float32 bound against the CPU."""
+    if kernels == "cuda-cores":
+        monkeypatch.setenv("DFFKIT_CUDA_GEMM_SIMT", "1")
     X, W, H = _problem(*shape)
     Wc, Hc, ic = _cpu_fit(X, W, H, **opts)
     Wm, Hm, im = _gpu_fit(X, W, H, engine="gemm", **opts)

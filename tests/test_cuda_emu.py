@@ -58,7 +58,7 @@ def _run(emu, tmp_path, *, m, n, k, dtype="f32", first=1, vec=1, l1=0.0, l2=0.0,
     for i in zero_rows:
         W[i] = 0
     H = rng.random((k, n)).astype(T)
-    if dtype == "bf16x":
+    if dtype.startswith("bf16x"):
         xbits, X = _bf16_round(X)
     GH = (H.astype(np.float64) @ H.T.astype(np.float64)).astype(T)
     goff = np.asarray(groups if groups is not None else [], dtype=np.int64)
@@ -70,7 +70,7 @@ def _run(emu, tmp_path, *, m, n, k, dtype="f32", first=1, vec=1, l1=0.0, l2=0.0,
     meta = dict(m=m, n=n, k=k, dtype=dtype, first=first, vec=vec, l1=l1, l2=l2, lam=lam, ngroups=ng,
                 max_slices=max_slices)
     (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
-    (xbits if dtype == "bf16x" else X).tofile(d / "X.bin")
+    (xbits if dtype.startswith("bf16x") else X).tofile(d / "X.bin")
     for name, a in (("W", W), ("H", H), ("GH", GH)):
         a.tofile(d / f"{name}.bin")
     goff.tofile(d / "goff.bin")
@@ -168,12 +168,17 @@ def _check(inp, out, *, l1=0.0, l2=0.0, lam=0.0, first=1, rtol=3e-5, tf32=False)
     dict(m=300, n=200, k=20, dtype="tf32"),
     dict(m=129, n=37, k=64, dtype="tf32", l1=0.05),
     dict(m=520, n=530, k=9, dtype="tf32", first=0),
+    # tensor cores with float32 accuracy (3xTF32): float32 X, and bfloat16 X
+    dict(m=300, n=200, k=20, dtype="f32split"),
+    dict(m=129, n=37, k=64, dtype="f32split", vec=0, lam=0.3, groups=[0, 40, 41, 129]),
+    dict(m=70, n=48, k=17, dtype="bf16xsplit", l2=0.1),
 ], ids=["k20", "k5-scalar-penalties", "k64-groups", "f64-k33", "bf16x-k17", "1x1", "two-slices",
-        "tf32-k20", "tf32-k64-scalar", "tf32-k9"])
+        "tf32-k20", "tf32-k64-scalar", "tf32-k9", "split-k20", "split-k64-groups", "bf16x-split-k17"])
 def test_gemm_kernels_match_float64_oracle(emu, tmp_path, case):
     dtype = case.get("dtype", "f32")
     inp, out = _run(emu, tmp_path, **case)
-    rtol = 1e-11 if dtype == "f64" else 3e-5
+    # split (3xTF32): float32-level error (measured ~8e-7), ten times below tf32's (~5e-5)
+    rtol = {"f64": 1e-11, "f32split": 3e-6, "bf16xsplit": 3e-6}.get(dtype, 3e-5)
     _check(inp, out, l1=case.get("l1", 0.0), l2=case.get("l2", 0.0), lam=case.get("lam", 0.0),
            first=case.get("first", 1), rtol=rtol, tf32=dtype == "tf32")
     if dtype == "tf32":  # the operands really were rounded: the exact products are further away
@@ -220,7 +225,7 @@ def test_gemm_kernels_under_sanitizers(tmp_path_factory, tmp_path, sanitizer):
     assert done.returncode == 0, done.stderr[-4000:]
     for case in (dict(m=300, n=200, k=20), dict(m=129, n=37, k=64, lam=0.3, groups=[0, 40, 129]),
                  dict(m=70, n=48, k=5, dtype="f64", first=0), dict(m=130, n=40, k=20, dtype="tf32"),
-                 dict(m=33, n=20, k=16, dtype="bf16x")):
+                 dict(m=33, n=20, k=16, dtype="bf16x"), dict(m=40, n=24, k=20, dtype="f32split")):
         inp, out = _run(exe, tmp_path, **case)
         _check(inp, out, lam=case.get("lam", 0.0), first=case.get("first", 1),
                rtol=1e-11 if case.get("dtype") == "f64" else 3e-5, tf32=case.get("dtype") == "tf32")

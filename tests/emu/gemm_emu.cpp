@@ -1,7 +1,7 @@
 // Runs the gemm engine's kernels (cuda/nmf_gemm.cuh) on the CPU emulator for tests/test_cuda_emu.py.
 // Usage: gemm_emu DIR. DIR/meta.txt holds "key value" lines (m n k dtype first vec l1 l2 lam
-// ngroups max_slices; dtype f32, tf32 (tensor-core kernels), f64 or bf16x); DIR holds X.bin
-// (float32, float64, or bfloat16 bits for dtype bf16x), W.bin, H.bin,
+// ngroups max_slices; dtype f32, tf32 (tensor cores), f32split (tensor cores, 3xTF32), f64, bf16x
+// or bf16xsplit); DIR holds X.bin (float32, float64, or bfloat16 bits for the bf16x types), W.bin, H.bin,
 // GH.bin (T), goff.bin (int64, ngroups + 1), gnorm.bin (float64, ngroups x k). Writes W_new.bin,
 // Ppart.bin (S x k x n), Gpart.bin (S x k x k), GHpart.bin (H H^T over slices of H's columns), d0.bin and gg.bin (float64 per N block) and
 // plan.txt.
@@ -124,9 +124,11 @@ int main(int argc, char** argv) {
     const std::string dt = meta["dtype"];
     if (dt == "f32") run<float, float, 0>(dir, meta);
     else if (dt == "tf32") run<float, float, 1>(dir, meta);
+    else if (dt == "f32split") run<float, float, 2>(dir, meta);
+    else if (dt == "bf16xsplit") run<float, __nv_bfloat16, 2>(dir, meta);
     else if (dt == "f64") run<double, double, 0>(dir, meta);
     else if (dt == "bf16x") run<float, __nv_bfloat16, 0>(dir, meta);
-    else throw std::runtime_error("dtype must be f32, tf32, f64 or bf16x");
+    else throw std::runtime_error("dtype must be f32, tf32, f32split, f64, bf16x or bf16xsplit");
   } catch (const std::exception& e) {
     std::cerr << "gemm_emu: " << e.what() << "\n";
     return 1;
