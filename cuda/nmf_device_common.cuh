@@ -9,6 +9,7 @@
 #define DFFKIT_EMU_ALIGNED(p, bytes) ::dffkit_emu::check_aligned(p, bytes, __FILE__, __LINE__)
 #else
 #define DFFKIT_EMU_ALIGNED(p, bytes) ((void)0)
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #define DFFKIT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
@@ -65,6 +66,51 @@ __device__ __forceinline__ double block_sum(double v, double* red) {
   __syncthreads();
   return r;
 }
+
+struct ResOut {
+  int n_iter;
+  double error_init, error;
+};
+
+// Thread-block clusters (sm_90): the C blocks of one problem share their partial sums through
+// distributed shared memory. With C = 1 these are a plain block barrier and the identity.
+#if defined(DFFKIT_EMULATE)
+__device__ __forceinline__ unsigned cluster_rank(int C) { return C > 1 ? ::dffkit_emu::cluster_rank() : 0; }
+__device__ __forceinline__ void cluster_barrier(int C) {
+  if (C > 1) ::dffkit_emu::cluster_sync();
+  else __syncthreads();
+}
+template <class U>
+__device__ __forceinline__ U* cluster_peer(U* p, int rank, int C) {
+  return C > 1 ? ::dffkit_emu::map_shared_rank(p, rank) : p;
+}
+#else
+__device__ __forceinline__ unsigned cluster_rank(int C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (C > 1) return cooperative_groups::this_cluster().block_rank();
+#endif
+  (void)C;
+  return 0;
+}
+__device__ __forceinline__ void cluster_barrier(int C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (C > 1) {
+    cooperative_groups::this_cluster().sync();
+    return;
+  }
+#endif
+  (void)C;
+  __syncthreads();
+}
+template <class U>
+__device__ __forceinline__ U* cluster_peer(U* p, int rank, int C) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (C > 1) return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+#endif
+  (void)rank; (void)C;
+  return p;
+}
+#endif
 
 // ---- tf32 tensor cores (mma.sync m16n8k8, float32 accumulation) --------------------------------
 #if defined(DFFKIT_EMULATE)

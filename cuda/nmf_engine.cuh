@@ -28,6 +28,7 @@
 #include "nmf_detail.hpp"
 #include "nmf_gemm.cuh"
 #include "nmf_kernels.cuh"
+#include "nmf_small_kernel.cuh"
 
 namespace dffkit {
 namespace cuda_detail {
@@ -234,39 +235,6 @@ struct ResDesc {
   T* gR;              // TM x n when R (KL) does not fit
   double* objective;  // max_iter entries, or null
 };
-
-struct ResOut {
-  int n_iter;
-  double error_init, error;
-};
-
-// Thread-block clusters (sm_90): the C blocks of one problem share their partial sums through
-// distributed shared memory. With C = 1 these are a plain block barrier and the identity.
-__device__ __forceinline__ unsigned cluster_rank(int C) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (C > 1) return cooperative_groups::this_cluster().block_rank();
-#endif
-  (void)C;
-  return 0;
-}
-__device__ __forceinline__ void cluster_barrier(int C) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (C > 1) {
-    cooperative_groups::this_cluster().sync();
-    return;
-  }
-#endif
-  (void)C;
-  __syncthreads();
-}
-template <class U>
-__device__ __forceinline__ U* cluster_peer(U* p, int rank, int C) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (C > 1) return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-#endif
-  (void)rank; (void)C;
-  return p;
-}
 
 /// C = 1: one block per problem. C > 1 (Frobenius, no groups, no objective): the problem's
 /// rows are split over a cluster of C blocks, each keeping its rows of X in shared memory;

@@ -23,17 +23,22 @@ def _compiler():
     return None
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build(tmp_path_factory, source):
+    """tests/emu/<source> compiled against the kernels (skip where there is no C++ compiler)."""
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no C++ compiler to build the CUDA emulator harness")
-    exe = tmp_path_factory.mktemp("emu") / "gemm_emu"
+    exe = tmp_path_factory.mktemp("emu") / Path(source).stem
     cmd = [cxx, "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'cpp'}", f"-I{ROOT / 'cuda'}",
-           str(ROOT / "tests" / "emu" / "gemm_emu.cpp"), "-o", str(exe)]
+           str(ROOT / "tests" / "emu" / source), "-o", str(exe)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"emulator harness did not compile:\n{done.stderr[-4000:]}"
     return exe
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build(tmp_path_factory, "gemm_emu.cpp")
 
 
 def _bf16_round(x):
@@ -200,13 +205,8 @@ def test_gemm_plan_covers_the_rows_once(emu, tmp_path):
     _check(inp, out)
 
 
-@pytest.mark.parametrize("sanitizer", ["thread", "address"])
-def test_gemm_kernels_under_sanitizers(tmp_path_factory, tmp_path, sanitizer):
-    """The same kernels under ThreadSanitizer and AddressSanitizer. TSan: a missing
-    __syncthreads between writing and reading a staging buffer is a data race between the
-    emulated threads (checked by deleting the main loop's barrier: it reported the race).
-    ASan: a read or write past a tile's end, in shared memory (one allocation of exactly the
-    launch's bytes) or in X, W, H and the partials. A run with a report exits non-zero."""
+def _sanitized(tmp_path_factory, sanitizer, source):
+    """The emulator harness `source` built with -fsanitize=<sanitizer> (skip where unusable)."""
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no C++ compiler")
@@ -218,14 +218,124 @@ def test_gemm_kernels_under_sanitizers(tmp_path_factory, tmp_path, sanitizer):
                         capture_output=True)
     if ok.returncode != 0 or subprocess.run([str(d / "probe")], capture_output=True).returncode != 0:
         pytest.skip(f"{flag} is not usable with this compiler or kernel")
-    exe = d / "gemm_emu_san"
+    exe = d / (Path(source).stem + "_san")
     done = subprocess.run([cxx, "-std=c++20", "-O1", "-g", flag, "-pthread", f"-I{ROOT / 'cpp'}",
-                           f"-I{ROOT / 'cuda'}", str(ROOT / "tests" / "emu" / "gemm_emu.cpp"), "-o", str(exe)],
+                           f"-I{ROOT / 'cuda'}", str(ROOT / "tests" / "emu" / source), "-o", str(exe)],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
+    return exe
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_gemm_kernels_under_sanitizers(tmp_path_factory, tmp_path, sanitizer):
+    """The same kernels under ThreadSanitizer and AddressSanitizer. TSan: a missing
+    __syncthreads between writing and reading a staging buffer is a data race between the
+    emulated threads (checked by deleting the main loop's barrier: it reported the race).
+    ASan: a read or write past a tile's end, in shared memory (one allocation of exactly the
+    launch's bytes) or in X, W, H and the partials. A run with a report exits non-zero."""
+    exe = _sanitized(tmp_path_factory, sanitizer, "gemm_emu.cpp")
     for case in (dict(m=300, n=200, k=20), dict(m=129, n=37, k=64, lam=0.3, groups=[0, 40, 129]),
                  dict(m=70, n=48, k=5, dtype="f64", first=0), dict(m=130, n=40, k=20, dtype="tf32"),
                  dict(m=33, n=20, k=16, dtype="bf16x"), dict(m=40, n=24, k=20, dtype="f32split")):
         inp, out = _run(exe, tmp_path, **case)
         _check(inp, out, lam=case.get("lam", 0.0), first=case.get("first", 1),
                rtol=1e-11 if case.get("dtype") == "f64" else 3e-5, tf32=case.get("dtype") == "tf32")
+
+
+# ---- the resident fast path (cuda/nmf_small_kernel.cuh): the whole solve, clusters included ----
+
+@pytest.fixture(scope="module")
+def small_emu(tmp_path_factory):
+    return _build(tmp_path_factory, "small_emu.cpp")
+
+
+def _small_problem(B, m, n, k, seed):
+    rng = np.random.default_rng(seed)
+    X = (rng.random((B, m, k + 2)) @ rng.random((B, k + 2, n)) + 0.05 * rng.random((B, m, n))).astype(np.float32)
+    s = np.sqrt(X.mean() / k)
+    W = (s * np.abs(rng.standard_normal((B, m, k)))).astype(np.float32)
+    H = (s * np.abs(rng.standard_normal((B, k, n)))).astype(np.float32)
+    return X, W, H
+
+
+def _run_small(exe, tmp_path, X, W, H, *, C, bf16=False, max_iter=30, tol=0.0, pen=(0, 0, 0, 0), mu=0.0,
+               update_H=True):
+    B, m, n = X.shape
+    k = W.shape[2]
+    d = tmp_path / f"small_{B}_{m}_{n}_{k}_{C}_{int(bf16)}_{max_iter}"
+    d.mkdir()
+    meta = dict(B=B, m=m, n=n, k=k, C=C, bf16=int(bf16), max_iter=max_iter, tol=tol, l1_W=pen[0], l2_W=pen[1],
+                l1_H=pen[2], l2_H=pen[3], mu=mu, update_H=int(update_H))
+    (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
+    for name, a in (("X", X), ("W", W), ("H", H)):
+        np.ascontiguousarray(a, dtype=np.float32).tofile(d / f"{name}.bin")
+    done = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    Wo = np.fromfile(d / "W_out.bin", dtype=np.float32).reshape(B, m, k)
+    Ho = np.fromfile(d / "H_out.bin", dtype=np.float32).reshape(B, k, n)
+    outs = [tuple(float(v) for v in line.split()) for line in (d / "out.txt").read_text().splitlines()]
+    return Wo, Ho, outs
+
+
+def _cpu_reference(X, W, H, *, max_iter, tol=0.0, pen=(0, 0, 0, 0), mu=0.0, update_H=True):
+    from dffkit import _backends
+
+    cpu = _backends.cpu()
+    p = cpu.Params()
+    p.beta = 2
+    p.l1_W, p.l2_W, p.l1_H, p.l2_H = pen
+    p.mu, p.max_iter, p.tol, p.update_H = mu, max_iter, tol, update_H
+    W, H = W.copy(), H.copy()
+    info = cpu.fit(np.ascontiguousarray(X), W, H, p, [])
+    return W, H, info
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300)
+
+
+SMALL_CASES = [
+    # widths 4, 5, 8, 12, 16; clusters of 1, 2, 4, 8 blocks; n not a multiple of 4; a batch of
+    # three problems; penalties, fixed H, bf16 X; the stopping rule. Few iterations: every
+    # emulated barrier costs a round of all C x 256 threads on the CPU (~0.3 s an iteration at C = 8)
+    dict(B=1, m=40, n=37, k=3, C=1, max_iter=12),
+    dict(B=3, m=50, n=64, k=5, C=2, max_iter=4),
+    dict(B=1, m=33, n=70, k=8, C=8, max_iter=3),
+    dict(B=1, m=24, n=96, k=12, C=4, max_iter=3, pen=(0.3, 0.2, 0.1, 0.4), mu=0.05),
+    dict(B=1, m=20, n=40, k=16, C=2, max_iter=4, update_H=False),
+    dict(B=1, m=30, n=48, k=5, C=2, max_iter=4, bf16=True),
+    dict(B=1, m=60, n=20, k=4, C=1, max_iter=40, tol=5e-2),
+]
+
+
+@pytest.mark.parametrize("case", SMALL_CASES, ids=["k3-C1", "k5-C2-batch", "k8-C8", "k12-C4-penalties",
+                                                   "k16-C2-fixedH", "k5-C2-bf16", "stopping-rule"])
+def test_fast_path_kernel_matches_cpu_engine(small_emu, tmp_path, case):
+    case = dict(case)
+    B, m, n, k, C, max_iter = (case.pop(key) for key in ("B", "m", "n", "k", "C", "max_iter"))
+    bf16 = case.pop("bf16", False)
+    X, W, H = _small_problem(B, m, n, k, seed=m + n + k)
+    Wg, Hg, outs = _run_small(small_emu, tmp_path, X, W, H, C=C, bf16=bf16, max_iter=max_iter, **case)
+    Xr = _bf16_round(X)[1].reshape(X.shape) if bf16 else X  # bf16x: the problem for rounded X
+    for b in range(B):
+        Wc, Hc, ic = _cpu_reference(Xr[b], W[b], H[b], max_iter=max_iter, **case)
+        n_iter, e0, e = outs[b]
+        assert n_iter == ic["n_iter"]
+        assert (n_iter < max_iter) == ("tol" in case)  # the stopping rule case stops early
+        assert _rel(Wg[b], Wc) <= 1e-4 and _rel(Hg[b], Hc) <= 1e-4
+        assert abs(e - ic["error"]) <= 1e-3 * ic["error"]
+        assert abs(e0 - ic["error_init"]) <= 1e-5 * ic["error_init"]
+        if not case.get("update_H", True):
+            assert np.array_equal(Hg[b], H[b])
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_fast_path_kernel_under_sanitizers(tmp_path_factory, tmp_path, sanitizer):
+    """The fast path with a cluster of two blocks under ThreadSanitizer (a peer's shared memory
+    read while it is written, between the cluster barriers, is a race) and AddressSanitizer."""
+    exe = _sanitized(tmp_path_factory, sanitizer, "small_emu.cpp")
+    X, W, H = _small_problem(1, 30, 37, 5, seed=1)
+    Wg, Hg, outs = _run_small(exe, tmp_path, X, W, H, C=2, max_iter=3)
+    Wc, Hc, ic = _cpu_reference(X[0], W[0], H[0], max_iter=3)
+    assert _rel(Wg[0], Wc) <= 1e-4 and _rel(Hg[0], Hc) <= 1e-4

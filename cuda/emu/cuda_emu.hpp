@@ -5,11 +5,14 @@
 // (filled with a garbage pattern, so a kernel that reads shared memory it did not write gives
 // garbage here too). It checks what a kernel computes and where its barriers are (run under
 // ThreadSanitizer it reports shared-memory races between barriers), not how fast it is.
-// Of the warp-level operations only the tensor-core product mma.sync.m16n8k8 (tf32) is
-// emulated (the warp's 32 threads exchange their fragments through a per-warp buffer between two
-// warp barriers); shuffles and votes are not: kernels meant for the emulator do not use them.
+// Warp-level operations: __shfl_xor_sync (full mask) and the tensor-core product
+// mma.sync.m16n8k8 (tf32), the warp's 32 threads exchanging values through a per-warp buffer
+// between two warp barriers; votes and other shuffles are not emulated. Thread-block clusters
+// (sm_90): launch_cluster runs the C blocks of a cluster together, with a cluster barrier and
+// map_shared_rank into the peers' shared memory (distributed shared memory).
 #include <algorithm>
 #include <barrier>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -74,6 +77,7 @@ namespace dffkit_emu {
 /// The fragments of one warp's mma, by lane.
 struct WarpExchange {
   float a[32][4], b[32][2], c[32][4];
+  unsigned char shfl[32][8];
 };
 
 struct ThreadState {
@@ -83,6 +87,10 @@ struct ThreadState {
   WarpExchange* wx = nullptr;
   unsigned lane = 0;
   unsigned char* smem = nullptr;
+  std::size_t smem_bytes = 0;
+  std::barrier<>* cluster_bar = nullptr;
+  unsigned cluster_rank = 0;
+  unsigned char* const* cluster_smem = nullptr;  // the cluster's blocks' shared memory, by rank
 };
 inline thread_local ThreadState tls;
 inline dim3 grid_dim, block_dim;
@@ -96,6 +104,35 @@ inline void check_aligned(const void* p, std::size_t bytes, const char* file, in
   }
 }
 inline void sync_block() { tls.bar->arrive_and_wait(); }
+inline unsigned cluster_rank() { return tls.cluster_rank; }
+inline void cluster_sync() { tls.cluster_bar->arrive_and_wait(); }
+/// p (in this block's shared memory) mapped into block `rank` of the cluster.
+template <class U>
+U* map_shared_rank(U* p, int rank) {
+  const auto* b = reinterpret_cast<const unsigned char*>(p);
+  if (b < tls.smem || b >= tls.smem + tls.smem_bytes) {
+    std::fprintf(stderr, "emu: map_shared_rank of a pointer outside shared memory\n");
+    std::abort();
+  }
+  return reinterpret_cast<U*>(tls.cluster_smem[rank] + (b - tls.smem));
+}
+
+/// __shfl_xor_sync(0xffffffff, v, lane_mask) for values of up to 8 bytes.
+template <class V>
+V shfl_xor(unsigned mask, V v, int lane_mask) {
+  static_assert(sizeof(V) <= 8, "emu: shuffles of up to 8 bytes");
+  if (mask != 0xffffffffu) {
+    std::fprintf(stderr, "emu: only full-warp shuffles are emulated\n");
+    std::abort();
+  }
+  WarpExchange& x = *tls.wx;
+  std::memcpy(x.shfl[tls.lane], &v, sizeof(V));
+  tls.warp_bar->arrive_and_wait();
+  V r;
+  std::memcpy(&r, x.shfl[tls.lane ^ unsigned(lane_mask & 31)], sizeof(V));
+  tls.warp_bar->arrive_and_wait();
+  return r;
+}
 
 /// cvt.rna.tf32.f32: round to 10 mantissa bits, nearest, ties away from zero (finite inputs).
 inline std::uint32_t to_tf32(float x) {
@@ -131,43 +168,65 @@ inline void mma_m16n8k8_tf32(float (&d)[4], const std::uint32_t (&a)[4], const s
   tls.warp_bar->arrive_and_wait();  // every lane has read the buffer before the next mma
 }
 
+/// kern<<<grid, block, smem>>>(args...) with clusters of C blocks along x, synchronously: the
+/// clusters one after another, the C blocks of a cluster together.
+template <class... KArgs, class... Args>
+void launch_cluster(void (*kern)(KArgs...), dim3 grid, dim3 block, std::size_t smem, unsigned C,
+                    Args... args) {
+  const unsigned nt = block.x * block.y * block.z;
+  if (nt == 0 || nt > 1024) throw std::invalid_argument("emu: bad block size");
+  if (C < 1 || grid.x % C != 0) throw std::invalid_argument("emu: grid.x must be a multiple of the cluster size");
+  grid_dim = grid;
+  block_dim = block;
+  const std::size_t stride = (smem + 127) & ~std::size_t(63);
+  std::vector<unsigned char> pool(stride * C + 64);
+  unsigned char* base0 = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<std::uintptr_t>(pool.data()) + 63) & ~std::uintptr_t(63));
+  std::vector<unsigned char*> bases(C);
+  for (unsigned r = 0; r < C; ++r) bases[r] = base0 + r * stride;
+  const unsigned nw = (nt + 31) / 32;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned cx = 0; cx < grid.x / C; ++cx) {
+        std::memset(base0, 0xA5, stride * C);  // not zero: kernels must write what they read
+        std::barrier<> cluster_bar(static_cast<std::ptrdiff_t>(nt * C));
+        std::vector<std::unique_ptr<std::barrier<>>> block_bars, warp_bars;
+        for (unsigned r = 0; r < C; ++r) {
+          block_bars.push_back(std::make_unique<std::barrier<>>(std::ptrdiff_t(nt)));
+          for (unsigned w = 0; w < nw; ++w)
+            warp_bars.push_back(std::make_unique<std::barrier<>>(std::ptrdiff_t(std::min(32u, nt - 32 * w))));
+        }
+        std::vector<WarpExchange> exchange(std::size_t(nw) * C);
+        std::vector<std::thread> threads;
+        threads.reserve(std::size_t(nt) * C);
+        for (unsigned r = 0; r < C; ++r)
+          for (unsigned t = 0; t < nt; ++t)
+            threads.emplace_back([&, r, t] {
+              tls.thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+              tls.block = dim3(cx * C + r, by, bz);
+              tls.bar = block_bars[r].get();
+              tls.warp_bar = warp_bars[r * nw + t / 32].get();
+              tls.wx = &exchange[r * nw + t / 32];
+              tls.lane = t % 32;
+              tls.smem = bases[r];
+              tls.smem_bytes = smem;
+              tls.cluster_bar = &cluster_bar;
+              tls.cluster_rank = r;
+              tls.cluster_smem = bases.data();
+              kern(args...);
+              // an exited thread no longer holds the barriers up
+              tls.bar->arrive_and_drop();
+              tls.warp_bar->arrive_and_drop();
+              tls.cluster_bar->arrive_and_drop();
+            });
+        for (auto& th : threads) th.join();
+      }
+}
+
 /// kern<<<grid, block, smem>>>(args...), synchronously.
 template <class... KArgs, class... Args>
 void launch(void (*kern)(KArgs...), dim3 grid, dim3 block, std::size_t smem, Args... args) {
-  const unsigned nt = block.x * block.y * block.z;
-  if (nt == 0 || nt > 1024) throw std::invalid_argument("emu: bad block size");
-  grid_dim = grid;
-  block_dim = block;
-  std::vector<unsigned char> pool(smem + 64);
-  unsigned char* base = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<std::uintptr_t>(pool.data()) + 63) & ~std::uintptr_t(63));
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::memset(base, 0xA5, smem);  // not zero: kernels must write what they read
-        std::barrier<> bar(static_cast<std::ptrdiff_t>(nt));
-        const unsigned nw = (nt + 31) / 32;
-        std::vector<std::unique_ptr<std::barrier<>>> warp_bars;
-        for (unsigned w = 0; w < nw; ++w)
-          warp_bars.push_back(std::make_unique<std::barrier<>>(std::ptrdiff_t(std::min(32u, nt - 32 * w))));
-        std::vector<WarpExchange> exchange(nw);
-        std::vector<std::thread> threads;
-        threads.reserve(nt);
-        for (unsigned t = 0; t < nt; ++t)
-          threads.emplace_back([&, t] {
-            tls.thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            tls.block = dim3(bx, by, bz);
-            tls.bar = &bar;
-            tls.warp_bar = warp_bars[t / 32].get();
-            tls.wx = &exchange[t / 32];
-            tls.lane = t % 32;
-            tls.smem = base;
-            kern(args...);
-            bar.arrive_and_drop();  // an exited thread no longer holds the barriers up
-            tls.warp_bar->arrive_and_drop();
-          });
-        for (auto& th : threads) th.join();
-      }
+  launch_cluster(kern, grid, block, smem, 1u, args...);
 }
 
 }  // namespace dffkit_emu
@@ -177,3 +236,8 @@ void launch(void (*kern)(KArgs...), dim3 grid, dim3 block, std::size_t smem, Arg
 #define blockDim (::dffkit_emu::block_dim)
 #define gridDim (::dffkit_emu::grid_dim)
 inline void __syncthreads() { ::dffkit_emu::sync_block(); }
+
+template <class V>
+inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) { return ::dffkit_emu::shfl_xor(mask, v, lane_mask); }
+inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+inline float fmaf(float a, float b, float c) { return std::fma(a, b, c); }

@@ -8,6 +8,8 @@
 #define DFFKIT_EMULATE 1
 #include "nmf_gemm.cuh"
 
+#include "emu_io.hpp"
+
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -19,31 +21,9 @@ using namespace dffkit::cuda_detail;
 
 namespace {
 
-std::map<std::string, std::string> read_meta(const std::string& dir) {
-  std::ifstream f(dir + "/meta.txt");
-  if (!f) throw std::runtime_error("cannot read " + dir + "/meta.txt");
-  std::map<std::string, std::string> meta;
-  std::string key, value;
-  while (f >> key >> value) meta[key] = value;
-  return meta;
-}
-
-template <class U>
-std::vector<U> read_bin(const std::string& path, std::size_t count) {
-  std::vector<U> v(count);
-  if (count == 0) return v;
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw std::runtime_error("cannot read " + path);
-  f.read(reinterpret_cast<char*>(v.data()), std::streamsize(count * sizeof(U)));
-  if (std::size_t(f.gcount()) != count * sizeof(U)) throw std::runtime_error("short file " + path);
-  return v;
-}
-
-template <class U>
-void write_bin(const std::string& path, const U* p, std::size_t count) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(reinterpret_cast<const char*>(p), std::streamsize(count * sizeof(U)));
-}
+using emu_io::read_bin;
+using emu_io::read_meta;
+using emu_io::write_bin;
 
 template <class T, class XS, int KP, int MODE>
 void run_kp(const std::string& dir, std::map<std::string, std::string>& meta) {
