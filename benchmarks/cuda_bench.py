@@ -22,7 +22,7 @@ dev = torch.device("cuda")
 OUT = os.environ.get("OUT", ".")
 QUICK = "--quick" in sys.argv
 # --ab: the small-problem cases also with the fast path switched off (the general resident
-# kernel), side by side in the same run
+# kernel) and with its products on tensor cores (DFFKIT_CUDA_SMALL_TC=1), side by side
 AB = "--ab" in sys.argv
 # --large: only the two large single problems (the sweep and gemm engines side by side)
 LARGE = "--large" in sys.argv
@@ -107,7 +107,7 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     # on split-tf32 tensor cores), "gemm simt" = the same on CUDA cores
     variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
-        variants.append(("fp32", "general"))
+        variants += [("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc")]
     if B == 1 and m * n * k > (1 << 22):
         variants += [("fp32", "gemm"), ("fp32", "gemm simt"), ("tf32", "gemm"), ("bf16x", "gemm")]
     for prec, variant in variants:
@@ -118,6 +118,10 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
             os.environ["DFFKIT_CUDA_GEMM_SIMT"] = "1"
         else:
             os.environ.pop("DFFKIT_CUDA_GEMM_SIMT", None)
+        if variant == "tc":  # the fast path's products on tensor cores
+            os.environ["DFFKIT_CUDA_SMALL_TC"] = "1"
+        else:
+            os.environ.pop("DFFKIT_CUDA_SMALL_TC", None)
         if variant == "general":
             os.environ["DFFKIT_CUDA_SMALL"] = "0"
         else:
@@ -149,6 +153,7 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
         print(rows[-1]["case"], rows[-1]["impl"], f"{t_full:.3f} ms", flush=True)
     os.environ.pop("DFFKIT_CUDA_SMALL", None)
     os.environ.pop("DFFKIT_CUDA_GEMM_SIMT", None)
+    os.environ.pop("DFFKIT_CUDA_SMALL_TC", None)
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
 

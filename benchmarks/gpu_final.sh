@@ -2,7 +2,7 @@
 # Every GPU check of the project in one lease, stages in order of importance, each with its own
 # time limit (the script goes on after a failure; what each stage wrote is under $OUT):
 #   1. build (CUDA objects compiled ahead, see below) and tests/test_cuda.py  (gpu_check.sh);
-#      1b. benchmarks/cuda_bench.py --large (the sweep and gemm engines, PyTorch)
+#      1b. benchmarks/cuda_bench.py --ab (every kernel variant next to PyTorch)
 #   2. every test marked `gpu` across the suite
 #   3. dffkit bench --suite gpu (issues 4, 5, 8): JSON, Markdown, PNG
 #   4. onnxruntime CUDA: VGG-16 conv5_3 throughput/latency (issue 6), DFF end to end (issue 7)
@@ -44,10 +44,11 @@ fi
 GPU_CHECK_STAGES="build test" TEST_TIMEOUT=180 source "$ROOT/benchmarks/gpu_check.sh"
 stamp "stage 1 done"
 
-# 1b. the large single problems: sweep and gemm engines (CUDA cores, split tf32, tf32, bf16x)
-#     next to PyTorch, the data for engine "auto"'s choice
-(cd /tmp && OUT="$OUT" timeout "${LARGE_BENCH_TIMEOUT:-150}" python3 "$ROOT/benchmarks/cuda_bench.py" --large 2>&1 \
-   | tee "$OUT/cuda_bench_large.log" | tail -n 16)
+# 1b. issue 5's four shapes with every kernel variant side by side (cuda_bench.py --ab): the
+#     fast path on CUDA or tensor cores, the general resident kernel, the sweep and the gemm
+#     engine (CUDA cores, split tf32, tf32, bf16x), PyTorch: the data for the defaults
+(cd /tmp && OUT="$OUT" timeout "${AB_BENCH_TIMEOUT:-240}" python3 "$ROOT/benchmarks/cuda_bench.py" --ab 2>&1 \
+   | tee "$OUT/cuda_bench_ab.log" | tail -n 40)
 stamp "stage 1b done"
 
 # 2. every gpu-marked test

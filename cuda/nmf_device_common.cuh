@@ -137,5 +137,27 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const std::uint32_t (&a)
 }
 #endif
 
+/// v as its tf32 part (SPLIT: and the tf32 part of the remainder in lo).
+template <bool SPLIT>
+__device__ __forceinline__ void tf32_parts(float v, std::uint32_t& hi, std::uint32_t& lo) {
+  if constexpr (SPLIT) {
+    hi = to_tf32(v);
+    lo = to_tf32(v - __uint_as_float(hi));
+  } else {
+    hi = __float_as_uint(v);  // rounded when staged
+    lo = 0;
+  }
+}
+
+/// d += a b to float32 accuracy from split operands (a = ah + al, b = bh + bl, tf32 parts):
+/// al bh + ah bl + ah bh, the small terms first; the dropped al bl is below 2^-22 of a b.
+__device__ __forceinline__ void mma_tf32x3(float (&d)[4], const std::uint32_t (&ah)[4],
+                                           const std::uint32_t (&al)[4], const std::uint32_t (&bh)[2],
+                                           const std::uint32_t (&bl)[2]) {
+  mma_tf32(d, al, bh);
+  mma_tf32(d, ah, bl);
+  mma_tf32(d, ah, bh);
+}
+
 }  // namespace cuda_detail
 }  // namespace dffkit

@@ -1022,7 +1022,7 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
       std::vector<std::size_t> fast_at, rest_at;
       for (std::size_t b = 0; b < items.size(); ++b) {
         const Item& it = items[b];
-        if (small_cluster(it.m, it.n, it.k, limit) > 0) {
+        if (small_cluster(it.m, it.n, it.k, limit, small_tc()) > 0) {
           fast.push_back(it);
           fast_at.push_back(b);
         } else {

@@ -113,18 +113,6 @@ __device__ __forceinline__ void fma_step16(const T* a, int lda, const T* b, int 
   }
 }
 
-/// v as its tf32 part (SPLIT: and the tf32 part of the remainder in lo).
-template <bool SPLIT>
-__device__ __forceinline__ void tf32_parts(float v, std::uint32_t& hi, std::uint32_t& lo) {
-  if constexpr (SPLIT) {
-    hi = to_tf32(v);
-    lo = to_tf32(v - __uint_as_float(hi));
-  } else {
-    hi = __float_as_uint(v);  // rounded when staged
-    lo = 0;
-  }
-}
-
 /// Tensor cores: d[mt][nt] += A B over 16 reduction indices, A's rows r0 + mt * 16 + (0..15) at
 /// a[l * lda + row], B's columns c0 + nt * 8 + (0..7) at b[l * ldb + col]. SPLIT: three mma
 /// per tile (3xTF32), else the values are tf32 already. Fragments as mma.m16n8k8 wants them
@@ -154,11 +142,8 @@ __device__ __forceinline__ void mma_step16(const float* a, int lda, int r0, cons
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt) {
-        if constexpr (SPLIT) {  // the small terms first
-          mma_tf32(d[mt][nt], al[mt], bh[nt]);
-          mma_tf32(d[mt][nt], ah[mt], bl[nt]);
-        }
-        mma_tf32(d[mt][nt], ah[mt], bh[nt]);
+        if constexpr (SPLIT) mma_tf32x3(d[mt][nt], ah[mt], al[mt], bh[nt], bl[nt]);
+        else mma_tf32(d[mt][nt], ah[mt], bh[nt]);
       }
   }
 }

@@ -2,14 +2,21 @@
 // problems it takes, the cluster size, the launch. This header lives inside namespace
 // dffkit::cuda_detail::{anonymous} (nmf_engine.cuh).
 
+/// DFFKIT_CUDA_SMALL_TC=1: the fast path's products on tensor cores (split tf32, float32
+/// accuracy). Off by default until its speed is measured against the CUDA-core kernel on a GPU.
+bool small_tc() {
+  const char* v = std::getenv("DFFKIT_CUDA_SMALL_TC");
+  return v && v[0] == '1';
+}
+
 /// Blocks per problem for the fast path, 0 where it does not apply. From the shape only.
-int small_cluster(i64 m, i64 n, i64 k, std::size_t limit) {
+int small_cluster(i64 m, i64 n, i64 k, std::size_t limit, bool tc) {
   const int K = small_width(k);
   if (K == 0 || m < 1 || n < 1) return 0;
   const std::size_t two = (limit + 1024) / 2 - 1024;  // two blocks per SM
   for (std::size_t cap : {two, limit})
     for (int C = 1; C <= 8; C *= 2)
-      if (m >= C && small_layout(m, n, K, C).used <= cap) return C;
+      if (m >= C && small_layout(m, n, K, C, tc).used <= cap) return C;
   return 0;
 }
 
@@ -20,10 +27,10 @@ bool small_options_ok(const KParams& q, int cc_major) {
   return !(off && *off == '0');
 }
 
-template <bool BF16, int K>
+template <bool BF16, int K, bool TC>
 void launch_small(const SmallDesc* d_descs, std::size_t count, const KParams& q, ResOut* d_out,
                   std::size_t smem, int C, cudaStream_t s) {
-  auto kern = small_kernel<BF16, K>;
+  auto kern = small_kernel<BF16, K, TC>;
   DFFKIT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   launch_clusters(kern, count, C, SNT, smem, s, d_descs, q, d_out, C);
   DFFKIT_CUDA_CHECK_LAUNCH("small_kernel");
@@ -47,6 +54,7 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
                                          int dev, cudaStream_t s) {
   const std::size_t limit = smem_optin(dev);
   const std::size_t B = items.size();
+  const bool tc = small_tc();
   Carver count;
   count.take<SmallDesc>(i64(B));
   count.take<ResOut>(i64(B));
@@ -58,7 +66,7 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
     ResOut* d_out = c.take<ResOut>(i64(B));
     std::vector<int> cs(B), ks(B);
     for (std::size_t b = 0; b < B; ++b) {
-      cs[b] = small_cluster(items[b].m, items[b].n, items[b].k, limit);
+      cs[b] = small_cluster(items[b].m, items[b].n, items[b].k, limit, tc);
       ks[b] = small_width(items[b].k);
     }
     std::vector<std::size_t> order;
@@ -75,7 +83,7 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
             sorted.push_back(SmallDesc{reinterpret_cast<const float*>(it.X),
                                        reinterpret_cast<float*>(it.W),
                                        reinterpret_cast<float*>(it.H), it.m, it.n, int(it.k)});
-            g.smem = std::max(g.smem, small_layout(it.m, it.n, K, C).used);
+            g.smem = std::max(g.smem, small_layout(it.m, it.n, K, C, tc).used);
           }
         g.count = sorted.size() - g.start;
         if (g.count) groups.push_back(g);
@@ -84,8 +92,12 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
                                     cudaMemcpyHostToDevice, s));
     for (const Group& g : groups)
       with_small_width(g.K, [&](auto kw) {
-        launch_small<BF16, decltype(kw)::value>(d_descs + g.start, g.count, q, d_out + g.start,
-                                                g.smem, g.C, s);
+        if (tc)
+          launch_small<BF16, decltype(kw)::value, true>(d_descs + g.start, g.count, q,
+                                                        d_out + g.start, g.smem, g.C, s);
+        else
+          launch_small<BF16, decltype(kw)::value, false>(d_descs + g.start, g.count, q,
+                                                         d_out + g.start, g.smem, g.C, s);
       });
     std::vector<ResOut> sorted_out(B);
     DFFKIT_CUDA_TRY(cudaMemcpyAsync(sorted_out.data(), d_out, B * sizeof(ResOut),

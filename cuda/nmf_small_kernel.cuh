@@ -67,11 +67,13 @@ struct SmallCfg {
 
 struct SmallLayout {
   int mb, mbp, G, ldx, ldh, Q, S, rsplit, nqs, lds;
+  int cw;  // tensor cores: columns per chunk of the N step (S chunks, at most 8)
   std::size_t X, H, P, Ps, Wo, Wn, Np, GH, GW, GWb, GHp, xch, red, used;
 };
 
-/// Shared-memory layout of one block (host and device compute it alike).
-DFFKIT_HD SmallLayout small_layout(i64 m, i64 n, int K, int C) {
+/// Shared-memory layout of one block (host and device compute it alike). tc: the kernel with
+/// the products on tensor cores (its N step has S <= 8 chunks of cw columns).
+DFFKIT_HD SmallLayout small_layout(i64 m, i64 n, int K, int C, bool tc = false) {
   SmallLayout L{};
   const int R = 32 / K, SW = 32 * small_cpl(K);  // as SmallCfg<K>
   L.mb = int((m + C - 1) / C);
@@ -80,6 +82,10 @@ DFFKIT_HD SmallLayout small_layout(i64 m, i64 n, int K, int C) {
   L.ldh = int((n + 3) / 4 * 4);
   L.Q = L.ldh / 4;
   L.S = (L.ldh + SW - 1) / SW;
+  if (tc) {
+    L.cw = ((L.ldh + 7) / 8 + 7) / 8 * 8;
+    L.S = (L.ldh + L.cw - 1) / L.cw;
+  }
   L.rsplit = L.Q >= SNT ? 1 : pow2_floor(SNT / L.Q < 8 ? SNT / L.Q : 8);
   // rows read together in the P step start on different banks
   const int target = 32 / L.rsplit;
@@ -175,7 +181,9 @@ __device__ void small_gram(const float* A, int sa, int sc, int len, float* G) {
   }
 }
 
-template <bool BF16, int K>
+/// TC: the two products on tensor cores with float32 accuracy (split tf32, mma.sync m16n8k8):
+/// N step a warp per (16 rows, chunk of columns), P step a warp per 8 columns at a time.
+template <bool BF16, int K, bool TC = false>
 __global__ void __launch_bounds__(SNT, DFFKIT_SMALL_MINB)
     small_kernel(const SmallDesc* descs, KParams q, ResOut* outs, int C) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(DFFKIT_EMULATE)
@@ -186,8 +194,9 @@ __global__ void __launch_bounds__(SNT, DFFKIT_SMALL_MINB)
   const SmallDesc d = descs[blockIdx.x / C];
   const i64 m = d.m, n = d.n;
   const int k = d.k;
-  const SmallLayout L = small_layout(m, n, K, C);
+  const SmallLayout L = small_layout(m, n, K, C, TC);
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int gq = lane >> 2, tq = lane & 3;  // mma fragment coordinates
   const i64 rb = i64(rank) * m / C, re = i64(rank + 1) * m / C;
   const int mr = int(re - rb);
   float* Xs = reinterpret_cast<float*>(smem + L.X);
@@ -275,6 +284,42 @@ __global__ void __launch_bounds__(SNT, DFFKIT_SMALL_MINB)
     const bool want_P = q.update_H || need_err;
 
     // ---- A: N = X_b H^T into Np (one partial per column slice)
+    if constexpr (TC) {
+      // tensor cores: a warp per (16 rows, chunk s of cw columns), K padded to 8 or 16
+      constexpr int K8 = (K + 7) / 8;
+      const int MTL = (L.mbp + 15) / 16;
+      for (int item = warp; item < MTL * L.S; item += SNW) {
+        const int s = item % L.S, r0 = (item / L.S) * 16;
+        const int l0 = s * L.cw, l1 = l0 + L.cw < L.ldh ? l0 + L.cw : L.ldh;
+        const int ra = r0 + gq, rc = ra + 8;
+        float dacc[K8][4];
+#pragma unroll
+        for (int nt = 0; nt < K8; ++nt) dacc[nt][0] = dacc[nt][1] = dacc[nt][2] = dacc[nt][3] = 0.f;
+        for (int l = l0; l < l1; l += 8) {
+          const int la = l + tq, lb = la + 4;  // rows and columns beyond the staged ones: zero
+          std::uint32_t ah[4], al[4];
+          tf32_parts<true>(ra < L.mbp && la < l1 ? Xs[ra * L.ldx + la] : 0.f, ah[0], al[0]);
+          tf32_parts<true>(rc < L.mbp && la < l1 ? Xs[rc * L.ldx + la] : 0.f, ah[1], al[1]);
+          tf32_parts<true>(ra < L.mbp && lb < l1 ? Xs[ra * L.ldx + lb] : 0.f, ah[2], al[2]);
+          tf32_parts<true>(rc < L.mbp && lb < l1 ? Xs[rc * L.ldx + lb] : 0.f, ah[3], al[3]);
+#pragma unroll
+          for (int nt = 0; nt < K8; ++nt) {
+            const int j = nt * 8 + gq;
+            std::uint32_t bh[2], bl[2];
+            tf32_parts<true>(j < K && la < l1 ? Hs[j * L.ldh + la] : 0.f, bh[0], bl[0]);
+            tf32_parts<true>(j < K && lb < l1 ? Hs[j * L.ldh + lb] : 0.f, bh[1], bl[1]);
+            mma_tf32x3(dacc[nt], ah, al, bh, bl);
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < K8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = r0 + gq + (e >> 1) * 8, j = nt * 8 + 2 * tq + (e & 1);
+            if (r < L.mbp && j < K) Np[(s * L.mbp + r) * K + j] = dacc[nt][e];
+          }
+      }
+    } else
     for (int s = warp / WPS; s < L.S; s += sstep) {
       float h[K][CPL];
 #pragma unroll
@@ -352,7 +397,40 @@ __global__ void __launch_bounds__(SNT, DFFKIT_SMALL_MINB)
     prof(1);
 
     // ---- C: P_b = Wn^T X_b, G_b = Wn^T Wn
-    if (want_P) {
+    if constexpr (TC) {
+      // tensor cores: the K rows of P as one 16-row tile, a warp takes up to PU column tiles of
+      // 8 at a time (tiles w, w + 8, ...), the reduction over the rows in steps of 8, in order
+      constexpr int PU = 4;  // column tiles a warp holds at a time
+      const int NT8 = want_P ? (L.ldh + 7) / 8 : 0;
+      for (int t0 = warp; t0 < NT8; t0 += PU * SNW) {
+        float dacc[PU][4];
+#pragma unroll
+        for (int u = 0; u < PU; ++u) dacc[u][0] = dacc[u][1] = dacc[u][2] = dacc[u][3] = 0.f;
+        for (int i0 = 0; i0 < L.mbp; i0 += 8) {
+          const int ia = i0 + tq, ib = ia + 4;  // rows beyond the staged ones: zero
+          std::uint32_t ah[4], al[4];
+          tf32_parts<true>(gq < K && ia < L.mbp ? Wn[ia * K + gq] : 0.f, ah[0], al[0]);
+          tf32_parts<true>(gq + 8 < K && ia < L.mbp ? Wn[ia * K + gq + 8] : 0.f, ah[1], al[1]);
+          tf32_parts<true>(gq < K && ib < L.mbp ? Wn[ib * K + gq] : 0.f, ah[2], al[2]);
+          tf32_parts<true>(gq + 8 < K && ib < L.mbp ? Wn[ib * K + gq + 8] : 0.f, ah[3], al[3]);
+#pragma unroll
+          for (int u = 0; u < PU; ++u) {
+            const int c = (t0 + u * SNW) * 8 + gq;
+            std::uint32_t bh[2], bl[2];
+            tf32_parts<true>(c < L.ldh && ia < L.mbp ? Xs[ia * L.ldx + c] : 0.f, bh[0], bl[0]);
+            tf32_parts<true>(c < L.ldh && ib < L.mbp ? Xs[ib * L.ldx + c] : 0.f, bh[1], bl[1]);
+            mma_tf32x3(dacc[u], ah, al, bh, bl);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < PU; ++u)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int j = gq + (e >> 1) * 8, c = (t0 + u * SNW) * 8 + 2 * tq + (e & 1);
+            if (j < K && c < L.ldh) Pb[j * L.ldh + c] = dacc[u][e];
+          }
+      }
+    } else if (want_P) {
       const int RS = L.rsplit;
       for (int t0 = 0; t0 < Q * RS; t0 += SNT) {
         const int t = t0 + tid, qi = t / RS, rs = t % RS;

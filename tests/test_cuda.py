@@ -141,7 +141,12 @@ FAST_OPTIONS = [dict(), dict(pen=(0.3, 0.2, 0.1, 0.4)), dict(mu=0.05), dict(upda
 @needs_gpu
 @pytest.mark.parametrize("shape", FAST_SHAPES)
 @pytest.mark.parametrize("opts", FAST_OPTIONS, ids=["plain", "penalties", "mu", "fixed_H"])
-def test_fast_path_matches_cpu_and_general_kernel(shape, opts, monkeypatch):
+@pytest.mark.parametrize("tc", ["cuda-cores", "tensor-cores"])
+def test_fast_path_matches_cpu_and_general_kernel(shape, opts, tc, monkeypatch):
+    """The fast path (CUDA cores, or DFFKIT_CUDA_SMALL_TC=1: split-tf32 tensor cores) against
+    the CPU engine and the general resident kernel."""
+    if tc == "tensor-cores":
+        monkeypatch.setenv("DFFKIT_CUDA_SMALL_TC", "1")
     X, W, H = _problem(*shape)
     Wc, Hc, ic = _cpu_fit(X, W, H, **opts)
     Wf, Hf, i_f = _gpu_fit(X, W, H, engine="resident", **opts)
@@ -160,7 +165,10 @@ def test_fast_path_matches_cpu_and_general_kernel(shape, opts, monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_fast_path_stops_like_the_cpu():
+@pytest.mark.parametrize("tc", ["cuda-cores", "tensor-cores"])
+def test_fast_path_stops_like_the_cpu(tc, monkeypatch):
+    if tc == "tensor-cores":
+        monkeypatch.setenv("DFFKIT_CUDA_SMALL_TC", "1")
     X, W, H = _problem(196, 512, 5, seed=3)
     Wc, Hc, ic = _cpu_fit(X, W, H, max_iter=1000, tol=1e-3)
     Wf, Hf, i_f = _gpu_fit(X, W, H, max_iter=1000, tol=1e-3, engine="resident")

@@ -144,11 +144,13 @@ inline std::uint32_t to_tf32(float x) {
 /// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 d, a, b, d for the calling warp (all 32
 /// lanes call it). Fragment layout of the PTX ISA (g = lane / 4, t = lane % 4): a0 (g, t),
 /// a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); b0 (t, g), b1 (t + 4, g); c0 (g, 2t),
-/// c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1). Products summed in float64, rounded once.
+/// c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1). Operands as tf32 (low 13 bits dropped),
+/// products summed in float64, rounded once.
 inline void mma_m16n8k8_tf32(float (&d)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {
   WarpExchange& x = *tls.wx;
   const unsigned lane = tls.lane;
-  auto f = [](std::uint32_t u) { float v; std::memcpy(&v, &u, 4); return v; };
+  // the tensor cores read a .tf32 operand's upper 19 bits: the low 13 are ignored
+  auto f = [](std::uint32_t u) { u &= 0xffffe000u; float v; std::memcpy(&v, &u, 4); return v; };
   for (int e = 0; e < 4; ++e) { x.a[lane][e] = f(a[e]); x.c[lane][e] = d[e]; }
   for (int e = 0; e < 2; ++e) x.b[lane][e] = f(b[e]);
   tls.warp_bar->arrive_and_wait();

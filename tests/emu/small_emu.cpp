@@ -1,6 +1,6 @@
 // Runs the resident fast path's kernel (cuda/nmf_small_kernel.cuh) on the CPU emulator, clusters
 // included, for tests/test_cuda_emu.py. Usage: small_emu DIR. DIR/meta.txt holds "key value"
-// lines (B m n k C bf16 max_iter tol l1_W l2_W l1_H l2_H mu update_H); DIR holds X.bin (B x m x n),
+// lines (B m n k C bf16 tc max_iter tol l1_W l2_W l1_H l2_H mu update_H; tc: the tensor-core kernel); DIR holds X.bin (B x m x n),
 // W.bin (B x m x k), H.bin (B x k x n), float32. Writes W_out.bin, H_out.bin and out.txt (per
 // problem: n_iter error_init error).
 #define DFFKIT_EMULATE 1
@@ -28,7 +28,7 @@ void write_f32(const std::string& path, const std::vector<float>& v) {
   emu_io::write_bin(path, v.data(), v.size());
 }
 
-template <bool BF16, int K>
+template <bool BF16, int K, bool TC>
 void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   const i64 B = std::stoll(meta["B"]), m = std::stoll(meta["m"]), n = std::stoll(meta["n"]);
   const int k = std::stoi(meta["k"]), C = std::stoi(meta["C"]);
@@ -46,8 +46,8 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   for (i64 b = 0; b < B; ++b)
     descs[std::size_t(b)] = SmallDesc{X.data() + b * m * n, W.data() + b * m * k, H.data() + b * k * n, m, n, k};
   std::vector<ResOut> outs(static_cast<std::size_t>(B), ResOut{-1, -1.0, -1.0});
-  const SmallLayout L = small_layout(m, n, K, C);
-  dffkit_emu::launch_cluster(small_kernel<BF16, K>, dim3(unsigned(B * C)), dim3(SNT), L.used, unsigned(C),
+  const SmallLayout L = small_layout(m, n, K, C, TC);
+  dffkit_emu::launch_cluster(small_kernel<BF16, K, TC>, dim3(unsigned(B * C)), dim3(SNT), L.used, unsigned(C),
                              static_cast<const SmallDesc*>(descs.data()), q, outs.data(), C);
   write_f32(dir + "/W_out.bin", W);
   write_f32(dir + "/H_out.bin", H);
@@ -56,14 +56,14 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   for (const auto& r : outs) o << r.n_iter << " " << r.error_init << " " << r.error << "\n";
 }
 
-template <bool BF16>
+template <bool BF16, bool TC>
 void dispatch(const std::string& dir, std::map<std::string, std::string>& meta) {
   switch (small_width(std::stoll(meta["k"]))) {
-    case 4: run<BF16, 4>(dir, meta); break;
-    case 5: run<BF16, 5>(dir, meta); break;
-    case 8: run<BF16, 8>(dir, meta); break;
-    case 12: run<BF16, 12>(dir, meta); break;
-    case 16: run<BF16, 16>(dir, meta); break;
+    case 4: run<BF16, 4, TC>(dir, meta); break;
+    case 5: run<BF16, 5, TC>(dir, meta); break;
+    case 8: run<BF16, 8, TC>(dir, meta); break;
+    case 12: run<BF16, 12, TC>(dir, meta); break;
+    case 16: run<BF16, 16, TC>(dir, meta); break;
     default: throw std::runtime_error("k > 16");
   }
 }
@@ -78,8 +78,11 @@ int main(int argc, char** argv) {
   try {
     const std::string dir = argv[1];
     auto meta = read_meta(dir);
-    if (std::stoi(meta["bf16"])) dispatch<true>(dir, meta);
-    else dispatch<false>(dir, meta);
+    const bool bf16 = std::stoi(meta["bf16"]) != 0, tc = std::stoi(meta["tc"]) != 0;
+    if (bf16 && tc) dispatch<true, true>(dir, meta);
+    else if (bf16) dispatch<true, false>(dir, meta);
+    else if (tc) dispatch<false, true>(dir, meta);
+    else dispatch<false, false>(dir, meta);
   } catch (const std::exception& e) {
     std::cerr << "small_emu: " << e.what() << "\n";
     return 1;
