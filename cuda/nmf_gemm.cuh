@@ -117,9 +117,12 @@ __device__ __forceinline__ void fma_step16(const T* a, int lda, const T* b, int 
 /// a[l * lda + row], B's columns c0 + nt * 8 + (0..7) at b[l * ldb + col]. SPLIT: three mma
 /// per tile (3xTF32), else the values are tf32 already. Fragments as mma.m16n8k8 wants them
 /// (gq = lane / 4, tq = lane % 4).
-template <bool SPLIT, int MT, int N8>
+template <bool SPLIT, bool A_EXACT, bool B_EXACT, int MT, int N8>
 __device__ __forceinline__ void mma_step16(const float* a, int lda, int r0, const float* b, int ldb,
                                            int c0, float (&d)[MT][N8][4]) {
+  // an operand that is exact in tf32 (bfloat16 X) has no low part: its split is skipped, and
+  // with it one of the three mma
+  constexpr bool SA = SPLIT && !A_EXACT, SB = SPLIT && !B_EXACT;
   const int gq = (threadIdx.x & 31) >> 2, tq = threadIdx.x & 3;
 #pragma unroll
   for (int ks = 0; ks < GBK; ks += 8) {
@@ -127,23 +130,28 @@ __device__ __forceinline__ void mma_step16(const float* a, int lda, int r0, cons
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const int r = r0 + mt * 16 + gq;
-      tf32_parts<SPLIT>(a[(ks + tq) * lda + r], ah[mt][0], al[mt][0]);
-      tf32_parts<SPLIT>(a[(ks + tq) * lda + r + 8], ah[mt][1], al[mt][1]);
-      tf32_parts<SPLIT>(a[(ks + tq + 4) * lda + r], ah[mt][2], al[mt][2]);
-      tf32_parts<SPLIT>(a[(ks + tq + 4) * lda + r + 8], ah[mt][3], al[mt][3]);
+      tf32_parts<SA>(a[(ks + tq) * lda + r], ah[mt][0], al[mt][0]);
+      tf32_parts<SA>(a[(ks + tq) * lda + r + 8], ah[mt][1], al[mt][1]);
+      tf32_parts<SA>(a[(ks + tq + 4) * lda + r], ah[mt][2], al[mt][2]);
+      tf32_parts<SA>(a[(ks + tq + 4) * lda + r + 8], ah[mt][3], al[mt][3]);
     }
 #pragma unroll
     for (int nt = 0; nt < N8; ++nt) {
       const int c = c0 + nt * 8 + gq;
-      tf32_parts<SPLIT>(b[(ks + tq) * ldb + c], bh[nt][0], bl[nt][0]);
-      tf32_parts<SPLIT>(b[(ks + tq + 4) * ldb + c], bh[nt][1], bl[nt][1]);
+      tf32_parts<SB>(b[(ks + tq) * ldb + c], bh[nt][0], bl[nt][0]);
+      tf32_parts<SB>(b[(ks + tq + 4) * ldb + c], bh[nt][1], bl[nt][1]);
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < N8; ++nt) {
-        if constexpr (SPLIT) mma_tf32x3(d[mt][nt], ah[mt], al[mt], bh[nt], bl[nt]);
-        else mma_tf32(d[mt][nt], ah[mt], bh[nt]);
+        if constexpr (SA && SB) {
+          mma_tf32x3(d[mt][nt], ah[mt], al[mt], bh[nt], bl[nt]);
+        } else {
+          if constexpr (SA) mma_tf32(d[mt][nt], al[mt], bh[nt]);
+          if constexpr (SB) mma_tf32(d[mt][nt], ah[mt], bl[nt]);
+          mma_tf32(d[mt][nt], ah[mt], bh[nt]);
+        }
       }
   }
 }
@@ -257,6 +265,7 @@ __global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q
   using G = NGeom<KP>;
   constexpr bool TC = MODE != 0;
   static_assert(!TC || std::is_same<T, float>::value, "tensor cores: float32 factors");
+  constexpr bool BF16X = sizeof(XS) == 2;  // X staged from bfloat16: exact in tf32
   DFFKIT_DYNAMIC_SMEM(smem);
   double* red = reinterpret_cast<double*>(smem);
   T* As = reinterpret_cast<T*>(smem + NT * sizeof(double));  // [2][GBK][LDA]
@@ -314,7 +323,7 @@ __global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q
     const int buf = int(t & 1);
     if (t + 1 < steps) load((t + 1) * GBK);
     if constexpr (TC)
-      mma_step16<MODE == 2>(As + buf * GBK * G::LDA, G::LDA, m0, Bs + buf * GBK * G::LDB, G::LDB, n0, d);
+      mma_step16<MODE == 2, BF16X, false>(As + buf * GBK * G::LDA, G::LDA, m0, Bs + buf * GBK * G::LDB, G::LDB, n0, d);
     else
       fma_step16(As + buf * GBK * G::LDA + ty * 8, G::LDA, Bs + buf * GBK * G::LDB + tx * 4, G::LDB,
                  0, acc);
@@ -402,6 +411,7 @@ __global__ void __launch_bounds__(NT) gemm_p_kernel(GemmArgs<T, XS> g, const int
   using G = PGeom<KP>;
   constexpr bool TC = MODE != 0;
   static_assert(!TC || std::is_same<T, float>::value, "tensor cores: float32 factors");
+  constexpr bool BF16X = sizeof(XS) == 2;  // X staged from bfloat16: exact in tf32
   DFFKIT_DYNAMIC_SMEM(smem);
   T* Ws = reinterpret_cast<T*>(smem);   // [2][GBK][LDW]
   T* Xs = Ws + 2 * GBK * G::LDW;        // [2][GBK][LDX]
@@ -465,7 +475,7 @@ __global__ void __launch_bounds__(NT) gemm_p_kernel(GemmArgs<T, XS> g, const int
     const int buf = int(t & 1);
     if (t + 1 < steps) load(ib + (t + 1) * GBK);
     if constexpr (TC)
-      mma_step16<MODE == 2>(Ws + buf * GBK * G::LDW, G::LDW, j0, Xs + buf * GBK * G::LDX, G::LDX, c0, d);
+      mma_step16<MODE == 2, false, BF16X>(Ws + buf * GBK * G::LDW, G::LDW, j0, Xs + buf * GBK * G::LDX, G::LDX, c0, d);
     else
       fma_step16(Ws + buf * GBK * G::LDW + ty * 8, G::LDW, Xs + buf * GBK * G::LDX + tx * 4, G::LDX,
                  G::TX * 4, acc);
