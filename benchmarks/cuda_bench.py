@@ -107,7 +107,7 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     # on split-tf32 tensor cores), "gemm simt" = the same on CUDA cores
     variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
-        variants += [("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc")]
+        variants += [("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc"), ("fp32", "tc 1/SM")]
     if B == 1 and m * n * k > (1 << 22):
         variants += [("fp32", "gemm"), ("fp32", "gemm simt"), ("tf32", "gemm"), ("bf16x", "gemm")]
     for prec, variant in variants:
@@ -118,10 +118,14 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
             os.environ["DFFKIT_CUDA_GEMM_SIMT"] = "1"
         else:
             os.environ.pop("DFFKIT_CUDA_GEMM_SIMT", None)
-        if variant == "tc":  # the fast path's products on tensor cores
+        if variant in ("tc", "tc 1/SM"):  # the fast path's products on tensor cores
             os.environ["DFFKIT_CUDA_SMALL_TC"] = "1"
         else:
             os.environ.pop("DFFKIT_CUDA_SMALL_TC", None)
+        if variant == "tc 1/SM":  # ... and fewer, larger blocks per problem
+            os.environ["DFFKIT_CUDA_SMALL_ONE_PER_SM"] = "1"
+        else:
+            os.environ.pop("DFFKIT_CUDA_SMALL_ONE_PER_SM", None)
         if variant == "general":
             os.environ["DFFKIT_CUDA_SMALL"] = "0"
         else:
@@ -154,6 +158,7 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     os.environ.pop("DFFKIT_CUDA_SMALL", None)
     os.environ.pop("DFFKIT_CUDA_GEMM_SIMT", None)
     os.environ.pop("DFFKIT_CUDA_SMALL_TC", None)
+    os.environ.pop("DFFKIT_CUDA_SMALL_ONE_PER_SM", None)
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
 

@@ -9,14 +9,25 @@ bool small_tc() {
   return v && v[0] == '1';
 }
 
+/// DFFKIT_CUDA_SMALL_ONE_PER_SM=1: the fewest blocks per problem that fit one to an SM, instead of
+/// two to an SM (fewer, larger blocks: cheaper cluster barriers and sums, more work per block).
+/// For side-by-side timings; the default is the measured one (two per SM).
+bool small_one_per_sm() {
+  const char* v = std::getenv("DFFKIT_CUDA_SMALL_ONE_PER_SM");
+  return v && v[0] == '1';
+}
+
 /// Blocks per problem for the fast path, 0 where it does not apply. From the shape only.
 int small_cluster(i64 m, i64 n, i64 k, std::size_t limit, bool tc) {
   const int K = small_width(k);
   if (K == 0 || m < 1 || n < 1) return 0;
   const std::size_t two = (limit + 1024) / 2 - 1024;  // two blocks per SM
-  for (std::size_t cap : {two, limit})
+  const bool one = small_one_per_sm();
+  for (std::size_t cap : {two, limit}) {
+    if (one && cap == two) continue;
     for (int C = 1; C <= 8; C *= 2)
       if (m >= C && small_layout(m, n, K, C, tc).used <= cap) return C;
+  }
   return 0;
 }
 

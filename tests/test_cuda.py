@@ -141,12 +141,15 @@ FAST_OPTIONS = [dict(), dict(pen=(0.3, 0.2, 0.1, 0.4)), dict(mu=0.05), dict(upda
 @needs_gpu
 @pytest.mark.parametrize("shape", FAST_SHAPES)
 @pytest.mark.parametrize("opts", FAST_OPTIONS, ids=["plain", "penalties", "mu", "fixed_H"])
-@pytest.mark.parametrize("tc", ["cuda-cores", "tensor-cores"])
+@pytest.mark.parametrize("tc", ["cuda-cores", "tensor-cores", "tensor-cores-one-per-sm"])
 def test_fast_path_matches_cpu_and_general_kernel(shape, opts, tc, monkeypatch):
-    """The fast path (CUDA cores, or DFFKIT_CUDA_SMALL_TC=1: split-tf32 tensor cores) against
-    the CPU engine and the general resident kernel."""
-    if tc == "tensor-cores":
+    """The fast path (CUDA cores, or DFFKIT_CUDA_SMALL_TC=1: split-tf32 tensor cores; with
+    DFFKIT_CUDA_SMALL_ONE_PER_SM=1 fewer, larger blocks per problem) against the CPU engine and
+    the general resident kernel."""
+    if tc.startswith("tensor-cores"):
         monkeypatch.setenv("DFFKIT_CUDA_SMALL_TC", "1")
+    if tc.endswith("one-per-sm"):
+        monkeypatch.setenv("DFFKIT_CUDA_SMALL_ONE_PER_SM", "1")
     X, W, H = _problem(*shape)
     Wc, Hc, ic = _cpu_fit(X, W, H, **opts)
     Wf, Hf, i_f = _gpu_fit(X, W, H, engine="resident", **opts)
