@@ -5,6 +5,10 @@
 #if defined(DFFKIT_EMULATE)
 #include "emu/cuda_emu.hpp"
 #define DFFKIT_DYNAMIC_SMEM(name) unsigned char* name = ::dffkit_emu::block_smem()
+// a statically sized shared array: DFFKIT_SHARED(double, red, [8][33]) is __shared__ double red[8][33]
+#define DFFKIT_SHARED(T, name, dims)                                                           \
+  T(&name) dims = *reinterpret_cast<T(*) dims>(::dffkit_emu::static_smem(                     \
+      [] { static const char key = 0; return &key; }(), sizeof(T dims)))
 // a vector access the GPU would fault on ("misaligned address") stops the emulator
 #define DFFKIT_EMU_ALIGNED(p, bytes) ::dffkit_emu::check_aligned(p, bytes, __FILE__, __LINE__)
 #else
@@ -13,6 +17,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #define DFFKIT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define DFFKIT_SHARED(T, name, dims) __shared__ T name dims
 #endif
 
 #include <cstdint>

@@ -10,9 +10,9 @@
 //   G += W_t^T W_t      (KL: colsum += column sums of W_t)
 // Every sum runs in a fixed order (rows in order, fixed shuffle butterflies, fixed trees), so
 // results depend on the shape only, never on timing.
-#include <cuda_bf16.h>
+#if !defined(DFFKIT_EMULATE)
 #include <cuda_pipeline.h>
-#include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <limits>

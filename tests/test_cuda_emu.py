@@ -344,3 +344,141 @@ def test_fast_path_kernel_under_sanitizers(tmp_path_factory, tmp_path, sanitizer
     for tc in (False, True):
         Wg, Hg, outs = _run_small(exe, tmp_path, X, W, H, C=2, tc=tc, max_iter=3)
         assert _rel(Wg[0], Wc) <= 1e-4 and _rel(Hg[0], Hc) <= 1e-4
+
+
+# ---- the general resident kernel (cuda/nmf_engine_kernels.cuh): KL, groups, the objective,
+# k > 16, staged rows, P and R in global memory, float64, bf16 X, tf32, clusters ---------------
+
+@pytest.fixture(scope="module")
+def resident_emu(tmp_path_factory):
+    return _build(tmp_path_factory, "resident_emu.cpp")
+
+
+def _run_resident(exe, tmp_path, X, W, H, *, dtype="f32", beta=2, C=1, limit=227 * 1024, max_iter=4,
+                  tol=0.0, pen=(0, 0, 0, 0), lam=0.0, mu=0.0, update_H=True, record=False, groups=None):
+    m, n = X.shape
+    k = W.shape[1]
+    T = np.float64 if dtype == "f64" else np.float32
+    goff = np.asarray(groups if groups is not None else [], dtype=np.int64)
+    d = tmp_path / f"res_{dtype}_{beta}_{m}_{n}_{k}_{C}_{limit}_{max_iter}_{int(record)}"
+    d.mkdir()
+    meta = dict(m=m, n=n, k=k, dtype=dtype, beta=beta, C=C, limit=limit, max_iter=max_iter, tol=tol,
+                l1_W=pen[0], l2_W=pen[1], l1_H=pen[2], l2_H=pen[3], lam=lam, mu=mu, update_H=int(update_H),
+                record=int(record), ngroups=max(len(goff) - 1, 0))
+    (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
+    if dtype == "bf16x":
+        _bf16_round(X)[0].tofile(d / "X.bin")
+    else:
+        np.ascontiguousarray(X, dtype=T).tofile(d / "X.bin")
+    np.ascontiguousarray(W, dtype=T).tofile(d / "W.bin")
+    np.ascontiguousarray(H, dtype=T).tofile(d / "H.bin")
+    goff.tofile(d / "goff.bin")
+    done = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    n_iter, e0, e = (float(v) for v in (d / "out.txt").read_text().split())
+    layout = {key: int(v) for key, v in (line.split() for line in (d / "layout.txt").read_text().splitlines())}
+    return dict(W=np.fromfile(d / "W_out.bin", dtype=T).reshape(m, k),
+                H=np.fromfile(d / "H_out.bin", dtype=T).reshape(k, n),
+                objective=np.fromfile(d / "objective.bin", dtype=np.float64)[:int(n_iter)],
+                n_iter=int(n_iter), error_init=e0, error=e, layout=layout)
+
+
+def _cpu_fit_full(X, W, H, *, beta=2, max_iter=4, tol=0.0, pen=(0, 0, 0, 0), lam=0.0, mu=0.0, update_H=True,
+                  record=False, groups=None):
+    from dffkit import _backends
+
+    cpu = _backends.cpu()
+    p = cpu.Params()
+    p.beta = beta
+    p.l1_W, p.l2_W, p.l1_H, p.l2_H = pen
+    p.lam, p.mu, p.max_iter, p.tol, p.update_H, p.record_objective = lam, mu, max_iter, tol, update_H, record
+    W, H = W.copy(), H.copy()
+    info = cpu.fit(np.ascontiguousarray(X), W, H, p, list(groups or []))
+    return W, H, info
+
+
+def _resident_problem(m, n, k, dtype=np.float32, seed=0, zeros=False):
+    rng = np.random.default_rng(seed)
+    X = rng.random((m, k + 2)) @ rng.random((k + 2, n)) + 0.05 * rng.random((m, n))
+    if zeros:
+        X[rng.random((m, n)) < 0.2] = 0
+    s = np.sqrt(X.mean() / k)
+    W = s * np.abs(rng.standard_normal((m, k)))
+    H = s * np.abs(rng.standard_normal((k, n)))
+    return X.astype(dtype), W.astype(dtype), H.astype(dtype)
+
+
+RESIDENT_CASES = {
+    # everything on chip
+    "kl": dict(shape=(40, 37, 3), beta=2 - 1),
+    # X rows beyond shared memory go through the staging tiles
+    "kl-staged": dict(shape=(150, 64, 5), beta=1, limit=40 * 1024, staged=True),
+    # R (KL) in global memory, and X read from global memory (no room for a staging tile)
+    "kl-globalR": dict(shape=(40, 256, 5), beta=1, limit=40 * 1024, expect=dict(R_s=0, nbuf=0)),
+    # groups, penalties, the objective
+    "groups-objective": dict(shape=(60, 40, 6), pen=(0.1, 0.2, 0.05, 0.1), lam=0.3, mu=0.1, record=True,
+                             groups=[0, 20, 20, 60]),
+    # k = 20: register tile 24
+    "k20": dict(shape=(50, 48, 20), pen=(0.2, 0.1, 0.0, 0.3)),
+    # H and P in global memory (they do not fit)
+    "globalHP": dict(shape=(30, 300, 12), limit=16 * 1024, expect=dict(H_s=0, P_s=0)),
+    "f64-kl": dict(shape=(30, 20, 4), beta=1, dtype="f64"),
+    "bf16x": dict(shape=(64, 40, 5), dtype="bf16x"),
+    "cluster2": dict(shape=(64, 40, 5), C=2),
+    "stopping": dict(shape=(60, 30, 4), max_iter=40, tol=5e-2),
+    "fixed-H-kl": dict(shape=(40, 37, 3), beta=1, update_H=False),
+}
+
+
+@pytest.mark.parametrize("name", list(RESIDENT_CASES))
+def test_resident_kernel_matches_cpu_engine(resident_emu, tmp_path, name):
+    case = dict(RESIDENT_CASES[name])
+    m, n, k = case.pop("shape")
+    dtype = case.pop("dtype", "f32")
+    expect = case.pop("expect", {})
+    staged = case.pop("staged", False)
+    run_kw = {key: case.pop(key) for key in ("C", "limit") if key in case}
+    case.setdefault("max_iter", 4)
+    beta = case.get("beta", 2)
+    X, W, H = _resident_problem(m, n, k, np.float64 if dtype == "f64" else np.float32, seed=m + n + k,
+                                zeros=beta == 1)
+    out = _run_resident(resident_emu, tmp_path, X, W, H, dtype=dtype, **run_kw, **case)
+    for key, v in expect.items():
+        assert out["layout"][key] == v, (key, out["layout"])
+    if staged:
+        assert out["layout"]["nbuf"] > 0 and out["layout"]["xs_rows"] < m
+    Xr = _bf16_round(X)[1].reshape(X.shape) if dtype == "bf16x" else X
+    Wc, Hc, ic = _cpu_fit_full(Xr, W, H, **case)
+    tol = 1e-9 if dtype == "f64" else 3e-6
+    assert out["n_iter"] == ic["n_iter"]
+    assert (out["n_iter"] < case["max_iter"]) == (case.get("tol", 0) > 0)
+    assert _rel(out["W"], Wc) <= tol and _rel(out["H"], Hc) <= tol
+    assert abs(out["error"] - ic["error"]) <= max(tol, 1e-6) * 10 * ic["error"]
+    if case.get("record"):
+        np.testing.assert_allclose(out["objective"], ic["objective"], rtol=1e-5)
+    if not case.get("update_H", True):
+        assert np.array_equal(out["H"], H)
+
+
+def test_resident_kernel_tf32_runs_on_tensor_cores(resident_emu, tmp_path):
+    """MODE 1 (precision tf32): the products through the emulated mma.sync; within the tf32
+    bound of the CPU engine, and not the float32 kernel's result."""
+    X, W, H = _resident_problem(40, 48, 7, seed=3)
+    out = _run_resident(resident_emu, tmp_path, X, W, H, dtype="tf32")
+    f32 = _run_resident(resident_emu, tmp_path, X, W, H, dtype="f32", max_iter=4, limit=226 * 1024)
+    Wc, Hc, ic = _cpu_fit_full(X, W, H)
+    assert _rel(out["W"], Wc) <= 2e-3 and _rel(out["H"], Hc) <= 2e-3
+    assert _rel(f32["W"], Wc) <= 3e-6
+    assert _rel(out["W"], Wc) > 10 * _rel(f32["W"], Wc)
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_resident_kernel_under_sanitizers(tmp_path_factory, tmp_path, sanitizer):
+    """The general resident kernel with staged rows (cp.async groups, two staging tiles) and
+    KL, and with a cluster of two blocks, under ThreadSanitizer and AddressSanitizer."""
+    exe = _sanitized(tmp_path_factory, sanitizer, "resident_emu.cpp")
+    for beta, shape, kw in ((1, (150, 64, 5), dict(limit=40 * 1024)), (2, (64, 40, 5), dict(C=2))):
+        X, W, H = _resident_problem(*shape, seed=2, zeros=beta == 1)
+        out = _run_resident(exe, tmp_path, X, W, H, beta=beta, max_iter=2, **kw)
+        Wc, Hc, ic = _cpu_fit_full(X, W, H, beta=beta, max_iter=2)
+        assert _rel(out["W"], Wc) <= 3e-6 and _rel(out["H"], Hc) <= 3e-6

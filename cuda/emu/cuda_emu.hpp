@@ -9,7 +9,10 @@
 // mma.sync.m16n8k8 (tf32), the warp's 32 threads exchanging values through a per-warp buffer
 // between two warp barriers; votes and other shuffles are not emulated. Thread-block clusters
 // (sm_90): launch_cluster runs the C blocks of a cluster together, with a cluster barrier and
-// map_shared_rank into the peers' shared memory (distributed shared memory).
+// map_shared_rank into the peers' shared memory (distributed shared memory). cp.async
+// (__pipeline_memcpy_async / _commit / _wait_prior) keeps its semantics: a copy lands only when
+// a wait covers its group, so a kernel that reads staged data before waiting reads garbage.
+// Statically sized shared arrays are declared with DFFKIT_SHARED (nmf_device_common.cuh).
 #include <algorithm>
 #include <barrier>
 #include <cmath>
@@ -17,7 +20,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -80,7 +85,24 @@ struct WarpExchange {
   unsigned char shfl[32][8];
 };
 
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  std::size_t bytes;
+};
+
+/// A block's statically sized shared arrays: one slot per declaration, the same for every thread.
+struct StaticArena {
+  std::mutex mu;
+  std::map<const void*, std::size_t> offsets;
+  std::size_t used = 0;
+  std::vector<unsigned char> bytes = std::vector<unsigned char>(std::size_t(64) << 10);
+};
+
 struct ThreadState {
+  std::vector<std::vector<PendingCopy>> copy_groups;  // committed cp.async groups, oldest first
+  std::vector<PendingCopy> open_copies;               // issued, not yet committed
+  StaticArena* arena = nullptr;
   dim3 thread, block;
   std::barrier<>* bar = nullptr;
   std::barrier<>* warp_bar = nullptr;
@@ -104,6 +126,39 @@ inline void check_aligned(const void* p, std::size_t bytes, const char* file, in
   }
 }
 inline void sync_block() { tls.bar->arrive_and_wait(); }
+
+/// The block's copy of the shared array declared at `key` (bytes long).
+inline void* static_smem(const void* key, std::size_t bytes) {
+  StaticArena& a = *tls.arena;
+  std::lock_guard<std::mutex> lock(a.mu);
+  auto it = a.offsets.find(key);
+  if (it == a.offsets.end()) {
+    const std::size_t at = (a.used + 15) & ~std::size_t(15);
+    if (at + bytes > a.bytes.size()) {
+      std::fprintf(stderr, "emu: static shared arrays exceed the emulator's 64 KB\n");
+      std::abort();
+    }
+    std::memset(a.bytes.data() + at, 0xA5, bytes);
+    a.used = at + bytes;
+    it = a.offsets.emplace(key, at).first;
+  }
+  return a.bytes.data() + it->second;
+}
+
+inline void pipeline_copy(void* dst, const void* src, std::size_t bytes) {
+  tls.open_copies.push_back(PendingCopy{dst, src, bytes});
+}
+inline void pipeline_commit() {
+  tls.copy_groups.push_back(std::move(tls.open_copies));
+  tls.open_copies.clear();
+}
+/// Completes every committed group but the newest `prior` ones.
+inline void pipeline_wait_prior(std::size_t prior) {
+  while (tls.copy_groups.size() > prior) {
+    for (const PendingCopy& c : tls.copy_groups.front()) std::memcpy(c.dst, c.src, c.bytes);
+    tls.copy_groups.erase(tls.copy_groups.begin());
+  }
+}
 inline unsigned cluster_rank() { return tls.cluster_rank; }
 inline void cluster_sync() { tls.cluster_bar->arrive_and_wait(); }
 /// p (in this block's shared memory) mapped into block `rank` of the cluster.
@@ -199,11 +254,16 @@ void launch_cluster(void (*kern)(KArgs...), dim3 grid, dim3 block, std::size_t s
             warp_bars.push_back(std::make_unique<std::barrier<>>(std::ptrdiff_t(std::min(32u, nt - 32 * w))));
         }
         std::vector<WarpExchange> exchange(std::size_t(nw) * C);
+        std::vector<std::unique_ptr<StaticArena>> arenas;
+        for (unsigned r = 0; r < C; ++r) arenas.push_back(std::make_unique<StaticArena>());
         std::vector<std::thread> threads;
         threads.reserve(std::size_t(nt) * C);
         for (unsigned r = 0; r < C; ++r)
           for (unsigned t = 0; t < nt; ++t)
             threads.emplace_back([&, r, t] {
+              tls.copy_groups.clear();
+              tls.open_copies.clear();
+              tls.arena = arenas[r].get();
               tls.thread = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
               tls.block = dim3(cx * C + r, by, bz);
               tls.bar = block_bars[r].get();
@@ -243,3 +303,8 @@ template <class V>
 inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) { return ::dffkit_emu::shfl_xor(mask, v, lane_mask); }
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 inline float fmaf(float a, float b, float c) { return std::fma(a, b, c); }
+inline void __pipeline_memcpy_async(void* dst, const void* src, std::size_t bytes, std::size_t = 0) {
+  ::dffkit_emu::pipeline_copy(dst, src, bytes);
+}
+inline void __pipeline_commit() { ::dffkit_emu::pipeline_commit(); }
+inline void __pipeline_wait_prior(std::size_t prior) { ::dffkit_emu::pipeline_wait_prior(prior); }
