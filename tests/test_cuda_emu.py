@@ -354,19 +354,15 @@ def resident_emu(tmp_path_factory):
     return _build(tmp_path_factory, "resident_emu.cpp")
 
 
-def _run_resident(exe, tmp_path, X, W, H, *, dtype="f32", beta=2, C=1, limit=227 * 1024, max_iter=4,
-                  tol=0.0, pen=(0, 0, 0, 0), lam=0.0, mu=0.0, update_H=True, record=False, groups=None):
+def _solve_case(exe, d, meta, X, W, H, goff, dtype):
+    """Write one whole-solve case (meta.txt, X as T or bfloat16 bits, W, H, group offsets), run the
+    harness on it, read back W, H, the objective and (n_iter, error_init, error)."""
     m, n = X.shape
     k = W.shape[1]
     T = np.float64 if dtype == "f64" else np.float32
-    goff = np.asarray(groups if groups is not None else [], dtype=np.int64)
-    d = tmp_path / f"res_{dtype}_{beta}_{m}_{n}_{k}_{C}_{limit}_{max_iter}_{int(record)}"
     d.mkdir()
-    meta = dict(m=m, n=n, k=k, dtype=dtype, beta=beta, C=C, limit=limit, max_iter=max_iter, tol=tol,
-                l1_W=pen[0], l2_W=pen[1], l1_H=pen[2], l2_H=pen[3], lam=lam, mu=mu, update_H=int(update_H),
-                record=int(record), ngroups=max(len(goff) - 1, 0))
     (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
-    if dtype == "bf16x":
+    if dtype.startswith("bf16x"):
         _bf16_round(X)[0].tofile(d / "X.bin")
     else:
         np.ascontiguousarray(X, dtype=T).tofile(d / "X.bin")
@@ -376,11 +372,24 @@ def _run_resident(exe, tmp_path, X, W, H, *, dtype="f32", beta=2, C=1, limit=227
     done = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     n_iter, e0, e = (float(v) for v in (d / "out.txt").read_text().split())
-    layout = {key: int(v) for key, v in (line.split() for line in (d / "layout.txt").read_text().splitlines())}
     return dict(W=np.fromfile(d / "W_out.bin", dtype=T).reshape(m, k),
                 H=np.fromfile(d / "H_out.bin", dtype=T).reshape(k, n),
                 objective=np.fromfile(d / "objective.bin", dtype=np.float64)[:int(n_iter)],
-                n_iter=int(n_iter), error_init=e0, error=e, layout=layout)
+                n_iter=int(n_iter), error_init=e0, error=e)
+
+
+def _run_resident(exe, tmp_path, X, W, H, *, dtype="f32", beta=2, C=1, limit=227 * 1024, max_iter=4,
+                  tol=0.0, pen=(0, 0, 0, 0), lam=0.0, mu=0.0, update_H=True, record=False, groups=None):
+    m, n = X.shape
+    k = W.shape[1]
+    goff = np.asarray(groups if groups is not None else [], dtype=np.int64)
+    d = tmp_path / f"res_{dtype}_{beta}_{m}_{n}_{k}_{C}_{limit}_{max_iter}_{int(record)}"
+    meta = dict(m=m, n=n, k=k, dtype=dtype, beta=beta, C=C, limit=limit, max_iter=max_iter, tol=tol,
+                l1_W=pen[0], l2_W=pen[1], l1_H=pen[2], l2_H=pen[3], lam=lam, mu=mu, update_H=int(update_H),
+                record=int(record), ngroups=max(len(goff) - 1, 0))
+    out = _solve_case(exe, d, meta, X, W, H, goff, dtype)
+    out["layout"] = {key: int(v) for key, v in (line.split() for line in (d / "layout.txt").read_text().splitlines())}
+    return out
 
 
 def _cpu_fit_full(X, W, H, *, beta=2, max_iter=4, tol=0.0, pen=(0, 0, 0, 0), lam=0.0, mu=0.0, update_H=True,
@@ -482,3 +491,59 @@ def test_resident_kernel_under_sanitizers(tmp_path_factory, tmp_path, sanitizer)
         out = _run_resident(exe, tmp_path, X, W, H, beta=beta, max_iter=2, **kw)
         Wc, Hc, ic = _cpu_fit_full(X, W, H, beta=beta, max_iter=2)
         assert _rel(out["W"], Wc) <= 3e-6 and _rel(out["H"], Hc) <= 3e-6
+
+
+# ---- whole solves with the gemm engine's kernels, in the order of its driver ---------------------
+
+@pytest.fixture(scope="module")
+def gemm_solve_emu(tmp_path_factory):
+    return _build(tmp_path_factory, "gemm_solve_emu.cpp")
+
+
+def _run_gemm_solve(exe, tmp_path, X, W, H, *, dtype="f32split", max_iter=4, tol=0.0, pen=(0, 0, 0, 0), lam=0.0,
+                    mu=0.0, update_H=True, record=False, groups=None, max_slices=1 << 30):
+    m, n = X.shape
+    k = W.shape[1]
+    goff = np.asarray(groups if groups is not None else [], dtype=np.int64)
+    d = tmp_path / f"gsolve_{dtype}_{m}_{n}_{k}_{max_iter}_{int(record)}_{int(update_H)}"
+    meta = dict(m=m, n=n, k=k, dtype=dtype, max_iter=max_iter, tol=tol, l1_W=pen[0], l2_W=pen[1], l1_H=pen[2],
+                l2_H=pen[3], lam=lam, mu=mu, update_H=int(update_H), record=int(record),
+                ngroups=max(len(goff) - 1, 0), max_slices=max_slices)
+    return _solve_case(exe, d, meta, X, W, H, goff, dtype)
+
+
+GEMM_SOLVE_CASES = {
+    # split tf32 (the float32 default), several N blocks, P slices and H slices
+    "split": dict(shape=(300, 200, 20)),
+    "split-penalties-mu": dict(shape=(150, 70, 9), pen=(0.1, 0.2, 0.05, 0.1), mu=0.05),
+    "groups-objective": dict(shape=(129, 64, 12), lam=0.3, mu=0.1, record=True, groups=[0, 40, 40, 129]),
+    "fixed-H": dict(shape=(100, 48, 5), update_H=False),
+    "stopping": dict(shape=(120, 40, 4), max_iter=40, tol=5e-2),
+    "cuda-cores": dict(shape=(130, 37, 33), dtype="f32"),
+    "f64": dict(shape=(90, 60, 7), dtype="f64"),
+    "bf16x": dict(shape=(100, 64, 6), dtype="bf16xsplit"),
+    "two-slices": dict(shape=(200, 40, 8), max_slices=2),
+}
+
+
+@pytest.mark.parametrize("name", list(GEMM_SOLVE_CASES))
+def test_gemm_engine_solve_matches_cpu_engine(gemm_solve_emu, tmp_path, name):
+    case = dict(GEMM_SOLVE_CASES[name])
+    m, n, k = case.pop("shape")
+    dtype = case.pop("dtype", "f32split")
+    max_slices = case.pop("max_slices", 1 << 30)
+    case.setdefault("max_iter", 4)
+    X, W, H = _resident_problem(m, n, k, np.float64 if dtype == "f64" else np.float32, seed=m + n + k)
+    out = _run_gemm_solve(gemm_solve_emu, tmp_path, X, W, H, dtype=dtype, max_slices=max_slices, **case)
+    Xr = _bf16_round(X)[1].reshape(X.shape) if dtype.startswith("bf16x") else X
+    Wc, Hc, ic = _cpu_fit_full(Xr, W, H, **case)
+    tol = 1e-9 if dtype == "f64" else 3e-6
+    assert out["n_iter"] == ic["n_iter"]
+    assert (out["n_iter"] < case["max_iter"]) == (case.get("tol", 0) > 0)
+    assert _rel(out["W"], Wc) <= tol and _rel(out["H"], Hc) <= tol
+    assert abs(out["error"] - ic["error"]) <= 1e-5 * ic["error"]
+    assert abs(out["error_init"] - ic["error_init"]) <= 1e-5 * ic["error_init"]
+    if case.get("record"):
+        np.testing.assert_allclose(out["objective"], ic["objective"], rtol=1e-5)
+    if not case.get("update_H", True):
+        assert np.array_equal(out["H"], H)

@@ -3,6 +3,7 @@
 // lines of meta.txt, raw little-endian arrays.
 #include <cstddef>
 #include <fstream>
+#include <iostream>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -34,6 +35,24 @@ template <class U>
 void write_bin(const std::string& path, const U* p, std::size_t count) {
   std::ofstream f(path, std::ios::binary);
   f.write(reinterpret_cast<const char*>(p), std::streamsize(count * sizeof(U)));
+}
+
+/// main() of a harness: `name DIR`, body(dir, meta) runs the case; errors go to stderr, exit 1.
+template <class F>
+int run_main(int argc, char** argv, const char* name, F&& body) {
+  if (argc != 2) {
+    std::cerr << "usage: " << name << " DIR\n";
+    return 2;
+  }
+  try {
+    const std::string dir = argv[1];
+    auto meta = read_meta(dir);
+    body(dir, meta);
+  } catch (const std::exception& e) {
+    std::cerr << name << ": " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
 }
 
 }  // namespace emu_io

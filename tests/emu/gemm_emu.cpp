@@ -94,13 +94,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::cerr << "usage: gemm_emu DIR\n";
-    return 2;
-  }
-  try {
-    const std::string dir = argv[1];
-    auto meta = read_meta(dir);
+  return emu_io::run_main(argc, argv, "gemm_emu", [](const std::string& dir, std::map<std::string, std::string>& meta) {
     const std::string dt = meta["dtype"];
     if (dt == "f32") run<float, float, 0>(dir, meta);
     else if (dt == "tf32") run<float, float, 1>(dir, meta);
@@ -109,9 +103,5 @@ int main(int argc, char** argv) {
     else if (dt == "f64") run<double, double, 0>(dir, meta);
     else if (dt == "bf16x") run<float, __nv_bfloat16, 0>(dir, meta);
     else throw std::runtime_error("dtype must be f32, tf32, f32split, f64, bf16x or bf16xsplit");
-  } catch (const std::exception& e) {
-    std::cerr << "gemm_emu: " << e.what() << "\n";
-    return 1;
-  }
-  return 0;
+  });
 }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "emu_io.hpp"
+#include "emu_solve.hpp"
 
 using namespace dffkit::cuda_detail;
 
@@ -29,16 +30,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   auto W = emu_io::read_bin<T>(dir + "/W.bin", std::size_t(m * k));
   auto H = emu_io::read_bin<T>(dir + "/H.bin", std::size_t(k * n));
   auto goff = emu_io::read_bin<i64>(dir + "/goff.bin", ng ? std::size_t(ng + 1) : 0);
-  KParams q;
-  q.kl = std::stoi(meta["beta"]) == 1;
-  q.l1_W = std::stod(meta["l1_W"]); q.l2_W = std::stod(meta["l2_W"]);
-  q.l1_H = std::stod(meta["l1_H"]); q.l2_H = std::stod(meta["l2_H"]);
-  q.lam = std::stod(meta["lam"]); q.mu = std::stod(meta["mu"]);
-  q.groups = ng > 0 && q.lam > 0;
-  q.update_H = std::stoi(meta["update_H"]);
-  q.max_iter = std::stoi(meta["max_iter"]);
-  q.record_obj = std::stoi(meta["record"]);
-  q.tol = std::stod(meta["tol"]);
+  const KParams q = emu_solve::params(meta);
   const ResLayout L = res_layout(C > 1 ? (m + C - 1) / C : m, n, k, q.kl != 0, int(sizeof(T)),
                                  int(sizeof(XS)), limit, C);
   if (L.used > limit) throw std::runtime_error("the layout does not fit the given limit");
@@ -59,12 +51,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
                                dim3(NT), limit, unsigned(C), static_cast<const ResDesc<T, XS>*>(&d), q,
                                &out, limit, C);
   });
-  emu_io::write_bin(dir + "/W_out.bin", W.data(), W.size());
-  emu_io::write_bin(dir + "/H_out.bin", H.data(), H.size());
-  emu_io::write_bin(dir + "/objective.bin", objective.data(), objective.size());
-  std::ofstream o(dir + "/out.txt");
-  o.precision(17);
-  o << out.n_iter << " " << out.error_init << " " << out.error << "\n";
+  emu_solve::write_results(dir, W, H, objective, out.n_iter, out.error_init, out.error);
   std::ofstream l(dir + "/layout.txt");
   l << "H_s " << L.H_s << "\nP_s " << L.P_s << "\nR_s " << L.R_s << "\nnbuf " << L.nbuf << "\nxs_rows "
     << L.xs_rows << "\n";
@@ -73,22 +60,12 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::cerr << "usage: resident_emu DIR\n";
-    return 2;
-  }
-  try {
-    const std::string dir = argv[1];
-    auto meta = emu_io::read_meta(dir);
+  return emu_io::run_main(argc, argv, "resident_emu", [](const std::string& dir, std::map<std::string, std::string>& meta) {
     const std::string dt = meta["dtype"];
     if (dt == "f32") run<float, float, 0>(dir, meta);
     else if (dt == "tf32") run<float, float, 1>(dir, meta);
     else if (dt == "f64") run<double, double, 0>(dir, meta);
     else if (dt == "bf16x") run<float, __nv_bfloat16, 0>(dir, meta);
     else throw std::runtime_error("dtype must be f32, tf32, f64 or bf16x");
-  } catch (const std::exception& e) {
-    std::cerr << "resident_emu: " << e.what() << "\n";
-    return 1;
-  }
-  return 0;
+  });
 }

@@ -71,21 +71,11 @@ void dispatch(const std::string& dir, std::map<std::string, std::string>& meta) 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::cerr << "usage: small_emu DIR\n";
-    return 2;
-  }
-  try {
-    const std::string dir = argv[1];
-    auto meta = read_meta(dir);
+  return emu_io::run_main(argc, argv, "small_emu", [](const std::string& dir, std::map<std::string, std::string>& meta) {
     const bool bf16 = std::stoi(meta["bf16"]) != 0, tc = std::stoi(meta["tc"]) != 0;
     if (bf16 && tc) dispatch<true, true>(dir, meta);
     else if (bf16) dispatch<true, false>(dir, meta);
     else if (tc) dispatch<false, true>(dir, meta);
     else dispatch<false, false>(dir, meta);
-  } catch (const std::exception& e) {
-    std::cerr << "small_emu: " << e.what() << "\n";
-    return 1;
-  }
-  return 0;
+  });
 }
