@@ -417,6 +417,25 @@ def _resident_problem(m, n, k, dtype=np.float32, seed=0, zeros=False):
     return X.astype(dtype), W.astype(dtype), H.astype(dtype)
 
 
+def _check_solve(out, X, W, H, case, dtype, error_init=False):
+    """A whole solve against the CPU engine from the same start (for bf16 X: the problem for the
+    rounded X): iteration count, the stopping rule, factors to float32 (float64) accuracy, the
+    final error, the objective, H untouched when it is fixed."""
+    Xr = _bf16_round(X)[1].reshape(X.shape) if dtype.startswith("bf16x") else X
+    Wc, Hc, ic = _cpu_fit_full(Xr, W, H, **case)
+    tol = 1e-9 if dtype == "f64" else 3e-6
+    assert out["n_iter"] == ic["n_iter"]
+    assert (out["n_iter"] < case["max_iter"]) == (case.get("tol", 0) > 0)
+    assert _rel(out["W"], Wc) <= tol and _rel(out["H"], Hc) <= tol
+    assert abs(out["error"] - ic["error"]) <= 1e-5 * ic["error"]
+    if error_init:
+        assert abs(out["error_init"] - ic["error_init"]) <= 1e-5 * ic["error_init"]
+    if case.get("record"):
+        np.testing.assert_allclose(out["objective"], ic["objective"], rtol=1e-5)
+    if not case.get("update_H", True):
+        assert np.array_equal(out["H"], H)
+
+
 RESIDENT_CASES = {
     # everything on chip
     "kl": dict(shape=(40, 37, 3), beta=2 - 1),
@@ -456,17 +475,7 @@ def test_resident_kernel_matches_cpu_engine(resident_emu, tmp_path, name):
         assert out["layout"][key] == v, (key, out["layout"])
     if staged:
         assert out["layout"]["nbuf"] > 0 and out["layout"]["xs_rows"] < m
-    Xr = _bf16_round(X)[1].reshape(X.shape) if dtype == "bf16x" else X
-    Wc, Hc, ic = _cpu_fit_full(Xr, W, H, **case)
-    tol = 1e-9 if dtype == "f64" else 3e-6
-    assert out["n_iter"] == ic["n_iter"]
-    assert (out["n_iter"] < case["max_iter"]) == (case.get("tol", 0) > 0)
-    assert _rel(out["W"], Wc) <= tol and _rel(out["H"], Hc) <= tol
-    assert abs(out["error"] - ic["error"]) <= max(tol, 1e-6) * 10 * ic["error"]
-    if case.get("record"):
-        np.testing.assert_allclose(out["objective"], ic["objective"], rtol=1e-5)
-    if not case.get("update_H", True):
-        assert np.array_equal(out["H"], H)
+    _check_solve(out, X, W, H, case, dtype)
 
 
 def test_resident_kernel_tf32_runs_on_tensor_cores(resident_emu, tmp_path):
@@ -493,23 +502,28 @@ def test_resident_kernel_under_sanitizers(tmp_path_factory, tmp_path, sanitizer)
         assert _rel(out["W"], Wc) <= 3e-6 and _rel(out["H"], Hc) <= 3e-6
 
 
-# ---- whole solves with the gemm engine's kernels, in the order of its driver ---------------------
+# ---- whole solves with the sweep and gemm engines' kernels, in the order of their driver ---------
 
 @pytest.fixture(scope="module")
-def gemm_solve_emu(tmp_path_factory):
-    return _build(tmp_path_factory, "gemm_solve_emu.cpp")
+def driver_emu(tmp_path_factory):
+    return _build(tmp_path_factory, "driver_emu.cpp")
 
 
-def _run_gemm_solve(exe, tmp_path, X, W, H, *, dtype="f32split", max_iter=4, tol=0.0, pen=(0, 0, 0, 0), lam=0.0,
-                    mu=0.0, update_H=True, record=False, groups=None, max_slices=1 << 30):
+def _run_driver(exe, tmp_path, X, W, H, *, engine="gemm", dtype="f32split", beta=2, limit=227 * 1024, max_iter=4,
+                tol=0.0, pen=(0, 0, 0, 0), lam=0.0, mu=0.0, update_H=True, record=False, groups=None,
+                max_slices=1 << 30):
     m, n = X.shape
     k = W.shape[1]
     goff = np.asarray(groups if groups is not None else [], dtype=np.int64)
-    d = tmp_path / f"gsolve_{dtype}_{m}_{n}_{k}_{max_iter}_{int(record)}_{int(update_H)}"
-    meta = dict(m=m, n=n, k=k, dtype=dtype, max_iter=max_iter, tol=tol, l1_W=pen[0], l2_W=pen[1], l1_H=pen[2],
-                l2_H=pen[3], lam=lam, mu=mu, update_H=int(update_H), record=int(record),
-                ngroups=max(len(goff) - 1, 0), max_slices=max_slices)
-    return _solve_case(exe, d, meta, X, W, H, goff, dtype)
+    d = tmp_path / f"{engine}_{dtype}_{beta}_{m}_{n}_{k}_{limit}_{max_iter}_{int(record)}_{int(update_H)}"
+    meta = dict(engine=engine, m=m, n=n, k=k, dtype=dtype, beta=beta, limit=limit, max_iter=max_iter, tol=tol,
+                l1_W=pen[0], l2_W=pen[1], l1_H=pen[2], l2_H=pen[3], lam=lam, mu=mu, update_H=int(update_H),
+                record=int(record), ngroups=max(len(goff) - 1, 0), max_slices=max_slices)
+    out = _solve_case(exe, d, meta, X, W, H, goff, dtype)
+    if engine == "sweep":
+        out["layout"] = {key: int(v) for key, v in
+                         (line.split() for line in (d / "layout.txt").read_text().splitlines())}
+    return out
 
 
 GEMM_SOLVE_CASES = {
@@ -527,23 +541,51 @@ GEMM_SOLVE_CASES = {
 
 
 @pytest.mark.parametrize("name", list(GEMM_SOLVE_CASES))
-def test_gemm_engine_solve_matches_cpu_engine(gemm_solve_emu, tmp_path, name):
+def test_gemm_engine_solve_matches_cpu_engine(driver_emu, tmp_path, name):
     case = dict(GEMM_SOLVE_CASES[name])
     m, n, k = case.pop("shape")
     dtype = case.pop("dtype", "f32split")
     max_slices = case.pop("max_slices", 1 << 30)
     case.setdefault("max_iter", 4)
     X, W, H = _resident_problem(m, n, k, np.float64 if dtype == "f64" else np.float32, seed=m + n + k)
-    out = _run_gemm_solve(gemm_solve_emu, tmp_path, X, W, H, dtype=dtype, max_slices=max_slices, **case)
-    Xr = _bf16_round(X)[1].reshape(X.shape) if dtype.startswith("bf16x") else X
-    Wc, Hc, ic = _cpu_fit_full(Xr, W, H, **case)
-    tol = 1e-9 if dtype == "f64" else 3e-6
-    assert out["n_iter"] == ic["n_iter"]
-    assert (out["n_iter"] < case["max_iter"]) == (case.get("tol", 0) > 0)
-    assert _rel(out["W"], Wc) <= tol and _rel(out["H"], Hc) <= tol
-    assert abs(out["error"] - ic["error"]) <= 1e-5 * ic["error"]
-    assert abs(out["error_init"] - ic["error_init"]) <= 1e-5 * ic["error_init"]
-    if case.get("record"):
-        np.testing.assert_allclose(out["objective"], ic["objective"], rtol=1e-5)
-    if not case.get("update_H", True):
-        assert np.array_equal(out["H"], H)
+    out = _run_driver(driver_emu, tmp_path, X, W, H, dtype=dtype, max_slices=max_slices, **case)
+    _check_solve(out, X, W, H, case, dtype, error_init=True)
+
+
+SWEEP_CASES = {
+    "frobenius-penalties": dict(shape=(150, 64, 5), pen=(0.1, 0.2, 0.05, 0.1)),
+    "kl": dict(shape=(150, 64, 5), beta=1),
+    # R (KL) and the X tiles read from global memory: a small shared-memory limit
+    "kl-globalR": dict(shape=(100, 256, 4), beta=1, limit=30 * 1024, expect=dict(R_s=0)),
+    "groups-objective": dict(shape=(129, 40, 6), lam=0.3, mu=0.1, record=True, groups=[0, 40, 40, 129]),
+    # (k > 16, register tile 24: the resident kernel's case "k20" runs the same tile routine)
+    "f64-kl": dict(shape=(80, 30, 4), beta=1, dtype="f64"),
+    "bf16x": dict(shape=(100, 64, 6), dtype="bf16x"),
+    "stopping-kl": dict(shape=(48, 30, 3), beta=1, max_iter=40, tol=5e-2),
+    "fixed-H": dict(shape=(100, 48, 5), update_H=False),
+}
+
+
+@pytest.mark.parametrize("name", list(SWEEP_CASES))
+def test_sweep_engine_solve_matches_cpu_engine(driver_emu, tmp_path, name):
+    """The sweep engine (row tiles of 32, per-block partials, both losses) on the emulator."""
+    case = dict(SWEEP_CASES[name])
+    m, n, k = case.pop("shape")
+    dtype = case.pop("dtype", "f32")
+    expect = case.pop("expect", {})
+    limit = case.pop("limit", 227 * 1024)
+    case.setdefault("max_iter", 4)
+    beta = case.get("beta", 2)
+    X, W, H = _resident_problem(m, n, k, np.float64 if dtype == "f64" else np.float32, seed=m + n + k,
+                                zeros=beta == 1)
+    out = _run_driver(driver_emu, tmp_path, X, W, H, engine="sweep", dtype=dtype, limit=limit, **case)
+    for key, v in expect.items():
+        assert out["layout"][key] == v, (key, out["layout"])
+    _check_solve(out, X, W, H, case, dtype)
+
+
+def test_sweep_engine_tf32_runs_on_tensor_cores(driver_emu, tmp_path):
+    X, W, H = _resident_problem(120, 48, 7, seed=5)
+    out = _run_driver(driver_emu, tmp_path, X, W, H, engine="sweep", dtype="tf32")
+    Wc, Hc, ic = _cpu_fit_full(X, W, H)
+    assert 3e-6 < _rel(out["W"], Wc) <= 2e-3 and _rel(out["H"], Hc) <= 2e-3
