@@ -46,6 +46,10 @@ struct KParams {
   int update_H = 1, max_iter = 200, record_obj = 0;
   double tol = 1e-4;
   int profile = 0;  // DFFKIT_CUDA_PROFILE=1: the fast path prints its phase times (block 0)
+  // DFFKIT_CUDA_SMALL_TC=1: the fast path's products on tensor cores (split tf32, float32
+  // accuracy; off until timed on a GPU). DFFKIT_CUDA_SMALL_ONE_PER_SM=1: its blocks sized one to
+  // an SM instead of two (fewer, larger blocks per problem; for side-by-side timings).
+  int small_tc = 0, small_one_per_sm = 0;
 };
 
 __device__ __forceinline__ i64 group_of_row(const i64* goff, i64 ngroups, i64 row) {

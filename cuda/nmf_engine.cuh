@@ -56,6 +56,12 @@ KParams make_kparams(const Problem& p, const Options& o) {
   q.tol = o.tol;
   const char* prof = std::getenv("DFFKIT_CUDA_PROFILE");
   q.profile = prof && *prof && *prof != '0';
+  // the fast path's switches, read once per call so that choosing the problems it takes and
+  // laying them out agree (nmf_small.cuh)
+  const char* tc = std::getenv("DFFKIT_CUDA_SMALL_TC");
+  q.small_tc = tc && tc[0] == '1';
+  const char* one = std::getenv("DFFKIT_CUDA_SMALL_ONE_PER_SM");
+  q.small_one_per_sm = one && one[0] == '1';
   return q;
 }
 
@@ -272,7 +278,7 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
       std::vector<std::size_t> fast_at, rest_at;
       for (std::size_t b = 0; b < items.size(); ++b) {
         const Item& it = items[b];
-        if (small_cluster(it.m, it.n, it.k, limit, small_tc()) > 0) {
+        if (small_cluster(it.m, it.n, it.k, limit, q) > 0) {
           fast.push_back(it);
           fast_at.push_back(b);
         } else {

@@ -2,31 +2,17 @@
 // problems it takes, the cluster size, the launch. This header lives inside namespace
 // dffkit::cuda_detail::{anonymous} (nmf_engine.cuh).
 
-/// DFFKIT_CUDA_SMALL_TC=1: the fast path's products on tensor cores (split tf32, float32
-/// accuracy). Off by default until its speed is measured against the CUDA-core kernel on a GPU.
-bool small_tc() {
-  const char* v = std::getenv("DFFKIT_CUDA_SMALL_TC");
-  return v && v[0] == '1';
-}
-
-/// DFFKIT_CUDA_SMALL_ONE_PER_SM=1: the fewest blocks per problem that fit one to an SM, instead of
-/// two to an SM (fewer, larger blocks: cheaper cluster barriers and sums, more work per block).
-/// For side-by-side timings; the default is the measured one (two per SM).
-bool small_one_per_sm() {
-  const char* v = std::getenv("DFFKIT_CUDA_SMALL_ONE_PER_SM");
-  return v && v[0] == '1';
-}
-
-/// Blocks per problem for the fast path, 0 where it does not apply. From the shape only.
-int small_cluster(i64 m, i64 n, i64 k, std::size_t limit, bool tc) {
+/// Blocks per problem for the fast path, 0 where it does not apply. From the shape and the
+/// call's switches (q.small_tc: the tensor-core kernel's layout; q.small_one_per_sm: the fewest
+/// blocks that fit one to an SM instead of two).
+int small_cluster(i64 m, i64 n, i64 k, std::size_t limit, const KParams& q) {
   const int K = small_width(k);
   if (K == 0 || m < 1 || n < 1) return 0;
   const std::size_t two = (limit + 1024) / 2 - 1024;  // two blocks per SM
-  const bool one = small_one_per_sm();
   for (std::size_t cap : {two, limit}) {
-    if (one && cap == two) continue;
+    if (q.small_one_per_sm && cap == two) continue;
     for (int C = 1; C <= 8; C *= 2)
-      if (m >= C && small_layout(m, n, K, C, tc).used <= cap) return C;
+      if (m >= C && small_layout(m, n, K, C, q.small_tc != 0).used <= cap) return C;
   }
   return 0;
 }
@@ -65,7 +51,7 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
                                          int dev, cudaStream_t s) {
   const std::size_t limit = smem_optin(dev);
   const std::size_t B = items.size();
-  const bool tc = small_tc();
+  const bool tc = q.small_tc != 0;
   Carver count;
   count.take<SmallDesc>(i64(B));
   count.take<ResOut>(i64(B));
@@ -77,7 +63,7 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
     ResOut* d_out = c.take<ResOut>(i64(B));
     std::vector<int> cs(B), ks(B);
     for (std::size_t b = 0; b < B; ++b) {
-      cs[b] = small_cluster(items[b].m, items[b].n, items[b].k, limit, tc);
+      cs[b] = small_cluster(items[b].m, items[b].n, items[b].k, limit, q);
       ks[b] = small_width(items[b].k);
     }
     std::vector<std::size_t> order;

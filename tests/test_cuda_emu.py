@@ -250,12 +250,9 @@ def small_emu(tmp_path_factory):
 
 
 def _small_problem(B, m, n, k, seed):
-    rng = np.random.default_rng(seed)
-    X = (rng.random((B, m, k + 2)) @ rng.random((B, k + 2, n)) + 0.05 * rng.random((B, m, n))).astype(np.float32)
-    s = np.sqrt(X.mean() / k)
-    W = (s * np.abs(rng.standard_normal((B, m, k)))).astype(np.float32)
-    H = (s * np.abs(rng.standard_normal((B, k, n)))).astype(np.float32)
-    return X, W, H
+    """B problems of one shape (float32), stacked."""
+    probs = [_resident_problem(m, n, k, seed=seed + b) for b in range(B)]
+    return tuple(np.stack(parts) for parts in zip(*probs))
 
 
 def _run_small(exe, tmp_path, X, W, H, *, C, bf16=False, tc=False, max_iter=30, tol=0.0, pen=(0, 0, 0, 0),
@@ -275,19 +272,6 @@ def _run_small(exe, tmp_path, X, W, H, *, C, bf16=False, tc=False, max_iter=30, 
     Ho = np.fromfile(d / "H_out.bin", dtype=np.float32).reshape(B, k, n)
     outs = [tuple(float(v) for v in line.split()) for line in (d / "out.txt").read_text().splitlines()]
     return Wo, Ho, outs
-
-
-def _cpu_reference(X, W, H, *, max_iter, tol=0.0, pen=(0, 0, 0, 0), mu=0.0, update_H=True):
-    from dffkit import _backends
-
-    cpu = _backends.cpu()
-    p = cpu.Params()
-    p.beta = 2
-    p.l1_W, p.l2_W, p.l1_H, p.l2_H = pen
-    p.mu, p.max_iter, p.tol, p.update_H = mu, max_iter, tol, update_H
-    W, H = W.copy(), H.copy()
-    info = cpu.fit(np.ascontiguousarray(X), W, H, p, [])
-    return W, H, info
 
 
 def _rel(a, b):
@@ -322,7 +306,7 @@ def test_fast_path_kernel_matches_cpu_engine(small_emu, tmp_path, case, tc):
     Wg, Hg, outs = _run_small(small_emu, tmp_path, X, W, H, C=C, bf16=bf16, tc=tc, max_iter=max_iter, **case)
     Xr = _bf16_round(X)[1].reshape(X.shape) if bf16 else X  # bf16x: the problem for rounded X
     for b in range(B):
-        Wc, Hc, ic = _cpu_reference(Xr[b], W[b], H[b], max_iter=max_iter, **case)
+        Wc, Hc, ic = _cpu_fit_full(Xr[b], W[b], H[b], max_iter=max_iter, **case)
         n_iter, e0, e = outs[b]
         assert n_iter == ic["n_iter"]
         assert (n_iter < max_iter) == ("tol" in case)  # the stopping rule case stops early
@@ -340,7 +324,7 @@ def test_fast_path_kernel_under_sanitizers(tmp_path_factory, tmp_path, sanitizer
     read while it is written, between the cluster barriers, is a race) and AddressSanitizer."""
     exe = _sanitized(tmp_path_factory, sanitizer, "small_emu.cpp")
     X, W, H = _small_problem(1, 30, 37, 5, seed=1)
-    Wc, Hc, ic = _cpu_reference(X[0], W[0], H[0], max_iter=3)
+    Wc, Hc, ic = _cpu_fit_full(X[0], W[0], H[0], max_iter=3)
     for tc in (False, True):
         Wg, Hg, outs = _run_small(exe, tmp_path, X, W, H, C=2, tc=tc, max_iter=3)
         assert _rel(Wg[0], Wc) <= 1e-4 and _rel(Hg[0], Hc) <= 1e-4
@@ -378,18 +362,27 @@ def _solve_case(exe, d, meta, X, W, H, goff, dtype):
                 n_iter=int(n_iter), error_init=e0, error=e)
 
 
-def _run_resident(exe, tmp_path, X, W, H, *, dtype="f32", beta=2, C=1, limit=227 * 1024, max_iter=4,
-                  tol=0.0, pen=(0, 0, 0, 0), lam=0.0, mu=0.0, update_H=True, record=False, groups=None):
+def _run_solve(exe, tmp_path, X, W, H, harness_meta, *, dtype, beta=2, limit=227 * 1024, max_iter=4, tol=0.0,
+               pen=(0, 0, 0, 0), lam=0.0, mu=0.0, update_H=True, record=False, groups=None):
+    """One whole solve on a harness (resident_emu, driver_emu): the options as meta.txt, plus the
+    harness's own keys; the layout the harness reports, where it does."""
     m, n = X.shape
     k = W.shape[1]
     goff = np.asarray(groups if groups is not None else [], dtype=np.int64)
-    d = tmp_path / f"res_{dtype}_{beta}_{m}_{n}_{k}_{C}_{limit}_{max_iter}_{int(record)}"
-    meta = dict(m=m, n=n, k=k, dtype=dtype, beta=beta, C=C, limit=limit, max_iter=max_iter, tol=tol,
+    meta = dict(harness_meta, m=m, n=n, k=k, dtype=dtype, beta=beta, limit=limit, max_iter=max_iter, tol=tol,
                 l1_W=pen[0], l2_W=pen[1], l1_H=pen[2], l2_H=pen[3], lam=lam, mu=mu, update_H=int(update_H),
                 record=int(record), ngroups=max(len(goff) - 1, 0))
+    d = tmp_path / "_".join(f"{v}" for v in (exe.stem, dtype, beta, m, n, k, limit, max_iter, int(record),
+                                              int(update_H), *harness_meta.values()))
     out = _solve_case(exe, d, meta, X, W, H, goff, dtype)
-    out["layout"] = {key: int(v) for key, v in (line.split() for line in (d / "layout.txt").read_text().splitlines())}
+    if (d / "layout.txt").exists():
+        out["layout"] = {key: int(v) for key, v in
+                         (line.split() for line in (d / "layout.txt").read_text().splitlines())}
     return out
+
+
+def _run_resident(exe, tmp_path, X, W, H, *, C=1, dtype="f32", **kw):
+    return _run_solve(exe, tmp_path, X, W, H, dict(C=C), dtype=dtype, **kw)
 
 
 def _cpu_fit_full(X, W, H, *, beta=2, max_iter=4, tol=0.0, pen=(0, 0, 0, 0), lam=0.0, mu=0.0, update_H=True,
@@ -509,21 +502,8 @@ def driver_emu(tmp_path_factory):
     return _build(tmp_path_factory, "driver_emu.cpp")
 
 
-def _run_driver(exe, tmp_path, X, W, H, *, engine="gemm", dtype="f32split", beta=2, limit=227 * 1024, max_iter=4,
-                tol=0.0, pen=(0, 0, 0, 0), lam=0.0, mu=0.0, update_H=True, record=False, groups=None,
-                max_slices=1 << 30):
-    m, n = X.shape
-    k = W.shape[1]
-    goff = np.asarray(groups if groups is not None else [], dtype=np.int64)
-    d = tmp_path / f"{engine}_{dtype}_{beta}_{m}_{n}_{k}_{limit}_{max_iter}_{int(record)}_{int(update_H)}"
-    meta = dict(engine=engine, m=m, n=n, k=k, dtype=dtype, beta=beta, limit=limit, max_iter=max_iter, tol=tol,
-                l1_W=pen[0], l2_W=pen[1], l1_H=pen[2], l2_H=pen[3], lam=lam, mu=mu, update_H=int(update_H),
-                record=int(record), ngroups=max(len(goff) - 1, 0), max_slices=max_slices)
-    out = _solve_case(exe, d, meta, X, W, H, goff, dtype)
-    if engine == "sweep":
-        out["layout"] = {key: int(v) for key, v in
-                         (line.split() for line in (d / "layout.txt").read_text().splitlines())}
-    return out
+def _run_driver(exe, tmp_path, X, W, H, *, engine="gemm", dtype="f32split", max_slices=1 << 30, **kw):
+    return _run_solve(exe, tmp_path, X, W, H, dict(engine=engine, max_slices=max_slices), dtype=dtype, **kw)
 
 
 GEMM_SOLVE_CASES = {
