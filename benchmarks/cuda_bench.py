@@ -102,34 +102,24 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     rows = []
     floor_bytes = iters * B * m * n * 4
     flops = iters * B * (4 * m * n * k + 2 * (m + n) * k * k)
-    # (precision, variant): None = engine "auto"; "general" = the fast path off; "gemm" = the
-    # gemm engine forced (single problems too large for the resident engine; float32 and bf16x
-    # on split-tf32 tensor cores), "gemm simt" = the same on CUDA cores
+    # (precision, variant): None = engine "auto"; "general" = the fast path off; "tc" = its
+    # products on tensor cores ("tc 1/SM": and fewer, larger blocks); "gemm" = the gemm engine
+    # forced (single problems too large for the resident engine; float32 and bf16x on split-tf32
+    # tensor cores; one pass over X where the single-pass kernel serves the shape), "gemm 2-pass"
+    # = its two-pass kernels, "gemm simt" = those on CUDA cores
     variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
         variants += [("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc"), ("fp32", "tc 1/SM")]
     if B == 1 and m * n * k > (1 << 22):
         variants += [("fp32", "gemm"), ("fp32", "gemm simt"), ("tf32", "gemm"), ("bf16x", "gemm")]
+        if n <= 512:
+            variants += [("fp32", "gemm 2-pass"), ("tf32", "gemm 2-pass")]
     for prec, variant in variants:
         it_d = dffkit_iters or iters
         label = f"dffkit {prec}" + (f" {variant}" if variant else "")
         engine = "gemm" if variant and variant.startswith("gemm") else None
-        if variant == "gemm simt":
-            os.environ["DFFKIT_CUDA_GEMM_SIMT"] = "1"
-        else:
-            os.environ.pop("DFFKIT_CUDA_GEMM_SIMT", None)
-        if variant in ("tc", "tc 1/SM"):  # the fast path's products on tensor cores
-            os.environ["DFFKIT_CUDA_SMALL_TC"] = "1"
-        else:
-            os.environ.pop("DFFKIT_CUDA_SMALL_TC", None)
-        if variant == "tc 1/SM":  # ... and fewer, larger blocks per problem
-            os.environ["DFFKIT_CUDA_SMALL_ONE_PER_SM"] = "1"
-        else:
-            os.environ.pop("DFFKIT_CUDA_SMALL_ONE_PER_SM", None)
-        if variant == "general":
-            os.environ["DFFKIT_CUDA_SMALL"] = "0"
-        else:
-            os.environ.pop("DFFKIT_CUDA_SMALL", None)
+        set_variant_env(variant)
+        kernel = []
 
         def prep():
             W.copy_(W0)
@@ -141,8 +131,8 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
                                          "float32", params(it_d, prec), stream())
         else:
             def run():
-                cuda.fit(X.data_ptr(), W.data_ptr(), H.data_ptr(), m, n, k, "float32",
-                         params(it_d, prec, engine), [], stream())
+                kernel[:] = [cuda.fit(X.data_ptr(), W.data_ptr(), H.data_ptr(), m, n, k, "float32",
+                                      params(it_d, prec, engine), [], stream())["kernel"]]
         try:
             t, ts = timed(run, reps, prep, warm=1 if reps > 1 else 0)
         except Exception as exc:  # noqa: BLE001 - reported in the table
@@ -150,15 +140,13 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
             continue
         t_full = t * iters / it_d
         err = frob_err(X[0] if B > 1 else X, W[0] if B > 1 else W, H[0] if B > 1 else H)
-        rows.append({"case": name, "impl": label, "ms": t_full, "all_ms": ts,
+        rows.append({"case": name, "impl": label, "kernel": kernel[0] if kernel else "batched",
+                     "ms": t_full, "all_ms": ts,
                      "extrapolated_from_iters": it_d if it_d != iters else None,
                      "TBps_one_pass": floor_bytes / (t_full * 1e-3) / 1e12,
                      "TFLOPs": flops / (t_full * 1e-3) / 1e12, "err_problem0": err})
         print(rows[-1]["case"], rows[-1]["impl"], f"{t_full:.3f} ms", flush=True)
-    os.environ.pop("DFFKIT_CUDA_SMALL", None)
-    os.environ.pop("DFFKIT_CUDA_GEMM_SIMT", None)
-    os.environ.pop("DFFKIT_CUDA_SMALL_TC", None)
-    os.environ.pop("DFFKIT_CUDA_SMALL_ONE_PER_SM", None)
+    set_variant_env(None)
     for tf32 in (False, True):
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
@@ -178,6 +166,22 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     return rows
 
 
+# the switches each variant sets (cuda/NOTES.md); every other one is unset
+VARIANT_ENV = {
+    "general": {"DFFKIT_CUDA_SMALL": "0"},
+    "tc": {"DFFKIT_CUDA_SMALL_TC": "1"},
+    "tc 1/SM": {"DFFKIT_CUDA_SMALL_TC": "1", "DFFKIT_CUDA_SMALL_ONE_PER_SM": "1"},
+    "gemm simt": {"DFFKIT_CUDA_GEMM_SIMT": "1"},
+    "gemm 2-pass": {"DFFKIT_CUDA_GEMM_FUSED": "0"},
+}
+
+
+def set_variant_env(variant):
+    for key in {key for env in VARIANT_ENV.values() for key in env}:
+        os.environ.pop(key, None)
+    os.environ.update(VARIANT_ENV.get(variant, {}))
+
+
 def main():
     t0 = time.time()
     info = cuda.device_info(0)
@@ -195,13 +199,15 @@ def main():
     res = {"device": info, "ceilings": ceil, "rows": rows, "wall_s": time.time() - t0}
     with open(os.path.join(OUT, "cuda_bench.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(f"\n{'case':34s} {'impl':14s} {'ms':>10s} {'TB/s':>7s} {'TFLOP/s':>8s} {'err':>10s}")
+    print(f"\n{'case':34s} {'impl':22s} {'kernel':13s} {'ms':>10s} {'TB/s':>7s} {'TFLOP/s':>8s} "
+          f"{'err':>10s}")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:34s} {r['impl']:14s} ERROR {r['error']}")
+            print(f"{r['case']:34s} {r['impl']:22s} ERROR {r['error']}")
             continue
         ext = "*" if r.get("extrapolated_from_iters") else " "
-        print(f"{r['case']:34s} {r['impl']:14s} {r['ms']:9.3f}{ext} {r['TBps_one_pass']:7.2f} "
+        print(f"{r['case']:34s} {r['impl']:22s} {r.get('kernel', ''):13s} {r['ms']:9.3f}{ext} "
+              f"{r['TBps_one_pass']:7.2f} "
               f"{r['TFLOPs']:8.2f} {r['err_problem0']:10.4g}")
     print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, SGEMM {ceil['sgemm_TFLOPs']:.1f} "
           f"TFLOP/s, TF32 {ceil['tf32_TFLOPs']:.1f} TFLOP/s; * = timed on fewer iterations, "

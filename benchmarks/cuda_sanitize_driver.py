@@ -3,6 +3,7 @@ once, on tiny problems (the tools slow kernels down 10-100x). Exits non-zero on 
 
     compute-sanitizer --tool memcheck python3 benchmarks/cuda_sanitize_driver.py
 """
+import os
 import sys
 
 import numpy as np
@@ -35,9 +36,12 @@ def problem(m, n, k, dtype=np.float32, seed=0):
 failures = 0
 
 
-def check(name, X, W, H, groups=None, precision="fp32", tol=1e-3, **kw):
+def check(name, X, W, H, groups=None, precision="fp32", tol=1e-3, kernel=None, **kw):
     global failures
     Wg, Hg, ig = cb.fit(X, W, H, params(cuda, **kw), group_offsets=groups, precision=precision)
+    if kernel is not None and ig["kernel"] != kernel:
+        failures += 1
+        print(f"BAD {name}: ran {ig['kernel']}, expected {kernel}", flush=True)
     kw.pop("engine", None)
     Wc, Hc = W.copy(), H.copy()
     cpu.fit(X, Wc, Hc, params(cpu, **kw), list(groups or []))
@@ -83,6 +87,21 @@ check("gemm update_H=False", X, W, H, update_H=False, engine="gemm")
 check("gemm bf16x", X, W, H, precision="bf16x", tol=5e-2, engine="gemm")
 X, W, H = problem(150, 45, 11, np.float64)
 check("gemm float64", X, W, H, engine="gemm")
+# its single pass (sm_90): every column-tile count, padded columns, the largest layout (n = 512,
+# k = 32), tf32; then the same shape on the two-pass kernels (DFFKIT_CUDA_GEMM_FUSED=0)
+if cuda.device_info(0)["cc"][0] >= 9:
+    for k in (3, 20, 32):
+        X, W, H = problem(150, 68, k)
+        check(f"gemm fused k={k}", X, W, H, engine="gemm", kernel="gemm-fused")
+    X, W, H = problem(100, 512, 32)
+    check("gemm fused n=512 k=32", X, W, H, engine="gemm", max_iter=2, kernel="gemm-fused")
+    check("gemm fused tf32", X, W, H, engine="gemm", max_iter=2, precision="tf32", tol=5e-2,
+          kernel="gemm-fused")
+    check("gemm fused update_H=False", X, W, H, engine="gemm", max_iter=2, update_H=False,
+          kernel="gemm-fused")
+    os.environ["DFFKIT_CUDA_GEMM_FUSED"] = "0"
+    check("gemm two-pass n=512 k=32", X, W, H, engine="gemm", max_iter=2, kernel="gemm")
+    del os.environ["DFFKIT_CUDA_GEMM_FUSED"]
 probs = [problem(30 + 7 * b, 20 + 5 * b, 3, seed=b) for b in range(3)]
 out = cb.fit_batched([p[0] for p in probs], [p[1] for p in probs], [p[2] for p in probs],
                      params(cuda, max_iter=5))

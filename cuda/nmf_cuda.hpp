@@ -34,6 +34,9 @@ struct FitResult {
   int n_iter = 0;
   double error_init = 0, error = 0;
   std::vector<double> objective;  // filled when Options::record_objective
+  // the kernels that ran: "resident", "resident-fast", "sweep", "gemm" (two passes over X per
+  // iteration) or "gemm-fused" (one pass)
+  std::string kernel;
 };
 
 /// Which engine fit() uses: chosen from the shape, or forced (tests, sanitizer runs).

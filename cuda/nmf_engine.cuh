@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "nmf_detail.hpp"
-#include "nmf_gemm.cuh"
+#include "nmf_fused.cuh"
 #include "nmf_engine_kernels.cuh"
 #include "nmf_kernels.cuh"
 #include "nmf_small_kernel.cuh"
@@ -246,6 +246,7 @@ std::vector<cuda::FitResult> resident_solve_general(const std::vector<Item>& ite
     res[b].n_iter = outs[b].n_iter;
     res[b].error_init = outs[b].error_init;
     res[b].error = outs[b].error;
+    res[b].kernel = "resident";
     if (o.record_objective) {
       objs[b].resize(std::max(outs[b].n_iter, 0));
       res[b].objective = std::move(objs[b]);
@@ -387,6 +388,32 @@ void launch_gemm_gh(const T* H, i64 n, int k, const GemmPlan& plan, T* GHpart, c
   });
 }
 
+/// Whether the gemm engine's single-pass kernel (nmf_fused.cuh) may serve a problem, apart from its
+/// shape: float32 X and factors on tensor cores (gm != 0), no group term, X 16-byte aligned, a
+/// device of compute capability 9 or newer (its kernel body compiles for sm_90 only), and not
+/// switched off with DFFKIT_CUDA_GEMM_FUSED=0 (the two-pass kernels, for side-by-side timings).
+template <class T, class XS>
+bool fused_allowed(int gm, const KParams& q, int cc_major, std::uintptr_t X) {
+  if (!std::is_same<T, float>::value || !std::is_same<XS, float>::value) return false;
+  if (gm == 0 || q.groups || cc_major < 9 || X % 16 != 0) return false;
+  const char* v = std::getenv("DFFKIT_CUDA_GEMM_FUSED");
+  return !(v && v[0] == '0');
+}
+
+template <int GM>
+void launch_fused(const FusedArgs& a, const FusedPlan& fp, const KParams& q, const int* stop, int first,
+                  int want_P, bool set_smem, cudaStream_t s) {
+  auto go = [&](auto kern) {
+    if (set_smem)
+      DFFKIT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(fp.smem)));
+    else
+      kern<<<unsigned(fp.blocks), NT, fp.smem, s>>>(a, q, stop, first, want_P);
+  };
+  if (fp.pm == 2) go(gemm_fused_kernel<2, GM>);
+  else go(gemm_fused_kernel<4, GM>);
+  if (!set_smem) DFFKIT_CUDA_CHECK_LAUNCH("gemm_fused_kernel");
+}
+
 /// Sweep engine for one large problem; GEMM: the gemm engine instead of the row-tile sweep for
 /// the products (Frobenius, k <= 64; the statistics, H update and stopping rule are shared).
 template <class T, class XS, int MODE, bool GEMM = false>
@@ -409,9 +436,15 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   const i64 max_parts = std::max<i64>(1, (i64(512) << 20) / std::max<i64>(1, kn * i64(sizeof(T))));
   const GemmPlan plan = GEMM ? gemm_plan(m, n, k, max_parts) : GemmPlan{};
   const int gm = GEMM ? gemm_mode<T, MODE>() : 0;
+  int cc_major = 0;
+  DFFKIT_CUDA_TRY(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+  const FusedPlan fp = GEMM && fused_allowed<T, XS>(gm, q, cc_major, item.X)
+                           ? fused_plan(m, n, k, max_parts, limit) : FusedPlan{};
   // nb: partials of P and G_W; nbd: partials of the first iteration's error terms
-  const i64 nb = GEMM ? plan.slices : std::max<i64>(1, std::min<i64>(std::min<i64>(tiles, 264), max_parts));
-  const i64 nbd = GEMM ? plan.n_blocks : nb;
+  const i64 nb = fp.use ? fp.blocks
+                 : GEMM ? plan.slices
+                        : std::max<i64>(1, std::min<i64>(std::min<i64>(tiles, 264), max_parts));
+  const i64 nbd = fp.use ? fp.blocks : GEMM ? plan.n_blocks : nb;
   const i64 nbh = (n + NT - 1) / NT;
   const i64 nbe = std::min<i64>(m, 1024);
   const i64 nchunks = (m * n + 4095) / 4096;
@@ -491,20 +524,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   if (kl || o.max_iter < 1) full_error(0, 1, 0);
 
   const std::size_t smem = L.used;
-  if constexpr (GEMM) {
-    with_gm<T, MODE>(gm, [&](auto gmc) {
-      constexpr int GM = decltype(gmc)::value;
-      with_kp(plan.kp, [&](auto kpc) {
-        constexpr int KP = decltype(kpc)::value;
-        DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_n_kernel<T, XS, KP, GM>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             int(gemm_n_smem<T>(KP, GM))));
-        DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_p_kernel<T, XS, KP, GM>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             int(gemm_p_smem<T>(KP))));
-      });
-    });
-  } else {
+  if constexpr (!GEMM) {
     with_kc<MODE>(k, [&](auto kc) {
       DFFKIT_CUDA_TRY(cudaFuncSetAttribute(sweep_kernel<T, XS, decltype(kc)::value, MODE>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
@@ -519,6 +539,38 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   g.ngroups = p.group_offsets ? p.n_groups : 0;
   g.gnorm = gnorm; g.Ppart = Ppart; g.Gpart = Gpart; g.d0part = d0p; g.ggpart = ggp;
   g.slice_rows = plan.slice_rows;
+  FusedArgs fa{};
+  if constexpr (std::is_same<T, float>::value && std::is_same<XS, float>::value) {
+    fa.X = Xd; fa.W = reinterpret_cast<float*>(item.W); fa.H = reinterpret_cast<const float*>(item.H);
+    fa.GH = GH; fa.m = m; fa.n = n; fa.k = k; fa.kp = fp.kp; fa.np = fp.np; fa.tiles = fp.tiles;
+    fa.Ppart = Ppart; fa.Gpart = Gpart; fa.d0part = d0p; fa.ggpart = ggp;
+  }
+  // the single pass (fp.use) or the two-pass kernels, with a constant MODE
+  auto products = [&](bool set_smem, int first, int want_P) {
+    with_gm<T, MODE>(gm, [&](auto gmc) {
+      constexpr int GM = decltype(gmc)::value;
+      if constexpr (GM != 0) {
+        if (fp.use) {
+          launch_fused<GM>(fa, fp, q, &st->stopped, first, want_P, set_smem, s);
+          return;
+        }
+      }
+      if (set_smem) {
+        with_kp(plan.kp, [&](auto kpc) {
+          constexpr int KP = decltype(kpc)::value;
+          DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_n_kernel<T, XS, KP, GM>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               int(gemm_n_smem<T>(KP, GM))));
+          DFFKIT_CUDA_TRY(cudaFuncSetAttribute(gemm_p_kernel<T, XS, KP, GM>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               int(gemm_p_smem<T>(KP))));
+        });
+      } else {
+        launch_gemm<T, XS, GM>(g, plan, q, &st->stopped, first, want_P, s);
+      }
+    });
+  };
+  if constexpr (GEMM) products(true, 0, 0);
   SweepArgs<T, XS> a;
   a.X = Xd; a.W = W; a.H = H; a.m = m; a.n = n; a.k = k; a.GH = GH; a.rs = rs;
   a.goff = p.group_offsets ? goff : nullptr;
@@ -537,9 +589,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
       DFFKIT_CUDA_CHECK_LAUNCH("group_norm_kernel");
     }
     if constexpr (GEMM) {
-      with_gm<T, MODE>(gm, [&](auto gmc) {
-        launch_gemm<T, XS, decltype(gmc)::value>(g, plan, q, &st->stopped, first, want_P, s);
-      });
+      products(false, int(first), int(want_P));
     } else {
       with_kc<MODE>(k, [&](auto kc) {
         launch_sweep<T, XS, decltype(kc)::value, MODE>(a, q, st, first, want_P, int(nb), smem, s);
@@ -598,6 +648,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   r.n_iter = o.max_iter < 1 ? 0 : out.n_iter;
   r.error_init = out.error_init;
   r.error = out.err;
+  r.kernel = !GEMM ? "sweep" : fp.use ? "gemm-fused" : "gemm";
   if (o.record_objective) {
     objective.resize(std::max(r.n_iter, 0));
     r.objective = std::move(objective);

@@ -106,6 +106,7 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
       r.n_iter = sorted_out[j].n_iter;
       r.error_init = sorted_out[j].error_init;
       r.error = sorted_out[j].error;
+      r.kernel = "resident-fast";
     }
     return res;
   } catch (...) {

@@ -326,6 +326,63 @@ def test_gemm_engine_refuses_what_it_does_not_serve_and_auto_can_take_it(monkeyp
     assert not np.array_equal(Wa, Wg)  # the sweep
 
 
+# ---- the gemm engine's single pass (cuda/nmf_fused.cuh; also on the CPU emulator): float32 X,
+# k <= 32, n <= 512 and a multiple of 4, no groups; sm_90
+
+FUSED_SHAPES = [(1000, 300, 20), (3000, 40, 3), (4099, 100, 17), (20000, 512, 32), (5000, 256, 8)]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("shape", FUSED_SHAPES)
+@pytest.mark.parametrize("opts", [dict(), dict(pen=(0.3, 0.2, 0.1, 0.4), mu=0.05), dict(update_H=False),
+                                  dict(max_iter=400, tol=3e-3)],
+                         ids=["plain", "penalties", "fixed_H", "stopping"])
+def test_gemm_fused_matches_cpu_and_two_pass(shape, opts, monkeypatch):
+    """One pass over X per iteration against the CPU engine and against the two-pass kernels
+    (DFFKIT_CUDA_GEMM_FUSED=0), from the same start."""
+    if _cuda_mod.device_info(0)["cc"][0] < 9:
+        pytest.skip("the single-pass kernel is built for sm_90")
+    X, W, H = _problem(*shape)
+    opts = dict(opts)
+    opts.setdefault("max_iter", 100 if shape[0] * shape[1] < 5e6 else 30)
+    Wc, Hc, ic = _cpu_fit(X, W, H, **opts)
+    Wf, Hf, i_f = _gpu_fit(X, W, H, engine="gemm", **opts)
+    monkeypatch.setenv("DFFKIT_CUDA_GEMM_FUSED", "0")
+    Wt, Ht, it = _gpu_fit(X, W, H, engine="gemm", **opts)
+    assert i_f["kernel"] == "gemm-fused" and it["kernel"] == "gemm"
+    assert i_f["n_iter"] == ic["n_iter"] == it["n_iter"]
+    assert _rel(Wf, Wc) <= 1e-4 and _rel(Hf, Hc) <= 1e-4
+    assert _rel(Wf, Wt) <= 1e-4 and _rel(Hf, Ht) <= 1e-4
+    assert abs(i_f["error"] - ic["error"]) <= 1e-3 * ic["error"]
+    assert abs(i_f["error_init"] - ic["error_init"]) <= 1e-5 * ic["error_init"]
+    if opts.get("update_H") is False:
+        assert np.array_equal(Hf, H)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gemm_fused_tf32_and_what_it_leaves_to_two_passes():
+    """tf32 runs the single pass within the tf32 bound; groups, float64, bf16x, n beyond 512 or
+    not a multiple of 4, and k beyond 32 take the two-pass kernels."""
+    if _cuda_mod.device_info(0)["cc"][0] < 9:
+        pytest.skip("the single-pass kernel is built for sm_90")
+    X, W, H = _problem(3000, 200, 20)
+    W32, H32, i32 = _gpu_fit(X, W, H, engine="gemm")
+    Wl, Hl, il = _gpu_fit(X, W, H, precision="tf32", engine="gemm")
+    assert il["kernel"] == i32["kernel"] == "gemm-fused"
+    err_bound, factor_bound = LOW_PRECISION_BOUNDS["tf32"]
+    assert abs(il["error"] - i32["error"]) <= err_bound * i32["error"]
+    assert _rel(Wl, W32) <= factor_bound and not np.array_equal(Wl, W32)
+    for shape, kw in (((3000, 200, 20), dict(groups=[0, 1000, 3000], lam=0.3)),
+                      ((3000, 200, 20), dict(precision="bf16x")),
+                      ((500, 516, 8), {}), ((500, 198, 8), {}), ((500, 200, 33), {})):
+        X, W, H = _problem(*shape)
+        assert _gpu_fit(X, W, H, engine="gemm", max_iter=3, **kw)[2]["kernel"] == "gemm"
+    X, W, H = _problem(3000, 200, 20, dtype=np.float64)
+    assert _gpu_fit(X, W, H, engine="gemm", max_iter=3)[2]["kernel"] == "gemm"
+
+
 # ---- precision modes ------------------------------------------------------------------------
 
 # Documented bounds (cuda/NOTES.md): bf16x solves the problem for X rounded to bfloat16

@@ -569,3 +569,62 @@ def test_sweep_engine_tf32_runs_on_tensor_cores(driver_emu, tmp_path):
     out = _run_driver(driver_emu, tmp_path, X, W, H, engine="sweep", dtype="tf32")
     Wc, Hc, ic = _cpu_fit_full(X, W, H)
     assert 3e-6 < _rel(out["W"], Wc) <= 2e-3 and _rel(out["H"], Hc) <= 2e-3
+
+
+# ---- the gemm engine's single-pass kernel for tall problems (cuda/nmf_fused.cuh) ------------------
+
+FUSED_CASES = {
+    # n = 200: the X tile padded to 224 columns (zero), k = 20 padded to 24, a partial last tile
+    "split": dict(shape=(300, 200, 20)),
+    # the largest shape it takes: n = 512, k = 32 (four P^T column tiles per warp)
+    "n512-k32": dict(shape=(70, 512, 32)),
+    # one column tile (k <= 8), 20 padded columns
+    "k8-padded": dict(shape=(100, 44, 8), pen=(0.1, 0.2, 0.05, 0.1), mu=0.05, record=True),
+    # two blocks for 7 tiles: a block walks several tiles (both buffers, P kept across tiles)
+    "tiles-per-block": dict(shape=(200, 64, 12), max_slices=2),
+    "fixed-H": dict(shape=(100, 48, 5), update_H=False),
+    "stopping": dict(shape=(120, 40, 4), max_iter=40, tol=5e-2),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_CASES))
+def test_fused_kernel_solve_matches_cpu_engine(driver_emu, tmp_path, name):
+    """The single-pass kernel (split tf32) in the gemm engine's loop, against the CPU engine."""
+    case = dict(FUSED_CASES[name])
+    m, n, k = case.pop("shape")
+    max_slices = case.pop("max_slices", 1 << 30)
+    case.setdefault("max_iter", 4)
+    X, W, H = _resident_problem(m, n, k, seed=m + n + k)
+    out = _run_driver(driver_emu, tmp_path, X, W, H, engine="fused", max_slices=max_slices, **case)
+    _check_solve(out, X, W, H, case, "f32split", error_init=True)
+
+
+def test_fused_kernel_tf32_runs_on_tensor_cores(driver_emu, tmp_path):
+    """Precision tf32: one mma per product, operands rounded; within the tf32 bound, and not
+    the float32 result."""
+    X, W, H = _resident_problem(130, 96, 10, seed=8)
+    out = _run_driver(driver_emu, tmp_path, X, W, H, engine="fused", dtype="tf32")
+    Wc, Hc, ic = _cpu_fit_full(X, W, H)
+    assert 3e-6 < _rel(out["W"], Wc) <= 2e-3 and _rel(out["H"], Hc) <= 2e-3
+
+
+def test_fused_kernel_refuses_what_it_does_not_serve(driver_emu, tmp_path):
+    """n beyond 512, n not a multiple of 4, k beyond 32: the plan says no (the engine then runs
+    the two-pass kernels)."""
+    for shape in ((40, 516, 4), (40, 42, 4), (40, 64, 33)):
+        X, W, H = _resident_problem(*shape, seed=1)
+        with pytest.raises(AssertionError, match="single-pass kernel does not serve"):
+            _run_driver(driver_emu, tmp_path, X, W, H, engine="fused", max_iter=1)
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_fused_kernel_under_sanitizers(tmp_path_factory, tmp_path, sanitizer):
+    """The single-pass kernel under ThreadSanitizer (a barrier missing between the N partials,
+    the W step and the P step, or a tile buffer refilled while it is read, is a race) and
+    AddressSanitizer (shared memory is one allocation of exactly the layout's bytes): a block
+    walking several tiles, padded columns and a partial last tile."""
+    exe = _sanitized(tmp_path_factory, sanitizer, "driver_emu.cpp")
+    X, W, H = _resident_problem(100, 44, 20, seed=4)
+    out = _run_driver(exe, tmp_path, X, W, H, engine="fused", max_slices=2, max_iter=2)
+    Wc, Hc, ic = _cpu_fit_full(X, W, H, max_iter=2)
+    assert _rel(out["W"], Wc) <= 3e-6 and _rel(out["H"], Hc) <= 3e-6

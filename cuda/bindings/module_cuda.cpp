@@ -58,6 +58,7 @@ py::dict result_dict(const cuda::FitResult& r, bool with_objective) {
   d["n_iter"] = r.n_iter;
   d["error_init"] = r.error_init;
   d["error"] = r.error;
+  d["kernel"] = r.kernel;
   if (with_objective) d["objective"] = r.objective;
   return d;
 }

@@ -551,5 +551,5 @@ def nmf_batched_device(X, n_components, *, beta, tol, max_iter, penalties, seed,
     infos = cuda.fit_batched_strided(v.ptr, wv.ptr, hv.ptr, B, m, n, k, v.dtype.name, params,
                                      v.stream)
     return [(W[b], H[b], NMFResult(int(i["n_iter"]), float(i["error_init"]), float(i["error"]),
-                                   "cuda", precision))
+                                   "cuda", precision, kernel=str(i["kernel"])))
             for b, i in enumerate(infos)]

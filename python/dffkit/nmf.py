@@ -293,6 +293,9 @@ class NMFResult:
     backend: str
     precision: str = "fp32"
     objective: list = field(default_factory=list)
+    #: the CUDA kernels that ran: "resident", "resident-fast", "sweep", "gemm" (two passes over X
+    #: per iteration) or "gemm-fused" (one pass); "cpu" on the CPU backend
+    kernel: str = ""
 
 
 def _penalties(alpha_W, alpha_H, l1_ratio, m, n):
@@ -458,6 +461,7 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
         backend=engine,
         precision=precision if engine == "cuda" else "fp32" if dtype == np.float32 else "fp64",
         objective=list(info.get("objective", [])),
+        kernel=str(info.get("kernel", engine)),
     )
     if verbose:
         print(
@@ -634,7 +638,7 @@ def nmf_batched(X, n_components, *, init="random", beta_loss="frobenius", tol=1e
         for b, (Wb, Hb, info) in zip(idx, solved):
             label = precision if engine == "cuda" else ("fp32" if Xs[b].dtype == np.float32 else "fp64")
             results[b] = (Wb, Hb, NMFResult(info["n_iter"], info["error_init"], info["error"],
-                                            engine, label))
+                                            engine, label, kernel=str(info.get("kernel", engine))))
     return results
 
 

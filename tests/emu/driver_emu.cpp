@@ -1,7 +1,8 @@
 // Whole solves with the sweep and gemm engines' kernels on the CPU emulator, for
 // tests/test_cuda_emu.py: the kernels of nmf_engine_kernels.cuh and nmf_gemm.cuh launched in the
 // order of sweep_solve in nmf_engine.cuh (engine "sweep": the row-tile sweep; "gemm": GEMM =
-// true; keep the two in step). It checks that the kernels compose into the engine's contract
+// true; "fused": GEMM = true with the single-pass kernel of nmf_fused.cuh; keep the two in
+// step). It checks that the kernels compose into the engine's contract
 // (partials and their fixed-order sums, the statistics, the first iteration's error terms, KL's
 // full-pass error, the stopping rule, the objective); the host driver itself runs on a GPU only.
 // Usage: driver_emu DIR. DIR/meta.txt: engine m n k dtype (f32, tf32, f32split, f64, bf16x,
@@ -10,7 +11,7 @@
 // out.txt.
 #define DFFKIT_EMULATE 1
 #include "nmf_engine_kernels.cuh"
-#include "nmf_gemm.cuh"
+#include "nmf_fused.cuh"
 
 #include <algorithm>
 #include <iostream>
@@ -44,10 +45,15 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   const SweepLayout L = sweep_layout(n, k, kl, int(sizeof(T)), int(sizeof(XS)), limit);
   if (!GEMM && L.used > limit) throw std::runtime_error("the sweep layout does not fit the given limit");
   const GemmPlan plan = GEMM ? gemm_plan(m, n, k, std::stoll(meta["max_slices"])) : GemmPlan{};
+  constexpr bool FUSABLE = GEMM && MODE != 0 && std::is_same<T, float>::value && std::is_same<XS, float>::value;
+  const FusedPlan fp = FUSABLE && meta["engine"] == "fused"
+                           ? fused_plan(m, n, k, std::stoll(meta["max_slices"]), limit) : FusedPlan{};
+  if (meta["engine"] == "fused" && (!fp.use || q.groups)) throw std::runtime_error("the single-pass kernel does not serve this case");
   const i64 tiles = (m + TM - 1) / TM, kn = i64(k) * n;
   // nb: partials of P and G_W; nbd: of the first iteration's error terms
-  const i64 nb = GEMM ? plan.slices : std::max<i64>(1, std::min<i64>(tiles, 264));
-  const i64 nbd = GEMM ? plan.n_blocks : nb, nbh = (n + NT - 1) / NT, nbe = std::min<i64>(m, 1024);
+  const i64 nb = fp.use ? fp.blocks : GEMM ? plan.slices : std::max<i64>(1, std::min<i64>(tiles, 264));
+  const i64 nbd = fp.use ? fp.blocks : GEMM ? plan.n_blocks : nb, nbh = (n + NT - 1) / NT,
+            nbe = std::min<i64>(m, 1024);
   const auto z = [](i64 v) { return static_cast<std::size_t>(v); };
   std::vector<State> st(1, State{});
   std::vector<T> GH(z((GEMM ? plan.h_slices : 1) * k * k)), GW(z(k * k)), rs(z(k)), colsum(z(k)),
@@ -109,13 +115,27 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   g.goff = ng ? goff.data() : nullptr; g.ngroups = ng; g.gnorm = gnorm.data();
   g.Ppart = Ppart.data(); g.Gpart = Gpart.data(); g.d0part = d0p.data(); g.ggpart = ggp.data();
   g.slice_rows = plan.slice_rows;
+  FusedArgs fa{};
+  if constexpr (FUSABLE) {
+    fa.X = X.data(); fa.W = W.data(); fa.H = H.data(); fa.GH = GH.data(); fa.m = m; fa.n = n; fa.k = k;
+    fa.kp = fp.kp; fa.np = fp.np; fa.tiles = fp.tiles;
+    fa.Ppart = Ppart.data(); fa.Gpart = Gpart.data(); fa.d0part = d0p.data(); fa.ggpart = ggp.data();
+  }
   for (int it = 1; it <= q.max_iter; ++it) {
     const bool check = q.tol > 0 && it % 10 == 0;
     const bool need_err = check || it == q.max_iter || record;
     const bool first = it == 1 && !kl;
     const bool want_P = kl ? q.update_H != 0 : (q.update_H || need_err);
     if (q.groups) group_norms();
-    if constexpr (GEMM) {
+    if (fp.use) {
+      if constexpr (FUSABLE) {
+        auto go = [&](auto kern) {
+          launch(kern, dim3(unsigned(fp.blocks)), dim3(NT), fp.smem, fa, q, stop, int(first), int(want_P));
+        };
+        if (fp.pm == 2) go(gemm_fused_kernel<2, MODE>);
+        else go(gemm_fused_kernel<4, MODE>);
+      }
+    } else if constexpr (GEMM) {
       launch(gemm_n_kernel<T, XS, KP, MODE>, dim3(unsigned(plan.n_blocks)), dim3(NT), gemm_n_smem<T>(KP, MODE), g,
              q, stop, int(first));
       if (want_P)

@@ -1,0 +1,384 @@
+#pragma once
+// The gemm engine's single-pass kernel for tall problems (Frobenius, float32 X and factors,
+// k <= 32, n <= 512, n a multiple of 4; sm_90 for its shared memory): per iteration one launch
+// reads X once. nmf_gemm.cuh's two-pass kernels read it twice (N = X H^T, then P = W^T X), and
+// for 200000 x 512 float32 the second pass alone is 0.4 GB per iteration.
+//
+// A fixed grid of NB = min(tiles, 264) blocks (from the shape only) sweeps tiles of FBM = 32 rows;
+// block b takes tiles b, b + NB, ... Per tile, with the tile's rows of X and W in shared memory
+// (cp.async; the next tile's copies in flight while this one is used):
+//
+//   N step   N = X_t H^T on tensor cores: each warp one eighth of the reduction along n for all
+//            32 x k outputs (H, staged once per launch, in shared memory); the 8 partials added
+//            in a fixed order (warp w + 4 onto warp w, then the 4 slots in order)
+//   W step   W_t G_H (mma), the W update mu_step of nmf_gemm.cuh's epilogue, W_t written to
+//            global memory once; first iteration: <N, W_old> and <W_old G_H, W_old>
+//   P step   P^T += X_t^T W_t (mma; P stays in registers across the block's tiles) and
+//            G_W += W_t^T W_t (mma, float within a tile, float64 across tiles)
+//
+// At the end each block writes its partials of P and G_W (added by the driver in the fixed
+// order of reduce_partials_kernel, as the two-pass kernels' slices are).
+//
+// Products: MODE 2 split tf32 ("3xTF32", float32 accuracy: three mma per tile from operands
+// v = hi + lo split when read), MODE 1 tf32 (one mma, operands rounded with cvt.rna when read).
+//
+// Shared memory layout of an X tile (32 rows x NP floats, NP = n rounded up to 32): element
+// (i, j) sits at i * NP + (j ^ sw(i)), sw(i) = 8 (i % 4) + 4 ((i / 4) % 2). The N step reads
+// fragments with 8 consecutive rows x 4 consecutive columns across a warp, the P step 4 rows x
+// 8 columns (X transposed); with this XOR both are free of bank conflicts (no padding serves
+// both: rows 4 mod 32 apart suit the first, 8 mod 32 the second), and the 16-byte cp.async
+// chunks stay whole (sw is a multiple of 4).
+//
+// This file compiles under nvcc and under the CPU emulator (cuda/emu/cuda_emu.hpp).
+#include "nmf_gemm.cuh"
+#if !defined(DFFKIT_EMULATE)
+#include <cuda_pipeline.h>
+#endif
+
+namespace dffkit {
+namespace cuda_detail {
+
+constexpr int FBM = 32;       // rows per tile
+constexpr int FKMAX = 32;     // the largest k (four column tiles of 8)
+constexpr int FNMAX = 512;    // the largest n
+constexpr int FLD = 40;       // row stride of W_t and G_H on chip (8 mod 32: fragments conflict-free)
+constexpr int FBLOCKS = 264;  // at most this many blocks
+
+/// Column of element (i, j) of an X tile in shared memory.
+DFFKIT_HD int fused_swz(int i, int j) { return j ^ (8 * (i & 3) + 4 * ((i >> 2) & 1)); }
+
+struct FusedArgs {
+  const float* X;     // m x n, 16-byte aligned, n % 4 == 0
+  float* W;           // m x k, updated in place
+  const float* H;     // k x n
+  const float* GH;    // k x k
+  i64 m, n;
+  int k;
+  int kp, np;         // k rounded up to 8, n rounded up to 32
+  i64 tiles;          // ceil(m / FBM)
+  float* Ppart;       // NB x k x n
+  float* Gpart;       // NB x k x k
+  double* d0part;     // NB: <N, W_old> (first iteration)
+  double* ggpart;     // NB: <W_old G_H, W_old>
+};
+
+/// Byte offsets into the kernel's dynamic shared memory.
+struct FusedLayout {
+  std::size_t xs, hs, wb, nred, wn, ghs, used;
+};
+DFFKIT_HD FusedLayout fused_layout(int np, int kp) {
+  FusedLayout L{};
+  std::size_t at = 0;
+  auto take = [&](std::size_t floats) {
+    const std::size_t o = at;
+    at += (floats * sizeof(float) + 15) / 16 * 16;
+    return o;
+  };
+  L.xs = take(std::size_t(2) * FBM * np);          // two X tiles (swizzled)
+  L.hs = take(std::size_t(kp) * (np + 4));         // H, rows np + 4 apart (4 mod 32)
+  L.wb = take(std::size_t(2) * FBM * kp);          // two tiles of old W rows (row stride k)
+  // four N partials; after the tiles, the block sum's scratch (NT doubles)
+  const std::size_t nred = std::size_t(4) * FBM * kp;
+  L.nred = take(nred * sizeof(float) > NT * sizeof(double) ? nred : NT * sizeof(double) / sizeof(float));
+  L.wn = take(std::size_t(FBM) * FLD);             // new W rows (zero beyond k and m)
+  L.ghs = take(std::size_t(FKMAX) * FLD);          // G_H (zero beyond k)
+  L.used = at;
+  return L;
+}
+
+/// P^T column tiles of 16 per warp: 2 for n <= 256, 4 for n <= 512.
+DFFKIT_HD int fused_pm(int np) { return np <= 256 ? 2 : 4; }
+
+/// The single-pass kernel's plan for a problem, from the shape only (use = 0: it does not serve
+/// the shape or the shared-memory limit).
+struct FusedPlan {
+  int use = 0, kp = 0, np = 0, pm = 0;
+  i64 tiles = 0, blocks = 0;
+  std::size_t smem = 0;
+};
+DFFKIT_HD FusedPlan fused_plan(i64 m, i64 n, i64 k, i64 max_blocks, std::size_t limit) {
+  FusedPlan p;
+  if (m < 1 || n < 4 || n > FNMAX || n % 4 != 0 || k < 1 || k > FKMAX) return p;
+  p.kp = int((k + 7) / 8 * 8);
+  p.np = int((n + 31) / 32 * 32);
+  p.pm = fused_pm(p.np);
+  p.smem = fused_layout(p.np, p.kp).used;
+  if (p.smem > limit) return p;
+  p.tiles = (m + FBM - 1) / FBM;
+  p.blocks = p.tiles < FBLOCKS ? p.tiles : FBLOCKS;
+  if (p.blocks > max_blocks) p.blocks = max_blocks;
+  if (p.blocks < 1) p.blocks = 1;
+  p.use = 1;
+  return p;
+}
+
+/// One operand value as mma wants it: MODE 2 split into tf32 hi + lo, MODE 1 rounded to tf32.
+template <int MODE>
+__device__ __forceinline__ void fused_part(float v, std::uint32_t& hi, std::uint32_t& lo) {
+  if constexpr (MODE == 2) {
+    tf32_parts<true>(v, hi, lo);
+  } else {
+    hi = to_tf32(v);
+    lo = 0;
+  }
+}
+
+/// d += a b for one 16 x 8 x 8 step (MODE 2: three mma, MODE 1: one).
+template <int MODE>
+__device__ __forceinline__ void fused_mma(float (&d)[4], const std::uint32_t (&ah)[4], const std::uint32_t (&al)[4],
+                                          const std::uint32_t (&bh)[2], const std::uint32_t (&bl)[2]) {
+  if constexpr (MODE == 2) mma_tf32x3(d, ah, al, bh, bl);
+  else mma_tf32(d, ah, bh);
+}
+
+/// Start copying tile t's rows of X (16-byte cp.async, swizzled) and of W (4-byte cp.async) into
+/// buffer buf; rows beyond m are zero. Commits one pipeline group.
+__device__ __forceinline__ void fused_stage(const FusedArgs& g, float* xs, float* wb, i64 t) {
+  const int tid = threadIdx.x, np = g.np, k = g.k;
+  const i64 r0 = t * FBM;
+  const int rows = int(g.m - r0 < FBM ? g.m - r0 : FBM);
+  const int c4 = int(g.n / 4);  // 16-byte chunks per row
+  for (int e = tid; e < FBM * c4; e += NT) {
+    const int i = e / c4, c = (e - i * c4) * 4;
+    float* dst = xs + i * np + fused_swz(i, c);
+    if (i < rows) {
+      __pipeline_memcpy_async(dst, g.X + (r0 + i) * g.n + c, 16);
+    } else {
+      DFFKIT_EMU_ALIGNED(dst, 16);
+      *reinterpret_cast<float4*>(dst) = float4{0.f, 0.f, 0.f, 0.f};
+    }
+  }
+  const float* wsrc = g.W + r0 * k;
+  for (int e = tid; e < rows * k; e += NT) __pipeline_memcpy_async(wb + e, wsrc + e, 4);
+  __pipeline_commit();
+}
+
+template <int PM, int MODE>
+__global__ void __launch_bounds__(NT, 1) gemm_fused_kernel(FusedArgs g, KParams q, const int* stop, int first,
+                                                          int want_P) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(DFFKIT_EMULATE)
+  if (stop && *stop) return;
+  DFFKIT_DYNAMIC_SMEM(smem);
+  const FusedLayout L = fused_layout(g.np, g.kp);
+  float* Xs = reinterpret_cast<float*>(smem + L.xs);
+  float* Hs = reinterpret_cast<float*>(smem + L.hs);
+  float* Wb = reinterpret_cast<float*>(smem + L.wb);
+  float* Nred = reinterpret_cast<float*>(smem + L.nred);
+  float* Wn = reinterpret_cast<float*>(smem + L.wn);
+  float* GHs = reinterpret_cast<float*>(smem + L.ghs);
+  const int tid = threadIdx.x, warp = tid >> 5, gq = (tid & 31) >> 2, tq = tid & 3;
+  const int k = g.k, kp = g.kp, np = g.np, kt = kp / 8, ldh = np + 4;
+  const i64 m = g.m, n = g.n;
+
+  // the first tile's copies go out first; H, G_H and the zero borders meanwhile
+  i64 t = blockIdx.x;
+  fused_stage(g, Xs, Wb, t);
+  for (int e = tid; e < 2 * FBM * (np - int(n)); e += NT) {  // columns n.. of both X tiles
+    const int pad = np - int(n), row = e / pad, j = int(n) + e % pad;
+    Xs[row * np + fused_swz(row % FBM, j)] = 0.f;
+  }
+  for (int e = tid; e < kp * np; e += NT) {
+    const int j = e / np, l = e % np;
+    Hs[j * ldh + l] = j < k && l < n ? g.H[j * n + l] : 0.f;
+  }
+  for (int e = tid; e < FKMAX * FLD; e += NT) {
+    const int l = e / FLD, j = e % FLD;
+    GHs[e] = l < k && j < k ? g.GH[l * k + j] : 0.f;
+  }
+  for (int e = tid; e < FBM * FLD; e += NT) Wn[e] = 0.f;
+
+  const float l1 = float(q.l1_W), l2 = float(q.l2_W);
+  // this warp's output tile in the W step and in G_W (2 row tiles x 4 column tiles)
+  const int wmt = warp >> 2, wnt = warp & 3;
+  const bool w_on = wnt < kt;
+  const bool g_on = wmt * 16 < kp && wnt < kt;
+  float pacc[PM][4][4];
+  zero(pacc);
+  double gacc[4] = {0, 0, 0, 0};
+  double d0 = 0, gg = 0;
+
+  for (int it = 0; t < i64(g.tiles); t += gridDim.x, ++it) {
+    const int buf = it & 1;
+    float* xs = Xs + buf * FBM * np;
+    const float* wb = Wb + buf * FBM * kp;
+    const i64 r0 = t * FBM;
+    __pipeline_wait_prior(0);
+    __syncthreads();  // this tile on chip; the other buffer, N slots and W_t free
+    if (t + gridDim.x < i64(g.tiles))
+      fused_stage(g, Xs + (buf ^ 1) * FBM * np, Wb + (buf ^ 1) * FBM * kp, t + gridDim.x);
+
+    // ---- N step: this warp's steps of 8 along n, both row tiles, all column tiles --------------
+    float nacc[2][4][4];
+    zero(nacc);
+    for (int ks = warp; ks < np / 8; ks += 8) {
+      const int c = ks * 8 + tq;
+      std::uint32_t ah[2][4], al[2][4], bh[4][2], bl[4][2];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const int r = mt * 16 + gq;
+        fused_part<MODE>(xs[r * np + fused_swz(r, c)], ah[mt][0], al[mt][0]);
+        fused_part<MODE>(xs[(r + 8) * np + fused_swz(r + 8, c)], ah[mt][1], al[mt][1]);
+        fused_part<MODE>(xs[r * np + fused_swz(r, c + 4)], ah[mt][2], al[mt][2]);
+        fused_part<MODE>(xs[(r + 8) * np + fused_swz(r + 8, c + 4)], ah[mt][3], al[mt][3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        if (nt < kt) {
+          const float* h = Hs + (nt * 8 + gq) * ldh + c;
+          fused_part<MODE>(h[0], bh[nt][0], bl[nt][0]);
+          fused_part<MODE>(h[4], bh[nt][1], bl[nt][1]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+        if (nt < kt) {
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) fused_mma<MODE>(nacc[mt][nt], ah[mt], al[mt], bh[nt], bl[nt]);
+        }
+    }
+    // the 8 partials: warp w + 4 onto warp w, then slots 0..3 in order (in the W step)
+    auto slot_at = [&](int s, int mt, int nt, int e) -> float& {
+      return Nred[s * FBM * kp + (mt * 16 + gq + (e >> 1) * 8) * kp + nt * 8 + 2 * tq + (e & 1)];
+    };
+    auto each_output = [&](auto&& f) {  // this lane's elements of the 2 x kt fragments
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+          if (nt < kt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) f(mt, nt, e);
+    };
+    if (warp >= 4) each_output([&](int mt, int nt, int e) { slot_at(warp - 4, mt, nt, e) = nacc[mt][nt][e]; });
+    __syncthreads();
+    if (warp < 4)
+      each_output([&](int mt, int nt, int e) {
+        float& s = slot_at(warp, mt, nt, e);
+        s = nacc[mt][nt][e] + s;
+      });
+    __syncthreads();
+
+    // ---- W step: base = W_old G_H (mma), then the update of this warp's 16 x 8 outputs ----------
+    if (w_on) {
+      float base[4] = {0.f, 0.f, 0.f, 0.f};
+      const int rows = int(m - r0 < FBM ? m - r0 : FBM);
+      for (int ks = 0; ks < kt; ++ks) {
+        std::uint32_t ah[4], al[4], bh[2], bl[2];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = wmt * 16 + gq + (e & 1) * 8, l = ks * 8 + tq + (e >> 1) * 4;
+          fused_part<2>(i < rows && l < k ? wb[i * k + l] : 0.f, ah[e], al[e]);
+        }
+        fused_part<2>(GHs[(ks * 8 + tq) * FLD + wnt * 8 + gq], bh[0], bl[0]);
+        fused_part<2>(GHs[(ks * 8 + tq + 4) * FLD + wnt * 8 + gq], bh[1], bl[1]);
+        mma_tf32x3(base, ah, al, bh, bl);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = wmt * 16 + gq + (e >> 1) * 8, j = wnt * 8 + 2 * tq + (e & 1);
+        const int o = i * kp + j;
+        const float num = ((Nred[o] + Nred[FBM * kp + o]) + Nred[2 * FBM * kp + o]) + Nred[3 * FBM * kp + o];
+        if (i < rows && j < k) {
+          const float wo = wb[i * k + j];
+          if (first) {
+            d0 += double(num) * double(wo);
+            gg += double(wo) * double(base[e]);
+          }
+          const float wn = mu_step(wo, num, base[e], l1, l2, 0.f);
+          g.W[(r0 + i) * k + j] = wn;
+          Wn[i * FLD + j] = wn;
+        } else {
+          Wn[i * FLD + j] = 0.f;
+        }
+      }
+    }
+    __syncthreads();  // W_t (new) on chip
+
+    // ---- P step: P^T += X_t^T W_t; G_W += W_t^T W_t ------------------------------------------
+    if (want_P) {
+#pragma unroll
+      for (int ks = 0; ks < FBM / 8; ++ks) {
+        const int r = ks * 8 + tq;
+        std::uint32_t bh[4][2], bl[4][2];
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt)
+          if (nt < kt) {
+            fused_part<MODE>(Wn[r * FLD + nt * 8 + gq], bh[nt][0], bl[nt][0]);
+            fused_part<MODE>(Wn[(r + 4) * FLD + nt * 8 + gq], bh[nt][1], bl[nt][1]);
+          }
+#pragma unroll
+        for (int pm = 0; pm < PM; ++pm) {
+          const int c0 = (warp * PM + pm) * 16, c = c0 + gq;
+          if (c0 < np) {
+            std::uint32_t ah[4], al[4];
+            fused_part<MODE>(xs[r * np + fused_swz(r, c)], ah[0], al[0]);
+            fused_part<MODE>(xs[r * np + fused_swz(r, c + 8)], ah[1], al[1]);
+            fused_part<MODE>(xs[(r + 4) * np + fused_swz(r + 4, c)], ah[2], al[2]);
+            fused_part<MODE>(xs[(r + 4) * np + fused_swz(r + 4, c + 8)], ah[3], al[3]);
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt)
+              if (nt < kt) fused_mma<MODE>(pacc[pm][nt], ah, al, bh[nt], bl[nt]);
+          }
+        }
+      }
+    }
+    if (g_on) {
+      float gt[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int ks = 0; ks < FBM / 8; ++ks) {
+        const int r = ks * 8 + tq;
+        std::uint32_t ah[4], al[4], bh[2], bl[2];
+        fused_part<2>(Wn[r * FLD + wmt * 16 + gq], ah[0], al[0]);
+        fused_part<2>(Wn[r * FLD + wmt * 16 + gq + 8], ah[1], al[1]);
+        fused_part<2>(Wn[(r + 4) * FLD + wmt * 16 + gq], ah[2], al[2]);
+        fused_part<2>(Wn[(r + 4) * FLD + wmt * 16 + gq + 8], ah[3], al[3]);
+        fused_part<2>(Wn[r * FLD + wnt * 8 + gq], bh[0], bl[0]);
+        fused_part<2>(Wn[(r + 4) * FLD + wnt * 8 + gq], bh[1], bl[1]);
+        mma_tf32x3(gt, ah, al, bh, bl);
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) gacc[e] += double(gt[e]);
+    }
+  }
+
+  // ---- the block's partials ------------------------------------------------------------------
+  const i64 b = blockIdx.x;
+  if (want_P) {
+    float* P = g.Ppart + b * k * n;
+#pragma unroll
+    for (int pm = 0; pm < PM; ++pm)
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt)
+        if (nt < kt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const i64 l = (warp * PM + pm) * 16 + gq + (e >> 1) * 8;
+            const int j = nt * 8 + 2 * tq + (e & 1);
+            if (l < n && j < k) P[j * n + l] = pacc[pm][nt][e];
+          }
+  }
+  if (g_on) {
+    float* G = g.Gpart + b * k * k;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int a = wmt * 16 + gq + (e >> 1) * 8, c = wnt * 8 + 2 * tq + (e & 1);
+      if (a < k && c < k) G[a * k + c] = float(gacc[e]);
+    }
+  }
+  if (first) {
+    __syncthreads();  // the N slots become the block sum's scratch
+    double* red = reinterpret_cast<double*>(Nred);
+    d0 = block_sum(d0, red);
+    gg = block_sum(gg, red);
+    if (tid == 0) {
+      g.d0part[b] = d0;
+      g.ggpart[b] = gg;
+    }
+  }
+#else
+  (void)g; (void)q; (void)stop; (void)first; (void)want_P;
+#endif
+}
+
+}  // namespace cuda_detail
+}  // namespace dffkit
