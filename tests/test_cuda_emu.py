@@ -577,7 +577,7 @@ FUSED_CASES = {
     # n = 200: the X tile padded to 224 columns (zero), k = 20 padded to 24, a partial last tile
     "split": dict(shape=(300, 200, 20)),
     # the largest shape it takes: n = 512, k = 32 (four P^T column tiles per warp)
-    "n512-k32": dict(shape=(70, 512, 32)),
+    "n512-k32": dict(shape=(40, 512, 32), max_iter=2),
     # one column tile (k <= 8), 20 padded columns
     "k8-padded": dict(shape=(100, 44, 8), pen=(0.1, 0.2, 0.05, 0.1), mu=0.05, record=True),
     # two blocks for 7 tiles: a block walks several tiles (both buffers, P kept across tiles)
