@@ -99,6 +99,8 @@ if cuda.device_info(0)["cc"][0] >= 9:
           kernel="gemm-fused")
     check("gemm fused update_H=False", X, W, H, engine="gemm", max_iter=2, update_H=False,
           kernel="gemm-fused")
+    check("gemm fused bf16x", X, W, H, engine="gemm", max_iter=2, precision="bf16x", tol=5e-2,
+          kernel="gemm-fused")
     os.environ["DFFKIT_CUDA_GEMM_FUSED"] = "0"
     check("gemm two-pass n=512 k=32", X, W, H, engine="gemm", max_iter=2, kernel="gemm")
     del os.environ["DFFKIT_CUDA_GEMM_FUSED"]

@@ -389,19 +389,20 @@ void launch_gemm_gh(const T* H, i64 n, int k, const GemmPlan& plan, T* GHpart, c
 }
 
 /// Whether the gemm engine's single-pass kernel (nmf_fused.cuh) may serve a problem, apart from its
-/// shape: float32 X and factors on tensor cores (gm != 0), no group term, X 16-byte aligned, a
-/// device of compute capability 9 or newer (its kernel body compiles for sm_90 only), and not
-/// switched off with DFFKIT_CUDA_GEMM_FUSED=0 (the two-pass kernels, for side-by-side timings).
+/// shape: float32 factors on tensor cores (gm != 0; X float32 or bfloat16), no group term, X
+/// 16-byte aligned, a device of compute capability 9 or newer (its kernel body compiles for sm_90
+/// only), and not switched off with DFFKIT_CUDA_GEMM_FUSED=0 (the two-pass kernels, for
+/// side-by-side timings).
 template <class T, class XS>
 bool fused_allowed(int gm, const KParams& q, int cc_major, std::uintptr_t X) {
-  if (!std::is_same<T, float>::value || !std::is_same<XS, float>::value) return false;
+  if (!std::is_same<T, float>::value || sizeof(XS) > 4) return false;
   if (gm == 0 || q.groups || cc_major < 9 || X % 16 != 0) return false;
   const char* v = std::getenv("DFFKIT_CUDA_GEMM_FUSED");
   return !(v && v[0] == '0');
 }
 
-template <int GM>
-void launch_fused(const FusedArgs& a, const FusedPlan& fp, const KParams& q, const int* stop, int first,
+template <class XS, int GM>
+void launch_fused(const FusedArgs<XS>& a, const FusedPlan& fp, const KParams& q, const int* stop, int first,
                   int want_P, bool set_smem, cudaStream_t s) {
   auto go = [&](auto kern) {
     if (set_smem)
@@ -409,8 +410,8 @@ void launch_fused(const FusedArgs& a, const FusedPlan& fp, const KParams& q, con
     else
       kern<<<unsigned(fp.blocks), NT, fp.smem, s>>>(a, q, stop, first, want_P);
   };
-  if (fp.pm == 2) go(gemm_fused_kernel<2, GM>);
-  else go(gemm_fused_kernel<4, GM>);
+  if (fp.pm == 2) go(gemm_fused_kernel<XS, 2, GM>);
+  else go(gemm_fused_kernel<XS, 4, GM>);
   if (!set_smem) DFFKIT_CUDA_CHECK_LAUNCH("gemm_fused_kernel");
 }
 
@@ -438,8 +439,10 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   const int gm = GEMM ? gemm_mode<T, MODE>() : 0;
   int cc_major = 0;
   DFFKIT_CUDA_TRY(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
-  const FusedPlan fp = GEMM && fused_allowed<T, XS>(gm, q, cc_major, item.X)
-                           ? fused_plan(m, n, k, max_parts, limit) : FusedPlan{};
+  // (X converted to bfloat16 lives in the workspace, whose pieces are 256-byte aligned)
+  const std::uintptr_t x_read = std::is_same<XS, T>::value ? item.X : 0;
+  const FusedPlan fp = GEMM && fused_allowed<T, XS>(gm, q, cc_major, x_read)
+                           ? fused_plan(m, n, k, max_parts, limit, int(sizeof(XS))) : FusedPlan{};
   // nb: partials of P and G_W; nbd: partials of the first iteration's error terms
   const i64 nb = fp.use ? fp.blocks
                  : GEMM ? plan.slices
@@ -539,8 +542,8 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   g.ngroups = p.group_offsets ? p.n_groups : 0;
   g.gnorm = gnorm; g.Ppart = Ppart; g.Gpart = Gpart; g.d0part = d0p; g.ggpart = ggp;
   g.slice_rows = plan.slice_rows;
-  FusedArgs fa{};
-  if constexpr (std::is_same<T, float>::value && std::is_same<XS, float>::value) {
+  FusedArgs<XS> fa{};
+  if constexpr (std::is_same<T, float>::value && sizeof(XS) <= 4) {
     fa.X = Xd; fa.W = reinterpret_cast<float*>(item.W); fa.H = reinterpret_cast<const float*>(item.H);
     fa.GH = GH; fa.m = m; fa.n = n; fa.k = k; fa.kp = fp.kp; fa.np = fp.np; fa.tiles = fp.tiles;
     fa.Ppart = Ppart; fa.Gpart = Gpart; fa.d0part = d0p; fa.ggpart = ggp;
@@ -551,7 +554,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
       constexpr int GM = decltype(gmc)::value;
       if constexpr (GM != 0) {
         if (fp.use) {
-          launch_fused<GM>(fa, fp, q, &st->stopped, first, want_P, set_smem, s);
+          launch_fused<XS, GM>(fa, fp, q, &st->stopped, first, want_P, set_smem, s);
           return;
         }
       }

@@ -1,6 +1,6 @@
 #pragma once
-// The gemm engine's single-pass kernel for tall problems (Frobenius, float32 X and factors,
-// k <= 32, n <= 512, n a multiple of 4; sm_90 for its shared memory): per iteration one launch
+// The gemm engine's single-pass kernel for tall problems (Frobenius, float32 factors, X float32
+// or bfloat16, k <= 32, n <= 512, n a multiple of 4 (8 for bfloat16); sm_90 for its shared memory): per iteration one launch
 // reads X once. nmf_gemm.cuh's two-pass kernels read it twice (N = X H^T, then P = W^T X), and
 // for 200000 x 512 float32 the second pass alone is 0.4 GB per iteration.
 //
@@ -20,14 +20,17 @@
 // order of reduce_partials_kernel, as the two-pass kernels' slices are).
 //
 // Products: MODE 2 split tf32 ("3xTF32", float32 accuracy: three mma per tile from operands
-// v = hi + lo split when read), MODE 1 tf32 (one mma, operands rounded with cvt.rna when read).
+// v = hi + lo split when read; bfloat16 X is exact in tf32, so two), MODE 1 tf32 (one mma,
+// operands rounded with cvt.rna when read). X is float32 or bfloat16 (precision bf16x: half the
+// bytes of the one pass).
 //
-// Shared memory layout of an X tile (32 rows x NP floats, NP = n rounded up to 32): element
-// (i, j) sits at i * NP + (j ^ sw(i)), sw(i) = 8 (i % 4) + 4 ((i / 4) % 2). The N step reads
-// fragments with 8 consecutive rows x 4 consecutive columns across a warp, the P step 4 rows x
-// 8 columns (X transposed); with this XOR both are free of bank conflicts (no padding serves
-// both: rows 4 mod 32 apart suit the first, 8 mod 32 the second), and the 16-byte cp.async
-// chunks stay whole (sw is a multiple of 4).
+// Shared memory layout of an X tile: 32 rows of NP elements (NP = n rounded up to 32 floats, or
+// 64 bfloat16: a multiple of 32 words per row), as 32-bit words; word w of row i sits at
+// i * NP_words + (w ^ sw(i)), sw(i) = 8 (i % 4) + 4 ((i / 4) % 2). Every fragment load reads a
+// pair of neighbouring columns (the reduction order is permuted to make it so, see the kernel):
+// the N step 8 rows x 4 pairs across a warp, the P step (X transposed) 4 rows x 8 pairs; with
+// this XOR both are free of bank conflicts (no padding serves both), and the 16-byte cp.async
+// chunks stay whole (sw is a multiple of 4 words).
 //
 // This file compiles under nvcc and under the CPU emulator (cuda/emu/cuda_emu.hpp).
 #include "nmf_gemm.cuh"
@@ -44,17 +47,18 @@ constexpr int FNMAX = 512;    // the largest n
 constexpr int FLD = 40;       // row stride of W_t and G_H on chip (8 mod 32: fragments conflict-free)
 constexpr int FBLOCKS = 264;  // at most this many blocks
 
-/// Column of element (i, j) of an X tile in shared memory.
-DFFKIT_HD int fused_swz(int i, int j) { return j ^ (8 * (i & 3) + 4 * ((i >> 2) & 1)); }
+/// The XOR applied to the 32-bit word index of row i of an X tile.
+DFFKIT_HD int fused_sw(int i) { return 8 * (i & 3) + 4 * ((i >> 2) & 1); }
 
+template <class XS>
 struct FusedArgs {
-  const float* X;     // m x n, 16-byte aligned, n % 4 == 0
+  const XS* X;        // m x n, 16-byte aligned; n % 4 == 0 (float), n % 8 == 0 (bfloat16)
   float* W;           // m x k, updated in place
   const float* H;     // k x n
   const float* GH;    // k x k
   i64 m, n;
   int k;
-  int kp, np;         // k rounded up to 8, n rounded up to 32
+  int kp, np;         // k rounded up to 8, n rounded up to 32 (float) or 64 (bfloat16)
   i64 tiles;          // ceil(m / FBM)
   float* Ppart;       // NB x k x n
   float* Gpart;       // NB x k x k
@@ -62,26 +66,27 @@ struct FusedArgs {
   double* ggpart;     // NB: <W_old G_H, W_old>
 };
 
-/// Byte offsets into the kernel's dynamic shared memory.
+/// Byte offsets into the kernel's dynamic shared memory (xsize: bytes per element of X).
 struct FusedLayout {
   std::size_t xs, hs, wb, nred, wn, ghs, used;
 };
-DFFKIT_HD FusedLayout fused_layout(int np, int kp) {
+DFFKIT_HD FusedLayout fused_layout(int np, int kp, int xsize) {
   FusedLayout L{};
   std::size_t at = 0;
-  auto take = [&](std::size_t floats) {
+  auto take = [&](std::size_t bytes) {
     const std::size_t o = at;
-    at += (floats * sizeof(float) + 15) / 16 * 16;
+    at += (bytes + 15) / 16 * 16;
     return o;
   };
-  L.xs = take(std::size_t(2) * FBM * np);          // two X tiles (swizzled)
-  L.hs = take(std::size_t(kp) * (np + 4));         // H, rows np + 4 apart (4 mod 32)
-  L.wb = take(std::size_t(2) * FBM * kp);          // two tiles of old W rows (row stride k)
+  const std::size_t f = sizeof(float);
+  L.xs = take(std::size_t(2) * FBM * np * xsize);  // two X tiles (swizzled)
+  L.hs = take(std::size_t(kp) * (np + 8) * f);     // H, rows np + 8 apart (8 mod 32)
+  L.wb = take(std::size_t(2) * FBM * kp * f);      // two tiles of old W rows (row stride k)
   // four N partials; after the tiles, the block sum's scratch (NT doubles)
-  const std::size_t nred = std::size_t(4) * FBM * kp;
-  L.nred = take(nred * sizeof(float) > NT * sizeof(double) ? nred : NT * sizeof(double) / sizeof(float));
-  L.wn = take(std::size_t(FBM) * FLD);             // new W rows (zero beyond k and m)
-  L.ghs = take(std::size_t(FKMAX) * FLD);          // G_H (zero beyond k)
+  const std::size_t nred = std::size_t(4) * FBM * kp * f;
+  L.nred = take(nred > NT * sizeof(double) ? nred : NT * sizeof(double));
+  L.wn = take(std::size_t(FBM) * FLD * f);         // new W rows (zero beyond k and m)
+  L.ghs = take(std::size_t(FKMAX) * FLD * f);      // G_H (zero beyond k)
   L.used = at;
   return L;
 }
@@ -90,19 +95,21 @@ DFFKIT_HD FusedLayout fused_layout(int np, int kp) {
 DFFKIT_HD int fused_pm(int np) { return np <= 256 ? 2 : 4; }
 
 /// The single-pass kernel's plan for a problem, from the shape only (use = 0: it does not serve
-/// the shape or the shared-memory limit).
+/// the shape or the shared-memory limit). xsize: bytes per element of X (4 or 2).
 struct FusedPlan {
   int use = 0, kp = 0, np = 0, pm = 0;
   i64 tiles = 0, blocks = 0;
   std::size_t smem = 0;
 };
-DFFKIT_HD FusedPlan fused_plan(i64 m, i64 n, i64 k, i64 max_blocks, std::size_t limit) {
+DFFKIT_HD FusedPlan fused_plan(i64 m, i64 n, i64 k, i64 max_blocks, std::size_t limit, int xsize = 4) {
   FusedPlan p;
-  if (m < 1 || n < 4 || n > FNMAX || n % 4 != 0 || k < 1 || k > FKMAX) return p;
+  const int chunk = 16 / xsize;  // elements per 16-byte copy
+  if (m < 1 || n < chunk || n > FNMAX || n % chunk != 0 || k < 1 || k > FKMAX) return p;
+  const int words_np = 32 * (4 / xsize);  // a tile row is a multiple of 32 words
   p.kp = int((k + 7) / 8 * 8);
-  p.np = int((n + 31) / 32 * 32);
+  p.np = int((n + words_np - 1) / words_np * words_np);
   p.pm = fused_pm(p.np);
-  p.smem = fused_layout(p.np, p.kp).used;
+  p.smem = fused_layout(p.np, p.kp, xsize).used;
   if (p.smem > limit) return p;
   p.tiles = (m + FBM - 1) / FBM;
   p.blocks = p.tiles < FBLOCKS ? p.tiles : FBLOCKS;
@@ -112,10 +119,32 @@ DFFKIT_HD FusedPlan fused_plan(i64 m, i64 n, i64 k, i64 max_blocks, std::size_t 
   return p;
 }
 
-/// One operand value as mma wants it: MODE 2 split into tf32 hi + lo, MODE 1 rounded to tf32.
-template <int MODE>
+/// X[row][j], X[row][j + 1] (j even) from a tile row (its 32-bit words): one 8-byte load (float)
+/// or one word (bfloat16, element j in the low half).
+template <class XS>
+__device__ __forceinline__ void fused_pair(const std::uint32_t* row_words, int row, int j, float& v0,
+                                           float& v1) {
+  if constexpr (sizeof(XS) == 4) {
+    const std::uint32_t* p = row_words + (j ^ fused_sw(row));
+    DFFKIT_EMU_ALIGNED(p, 8);
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    v0 = __uint_as_float(w.x);
+    v1 = __uint_as_float(w.y);
+  } else {
+    const std::uint32_t w = row_words[(j >> 1) ^ fused_sw(row)];
+    v0 = __uint_as_float(w << 16);
+    v1 = __uint_as_float(w & 0xffff0000u);
+  }
+}
+
+/// One operand value as mma wants it: MODE 2 split into tf32 hi + lo (EXACT: a bfloat16 value,
+/// already tf32, no low part), MODE 1 rounded to tf32.
+template <int MODE, bool EXACT = false>
 __device__ __forceinline__ void fused_part(float v, std::uint32_t& hi, std::uint32_t& lo) {
-  if constexpr (MODE == 2) {
+  if constexpr (EXACT) {
+    hi = __float_as_uint(v);
+    lo = 0;
+  } else if constexpr (MODE == 2) {
     tf32_parts<true>(v, hi, lo);
   } else {
     hi = to_tf32(v);
@@ -123,29 +152,37 @@ __device__ __forceinline__ void fused_part(float v, std::uint32_t& hi, std::uint
   }
 }
 
-/// d += a b for one 16 x 8 x 8 step (MODE 2: three mma, MODE 1: one).
-template <int MODE>
+/// d += a b for one 16 x 8 x 8 step: MODE 2 three mma (two when a is exact), MODE 1 one.
+template <int MODE, bool A_EXACT = false>
 __device__ __forceinline__ void fused_mma(float (&d)[4], const std::uint32_t (&ah)[4], const std::uint32_t (&al)[4],
                                           const std::uint32_t (&bh)[2], const std::uint32_t (&bl)[2]) {
-  if constexpr (MODE == 2) mma_tf32x3(d, ah, al, bh, bl);
-  else mma_tf32(d, ah, bh);
+  if constexpr (MODE == 2 && !A_EXACT) {
+    mma_tf32x3(d, ah, al, bh, bl);
+  } else if constexpr (MODE == 2) {
+    mma_tf32(d, ah, bl);
+    mma_tf32(d, ah, bh);
+  } else {
+    mma_tf32(d, ah, bh);
+  }
 }
 
-/// Start copying tile t's rows of X (16-byte cp.async, swizzled) and of W (4-byte cp.async) into
-/// buffer buf; rows beyond m are zero. Commits one pipeline group.
-__device__ __forceinline__ void fused_stage(const FusedArgs& g, float* xs, float* wb, i64 t) {
-  const int tid = threadIdx.x, np = g.np, k = g.k;
+/// Start copying tile t's rows of X (16-byte cp.async into the swizzled words) and of W (4-byte
+/// cp.async) into one buffer; rows beyond m are zero. Commits one pipeline group.
+template <class XS>
+__device__ __forceinline__ void fused_stage(const FusedArgs<XS>& g, std::uint32_t* xs, float* wb, i64 t) {
+  constexpr int EPW = 4 / int(sizeof(XS));  // elements per word
+  const int tid = threadIdx.x, row_words = g.np / EPW, k = g.k;
   const i64 r0 = t * FBM;
   const int rows = int(g.m - r0 < FBM ? g.m - r0 : FBM);
-  const int c4 = int(g.n / 4);  // 16-byte chunks per row
+  const int c4 = int(g.n / (4 * EPW));  // 16-byte chunks per row
   for (int e = tid; e < FBM * c4; e += NT) {
-    const int i = e / c4, c = (e - i * c4) * 4;
-    float* dst = xs + i * np + fused_swz(i, c);
+    const int i = e / c4, w = (e - i * c4) * 4;
+    std::uint32_t* dst = xs + i * row_words + (w ^ fused_sw(i));
     if (i < rows) {
-      __pipeline_memcpy_async(dst, g.X + (r0 + i) * g.n + c, 16);
+      __pipeline_memcpy_async(dst, g.X + (r0 + i) * g.n + w * EPW, 16);
     } else {
       DFFKIT_EMU_ALIGNED(dst, 16);
-      *reinterpret_cast<float4*>(dst) = float4{0.f, 0.f, 0.f, 0.f};
+      *reinterpret_cast<uint4*>(dst) = uint4{0u, 0u, 0u, 0u};
     }
   }
   const float* wsrc = g.W + r0 * k;
@@ -153,29 +190,40 @@ __device__ __forceinline__ void fused_stage(const FusedArgs& g, float* xs, float
   __pipeline_commit();
 }
 
-template <int PM, int MODE>
-__global__ void __launch_bounds__(NT, 1) gemm_fused_kernel(FusedArgs g, KParams q, const int* stop, int first,
+/// One iteration's products and W update over the block's tiles (see the top of this file).
+/// XS: float or bfloat16 (X exact in tf32: its split and one of the three mma are skipped).
+/// PM: P^T column tiles of 16 per warp. MODE: 2 split tf32, 1 tf32.
+///
+/// The reduction index inside each step of 8 is permuted so that every X fragment load is a pair
+/// of neighbouring columns: in the N step fragment columns t and t + 4 are X columns 2t and
+/// 2t + 1 (H read the same way); in the P step fragment rows g and g + 8 of P^T are X columns
+/// 2g and 2g + 1 (written back to those columns).
+template <class XS, int PM, int MODE>
+__global__ void __launch_bounds__(NT, 1) gemm_fused_kernel(FusedArgs<XS> g, KParams q, const int* stop, int first,
                                                           int want_P) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(DFFKIT_EMULATE)
+  constexpr bool XE = sizeof(XS) == 2;  // X exact in tf32
+  constexpr int EPW = 4 / int(sizeof(XS));
   if (stop && *stop) return;
   DFFKIT_DYNAMIC_SMEM(smem);
-  const FusedLayout L = fused_layout(g.np, g.kp);
-  float* Xs = reinterpret_cast<float*>(smem + L.xs);
+  const FusedLayout L = fused_layout(g.np, g.kp, int(sizeof(XS)));
+  std::uint32_t* Xs = reinterpret_cast<std::uint32_t*>(smem + L.xs);
   float* Hs = reinterpret_cast<float*>(smem + L.hs);
   float* Wb = reinterpret_cast<float*>(smem + L.wb);
   float* Nred = reinterpret_cast<float*>(smem + L.nred);
   float* Wn = reinterpret_cast<float*>(smem + L.wn);
   float* GHs = reinterpret_cast<float*>(smem + L.ghs);
   const int tid = threadIdx.x, warp = tid >> 5, gq = (tid & 31) >> 2, tq = tid & 3;
-  const int k = g.k, kp = g.kp, np = g.np, kt = kp / 8, ldh = np + 4;
+  const int k = g.k, kp = g.kp, np = g.np, kt = kp / 8, ldh = np + 8, rw = np / EPW;
   const i64 m = g.m, n = g.n;
 
   // the first tile's copies go out first; H, G_H and the zero borders meanwhile
   i64 t = blockIdx.x;
   fused_stage(g, Xs, Wb, t);
-  for (int e = tid; e < 2 * FBM * (np - int(n)); e += NT) {  // columns n.. of both X tiles
-    const int pad = np - int(n), row = e / pad, j = int(n) + e % pad;
-    Xs[row * np + fused_swz(row % FBM, j)] = 0.f;
+  const int wn0 = int(n) / EPW, pad = rw - wn0;  // words of the padded columns (n..np) per row
+  for (int e = tid; e < 2 * FBM * pad; e += NT) {
+    const int row = e / pad, w = wn0 + e % pad;
+    Xs[row * rw + (w ^ fused_sw(row % FBM))] = 0u;
   }
   for (int e = tid; e < kp * np; e += NT) {
     const int j = e / np, l = e % np;
@@ -199,41 +247,44 @@ __global__ void __launch_bounds__(NT, 1) gemm_fused_kernel(FusedArgs g, KParams 
 
   for (int it = 0; t < i64(g.tiles); t += gridDim.x, ++it) {
     const int buf = it & 1;
-    float* xs = Xs + buf * FBM * np;
+    const std::uint32_t* xs = Xs + buf * FBM * rw;
     const float* wb = Wb + buf * FBM * kp;
     const i64 r0 = t * FBM;
     __pipeline_wait_prior(0);
     __syncthreads();  // this tile on chip; the other buffer, N slots and W_t free
     if (t + gridDim.x < i64(g.tiles))
-      fused_stage(g, Xs + (buf ^ 1) * FBM * np, Wb + (buf ^ 1) * FBM * kp, t + gridDim.x);
+      fused_stage(g, Xs + (buf ^ 1) * FBM * rw, Wb + (buf ^ 1) * FBM * kp, t + gridDim.x);
 
     // ---- N step: this warp's steps of 8 along n, both row tiles, all column tiles --------------
     float nacc[2][4][4];
     zero(nacc);
     for (int ks = warp; ks < np / 8; ks += 8) {
-      const int c = ks * 8 + tq;
+      const int c = ks * 8 + 2 * tq;  // fragment columns tq, tq + 4: X columns c, c + 1
       std::uint32_t ah[2][4], al[2][4], bh[4][2], bl[4][2];
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
         const int r = mt * 16 + gq;
-        fused_part<MODE>(xs[r * np + fused_swz(r, c)], ah[mt][0], al[mt][0]);
-        fused_part<MODE>(xs[(r + 8) * np + fused_swz(r + 8, c)], ah[mt][1], al[mt][1]);
-        fused_part<MODE>(xs[r * np + fused_swz(r, c + 4)], ah[mt][2], al[mt][2]);
-        fused_part<MODE>(xs[(r + 8) * np + fused_swz(r + 8, c + 4)], ah[mt][3], al[mt][3]);
+        float v[4];
+        fused_pair<XS>(xs + r * rw, r, c, v[0], v[2]);
+        fused_pair<XS>(xs + (r + 8) * rw, r + 8, c, v[1], v[3]);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) fused_part<MODE, XE>(v[e], ah[mt][e], al[mt][e]);
       }
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         if (nt < kt) {
           const float* h = Hs + (nt * 8 + gq) * ldh + c;
-          fused_part<MODE>(h[0], bh[nt][0], bl[nt][0]);
-          fused_part<MODE>(h[4], bh[nt][1], bl[nt][1]);
+          DFFKIT_EMU_ALIGNED(h, 8);
+          const float2 hv = *reinterpret_cast<const float2*>(h);
+          fused_part<MODE>(hv.x, bh[nt][0], bl[nt][0]);
+          fused_part<MODE>(hv.y, bh[nt][1], bl[nt][1]);
         }
       }
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
         if (nt < kt) {
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) fused_mma<MODE>(nacc[mt][nt], ah[mt], al[mt], bh[nt], bl[nt]);
+          for (int mt = 0; mt < 2; ++mt) fused_mma<MODE, XE>(nacc[mt][nt], ah[mt], al[mt], bh[nt], bl[nt]);
         }
     }
     // the 8 partials: warp w + 4 onto warp w, then slots 0..3 in order (in the W step)
@@ -308,16 +359,18 @@ __global__ void __launch_bounds__(NT, 1) gemm_fused_kernel(FusedArgs g, KParams 
           }
 #pragma unroll
         for (int pm = 0; pm < PM; ++pm) {
-          const int c0 = (warp * PM + pm) * 16, c = c0 + gq;
+          const int c0 = (warp * PM + pm) * 16;
           if (c0 < np) {
+            // fragment rows gq, gq + 8 of P^T: X columns c0 + 2 gq, c0 + 2 gq + 1
             std::uint32_t ah[4], al[4];
-            fused_part<MODE>(xs[r * np + fused_swz(r, c)], ah[0], al[0]);
-            fused_part<MODE>(xs[r * np + fused_swz(r, c + 8)], ah[1], al[1]);
-            fused_part<MODE>(xs[(r + 4) * np + fused_swz(r + 4, c)], ah[2], al[2]);
-            fused_part<MODE>(xs[(r + 4) * np + fused_swz(r + 4, c + 8)], ah[3], al[3]);
+            float v[4];
+            fused_pair<XS>(xs + r * rw, r, c0 + 2 * gq, v[0], v[1]);
+            fused_pair<XS>(xs + (r + 4) * rw, r + 4, c0 + 2 * gq, v[2], v[3]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) fused_part<MODE, XE>(v[e], ah[e], al[e]);
 #pragma unroll
             for (int nt = 0; nt < 4; ++nt)
-              if (nt < kt) fused_mma<MODE>(pacc[pm][nt], ah, al, bh[nt], bl[nt]);
+              if (nt < kt) fused_mma<MODE, XE>(pacc[pm][nt], ah, al, bh[nt], bl[nt]);
           }
         }
       }
@@ -352,7 +405,7 @@ __global__ void __launch_bounds__(NT, 1) gemm_fused_kernel(FusedArgs g, KParams 
         if (nt < kt)
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const i64 l = (warp * PM + pm) * 16 + gq + (e >> 1) * 8;
+            const i64 l = (warp * PM + pm) * 16 + 2 * gq + (e >> 1);
             const int j = nt * 8 + 2 * tq + (e & 1);
             if (l < n && j < k) P[j * n + l] = pacc[pm][nt][e];
           }

@@ -362,20 +362,37 @@ def test_gemm_fused_matches_cpu_and_two_pass(shape, opts, monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
-def test_gemm_fused_tf32_and_what_it_leaves_to_two_passes():
-    """tf32 runs the single pass within the tf32 bound; groups, float64, bf16x, n beyond 512 or
-    not a multiple of 4, and k beyond 32 take the two-pass kernels."""
+@pytest.mark.parametrize("precision", ["tf32", "bf16x"])
+def test_gemm_fused_low_precision(precision, monkeypatch):
+    """tf32 and bf16x run the single pass within their documented bounds of float32, and give
+    what the two-pass kernels give in the same mode (bf16x: the same problem, X rounded once)."""
     if _cuda_mod.device_info(0)["cc"][0] < 9:
         pytest.skip("the single-pass kernel is built for sm_90")
     X, W, H = _problem(3000, 200, 20)
     W32, H32, i32 = _gpu_fit(X, W, H, engine="gemm")
-    Wl, Hl, il = _gpu_fit(X, W, H, precision="tf32", engine="gemm")
+    Wl, Hl, il = _gpu_fit(X, W, H, precision=precision, engine="gemm")
     assert il["kernel"] == i32["kernel"] == "gemm-fused"
-    err_bound, factor_bound = LOW_PRECISION_BOUNDS["tf32"]
+    err_bound, factor_bound = LOW_PRECISION_BOUNDS[precision]
     assert abs(il["error"] - i32["error"]) <= err_bound * i32["error"]
     assert _rel(Wl, W32) <= factor_bound and not np.array_equal(Wl, W32)
+    monkeypatch.setenv("DFFKIT_CUDA_GEMM_FUSED", "0")
+    Wt, Ht, it = _gpu_fit(X, W, H, precision=precision, engine="gemm")
+    assert it["kernel"] == "gemm"
+    if precision == "bf16x":  # both split tf32 on the same rounded X: float32 agreement
+        assert _rel(Wl, Wt) <= 1e-4 and _rel(Hl, Ht) <= 1e-4
+    else:
+        assert _rel(Wl, Wt) <= factor_bound
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gemm_fused_leaves_the_rest_to_two_passes():
+    """Groups, float64, n beyond 512 or not a multiple of 4 (of 8 for bf16x), and k beyond 32
+    take the two-pass kernels."""
+    if _cuda_mod.device_info(0)["cc"][0] < 9:
+        pytest.skip("the single-pass kernel is built for sm_90")
     for shape, kw in (((3000, 200, 20), dict(groups=[0, 1000, 3000], lam=0.3)),
-                      ((3000, 200, 20), dict(precision="bf16x")),
+                      ((3000, 196, 20), dict(precision="bf16x")),
                       ((500, 516, 8), {}), ((500, 198, 8), {}), ((500, 200, 33), {})):
         X, W, H = _problem(*shape)
         assert _gpu_fit(X, W, H, engine="gemm", max_iter=3, **kw)[2]["kernel"] == "gemm"

@@ -584,19 +584,24 @@ FUSED_CASES = {
     "tiles-per-block": dict(shape=(200, 64, 12), max_slices=2),
     "fixed-H": dict(shape=(100, 48, 5), update_H=False),
     "stopping": dict(shape=(120, 40, 4), max_iter=40, tol=5e-2),
+    # X as bfloat16 (two mma per product: X exact in tf32), 56 padded columns, a partial tile
+    "bf16x": dict(shape=(150, 200, 20), dtype="bf16xsplit"),
+    "bf16x-tiles-per-block": dict(shape=(200, 40, 12), dtype="bf16xsplit", max_slices=2),
 }
 
 
 @pytest.mark.parametrize("name", list(FUSED_CASES))
 def test_fused_kernel_solve_matches_cpu_engine(driver_emu, tmp_path, name):
-    """The single-pass kernel (split tf32) in the gemm engine's loop, against the CPU engine."""
+    """The single-pass kernel (split tf32) in the gemm engine's loop, against the CPU engine (for
+    bfloat16 X: on the rounded X)."""
     case = dict(FUSED_CASES[name])
     m, n, k = case.pop("shape")
     max_slices = case.pop("max_slices", 1 << 30)
+    dtype = case.pop("dtype", "f32split")
     case.setdefault("max_iter", 4)
     X, W, H = _resident_problem(m, n, k, seed=m + n + k)
-    out = _run_driver(driver_emu, tmp_path, X, W, H, engine="fused", max_slices=max_slices, **case)
-    _check_solve(out, X, W, H, case, "f32split", error_init=True)
+    out = _run_driver(driver_emu, tmp_path, X, W, H, engine="fused", dtype=dtype, max_slices=max_slices, **case)
+    _check_solve(out, X, W, H, case, dtype, error_init=True)
 
 
 def test_fused_kernel_tf32_runs_on_tensor_cores(driver_emu, tmp_path):
@@ -609,12 +614,13 @@ def test_fused_kernel_tf32_runs_on_tensor_cores(driver_emu, tmp_path):
 
 
 def test_fused_kernel_refuses_what_it_does_not_serve(driver_emu, tmp_path):
-    """n beyond 512, n not a multiple of 4, k beyond 32: the plan says no (the engine then runs
-    the two-pass kernels)."""
-    for shape in ((40, 516, 4), (40, 42, 4), (40, 64, 33)):
+    """n beyond 512, n not a multiple of 4 (of 8 for bfloat16 X), k beyond 32, groups: the plan
+    says no (the engine then runs the two-pass kernels)."""
+    for shape, kw in (((40, 516, 4), {}), ((40, 42, 4), {}), ((40, 64, 33), {}),
+                      ((40, 44, 4), dict(dtype="bf16xsplit")), ((40, 64, 4), dict(lam=0.1, groups=[0, 20, 40]))):
         X, W, H = _resident_problem(*shape, seed=1)
         with pytest.raises(AssertionError, match="single-pass kernel does not serve"):
-            _run_driver(driver_emu, tmp_path, X, W, H, engine="fused", max_iter=1)
+            _run_driver(driver_emu, tmp_path, X, W, H, engine="fused", max_iter=1, **kw)
 
 
 @pytest.mark.parametrize("sanitizer", ["thread", "address"])

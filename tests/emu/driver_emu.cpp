@@ -45,9 +45,10 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   const SweepLayout L = sweep_layout(n, k, kl, int(sizeof(T)), int(sizeof(XS)), limit);
   if (!GEMM && L.used > limit) throw std::runtime_error("the sweep layout does not fit the given limit");
   const GemmPlan plan = GEMM ? gemm_plan(m, n, k, std::stoll(meta["max_slices"])) : GemmPlan{};
-  constexpr bool FUSABLE = GEMM && MODE != 0 && std::is_same<T, float>::value && std::is_same<XS, float>::value;
+  constexpr bool FUSABLE = GEMM && MODE != 0 && std::is_same<T, float>::value && sizeof(XS) <= 4;
   const FusedPlan fp = FUSABLE && meta["engine"] == "fused"
-                           ? fused_plan(m, n, k, std::stoll(meta["max_slices"]), limit) : FusedPlan{};
+                           ? fused_plan(m, n, k, std::stoll(meta["max_slices"]), limit, int(sizeof(XS)))
+                           : FusedPlan{};
   if (meta["engine"] == "fused" && (!fp.use || q.groups)) throw std::runtime_error("the single-pass kernel does not serve this case");
   const i64 tiles = (m + TM - 1) / TM, kn = i64(k) * n;
   // nb: partials of P and G_W; nbd: of the first iteration's error terms
@@ -115,7 +116,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   g.goff = ng ? goff.data() : nullptr; g.ngroups = ng; g.gnorm = gnorm.data();
   g.Ppart = Ppart.data(); g.Gpart = Gpart.data(); g.d0part = d0p.data(); g.ggpart = ggp.data();
   g.slice_rows = plan.slice_rows;
-  FusedArgs fa{};
+  FusedArgs<XS> fa{};
   if constexpr (FUSABLE) {
     fa.X = X.data(); fa.W = W.data(); fa.H = H.data(); fa.GH = GH.data(); fa.m = m; fa.n = n; fa.k = k;
     fa.kp = fp.kp; fa.np = fp.np; fa.tiles = fp.tiles;
@@ -132,8 +133,8 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
         auto go = [&](auto kern) {
           launch(kern, dim3(unsigned(fp.blocks)), dim3(NT), fp.smem, fa, q, stop, int(first), int(want_P));
         };
-        if (fp.pm == 2) go(gemm_fused_kernel<2, MODE>);
-        else go(gemm_fused_kernel<4, MODE>);
+        if (fp.pm == 2) go(gemm_fused_kernel<XS, 2, MODE>);
+        else go(gemm_fused_kernel<XS, 4, MODE>);
       }
     } else if constexpr (GEMM) {
       launch(gemm_n_kernel<T, XS, KP, MODE>, dim3(unsigned(plan.n_blocks)), dim3(NT), gemm_n_smem<T>(KP, MODE), g,
