@@ -9,7 +9,11 @@
 #   5. compute-sanitizer memcheck + racecheck over benchmarks/cuda_sanitize_driver.py (SANITIZE=0: off)
 #
 # Before the lease, here:  bash benchmarks/gpu_final.sh --prepare   (compiles cuda/*.cu for sm_90
-# into .gpu_prebuilt/, an ignored folder to carry). onnxruntime-gpu arrives in chunks
+# into .gpu_prebuilt/, an ignored folder to carry).
+#
+# bash benchmarks/gpu_final.sh --short: for a lease of 15 minutes (one command of at most 600 s):
+# stage 1 (tests/test_cuda.py, 200 s), 1b (cuda_bench.py --ab, 200 s), memcheck (90 s), in that
+# order; every row of the bench is in cuda_bench_ab.log as soon as it is timed. onnxruntime-gpu arrives in chunks
 # (../shared/tools/ort-gpu-chunks.sh) and is installed here when /tmp/ortw holds them.
 set -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +31,11 @@ if [[ "${1:-}" == "--prepare" ]]; then
   exit 0
 fi
 
+SHORT=0
+if [[ "${1:-}" == "--short" ]]; then
+  SHORT=1
+  : "${TEST_TIMEOUT_1:=200}" "${AB_BENCH_TIMEOUT:=200}"
+fi
 OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -41,7 +50,7 @@ fi
 
 # 1. build + the CUDA engine's own tests
 [[ -d "$ROOT/.gpu_prebuilt" ]] && export GPU_CHECK_PREBUILT="$ROOT/.gpu_prebuilt"
-GPU_CHECK_STAGES="build test" TEST_TIMEOUT=180 source "$ROOT/benchmarks/gpu_check.sh"
+GPU_CHECK_STAGES="build test" TEST_TIMEOUT="${TEST_TIMEOUT_1:-180}" source "$ROOT/benchmarks/gpu_check.sh"
 stamp "stage 1 done"
 
 # 1b. issue 5's four shapes with every kernel variant side by side (cuda_bench.py --ab): the
@@ -50,6 +59,12 @@ stamp "stage 1 done"
 (cd /tmp && OUT="$OUT" timeout "${AB_BENCH_TIMEOUT:-240}" python3 "$ROOT/benchmarks/cuda_bench.py" --ab 2>&1 \
    | tee "$OUT/cuda_bench_ab.log" | tail -n 40)
 stamp "stage 1b done"
+
+if [[ $SHORT == 1 ]]; then
+  GPU_CHECK_STAGES="memcheck" SAN_TIMEOUT="${SAN_TIMEOUT:-90}" bash "$ROOT/benchmarks/gpu_check.sh" 2>&1 | tail -n 8
+  stamp "short plan done (stages 2-4 and racecheck: a further lease)"
+  exit 0
+fi
 
 # 2. every gpu-marked test
 cd /tmp

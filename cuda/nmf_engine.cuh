@@ -46,6 +46,21 @@ std::size_t smem_optin(int device) {
   return std::size_t(v);
 }
 
+/// An empty kernel, compiled for the same architectures as every other kernel here.
+__global__ void arch_probe_kernel() {}
+
+/// The major compute capability the kernels may count on: the device's, capped by the virtual
+/// architecture the module's code for this device came from. The fast path's and the single
+/// pass's kernel bodies compile for sm_90 only (empty below it): a module built for 80 alone runs
+/// on a Hopper from compute_80 PTX, and must not take them.
+int code_major(int device) {
+  int cc_major = 0;
+  DFFKIT_CUDA_TRY(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaFuncAttributes a{};
+  DFFKIT_CUDA_TRY(cudaFuncGetAttributes(&a, arch_probe_kernel));
+  return std::min(cc_major, a.ptxVersion / 10);
+}
+
 KParams make_kparams(const Problem& p, const Options& o) {
   KParams q;
   q.kl = p.loss == Loss::kullback_leibler;
@@ -208,8 +223,7 @@ std::vector<cuda::FitResult> resident_solve_general(const std::vector<Item>& ite
   for (std::size_t b = 0; b < B; ++b)
     convert_x<T, XS>(items[b].X, convs[b], items[b].m * items[b].n, s);
   // problems grouped by cluster size (one launch per size), in their order within a group
-  int cc_major = 0;
-  DFFKIT_CUDA_TRY(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+  const int cc_major = code_major(dev);  // clusters: sm_90 code on an sm_90 device
   std::vector<int> csize(B);
   for (std::size_t b = 0; b < B; ++b)
     csize[b] = cluster_size(items[b].m, items[b].n, items[b].k, q, sizeof(T), sizeof(XS), limit,
@@ -271,9 +285,7 @@ std::vector<cuda::FitResult> resident_solve(const std::vector<Item>& items, cons
   // where tf32 may round
   if constexpr (std::is_same<T, float>::value) {
     const KParams q = make_kparams(p, o);
-    int cc_major = 0;
-    DFFKIT_CUDA_TRY(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
-    if (small_options_ok(q, cc_major)) {
+    if (small_options_ok(q, code_major(dev))) {
       const std::size_t limit = smem_optin(dev);
       std::vector<Item> fast, rest;
       std::vector<std::size_t> fast_at, rest_at;
@@ -437,8 +449,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   const i64 max_parts = std::max<i64>(1, (i64(512) << 20) / std::max<i64>(1, kn * i64(sizeof(T))));
   const GemmPlan plan = GEMM ? gemm_plan(m, n, k, max_parts) : GemmPlan{};
   const int gm = GEMM ? gemm_mode<T, MODE>() : 0;
-  int cc_major = 0;
-  DFFKIT_CUDA_TRY(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+  const int cc_major = GEMM ? code_major(dev) : 0;
   // (X converted to bfloat16 lives in the workspace, whose pieces are 256-byte aligned)
   const std::uintptr_t x_read = std::is_same<XS, T>::value ? item.X : 0;
   const FusedPlan fp = GEMM && fused_allowed<T, XS>(gm, q, cc_major, x_read)
