@@ -556,7 +556,8 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   FusedArgs<XS> fa{};
   if constexpr (std::is_same<T, float>::value && sizeof(XS) <= 4) {
     fa.X = Xd; fa.W = reinterpret_cast<float*>(item.W); fa.H = reinterpret_cast<const float*>(item.H);
-    fa.GH = GH; fa.m = m; fa.n = n; fa.k = k; fa.kp = fp.kp; fa.np = fp.np; fa.tiles = fp.tiles;
+    fa.GH = GH; fa.m = m; fa.n = n; fa.k = k; fa.kp = fp.kp; fa.np = fp.np; fa.stages = fp.stages;
+    fa.tiles = fp.tiles;
     fa.Ppart = Ppart; fa.Gpart = Gpart; fa.d0part = d0p; fa.ggpart = ggp;
   }
   // the single pass (fp.use) or the two-pass kernels, with a constant MODE

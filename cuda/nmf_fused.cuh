@@ -46,6 +46,7 @@ constexpr int FKMAX = 32;     // the largest k (four column tiles of 8)
 constexpr int FNMAX = 512;    // the largest n
 constexpr int FLD = 40;       // row stride of W_t and G_H on chip (8 mod 32: fragments conflict-free)
 constexpr int FBLOCKS = 264;  // at most this many blocks
+constexpr int FSTAGES = 4;    // at most this many tiles on chip (one in use, the rest in flight)
 
 /// The XOR applied to the 32-bit word index of row i of an X tile.
 DFFKIT_HD int fused_sw(int i) { return 8 * (i & 3) + 4 * ((i >> 2) & 1); }
@@ -59,6 +60,7 @@ struct FusedArgs {
   i64 m, n;
   int k;
   int kp, np;         // k rounded up to 8, n rounded up to 32 (float) or 64 (bfloat16)
+  int stages;         // tile buffers (2..FSTAGES)
   i64 tiles;          // ceil(m / FBM)
   float* Ppart;       // NB x k x n
   float* Gpart;       // NB x k x k
@@ -70,7 +72,7 @@ struct FusedArgs {
 struct FusedLayout {
   std::size_t xs, hs, wb, nred, wn, ghs, used;
 };
-DFFKIT_HD FusedLayout fused_layout(int np, int kp, int xsize) {
+DFFKIT_HD FusedLayout fused_layout(int np, int kp, int xsize, int stages) {
   FusedLayout L{};
   std::size_t at = 0;
   auto take = [&](std::size_t bytes) {
@@ -79,9 +81,9 @@ DFFKIT_HD FusedLayout fused_layout(int np, int kp, int xsize) {
     return o;
   };
   const std::size_t f = sizeof(float);
-  L.xs = take(std::size_t(2) * FBM * np * xsize);  // two X tiles (swizzled)
-  L.hs = take(std::size_t(kp) * (np + 8) * f);     // H, rows np + 8 apart (8 mod 32)
-  L.wb = take(std::size_t(2) * FBM * kp * f);      // two tiles of old W rows (row stride k)
+  L.xs = take(std::size_t(stages) * FBM * np * xsize);  // the X tiles (swizzled)
+  L.hs = take(std::size_t(kp) * (np + 8) * f);          // H, rows np + 8 apart (8 mod 32)
+  L.wb = take(std::size_t(stages) * FBM * kp * f);      // the tiles' old W rows (row stride k)
   // four N partials; after the tiles, the block sum's scratch (NT doubles)
   const std::size_t nred = std::size_t(4) * FBM * kp * f;
   L.nred = take(nred > NT * sizeof(double) ? nred : NT * sizeof(double));
@@ -95,13 +97,16 @@ DFFKIT_HD FusedLayout fused_layout(int np, int kp, int xsize) {
 DFFKIT_HD int fused_pm(int np) { return np <= 256 ? 2 : 4; }
 
 /// The single-pass kernel's plan for a problem, from the shape only (use = 0: it does not serve
-/// the shape or the shared-memory limit). xsize: bytes per element of X (4 or 2).
+/// the shape or the shared-memory limit). xsize: bytes per element of X (4 or 2). As many tile
+/// buffers as fit, up to max_stages (the results do not depend on it: it only changes how many
+/// tiles are in flight).
 struct FusedPlan {
-  int use = 0, kp = 0, np = 0, pm = 0;
+  int use = 0, kp = 0, np = 0, pm = 0, stages = 0;
   i64 tiles = 0, blocks = 0;
   std::size_t smem = 0;
 };
-DFFKIT_HD FusedPlan fused_plan(i64 m, i64 n, i64 k, i64 max_blocks, std::size_t limit, int xsize = 4) {
+DFFKIT_HD FusedPlan fused_plan(i64 m, i64 n, i64 k, i64 max_blocks, std::size_t limit, int xsize = 4,
+                               int max_stages = FSTAGES) {
   FusedPlan p;
   const int chunk = 16 / xsize;  // elements per 16-byte copy
   if (m < 1 || n < chunk || n > FNMAX || n % chunk != 0 || k < 1 || k > FKMAX) return p;
@@ -109,8 +114,11 @@ DFFKIT_HD FusedPlan fused_plan(i64 m, i64 n, i64 k, i64 max_blocks, std::size_t 
   p.kp = int((k + 7) / 8 * 8);
   p.np = int((n + words_np - 1) / words_np * words_np);
   p.pm = fused_pm(p.np);
-  p.smem = fused_layout(p.np, p.kp, xsize).used;
-  if (p.smem > limit) return p;
+  for (p.stages = max_stages < FSTAGES ? max_stages : FSTAGES; p.stages >= 2; --p.stages) {
+    p.smem = fused_layout(p.np, p.kp, xsize, p.stages).used;
+    if (p.smem <= limit) break;
+  }
+  if (p.stages < 2) return p;
   p.tiles = (m + FBM - 1) / FBM;
   p.blocks = p.tiles < FBLOCKS ? p.tiles : FBLOCKS;
   if (p.blocks > max_blocks) p.blocks = max_blocks;
@@ -167,10 +175,15 @@ __device__ __forceinline__ void fused_mma(float (&d)[4], const std::uint32_t (&a
 }
 
 /// Start copying tile t's rows of X (16-byte cp.async into the swizzled words) and of W (4-byte
-/// cp.async) into one buffer; rows beyond m are zero. Commits one pipeline group.
+/// cp.async) into one buffer; rows beyond m are zero. Commits one pipeline group (an empty one
+/// when t is past the last tile, so that every iteration commits one).
 template <class XS>
 __device__ __forceinline__ void fused_stage(const FusedArgs<XS>& g, std::uint32_t* xs, float* wb, i64 t) {
   constexpr int EPW = 4 / int(sizeof(XS));  // elements per word
+  if (t >= g.tiles) {
+    __pipeline_commit();
+    return;
+  }
   const int tid = threadIdx.x, row_words = g.np / EPW, k = g.k;
   const i64 r0 = t * FBM;
   const int rows = int(g.m - r0 < FBM ? g.m - r0 : FBM);
@@ -206,7 +219,7 @@ __global__ void __launch_bounds__(NT, 1) gemm_fused_kernel(FusedArgs<XS> g, KPar
   constexpr int EPW = 4 / int(sizeof(XS));
   if (stop && *stop) return;
   DFFKIT_DYNAMIC_SMEM(smem);
-  const FusedLayout L = fused_layout(g.np, g.kp, int(sizeof(XS)));
+  const FusedLayout L = fused_layout(g.np, g.kp, int(sizeof(XS)), g.stages);
   std::uint32_t* Xs = reinterpret_cast<std::uint32_t*>(smem + L.xs);
   float* Hs = reinterpret_cast<float*>(smem + L.hs);
   float* Wb = reinterpret_cast<float*>(smem + L.wb);
@@ -217,11 +230,14 @@ __global__ void __launch_bounds__(NT, 1) gemm_fused_kernel(FusedArgs<XS> g, KPar
   const int k = g.k, kp = g.kp, np = g.np, kt = kp / 8, ldh = np + 8, rw = np / EPW;
   const i64 m = g.m, n = g.n;
 
-  // the first tile's copies go out first; H, G_H and the zero borders meanwhile
+  // the first tiles' copies go out first (stages - 1 of them); H, G_H and the zero borders
+  // meanwhile. Tile j of this block (t = blockIdx.x + j NB) lives in buffer j % stages.
+  const int S = g.stages;
   i64 t = blockIdx.x;
-  fused_stage(g, Xs, Wb, t);
+  for (int j = 0; j + 1 < S; ++j)
+    fused_stage(g, Xs + j * FBM * rw, Wb + j * FBM * kp, t + i64(j) * gridDim.x);
   const int wn0 = int(n) / EPW, pad = rw - wn0;  // words of the padded columns (n..np) per row
-  for (int e = tid; e < 2 * FBM * pad; e += NT) {
+  for (int e = tid; e < S * FBM * pad; e += NT) {
     const int row = e / pad, w = wn0 + e % pad;
     Xs[row * rw + (w ^ fused_sw(row % FBM))] = 0u;
   }
@@ -246,14 +262,13 @@ __global__ void __launch_bounds__(NT, 1) gemm_fused_kernel(FusedArgs<XS> g, KPar
   double d0 = 0, gg = 0;
 
   for (int it = 0; t < i64(g.tiles); t += gridDim.x, ++it) {
-    const int buf = it & 1;
+    const int buf = it % S, next = (it + S - 1) % S;
     const std::uint32_t* xs = Xs + buf * FBM * rw;
     const float* wb = Wb + buf * FBM * kp;
     const i64 r0 = t * FBM;
-    __pipeline_wait_prior(0);
-    __syncthreads();  // this tile on chip; the other buffer, N slots and W_t free
-    if (t + gridDim.x < i64(g.tiles))
-      fused_stage(g, Xs + (buf ^ 1) * FBM * rw, Wb + (buf ^ 1) * FBM * kp, t + gridDim.x);
+    __pipeline_wait_prior(S - 2);  // one group per tile: the S - 2 newer ones may still fly
+    __syncthreads();  // this tile on chip; the previous tile's buffer, N slots and W_t free
+    fused_stage(g, Xs + next * FBM * rw, Wb + next * FBM * kp, t + i64(S - 1) * gridDim.x);
 
     // ---- N step: this warp's steps of 8 along n, both row tiles, all column tiles --------------
     float nacc[2][4][4];

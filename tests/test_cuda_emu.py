@@ -502,8 +502,12 @@ def driver_emu(tmp_path_factory):
     return _build(tmp_path_factory, "driver_emu.cpp")
 
 
-def _run_driver(exe, tmp_path, X, W, H, *, engine="gemm", dtype="f32split", max_slices=1 << 30, **kw):
-    return _run_solve(exe, tmp_path, X, W, H, dict(engine=engine, max_slices=max_slices), dtype=dtype, **kw)
+def _run_driver(exe, tmp_path, X, W, H, *, engine="gemm", dtype="f32split", max_slices=1 << 30, max_stages=None,
+                **kw):
+    meta = dict(engine=engine, max_slices=max_slices)
+    if max_stages is not None:  # the single pass: at most this many tile buffers
+        meta["max_stages"] = max_stages
+    return _run_solve(exe, tmp_path, X, W, H, meta, dtype=dtype, **kw)
 
 
 GEMM_SOLVE_CASES = {
@@ -602,6 +606,20 @@ def test_fused_kernel_solve_matches_cpu_engine(driver_emu, tmp_path, name):
     X, W, H = _resident_problem(m, n, k, seed=m + n + k)
     out = _run_driver(driver_emu, tmp_path, X, W, H, engine="fused", dtype=dtype, max_slices=max_slices, **case)
     _check_solve(out, X, W, H, case, dtype, error_init=True)
+
+
+@pytest.mark.parametrize("dtype", ["f32split", "bf16xsplit"])
+def test_fused_kernel_tile_buffers_change_no_bits(driver_emu, tmp_path, dtype):
+    """Two blocks walking 10 tiles each with 2, 3 or 4 tile buffers (1 to 3 tiles in flight,
+    empty copy groups at the end): the same bits, and those of the CPU engine's solve."""
+    X, W, H = _resident_problem(600, 64, 12, seed=6)
+    outs = [_run_driver(driver_emu, tmp_path, X, W, H, engine="fused", dtype=dtype, max_slices=2,
+                        max_stages=s, max_iter=3) for s in (2, 3, 4)]
+    assert [o["layout"]["stages"] for o in outs] == [2, 3, 4]
+    assert all(o["layout"]["blocks"] == 2 for o in outs)
+    for o in outs[1:]:
+        assert np.array_equal(o["W"], outs[0]["W"]) and np.array_equal(o["H"], outs[0]["H"])
+    _check_solve(outs[0], X, W, H, dict(max_iter=3), dtype)
 
 
 def test_fused_kernel_tf32_runs_on_tensor_cores(driver_emu, tmp_path):

@@ -47,7 +47,8 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   const GemmPlan plan = GEMM ? gemm_plan(m, n, k, std::stoll(meta["max_slices"])) : GemmPlan{};
   constexpr bool FUSABLE = GEMM && MODE != 0 && std::is_same<T, float>::value && sizeof(XS) <= 4;
   const FusedPlan fp = FUSABLE && meta["engine"] == "fused"
-                           ? fused_plan(m, n, k, std::stoll(meta["max_slices"]), limit, int(sizeof(XS)))
+                           ? fused_plan(m, n, k, std::stoll(meta["max_slices"]), limit, int(sizeof(XS)),
+                                        meta.count("max_stages") ? std::stoi(meta["max_stages"]) : FSTAGES)
                            : FusedPlan{};
   if (meta["engine"] == "fused" && (!fp.use || q.groups)) throw std::runtime_error("the single-pass kernel does not serve this case");
   const i64 tiles = (m + TM - 1) / TM, kn = i64(k) * n;
@@ -119,7 +120,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   FusedArgs<XS> fa{};
   if constexpr (FUSABLE) {
     fa.X = X.data(); fa.W = W.data(); fa.H = H.data(); fa.GH = GH.data(); fa.m = m; fa.n = n; fa.k = k;
-    fa.kp = fp.kp; fa.np = fp.np; fa.tiles = fp.tiles;
+    fa.kp = fp.kp; fa.np = fp.np; fa.stages = fp.stages; fa.tiles = fp.tiles;
     fa.Ppart = Ppart.data(); fa.Gpart = Gpart.data(); fa.d0part = d0p.data(); fa.ggpart = ggp.data();
   }
   for (int it = 1; it <= q.max_iter; ++it) {
@@ -172,6 +173,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   emu_solve::write_results(dir, W, H, obj, q.max_iter < 1 ? 0 : s->n_iter, s->error_init, s->err);
   std::ofstream l(dir + "/layout.txt");
   l << "H_s " << L.H_s << "\nP_s " << L.P_s << "\nR_s " << L.R_s << "\nnbuf " << L.nbuf << "\n";
+  if (fp.use) l << "stages " << fp.stages << "\nblocks " << fp.blocks << "\n";
 }
 
 template <class T, class XS, int MODE>
