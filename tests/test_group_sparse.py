@@ -224,6 +224,7 @@ def test_estimator_fit_transform_and_history(rng):
     np.testing.assert_array_equal(est.components_, H_fn)
     assert est.components_.dtype == np.float32
     assert est.objective_ == obj and len(obj) == 60 and est.n_iter_ == 60
+    assert est.backend_ == "cpu" and est.kernel_ == "cpu"
     np.testing.assert_allclose(est.codes_, group_norms(W, [0, 10, 20, 30, 40]))
     # transform: H fixed, W from sqrt(mean(X)/k), group term included
     Wt = est.transform(X[:10])

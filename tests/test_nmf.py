@@ -152,6 +152,8 @@ def test_estimator_matches_sklearn_estimator(backend, rng):
     assert ours.reconstruction_err_ == pytest.approx(theirs.reconstruction_err_, rel=1e-6)
     assert ours.n_iter_ == theirs.n_iter_ == 50
     assert ours.n_features_in_ == 30 and ours.n_components_ == 3
+    # float64 on a GPU: the general resident kernel (the fast path is float32)
+    assert ours.backend_ == backend and ours.kernel_ == ("cpu" if backend == "cpu" else "resident")
     Wt = ours.transform(X[:7])
     np.testing.assert_allclose(Wt, theirs.transform(X[:7]), rtol=1e-6, atol=1e-10)
     np.testing.assert_allclose(ours.inverse_transform(Wd), Wd @ ours.components_)
@@ -390,6 +392,7 @@ def test_batched_equals_one_at_a_time(backend, rng, beta_loss):
             X, n_components=4, init="random", random_state=3 + b, max_iter=60, tol=1e-4,
             beta_loss=beta_loss, backend=backend)
         assert info.n_iter == it1
+        assert info.kernel == "cpu" if backend == "cpu" else info.kernel in ("resident", "resident-fast")
         if backend == "cpu":
             np.testing.assert_array_equal(W, W1)
             np.testing.assert_array_equal(H, H1)

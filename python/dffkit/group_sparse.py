@@ -246,6 +246,7 @@ class GroupSparseNMF(NMF):
     codes_ : (n_groups, n_components) array, group norms of the fitted W (one row per group)
     group_offsets_ : int64 array, the offsets of the fitted groups
     backend_ : str
+    kernel_ : str, the kernels that ran the last fit (``NMFResult.kernel``)
     """
 
     def __init__(self, n_components=None, *, lam=0.0, mu=0.0, init=None, tol=1e-4,
@@ -299,6 +300,7 @@ class GroupSparseNMF(NMF):
         self.reconstruction_err_ = info.error
         self.objective_ = list(info.objective)
         self.backend_ = info.backend
+        self.kernel_ = info.kernel
         self.group_offsets_ = off
         if isinstance(W, np.ndarray):
             self.codes_ = group_norms(W, off)

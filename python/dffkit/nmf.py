@@ -678,6 +678,8 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
     n_iter_ : int
     n_features_in_ : int
     backend_ : str, the engine that ran the last fit
+    kernel_ : str, the kernels that ran it (``NMFResult.kernel``: "cpu", or on CUDA "resident",
+        "resident-fast", "sweep", "gemm", "gemm-fused")
     """
 
     def __init__(
@@ -780,6 +782,7 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
         self.components_ = H
         self.n_iter_ = info.n_iter
         self.backend_ = info.backend
+        self.kernel_ = info.kernel
         return W
 
     def fit(self, X, y=None, **params):
