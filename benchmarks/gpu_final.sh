@@ -27,6 +27,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
       -I"$ROOT/cpp" -I"$ROOT/cuda" &
   done
   wait
+  # what the objects were compiled from: the next lease links them only if the sources match
+  (cd "$ROOT" && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16) > "$ROOT/.gpu_prebuilt/SOURCES"
   ls -la "$ROOT/.gpu_prebuilt"
   exit 0
 fi
@@ -49,7 +51,14 @@ if [[ -f /tmp/ortw/NAME ]]; then
 fi
 
 # 1. build + the CUDA engine's own tests
-[[ -d "$ROOT/.gpu_prebuilt" ]] && export GPU_CHECK_PREBUILT="$ROOT/.gpu_prebuilt"
+if [[ -d "$ROOT/.gpu_prebuilt" ]]; then
+  now="$(cd "$ROOT" && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16)"
+  if [[ "$(cat "$ROOT/.gpu_prebuilt/SOURCES" 2>/dev/null)" == "$now" ]]; then
+    export GPU_CHECK_PREBUILT="$ROOT/.gpu_prebuilt"
+  else
+    stamp "the prebuilt CUDA objects are stale (sources changed since --prepare): building with pip"
+  fi
+fi
 GPU_CHECK_STAGES="build test" TEST_TIMEOUT="${TEST_TIMEOUT_1:-180}" source "$ROOT/benchmarks/gpu_check.sh"
 stamp "stage 1 done"
 
