@@ -653,3 +653,15 @@ def test_fused_kernel_under_sanitizers(tmp_path_factory, tmp_path, sanitizer):
     out = _run_driver(exe, tmp_path, X, W, H, engine="fused", max_slices=2, max_iter=1)
     Wc, Hc, ic = _cpu_fit_full(X, W, H, max_iter=1)
     assert _rel(out["W"], Wc) <= 3e-6 and _rel(out["H"], Hc) <= 3e-6
+
+
+def test_fused_plan_serves_its_whole_range(tmp_path_factory):
+    """Every shape the single pass is documented to take (n <= 512, a multiple of 4 or of 8 for
+    bfloat16, k <= 32) fits an H100/H200 block's 227 KB, and the largest ones still get two
+    tile buffers."""
+    exe = _build(tmp_path_factory, "plan_emu.cpp")
+    done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout[-2000:]
+    stages = dict(tuple(map(int, line.split()[1:])) for line in done.stdout.splitlines()
+                  if line.startswith("stages"))
+    assert set(stages) <= {2, 3, 4} and stages.get(2, 0) > 0 and stages.get(4, 0) > 0
