@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -117,13 +118,18 @@ class DffkitContender(Contender):
     family = "dffkit"
     library = "dffkit"
 
-    def __init__(self, backend="cpu", precision="fp32"):
+    def __init__(self, backend="cpu", precision="fp32", engine=None):
         self.backend = backend
         self.device = backend
         self.precision = precision
-        self.name = "dffkit-" + backend + ("" if precision == "fp32" else "-" + precision)
+        # engine "gemm": the CUDA gemm engine (DFFKIT_CUDA_GEMM=1: one pass over X per iteration
+        # where its single-pass kernel serves the shape) instead of the default choice
+        self.engine = engine
+        self.name = ("dffkit-" + backend + ("" if precision == "fp32" else "-" + precision)
+                     + (f"-{engine}" if engine else ""))
         self._wh_on_device = None
         self._gs_entry = None
+        self._kernels = []  # the kernels each solve reported (NMFResult.kernel)
 
     def unavailable(self):
         import dffkit
@@ -133,6 +139,9 @@ class DffkitContender(Contender):
         return dffkit.unavailable_reasons().get(self.backend, f"backend {self.backend!r} is not usable")
 
     def unsupported(self, problem):
+        if self.engine == "gemm" and (problem.batch or problem.beta != 2 or problem.is_gsnmf or problem.k > 64
+                                      or problem.m * problem.n * problem.k <= 1 << 22):
+            return "the gemm engine's rows: large single Frobenius problems, k <= 64"
         if problem.is_gsnmf and self.precision != "fp32":
             gs = _group_sparse_entry()
             if gs is None or "precision" not in inspect.signature(gs).parameters:
@@ -178,6 +187,7 @@ class DffkitContender(Contender):
         if p.batch:
             res = dffkit.nmf_batched(state["X"], p.k, init="random", beta_loss=p.loss, tol=0,
                                      max_iter=n_iter, random_state=p.seed, **kw)
+            self._kernels.append(getattr(res[0][2], "kernel", ""))
             return [r[0] for r in res], [r[1] for r in res]
         if p.is_gsnmf:
             gs = self._gs_entry = _group_sparse_entry()
@@ -192,12 +202,26 @@ class DffkitContender(Contender):
                                    penalties=lambda m, n: (0.0, 0.0, 0.0, 0.0), random_state=0,
                                    verbose=0, groups=s.offsets, lam=s.lam, mu=s.mu, **kw)
             return Wo, Ho
-        Wo, Ho, _, _ = dffkit.non_negative_factorization(
+        Wo, Ho, _, info = dffkit.non_negative_factorization(
             state["X"], W, H, p.k, init="custom", beta_loss=p.loss, tol=0, max_iter=n_iter,
             return_info=True, **kw)
+        self._kernels.append(getattr(info, "kernel", ""))
         return Wo, Ho
 
     def solve(self, state, args, n_iter):
+        if self.engine != "gemm":
+            return self._solve(state, n_iter)
+        old = os.environ.get("DFFKIT_CUDA_GEMM")
+        os.environ["DFFKIT_CUDA_GEMM"] = "1"
+        try:
+            return self._solve(state, n_iter)
+        finally:
+            if old is None:
+                os.environ.pop("DFFKIT_CUDA_GEMM", None)
+            else:
+                os.environ["DFFKIT_CUDA_GEMM"] = old
+
+    def _solve(self, state, n_iter):
         if self._wh_on_device is None:  # the first call finds out whether W, H may live on the GPU
             try:
                 out = self._call(state, state["W0d"], state["H0d"], n_iter)
@@ -243,6 +267,10 @@ class DffkitContender(Contender):
             out.append(f"X on the device ({lib})" if lib else "numpy in/out (copies timed)")
             if self._wh_on_device is False and lib:
                 out.append("W0, H0 passed from the host")
+        kernels = sorted({k for k in self._kernels if k})
+        if kernels and self.backend == "cuda":
+            out.append("kernels " + "/".join(kernels))
+        self._kernels = []
         p = state.get("s").problem if state.get("s") else None
         if p is not None and p.batch:
             out.append("nmf_batched (its own init='random', seed+b: the shared start)")
@@ -477,6 +505,8 @@ def default_contenders() -> list:
         DffkitContender("cuda", "fp32"),
         DffkitContender("cuda", "tf32"),
         DffkitContender("cuda", "bf16x"),
+        DffkitContender("cuda", "fp32", engine="gemm"),
+        DffkitContender("cuda", "bf16x", engine="gemm"),
         SklearnContender("mu"),
         SklearnContender("cd"),
         TorchContender("cpu"),
