@@ -113,7 +113,7 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     if B == 1 and m * n * k > (1 << 22):
         variants += [("fp32", "gemm"), ("fp32", "gemm simt"), ("tf32", "gemm"), ("bf16x", "gemm")]
         if n <= 512:
-            variants += [("fp32", "gemm 2-pass"), ("tf32", "gemm 2-pass")]
+            variants += [("fp32", "gemm 2-pass"), ("tf32", "gemm 2-pass"), ("bf16x", "gemm 2-pass")]
     for prec, variant in variants:
         it_d = dffkit_iters or iters
         label = f"dffkit {prec}" + (f" {variant}" if variant else "")
