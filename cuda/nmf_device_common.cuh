@@ -130,10 +130,11 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const std::uint32_t (&a)
 }
 #else
 /// x rounded to tf32 as cvt.rna.tf32.f32 rounds a finite value (to nearest, ties away from zero:
-/// the same bits; the emulator computes it this way too), in two integer instructions. The
-/// programming guide's throughput table gives type conversions a quarter of the integer rate on
-/// sm_80/sm_90, and the split-tf32 products convert every operand twice (session 5; the speed
-/// effect is to be measured: ncu's pipe utilisation of the gemm kernels before and after).
+/// the same bits; the emulator computes it this way too), in two integer instructions instead of
+/// one conversion: type conversions issue at a lower rate than integer arithmetic (recalled from
+/// the programming guide's throughput table, not checked in session 5), and the split-tf32
+/// products convert every operand twice. The speed effect is to be measured (ncu's pipe
+/// utilisation of the tensor-core kernels before and after).
 __device__ __forceinline__ std::uint32_t to_tf32(float x) {
   return (__float_as_uint(x) + 0x1000u) & 0xffffe000u;
 }
