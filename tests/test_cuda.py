@@ -84,6 +84,19 @@ def _mu_oracle(X, W, H, iters):
     return W, H
 
 
+def _assert_float32_match(Wg, Hg, ig, Wc, Hc, ic):
+    """A float32 GPU solve against the CPU engine's from the same start: factors within 1e-4,
+    final error within 1e-3, initial error within 1e-5 (relative)."""
+    assert _rel(Wg, Wc) <= 1e-4 and _rel(Hg, Hc) <= 1e-4
+    assert abs(ig["error"] - ic["error"]) <= 1e-3 * ic["error"]
+    assert abs(ig["error_init"] - ic["error_init"]) <= 1e-5 * ic["error_init"]
+
+
+def _sm90():
+    """Whether device 0 runs the kernels built for sm_90 only (fast path, single pass)."""
+    return _cuda_mod.device_info(0)["cc"][0] >= 9
+
+
 # ---- runs without a device ------------------------------------------------------------------
 
 @pytest.mark.skipif(_cuda_mod is None, reason="dffkit._cuda is not built here")
@@ -157,13 +170,11 @@ def test_fast_path_matches_cpu_and_general_kernel(shape, opts, tc, monkeypatch):
     Wg, Hg, ig = _gpu_fit(X, W, H, engine="resident", **opts)
     for Wx, Hx, ix in ((Wf, Hf, i_f), (Wg, Hg, ig)):
         assert ix["n_iter"] == ic["n_iter"] == 100
-        assert _rel(Wx, Wc) <= 1e-4 and _rel(Hx, Hc) <= 1e-4
-        assert abs(ix["error"] - ic["error"]) <= 1e-3 * ic["error"]
-        assert abs(ix["error_init"] - ic["error_init"]) <= 1e-5 * ic["error_init"]
+        _assert_float32_match(Wx, Hx, ix, Wc, Hc, ic)
     if shape[1] >= 64:  # the two kernels add in different orders: the fast path really ran
         assert not np.array_equal(Wf, Wg)
     # which ran, as the result says: the fast path needs sm_90 code on an sm_90 device
-    assert i_f["kernel"] == ("resident-fast" if _cuda_mod.device_info(0)["cc"][0] >= 9 else "resident")
+    assert i_f["kernel"] == ("resident-fast" if _sm90() else "resident")
     assert ig["kernel"] == "resident"
     if opts.get("update_H") is False:
         assert np.array_equal(Hf, H)
@@ -265,9 +276,7 @@ def test_gemm_engine_matches_cpu_and_sweep(shape, opts, kernels, monkeypatch):
     Wm, Hm, im = _gpu_fit(X, W, H, engine="gemm", **opts)
     Ws, Hs, is_ = _gpu_fit(X, W, H, engine="sweep", **opts)
     assert im["n_iter"] == ic["n_iter"] == 100
-    assert _rel(Wm, Wc) <= 1e-4 and _rel(Hm, Hc) <= 1e-4
-    assert abs(im["error"] - ic["error"]) <= 1e-3 * ic["error"]
-    assert abs(im["error_init"] - ic["error_init"]) <= 1e-5 * ic["error_init"]
+    _assert_float32_match(Wm, Hm, im, Wc, Hc, ic)
     assert _rel(Wm, Ws) <= 1e-4 and not np.array_equal(Wm, Ws)  # another kernel really ran
     if opts.get("update_H") is False:
         assert np.array_equal(Hm, H)
@@ -344,7 +353,7 @@ FUSED_SHAPES = [(1000, 300, 20), (3000, 40, 3), (4099, 100, 17), (20000, 512, 32
 def test_gemm_fused_matches_cpu_and_two_pass(shape, opts, monkeypatch):
     """One pass over X per iteration against the CPU engine and against the two-pass kernels
     (DFFKIT_CUDA_GEMM_FUSED=0), from the same start."""
-    if _cuda_mod.device_info(0)["cc"][0] < 9:
+    if not _sm90():
         pytest.skip("the single-pass kernel is built for sm_90")
     X, W, H = _problem(*shape)
     opts = dict(opts)
@@ -355,10 +364,8 @@ def test_gemm_fused_matches_cpu_and_two_pass(shape, opts, monkeypatch):
     Wt, Ht, it = _gpu_fit(X, W, H, engine="gemm", **opts)
     assert i_f["kernel"] == "gemm-fused" and it["kernel"] == "gemm"
     assert i_f["n_iter"] == ic["n_iter"] == it["n_iter"]
-    assert _rel(Wf, Wc) <= 1e-4 and _rel(Hf, Hc) <= 1e-4
+    _assert_float32_match(Wf, Hf, i_f, Wc, Hc, ic)
     assert _rel(Wf, Wt) <= 1e-4 and _rel(Hf, Ht) <= 1e-4
-    assert abs(i_f["error"] - ic["error"]) <= 1e-3 * ic["error"]
-    assert abs(i_f["error_init"] - ic["error_init"]) <= 1e-5 * ic["error_init"]
     if opts.get("update_H") is False:
         assert np.array_equal(Hf, H)
 
@@ -369,7 +376,7 @@ def test_gemm_fused_matches_cpu_and_two_pass(shape, opts, monkeypatch):
 def test_gemm_fused_low_precision(precision, monkeypatch):
     """tf32 and bf16x run the single pass within their documented bounds of float32, and give
     what the two-pass kernels give in the same mode (bf16x: the same problem, X rounded once)."""
-    if _cuda_mod.device_info(0)["cc"][0] < 9:
+    if not _sm90():
         pytest.skip("the single-pass kernel is built for sm_90")
     X, W, H = _problem(3000, 200, 20)
     W32, H32, i32 = _gpu_fit(X, W, H, engine="gemm")
@@ -392,7 +399,7 @@ def test_gemm_fused_low_precision(precision, monkeypatch):
 def test_gemm_fused_leaves_the_rest_to_two_passes():
     """Groups, float64, n beyond 512 or not a multiple of 4 (of 8 for bf16x), and k beyond 32
     take the two-pass kernels."""
-    if _cuda_mod.device_info(0)["cc"][0] < 9:
+    if not _sm90():
         pytest.skip("the single-pass kernel is built for sm_90")
     for shape, kw in (((3000, 200, 20), dict(groups=[0, 1000, 3000], lam=0.3)),
                       ((3000, 196, 20), dict(precision="bf16x")),
