@@ -34,12 +34,30 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 SHORT=0
+LEASE=0
 if [[ "${1:-}" == "--short" ]]; then
   SHORT=1
   : "${TEST_TIMEOUT_1:=200}" "${AB_BENCH_TIMEOUT:=200}"
 fi
 OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
+# --lease: every stage in one command of at most LEASE_LIMIT seconds (default 560), in the order
+# 1, 1b, 5 (memcheck, racecheck), 2, 3, 4, each under its own limit and 3 on what is left; the
+# logs are written to a staging folder and packed into $OUT/gpu_out.tgz after every stage (a
+# lease hands back at most 8 files, and a command stopped at its limit keeps the last archive)
+if [[ "${1:-}" == "--lease" ]]; then
+  LEASE=1
+  FINAL_OUT="$OUT"
+  export OUT=/tmp/gpu_stage_out
+  rm -rf "$OUT" && mkdir -p "$OUT"
+  : "${LEASE_LIMIT:=560}" "${TEST_TIMEOUT_1:=100}" "${AB_BENCH_TIMEOUT:=130}" "${SAN_TIMEOUT:=60}" \
+    "${PYTEST_GPU_TIMEOUT:=50}"
+fi
+pack() {
+  [[ $LEASE == 1 ]] && tar czf "$FINAL_OUT/gpu_out.tgz.part" -C "$OUT" . \
+    && mv "$FINAL_OUT/gpu_out.tgz.part" "$FINAL_OUT/gpu_out.tgz"
+  return 0
+}
 export PYTHONUNBUFFERED=1
 SECONDS=0
 stamp() { echo "== [$SECONDS s] $*"; }
@@ -61,6 +79,7 @@ if [[ -d "$ROOT/.gpu_prebuilt" ]]; then
 fi
 GPU_CHECK_STAGES="build test" TEST_TIMEOUT="${TEST_TIMEOUT_1:-180}" source "$ROOT/benchmarks/gpu_check.sh"
 stamp "stage 1 done"
+pack
 
 # 1b. issue 5's four shapes with every kernel variant side by side (cuda_bench.py --ab): the
 #     fast path on CUDA or tensor cores, the general resident kernel, the sweep and the gemm
@@ -68,6 +87,14 @@ stamp "stage 1 done"
 (cd /tmp && OUT="$OUT" timeout "${AB_BENCH_TIMEOUT:-240}" python3 "$ROOT/benchmarks/cuda_bench.py" --ab 2>&1 \
    | tee "$OUT/cuda_bench_ab.log" | tail -n 40)
 stamp "stage 1b done"
+pack
+
+if [[ $LEASE == 1 ]]; then
+  GPU_CHECK_STAGES="memcheck racecheck" bash "$ROOT/benchmarks/gpu_check.sh" 2>&1 | tail -n 8
+  stamp "stage 5 (sanitizers) done"
+  pack
+  SANITIZE=0
+fi
 
 if [[ $SHORT == 1 ]]; then
   GPU_CHECK_STAGES="memcheck" SAN_TIMEOUT="${SAN_TIMEOUT:-90}" bash "$ROOT/benchmarks/gpu_check.sh" 2>&1 | tail -n 8
@@ -79,6 +106,11 @@ fi
 cd /tmp
 timeout "${PYTEST_GPU_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu "$ROOT/tests" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
 stamp "stage 2 done"
+pack
+if [[ $LEASE == 1 ]]; then
+  BENCH_SUITE_TIMEOUT=$(( LEASE_LIMIT - SECONDS - 15 ))
+  (( BENCH_SUITE_TIMEOUT < 30 )) && BENCH_SUITE_TIMEOUT=30
+fi
 
 # 3. the GPU benchmark suite
 DATE="$(date -u +%Y-%m-%d)"
@@ -88,6 +120,7 @@ timeout "${BENCH_SUITE_TIMEOUT:-400}" python3 -m dffkit bench --suite gpu \
   ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log" | tail -n 60
 set +f
 stamp "stage 3 done"
+pack
 
 # 4. onnxruntime on CUDA: the extractor and DFF end to end
 if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
@@ -102,3 +135,4 @@ if [[ "${SANITIZE:-1}" == 1 ]]; then
   stamp "stage 5 done"
 fi
 stamp "all stages done"
+pack
