@@ -91,6 +91,9 @@ def stream():
     return torch.cuda.current_stream().cuda_stream
 
 
+all_precisions = ("fp32", "tf32", "bf16x")
+
+
 def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffkit_iters=None):
     torch.manual_seed(0)
     shape = (B, m, n) if B > 1 else (m, n)
@@ -105,19 +108,22 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     # (precision, variant): None = engine "auto"; "general" = the fast path off; "tc" = its
     # products on tensor cores ("tc 1/SM": and fewer, larger blocks); "gemm" = the gemm engine
     # forced (single problems too large for the resident engine; float32 and bf16x on split-tf32
-    # tensor cores; one pass over X where the single-pass kernel serves the shape), "gemm 2-pass"
-    # = its two-pass kernels, "gemm simt" = those on CUDA cores
+    # tensor cores; one pass over X by default for tf32 and bf16x where the single-pass kernel
+    # serves the shape), "gemm 1-pass" / "gemm 2-pass" = the single pass / the two-pass kernels
+    # forced, "gemm simt" = those on CUDA cores, "sweep" = the row-tile sweep (engine auto's
+    # choice before session 6)
     variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
         variants += [("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc"), ("fp32", "tc 1/SM")]
     if B == 1 and m * n * k > (1 << 22):
-        variants += [("fp32", "gemm"), ("fp32", "gemm simt"), ("tf32", "gemm"), ("bf16x", "gemm")]
+        variants += [("fp32", "sweep"), ("tf32", "sweep"), ("fp32", "gemm simt")]
         if n <= 512:
-            variants += [("fp32", "gemm 2-pass"), ("tf32", "gemm 2-pass"), ("bf16x", "gemm 2-pass")]
+            variants += [(p, v) for v in ("gemm 1-pass", "gemm 2-pass") for p in all_precisions]
     for prec, variant in variants:
         it_d = dffkit_iters or iters
         label = f"dffkit {prec}" + (f" {variant}" if variant else "")
-        engine = "gemm" if variant and variant.startswith("gemm") else None
+        engine = ("gemm" if variant and variant.startswith("gemm")
+                  else "sweep" if variant == "sweep" else None)
         set_variant_env(variant)
         kernel = []
 
@@ -172,6 +178,7 @@ VARIANT_ENV = {
     "tc": {"DFFKIT_CUDA_SMALL_TC": "1"},
     "tc 1/SM": {"DFFKIT_CUDA_SMALL_TC": "1", "DFFKIT_CUDA_SMALL_ONE_PER_SM": "1"},
     "gemm simt": {"DFFKIT_CUDA_GEMM_SIMT": "1"},
+    "gemm 1-pass": {"DFFKIT_CUDA_GEMM_FUSED": "1"},
     "gemm 2-pass": {"DFFKIT_CUDA_GEMM_FUSED": "0"},
 }
 
@@ -188,11 +195,10 @@ def main():
     ceil = ceilings()
     print("device", info, "ceilings", ceil, flush=True)
     rows = []
-    all3 = ("fp32", "tf32", "bf16x")
     if not LARGE:
-        rows += case("one image 196x512 k=5 200 it", 1, 196, 512, 5, 200, 20, all3, 5)
-        rows += case("batch 4096x196x512 k=5 100 it", 4096, 196, 512, 5, 100, 3, all3)
-    rows += case("tall 200000x512 k=20 100 it", 1, 200000, 512, 20, 100, 3, all3)
+        rows += case("one image 196x512 k=5 200 it", 1, 196, 512, 5, 200, 20, all_precisions, 5)
+        rows += case("batch 4096x196x512 k=5 100 it", 4096, 196, 512, 5, 100, 3, all_precisions)
+    rows += case("tall 200000x512 k=20 100 it", 1, 200000, 512, 20, 100, 3, all_precisions)
     if not QUICK:
         rows += case("square 16384^2 k=64 50 it", 1, 16384, 16384, 64, 50, 1, ("fp32", "tf32"),
                      2, dffkit_iters=5)

@@ -88,8 +88,10 @@ check("gemm bf16x", X, W, H, precision="bf16x", tol=5e-2, engine="gemm")
 X, W, H = problem(150, 45, 11, np.float64)
 check("gemm float64", X, W, H, engine="gemm")
 # its single pass (sm_90): every column-tile count, padded columns, the largest layout (n = 512,
-# k = 32), tf32; then the same shape on the two-pass kernels (DFFKIT_CUDA_GEMM_FUSED=0)
+# k = 32), tf32 (DFFKIT_CUDA_GEMM_FUSED=1: float32 X takes the two passes by default); then the
+# same shape on the two-pass kernels (DFFKIT_CUDA_GEMM_FUSED=0)
 if cuda.device_info(0)["cc"][0] >= 9:
+    os.environ["DFFKIT_CUDA_GEMM_FUSED"] = "1"
     for k in (3, 20, 32):
         X, W, H = problem(150, 68, k)
         check(f"gemm fused k={k}", X, W, H, engine="gemm", kernel="gemm-fused")

@@ -28,7 +28,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
   done
   wait
   # what the objects were compiled from: the next lease links them only if the sources match
-  (cd "$ROOT" && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16) > "$ROOT/.gpu_prebuilt/SOURCES"
+  (cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16) > "$ROOT/.gpu_prebuilt/SOURCES"
   ls -la "$ROOT/.gpu_prebuilt"
   exit 0
 fi
@@ -70,7 +70,7 @@ fi
 
 # 1. build + the CUDA engine's own tests
 if [[ -d "$ROOT/.gpu_prebuilt" ]]; then
-  now="$(cd "$ROOT" && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16)"
+  now="$(cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16)"
   if [[ "$(cat "$ROOT/.gpu_prebuilt/SOURCES" 2>/dev/null)" == "$now" ]]; then
     export GPU_CHECK_PREBUILT="$ROOT/.gpu_prebuilt"
   else
@@ -94,6 +94,26 @@ if [[ $LEASE == 1 ]]; then
   stamp "stage 5 (sanitizers) done"
   pack
   SANITIZE=0
+  # 5b. Nsight Compute on the gemm engine's kernels at issue 5's two large shapes (NCU_TIMEOUT
+  #     each; NCU=0: off): where their time goes (pipes, stalls, shared-memory conflicts)
+  if [[ "${NCU:-1}" == 1 ]]; then
+    ncu_bin="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
+    sec="--section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats
+         --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+         --section MemoryWorkloadAnalysis_Tables"
+    ncu_one() {  # name fused-switch kernel-regex count args...
+      local name=$1 fused=$2 kre=$3 cnt=$4; shift 4
+      (cd /tmp && DFFKIT_CUDA_GEMM_FUSED=$fused timeout "${NCU_TIMEOUT:-45}" "$ncu_bin" --clock-control none \
+         -k "regex:$kre" -c "$cnt" $sec python3 "$ROOT/benchmarks/cuda_one_fit.py" "$@" \
+         > "$OUT/ncu_$name.txt" 2>&1)
+      stamp "ncu $name: rc=$?"
+    }
+    ncu_one tall_fp32_1pass 1 gemm_fused 1 200000 512 20 2 fp32 gemm
+    ncu_one tall_tf32_1pass 1 gemm_fused 1 200000 512 20 2 tf32 gemm
+    ncu_one tall_fp32_2pass 0 "gemm_(n|p)_kernel" 2 200000 512 20 2 fp32 gemm
+    ncu_one square_fp32 0 "gemm_(n|p)_kernel" 2 16384 16384 64 1 fp32 gemm
+    pack
+  fi
 fi
 
 if [[ $SHORT == 1 ]]; then

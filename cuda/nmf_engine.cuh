@@ -403,14 +403,19 @@ void launch_gemm_gh(const T* H, i64 n, int k, const GemmPlan& plan, T* GHpart, c
 /// Whether the gemm engine's single-pass kernel (nmf_fused.cuh) may serve a problem, apart from its
 /// shape: float32 factors on tensor cores (gm != 0; X float32 or bfloat16), no group term, X
 /// 16-byte aligned, a device of compute capability 9 or newer (its kernel body compiles for sm_90
-/// only), and not switched off with DFFKIT_CUDA_GEMM_FUSED=0 (the two-pass kernels, for
-/// side-by-side timings).
+/// only). By default it serves the tf32 mode and bfloat16 X, where it beat the two passes on the
+/// H200 (session 6, 200000 x 512, k = 20, 100 iterations: tf32 46.9 ms against 53.1, bf16x 51.6
+/// against 56.2), and not float32 X at float32 accuracy (three mma per product: 65.7 ms against
+/// the two passes' 57.2). DFFKIT_CUDA_GEMM_FUSED=1 makes it serve every case it can, =0 none
+/// (for side-by-side timings).
 template <class T, class XS>
 bool fused_allowed(int gm, const KParams& q, int cc_major, std::uintptr_t X) {
   if (!std::is_same<T, float>::value || sizeof(XS) > 4) return false;
   if (gm == 0 || q.groups || cc_major < 9 || X % 16 != 0) return false;
   const char* v = std::getenv("DFFKIT_CUDA_GEMM_FUSED");
-  return !(v && v[0] == '0');
+  if (v && v[0] == '0') return false;
+  if (v && v[0] == '1') return true;
+  return gm == 1 || sizeof(XS) == 2;
 }
 
 template <class XS, int GM>

@@ -167,8 +167,7 @@ __device__ __forceinline__ void fused_mma(float (&d)[4], const std::uint32_t (&a
   if constexpr (MODE == 2 && !A_EXACT) {
     mma_tf32x3(d, ah, al, bh, bl);
   } else if constexpr (MODE == 2) {
-    mma_tf32(d, ah, bl);
-    mma_tf32(d, ah, bh);
+    mma_tf32x2<false>(d, ah, al, bh, bl);
   } else {
     mma_tf32(d, ah, bh);
   }

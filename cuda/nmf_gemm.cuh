@@ -147,9 +147,9 @@ __device__ __forceinline__ void mma_step16(const float* a, int lda, int r0, cons
       for (int nt = 0; nt < N8; ++nt) {
         if constexpr (SA && SB) {
           mma_tf32x3(d[mt][nt], ah[mt], al[mt], bh[nt], bl[nt]);
+        } else if constexpr (SA || SB) {
+          mma_tf32x2<SA>(d[mt][nt], ah[mt], al[mt], bh[nt], bl[nt]);
         } else {
-          if constexpr (SA) mma_tf32(d[mt][nt], al[mt], bh[nt]);
-          if constexpr (SB) mma_tf32(d[mt][nt], ah[mt], bl[nt]);
           mma_tf32(d[mt][nt], ah[mt], bh[nt]);
         }
       }

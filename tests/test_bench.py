@@ -111,23 +111,27 @@ def test_missing_peers_are_skipped_with_a_reason(quick):
 
     if "cuda" not in dffkit.available_backends():
         assert skipped["dffkit-cuda"]["reason"] == dffkit.unavailable_reasons()["cuda"]
-        assert skipped["dffkit-cuda-gemm"]["reason"] == dffkit.unavailable_reasons()["cuda"]
+        assert skipped["dffkit-cuda-sweep"]["reason"] == dffkit.unavailable_reasons()["cuda"]
 
 
-def test_gemm_engine_rows_only_where_it_serves():
-    """The gemm-engine contenders (DFFKIT_CUDA_GEMM=1 around their solves) take the large single
-    Frobenius problems with k <= 64 and say why they skip the rest."""
+def test_sweep_rows_only_where_auto_takes_the_gemm_engine():
+    """The sweep contenders (DFFKIT_CUDA_GEMM=0 around their solves) take the large single
+    Frobenius problems with k <= 64, where engine auto runs the gemm engine, and say why they skip
+    the rest; an engine they do not know is refused."""
     from dffkit._bench_contenders import DffkitContender
     from dffkit._bench_problems import Problem
 
-    c = DffkitContender("cuda", "fp32", engine="gemm")
-    assert c.name == "dffkit-cuda-gemm"
-    assert DffkitContender("cuda", "bf16x", engine="gemm").name == "dffkit-cuda-bf16x-gemm"
+    c = DffkitContender("cuda", "fp32", engine="sweep")
+    assert c.name == "dffkit-cuda-sweep"
+    assert DffkitContender("cuda", "bf16x", engine="sweep").name == "dffkit-cuda-bf16x-sweep"
     assert c.unsupported(Problem("tall", 200000, 512, 20, 100)) is None
+    assert DffkitContender("cuda").unsupported(Problem("small", 196, 512, 5, 200)) is None
     for p in (Problem("batch", 196, 512, 5, 100, batch=64), Problem("kl", 200000, 512, 20, 10, beta=1),
               Problem("small", 196, 512, 5, 200), Problem("k65", 100000, 512, 65, 10),
               Problem("gsnmf", 20000, 512, 20, 10, groups=100)):
         assert "gemm engine" in c.unsupported(p)
+    with pytest.raises(ValueError, match="engine"):
+        DffkitContender("cuda", engine="gemm")
     assert DffkitContender("cuda", "fp32").unsupported(Problem("batch", 196, 512, 5, 100, batch=64)) is None
 
 

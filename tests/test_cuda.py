@@ -327,15 +327,15 @@ def test_gemm_engine_refuses_what_it_does_not_serve_and_auto_can_take_it(monkeyp
     with pytest.raises(ValueError, match="n_components <= 64"):
         _gpu_fit(X, W, H, engine="gemm")
     _gpu_fit(X, W, H, max_iter=3)  # the next call works
-    # DFFKIT_CUDA_GEMM=1: engine "auto" takes it for a problem too large for the resident engine
+    # engine "auto" takes it for a problem too large for the resident engine; DFFKIT_CUDA_GEMM=0
+    # gives the sweep back
     X, W, H = _problem(3000, 2000, 8)
     Wg, Hg, _ = _gpu_fit(X, W, H, max_iter=20, engine="gemm")
-    monkeypatch.setenv("DFFKIT_CUDA_GEMM", "1")
-    Wa, Ha, _ = _gpu_fit(X, W, H, max_iter=20)
-    assert np.array_equal(Wa, Wg) and np.array_equal(Ha, Hg)
-    monkeypatch.delenv("DFFKIT_CUDA_GEMM")
-    Wa, Ha, _ = _gpu_fit(X, W, H, max_iter=20)
-    assert not np.array_equal(Wa, Wg)  # the sweep
+    Wa, Ha, ia = _gpu_fit(X, W, H, max_iter=20)
+    assert ia["kernel"] == "gemm" and np.array_equal(Wa, Wg) and np.array_equal(Ha, Hg)
+    monkeypatch.setenv("DFFKIT_CUDA_GEMM", "0")
+    Wa, Ha, ia = _gpu_fit(X, W, H, max_iter=20)
+    assert ia["kernel"] == "sweep" and not np.array_equal(Wa, Wg)
 
 
 # ---- the gemm engine's single pass (cuda/nmf_fused.cuh; also on the CPU emulator): float32 X,
@@ -351,17 +351,17 @@ FUSED_SHAPES = [(1000, 300, 20), (3000, 40, 3), (4099, 100, 17), (20000, 512, 32
                                   dict(max_iter=400, tol=3e-3)],
                          ids=["plain", "penalties", "fixed_H", "stopping"])
 def test_gemm_fused_matches_cpu_and_two_pass(shape, opts, monkeypatch):
-    """One pass over X per iteration against the CPU engine and against the two-pass kernels
-    (DFFKIT_CUDA_GEMM_FUSED=0), from the same start."""
+    """One pass over X per iteration (DFFKIT_CUDA_GEMM_FUSED=1: float32 X takes the two passes
+    by default) against the CPU engine and against the two-pass kernels, from the same start."""
     if not _sm90():
         pytest.skip("the single-pass kernel is built for sm_90")
     X, W, H = _problem(*shape)
     opts = dict(opts)
     opts.setdefault("max_iter", 100 if shape[0] * shape[1] < 5e6 else 30)
     Wc, Hc, ic = _cpu_fit(X, W, H, **opts)
-    Wf, Hf, i_f = _gpu_fit(X, W, H, engine="gemm", **opts)
-    monkeypatch.setenv("DFFKIT_CUDA_GEMM_FUSED", "0")
     Wt, Ht, it = _gpu_fit(X, W, H, engine="gemm", **opts)
+    monkeypatch.setenv("DFFKIT_CUDA_GEMM_FUSED", "1")
+    Wf, Hf, i_f = _gpu_fit(X, W, H, engine="gemm", **opts)
     assert i_f["kernel"] == "gemm-fused" and it["kernel"] == "gemm"
     assert i_f["n_iter"] == ic["n_iter"] == it["n_iter"]
     _assert_float32_match(Wf, Hf, i_f, Wc, Hc, ic)
@@ -381,7 +381,8 @@ def test_gemm_fused_low_precision(precision, monkeypatch):
     X, W, H = _problem(3000, 200, 20)
     W32, H32, i32 = _gpu_fit(X, W, H, engine="gemm")
     Wl, Hl, il = _gpu_fit(X, W, H, precision=precision, engine="gemm")
-    assert il["kernel"] == i32["kernel"] == "gemm-fused"
+    # the single pass by default in these modes; float32 X at float32 accuracy takes two passes
+    assert il["kernel"] == "gemm-fused" and i32["kernel"] == "gemm"
     err_bound, factor_bound = LOW_PRECISION_BOUNDS[precision]
     assert abs(il["error"] - i32["error"]) <= err_bound * i32["error"]
     assert _rel(Wl, W32) <= factor_bound and not np.array_equal(Wl, W32)

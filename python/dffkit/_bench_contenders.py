@@ -122,8 +122,10 @@ class DffkitContender(Contender):
         self.backend = backend
         self.device = backend
         self.precision = precision
-        # engine "gemm": the CUDA gemm engine (DFFKIT_CUDA_GEMM=1: one pass over X per iteration
-        # where its single-pass kernel serves the shape) instead of the default choice
+        # engine "sweep": the CUDA row-tile sweep (DFFKIT_CUDA_GEMM=0) on the problems where
+        # engine "auto" takes the gemm engine: the side-by-side row of the engine it replaced
+        if engine not in (None, "sweep"):
+            raise ValueError(f"engine must be None or 'sweep', not {engine!r}")
         self.engine = engine
         self.name = ("dffkit-" + backend + ("" if precision == "fp32" else "-" + precision)
                      + (f"-{engine}" if engine else ""))
@@ -139,9 +141,10 @@ class DffkitContender(Contender):
         return dffkit.unavailable_reasons().get(self.backend, f"backend {self.backend!r} is not usable")
 
     def unsupported(self, problem):
-        if self.engine == "gemm" and (problem.batch or problem.beta != 2 or problem.is_gsnmf or problem.k > 64
-                                      or problem.m * problem.n * problem.k <= 1 << 22):
-            return "the gemm engine's rows: large single Frobenius problems, k <= 64"
+        if self.engine == "sweep" and (problem.batch or problem.beta != 2 or problem.is_gsnmf or problem.k > 64
+                                       or problem.m * problem.n * problem.k <= 1 << 22):
+            return ("the sweep's rows: the large single Frobenius problems with k <= 64, where "
+                    "engine auto takes the gemm engine")
         if problem.is_gsnmf and self.precision != "fp32":
             gs = _group_sparse_entry()
             if gs is None or "precision" not in inspect.signature(gs).parameters:
@@ -209,10 +212,10 @@ class DffkitContender(Contender):
         return Wo, Ho
 
     def solve(self, state, args, n_iter):
-        if self.engine != "gemm":
+        if self.engine != "sweep":
             return self._solve(state, n_iter)
         old = os.environ.get("DFFKIT_CUDA_GEMM")
-        os.environ["DFFKIT_CUDA_GEMM"] = "1"
+        os.environ["DFFKIT_CUDA_GEMM"] = "0"
         try:
             return self._solve(state, n_iter)
         finally:
@@ -505,8 +508,8 @@ def default_contenders() -> list:
         DffkitContender("cuda", "fp32"),
         DffkitContender("cuda", "tf32"),
         DffkitContender("cuda", "bf16x"),
-        DffkitContender("cuda", "fp32", engine="gemm"),
-        DffkitContender("cuda", "bf16x", engine="gemm"),
+        DffkitContender("cuda", "fp32", engine="sweep"),
+        DffkitContender("cuda", "bf16x", engine="sweep"),
         SklearnContender("mu"),
         SklearnContender("cd"),
         TorchContender("cpu"),
