@@ -175,6 +175,36 @@ class _SharedStart(_OwnStart):
         return W, H
 
 
+def test_torch_tf32_switch_holds_for_each_contenders_own_solves(monkeypatch):
+    """PyTorch's TF32 switch is process-wide and the bench times its contenders round-robin after
+    all setups: each torch contender's solves run under its own setting (fp32 off, tf32 on),
+    whatever the last setup or solve left, and the caller's setting comes back after. (A stand-in
+    for torch: the switch and no_grad are all the solve touches besides the MU loop.)"""
+    import contextlib
+    from types import SimpleNamespace
+
+    from dffkit import _bench_contenders as bc
+
+    matmul = SimpleNamespace(allow_tf32=True)  # as a tf32 contender's run leaves it
+    fake = SimpleNamespace(backends=SimpleNamespace(cuda=SimpleNamespace(matmul=matmul)),
+                           no_grad=contextlib.nullcontext, clamp_min=None, sqrt=None)
+    seen = []
+    monkeypatch.setattr(bc, "mu_iterations", lambda *a, **kw: seen.append(matmul.allow_tf32))
+    fp32, tf32 = bc.TorchContender("cuda", "fp32"), bc.TorchContender("cuda", "tf32")
+    for c in (fp32, tf32):
+        c._torch = fake
+        monkeypatch.setattr(c, "sync", lambda: None)
+    state = {"s": SimpleNamespace(problem=SimpleNamespace(beta=2.0), lam=0.0, mu=0.0), "X": None}
+    fp32.solve(state, (None, None), 1)
+    tf32.solve(state, (None, None), 1)
+    assert matmul.allow_tf32 is True  # the caller's setting is back
+    matmul.allow_tf32 = False
+    tf32.solve(state, (None, None), 1)
+    fp32.solve(state, (None, None), 1)
+    assert seen == [False, True, True, False]
+    assert matmul.allow_tf32 is False
+
+
 def test_contender_ignoring_the_shared_start_is_flagged_and_absent_one_skipped():
     tiny = Problem("tiny", 120, 64, 4, 30)
     report = bench.run("quick", problems=[tiny], progress=False, measure_ceilings=False,

@@ -378,8 +378,6 @@ class TorchContender(Contender):
         import torch
 
         self._torch = torch
-        if self.device == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
         dev = torch.device(self.device)
         state = {"s": s, "X": torch.from_numpy(s.X).to(dev), "W0": torch.from_numpy(s.W0).to(dev),
                  "H0": torch.from_numpy(s.H0).to(dev)}
@@ -410,10 +408,19 @@ class TorchContender(Contender):
             maximum = staticmethod(lambda a, b: torch.clamp_min(a, b))
             sqrt = staticmethod(torch.sqrt)
 
-        with torch.no_grad():
-            mu_iterations(_xp, state["X"], W, H, s.problem.beta, n_iter, lam=s.lam, mu=s.mu,
-                          segment_sum=state.get("segment_sum"))
-        self.sync()
+        # TF32 is a process-wide switch: set for this contender's own solves only (set once in
+        # setup, the last contender's setting held for every contender's timed solves, which run
+        # round-robin after all setups: the fp32 rows of the session-1 to -6 GPU suites ran TF32)
+        flags = torch.backends.cuda.matmul
+        old = flags.allow_tf32
+        flags.allow_tf32 = self.device == "cuda" and self.precision == "tf32"
+        try:
+            with torch.no_grad():
+                mu_iterations(_xp, state["X"], W, H, s.problem.beta, n_iter, lam=s.lam, mu=s.mu,
+                              segment_sum=state.get("segment_sum"))
+            self.sync()
+        finally:
+            flags.allow_tf32 = old
         return W, H
 
     def sync(self):
@@ -425,8 +432,6 @@ class TorchContender(Contender):
 
     def teardown(self, state):
         state.clear()
-        if self.device == "cuda":
-            self._torch.backends.cuda.matmul.allow_tf32 = False
         _free_device_memory()
 
     def notes(self, state):
