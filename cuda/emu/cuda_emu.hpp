@@ -202,10 +202,11 @@ inline std::uint32_t to_tf32(float x) {
 /// a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); b0 (t, g), b1 (t + 4, g); c0 (g, 2t),
 /// c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1). Operands as tf32 (low 13 bits dropped),
 /// products and c summed in float64, the sum truncated (rounded toward zero) to float32: the H200
-/// showed the tensor cores' sum biased toward zero (session 6: chains of split-tf32 mma drifted
-/// from the CPU engine by 1e-5 relative per product, 2e-4 after 100 iterations, where rounding to
-/// nearest, as this emulator did before, stays at 1e-7). Not the hardware's exact bits (it
-/// aligns the addends and drops their low bits before adding); the same direction of error.
+/// showed the tensor cores' sum biased toward zero (session 6: long chains of split-tf32 mma put
+/// the initial error 2.2e-5 relative off the CPU engine's and the factors up to 1e-3 off after
+/// 100 iterations, where rounding to nearest, as this emulator did before, stays near 1e-7).
+/// Not the hardware's exact bits (it aligns the addends and drops their low bits before adding);
+/// the same direction of error.
 inline void mma_m16n8k8_tf32(float (&d)[4], const std::uint32_t (&a)[4], const std::uint32_t (&b)[2]) {
   WarpExchange& x = *tls.wx;
   const unsigned lane = tls.lane;
