@@ -40,6 +40,14 @@ namespace cuda_detail {
 
 constexpr int GBK = 16;  // reduction step of both products
 
+// Blocks per SM the two products' register budget is cut for (a build-time experiment, default
+// 1): on the H200 both kernels ran one block of 8 warps per SM (129-180 registers), latency-bound
+// (session 6, ncu: no eligible warp in over half the cycles); 2 caps them at 128 registers for
+// 16 warps per SM. To be timed side by side (benchmarks/gpu_variants.sh) before it changes.
+#ifndef DFFKIT_GEMM_MINB
+#define DFFKIT_GEMM_MINB 1
+#endif
+
 // ---- 4-element loads and stores ---------------------------------------------------------------
 
 /// v = p[0..3] as T; p is aligned to 4 elements.
@@ -259,7 +267,7 @@ struct GemmArgs {
 // ---- N = X H^T and the W update ---------------------------------------------------------------
 
 template <class T, class XS, int KP, int MODE>
-__global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q, const int* stop,
+__global__ void __launch_bounds__(NT, DFFKIT_GEMM_MINB) gemm_n_kernel(GemmArgs<T, XS> g, KParams q, const int* stop,
                                                     int first) {
   if (stop && *stop) return;
   using G = NGeom<KP>;
@@ -406,7 +414,7 @@ __global__ void __launch_bounds__(NT) gemm_n_kernel(GemmArgs<T, XS> g, KParams q
 // ---- P_s = W^T X over a slice of rows -----------------------------------------------------------
 
 template <class T, class XS, int KP, int MODE>
-__global__ void __launch_bounds__(NT) gemm_p_kernel(GemmArgs<T, XS> g, const int* stop) {
+__global__ void __launch_bounds__(NT, DFFKIT_GEMM_MINB) gemm_p_kernel(GemmArgs<T, XS> g, const int* stop) {
   if (stop && *stop) return;
   using G = PGeom<KP>;
   constexpr bool TC = MODE != 0;
