@@ -9,7 +9,10 @@
 #   5. compute-sanitizer memcheck + racecheck over benchmarks/cuda_sanitize_driver.py (SANITIZE=0: off)
 #
 # Before the lease, here:  bash benchmarks/gpu_final.sh --prepare   (compiles cuda/*.cu for sm_90
-# into .gpu_prebuilt/, an ignored folder to carry).
+# into .gpu_prebuilt/, an ignored folder to carry). PREPARE_VARIANTS="pad8:-DDFFKIT_GEMM_PAD8=1
+# minb2:-DDFFKIT_GEMM_MINB=2 both:-DDFFKIT_GEMM_PAD8=1,-DDFFKIT_GEMM_MINB=2" also compiles the
+# gemm engine's objects with those build switches into .gpu_variants/<name>/ (carry it too; on
+# the machine: bash benchmarks/gpu_variants.sh benchmarks/cuda_bench.py --large).
 #
 # bash benchmarks/gpu_final.sh --short: for a lease of 15 minutes (one command of at most 600 s):
 # stage 1 (tests/test_cuda.py, 200 s), 1b (cuda_bench.py --ab, 200 s), memcheck (90 s), in that
@@ -27,6 +30,19 @@ if [[ "${1:-}" == "--prepare" ]]; then
       -I"$ROOT/cpp" -I"$ROOT/cuda" &
   done
   wait
+  # build-switch variants for benchmarks/gpu_variants.sh (PREPARE_VARIANTS="name:-DFLAG ...";
+  # the gemm engine's switches live in the nmf_mu_{f32,tf32,bf16x} objects): .gpu_variants/<name>/
+  for spec in ${PREPARE_VARIANTS:-}; do
+    vname=${spec%%:*}; vflags=${spec#*:}; vflags=${vflags//,/ }
+    mkdir -p "$ROOT/.gpu_variants/$vname"
+    grep -qx "/.gpu_variants/" "$ROOT/.git/info/exclude" || echo "/.gpu_variants/" >> "$ROOT/.git/info/exclude"
+    for f in "$ROOT"/cuda/nmf_mu_f32.cu "$ROOT"/cuda/nmf_mu_tf32.cu "$ROOT"/cuda/nmf_mu_bf16x.cu; do
+      nvcc -c "$f" -o "$ROOT/.gpu_variants/$vname/$(basename "${f%.cu}").o" -O3 -std=c++17 \
+        --expt-relaxed-constexpr -lineinfo -Xcompiler -fPIC -gencode arch=compute_90,code=sm_90 \
+        -I"$ROOT/cpp" -I"$ROOT/cuda" $vflags &
+    done
+    wait
+  done
   # what the objects were compiled from: the next lease links them only if the sources match
   (cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16) > "$ROOT/.gpu_prebuilt/SOURCES"
   ls -la "$ROOT/.gpu_prebuilt"

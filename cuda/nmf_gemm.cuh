@@ -48,6 +48,37 @@ constexpr int GBK = 16;  // reduction step of both products
 #define DFFKIT_GEMM_MINB 1
 #endif
 
+// Staging layout of the two products (a build-time experiment, default 0). 0: rows of the
+// staged tiles 4 words apart beyond their width, the staging groups of 4 columns handed out
+// row-major (4 threads per row). On the H200 every mma fragment read of both kernels was then
+// 2-way bank-conflicted, and the transposed stores of the N kernel too (session 6, ncu: 33.7 M
+// conflicts in 34.4 M shared loads at 16384^2): a fragment read takes rows tq = 0..3 and
+// columns gq = 0..7, banks 4 tq + gq. 1: rows 8 words apart (banks 8 tq + gq: conflict-free) and
+// the groups handed out so that the 32 lanes of a warp stage 32 different rows of one group of
+// columns (the transposed stores conflict-free at that pad; each lane's global load is then 16
+// bytes of its own row instead of 4 lanes sharing 64 bytes). Conflicts counted by enumeration
+// (tests/test_cuda_emu.py::test_gemm_staging_layout_bank_conflicts); speed to be timed side by
+// side before it changes.
+#ifndef DFFKIT_GEMM_PAD8
+#define DFFKIT_GEMM_PAD8 0
+#endif
+constexpr int GPAD = DFFKIT_GEMM_PAD8 ? 8 : 4;  // words beyond a staged row's width
+
+/// Staging group e (of ROWS * GBK / 4) -> its row and first column: see DFFKIT_GEMM_PAD8.
+template <int ROWS>
+DFFKIT_HD void stage_group(int e, int& row, int& c4) {
+  if constexpr (DFFKIT_GEMM_PAD8 && ROWS >= 32) {
+    row = (e & 31) + ((e >> 7) << 5);
+    c4 = ((e >> 5) & 3) * 4;
+  } else if constexpr (DFFKIT_GEMM_PAD8) {
+    row = e % ROWS;
+    c4 = (e / ROWS) * 4;
+  } else {
+    row = e / (GBK / 4);
+    c4 = (e % (GBK / 4)) * 4;
+  }
+}
+
 // ---- 4-element loads and stores ---------------------------------------------------------------
 
 /// v = p[0..3] as T; p is aligned to 4 elements.
@@ -192,8 +223,8 @@ struct NGeom {
   static constexpr int TX = KP / 4;           // threads across the columns
   static constexpr int TY = NT / TX;          // threads down the rows
   static constexpr int BM = TY * 8;           // rows per block: 512, 256, 128
-  static constexpr int LDA = BM + 4;          // As[l][row]: X staged transposed, padded
-  static constexpr int LDB = KP + 4;          // Bs[l][j] = H[j][l]
+  static constexpr int LDA = BM + GPAD;       // As[l][row]: X staged transposed, padded
+  static constexpr int LDB = KP + GPAD;       // Bs[l][j] = H[j][l]
   static constexpr int XG = BM * GBK / 4 / NT;  // 4-element groups of X per thread and step
   static constexpr int LDW = KP + 1;          // epilogue: old W rows
   static_assert(KP * GBK / 4 <= NT, "one group of H per thread");
@@ -208,8 +239,8 @@ struct PGeom {
   static constexpr int TY = KP / 8;
   static constexpr int TX = NT / TY;
   static constexpr int BN = TX * TC;          // columns per block: 512, 256, 256
-  static constexpr int LDW = KP + 4;          // Ws[i][j]
-  static constexpr int LDX = BN + 4;          // Xs[i][l]
+  static constexpr int LDW = KP + GPAD;       // Ws[i][j]
+  static constexpr int LDX = BN + GPAD;       // Xs[i][l]
   static constexpr int XG = GBK * BN / 4 / NT;
   static constexpr int WG = (GBK * KP + NT - 1) / NT;
   static constexpr int WN = BN / CW, N8 = WN / 8;  // tensor cores: warp tile WM x WN
@@ -228,7 +259,7 @@ constexpr int GRAM_ROWS = 32;
 template <class T>
 DFFKIT_HD std::size_t gemm_n_smem(int KP, int mode = 0) {
   const int TX = KP / 4, BM = (NT / TX) * 8;
-  const std::size_t stage = std::size_t(2) * GBK * ((BM + 4) + (KP + 4));
+  const std::size_t stage = std::size_t(2) * GBK * ((BM + GPAD) + (KP + GPAD));
   // old W rows, G_H, and (tensor cores) N on its way from the fragments to the W update
   const std::size_t epi = std::size_t(BM) * (KP + 1) * (mode != 0 ? 2 : 1) + std::size_t(KP) * KP;
   return NT * sizeof(double) + (stage > epi ? stage : epi) * sizeof(T);
@@ -236,7 +267,7 @@ DFFKIT_HD std::size_t gemm_n_smem(int KP, int mode = 0) {
 template <class T>
 DFFKIT_HD std::size_t gemm_p_smem(int KP) {
   const int TC = KP == 64 ? 8 : 4, BN = (NT / (KP / 8)) * TC;
-  return std::size_t(2) * GBK * ((KP + 4) + (BN + 4)) * sizeof(T);
+  return std::size_t(2) * GBK * ((KP + GPAD) + (BN + GPAD)) * sizeof(T);
 }
 template <class T>
 DFFKIT_HD std::size_t gemm_gram_smem(int KP) {
@@ -288,12 +319,14 @@ __global__ void __launch_bounds__(NT, DFFKIT_GEMM_MINB) gemm_n_kernel(GemmArgs<T
   auto load = [&](i64 l0) {
 #pragma unroll
     for (int u = 0; u < G::XG; ++u) {
-      const int e = tid + u * NT, row = e / (GBK / 4), c4 = (e % (GBK / 4)) * 4;
+      int row, c4;
+      stage_group<G::BM>(tid + u * NT, row, c4);
       const i64 gi = r0 + row;
       fetch4<T, XS>(g.X + (gi < m ? gi : 0) * n, gi < m, l0 + c4, n, vec, xr[u]);
     }
     if (tid < KP * GBK / 4) {
-      const int j = tid / (GBK / 4), c4 = (tid % (GBK / 4)) * 4;
+      int j, c4;
+      stage_group<KP>(tid, j, c4);
       fetch4<T, T>(g.H + (j < k ? j : 0) * n, j < k, l0 + c4, n, vec, hr);
     }
   };
@@ -302,12 +335,14 @@ __global__ void __launch_bounds__(NT, DFFKIT_GEMM_MINB) gemm_n_kernel(GemmArgs<T
     T* b = Bs + buf * GBK * G::LDB;
 #pragma unroll
     for (int u = 0; u < G::XG; ++u) {
-      const int e = tid + u * NT, row = e / (GBK / 4), c4 = (e % (GBK / 4)) * 4;
+      int row, c4;
+      stage_group<G::BM>(tid + u * NT, row, c4);
 #pragma unroll
       for (int c = 0; c < 4; ++c) a[(c4 + c) * G::LDA + row] = staged<MODE>(xr[u][c]);
     }
     if (tid < KP * GBK / 4) {
-      const int j = tid / (GBK / 4), c4 = (tid % (GBK / 4)) * 4;
+      int j, c4;
+      stage_group<KP>(tid, j, c4);
 #pragma unroll
       for (int c = 0; c < 4; ++c) b[(c4 + c) * G::LDB + j] = staged<MODE>(hr[c]);
     }

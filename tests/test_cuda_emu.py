@@ -23,14 +23,15 @@ def _compiler():
     return None
 
 
-def _build(tmp_path_factory, source):
-    """tests/emu/<source> compiled against the kernels (skip where there is no C++ compiler)."""
+def _build(tmp_path_factory, source, defines=()):
+    """tests/emu/<source> compiled against the kernels (skip where there is no C++ compiler);
+    defines: build switches of the kernels (NAME=VALUE)."""
     cxx = _compiler()
     if cxx is None:
         pytest.skip("no C++ compiler to build the CUDA emulator harness")
     exe = tmp_path_factory.mktemp("emu") / Path(source).stem
     cmd = [cxx, "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'cpp'}", f"-I{ROOT / 'cuda'}",
-           str(ROOT / "tests" / "emu" / source), "-o", str(exe)]
+           *(f"-D{d}" for d in defines), str(ROOT / "tests" / "emu" / source), "-o", str(exe)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, f"emulator harness did not compile:\n{done.stderr[-4000:]}"
     return exe
@@ -193,6 +194,57 @@ def test_gemm_kernels_match_float64_oracle(emu, tmp_path, case):
         assert d_exact > 10 * d_tf32
     if case.get("max_slices") == 2:
         assert out["plan"]["slices"] == 2
+
+
+@pytest.fixture(scope="module")
+def emu_pad8(tmp_path_factory):
+    return _build(tmp_path_factory, "gemm_emu.cpp", defines=["DFFKIT_GEMM_PAD8=1"])
+
+
+@pytest.mark.parametrize("case", [
+    dict(m=300, n=200, k=20), dict(m=130, n=37, k=5, l1=0.05, first=0),
+    dict(m=129, n=64, k=64, vec=0, lam=0.3, groups=[0, 40, 41, 129]),
+    dict(m=520, n=530, k=9, dtype="tf32", first=0), dict(m=300, n=200, k=20, dtype="f32split"),
+    dict(m=129, n=37, k=64, dtype="f32split"), dict(m=70, n=48, k=17, dtype="bf16xsplit"),
+], ids=["k20", "k5-scalar", "k64-groups", "tf32-k9", "split-k20", "split-k64", "bf16x-split-k17"])
+def test_gemm_pad8_layout_gives_the_same_bits(emu, emu_pad8, tmp_path, case):
+    """The build switch DFFKIT_GEMM_PAD8 (another staging layout: pads and which thread stages
+    which rows) changes where the tiles sit in shared memory, not the order of any sum: every
+    output equals the default build's bit for bit (the default build is checked against the
+    float64 oracle above)."""
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "pad8").mkdir()
+    _, ref = _run(emu, tmp_path / "ref", **case)
+    _, out = _run(emu_pad8, tmp_path / "pad8", **case)
+    assert ref.keys() == out.keys()
+    for name in ref:
+        if name != "plan":
+            np.testing.assert_array_equal(out[name], ref[name], err_msg=name)
+
+
+def test_gemm_staging_layout_bank_conflicts(tmp_path_factory):
+    """Bank conflicts of the two-pass kernels' shared-memory accesses, counted by enumeration
+    from their geometry (tests/emu/gemm_banks_emu.cpp). The default layout: every mma fragment
+    read and the N kernel's transposed stores 2-way, what ncu measured on the H200 (session 6).
+    DFFKIT_GEMM_PAD8=1: all conflict-free but the H/W staging at k <= 16 (2-way, a few stores)."""
+    def counts(defines):
+        exe = _build(tmp_path_factory, "gemm_banks_emu.cpp", defines)
+        done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = [line.split() for line in done.stdout.splitlines() if len(line.split()) == 4]
+        return {(r[0], int(r[1])): (int(r[2]), int(r[3])) for r in rows}
+
+    default, pad8 = counts([]), counts(["DFFKIT_GEMM_PAD8=1"])
+    assert len(default) == len(pad8) == 24
+    for (name, kp), (req, wf) in default.items():
+        if name.startswith(("n_frag", "p_frag")) or name == "n_store_x":
+            assert wf == 2 * req, (name, kp)
+    for (name, kp), (req, wf) in pad8.items():
+        fewest = 4 * req if name == "p_store_x" else req  # 16-byte stores: 4 quarter warps
+        if name in ("n_store_h", "p_store_w") and kp == 16:
+            assert wf == 2 * req, (name, kp)
+        else:
+            assert wf == fewest, (name, kp)
 
 
 def test_gemm_plan_covers_the_rows_once(emu, tmp_path):
