@@ -403,11 +403,12 @@ void launch_gemm_gh(const T* H, i64 n, int k, const GemmPlan& plan, T* GHpart, c
 /// Whether the gemm engine's single-pass kernel (nmf_fused.cuh) may serve a problem, apart from its
 /// shape: float32 factors on tensor cores (gm != 0; X float32 or bfloat16), no group term, X
 /// 16-byte aligned, a device of compute capability 9 or newer (its kernel body compiles for sm_90
-/// only). By default it serves the tf32 mode and bfloat16 X, where it beat the two passes on the
-/// H200 (session 6, 200000 x 512, k = 20, 100 iterations: tf32 46.9 ms against 53.1, bf16x 51.6
-/// against 56.2), and not float32 X at float32 accuracy (three mma per product: 65.7 ms against
-/// the two passes' 57.2). DFFKIT_CUDA_GEMM_FUSED=1 makes it serve every case it can, =0 none
-/// (for side-by-side timings).
+/// only). By default it serves the tf32 mode and bfloat16 X, where it beats the two passes on the
+/// H200 (session 6 run 5, 200000 x 512, k = 20, 100 iterations: tf32 46.2 ms against 53.0,
+/// bf16x 54.6 against 57.9), and not float32 X at float32 accuracy (three mma per product: 65.7
+/// ms against 57.2 in run 4; 69.0 against 70.6 in run 5, after the per-step accumulation of
+/// mma_tf32x3: a tie, left as run 5's tests checked it). DFFKIT_CUDA_GEMM_FUSED=1 makes it
+/// serve every case it can, =0 none (for side-by-side timings).
 template <class T, class XS>
 bool fused_allowed(int gm, const KParams& q, int cc_major, std::uintptr_t X) {
   if (!std::is_same<T, float>::value || sizeof(XS) > 4) return false;

@@ -36,9 +36,10 @@ int check_shapes_and_device(const std::vector<Item>& items, DType dt, Precision 
 }
 
 /// Engine "auto" takes the gemm engine instead of the sweep where it serves the problem: on the
-/// H200 (session 6, cuda_bench.py --ab) it took 57-66 ms against the sweep's 160 ms at
-/// 200000 x 512, k = 20, and 188 ms against 1834 ms at 16384^2, k = 64 (float32; tf32 and bf16x
-/// alike). DFFKIT_CUDA_GEMM=0 gives the sweep back (for side-by-side timings).
+/// H200 (session 6 run 5, cuda_bench.py --ab, float32) it took 64-71 ms against the sweep's
+/// 159 ms at 200000 x 512, k = 20, and 194 ms against 1828 ms at 16384^2, k = 64 (5 iterations
+/// scaled to 50; tf32 and bf16x alike). DFFKIT_CUDA_GEMM=0 gives the sweep back (for
+/// side-by-side timings).
 bool gemm_by_default() {
   const char* v = std::getenv("DFFKIT_CUDA_GEMM");
   return !(v && v[0] == '0');
