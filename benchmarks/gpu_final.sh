@@ -42,6 +42,8 @@ if [[ "${1:-}" == "--prepare" ]]; then
         -I"$ROOT/cpp" -I"$ROOT/cuda" $vflags &
     done
     wait
+    (cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16) \
+      > "$ROOT/.gpu_variants/$vname/SOURCES"
   done
   # what the objects were compiled from: the next lease links them only if the sources match
   (cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16) > "$ROOT/.gpu_prebuilt/SOURCES"

@@ -7,8 +7,14 @@
 set -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY=python3
+now="$(cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16)"
 for vdir in "$ROOT"/.gpu_variants/*/; do
   name=$(basename "$vdir")
+  # objects of other sources than these (and than .gpu_prebuilt's) would link into a mixed module
+  if [[ "$(cat "$vdir/SOURCES" 2>/dev/null)" != "$now" || "$(cat "$ROOT/.gpu_prebuilt/SOURCES" 2>/dev/null)" != "$now" ]]; then
+    echo "== variant $name: skipped (compiled from other sources; gpu_final.sh --prepare with PREPARE_VARIANTS)"
+    continue
+  fi
   pkg=/tmp/variant_$name
   rm -rf "$pkg" && mkdir -p "$pkg" && cp -r "$ROOT/python/dffkit" "$pkg/" && rm -f "$pkg"/dffkit/_cuda*.so
   objs=()
