@@ -21,13 +21,26 @@
 set -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+# what CUDA objects are compiled from (the locale fixed: it orders the globs), as 16 hex digits;
+# `gpu_final.sh --sources-hash` prints it (gpu_variants.sh asks)
+sources_hash() {
+  (cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16)
+}
+if [[ "${1:-}" == "--sources-hash" ]]; then
+  sources_hash
+  exit 0
+fi
+# one translation unit for sm_90: sm90_compile SOURCE OBJECT [extra nvcc flags]
+sm90_compile() {
+  nvcc -c "$1" -o "$2" -O3 -std=c++17 --expt-relaxed-constexpr -lineinfo -Xcompiler -fPIC \
+    -gencode arch=compute_90,code=sm_90 -I"$ROOT/cpp" -I"$ROOT/cuda" "${@:3}"
+}
+
 if [[ "${1:-}" == "--prepare" ]]; then
   mkdir -p "$ROOT/.gpu_prebuilt"
   grep -qx "/.gpu_prebuilt/" "$ROOT/.git/info/exclude" || echo "/.gpu_prebuilt/" >> "$ROOT/.git/info/exclude"
   for f in "$ROOT"/cuda/*.cu; do
-    nvcc -c "$f" -o "$ROOT/.gpu_prebuilt/$(basename "${f%.cu}").o" -O3 -std=c++17 \
-      --expt-relaxed-constexpr -lineinfo -Xcompiler -fPIC -gencode arch=compute_90,code=sm_90 \
-      -I"$ROOT/cpp" -I"$ROOT/cuda" &
+    sm90_compile "$f" "$ROOT/.gpu_prebuilt/$(basename "${f%.cu}").o" &
   done
   wait
   # build-switch variants for benchmarks/gpu_variants.sh (PREPARE_VARIANTS="name:-DFLAG ...";
@@ -37,16 +50,13 @@ if [[ "${1:-}" == "--prepare" ]]; then
     mkdir -p "$ROOT/.gpu_variants/$vname"
     grep -qx "/.gpu_variants/" "$ROOT/.git/info/exclude" || echo "/.gpu_variants/" >> "$ROOT/.git/info/exclude"
     for f in "$ROOT"/cuda/nmf_mu_f32.cu "$ROOT"/cuda/nmf_mu_tf32.cu "$ROOT"/cuda/nmf_mu_bf16x.cu; do
-      nvcc -c "$f" -o "$ROOT/.gpu_variants/$vname/$(basename "${f%.cu}").o" -O3 -std=c++17 \
-        --expt-relaxed-constexpr -lineinfo -Xcompiler -fPIC -gencode arch=compute_90,code=sm_90 \
-        -I"$ROOT/cpp" -I"$ROOT/cuda" $vflags &
+      sm90_compile "$f" "$ROOT/.gpu_variants/$vname/$(basename "${f%.cu}").o" $vflags &
     done
     wait
-    (cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16) \
-      > "$ROOT/.gpu_variants/$vname/SOURCES"
+    sources_hash > "$ROOT/.gpu_variants/$vname/SOURCES"
   done
   # what the objects were compiled from: the next lease links them only if the sources match
-  (cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16) > "$ROOT/.gpu_prebuilt/SOURCES"
+  sources_hash > "$ROOT/.gpu_prebuilt/SOURCES"
   ls -la "$ROOT/.gpu_prebuilt"
   exit 0
 fi
@@ -88,7 +98,7 @@ fi
 
 # 1. build + the CUDA engine's own tests
 if [[ -d "$ROOT/.gpu_prebuilt" ]]; then
-  now="$(cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16)"
+  now="$(sources_hash)"
   if [[ "$(cat "$ROOT/.gpu_prebuilt/SOURCES" 2>/dev/null)" == "$now" ]]; then
     export GPU_CHECK_PREBUILT="$ROOT/.gpu_prebuilt"
   else

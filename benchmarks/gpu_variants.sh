@@ -7,7 +7,7 @@
 set -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY=python3
-now="$(cd "$ROOT" && export LC_ALL=C && cat cuda/*.cu cuda/*.cuh cuda/*.hpp cpp/*.hpp | sha256sum | cut -c1-16)"
+now="$(bash "$ROOT/benchmarks/gpu_final.sh" --sources-hash)"
 for vdir in "$ROOT"/.gpu_variants/*/; do
   name=$(basename "$vdir")
   # objects of other sources than these (and than .gpu_prebuilt's) would link into a mixed module
