@@ -47,6 +47,31 @@ void quads(Count& c, const std::vector<long>& addr) {
   }
 }
 
+/// One warp's mma fragment reads over a reduction step of GBK, as mma_step16 makes them: A rows
+/// r0 + mt * 16 + gq (+ 8) at a[l * lda + row], B columns c0 + nt * 8 + gq at b[l * ldb + col].
+void fragment_reads(Count& fa, Count& fb, int lda, int r0, int mts, int ldb, int c0, int n8s) {
+  for (int ks = 0; ks < GBK; ks += 8) {
+    for (int mt = 0; mt < mts; ++mt)
+      for (int e = 0; e < 4; ++e) {  // a0..a3
+        std::vector<long> addr;
+        for (int lane = 0; lane < 32; ++lane) {
+          const int gq = lane / 4, tq = lane % 4;
+          addr.push_back(long(ks + tq + (e >> 1) * 4) * lda + r0 + mt * 16 + gq + (e & 1) * 8);
+        }
+        words(fa, addr);
+      }
+    for (int nt = 0; nt < n8s; ++nt)
+      for (int e = 0; e < 2; ++e) {  // b0, b1
+        std::vector<long> addr;
+        for (int lane = 0; lane < 32; ++lane) {
+          const int gq = lane / 4, tq = lane % 4;
+          addr.push_back(long(ks + tq + e * 4) * ldb + c0 + nt * 8 + gq);
+        }
+        words(fb, addr);
+      }
+  }
+}
+
 void print(const char* name, int KP, const Count& c) {
   std::printf("%s %d %ld %ld\n", name, KP, c.requests, c.wavefronts);
 }
@@ -57,26 +82,7 @@ void n_kernel() {
   Count fa, fb, sa, sb;
   for (int warp = 0; warp < NT / 32; ++warp) {
     const int m0 = (warp / G::CW) * G::WM, n0 = (warp % G::CW) * G::WN;
-    for (int ks = 0; ks < GBK; ks += 8) {
-      for (int mt = 0; mt < G::MT; ++mt)
-        for (int e = 0; e < 4; ++e) {  // a0..a3
-          std::vector<long> addr;
-          for (int lane = 0; lane < 32; ++lane) {
-            const int gq = lane / 4, tq = lane % 4;
-            addr.push_back(long(ks + tq + (e >> 1) * 4) * G::LDA + m0 + mt * 16 + gq + (e & 1) * 8);
-          }
-          words(fa, addr);
-        }
-      for (int nt = 0; nt < G::N8; ++nt)
-        for (int e = 0; e < 2; ++e) {  // b0, b1
-          std::vector<long> addr;
-          for (int lane = 0; lane < 32; ++lane) {
-            const int gq = lane / 4, tq = lane % 4;
-            addr.push_back(long(ks + tq + e * 4) * G::LDB + n0 + nt * 8 + gq);
-          }
-          words(fb, addr);
-        }
-    }
+    fragment_reads(fa, fb, G::LDA, m0, G::MT, G::LDB, n0, G::N8);
     // staging stores: X transposed (a[(c4 + c) * LDA + row]), H (b[(c4 + c) * LDB + j])
     for (int u = 0; u < G::XG; ++u)
       for (int c = 0; c < 4; ++c) {
@@ -111,26 +117,7 @@ void p_kernel() {
   Count fa, fb, sx, sw;
   for (int warp = 0; warp < NT / 32; ++warp) {
     const int j0 = (warp / G::CW) * G::WM, c0 = (warp % G::CW) * G::WN;
-    for (int ks = 0; ks < GBK; ks += 8) {
-      for (int mt = 0; mt < G::MT; ++mt)
-        for (int e = 0; e < 4; ++e) {
-          std::vector<long> addr;
-          for (int lane = 0; lane < 32; ++lane) {
-            const int gq = lane / 4, tq = lane % 4;
-            addr.push_back(long(ks + tq + (e >> 1) * 4) * G::LDW + j0 + mt * 16 + gq + (e & 1) * 8);
-          }
-          words(fa, addr);
-        }
-      for (int nt = 0; nt < G::N8; ++nt)
-        for (int e = 0; e < 2; ++e) {
-          std::vector<long> addr;
-          for (int lane = 0; lane < 32; ++lane) {
-            const int gq = lane / 4, tq = lane % 4;
-            addr.push_back(long(ks + tq + e * 4) * G::LDX + c0 + nt * 8 + gq);
-          }
-          words(fb, addr);
-        }
-    }
+    fragment_reads(fa, fb, G::LDW, j0, G::MT, G::LDX, c0, G::N8);
     // staging stores: X row-major, 16 bytes a lane (x[row * LDX + c4]); W (w[(e / KP) * LDW + e % KP])
     for (int u = 0; u < G::XG; ++u) {
       std::vector<long> addr;
