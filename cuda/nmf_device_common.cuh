@@ -171,10 +171,12 @@ __device__ __forceinline__ void add4(float (&d)[4], const float (&t)[4]) {
 /// d += a b to float32 accuracy from split operands (a = ah + al, b = bh + bl, tf32 parts):
 /// al bh + ah bl + ah bh, the small terms first; the dropped al bl is below 2^-22 of a b.
 /// The three products go into a fresh accumulator, added to d by an ordinary float32 add: the
-/// tensor cores round their sum toward zero (measured on the H200, session 6), so a long chain
-/// of mma into d loses about half an ulp of d at every step, always downwards (~1e-5 relative
-/// over a 520-long reduction, up to 1e-3 in the factors after 100 iterations). Summed this way, each step's
-/// truncation is an ulp of that step's eight products, and d's additions round to nearest.
+/// tensor cores drop the low bits of the addends they align instead of rounding to nearest
+/// (cuda/NOTES.md, session 6), so a long chain of mma into d loses low bits of d at every step,
+/// downwards for positive sums (measured on the H200: ~1e-5 relative over a 520-long
+/// reduction, up to 1e-3 in the factors after 100 iterations). Summed this way, each step's
+/// loss is of the order of an ulp of that step's eight products, and d's additions round to
+/// nearest.
 __device__ __forceinline__ void mma_tf32x3(float (&d)[4], const std::uint32_t (&ah)[4],
                                            const std::uint32_t (&al)[4], const std::uint32_t (&bh)[2],
                                            const std::uint32_t (&bl)[2]) {
