@@ -410,7 +410,8 @@ class TorchContender(Contender):
 
         # TF32 is a process-wide switch: set for this contender's own solves only (set once in
         # setup, the last contender's setting held for every contender's timed solves, which run
-        # round-robin after all setups: the fp32 rows of the session-1 to -6 GPU suites ran TF32)
+        # round-robin after all setups: the fp32 rows of every GPU suite report up to session 6 ran
+        # TF32)
         flags = torch.backends.cuda.matmul
         old = flags.allow_tf32
         flags.allow_tf32 = self.device == "cuda" and self.precision == "tf32"
