@@ -203,6 +203,59 @@ def test_the_input_itself_can_be_extracted(make, name):
     np.testing.assert_allclose(fx(imgs), normalize_reference(np.stack(imgs)), rtol=1e-5, atol=1e-5)
 
 
+def _normalised_f64(u8, normalization):
+    """The four normalisations in float64, written out independently of dffkit.images."""
+    x = u8.astype(np.float64)
+    if normalization == "imagenet":
+        x = (x / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+    elif normalization == "caffe":
+        x = x[..., ::-1] - np.array([103.939, 116.779, 123.68])
+    elif normalization == "unit":
+        x = x / 255.0
+    return x.transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("normalization", ["imagenet", "caffe", "unit", "none"])
+@pytest.mark.parametrize("make,name", [(small_net, "input"), (nhwc_net, "image")])
+def test_uint8_images_are_normalised_inside_the_model(make, name, normalization):
+    """The session takes resized uint8 images and normalises them itself: the same bits as
+    the host's normalisation fed to the float session, for both layouts."""
+    from dffkit.images import normalize
+
+    fx = FeatureExtractor(make(), name, providers="cpu", image_size=16, normalization=normalization)
+    assert fx.session.get_inputs()[0].type == "tensor(uint8)"
+    u8 = np.stack(images(3, 16, 16, seed=16))
+    kept = u8.copy()
+    inside = fx.run(u8)
+    np.testing.assert_array_equal(u8, kept)  # the caller's array is not touched
+    np.testing.assert_array_equal(inside, fx.run(normalize(u8, normalization)))
+    np.testing.assert_allclose(inside, _normalised_f64(u8, normalization), rtol=1e-6, atol=1e-4)
+    np.testing.assert_array_equal(fx(list(u8)), inside)  # the images path sends the same bytes
+
+
+def test_float16_input_model_takes_uint8_images():
+    """A model whose input is float16 (to_float16 without float32 I/O) gets a Cast after the
+    normalisation; its activations agree with the float32 model's to float16 precision."""
+    half = models.to_float16(small_net(), keep_io_float32=False)
+    imgs = images(2, 32, 32, seed=17)
+    full = FeatureExtractor(small_net(), "relu1", providers="cpu", image_size=32)(imgs)
+    out = FeatureExtractor(half, "relu1", providers="cpu", image_size=32)(imgs)
+    assert out.dtype == np.float32 and out.shape == full.shape
+    np.testing.assert_allclose(out, full, rtol=2e-2, atol=2e-2 * np.abs(full).max())
+
+
+def test_run_rejects_inputs_of_the_wrong_form():
+    fx = FeatureExtractor(small_net(), "relu1", providers="cpu", image_size=16)
+    with pytest.raises(ValueError, match=r"uint8 input must be resized RGB images \(N, H, W, 3\)"):
+        fx.run(np.zeros((1, 3, 16, 16), np.uint8))
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\) float32"):
+        fx.run(np.zeros((1, 16, 16, 3), np.float32))
+    with pytest.raises(ValueError, match="dtype"):
+        fx.run(np.array([[["a"]]]))
+    with pytest.raises(ValueError, match="no images"):
+        fx.run(np.zeros((0, 16, 16, 3), np.uint8))
+
+
 def test_layers_lists_names_and_shapes():
     fx = FeatureExtractor(small_net(), providers="cpu", image_size=(32, 40))
     listed = dict(fx.layers())

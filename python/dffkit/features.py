@@ -8,6 +8,9 @@ onnxruntime session on it, and turns images into activations (N, C, h, w) float3
     acts = fx(["a.jpg", "b.png"])               # numpy (2, 512, 14, 14)
     fx.last_sizes                               # [(H, W) of a.jpg, of b.png]
 
+The session takes the resized uint8 pixels and normalises them inside the graph (Pillow
+resizes on the host; a GPU receives a quarter of the bytes of float32).
+
 On the CUDA provider, ``fx(images, device_output=True)`` leaves the activations in GPU
 memory (onnxruntime I/O binding) and returns a ``DeviceActivations`` that exposes them
 through ``__cuda_array_interface__`` and ``__dlpack__`` without a copy.
@@ -26,7 +29,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import models as _models
-from .images import as_image_list, image_sizes, load_image, load_images, preprocess, resized_size
+from .images import as_image_list, image_sizes, load_image, load_images, preprocess, resize_batch, resized_size
 
 __all__ = [
     "FeatureExtractor",
@@ -295,7 +298,8 @@ class FeatureExtractor:
     layer : the tensor name extracted.  provider : the provider running the session.
     model : the whole onnx.ModelProto (classifier included, if it has one).
     model_name, untrained, weights, image_size, resize, normalization, batch_size.
-    session : the onnxruntime session (input ``input_name``, output ``output_name``).
+    session : the onnxruntime session (input ``input_name``: resized uint8 RGB images
+        (N, H, W, 3), normalised inside the graph; output ``output_name``).
     last_sizes : (H, W) of each image of the last call, after EXIF orientation.
     """
 
@@ -376,9 +380,13 @@ class FeatureExtractor:
         self._light = _models._strip_weights(proto)
         truncated = _models.truncate(proto, self.layer)
         self._shape_model = _models._strip_weights(truncated)
-        self.session, self._device_id = _make_session(
-            truncated.SerializeToString(), providers, num_threads, provider_options, session_config
-        )
+        # the session takes resized uint8 images and normalises them itself (a quarter of the
+        # bytes to send); a second one, for already normalised float tensors, opens on first use
+        native = truncated if layout == "NCHW" else _models.truncate(proto, self.layer, nchw_input=False)
+        fed_images = _models.with_image_input(native, self.normalization)
+        self._session_args = (providers, num_threads, provider_options, session_config)
+        self.session, self._device_id = _make_session(fed_images.SerializeToString(), *self._session_args)
+        self._tensor_session = None
         self.provider = self.session.get_providers()[0]
         self._device_type = "cuda"  # where device_output puts the activations
         self.input_name = self.session.get_inputs()[0].name
@@ -435,40 +443,66 @@ class FeatureExtractor:
 
     # ------------------------------------------------------------------ running
 
-    def _check_input(self, x) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"input must be (N, 3, H, W) float32, got shape {x.shape}")
+    def _tensors_session(self):
+        """The session for normalised float tensors (N, 3, H, W), opened on first use."""
+        if self._tensor_session is None:
+            truncated = _models.truncate(self.model, self.layer)
+            session, _ = _make_session(truncated.SerializeToString(), *self._session_args)
+            if session.get_providers()[0] != self.provider:
+                raise RuntimeError(f"the tensor session runs on {session.get_providers()[0]}, the image one on {self.provider}")
+            self._tensor_session = session
+        return self._tensor_session
+
+    def _check_input(self, x) -> Tuple[np.ndarray, bool]:
+        """(contiguous batch, whether it is uint8 images (N, H, W, 3)); float input is
+        normalised tensors (N, 3, H, W)."""
+        if isinstance(x, np.ndarray) and x.dtype == np.uint8:
+            if x.ndim != 4 or x.shape[3] != 3:
+                raise ValueError(f"uint8 input must be resized RGB images (N, H, W, 3), got shape {x.shape}")
+            images, hw = True, x.shape[1:3]
+        else:
+            x = np.asarray(x)
+            if x.dtype.kind not in "fiu":
+                raise ValueError(f"input must be (N, 3, H, W) float32 or (N, H, W, 3) uint8, got dtype {x.dtype}")
+            x = x.astype(np.float32, copy=False)
+            if x.ndim != 4 or x.shape[1] != 3:
+                raise ValueError(f"input must be (N, 3, H, W) float32 (normalised) or (N, H, W, 3) uint8 images, got shape {x.shape}")
+            images, hw = False, x.shape[2:]
         if x.shape[0] == 0:
             raise ValueError("no images given")
-        if self._fixed_hw is not None and tuple(x.shape[2:]) != self._fixed_hw:
-            raise ValueError(f"the model takes {self._fixed_hw} images, got {tuple(x.shape[2:])}")
-        return x
+        if self._fixed_hw is not None and tuple(hw) != self._fixed_hw:
+            raise ValueError(f"the model takes {self._fixed_hw} images, got {tuple(hw)}")
+        return np.ascontiguousarray(x), images
+
+    def _session_for(self, images: bool):
+        return (self.session, self.input_name) if images else (self._tensors_session(), self._tensors_session().get_inputs()[0].name)
 
     def _pad(self, x: np.ndarray) -> np.ndarray:
         b = self._fixed_batch
         if b is None or len(x) == b:
             return x
-        pad = np.zeros((b - len(x),) + x.shape[1:], np.float32)
+        pad = np.zeros((b - len(x),) + x.shape[1:], x.dtype)
         return np.concatenate([x, pad])
 
-    def _run_host(self, x: np.ndarray) -> np.ndarray:
+    def _run_host(self, x: np.ndarray, images: bool) -> np.ndarray:
         n = len(x)
-        out = self.session.run([self.output_name], {self.input_name: self._pad(x)})[0]
+        session, name = self._session_for(images)
+        out = session.run([self.output_name], {name: self._pad(x)})[0]
         if out.ndim != 4:
             raise ValueError(f"layer {self.layer!r} gives shape {out.shape}, not (N, C, h, w): choose a convolutional layer")
         return out[:n]
 
-    def _device_buffer(self, n_total: int, chunk: np.ndarray):
+    def _device_buffer(self, n_total: int, chunk: np.ndarray, images: bool):
         """A device OrtValue for all N outputs (padded to the fixed batch if needed)."""
         import onnxruntime as ort
 
-        per = self.output_shape(chunk.shape[2:])
+        per = self.output_shape(chunk.shape[1:3] if images else chunk.shape[2:])
         if per is None:  # shape inference could not tell: run once to learn it
-            io_binding = self.session.io_binding()
-            io_binding.bind_cpu_input(self.input_name, self._pad(chunk))
+            session, name = self._session_for(images)
+            io_binding = session.io_binding()
+            io_binding.bind_cpu_input(name, self._pad(chunk))
             io_binding.bind_output(self.output_name, self._device_type, self._device_id)
-            self.session.run_with_iobinding(io_binding)
+            session.run_with_iobinding(io_binding)
             per = tuple(io_binding.get_outputs()[0].shape()[1:])
         b = self._fixed_batch
         n_alloc = n_total if b is None else -(-n_total // b) * b
@@ -476,7 +510,8 @@ class FeatureExtractor:
         return value, per
 
     def _forward(self, chunks, n_total: int, device_output: bool):
-        """Run float32 chunks (each at most batch_size images) into one result."""
+        """Run chunks (each at most batch_size images: uint8 (n, H, W, 3) images or float
+        (n, 3, H, W) tensors) into one result."""
         if device_output and self.provider != "CUDAExecutionProvider":
             raise RuntimeError(
                 f"device_output=True needs the CUDA provider, but this extractor runs on {self.provider}; "
@@ -485,33 +520,36 @@ class FeatureExtractor:
         out = buffer = per = None
         start = 0
         for x in chunks:
-            x = self._check_input(x)
+            x, images = self._check_input(x)
             n = len(x)
+            if device_output:
+                session, name = self._session_for(images)
             if device_output and n == n_total and self._fixed_batch is None:
                 # one run: onnxruntime's own (arena) allocation is the buffer, no extra cudaMalloc
-                io_binding = self.session.io_binding()
-                io_binding.bind_cpu_input(self.input_name, x)
+                io_binding = session.io_binding()
+                io_binding.bind_cpu_input(name, x)
                 io_binding.bind_output(self.output_name, self._device_type, self._device_id)
-                self.session.run_with_iobinding(io_binding)
+                session.run_with_iobinding(io_binding)
                 buffer = io_binding.get_outputs()[0]
                 per = tuple(buffer.shape()[1:])
                 if len(per) != 3:
                     raise ValueError(f"layer {self.layer!r} gives shape {tuple(buffer.shape())}, not (N, C, h, w)")
             elif device_output:
+                hw = x.shape[1:3] if images else x.shape[2:]
                 if buffer is None:
-                    buffer, per = self._device_buffer(n_total, x)
+                    buffer, per = self._device_buffer(n_total, x, images)
                     base = buffer.data_ptr()
-                elif self.output_shape(x.shape[2:]) not in (None, per):
+                elif self.output_shape(hw) not in (None, per):
                     raise ValueError("images of different sizes cannot go into one device buffer; use resize='fixed'")
                 rows = n if self._fixed_batch is None else self._fixed_batch
-                io_binding = self.session.io_binding()
-                io_binding.bind_cpu_input(self.input_name, self._pad(x))
+                io_binding = session.io_binding()
+                io_binding.bind_cpu_input(name, self._pad(x))
                 io_binding.bind_output(
                     self.output_name, self._device_type, self._device_id, np.float32, (rows,) + per, base + start * int(np.prod(per)) * 4
                 )
-                self.session.run_with_iobinding(io_binding)
+                session.run_with_iobinding(io_binding)
             else:
-                y = self._run_host(x)
+                y = self._run_host(x, images)
                 if out is None:
                     out = np.empty((n_total,) + y.shape[1:], np.float32)
                 elif y.shape[1:] != out.shape[1:]:
@@ -526,12 +564,21 @@ class FeatureExtractor:
         return out
 
     def run(self, x, *, device_output: bool = False):
-        """Activations for an already preprocessed batch ``x`` (N, 3, H, W) float32
-        (normalised as ``preprocess`` does); returns (N, C, h, w) float32 numpy, or
-        ``DeviceActivations`` with ``device_output=True`` (CUDA provider only)."""
-        x = self._check_input(x)
+        """Activations for an already prepared batch ``x``: either resized uint8 RGB images
+        (N, H, W, 3), normalised inside the model (the fast path: a quarter of the bytes of
+        float32, no float work on the host), or normalised float32 tensors (N, 3, H, W) as
+        ``preprocess`` makes them (a second onnxruntime session, opened on first use).
+
+        Returns (N, C, h, w) float32 numpy, or ``DeviceActivations`` with
+        ``device_output=True`` (CUDA provider only)."""
+        x, _ = self._check_input(x)
         chunks = (x[i : i + self.batch_size] for i in range(0, len(x), self.batch_size))
         return self._forward(chunks, len(x), device_output)
+
+    def resize_images(self, pil_images: Sequence) -> np.ndarray:
+        """RGB PIL images -> (N, H, W, 3) uint8, resized to this extractor's size: what
+        ``run`` takes (``preprocess`` is the same, normalised on the host)."""
+        return resize_batch(pil_images, self.image_size, self.resize)
 
     def preprocess(self, pil_images: Sequence) -> np.ndarray:
         """RGB PIL images -> (N, 3, H, W) float32 at this extractor's size and normalisation."""
@@ -563,7 +610,7 @@ class FeatureExtractor:
                 pil = load_images(items[start : start + self.batch_size], start=start)
                 sizes.extend(image_sizes(pil))
                 try:
-                    yield self.preprocess(pil)
+                    yield self.resize_images(pil)
                 except ValueError as e:
                     raise ValueError(f"{e}; use extract_list() for images of different shapes") from None
 
@@ -588,7 +635,7 @@ class FeatureExtractor:
                 key = resized_size((im.height, im.width), self.image_size, self.resize)
                 groups.setdefault(key, []).append(i)
             for idx in groups.values():
-                acts = self._run_host(self.preprocess([pil[i] for i in idx]))
+                acts = self._run_host(self.resize_images([pil[i] for i in idx]), True)
                 for i, a in zip(idx, acts):
                     results[start + i] = a
         self.last_sizes = sizes

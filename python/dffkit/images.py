@@ -40,6 +40,7 @@ __all__ = [
     "resized_size",
     "normalize",
     "preprocess",
+    "resize_batch",
     "image_sizes",
     "as_image_list",
 ]
@@ -323,6 +324,13 @@ def preprocess(pil_images: Sequence, size=224, resize: str = "fixed", normalizat
     images of different shapes raise ValueError (run them one by one, or use
     ``FeatureExtractor.extract_list``).
     """
+    return normalize(resize_batch(pil_images, size, resize), normalization)
+
+
+def resize_batch(pil_images: Sequence, size=224, resize: str = "fixed") -> np.ndarray:
+    """Resize RGB PIL images into one uint8 array (N, H, W, 3): ``preprocess`` before its
+    normalisation (``FeatureExtractor`` sends this to the model, which normalises it).
+    Images that come out in different sizes raise ValueError, as in ``preprocess``."""
     if len(pil_images) == 0:
         raise ValueError("no images given")
     resized = [resize_image(to_rgb(im), size, resize) for im in pil_images]
@@ -332,5 +340,4 @@ def preprocess(pil_images: Sequence, size=224, resize: str = "fixed", normalizat
             f"images come out in {len(shapes)} different sizes {sorted(shapes)} "
             f"(resize={resize!r}, size={size!r}); use resize='fixed' or process them one by one"
         )
-    batch = np.stack([np.asarray(im, dtype=np.uint8) for im in resized])
-    return normalize(batch, normalization)
+    return np.stack([np.asarray(im, dtype=np.uint8) for im in resized])
