@@ -157,6 +157,11 @@ def markdown(report: dict) -> str:
             lines.append(f"- {r['model']} {mode}: " + ", ".join(f"{k} {v}" for k, v in s.items())
                          + f"; {r[f'dff_{mode}_n_iter']} NMF iterations on {r[f'dff_{mode}_backend']}"
                          + (", device path" if r[f"dff_{mode}_device_path"] else ""))
+    lines += ["", "Split of the last one-image DFF run (ms):", ""]
+    for r in report["results"]:
+        for mode in ("joint", "per_image"):
+            s = r.get(f"dff_{mode}_one_image_split_s") or {}
+            lines.append(f"- {r['model']} {mode}: " + ", ".join(f"{k} {1e3 * v:.3f}" for k, v in s.items()))
     return "\n".join(lines) + "\n"
 
 

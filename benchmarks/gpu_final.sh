@@ -70,7 +70,7 @@ fi
 OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 # --lease: every stage in one command of at most LEASE_LIMIT seconds (default 560), in the order
-# 1, 1b, 5 (memcheck, racecheck), 2, 3, 4, each under its own limit and 3 on what is left; the
+# 1, 1b, 5 (memcheck, racecheck), 2, 4, 3, each under its own limit and 3 on what is left; the
 # logs are written to a staging folder and packed into $OUT/gpu_out.tgz after every stage (a
 # lease hands back at most 8 files, and a command stopped at its limit keeps the last archive)
 if [[ "${1:-}" == "--lease" ]]; then
@@ -155,6 +155,15 @@ cd /tmp
 timeout "${PYTEST_GPU_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu "$ROOT/tests" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
 stamp "stage 2 done"
 pack
+# 4. onnxruntime on CUDA: the extractor and DFF end to end (before 3, which takes what is left)
+if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+  timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_features.py" --device cuda --out "$OUT" 2>&1 | tail -n 20
+  timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_dff.py" --device cuda --out "$OUT/dff_cuda" 2>&1 | tail -n 20
+else
+  stamp "no onnxruntime CUDA provider here: stage 4 skipped"
+fi
+stamp "stage 4 done"
+pack
 if [[ $LEASE == 1 ]]; then
   BENCH_SUITE_TIMEOUT=$(( LEASE_LIMIT - SECONDS - 15 ))
   (( BENCH_SUITE_TIMEOUT < 30 )) && BENCH_SUITE_TIMEOUT=30
@@ -170,13 +179,6 @@ set +f
 stamp "stage 3 done"
 pack
 
-# 4. onnxruntime on CUDA: the extractor and DFF end to end
-if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
-  timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_features.py" --device cuda --out "$OUT" 2>&1 | tail -n 20
-  timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_dff.py" --device cuda --out "$OUT/dff_cuda" 2>&1 | tail -n 20
-else
-  stamp "no onnxruntime CUDA provider here: stage 4 skipped"
-fi
 # 5. compute-sanitizer memcheck and racecheck over the driver (every kernel path, tiny problems)
 if [[ "${SANITIZE:-1}" == 1 ]]; then
   GPU_CHECK_STAGES="memcheck racecheck" SAN_TIMEOUT="${SAN_TIMEOUT:-100}" bash "$ROOT/benchmarks/gpu_check.sh" 2>&1 | tail -n 8
