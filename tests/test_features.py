@@ -3,6 +3,7 @@
 The oracle is numpy: a small network (conv -> relu -> pool -> conv) built here and computed
 by hand, PIL's bilinear filter written out, ImageNet normalisation written out."""
 import io
+import os
 import warnings
 
 import numpy as np
@@ -452,6 +453,127 @@ def test_one_bad_image_in_a_batch_is_named(tmp_path):
     fx = FeatureExtractor(small_net(), providers="cpu", image_size=16, batch_size=2)
     with pytest.raises(ValueError, match=r"image 2 \(.*bad.jpg\): not an image"):
         fx([str(good), images(1)[0], str(bad), str(good)])
+
+
+class _RendezvousFile(io.BytesIO):
+    """An encoded image whose first read waits until ``barrier``'s other party reads too:
+    two of them are read only if two threads read at once (else the barrier times out)."""
+
+    def __init__(self, data, barrier):
+        super().__init__(data)
+        self.barrier, self.waited = barrier, False
+
+    def read(self, *args):
+        if not self.waited:
+            self.waited = True
+            self.barrier.wait()
+        return super().read(*args)
+
+
+def _png(a):
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_images_are_read_on_several_threads():
+    import threading
+
+    pair = images(2, 20, 20, seed=30)
+    barrier = threading.Barrier(2, timeout=20)
+    out = load_images([_RendezvousFile(_png(a), barrier) for a in pair], workers=2)
+    assert [np.array_equal(np.asarray(im), a) for im, a in zip(out, pair)] == [True, True]
+
+
+def test_the_next_batch_is_read_while_this_one_runs():
+    """batch_size 1: image 1 is read while image 0 is still being read (and run), so the
+    two reads meet at the barrier; one batch at a time would time out."""
+    import threading
+
+    pair = images(2, 16, 16, seed=31)
+    fx = FeatureExtractor(small_net(), "relu1", providers="cpu", image_size=16, batch_size=1, workers=2)
+    barrier = threading.Barrier(2, timeout=20)
+    out = fx([_RendezvousFile(_png(a), barrier) for a in pair])
+    np.testing.assert_array_equal(out, fx(pair))
+
+
+def test_threads_change_nothing(tmp_path):
+    """Several threads and one: the same activations and sizes (images of mixed sizes and
+    kinds, several batches), and the same error: the first bad image in order, even when a
+    later one fails sooner."""
+    paths = []
+    for i, a in enumerate(images(3, 30, 40, seed=32)):
+        paths.append(tmp_path / f"im{i}.png")
+        Image.fromarray(a).save(paths[-1])
+    mixed = [str(paths[0]), images(1, 50, 20, seed=33)[0], Image.open(paths[1]), str(paths[2]), _png(images(1, 24, 24)[0])]
+    serial = FeatureExtractor(small_net(), "pool1", providers="cpu", image_size=16, batch_size=2, workers=1)
+    threaded = FeatureExtractor(small_net(), "pool1", providers="cpu", image_size=16, batch_size=2, workers=3)
+    a = serial(mixed)
+    mixed[2] = Image.open(paths[1])  # a fresh lazy PIL image
+    b = threaded(mixed)
+    np.testing.assert_array_equal(a, b)
+    assert serial.last_sizes == threaded.last_sizes == [(30, 40), (50, 20), (30, 40), (30, 40), (24, 24)]
+    big = tmp_path / "big.png"
+    Image.fromarray(images(1, 1500, 1500, seed=34)[0]).save(big)
+    slow_bad = tmp_path / "slow_bad.png"
+    slow_bad.write_bytes(big.read_bytes()[:-5000])  # fails after decoding most of it
+    for workers in (1, 4):
+        with pytest.raises(ValueError, match=r"image 1 \(.*slow_bad.png\)"):
+            load_images([str(paths[0]), str(slow_bad), str(paths[1]), str(tmp_path / "x.png")], workers=workers)
+
+
+def test_one_pil_image_twice_is_read_safely():
+    """The same lazy PIL image twice in one call: not decoded by two threads at once."""
+    data = _png(images(1, 64, 64, seed=35)[0])
+    img = Image.open(io.BytesIO(data))
+    out = load_images([img, img, img], workers=3)
+    ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert all(np.array_equal(np.asarray(o), ref) for o in out)
+
+
+def test_workers_are_checked(monkeypatch):
+    from dffkit.images import default_workers
+
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="workers must be a positive int"):
+            load_images(images(1), workers=bad)
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        FeatureExtractor(small_net(), providers="cpu", workers=0)
+    monkeypatch.setenv("DFFKIT_IO_THREADS", "3")
+    assert default_workers() == 3
+    monkeypatch.setenv("DFFKIT_IO_THREADS", "many")
+    with pytest.raises(ValueError, match="DFFKIT_IO_THREADS must be a positive integer"):
+        load_images(images(2))
+
+
+_FORK_SCRIPT = """
+import multiprocessing, numpy as np
+from dffkit.images import load_images
+
+def shapes():
+    return [(im.height, im.width) for im in load_images([np.zeros((5, 7, 3), np.uint8)] * 3, workers=2)]
+
+if __name__ == "__main__":
+    load_images([np.zeros((5, 7, 3), np.uint8)] * 2, workers=2)  # the parent's pool
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        print(pool.apply_async(shapes).get(timeout=60))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_reads_images_on_its_own_threads(tmp_path):
+    """The parent's pool exists before the fork; the child (a data-loader worker, say) makes
+    its own and does not hang. In a fresh interpreter: other threads of this test process
+    (onnxruntime's) make any fork hazardous, whatever dffkit does."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fork_child.py"
+    script.write_text(_FORK_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[(5, 7), (5, 7), (5, 7)]"
 
 
 def test_truncated_image(tmp_path):

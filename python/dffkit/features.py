@@ -29,7 +29,18 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import models as _models
-from .images import as_image_list, image_sizes, load_image, load_images, preprocess, resize_batch, resized_size
+from .images import (
+    _check_workers,
+    as_image_list,
+    image_sizes,
+    load_image,
+    load_images,
+    preprocess,
+    resize_batch,
+    resized_batches,
+    resized_size,
+    stack_resized,
+)
 
 __all__ = [
     "FeatureExtractor",
@@ -292,6 +303,9 @@ class FeatureExtractor:
         convolutions on; ``{"prefer_nhwc": 0}`` turns them off).
     session_config : dict, optional
         onnxruntime session config entries, over ``SESSION_CONFIG`` (thread spinning off).
+    workers : int, optional
+        Threads that read and resize images (default ``dffkit.images.default_workers()``:
+        ``$DFFKIT_IO_THREADS``, else the cores up to 8; 1: none). Results do not depend on it.
 
     Attributes
     ----------
@@ -317,6 +331,7 @@ class FeatureExtractor:
         cache_dir=None,
         provider_options: Optional[dict] = None,
         session_config: Optional[dict] = None,
+        workers: Optional[int] = None,
     ):
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -335,6 +350,7 @@ class FeatureExtractor:
             raise ValueError(f"normalization must be 'imagenet', 'caffe', 'unit' or 'none', got {self.normalization!r}")
         self.batch_size = int(batch_size)
         self.resize = resize
+        self.workers = _check_workers(workers)
         self.num_threads = num_threads
         self.layer = _models.resolve_layer(proto, layer)
 
@@ -589,8 +605,10 @@ class FeatureExtractor:
 
         ``images``: a path, PIL image or uint8 array (H, W[, 3|4]), or a sequence of
         them (a 4-D uint8 array is N images). They are read with Pillow (EXIF
-        orientation applied, any mode converted to RGB), resized and normalised, and run
-        ``batch_size`` at a time; ``last_sizes`` then holds each image's original (H, W).
+        orientation applied, any mode converted to RGB) and resized on ``workers``
+        threads, the next batch while onnxruntime runs this one, and run ``batch_size``
+        at a time (normalised inside the model); ``last_sizes`` then holds each image's
+        original (H, W).
 
         Returns numpy float32 (N, C, h, w); with ``device_output=True`` (CUDA provider
         only, RuntimeError otherwise) a ``DeviceActivations`` in GPU memory. All images
@@ -606,11 +624,11 @@ class FeatureExtractor:
         sizes: List[Tuple[int, int]] = []
 
         def chunks():
-            for start in range(0, len(items), self.batch_size):
-                pil = load_images(items[start : start + self.batch_size], start=start)
-                sizes.extend(image_sizes(pil))
+            for part_sizes, arrays in resized_batches(items, self.batch_size, self.image_size, self.resize,
+                                                      workers=self.workers):
+                sizes.extend(part_sizes)
                 try:
-                    yield self.resize_images(pil)
+                    yield stack_resized(arrays, self.image_size, self.resize)
                 except ValueError as e:
                     raise ValueError(f"{e}; use extract_list() for images of different shapes") from None
 
@@ -628,7 +646,7 @@ class FeatureExtractor:
         results: List[Optional[np.ndarray]] = [None] * len(items)
         sizes: List[Tuple[int, int]] = []
         for start in range(0, len(items), self.batch_size):
-            pil = load_images(items[start : start + self.batch_size], start=start)
+            pil = load_images(items[start : start + self.batch_size], start=start, workers=self.workers)
             sizes.extend(image_sizes(pil))
             groups = {}
             for i, im in enumerate(pil):

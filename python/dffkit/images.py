@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterable, List, Sequence, Tuple
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -41,6 +43,8 @@ __all__ = [
     "normalize",
     "preprocess",
     "resize_batch",
+    "resized_batches",
+    "default_workers",
     "image_sizes",
     "as_image_list",
 ]
@@ -219,7 +223,93 @@ def as_image_list(images) -> List:
     raise ValueError(f"images must be paths, PIL images or arrays, or a list of them; got {type(images).__name__}")
 
 
-def load_images(images, *, start: int = 0) -> list:
+def _load_indexed(i: int, item):
+    """load_image, its errors naming the image by index and path."""
+    try:
+        return load_image(item)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"image {i} ({_describe(item)}): {e}") from e
+    except ValueError as e:
+        raise ValueError(f"image {i} ({_describe(item)}): {e}") from e
+
+
+_POOLS: dict = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _after_fork_in_child() -> None:  # the parent's lock may have been held at the fork
+    global _POOLS_LOCK
+    _POOLS_LOCK = threading.Lock()
+    _POOLS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def default_workers() -> int:
+    """Threads that read and resize images: ``$DFFKIT_IO_THREADS``, else the cores, at most 8.
+    Pillow releases the GIL while it decodes and resizes, so they run in parallel."""
+    env = os.environ.get("DFFKIT_IO_THREADS", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"DFFKIT_IO_THREADS must be a positive integer, got {env!r}") from None
+        if value < 1:
+            raise ValueError(f"DFFKIT_IO_THREADS must be a positive integer, got {env!r}")
+        return value
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _check_workers(workers) -> int:
+    if workers is None:
+        return default_workers()
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be a positive int (1: no threads) or None, got {workers!r}")
+    return int(workers)
+
+
+def _pool(workers: int):
+    """A process-wide thread pool of ``workers`` threads, made once per size and process (a
+    forked child, e.g. a data-loader worker, gets its own: the parent's threads are not in it)."""
+    key = (os.getpid(), workers)
+    with _POOLS_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            pool = _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="dffkit-io")
+        return pool
+
+
+def _thread_safe_workers(items: Sequence, workers: int) -> int:
+    """``workers``, or 1 when one PIL image or file object appears twice: two threads must not
+    decode (or read) the same object at once."""
+    if workers == 1:
+        return 1
+    seen = set()
+    for item in items:
+        if isinstance(item, (str, os.PathLike, bytes, bytearray, np.ndarray)):
+            continue
+        if id(item) in seen:
+            return 1
+        seen.add(id(item))
+    return workers
+
+
+def _ordered(fn, jobs, workers: int) -> list:
+    """[fn(*job) for job in jobs], on ``workers`` threads; the first failure in job order is
+    raised, as the loop would raise it."""
+    if workers == 1 or len(jobs) < 2:
+        return [fn(*job) for job in jobs]
+    futures = [_pool(workers).submit(fn, *job) for job in jobs]
+    try:
+        return [f.result() for f in futures]
+    finally:
+        for f in futures:
+            f.cancel()
+
+
+def load_images(images, *, start: int = 0, workers: Optional[int] = None) -> list:
     """Read images as RGB PIL images (EXIF orientation applied, any mode converted).
 
     Parameters
@@ -228,6 +318,9 @@ def load_images(images, *, start: int = 0) -> list:
         A 4-D array (N, H, W, C) counts as N images.
     start : int
         Index of the first image in the caller's batch, used in error messages.
+    workers : int, optional
+        Threads that decode (default ``default_workers()``; 1: none). The result and the
+        error raised (the first bad image in order) do not depend on it.
 
     Returns
     -------
@@ -238,15 +331,55 @@ def load_images(images, *, start: int = 0) -> list:
     FileNotFoundError, ValueError
         Naming the image by its index in the batch and its path.
     """
-    out = []
-    for i, item in enumerate(as_image_list(images), start):
-        try:
-            out.append(load_image(item))
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"image {i} ({_describe(item)}): {e}") from e
-        except ValueError as e:
-            raise ValueError(f"image {i} ({_describe(item)}): {e}") from e
-    return out
+    items = as_image_list(images)
+    workers = _thread_safe_workers(items, _check_workers(workers))
+    return _ordered(_load_indexed, [(i, item) for i, item in enumerate(items, start)], workers)
+
+
+def _load_resized(i: int, item, size, resize: str):
+    """(original (H, W) after EXIF orientation, resized uint8 (H', W', 3)) of one image."""
+    img = _load_indexed(i, item)
+    return (img.height, img.width), np.asarray(resize_image(img, size, resize), dtype=np.uint8)
+
+
+def resized_batches(items: Sequence, batch_size: int, size=224, resize: str = "fixed", *, workers: Optional[int] = None):
+    """For each run of ``batch_size`` items: (their original (H, W) sizes, their resized
+    uint8 pixels as a list of (H', W', 3) arrays). Read, oriented, converted and resized on
+    ``workers`` threads; the next batch is under way while the caller uses this one (the
+    onnxruntime run of a batch overlaps the decoding of the next)."""
+    workers = _thread_safe_workers(items, _check_workers(workers))
+    starts = list(range(0, len(items), batch_size))
+
+    def jobs(start):
+        return [(i, items[i], size, resize) for i in range(start, min(start + batch_size, len(items)))]
+
+    if workers == 1:
+        for start in starts:
+            done = [_load_resized(*job) for job in jobs(start)]
+            yield [d[0] for d in done], [d[1] for d in done]
+        return
+    pool = _pool(workers)
+    pending = [pool.submit(_load_resized, *job) for job in jobs(starts[0])] if starts else []
+    try:
+        for b, start in enumerate(starts):
+            current = pending
+            pending = [pool.submit(_load_resized, *job) for job in jobs(starts[b + 1])] if b + 1 < len(starts) else []
+            done = [f.result() for f in current]
+            yield [d[0] for d in done], [d[1] for d in done]
+    finally:  # an error, or the caller stopped early: drop the work not started
+        for f in pending:
+            f.cancel()
+
+
+def stack_resized(arrays: Sequence[np.ndarray], size=224, resize: str = "fixed") -> np.ndarray:
+    """Resized uint8 images -> one (N, H, W, 3) array; ValueError when they differ in size."""
+    shapes = {a.shape[:2] for a in arrays}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"images come out in {len(shapes)} different sizes {sorted(shapes)} "
+            f"(resize={resize!r}, size={size!r}); use resize='fixed' or process them one by one"
+        )
+    return np.stack(arrays)
 
 
 def image_sizes(pil_images: Sequence) -> List[Tuple[int, int]]:
@@ -333,11 +466,5 @@ def resize_batch(pil_images: Sequence, size=224, resize: str = "fixed") -> np.nd
     Images that come out in different sizes raise ValueError, as in ``preprocess``."""
     if len(pil_images) == 0:
         raise ValueError("no images given")
-    resized = [resize_image(to_rgb(im), size, resize) for im in pil_images]
-    shapes = {(im.height, im.width) for im in resized}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"images come out in {len(shapes)} different sizes {sorted(shapes)} "
-            f"(resize={resize!r}, size={size!r}); use resize='fixed' or process them one by one"
-        )
-    return np.stack([np.asarray(im, dtype=np.uint8) for im in resized])
+    resized = [np.asarray(resize_image(to_rgb(im), size, resize), dtype=np.uint8) for im in pil_images]
+    return stack_resized(resized, size, resize)
