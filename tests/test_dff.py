@@ -418,8 +418,8 @@ class _StandInDeviceExtractor:
 def test_device_branch_runs_with_a_stand_in_array_library(monkeypatch, mode):
     from dffkit import deep_feature_factorization as dff_module
 
-    class StandInOps(dff_module._NumpyOps):
-        name = "stand-in"  # takes the device branches, computes with numpy
+    class StandInOps(dff_module._ArrayOps):
+        name = "stand-in"  # takes the device branches: the array-API steps CuPy runs, on numpy
 
     monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: StandInOps())
     images, acts = block_activations(n=3)
@@ -428,6 +428,41 @@ def test_device_branch_runs_with_a_stand_in_array_library(monkeypatch, mode):
     assert on_device.device_path and not host.device_path
     for a, b in zip(on_device.heatmaps, host.heatmaps):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    for a, b in zip(on_device.labels, host.labels):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_host_map_steps_equal_the_array_api_steps():
+    """The host's in-place, plane-by-plane steps against the batched array-API ones (what
+    CuPy runs): upsampling within float32 rounding of a float64 reference; heat and labels
+    the same bits, ties going to the first concept, -1 below the threshold."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    rng = np.random.default_rng(40)
+    host, generic = dff_module._NumpyOps(), dff_module._ArrayOps()
+    A = rng.random((3, 4, 5, 6), dtype=np.float32)
+    Ry, RxT = bilinear_matrix(23, 5), np.ascontiguousarray(bilinear_matrix(17, 6).T)
+    U = host.upsample(A, Ry, RxT)
+    ref = np.einsum("Hh,nkhw,wW->nkHW", Ry.astype(np.float64), A.astype(np.float64), RxT.astype(np.float64))
+    assert U.shape == (3, 4, 23, 17) and U.flags.c_contiguous
+    np.testing.assert_allclose(U, ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(generic.upsample(A, Ry, RxT), ref, rtol=1e-6, atol=1e-7)
+
+    U = rng.random((3, 4, 23, 17), dtype=np.float32) * 2
+    U[:, 2] = U[:, 1]  # exact ties between concepts 1 and 2
+    inv = rng.random((3, 4)).astype(np.float32) + 0.5
+    inv[:, 2] = inv[:, 1]
+    strength = np.ones((3, 4), np.float32)
+    strength[:, 0] = 0.3
+    want_heat = generic.heat(U.copy(), inv)
+    got_heat = host.heat(U.copy(), inv)
+    np.testing.assert_array_equal(got_heat, want_heat)
+    for threshold in (0.0, 0.5, 0.9):
+        want = generic.labels_of(want_heat, strength, threshold)
+        got = host.labels_of(got_heat, strength, threshold)
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == np.int16 and (got == 2).sum() == 0  # a tie never picks the later one
+    assert (host.labels_of(got_heat, strength, 0.9) == -1).any()
 
 
 # ---------------------------------------------------------------------------------------------

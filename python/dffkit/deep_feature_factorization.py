@@ -169,9 +169,10 @@ def mask_box(mask) -> Optional[Tuple[int, int, int, int]]:
 # array back ends for the heat maps: numpy on the host; CuPy or PyTorch on a GPU
 # ---------------------------------------------------------------------------------------------
 
-class _NumpyOps:
-    """The few array operations the pipeline needs, for numpy (host) and CuPy (the same
-    API); ``_TorchOps`` maps them onto PyTorch."""
+class _ArrayOps:
+    """The few array operations the pipeline needs, written for the numpy API (CuPy runs
+    them as they are); ``_NumpyOps`` has faster host versions of the map steps and
+    ``_TorchOps`` maps them onto PyTorch."""
 
     name = "numpy"
     xp = np
@@ -223,8 +224,57 @@ class _NumpyOps:
         """Frobenius norm."""
         return float(self.xp.linalg.norm(X))
 
+    def heat(self, U, inv):
+        """(n, k, H, W) upsampled maps divided by their peaks ``inv`` (n, k), clipped to [0, 1]."""
+        return self.clip(U * self.asarray(inv)[:, :, None, None], 0.0, 1.0)
 
-class _CupyOps(_NumpyOps):
+    def labels_of(self, heat, strength, threshold):
+        """Labels of ``heat`` weighted by ``strength`` (n, k): ``labels(heat * strength)``."""
+        return self.labels(heat * self.asarray(strength)[:, :, None, None], threshold)
+
+
+class _NumpyOps(_ArrayOps):
+    """The host: the map steps work plane by plane in place, on contiguous (H, W) planes
+    (for photographs of several megapixels the batched, strided versions spent most of
+    their time in temporaries and in numpy's argmax over the concept axis)."""
+
+    def upsample(self, A, Ry, RxT):
+        """(n, k, h, w) -> contiguous (n, k, H, W): one product with RxT for all maps, then
+        one per map with Ry, written in place."""
+        n, k, h, w = A.shape
+        H, W = Ry.shape[0], RxT.shape[1]
+        P = np.ascontiguousarray(A, dtype=np.float32).reshape(-1, w) @ RxT  # (n·k·h, W)
+        out = np.empty((n, k, H, W), np.float32)
+        planes = out.reshape(n * k, H, W)
+        for p in range(n * k):
+            np.matmul(Ry, P[p * h:(p + 1) * h], out=planes[p])
+        return out
+
+    def heat(self, U, inv):
+        """In place: U is this pipeline's own array (``upsample``'s)."""
+        U *= np.asarray(inv, np.float32)[:, :, None, None]
+        return np.clip(U, 0.0, 1.0, out=U)
+
+    def labels_of(self, heat, strength, threshold):
+        """The same labels as ``labels(heat * strength)`` (the same float32 products, ties to
+        the first concept), one (H, W) plane at a time."""
+        n, k, H, W = heat.shape
+        strength = np.asarray(strength, np.float32)
+        lab = np.zeros((n, H, W), np.int16)
+        best = np.empty((H, W), np.float32)
+        value = np.empty((H, W), np.float32)
+        for t in range(n):
+            np.multiply(heat[t, 0], strength[t, 0], out=best)
+            for j in range(1, k):
+                np.multiply(heat[t, j], strength[t, j], out=value)
+                better = value > best
+                lab[t][better] = j
+                np.maximum(best, value, out=best)
+            lab[t][best < threshold] = -1
+        return lab
+
+
+class _CupyOps(_ArrayOps):
     name = "cupy"
 
     def __init__(self):
@@ -233,7 +283,7 @@ class _CupyOps(_NumpyOps):
         self.xp = cupy
 
 
-class _TorchOps(_NumpyOps):
+class _TorchOps(_ArrayOps):
     name = "torch"
 
     def __init__(self):
@@ -989,9 +1039,9 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
     labels: List[Optional[np.ndarray]] = [None] * n_images
     for ((h, w, H, Wd), idx), U in zip(batches, ups):
         inv = np.where(peaks[idx] > 0, 1.0 / np.where(peaks[idx] > 0, peaks[idx], 1.0), 0.0).astype(np.float32)
-        heat = ops.clip(U * ops.asarray(inv)[:, :, None, None], 0.0, 1.0)
+        heat = ops.heat(U, inv)
         if assign == "argmax":
-            lab = _host(ops.labels(heat * ops.asarray(strength[idx])[:, :, None, None], threshold))
+            lab = _host(ops.labels_of(heat, strength[idx], threshold))
             for t, i in enumerate(idx):
                 labels[i] = lab[t]
         heat = _host(heat)
