@@ -321,6 +321,49 @@ def test_overlay_and_save(tmp_path):
     assert summary["images"][0]["size"] == [40, 70]
 
 
+def test_save_on_threads_writes_the_same_files(tmp_path):
+    """Pictures drawn and encoded on several threads: the same files, byte for byte, listed
+    in the same order as on one thread; heat maps over the photo as heatmap_image draws them."""
+    from dffkit import visualize
+
+    images, acts = block_activations(n=5)
+    result = dff(images, 3, activations=acts)
+    one = result.save(tmp_path / "one", workers=1)
+    many = result.save(tmp_path / "many", workers=3)
+    for kind in ("overlays", "heatmaps", "grid"):
+        assert [os.path.relpath(p, tmp_path / "one") for p in one[kind]] == \
+            [os.path.relpath(p, tmp_path / "many") for p in many[kind]]
+        for a, b in zip(one[kind], many[kind]):
+            with open(a, "rb") as fa, open(b, "rb") as fb:
+                assert fa.read() == fb.read(), a
+    with Image.open(one["heatmaps"][4]) as im:  # image 1, concept 1
+        np.testing.assert_array_equal(np.asarray(im), np.asarray(result.heatmap_image(1, 1)))
+    photo = np.asarray(result.images[1])
+    np.testing.assert_array_equal(np.asarray(visualize.heatmap_over(result.heatmaps[1][1], visualize.desaturate(photo))),
+                                  np.asarray(visualize.heatmap_image(result.heatmaps[1][1], photo)))
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        result.save(tmp_path / "bad", workers=0)
+
+
+def test_colormap_table_is_within_one_level_of_the_interpolation():
+    from dffkit import visualize
+
+    values = np.concatenate([np.random.default_rng(41).random(20000), np.linspace(0, 1, 1001), [-1.0, 2.0]])
+    for name, anchors in visualize.COLORMAPS.items():
+        a = np.asarray(anchors, np.float64)
+        x = np.clip(values, 0, 1) * (len(a) - 1)
+        i0 = np.minimum(x.astype(int), len(a) - 2)
+        exact = a[i0] * (1 - (x - i0))[:, None] + a[i0 + 1] * (x - i0)[:, None]
+        got = visualize.apply_colormap(values.reshape(1, -1), name)[0].astype(np.float64)
+        assert np.abs(got - exact).max() <= 1.0, name
+        assert tuple(got[-2]) == tuple(anchors[0]) and tuple(got[-1]) == tuple(anchors[-1])
+    special = visualize.apply_colormap(np.array([[np.nan, np.inf, -np.inf]]))
+    assert [tuple(c) for c in special[0]] == [COLOURS_VIRIDIS_ENDS[0], COLOURS_VIRIDIS_ENDS[1], COLOURS_VIRIDIS_ENDS[0]]
+
+
+COLOURS_VIRIDIS_ENDS = ((68, 1, 84), (253, 231, 37))
+
+
 @needs_extractor
 def test_random_vgg16_path_runs_and_is_labelled_untrained(tmp_path):
     with warnings.catch_warnings():

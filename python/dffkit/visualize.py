@@ -6,6 +6,8 @@ uint8 for pictures; functions that return pictures return ``PIL.Image.Image`` in
 from __future__ import annotations
 
 import colorsys
+import functools
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -19,6 +21,7 @@ __all__ = [
     "overlay",
     "add_legend",
     "heatmap_image",
+    "heatmap_over",
     "label_image",
     "grid",
 ]
@@ -52,16 +55,33 @@ def concept_colors(k: int) -> np.ndarray:
     return np.round(np.array(rgb) * 255).astype(np.uint8)
 
 
+#: entries of the colour maps' lookup tables: values are placed to 1/4095 (a colour differs
+#: from the exact interpolation by at most one level of 255)
+LUT_SIZE = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _colormap_lut(name: str) -> np.ndarray:
+    """(LUT_SIZE, 3) uint8: the map's anchors interpolated linearly at i / (LUT_SIZE - 1)."""
+    anchors = np.asarray(COLORMAPS[name], dtype=np.float64)
+    x = np.linspace(0.0, 1.0, LUT_SIZE) * (len(anchors) - 1)
+    i0 = np.minimum(x.astype(np.int64), len(anchors) - 2)
+    t = (x - i0)[:, None]
+    lut = np.round(anchors[i0] * (1.0 - t) + anchors[i0 + 1] * t).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
+
+
 def apply_colormap(values, name: str = "viridis") -> np.ndarray:
-    """(H, W) values in [0, 1] (clipped) -> (H, W, 3) uint8 through a colour map."""
+    """(H, W) values in [0, 1] (clipped; NaN as 0) -> (H, W, 3) uint8 through a colour map
+    (a lookup table of ``LUT_SIZE`` entries)."""
     if name not in COLORMAPS:
         raise ValueError(f"colour map must be one of {sorted(COLORMAPS)}, got {name!r}")
-    anchors = np.asarray(COLORMAPS[name], dtype=np.float32)
-    x = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32)), 0.0, 1.0) * (len(anchors) - 1)
-    i0 = np.minimum(x.astype(np.int64), len(anchors) - 2)
-    t = (x - i0)[..., None]
-    rgb = anchors[i0] * (1.0 - t) + anchors[i0 + 1] * t
-    return np.round(rgb).astype(np.uint8)
+    x = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=1.0, neginf=0.0)
+    index = np.clip(x, 0.0, 1.0)
+    index *= LUT_SIZE - 1
+    index += 0.5
+    return _colormap_lut(name)[index.astype(np.intp)]
 
 
 def _as_rgb_array(image) -> np.ndarray:
@@ -156,9 +176,19 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text + "..." if text else ""
 
 
+#: text is drawn under this lock: Pillow's FreeType fonts share one library, and pictures
+#: are drawn on several threads (``DFFResult.save``)
+_TEXT_LOCK = threading.Lock()
+
+
 def add_legend(image, names: Sequence[str], colors=None, *, title: Optional[str] = None):
     """``image`` with a legend panel below it: a colour swatch and a name per concept
     (wrapped into as many columns as fit), and an optional title line."""
+    with _TEXT_LOCK:
+        return _add_legend(image, names, colors, title)
+
+
+def _add_legend(image, names, colors, title):
     Image = _pil()
     from PIL import ImageDraw
 
@@ -194,13 +224,21 @@ def add_legend(image, names: Sequence[str], colors=None, *, title: Optional[str]
 def heatmap_image(heat, image=None, *, colormap: str = "viridis", opacity: float = 0.6):
     """One heat map (H, W) in [0, 1] as a PIL image through ``colormap``; laid over a
     desaturated ``image`` (same size) with the given opacity when one is passed."""
+    return heatmap_over(heat, None if image is None else desaturate(image), colormap=colormap, opacity=opacity)
+
+
+def heatmap_over(heat, base: Optional[np.ndarray], *, colormap: str = "viridis", opacity: float = 0.6):
+    """``heatmap_image`` over an already desaturated photo ``base`` ((H, W, 3) uint8, from
+    ``desaturate``; None: the colour map alone): for several maps of one photo."""
     Image = _pil()
     rgb = apply_colormap(heat, colormap)
-    if image is not None:
-        base = desaturate(image).astype(np.float32)
+    if base is not None:
         if base.shape[:2] != rgb.shape[:2]:
             raise ValueError(f"heat map {rgb.shape[:2]} and image {base.shape[:2]} differ in size")
-        rgb = np.round(base * (1.0 - opacity) + rgb.astype(np.float32) * opacity).astype(np.uint8)
+        mixed = base.astype(np.float32)
+        mixed *= 1.0 - opacity
+        mixed += rgb.astype(np.float32) * opacity
+        rgb = np.round(mixed, out=mixed).astype(np.uint8)
     return Image.fromarray(rgb, "RGB")
 
 
@@ -226,7 +264,8 @@ def grid(images: Sequence, captions: Optional[Sequence[str]] = None, *, columns:
     n = len(images)
     columns = columns or int(np.ceil(np.sqrt(n)))
     rows = -(-n // columns)
-    font = _font(12)
+    with _TEXT_LOCK:
+        font = _font(12)
     caption_h = 18 if captions else 0
     pad = 4
     out = Image.new("RGB", (columns * (cell + pad) + pad, rows * (cell + caption_h + pad) + pad), background)
@@ -239,6 +278,7 @@ def grid(images: Sequence, captions: Optional[Sequence[str]] = None, *, columns:
         y = pad + r * (cell + caption_h + pad)
         out.paste(thumb, (x, y + (cell - thumb.height) // 2))
         if captions:
-            text = _fit(draw, str(captions[idx]), font, cell)
-            draw.text((pad + c * (cell + pad), y + cell + 2), text, fill=(0, 0, 0), font=font)
+            with _TEXT_LOCK:
+                text = _fit(draw, str(captions[idx]), font, cell)
+                draw.text((pad + c * (cell + pad), y + cell + 2), text, fill=(0, 0, 0), font=font)
     return out
