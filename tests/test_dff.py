@@ -12,8 +12,8 @@ from PIL import Image
 
 import dffkit
 from dffkit import cli
-from dffkit.deep_feature_factorization import (DFFResult, bilinear_matrix, connected_components, dff, largest_component,
-                        mask_box, sample_images, upsample)
+from dffkit.deep_feature_factorization import (DFFResult, bilinear_matrix, colour_name, connected_components, dff,
+                                               largest_component, mask_box, sample_images, upsample)
 from dffkit.evaluation import jaccard
 
 try:  # the extractor (issue 6); the tests that need it skip, visibly, without it
@@ -339,10 +339,31 @@ def test_save_on_threads_writes_the_same_files(tmp_path):
     with Image.open(one["heatmaps"][4]) as im:  # image 1, concept 1
         np.testing.assert_array_equal(np.asarray(im), np.asarray(result.heatmap_image(1, 1)))
     photo = np.asarray(result.images[1])
-    np.testing.assert_array_equal(np.asarray(visualize.heatmap_over(result.heatmaps[1][1], visualize.desaturate(photo))),
-                                  np.asarray(visualize.heatmap_image(result.heatmaps[1][1], photo)))
+    over = visualize.heatmap_over(result.heatmaps[1][1], visualize.desaturate(photo))
+    np.testing.assert_array_equal(np.asarray(over), np.asarray(visualize.heatmap_image(result.heatmaps[1][1], photo)))
     with pytest.raises(ValueError, match="workers must be a positive int"):
         result.save(tmp_path / "bad", workers=0)
+
+
+def test_filterbank_concepts_are_named_by_the_mean_colour_of_their_pixels():
+    """Hand-made labels over photos of known colours: the mean of each concept's pixels (the
+    background, -1, left out), per image and over the set; a concept with no pixel is absent."""
+    from dffkit.deep_feature_factorization import _colour_names
+
+    a = np.zeros((4, 6, 3), np.uint8)
+    a[:, :3] = (200, 30, 30)     # red, concept 0
+    a[:, 3:] = (40, 70, 200)     # blue, concept 1
+    a[0] = (50, 160, 50)         # green row: background
+    lab_a = np.where(np.arange(6)[None, :] < 3, 0, 1).repeat(4, 0).astype(np.int16)
+    lab_a[0] = -1
+    b = np.full((2, 5, 3), (235, 220, 50), np.uint8)  # yellow: concept 0 only
+    lab_b = np.zeros((2, 5), np.int16)
+    names = _colour_names([Image.fromarray(a), Image.fromarray(b)], [lab_a, lab_b], 3, per_image=True)
+    assert names == [["red region", "blue region", "absent"], ["yellow region", "absent", "absent"]]
+    # over the set, concept 0 mixes 9 red and 10 yellow pixels: (9 red + 10 yellow) / 19
+    mixed = (9 * np.array([200, 30, 30]) + 10 * np.array([235, 220, 50])) / 19
+    joint = _colour_names([Image.fromarray(a), Image.fromarray(b)], [lab_a, lab_b], 3, per_image=False)
+    assert joint == [f"{colour_name(mixed)} region", "blue region", "absent"]
 
 
 def test_colormap_table_is_within_one_level_of_the_interpolation():

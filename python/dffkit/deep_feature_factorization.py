@@ -640,12 +640,12 @@ def _colour_names(images, labels, k, per_image: bool):
         return [[f"concept {j}" for j in range(k)] for _ in labels] if per_image else [f"concept {j}" for j in range(k)]
     sums, counts = np.zeros((len(labels), k, 3)), np.zeros((len(labels), k))
     for i, (img, lab) in enumerate(zip(images, labels)):
-        a = np.asarray(img, dtype=np.float64).reshape(-1, 3)
-        flat = lab.ravel().astype(np.int64)
-        keep = flat >= 0
+        a = np.asarray(img, dtype=np.uint8).reshape(-1, 3)
+        bins = lab.ravel().astype(np.intp)
+        bins += 1  # background (-1) into bin 0
         for c in range(3):
-            sums[i, :, c] = np.bincount(flat[keep], weights=a[keep, c], minlength=k)[:k]
-        counts[i] = np.bincount(flat[keep], minlength=k)[:k]
+            sums[i, :, c] = np.bincount(bins, weights=a[:, c], minlength=k + 1)[1:k + 1]
+        counts[i] = np.bincount(bins, minlength=k + 1)[1:k + 1]
     if per_image:
         return [[name(sums[i, j], counts[i, j]) for j in range(k)] for i in range(len(labels))]
     return [name(sums[:, j].sum(0), counts[:, j].sum()) for j in range(k)]
