@@ -433,6 +433,7 @@ def test_cli_dff_writes_the_promised_files(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr()
     assert str(out.resolve()) in text.out and "3/3 images" in text.err
+    assert "pictures [" + "#" * 30 + "] 3/3 images" in text.err  # the bar over the pictures written
     files = sorted(p.name for p in out.iterdir())
     assert "grid.png" in files and "summary.json" in files
     assert len([f for f in files if f.startswith("overlay_")]) == 3
@@ -442,6 +443,21 @@ def test_cli_dff_writes_the_promised_files(tmp_path, capsys):
             im.load()
     rc = cli.main(["dff", *paths, "-k", "2", "--per-image", "--out", str(tmp_path / "pi"), "--quiet", "--no-heatmaps"])
     assert rc == 0 and not (tmp_path / "pi" / "heatmaps").exists()
+    assert "[" not in capsys.readouterr().err  # --quiet: no bars
+
+
+def test_progress_over_images_and_pictures(tmp_path):
+    images, acts = block_activations(n=4)
+    seen = []
+    result = dff(images, 2, activations=acts, progress=lambda done, total: seen.append((done, total)))
+    assert seen == []  # activations given: no extraction to report
+    ext = _StandInHostExtractor(acts)
+    seen.clear()
+    dff(images, 2, extractor=ext, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 4), (2, 4), (4, 4)]
+    seen.clear()
+    result.save(tmp_path / "out", workers=3, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # counted under a lock: in order
 
 
 def test_cli_dff_errors(tmp_path, capsys):
@@ -460,6 +476,22 @@ def test_cli_demo(tmp_path, capsys):
     assert "colour and texture" in captured.err and "vgg16" in captured.err
     assert str(out.resolve()) in captured.out
     assert len(list(out.glob("overlay_*.png"))) == 4 and (out / "grid.png").is_file()
+
+
+class _StandInHostExtractor:
+    """A host extractor handing out precomputed activations, batch_size (2) at a time."""
+
+    provider, layer, model_name, untrained, batch_size, resize, image_size = (
+        "CPUExecutionProvider", "x", "stand-in", False, 2, "fixed", (8, 8))
+
+    def __init__(self, acts):
+        self.acts, self.start = acts, 0
+
+    def __call__(self, images, device_output=False):
+        assert not device_output
+        out = self.acts[self.start:self.start + len(images)]
+        self.start += len(images)
+        return out
 
 
 class _StandInDeviceExtractor:

@@ -24,6 +24,7 @@ import functools
 import json
 import os
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -522,7 +523,8 @@ class DFFResult:
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
         }
 
-    def save(self, directory, *, heatmaps: bool = True, workers: Optional[int] = None) -> Dict[str, List[str]]:
+    def save(self, directory, *, heatmaps: bool = True, workers: Optional[int] = None,
+             progress=None) -> Dict[str, List[str]]:
         """Write the pictures and the summary into ``directory`` (created if needed):
         ``overlay_XXX_<name>.png`` per image (with legend), ``heatmaps/heat_XXX_cJ.png``
         per image and concept, ``grid.png`` (all images) and ``summary.json``.
@@ -531,9 +533,13 @@ class DFFResult:
         Images are drawn and encoded on ``workers`` threads (default: the image threads of
         ``dffkit.images.default_workers()``, at most 4: each holds a few full-size float
         copies of its photo); PNGs at zlib level 1 (for photographs 5x faster to write than
-        Pillow's default 6, and about as small)."""
+        Pillow's default 6, and about as small). ``progress``: None, True (a bar on stderr)
+        or a callable(done, total) over images, called from the drawing threads."""
         from dffkit import visualize
         from dffkit.images import _check_workers, _ordered
+
+        report = _progress_callback(progress, self.n_images, label="pictures ")
+        done, done_lock = [0], threading.Lock()
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -551,6 +557,9 @@ class DFFResult:
                     path = out / "heatmaps" / f"heat_{i:03d}_{stems[i]}_c{j}.png"
                     visualize.heatmap_over(self.heatmaps[i][j], base).save(path, compress_level=PNG_LEVEL)
                     paths.append(str(path))
+            with done_lock:
+                done[0] += 1
+                report(done[0])
             return paths
 
         workers = _check_workers(workers) if workers is not None else min(4, _check_workers(None))
@@ -707,19 +716,19 @@ def _check_k(n_concepts):
     return int(n_concepts)
 
 
-def _progress_callback(progress, total):
+def _progress_callback(progress, total, label: str = ""):
     if progress is None or progress is False:
         return lambda done: None
     if callable(progress):
         return lambda done: progress(done, total)
-    return _TextProgress(total, "images")
+    return _TextProgress(total, "images", label=label)
 
 
 class _TextProgress:
     """A one-line progress bar on stderr."""
 
-    def __init__(self, total: int, unit: str, width: int = 30, stream=None):
-        self.total, self.unit, self.width = total, unit, width
+    def __init__(self, total: int, unit: str, width: int = 30, stream=None, label: str = ""):
+        self.total, self.unit, self.width, self.label = total, unit, width, label
         self.stream = stream or sys.stderr
         self.start = time.perf_counter()
 
@@ -729,7 +738,7 @@ class _TextProgress:
         elapsed = time.perf_counter() - self.start
         rate = f" {done / elapsed:.1f} {self.unit}/s" if done and elapsed > 0 else ""
         end = "\n" if done >= self.total else ""
-        self.stream.write(f"\r[{bar:<{self.width}}] {done}/{self.total} {self.unit}{rate}{end}")
+        self.stream.write(f"\r{self.label}[{bar:<{self.width}}] {done}/{self.total} {self.unit}{rate}{end}")
         self.stream.flush()
 
 
@@ -1209,7 +1218,8 @@ def _run(args, paths, *, noted: bool = False) -> int:
                  backend=args.backend, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
                  negatives=args.negatives, assign=args.assign, threshold=args.threshold,
                  progress=None if args.quiet else True)
-    written = result.save(args.out, heatmaps=not getattr(args, "no_heatmaps", False))
+    written = result.save(args.out, heatmaps=not getattr(args, "no_heatmaps", False),
+                          progress=None if args.quiet else True)
     t = result.timings
     print(f"{result.backend} NMF, {result.n_iter if result.mode == 'joint' else max(result.n_iter)} iterations; "
           f"extract {t['extract']:.2f} s, factorize {t['factorize']:.2f} s, maps {t['maps']:.2f} s")
