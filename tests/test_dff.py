@@ -483,31 +483,22 @@ class _StandInHostExtractor:
 
     provider, layer, model_name, untrained, batch_size, resize, image_size = (
         "CPUExecutionProvider", "x", "stand-in", False, 2, "fixed", (8, 8))
+    device = False
 
     def __init__(self, acts):
         self.acts, self.start = acts, 0
 
     def __call__(self, images, device_output=False):
-        assert not device_output
+        assert device_output == self.device
         out = self.acts[self.start:self.start + len(images)]
         self.start += len(images)
         return out
 
 
-class _StandInDeviceExtractor:
-    """Claims the CUDA provider and hands out precomputed activations batch by batch."""
+class _StandInDeviceExtractor(_StandInHostExtractor):
+    """The same, claiming the CUDA provider (its activations "on the device")."""
 
-    provider, layer, model_name, untrained, batch_size, resize, image_size = (
-        "CUDAExecutionProvider", "x", "stand-in", False, 2, "fixed", (8, 8))
-
-    def __init__(self, acts):
-        self.acts, self.start = acts, 0
-
-    def __call__(self, images, device_output=False):
-        assert device_output
-        out = self.acts[self.start:self.start + len(images)]
-        self.start += len(images)
-        return out
+    provider, device = "CUDAExecutionProvider", True
 
 
 @pytest.mark.parametrize("mode", ["joint", "per_image"])
