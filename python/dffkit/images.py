@@ -348,6 +348,8 @@ def resized_batches(items: Sequence, batch_size: int, size=224, resize: str = "f
     ``workers`` threads; the next batch is under way while the caller uses this one (the
     onnxruntime run of a batch overlaps the decoding of the next)."""
     workers = _thread_safe_workers(items, _check_workers(workers))
+    if len(items) < 2:  # one image: no hand-over to a thread (latency)
+        workers = 1
     starts = list(range(0, len(items), batch_size))
 
     def jobs(start):
