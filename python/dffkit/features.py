@@ -464,8 +464,9 @@ class FeatureExtractor:
         if self._tensor_session is None:
             truncated = _models.truncate(self.model, self.layer)
             session, _ = _make_session(truncated.SerializeToString(), *self._session_args)
-            if session.get_providers()[0] != self.provider:
-                raise RuntimeError(f"the tensor session runs on {session.get_providers()[0]}, the image one on {self.provider}")
+            runs_on = session.get_providers()[0]
+            if runs_on != self.provider:
+                raise RuntimeError(f"the float-tensor session runs on {runs_on}, the image session on {self.provider}")
             self._tensor_session = session
         return self._tensor_session
 
@@ -482,7 +483,9 @@ class FeatureExtractor:
                 raise ValueError(f"input must be (N, 3, H, W) float32 or (N, H, W, 3) uint8, got dtype {x.dtype}")
             x = x.astype(np.float32, copy=False)
             if x.ndim != 4 or x.shape[1] != 3:
-                raise ValueError(f"input must be (N, 3, H, W) float32 (normalised) or (N, H, W, 3) uint8 images, got shape {x.shape}")
+                raise ValueError(
+                    f"input must be (N, 3, H, W) float32 (normalised) or (N, H, W, 3) uint8 images, got shape {x.shape}"
+                )
             images, hw = False, x.shape[2:]
         if x.shape[0] == 0:
             raise ValueError("no images given")
@@ -491,7 +494,11 @@ class FeatureExtractor:
         return np.ascontiguousarray(x), images
 
     def _session_for(self, images: bool):
-        return (self.session, self.input_name) if images else (self._tensors_session(), self._tensors_session().get_inputs()[0].name)
+        """(session, input name) for uint8 images or for float tensors."""
+        if images:
+            return self.session, self.input_name
+        session = self._tensors_session()
+        return session, session.get_inputs()[0].name
 
     def _pad(self, x: np.ndarray) -> np.ndarray:
         b = self._fixed_batch
