@@ -106,7 +106,9 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     floor_bytes = iters * B * m * n * 4
     flops = iters * B * (4 * m * n * k + 2 * (m + n) * k * k)
     # (precision, variant): None = engine "auto"; "general" = the fast path off; "tc" = its
-    # products on tensor cores ("tc 1/SM": and fewer, larger blocks); "gemm" = the gemm engine
+    # products on tensor cores ("tc 1/SM": and fewer, larger blocks); "regs 1/SM" / "regs 2/SM" =
+    # its CUDA-core kernel's register budget forced (auto: one block per SM's when the launch's
+    # blocks fit one to an SM); "gemm" = the gemm engine
     # forced (single problems too large for the resident engine; float32 and bf16x on split-tf32
     # tensor cores; one pass over X by default for tf32 and bf16x where the single-pass kernel
     # serves the shape), "gemm 1-pass" / "gemm 2-pass" = the single pass / the two-pass kernels
@@ -114,7 +116,8 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     # choice before session 6)
     variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
-        variants += [("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc"), ("fp32", "tc 1/SM")]
+        variants += [("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc"), ("fp32", "tc 1/SM"),
+                     ("fp32", "regs 1/SM"), ("fp32", "regs 2/SM")]
     if B == 1 and m * n * k > (1 << 22):
         variants += [("fp32", "sweep"), ("tf32", "sweep"), ("fp32", "gemm simt")]
         if n <= 512:
@@ -177,6 +180,8 @@ VARIANT_ENV = {
     "general": {"DFFKIT_CUDA_SMALL": "0"},
     "tc": {"DFFKIT_CUDA_SMALL_TC": "1"},
     "tc 1/SM": {"DFFKIT_CUDA_SMALL_TC": "1", "DFFKIT_CUDA_SMALL_ONE_PER_SM": "1"},
+    "regs 1/SM": {"DFFKIT_CUDA_SMALL_REGS": "1"},
+    "regs 2/SM": {"DFFKIT_CUDA_SMALL_REGS": "2"},
     "gemm simt": {"DFFKIT_CUDA_GEMM_SIMT": "1"},
     "gemm 1-pass": {"DFFKIT_CUDA_GEMM_FUSED": "1"},
     "gemm 2-pass": {"DFFKIT_CUDA_GEMM_FUSED": "0"},

@@ -50,6 +50,9 @@ struct KParams {
   // accuracy; off until timed on a GPU). DFFKIT_CUDA_SMALL_ONE_PER_SM=1: its blocks sized one to
   // an SM instead of two (fewer, larger blocks per problem; for side-by-side timings).
   int small_tc = 0, small_one_per_sm = 0;
+  // DFFKIT_CUDA_SMALL_REGS=1 / 2: the CUDA-core fast path's register budget forced to one / two
+  // blocks per SM (0: chosen per call from the number of blocks, nmf_small.cuh)
+  int small_regs = 0;
 };
 
 __device__ __forceinline__ i64 group_of_row(const i64* goff, i64 ngroups, i64 row) {

@@ -77,6 +77,8 @@ KParams make_kparams(const Problem& p, const Options& o) {
   q.small_tc = tc && tc[0] == '1';
   const char* one = std::getenv("DFFKIT_CUDA_SMALL_ONE_PER_SM");
   q.small_one_per_sm = one && one[0] == '1';
+  const char* regs = std::getenv("DFFKIT_CUDA_SMALL_REGS");
+  q.small_regs = regs && (regs[0] == '1' || regs[0] == '2') && regs[1] == 0 ? regs[0] - '0' : 0;
   return q;
 }
 

@@ -24,10 +24,10 @@ bool small_options_ok(const KParams& q, int cc_major) {
   return !(off && *off == '0');
 }
 
-template <bool BF16, int K, bool TC>
+template <bool BF16, int K, bool TC, int MINB = DFFKIT_SMALL_MINB>
 void launch_small(const SmallDesc* d_descs, std::size_t count, const KParams& q, ResOut* d_out,
                   std::size_t smem, int C, cudaStream_t s) {
-  auto kern = small_kernel<BF16, K, TC>;
+  auto kern = small_kernel<BF16, K, TC, MINB>;
   DFFKIT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   launch_clusters(kern, count, C, SNT, smem, s, d_descs, q, d_out, C);
   DFFKIT_CUDA_CHECK_LAUNCH("small_kernel");
@@ -42,6 +42,21 @@ void with_small_width(int K, F&& f) {
     case 12: f(std::integral_constant<int, 12>{}); break;
     default: f(std::integral_constant<int, 16>{}); break;
   }
+}
+
+/// Whether the CUDA-core kernels are launched with the register budget of one block per SM
+/// (MINB = 1: 255 registers, no spills) rather than two (128 registers, 220-460 bytes of spills
+/// per thread): when every block of the call fits one to an SM at once (H200, session 3, the
+/// same run: one image 1.84 -> 1.48 ms with 1; the 4096 batch 173 -> 207 ms, so 2 there).
+/// DFFKIT_CUDA_SMALL_REGS=1 or 2 forces one (side-by-side timings).
+template <class Groups>
+bool small_one_block_per_sm(const Groups& groups, const KParams& q, int dev) {
+  if (q.small_regs == 1 || q.small_regs == 2) return q.small_regs == 1;
+  i64 blocks = 0;
+  for (const auto& g : groups) blocks += i64(g.count) * g.C;
+  int sms = 0;
+  DFFKIT_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return blocks <= sms;
 }
 
 /// The fast path for the problems the caller found eligible (small_cluster > 0): one launch per
@@ -87,14 +102,16 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
       }
     DFFKIT_CUDA_TRY(cudaMemcpyAsync(d_descs, sorted.data(), B * sizeof(SmallDesc),
                                     cudaMemcpyHostToDevice, s));
+    const bool one_per_sm = small_one_block_per_sm(groups, q, dev);
     for (const Group& g : groups)
       with_small_width(g.K, [&](auto kw) {
+        constexpr int K = decltype(kw)::value;
         if (tc)
-          launch_small<BF16, decltype(kw)::value, true>(d_descs + g.start, g.count, q,
-                                                        d_out + g.start, g.smem, g.C, s);
+          launch_small<BF16, K, true>(d_descs + g.start, g.count, q, d_out + g.start, g.smem, g.C, s);
+        else if (one_per_sm)
+          launch_small<BF16, K, false, 1>(d_descs + g.start, g.count, q, d_out + g.start, g.smem, g.C, s);
         else
-          launch_small<BF16, decltype(kw)::value, false>(d_descs + g.start, g.count, q,
-                                                         d_out + g.start, g.smem, g.C, s);
+          launch_small<BF16, K, false>(d_descs + g.start, g.count, q, d_out + g.start, g.smem, g.C, s);
       });
     std::vector<ResOut> sorted_out(B);
     DFFKIT_CUDA_TRY(cudaMemcpyAsync(sorted_out.data(), d_out, B * sizeof(ResOut),

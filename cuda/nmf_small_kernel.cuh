@@ -183,8 +183,11 @@ __device__ void small_gram(const float* A, int sa, int sc, int len, float* G) {
 
 /// TC: the two products on tensor cores with float32 accuracy (split tf32, mma.sync m16n8k8):
 /// N step a warp per (16 rows, chunk of columns), P step a warp per 8 columns at a time.
-template <bool BF16, int K, bool TC = false>
-__global__ void __launch_bounds__(SNT, DFFKIT_SMALL_MINB)
+/// MINB: blocks per SM the registers are budgeted for (2: 128 registers, spills; 1: 255, none;
+/// the same arithmetic, so the same bits). The host takes 1 when all of a launch's blocks fit
+/// one to an SM (nmf_small.cuh).
+template <bool BF16, int K, bool TC = false, int MINB = DFFKIT_SMALL_MINB>
+__global__ void __launch_bounds__(SNT, MINB)
     small_kernel(const SmallDesc* descs, KParams q, ResOut* outs, int C) {
 #if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(DFFKIT_EMULATE)
   using Cfg = SmallCfg<K>;

@@ -473,6 +473,32 @@ def test_batched_equals_one_at_a_time():
     assert len({o[2]["n_iter"] for o in out}) > 1
 
 
+@pytest.mark.gpu
+@needs_gpu
+def test_fast_path_register_budgets_give_the_same_bits(monkeypatch):
+    """The fast path's CUDA-core kernel compiled for one block per SM (255 registers) and for
+    two (128): forced either way, and chosen per call (20 images: more blocks than SMs, so the
+    batch takes two per SM, each image alone one), the same bits."""
+    from dffkit import _cuda_backend
+
+    probs = [_problem(196, 512, 5, seed=40 + s) for s in range(20)]
+    p = _params(CUDA, max_iter=60, tol=0)
+    runs = {}
+    for regs in ("1", "2", None):
+        if regs is None:
+            monkeypatch.delenv("DFFKIT_CUDA_SMALL_REGS", raising=False)
+        else:
+            monkeypatch.setenv("DFFKIT_CUDA_SMALL_REGS", regs)
+        runs[regs] = _cuda_backend.fit_batched([q[0] for q in probs], [q[1] for q in probs],
+                                               [q[2] for q in probs], p)
+    for (Wa, Ha, ia), (Wb, Hb, ib), (Wc, Hc, ic) in zip(runs["1"], runs["2"], runs[None]):
+        assert ia["kernel"] == ib["kernel"] == ic["kernel"] == "resident-fast"
+        assert np.array_equal(Wa, Wb) and np.array_equal(Ha, Hb) and ia["error"] == ib["error"]
+        assert np.array_equal(Wa, Wc) and np.array_equal(Ha, Hc)
+    alone = _cuda_backend.fit(*probs[7], _params(CUDA, max_iter=60, tol=0, engine="resident"))
+    assert np.array_equal(alone[0], runs[None][7][0]) and np.array_equal(alone[1], runs[None][7][1])
+
+
 # ---- init -----------------------------------------------------------------------------------
 
 @pytest.mark.gpu
