@@ -366,6 +366,56 @@ def test_filterbank_concepts_are_named_by_the_mean_colour_of_their_pixels():
     assert joint == [f"{colour_name(mixed)} region", "blue region", "absent"]
 
 
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+@pytest.mark.parametrize("assign", ["argmax", "kmeans"])
+def test_maps_computed_when_read_equal_the_kept_ones(mode, assign, tmp_path):
+    """keep_maps=False: heat maps and labels computed image by image when read, against the
+    ones kept in memory (images of three sizes); everything built on them agrees; at most
+    two images' maps are held."""
+    images, acts = block_activations(n=4)
+    kw = dict(activations=acts, mode=mode, assign=assign)
+    kept = dff(images, 2, **kw)
+    lazy = dff(images, 2, keep_maps=False, **kw)
+    assert isinstance(kept.heatmaps, list) and not isinstance(lazy.heatmaps, list)
+    assert len(lazy.heatmaps) == len(lazy.labels) == lazy.n_images == 4
+    assert "computed when read" in repr(lazy.heatmaps)
+    np.testing.assert_array_equal(lazy.strength, kept.strength)
+    for i in (2, 0, 3, 1, -1):
+        np.testing.assert_allclose(lazy.heatmaps[i], kept.heatmaps[i], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(lazy.labels[i], kept.labels[i])
+        assert lazy.heatmaps[i].dtype == np.float32 and lazy.labels[i].dtype == np.int16
+    assert [h.shape for h in lazy.heatmaps[1:3]] == [h.shape for h in kept.heatmaps[1:3]]
+    assert len(lazy.heatmaps._source._held) <= 2
+    for j in range(2):
+        assert [m.tolist() for m in lazy.masks(j)] == [m.tolist() for m in kept.masks(j)]
+        assert lazy.boxes(j) == kept.boxes(j)
+    np.testing.assert_array_equal(lazy.concept_consistency(), kept.concept_consistency())
+    summaries = [r.summary() for r in (lazy, kept)]
+    for summary in summaries:
+        summary.pop("timings_s")
+    assert summaries[0] == summaries[1]
+    a, b = lazy.save(tmp_path / "lazy"), kept.save(tmp_path / "kept")
+    for x, y in zip(a["heatmaps"] + a["overlays"], b["heatmaps"] + b["overlays"]):
+        with Image.open(x) as u, Image.open(y) as v:
+            assert np.abs(np.asarray(u, np.int16) - np.asarray(v, np.int16)).max() <= 1
+    with pytest.raises(IndexError):
+        lazy.heatmaps[4]
+    with pytest.raises(TypeError):
+        lazy.labels["0"]
+
+
+def test_keep_maps_auto_and_bad_values(monkeypatch):
+    from dffkit import deep_feature_factorization as dff_module
+
+    images, acts = block_activations(n=2)
+    assert isinstance(dff(images, 2, activations=acts, keep_maps="auto").heatmaps, list)
+    monkeypatch.setattr(dff_module, "KEEP_MAPS_BYTES", 1000)  # the maps here take 2 x 2800 x 10 bytes
+    assert not isinstance(dff(images, 2, activations=acts, keep_maps="auto").heatmaps, list)
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="keep_maps must be True, False or 'auto'"):
+            dff(images, 2, activations=acts, keep_maps=bad)
+
+
 def test_colormap_table_is_within_one_level_of_the_interpolation():
     from dffkit import visualize
 
@@ -517,6 +567,12 @@ def test_device_branch_runs_with_a_stand_in_array_library(monkeypatch, mode):
         np.testing.assert_allclose(a, b, atol=1e-6)
     for a, b in zip(on_device.labels, host.labels):
         np.testing.assert_array_equal(a, b)
+    # maxima on the device, maps computed on the host when read
+    lazy = dff(images, 2, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu", keep_maps=False)
+    assert lazy.device_path
+    for i in range(3):
+        np.testing.assert_allclose(lazy.heatmaps[i], host.heatmaps[i], atol=1e-6)
+        np.testing.assert_array_equal(lazy.labels[i], host.labels[i])
 
 
 def test_host_map_steps_equal_the_array_api_steps():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import abc
 import os
 import sys
 import threading
@@ -368,12 +369,14 @@ class DFFResult:
     ----------
     heatmaps : list of N float32 arrays (k, H_i, W_i) in [0, 1]
         Concept j in image i at the image's original size, each map divided by its maximum
-        (a map of a concept absent from the image is 0). Host memory.
+        (a map of a concept absent from the image is 0). Host memory. With
+        ``dff(..., keep_maps=False)`` a sequence that computes an image's maps when read.
     strength : (N, k) float32
         Maximum of concept j in image i relative to its largest maximum over the images
         factorized together (see the module notes).
     labels : list of N int16 arrays (H_i, W_i)
-        Concept per pixel, -1 for background (below ``threshold``).
+        Concept per pixel, -1 for background (below ``threshold``); a sequence computed
+        when read with ``keep_maps=False``.
     concepts : (k, C) float32, the rows of H (joint mode); (N, k, C) in per-image mode,
         where each image has concepts of its own.
     loadings : list of N float32 arrays (h_i, w_i, k), the rows of W on each image's
@@ -773,7 +776,7 @@ def _describe_source(item, i) -> str:
 def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None, mode: str = "joint",
         backend: str = "auto", max_iter: int = 200, tol: float = 1e-4, random_state=0, init: str = "random",
         negatives: str = "error", assign: str = "argmax", threshold: float = 0.2, activations=None,
-        keep_images: bool = True, name_concepts: bool = True, progress=None) -> DFFResult:
+        keep_images: bool = True, name_concepts: bool = True, progress=None, keep_maps=True) -> DFFResult:
     """Deep Feature Factorization of a set of images.
 
     Parameters
@@ -813,6 +816,13 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     name_concepts : name concepts (ImageNet classes through the model's classifier when it
         has one; the mean colour of each concept's pixels for the filter bank).
     progress : None, True (a bar on stderr) or a callable(done, total) over images.
+    keep_maps : True | False | "auto"
+        True: every heat map and label map is computed here and kept (lists of arrays at the
+        images' full sizes: k·H·W·4 + H·W·2 bytes per image). False: only their maxima are
+        found here; ``heatmaps`` and ``labels`` are sequences that compute an image's maps
+        on the host when it is read (the same values; for many large photographs, whose
+        maps would not fit in memory). "auto": True while the maps take at most
+        ``KEEP_MAPS_BYTES``.
 
     Returns
     -------
@@ -832,6 +842,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     _check_backend(backend)
     threshold = _check_fraction("threshold", threshold)
+    _keep_maps(keep_maps, [], k)  # checked before the long work
     timings = {}
 
     t0 = time.perf_counter()
@@ -930,7 +941,8 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
 
     # ---- heat maps, strength, labels
     t0 = time.perf_counter()
-    heatmaps, strength, labels, loadings = _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign)
+    keep = _keep_maps(keep_maps, sizes, k)
+    heatmaps, strength, labels, loadings = _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, keep=keep)
     timings["maps"] = time.perf_counter() - t0
 
     concepts = _host(Hs[0]).astype(np.float32) if mode == "joint" else np.stack([_host(h) for h in Hs]).astype(np.float32)
@@ -966,6 +978,20 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         backend=engine, n_iter=n_iter_out, reconstruction_error=errors, timings=timings,
         device_path=ops.name != "numpy",
     )
+
+
+#: the most bytes of heat maps and labels ``dff(..., keep_maps="auto")`` keeps in memory
+KEEP_MAPS_BYTES = 2 << 30
+#: the most bytes of upsampled maps ``_maps`` makes in one batch (host or GPU memory)
+MAPS_BATCH_BYTES = 256 << 20
+
+
+def _keep_maps(keep_maps, sizes, k: int) -> bool:
+    if isinstance(keep_maps, str) and keep_maps == "auto":
+        return sum(h * w * (4 * k + 2) for h, w in sizes) <= KEEP_MAPS_BYTES
+    if keep_maps is True or keep_maps is False:
+        return keep_maps
+    raise ValueError(f"keep_maps must be True, False or 'auto', got {keep_maps!r}")
 
 
 def _model_name(ext) -> Optional[str]:
@@ -1028,19 +1054,27 @@ def _nonnegative(ops, X, negatives, layer):
     return X - ops.channel_min(X)[None, :]
 
 
-def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 32):
+def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 32, keep: bool = True):
     """Heat maps, strength and labels from W (joint: one (Σ h_i w_i, k) matrix; per image:
     one (h_i w_i, k) matrix per image), on the host or the device of ``ops``.
 
     Images with the same feature grid and size are processed together, ``chunk`` at a
     time: one batched pair of products with the bilinear matrices, one copy to the host.
+    ``keep=False``: the maps are upsampled once for their maxima and dropped; heat maps and
+    labels come back as lazy sequences (``_LazyMaps``) that compute an image's on the host
+    when it is read, from the loadings (memory: a few images' maps, not all of them).
     """
     n_images = len(sizes)
     rows = np.concatenate([[0], np.cumsum([h * w for h, w in feature_sizes])])
     groups: Dict[tuple, List[int]] = {}
     for i, (fs, size) in enumerate(zip(feature_sizes, sizes)):
         groups.setdefault(tuple(fs) + tuple(size), []).append(i)
-    batches = [(key, idx[s:s + chunk]) for key, idx in groups.items() for s in range(0, len(idx), chunk)]
+    k_maps = int(Ws[0].shape[1])
+    batches = []
+    for key, idx in groups.items():
+        # at most `chunk` images and MAPS_BATCH_BYTES of upsampled maps at a time
+        step = max(1, min(chunk, MAPS_BATCH_BYTES // max(1, 4 * k_maps * key[2] * key[3])))
+        batches += [(key, idx[s:s + step]) for s in range(0, len(idx), step)]
 
     def loadings_of(idx, h, w):
         if mode == "joint" and idx == list(range(idx[0], idx[-1] + 1)):
@@ -1066,9 +1100,14 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
         A_host = _host(A)
         for t, i in enumerate(idx):
             loadings[i] = np.ascontiguousarray(A_host[t].transpose(1, 2, 0))
-        ups.append(U)
+        ups.append(U if keep else None)
+        del U
     reference = peaks.max(axis=0, keepdims=True) if mode == "joint" else peaks
     strength = np.where(reference > 0, peaks / np.where(reference > 0, reference, 1.0), 0.0).astype(np.float32)
+    if not keep:
+        cells = _kmeans_cells(loadings, peaks, mode, threshold, k) if assign == "kmeans" else None
+        lazy = _LazyMaps(loadings, sizes, peaks, strength, threshold, cells)
+        return lazy.heatmaps, strength, lazy.labels, loadings
     heatmaps: List[Optional[np.ndarray]] = [None] * n_images
     labels: List[Optional[np.ndarray]] = [None] * n_images
     for ((h, w, H, Wd), idx), U in zip(batches, ups):
@@ -1090,6 +1129,13 @@ def _kmeans_labels(loadings, peaks, mode, sizes, threshold, k, n_iter: int = 50)
     """k-means on the L2-normalised rows of W (started at the k unit vectors, so cluster j
     starts as concept j), background where the strongest relative loading is below
     ``threshold``; cluster maps upsampled by the largest bilinear weight."""
+    cells = _kmeans_cells(loadings, peaks, mode, threshold, k, n_iter)
+    return [_upsample_cells(c, size, k) for c, size in zip(cells, sizes)]
+
+
+def _kmeans_cells(loadings, peaks, mode, threshold, k, n_iter: int = 50) -> List[np.ndarray]:
+    """The k-means clusters (``_kmeans_labels``) on each image's feature grid: (h_i, w_i)
+    ints, k for the background."""
     def relative(i):
         ref = peaks.max(axis=0) if mode == "joint" else peaks[i]
         return loadings[i] / np.where(ref > 0, ref, 1.0)
@@ -1098,7 +1144,7 @@ def _kmeans_labels(loadings, peaks, mode, sizes, threshold, k, n_iter: int = 50)
         groups = [list(range(len(loadings)))]
     else:
         groups = [[i] for i in range(len(loadings))]
-    labels: List[Optional[np.ndarray]] = [None] * len(loadings)
+    cells: List[Optional[np.ndarray]] = [None] * len(loadings)
     for group in groups:
         rel = [relative(i).reshape(-1, k) for i in group]
         Y = np.concatenate([loadings[i].reshape(-1, k) for i in group]).astype(np.float64)
@@ -1119,13 +1165,86 @@ def _kmeans_labels(loadings, peaks, mode, sizes, threshold, k, n_iter: int = 50)
         offset = 0
         for i in group:
             h, w = loadings[i].shape[:2]
-            cells = assign[offset:offset + h * w].reshape(h, w)
+            cells[i] = assign[offset:offset + h * w].reshape(h, w)
             offset += h * w
-            onehot = (cells[None] == np.arange(k + 1)[:, None, None]).astype(np.float32)
-            lab = upsample(onehot, sizes[i]).argmax(axis=0).astype(np.int16)
-            lab[lab == k] = -1
-            labels[i] = lab
-    return labels
+    return cells
+
+
+def _upsample_cells(cells, size, k) -> np.ndarray:
+    """(h, w) clusters (k: background) -> (H, W) int16 labels (-1: background), each pixel
+    taking the cluster of the largest bilinear weight."""
+    onehot = (cells[None] == np.arange(k + 1)[:, None, None]).astype(np.float32)
+    lab = upsample(onehot, size).argmax(axis=0).astype(np.int16)
+    lab[lab == k] = -1
+    return lab
+
+
+class _LazyMaps:
+    """Heat maps and labels computed on the host when read (``dff(..., keep_maps=False)``),
+    from each image's loadings and the maxima found once for all: the same values as the
+    maps kept in memory, a few images' worth held at a time (the last ``cache`` read)."""
+
+    def __init__(self, loadings, sizes, peaks, strength, threshold, kmeans_cells=None, cache: int = 2):
+        self.loadings, self.sizes = loadings, [tuple(s) for s in sizes]
+        self.peaks, self.strength, self.threshold = peaks, strength, threshold
+        self.kmeans_cells, self.cache = kmeans_cells, cache
+        self._held: Dict[int, tuple] = {}
+        self._lock = threading.Lock()
+        self.heatmaps = _MapSequence(self, 0, "heat maps")
+        self.labels = _MapSequence(self, 1, "labels")
+
+    def __len__(self) -> int:
+        return len(self.loadings)
+
+    def get(self, i: int) -> tuple:
+        with self._lock:
+            if i in self._held:
+                maps = self._held.pop(i)
+                self._held[i] = maps  # the most recently read last
+                return maps
+        maps = self._compute(i)
+        with self._lock:
+            self._held[i] = maps
+            while len(self._held) > self.cache:
+                self._held.pop(next(iter(self._held)))
+        return maps
+
+    def _compute(self, i: int) -> tuple:
+        ops = _NumpyOps()
+        A = np.ascontiguousarray(self.loadings[i].transpose(2, 0, 1))[None]  # (1, k, h, w)
+        (H, W), (h, w) = self.sizes[i], A.shape[2:]
+        U = ops.upsample(A, bilinear_matrix(H, h), np.ascontiguousarray(bilinear_matrix(W, w).T))
+        peaks = self.peaks[i:i + 1]
+        inv = np.where(peaks > 0, 1.0 / np.where(peaks > 0, peaks, 1.0), 0.0).astype(np.float32)
+        heat = ops.heat(U, inv)
+        if self.kmeans_cells is None:
+            lab = ops.labels_of(heat, self.strength[i:i + 1], self.threshold)[0]
+        else:
+            lab = _upsample_cells(self.kmeans_cells[i], (H, W), heat.shape[1])
+        return heat[0], lab
+
+
+class _MapSequence(abc.Sequence):
+    """One kind of ``_LazyMaps``' maps as a read-only sequence over the images."""
+
+    def __init__(self, source: _LazyMaps, which: int, what: str):
+        self._source, self._which, self._what = source, which, what
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"image index must be an int or a slice, got {i!r}")
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"image index {i} out of range for {n} images")
+        return self._source.get(int(i) % n)[self._which]
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} {self._what}, computed when read (keep_maps=False)>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1217,7 +1336,7 @@ def _run(args, paths, *, noted: bool = False) -> int:
     result = dff(paths, args.k, extractor=ext, mode="per_image" if args.per_image else "joint",
                  backend=args.backend, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
                  negatives=args.negatives, assign=args.assign, threshold=args.threshold,
-                 progress=None if args.quiet else True)
+                 progress=None if args.quiet else True, keep_maps="auto")
     written = result.save(args.out, heatmaps=not getattr(args, "no_heatmaps", False),
                           progress=None if args.quiet else True)
     t = result.timings
