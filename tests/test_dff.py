@@ -402,6 +402,11 @@ def test_maps_computed_when_read_equal_the_kept_ones(mode, assign, tmp_path):
         lazy.heatmaps[4]
     with pytest.raises(TypeError):
         lazy.labels["0"]
+    import pickle
+
+    again = pickle.loads(pickle.dumps(lazy))
+    np.testing.assert_array_equal(again.heatmaps[1], lazy.heatmaps[1])
+    np.testing.assert_array_equal(again.labels[3], lazy.labels[3])
 
 
 def test_keep_maps_auto_and_bad_values(monkeypatch):

@@ -1196,6 +1196,15 @@ class _LazyMaps:
     def __len__(self) -> int:
         return len(self.loadings)
 
+    def __getstate__(self):  # pickled without the lock and the held maps
+        state = dict(self.__dict__)
+        state["_held"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def get(self, i: int) -> tuple:
         with self._lock:
             if i in self._held:
