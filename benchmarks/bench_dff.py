@@ -121,6 +121,23 @@ def bench_model(model: str, args) -> dict:
         times, result = timed(lambda: dff(one, args.k, mode=mode, **opts), args.repeats_one, warmup=3)
         row[f"dff_{mode}_one_image"] = percentiles(times)
         row[f"dff_{mode}_one_image_split_s"] = {k: round(v, 5) for k, v in result.timings.items()}
+    if args.device == "cuda":  # one image with each GPU array library the maps can run on
+        import importlib.util
+
+        before = os.environ.get("DFFKIT_DEVICE_ARRAYS")
+        try:
+            for lib in ("cupy", "torch"):
+                if importlib.util.find_spec(lib) is None:
+                    continue
+                os.environ["DFFKIT_DEVICE_ARRAYS"] = lib
+                times, result = timed(lambda: dff(one, args.k, **opts), args.repeats_one, warmup=3)
+                row[f"dff_joint_one_image_{lib}"] = dict(percentiles(times), device_path=bool(result.device_path),
+                                                         split_ms={k: round(1e3 * v, 3) for k, v in result.timings.items()})
+        finally:
+            if before is None:
+                os.environ.pop("DFFKIT_DEVICE_ARRAYS", None)
+            else:
+                os.environ["DFFKIT_DEVICE_ARRAYS"] = before
     return row
 
 
@@ -157,6 +174,12 @@ def markdown(report: dict) -> str:
             lines.append(f"- {r['model']} {mode}: " + ", ".join(f"{k} {v}" for k, v in s.items())
                          + f"; {r[f'dff_{mode}_n_iter']} NMF iterations on {r[f'dff_{mode}_backend']}"
                          + (", device path" if r[f"dff_{mode}_device_path"] else ""))
+    libs = [(r["model"], lib, r[f"dff_joint_one_image_{lib}"]) for r in report["results"] for lib in ("cupy", "torch")
+            if f"dff_joint_one_image_{lib}" in r]
+    if libs:
+        lines += ["", "One image, joint, by the GPU array library of the maps (DFFKIT_DEVICE_ARRAYS):", ""]
+        lines += [f"- {model} {lib}: p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms; split {v['split_ms']}"
+                  + ("" if v["device_path"] else " (host path)") for model, lib, v in libs]
     lines += ["", "Split of the last one-image DFF run (ms):", ""]
     for r in report["results"]:
         for mode in ("joint", "per_image"):

@@ -421,6 +421,27 @@ def test_keep_maps_auto_and_bad_values(monkeypatch):
             dff(images, 2, activations=acts, keep_maps=bad)
 
 
+def test_device_array_library_order(monkeypatch):
+    """CuPy first, PyTorch where DFFKIT_DEVICE_ARRAYS=torch; each skipped when it does not
+    import (stand-in modules here)."""
+    import sys
+    import types
+
+    from dffkit import deep_feature_factorization as dff_module
+
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    monkeypatch.delenv("DFFKIT_DEVICE_ARRAYS", raising=False)
+    assert dff_module._first_array_library().name == "cupy"
+    monkeypatch.setenv("DFFKIT_DEVICE_ARRAYS", "torch")
+    assert dff_module._first_array_library().name == "torch"
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
+    assert dff_module._first_array_library().name == "cupy"
+    monkeypatch.setenv("DFFKIT_DEVICE_ARRAYS", "jax")
+    with pytest.raises(ValueError, match="DFFKIT_DEVICE_ARRAYS must be"):
+        dff_module._first_array_library()
+
+
 def test_colormap_table_is_within_one_level_of_the_interpolation():
     from dffkit import visualize
 

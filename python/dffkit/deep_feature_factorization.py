@@ -350,7 +350,21 @@ def _device_ops(extractor, backend):
         return None
     if "cuda" not in str(getattr(extractor, "provider", "")).lower():
         return None
-    for ops in (_CupyOps, _TorchOps):
+    return _first_array_library()
+
+
+def _array_libraries() -> tuple:
+    """The GPU array libraries in the order tried: CuPy, then PyTorch;
+    ``DFFKIT_DEVICE_ARRAYS=torch`` puts PyTorch first (``cupy``: the default order)."""
+    choice = os.environ.get("DFFKIT_DEVICE_ARRAYS", "").strip().lower()
+    if choice not in ("", "cupy", "torch"):
+        raise ValueError(f"DFFKIT_DEVICE_ARRAYS must be 'cupy' or 'torch', got {choice!r}")
+    return (_TorchOps, _CupyOps) if choice == "torch" else (_CupyOps, _TorchOps)
+
+
+def _first_array_library():
+    """An instance of the first GPU array library of ``_array_libraries()`` that imports."""
+    for ops in _array_libraries():
         try:
             return ops()
         except ImportError:
@@ -867,12 +881,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         on_host = isinstance(activations, np.ndarray) or (
             isinstance(activations, (list, tuple)) and all(isinstance(a, np.ndarray) for a in activations))
         if not on_host and backend != "cpu":
-            for candidate in (_CupyOps, _TorchOps):
-                try:
-                    ops = candidate()
-                    break
-                except ImportError:
-                    continue
+            ops = _first_array_library()
         if ops is not None:
             parts = activations if isinstance(activations, (list, tuple)) else [activations]
             per = _split_activations([ops.asarray(a) for a in parts])
