@@ -361,15 +361,16 @@ def resized_batches(items: Sequence, batch_size: int, size=224, resize: str = "f
             yield [d[0] for d in done], [d[1] for d in done]
         return
     pool = _pool(workers)
+    current: list = []
     pending = [pool.submit(_load_resized, *job) for job in jobs(starts[0])] if starts else []
     try:
-        for b, start in enumerate(starts):
+        for b in range(len(starts)):
             current = pending
             pending = [pool.submit(_load_resized, *job) for job in jobs(starts[b + 1])] if b + 1 < len(starts) else []
             done = [f.result() for f in current]
             yield [d[0] for d in done], [d[1] for d in done]
     finally:  # an error, or the caller stopped early: drop the work not started
-        for f in pending:
+        for f in current + pending:
             f.cancel()
 
 
