@@ -536,6 +536,19 @@ def test_progress_over_images_and_pictures(tmp_path):
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # counted under a lock: in order
 
 
+def test_cli_info_says_backends_and_threads(capsys, monkeypatch):
+    monkeypatch.setenv("DFFKIT_IO_THREADS", "3")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backends:" in out and "'cpu'" in out and "image_threads:   3" in out
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "cpu" in info["backends"] and info["image_threads"] == 3
+    monkeypatch.setenv("DFFKIT_IO_THREADS", "zero")
+    assert cli.main(["info"]) == 0
+    assert "image_threads:   invalid: DFFKIT_IO_THREADS must be a positive integer" in capsys.readouterr().out
+
+
 def test_cli_dff_errors(tmp_path, capsys):
     assert cli.main(["dff", str(tmp_path / "missing.jpg"), "-k", "2"]) == 1
     assert "no such image file" in capsys.readouterr().err

@@ -24,6 +24,12 @@ def describe() -> dict:
         info["cpu_threads"] = _backends.cpu().max_threads()
     except ImportError:
         pass
+    from dffkit.images import default_workers
+
+    try:
+        info["image_threads"] = default_workers()  # reading, resizing, drawing (DFFKIT_IO_THREADS)
+    except ValueError as e:  # a bad DFFKIT_IO_THREADS: say so here rather than fail
+        info["image_threads"] = f"invalid: {e}"
     if "cuda" in info["backends"]:
         cuda = _backends.cuda()
         info["cuda_devices"] = [cuda.device_info(i) for i in range(cuda.device_count())]
