@@ -134,14 +134,25 @@ def bench_extractor(fx, name, batches, warmup, repeats, budget_s, device_output_
 
 
 def bench_preprocess(repeats):
-    from dffkit.features import load_images, preprocess
+    """The host's part: read + resize (what ``extractor(images)`` sends, uint8), and with the
+    normalisation to float32 as well (what a float32 input needs); one image thread and the
+    default."""
+    from dffkit.images import default_workers, load_images, normalize, resize_batch
 
-    paths = sorted((HERE.parent / "python" / "dffkit" / "data" / "sample_images").glob("*.jpg"))
+    paths = [str(p) for p in sorted((HERE.parent / "python" / "dffkit" / "data" / "sample_images").glob("*.jpg"))]
     if not paths:
         return []
-    times = timed_runs(lambda: preprocess(load_images([str(p) for p in paths]), 224), 1, repeats, 20.0)
-    row = summarise(f"Pillow: read + resize + normalise ({len(paths)} JPEGs)", len(paths), times)
-    return [row]
+    rows = []
+    for workers in sorted({1, default_workers()}):
+        def uint8():
+            return resize_batch(load_images(paths, workers=workers), 224)
+
+        times = timed_runs(uint8, 1, repeats, 20.0)
+        rows.append(summarise(f"Pillow: read + resize ({len(paths)} JPEGs, {workers} threads)", len(paths), times))
+        times = timed_runs(lambda: normalize(uint8()), 1, repeats, 20.0)
+        rows.append(summarise(f"Pillow: read + resize + normalise to float32 ({len(paths)} JPEGs, {workers} threads)",
+                              len(paths), times))
+    return rows
 
 
 def main(argv=None):
