@@ -364,6 +364,11 @@ def test_filterbank_concepts_are_named_by_the_mean_colour_of_their_pixels():
     mixed = (9 * np.array([200, 30, 30]) + 10 * np.array([235, 220, 50])) / 19
     joint = _colour_names([Image.fromarray(a), Image.fromarray(b)], [lab_a, lab_b], 3, per_image=False)
     assert joint == [f"{colour_name(mixed)} region", "blue region", "absent"]
+    # two concepts of one colour are told apart; absent ones stay "absent"
+    c = np.full((2, 6, 3), (200, 30, 30), np.uint8)
+    lab_c = np.array([[0, 0, 1, 1, 3, 3]] * 2, np.int16)
+    assert _colour_names([Image.fromarray(c)], [lab_c], 5, per_image=False) == [
+        "red region", "red region 2", "absent", "red region 3", "absent"]
 
 
 @pytest.mark.parametrize("mode", ["joint", "per_image"])

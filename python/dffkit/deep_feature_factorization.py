@@ -673,8 +673,19 @@ def _colour_names(images, labels, k, per_image: bool):
             sums[i, :, c] = np.bincount(bins, weights=a[:, c], minlength=k + 1)[1:k + 1]
         counts[i] = np.bincount(bins, minlength=k + 1)[1:k + 1]
     if per_image:
-        return [[name(sums[i, j], counts[i, j]) for j in range(k)] for i in range(len(labels))]
-    return [name(sums[:, j].sum(0), counts[:, j].sum()) for j in range(k)]
+        return [_distinct([name(sums[i, j], counts[i, j]) for j in range(k)]) for i in range(len(labels))]
+    return _distinct([name(sums[:, j].sum(0), counts[:, j].sum()) for j in range(k)])
+
+
+def _distinct(names: List[str]) -> List[str]:
+    """Names told apart where several concepts got the same one: the second "grey region"
+    becomes "grey region 2", and so on ("absent" stays as it is)."""
+    seen: Dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(n if seen[n] == 1 or n == "absent" else f"{n} {seen[n]}")
+    return out
 
 
 def _classifier_head(extractor):
