@@ -513,8 +513,9 @@ def test_cli_dff_writes_the_promised_files(tmp_path, capsys):
     rc = cli.main(["dff", *paths, "-k", "3", "--out", str(out), "--backend", "cpu"])
     assert rc == 0
     text = capsys.readouterr()
-    assert str(out.resolve()) in text.out and "3/3 images" in text.err
+    assert str(out.resolve()) in text.out and "features [" + "#" * 30 + "] 3/3 images" in text.err
     assert "pictures [" + "#" * 30 + "] 3/3 images" in text.err  # the bar over the pictures written
+    assert "read " in text.out and " s, pictures " in text.out  # where the time went
     files = sorted(p.name for p in out.iterdir())
     assert "grid.png" in files and "summary.json" in files
     assert len([f for f in files if f.startswith("overlay_")]) == 3

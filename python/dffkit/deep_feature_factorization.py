@@ -904,7 +904,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     else:
         ext = _resolve_extractor(extractor, layer, backend)
         ops = _device_ops(ext, backend)
-        per, on_device = _extract(ext, pil, ops, _progress_callback(progress, len(pil)))
+        per, on_device = _extract(ext, pil, ops, _progress_callback(progress, len(pil), label="features "))
         if not on_device:  # the host path, by choice or by fallback
             ops = None
     ops = ops or _NumpyOps()
@@ -1366,11 +1366,13 @@ def _run(args, paths, *, noted: bool = False) -> int:
                  backend=args.backend, max_iter=args.max_iter, tol=args.tol, random_state=args.seed,
                  negatives=args.negatives, assign=args.assign, threshold=args.threshold,
                  progress=None if args.quiet else True, keep_maps="auto")
+    t0 = time.perf_counter()
     written = result.save(args.out, heatmaps=not getattr(args, "no_heatmaps", False),
                           progress=None if args.quiet else True)
-    t = result.timings
+    t = dict(result.timings, save=time.perf_counter() - t0)
     print(f"{result.backend} NMF, {result.n_iter if result.mode == 'joint' else max(result.n_iter)} iterations; "
-          f"extract {t['extract']:.2f} s, factorize {t['factorize']:.2f} s, maps {t['maps']:.2f} s")
+          f"read {t['load']:.2f} s, extract {t['extract']:.2f} s, factorize {t['factorize']:.2f} s, "
+          f"maps {t['maps']:.2f} s, pictures {t['save']:.2f} s")
     consistency = result.concept_consistency()
     if result.mode == "joint":
         for j, name in enumerate(result.concept_names):
