@@ -83,11 +83,20 @@ def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 def upsample(maps, size: Tuple[int, int]) -> np.ndarray:
     """Bilinear resampling of (k, h, w) maps (numpy) to (k, H, W) float32."""
-    maps = np.asarray(maps, dtype=np.float32)
-    H, W = size
-    Ry = bilinear_matrix(H, maps.shape[1])
-    RxT = np.ascontiguousarray(bilinear_matrix(W, maps.shape[2]).T)
-    return np.ascontiguousarray(_NumpyOps().upsample(maps[None], Ry, RxT)[0])
+    return np.ascontiguousarray(_upsampled(_NumpyOps(), np.asarray(maps, dtype=np.float32)[None], size)[0])
+
+
+def _upsampled(ops, A, size):
+    """(n, k, h, w) maps of ``ops``' library -> (n, k, H, W), bilinear."""
+    (H, W), (h, w) = size, A.shape[2:]
+    Ry = ops.asarray(bilinear_matrix(H, h))
+    RxT = ops.asarray(np.ascontiguousarray(bilinear_matrix(W, w).T))
+    return ops.upsample(A, Ry, RxT)
+
+
+def _inverse(peaks) -> np.ndarray:
+    """1 / peaks as float32, 0 where a peak is not positive (a concept absent from an image)."""
+    return np.where(peaks > 0, 1.0 / np.where(peaks > 0, peaks, 1.0), 0.0).astype(np.float32)
 
 
 def connected_components(mask, connectivity: int = 8):
@@ -1089,11 +1098,11 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
     groups: Dict[tuple, List[int]] = {}
     for i, (fs, size) in enumerate(zip(feature_sizes, sizes)):
         groups.setdefault(tuple(fs) + tuple(size), []).append(i)
-    k_maps = int(Ws[0].shape[1])
+    k = int(Ws[0].shape[1])
     batches = []
     for key, idx in groups.items():
         # at most `chunk` images and MAPS_BATCH_BYTES of upsampled maps at a time
-        step = max(1, min(chunk, MAPS_BATCH_BYTES // max(1, 4 * k_maps * key[2] * key[3])))
+        step = max(1, min(chunk, MAPS_BATCH_BYTES // max(1, 4 * k * key[2] * key[3])))
         batches += [(key, idx[s:s + step]) for s in range(0, len(idx), step)]
 
     def loadings_of(idx, h, w):
@@ -1105,17 +1114,12 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
             Wi = ops.concat([Ws[i] for i in idx])
         return ops.rows_to_maps(Wi, len(idx), h, w)  # (n, k, h, w)
 
-    ups, k = [], None
-    peaks = None
+    ups = []
+    peaks = np.zeros((n_images, k))
     loadings: List[Optional[np.ndarray]] = [None] * n_images
     for (h, w, H, Wd), idx in batches:
         A = loadings_of(idx, h, w)
-        Ry = ops.asarray(bilinear_matrix(H, h))
-        RxT = ops.asarray(np.ascontiguousarray(bilinear_matrix(Wd, w).T))
-        U = ops.upsample(A, Ry, RxT)  # (n, k, H, W)
-        k = int(U.shape[1])
-        if peaks is None:
-            peaks = np.zeros((n_images, k))
+        U = _upsampled(ops, A, (H, Wd))  # (n, k, H, W)
         peaks[idx] = np.maximum(_host(ops.amax(U, (2, 3))), 0.0)
         A_host = _host(A)
         for t, i in enumerate(idx):
@@ -1131,8 +1135,7 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
     heatmaps: List[Optional[np.ndarray]] = [None] * n_images
     labels: List[Optional[np.ndarray]] = [None] * n_images
     for ((h, w, H, Wd), idx), U in zip(batches, ups):
-        inv = np.where(peaks[idx] > 0, 1.0 / np.where(peaks[idx] > 0, peaks[idx], 1.0), 0.0).astype(np.float32)
-        heat = ops.heat(U, inv)
+        heat = ops.heat(U, _inverse(peaks[idx]))
         if assign == "argmax":
             lab = _host(ops.labels_of(heat, strength[idx], threshold))
             for t, i in enumerate(idx):
@@ -1241,15 +1244,11 @@ class _LazyMaps:
     def _compute(self, i: int) -> tuple:
         ops = _NumpyOps()
         A = np.ascontiguousarray(self.loadings[i].transpose(2, 0, 1))[None]  # (1, k, h, w)
-        (H, W), (h, w) = self.sizes[i], A.shape[2:]
-        U = ops.upsample(A, bilinear_matrix(H, h), np.ascontiguousarray(bilinear_matrix(W, w).T))
-        peaks = self.peaks[i:i + 1]
-        inv = np.where(peaks > 0, 1.0 / np.where(peaks > 0, peaks, 1.0), 0.0).astype(np.float32)
-        heat = ops.heat(U, inv)
+        heat = ops.heat(_upsampled(ops, A, self.sizes[i]), _inverse(self.peaks[i:i + 1]))
         if self.kmeans_cells is None:
             lab = ops.labels_of(heat, self.strength[i:i + 1], self.threshold)[0]
         else:
-            lab = _upsample_cells(self.kmeans_cells[i], (H, W), heat.shape[1])
+            lab = _upsample_cells(self.kmeans_cells[i], self.sizes[i], heat.shape[1])
         return heat[0], lab
 
 
