@@ -228,14 +228,17 @@ def main(argv=None) -> int:
         report["results"].append(bench_model(model, args))
         print(json.dumps(report["results"][-1], indent=1), file=sys.stderr)
     report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    stem = Path(args.out) if args.out else HERE / "results" / f"dff_{args.device}"
+    write_report(report, Path(args.out) if args.out else HERE / "results" / f"dff_{args.device}", markdown(report))
+    return 0
+
+
+def write_report(report: dict, stem: Path, text: str) -> None:
+    """stem.json (the report) and stem.md (``text``); the text printed too."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
     stem.with_suffix(".md").write_text(text)
     print(text)
     print(f"wrote {stem.with_suffix('.json')} and .md", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

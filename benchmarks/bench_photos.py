@@ -34,6 +34,9 @@ import dffkit  # noqa: E402
 from dffkit.features import FeatureExtractor  # noqa: E402
 from dffkit.images import default_workers  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+from bench_dff import write_report  # noqa: E402  (the sibling script: one report writer)
+
 
 def make_photos(folder: Path, n: int, width: int, height: int) -> list:
     """n JPEGs of textured regions (stripes of two periods, two colours) under noise."""
@@ -151,12 +154,7 @@ def main(argv=None) -> int:
             os.environ.pop("DFFKIT_IO_THREADS", None)
         else:
             os.environ["DFFKIT_IO_THREADS"] = before
-    stem = Path(args.out) if args.out else HERE / "results" / f"photos_{args.device}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    stem.with_suffix(".md").write_text(text)
-    print(text)
+    write_report(report, Path(args.out) if args.out else HERE / "results" / f"photos_{args.device}", markdown(report))
     return 0
 
 
