@@ -108,7 +108,8 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     # (precision, variant): None = engine "auto"; "general" = the fast path off; "tc" = its
     # products on tensor cores ("tc 1/SM": and fewer, larger blocks); "regs 1/SM" / "regs 2/SM" =
     # its CUDA-core kernel's register budget forced (auto: one block per SM's when the launch's
-    # blocks fit one to an SM); "gemm" = the gemm engine
+    # blocks fit one to an SM); "cols" = its column-split kernel (one cluster barrier per
+    # iteration; "cols C=4" / "cols C=16": that cluster size forced); "gemm" = the gemm engine
     # forced (single problems too large for the resident engine; float32 and bf16x on split-tf32
     # tensor cores; one pass over X by default for tf32 and bf16x where the single-pass kernel
     # serves the shape), "gemm 1-pass" / "gemm 2-pass" = the single pass / the two-pass kernels
@@ -116,7 +117,9 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     # choice before session 6)
     variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
-        variants += [("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc"), ("fp32", "tc 1/SM"),
+        # the newest question first (rows are logged as they are timed)
+        variants += [("fp32", "cols"), ("fp32", "cols C=16"), ("fp32", "cols C=4"), ("bf16x", "cols"),
+                     ("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc"), ("fp32", "tc 1/SM"),
                      ("fp32", "regs 1/SM"), ("fp32", "regs 2/SM")]
     if B == 1 and m * n * k > (1 << 22):
         variants += [("fp32", "sweep"), ("tf32", "sweep"), ("fp32", "gemm simt")]
@@ -182,6 +185,9 @@ VARIANT_ENV = {
     "tc 1/SM": {"DFFKIT_CUDA_SMALL_TC": "1", "DFFKIT_CUDA_SMALL_ONE_PER_SM": "1"},
     "regs 1/SM": {"DFFKIT_CUDA_SMALL_REGS": "1"},
     "regs 2/SM": {"DFFKIT_CUDA_SMALL_REGS": "2"},
+    "cols": {"DFFKIT_CUDA_SMALL_COLS": "1"},
+    "cols C=4": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_C": "4"},
+    "cols C=16": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_C": "16"},
     "gemm simt": {"DFFKIT_CUDA_GEMM_SIMT": "1"},
     "gemm 1-pass": {"DFFKIT_CUDA_GEMM_FUSED": "1"},
     "gemm 2-pass": {"DFFKIT_CUDA_GEMM_FUSED": "0"},

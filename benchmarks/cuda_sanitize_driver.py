@@ -106,6 +106,21 @@ if cuda.device_info(0)["cc"][0] >= 9:
     os.environ["DFFKIT_CUDA_GEMM_FUSED"] = "0"
     check("gemm two-pass n=512 k=32", X, W, H, engine="gemm", max_iter=2, kernel="gemm")
     del os.environ["DFFKIT_CUDA_GEMM_FUSED"]
+# the fast path's column-split kernel (DFFKIT_CUDA_SMALL_COLS=1, sm_90): clusters of 8 and 16
+# (non-portable), the stopping rule (decided one cluster barrier late), bfloat16 X, fixed H
+if cuda.device_info(0)["cc"][0] >= 9:
+    os.environ["DFFKIT_CUDA_SMALL_COLS"] = "1"
+    X, W, H = problem(196, 512, 5)
+    check("fast cols", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+    check("fast cols stopping rule", X, W, H, engine="resident", max_iter=30, tol=1e-2,
+          kernel="resident-fast-cols")
+    check("fast cols bf16x", X, W, H, engine="resident", max_iter=3, precision="bf16x", tol=5e-2,
+          kernel="resident-fast-cols")
+    check("fast cols update_H=False", X, W, H, engine="resident", max_iter=3, update_H=False,
+          kernel="resident-fast-cols")
+    os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = "16"
+    check("fast cols C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+    del os.environ["DFFKIT_CUDA_SMALL_COLS"], os.environ["DFFKIT_CUDA_SMALL_COLS_C"]
 probs = [problem(30 + 7 * b, 20 + 5 * b, 3, seed=b) for b in range(3)]
 out = cb.fit_batched([p[0] for p in probs], [p[1] for p in probs], [p[2] for p in probs],
                      params(cuda, max_iter=5))

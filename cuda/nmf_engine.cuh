@@ -30,6 +30,7 @@
 #include "nmf_engine_kernels.cuh"
 #include "nmf_kernels.cuh"
 #include "nmf_small_kernel.cuh"
+#include "nmf_small_cols_kernel.cuh"
 
 namespace dffkit {
 namespace cuda_detail {
@@ -79,6 +80,12 @@ KParams make_kparams(const Problem& p, const Options& o) {
   q.small_one_per_sm = one && one[0] == '1';
   const char* regs = std::getenv("DFFKIT_CUDA_SMALL_REGS");
   q.small_regs = regs && (regs[0] == '1' || regs[0] == '2') && regs[1] == 0 ? regs[0] - '0' : 0;
+  const char* cols = std::getenv("DFFKIT_CUDA_SMALL_COLS");
+  q.small_cols = cols && cols[0] == '1';
+  if (const char* cc = std::getenv("DFFKIT_CUDA_SMALL_COLS_C"); cc && *cc) {
+    const int v = std::atoi(cc);
+    q.small_cols_c = v == 1 || v == 2 || v == 4 || v == 8 || v == 16 ? v : 0;
+  }
   return q;
 }
 

@@ -5,15 +5,36 @@
 /// Blocks per problem for the fast path, 0 where it does not apply. From the shape and the
 /// call's switches (q.small_tc: the tensor-core kernel's layout; q.small_one_per_sm: the fewest
 /// blocks that fit one to an SM instead of two).
+int small_cols_cluster(i64 m, i64 n, int K, std::size_t limit, const KParams& q);
+
 int small_cluster(i64 m, i64 n, i64 k, std::size_t limit, const KParams& q) {
   const int K = small_width(k);
   if (K == 0 || m < 1 || n < 1) return 0;
+  if (q.small_cols) return small_cols_cluster(m, n, K, limit, q);
   const std::size_t two = (limit + 1024) / 2 - 1024;  // two blocks per SM
   for (std::size_t cap : {two, limit}) {
     if (q.small_one_per_sm && cap == two) continue;
     for (int C = 1; C <= 8; C *= 2)
       if (m >= C && small_layout(m, n, K, C, q.small_tc != 0).used <= cap) return C;
   }
+  return 0;
+}
+
+/// Blocks per problem for the column-split kernel (q.small_cols), 0 where it does not apply:
+/// the smallest C in {1, 2, 4, 8, 16} whose blocks fit two to an SM (else one), each with at least
+/// one quad of columns and at most SNT; q.small_cols_c = C takes C instead where the problem
+/// fits it (side-by-side timings; from the shape and the switch only, as every choice here).
+int small_cols_cluster(i64 m, i64 n, int K, std::size_t limit, const KParams& q) {
+  const std::size_t two = (limit + 1024) / 2 - 1024;
+  const i64 Q = (n + 3) / 4;
+  auto fits = [&](int C, std::size_t cap) {
+    return C <= Q && (Q + C - 1) / C <= SNT && m <= (i64(1) << 20) &&
+           small_cols_layout(m, n, K, C).used <= cap;
+  };
+  if (q.small_cols_c && fits(q.small_cols_c, limit)) return q.small_cols_c;
+  for (std::size_t cap : {two, limit})
+    for (int C = 1; C <= SC_MAX_C; C *= 2)
+      if (fits(C, cap)) return C;
   return 0;
 }
 
@@ -31,6 +52,16 @@ void launch_small(const SmallDesc* d_descs, std::size_t count, const KParams& q,
   DFFKIT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   launch_clusters(kern, count, C, SNT, smem, s, d_descs, q, d_out, C);
   DFFKIT_CUDA_CHECK_LAUNCH("small_kernel");
+}
+
+template <bool BF16, int K>
+void launch_small_cols(const SmallDesc* d_descs, std::size_t count, const KParams& q, ResOut* d_out,
+                       std::size_t smem, int C, cudaStream_t s) {
+  auto kern = small_cols_kernel<BF16, K>;
+  DFFKIT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if (C > 8) DFFKIT_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  launch_clusters(kern, count, C, SNT, smem, s, d_descs, q, d_out, C);
+  DFFKIT_CUDA_CHECK_LAUNCH("small_cols_kernel");
 }
 
 template <class F>
@@ -85,7 +116,7 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
     std::vector<SmallDesc> sorted;
     struct Group { std::size_t start, count, smem; int C, K; };
     std::vector<Group> groups;
-    for (int C = 1; C <= 8; C *= 2)
+    for (int C = 1; C <= SC_MAX_C; C *= 2)
       for (int K : {4, 5, 8, 12, 16}) {
         Group g{sorted.size(), 0, 0, C, K};
         for (std::size_t b = 0; b < B; ++b)
@@ -95,7 +126,8 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
             sorted.push_back(SmallDesc{reinterpret_cast<const float*>(it.X),
                                        reinterpret_cast<float*>(it.W),
                                        reinterpret_cast<float*>(it.H), it.m, it.n, int(it.k)});
-            g.smem = std::max(g.smem, small_layout(it.m, it.n, K, C, tc).used);
+            g.smem = std::max(g.smem, q.small_cols ? small_cols_layout(it.m, it.n, K, C).used
+                                                   : small_layout(it.m, it.n, K, C, tc).used);
           }
         g.count = sorted.size() - g.start;
         if (g.count) groups.push_back(g);
@@ -106,7 +138,9 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
     for (const Group& g : groups)
       with_small_width(g.K, [&](auto kw) {
         constexpr int K = decltype(kw)::value;
-        if (tc)
+        if (q.small_cols)
+          launch_small_cols<BF16, K>(d_descs + g.start, g.count, q, d_out + g.start, g.smem, g.C, s);
+        else if (tc)
           launch_small<BF16, K, true>(d_descs + g.start, g.count, q, d_out + g.start, g.smem, g.C, s);
         else if (one_per_sm)
           launch_small<BF16, K, false, 1>(d_descs + g.start, g.count, q, d_out + g.start, g.smem, g.C, s);
@@ -123,7 +157,7 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
       r.n_iter = sorted_out[j].n_iter;
       r.error_init = sorted_out[j].error_init;
       r.error = sorted_out[j].error;
-      r.kernel = "resident-fast";
+      r.kernel = q.small_cols ? "resident-fast-cols" : "resident-fast";
     }
     return res;
   } catch (...) {

@@ -154,10 +154,45 @@ __device__ __forceinline__ U cluster_sum(U* p, int e, int C) {
   return v;
 }
 
+/// acc[j][c] = sum over rows r = r0, r0 + step, ... < rows of W[r K + j] X4[r ld4 + qi].c: one
+/// quad of columns of W^T X (zero where qi < 0), W read as broadcasts, X as float4.
+template <int K>
+__device__ __forceinline__ void small_wtx_quad(const float4* X4, int ld4, const float* W, int qi,
+                                               int r0, int rows, int step, float (&acc)[K][4]) {
+#pragma unroll
+  for (int j = 0; j < K; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+  if (qi < 0) return;
+#pragma unroll 2
+  for (int r = r0; r < rows; r += step) {
+    const float4 x = X4[r * ld4 + qi];
+    const float* w = W + r * K;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const float wv = w[j];
+      acc[j][0] = fmaf(wv, x.x, acc[j][0]);
+      acc[j][1] = fmaf(wv, x.y, acc[j][1]);
+      acc[j][2] = fmaf(wv, x.z, acc[j][2]);
+      acc[j][3] = fmaf(wv, x.w, acc[j][3]);
+    }
+  }
+}
+
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
   for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
+}
+
+/// The block's sum of v in a fixed order (each warp's butterfly, then the warps in order), in
+/// thread 0 only (a block barrier inside; red: SNW doubles).
+__device__ __forceinline__ double small_block_sum0(double v, double* red) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double t = 0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < SNW; ++w) t += red[w];
+  return t;
 }
 
 /// G[a K + b] = sum_{c < len} A[a sa + c sc] A[b sa + c sc] in float64, a fixed order: each entry
@@ -242,14 +277,8 @@ __global__ void __launch_bounds__(SNT, MINB)
       Wo[e] = r < mr && j < k ? d.W[(rb + r) * k + j] : 0.f;
       Wn[e] = 0.f;
     }
-    s = warp_sum(s);
-    if (lane == 0) red[warp] = s;
-    __syncthreads();
-    if (tid == 0) {
-      double t = 0;
-      for (int w = 0; w < SNW; ++w) t += red[w];
-      xch[0] = t;
-    }
+    s = small_block_sum0(s, red);
+    if (tid == 0) xch[0] = s;
     small_gram<K>(Hs, L.ldh, 1, L.ldh, GH);
     cluster_barrier(C);
     if (tid == 0) red[RG_XX] = cluster_sum(xch, 0, C);
@@ -438,23 +467,7 @@ __global__ void __launch_bounds__(SNT, MINB)
       for (int t0 = 0; t0 < Q * RS; t0 += SNT) {
         const int t = t0 + tid, qi = t / RS, rs = t % RS;
         float acc[K][4];
-#pragma unroll
-        for (int j = 0; j < K; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-        if (qi < Q) {
-#pragma unroll 2
-          for (int r = rs; r < mr; r += RS) {
-            const float4 x = Xs4[r * ldx4 + qi];
-            const float* w = Wn + r * K;
-#pragma unroll
-            for (int j = 0; j < K; ++j) {
-              const float wv = w[j];
-              acc[j][0] = fmaf(wv, x.x, acc[j][0]);
-              acc[j][1] = fmaf(wv, x.y, acc[j][1]);
-              acc[j][2] = fmaf(wv, x.z, acc[j][2]);
-              acc[j][3] = fmaf(wv, x.w, acc[j][3]);
-            }
-          }
-        }
+        small_wtx_quad<K>(Xs4, ldx4, Wn, qi < Q ? qi : -1, rs, mr, RS, acc);
         for (int o = 1; o < RS; o <<= 1)
 #pragma unroll
           for (int j = 0; j < K; ++j)

@@ -143,6 +143,18 @@ def test_matches_cpu(shape, beta, pen, dtype, tol):
     assert ig["backend"] == "cuda" and ig["precision"] == "fp32"
 
 
+def _fast_path_env(variant, monkeypatch):
+    """The fast path's switches for a test variant (cuda/NOTES.md)."""
+    if variant.startswith("tensor-cores"):
+        monkeypatch.setenv("DFFKIT_CUDA_SMALL_TC", "1")
+    if variant.endswith("one-per-sm"):
+        monkeypatch.setenv("DFFKIT_CUDA_SMALL_ONE_PER_SM", "1")
+    if variant.startswith("cols"):
+        monkeypatch.setenv("DFFKIT_CUDA_SMALL_COLS", "1")
+    if variant == "cols-C16":
+        monkeypatch.setenv("DFFKIT_CUDA_SMALL_COLS_C", "16")
+
+
 # The resident engine's fast path (cuda/nmf_small.cuh): every register width (k rounded up to
 # 4, 5, 8, 12, 16), cluster sizes 1 to 8, n not a multiple of 4, fewer rows than a row group.
 FAST_SHAPES = [(40, 37, 3), (7, 9, 2), (196, 512, 5), (500, 256, 7), (90, 1000, 12),
@@ -154,15 +166,13 @@ FAST_OPTIONS = [dict(), dict(pen=(0.3, 0.2, 0.1, 0.4)), dict(mu=0.05), dict(upda
 @needs_gpu
 @pytest.mark.parametrize("shape", FAST_SHAPES)
 @pytest.mark.parametrize("opts", FAST_OPTIONS, ids=["plain", "penalties", "mu", "fixed_H"])
-@pytest.mark.parametrize("tc", ["cuda-cores", "tensor-cores", "tensor-cores-one-per-sm"])
+@pytest.mark.parametrize("tc", ["cuda-cores", "tensor-cores", "tensor-cores-one-per-sm", "cols", "cols-C16"])
 def test_fast_path_matches_cpu_and_general_kernel(shape, opts, tc, monkeypatch):
     """The fast path (CUDA cores, or DFFKIT_CUDA_SMALL_TC=1: split-tf32 tensor cores; with
-    DFFKIT_CUDA_SMALL_ONE_PER_SM=1 fewer, larger blocks per problem) against the CPU engine and
-    the general resident kernel."""
-    if tc.startswith("tensor-cores"):
-        monkeypatch.setenv("DFFKIT_CUDA_SMALL_TC", "1")
-    if tc.endswith("one-per-sm"):
-        monkeypatch.setenv("DFFKIT_CUDA_SMALL_ONE_PER_SM", "1")
+    DFFKIT_CUDA_SMALL_ONE_PER_SM=1 fewer, larger blocks per problem; DFFKIT_CUDA_SMALL_COLS=1: the
+    column-split kernel, its cluster size from the shape or 16 where the problem has 16 quads of
+    columns) against the CPU engine and the general resident kernel."""
+    _fast_path_env(tc, monkeypatch)
     X, W, H = _problem(*shape)
     Wc, Hc, ic = _cpu_fit(X, W, H, **opts)
     Wf, Hf, i_f = _gpu_fit(X, W, H, engine="resident", **opts)
@@ -174,7 +184,8 @@ def test_fast_path_matches_cpu_and_general_kernel(shape, opts, tc, monkeypatch):
     if shape[1] >= 64:  # the two kernels add in different orders: the fast path really ran
         assert not np.array_equal(Wf, Wg)
     # which ran, as the result says: the fast path needs sm_90 code on an sm_90 device
-    assert i_f["kernel"] == ("resident-fast" if _sm90() else "resident")
+    fast = "resident-fast-cols" if tc.startswith("cols") else "resident-fast"
+    assert i_f["kernel"] == (fast if _sm90() else "resident")
     assert ig["kernel"] == "resident"
     if opts.get("update_H") is False:
         assert np.array_equal(Hf, H)
@@ -182,10 +193,11 @@ def test_fast_path_matches_cpu_and_general_kernel(shape, opts, tc, monkeypatch):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("tc", ["cuda-cores", "tensor-cores"])
+@pytest.mark.parametrize("tc", ["cuda-cores", "tensor-cores", "cols", "cols-C16"])
 def test_fast_path_stops_like_the_cpu(tc, monkeypatch):
-    if tc == "tensor-cores":
-        monkeypatch.setenv("DFFKIT_CUDA_SMALL_TC", "1")
+    """The stopping rule: the column-split kernel decides one cluster barrier later, on the same
+    numbers."""
+    _fast_path_env(tc, monkeypatch)
     X, W, H = _problem(196, 512, 5, seed=3)
     Wc, Hc, ic = _cpu_fit(X, W, H, max_iter=1000, tol=1e-3)
     Wf, Hf, i_f = _gpu_fit(X, W, H, max_iter=1000, tol=1e-3, engine="resident")
@@ -497,6 +509,30 @@ def test_fast_path_register_budgets_give_the_same_bits(monkeypatch):
         assert np.array_equal(Wa, Wc) and np.array_equal(Ha, Hc)
     alone = _cuda_backend.fit(*probs[7], _params(CUDA, max_iter=60, tol=0, engine="resident"))
     assert np.array_equal(alone[0], runs[None][7][0]) and np.array_equal(alone[1], runs[None][7][1])
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("cluster", [None, "4", "16"])
+def test_fast_path_cols_batched_equals_one_at_a_time(cluster, monkeypatch):
+    """The column-split kernel: a batch of images (more blocks than SMs) gives each problem the
+    bits it gets alone; its own iteration count per problem."""
+    from dffkit import _cuda_backend
+
+    monkeypatch.setenv("DFFKIT_CUDA_SMALL_COLS", "1")
+    if cluster:
+        monkeypatch.setenv("DFFKIT_CUDA_SMALL_COLS_C", cluster)
+    probs = [_problem(196, 512, 5, seed=60 + s) for s in range(40)] + [_problem(90, 200, 8, seed=7)]
+    p = _params(CUDA, max_iter=200, tol=1e-3)
+    out = _cuda_backend.fit_batched([q[0] for q in probs], [q[1] for q in probs],
+                                    [q[2] for q in probs], p)
+    for i in (0, 17, 40):
+        Ws, Hs, i1 = _cuda_backend.fit(*probs[i], _params(CUDA, max_iter=200, tol=1e-3, engine="resident"))
+        Wb, Hb, ib = out[i]
+        assert ib["kernel"] == i1["kernel"] == ("resident-fast-cols" if _sm90() else "resident")
+        assert ib["n_iter"] == i1["n_iter"] and ib["error"] == i1["error"]
+        assert np.array_equal(Wb, Ws) and np.array_equal(Hb, Hs)
+    assert len({o[2]["n_iter"] for o in out}) > 1
 
 
 # ---- init -----------------------------------------------------------------------------------

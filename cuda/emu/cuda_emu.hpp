@@ -15,6 +15,7 @@
 // Statically sized shared arrays are declared with DFFKIT_SHARED (nmf_device_common.cuh).
 #include <algorithm>
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -161,7 +162,23 @@ inline void pipeline_wait_prior(std::size_t prior) {
   }
 }
 inline unsigned cluster_rank() { return tls.cluster_rank; }
-inline void cluster_sync() { tls.cluster_bar->arrive_and_wait(); }
+/// DFFKIT_EMU_CLUSTER_SKEW_US=N: after each cluster barrier, block `rank` waits rank x N
+/// microseconds before going on, so that the lower ranks run ahead into the next phase while the
+/// higher ones still read their peers' shared memory: a buffer that a block overwrites before its
+/// peers are done with it then gives wrong numbers (ThreadSanitizer sees such a race only where
+/// its few shadow cells per word still hold the reader).
+inline long cluster_skew_us() {
+  static const long v = [] {
+    const char* e = std::getenv("DFFKIT_EMU_CLUSTER_SKEW_US");
+    return e && *e ? std::atol(e) : 0L;
+  }();
+  return v;
+}
+inline void cluster_sync() {
+  tls.cluster_bar->arrive_and_wait();
+  if (const long us = cluster_skew_us(); us > 0 && tls.cluster_rank > 0)
+    std::this_thread::sleep_for(std::chrono::microseconds(us * long(tls.cluster_rank)));
+}
 /// p (in this block's shared memory) mapped into block `rank` of the cluster.
 template <class U>
 U* map_shared_rank(U* p, int rank) {

@@ -293,8 +293,9 @@ class NMFResult:
     backend: str
     precision: str = "fp32"
     objective: list = field(default_factory=list)
-    #: the CUDA kernels that ran: "resident", "resident-fast", "sweep", "gemm" (two passes over X
-    #: per iteration) or "gemm-fused" (one pass); "cpu" on the CPU backend
+    #: the CUDA kernels that ran: "resident", "resident-fast" ("resident-fast-cols": its
+    #: column-split kernel, DFFKIT_CUDA_SMALL_COLS=1), "sweep", "gemm" (two passes over X per
+    #: iteration) or "gemm-fused" (one pass); "cpu" on the CPU backend
     kernel: str = ""
 
 
@@ -679,7 +680,7 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
     n_features_in_ : int
     backend_ : str, the engine that ran the last fit
     kernel_ : str, the kernels that ran it (``NMFResult.kernel``: "cpu", or on CUDA "resident",
-        "resident-fast", "sweep", "gemm", "gemm-fused")
+        "resident-fast", "resident-fast-cols", "sweep", "gemm", "gemm-fused")
     """
 
     def __init__(

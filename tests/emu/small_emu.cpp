@@ -1,9 +1,11 @@
-// Runs the resident fast path's kernel (cuda/nmf_small_kernel.cuh) on the CPU emulator, clusters
-// included, for tests/test_cuda_emu.py. Usage: small_emu DIR. DIR/meta.txt holds "key value"
-// lines (B m n k C bf16 tc max_iter tol l1_W l2_W l1_H l2_H mu update_H; tc: the tensor-core kernel); DIR holds X.bin (B x m x n),
+// Runs the resident fast path's kernels (cuda/nmf_small_kernel.cuh; cols 1: the column-split one,
+// cuda/nmf_small_cols_kernel.cuh) on the CPU emulator, clusters included, for
+// tests/test_cuda_emu.py. Usage: small_emu DIR. DIR/meta.txt holds "key value"
+// lines (B m n k C bf16 tc cols max_iter tol l1_W l2_W l1_H l2_H mu update_H; tc: the tensor-core kernel); DIR holds X.bin (B x m x n),
 // W.bin (B x m x k), H.bin (B x k x n), float32. Writes W_out.bin, H_out.bin and out.txt (per
 // problem: n_iter error_init error).
 #define DFFKIT_EMULATE 1
+#include "nmf_small_cols_kernel.cuh"
 #include "nmf_small_kernel.cuh"
 
 #include "emu_io.hpp"
@@ -46,9 +48,14 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   for (i64 b = 0; b < B; ++b)
     descs[std::size_t(b)] = SmallDesc{X.data() + b * m * n, W.data() + b * m * k, H.data() + b * k * n, m, n, k};
   std::vector<ResOut> outs(static_cast<std::size_t>(B), ResOut{-1, -1.0, -1.0});
-  const SmallLayout L = small_layout(m, n, K, C, TC);
-  dffkit_emu::launch_cluster(small_kernel<BF16, K, TC>, dim3(unsigned(B * C)), dim3(SNT), L.used, unsigned(C),
-                             static_cast<const SmallDesc*>(descs.data()), q, outs.data(), C);
+  if (meta.count("cols") && std::stoi(meta["cols"]) != 0)
+    dffkit_emu::launch_cluster(small_cols_kernel<BF16, K>, dim3(unsigned(B * C)), dim3(SNT),
+                               small_cols_layout(m, n, K, C).used, unsigned(C),
+                               static_cast<const SmallDesc*>(descs.data()), q, outs.data(), C);
+  else
+    dffkit_emu::launch_cluster(small_kernel<BF16, K, TC>, dim3(unsigned(B * C)), dim3(SNT),
+                               small_layout(m, n, K, C, TC).used, unsigned(C),
+                               static_cast<const SmallDesc*>(descs.data()), q, outs.data(), C);
   write_f32(dir + "/W_out.bin", W);
   write_f32(dir + "/H_out.bin", H);
   std::ofstream o(dir + "/out.txt");

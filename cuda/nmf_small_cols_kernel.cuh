@@ -1,0 +1,364 @@
+#pragma once
+// The fast path's column-split kernel (session 8; DFFKIT_CUDA_SMALL_COLS=1, not yet timed on a
+// GPU): the same problems as small_kernel (float32 Frobenius, k <= 16, sm_90) with a problem's
+// COLUMNS split over a cluster of C blocks instead of its rows, so that an iteration needs one
+// cluster barrier instead of two.
+//
+// Block `rank` owns the columns [4 q0, 4 q1) of X and H (quads q0..q1 of the rounded-up width)
+// and keeps, replicated on every block, all of W (old and new), G_H = H H^T and G_W = W^T W.
+// Per iteration t (exchange buffer E[t mod 2], written by this block, read by its peers):
+//   1  N_b = X_b H_b^T (m x K, this block's share of X H^T) into E[t].N; a thread per row (or
+//      1-8 lanes per row for short problems), four independent accumulators per product;
+//   -- cluster barrier (the only one) --
+//   2  G_H = the C blocks' shares of H H^T (written at the end of iteration t - 1) in rank
+//      order; the error of iteration t - 1 and the stopping rule (every block the same sums in
+//      the same order, so all stop together, before anything of iteration t is written);
+//      N = the C shares of X H^T in rank order, W <- mu_step(W, N, W G_H): every block computes
+//      all of W, identically;
+//   3  G_W = W^T W (float64 sums), P_b = W^T X_b (a thread per quad of columns and slice of rows;
+//      the slices added in order), H_b <- mu_step(H_b, P_b, G_W H_b) into the other H buffer,
+//      this block's share of H H^T and of <P, H> into E[t + 1].
+// E[t] is written in step 1 of iteration t and step 3 of iteration t - 1, and read by the peers
+// in step 2 of iteration t: a block writes it again (steps 3 of t + 1, 1 of t + 2) only after the
+// barrier of iteration t + 1, which every peer reaches after its reads of iteration t, so two
+// buffers and one barrier suffice. The error of iteration t is known in step 2 of t + 1 (after
+// the last iteration: one more barrier); a stop there leaves W and H at iteration t.
+//
+// The row-split kernel (nmf_small_kernel.cuh) adds the C blocks' P over k x n entries, sends H
+// back to every block and waits twice; this one adds m x K + K x K entries per block (every block
+// all of them) and waits once. Counted for one image (196 x 512, k = 5, C = 8), per block and
+// iteration: 62,720 FMAs per product as before, at ~1.3 issued instructions per FMA (the
+// row-split kernel: ~4), 8,040 distributed-shared-memory loads (2,560 today) and one barrier
+// (two today, 4,300 of its 17,800 cycles in session 3's phase clock). To be timed
+// (`cuda_bench.py --ab`, rows "cols").
+//
+// Compiles under nvcc and under the CPU emulator (tests/test_cuda_emu.py runs it).
+#include <cmath>
+
+#include "mu_update.hpp"
+#include "nmf_device_common.cuh"
+#include "nmf_small_kernel.cuh"
+
+namespace dffkit {
+namespace cuda_detail {
+
+DFFKIT_HD constexpr int pow2_ceil(int v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+constexpr int SC_MAX_C = 16;  // blocks per problem (16: a non-portable cluster size, sm_90)
+
+struct SmallColsLayout {
+  int Q;      // quads of columns of the problem
+  int nqb;    // quads per block (the widest block)
+  int ldh;    // floats per row of the H buffers (4 nqb)
+  int nch;    // lanes per row in the N step (a power of two, <= 8)
+  int ldx;    // floats per row of X (>= ldh; rows read together start on different banks)
+  int nqp;    // lanes per row slice in the P step (nqb rounded up to a power of two)
+  int slots;  // P partials added in order (warps, or row slices when nqp > 32)
+  std::size_t X, H0, H1, Wo, Wn, E, ebytes, eN, eGH, Pw, GH, GW, red, used;
+};
+
+/// Shared-memory layout of one block of the column-split kernel (host and device alike).
+DFFKIT_HD SmallColsLayout small_cols_layout(i64 m, i64 n, int K, int C) {
+  SmallColsLayout L{};
+  L.Q = int((n + 3) / 4);
+  L.nqb = (L.Q + C - 1) / C;
+  L.ldh = 4 * L.nqb;
+  int nch = 1;
+  while (nch < 8 && m * (nch * 2) <= SNT && nch * 2 <= L.nqb) nch *= 2;
+  L.nch = nch;
+  // the N step's LDS.128 phases read 8 / nch rows x nch neighbouring quads: rows 4 nch words
+  // apart modulo 32 banks keep them conflict-free
+  const int want = (4 * nch) % 32;
+  L.ldx = L.ldh;
+  while (L.ldx % 32 != want) L.ldx += 4;
+  L.nqp = pow2_ceil(L.nqb);
+  L.slots = L.nqp <= 32 ? SNW : SNT / L.nqp;
+  std::size_t o = 0;
+  auto put = [&](std::size_t bytes) { const std::size_t at = o; o = (o + bytes + 15) & ~std::size_t(15); return at; };
+  const std::size_t f = sizeof(float);
+  L.X = put(std::size_t(m) * L.ldx * f);
+  L.H0 = put(std::size_t(K) * L.ldh * f);
+  L.H1 = put(std::size_t(K) * L.ldh * f);
+  L.Wo = put(std::size_t(m) * K * f);
+  L.Wn = put(std::size_t(m) * K * f);
+  // an exchange buffer: 4 doubles (0: ||X_b||^2, 1: <P_b, H_b>), the share of H H^T, of X H^T
+  L.eGH = 4 * sizeof(double);
+  L.eN = (L.eGH + std::size_t(K) * K * f + 15) & ~std::size_t(15);
+  L.ebytes = (L.eN + std::size_t(m) * K * f + 15) & ~std::size_t(15);
+  L.E = put(2 * L.ebytes);
+  L.Pw = put(std::size_t(L.slots) * K * L.ldh * f);
+  L.GH = put(std::size_t(K) * K * f);
+  L.GW = put(std::size_t(K) * K * f);
+  L.red = put(RG_SIZE * sizeof(double));
+  L.used = o;
+  return L;
+}
+
+/// Sum over the cluster's blocks, in rank order, of peer(p)[e] (up to 16 blocks: the loads of
+/// eight issued together).
+template <class U>
+__device__ __forceinline__ U cluster_sum16(U* p, int e, int C) {
+  if (C <= 8) return cluster_sum(p, e, C);
+  U v = cluster_sum(p, e, 8);
+  U t[8];
+#pragma unroll
+  for (int r = 0; r < 8; ++r) t[r] = 8 + r < C ? cluster_peer(p, 8 + r, C)[e] : U(0);
+#pragma unroll
+  for (int r = 0; r < 8; ++r)
+    if (8 + r < C) v += t[r];
+  return v;
+}
+
+/// One problem per cluster of C blocks (SNT threads each), columns split over the blocks.
+template <bool BF16, int K, int MINB = DFFKIT_SMALL_MINB>
+__global__ void __launch_bounds__(SNT, MINB)
+    small_cols_kernel(const SmallDesc* descs, KParams q, ResOut* outs, int C) {
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(DFFKIT_EMULATE)
+  DFFKIT_DYNAMIC_SMEM(smem);
+  const int rank = int(cluster_rank(C));
+  const SmallDesc d = descs[blockIdx.x / C];
+  const i64 m = d.m, n = d.n;
+  const int k = d.k, mi = int(m);
+  const SmallColsLayout L = small_cols_layout(m, n, K, C);
+  const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+  const int q0 = rank * L.Q / C, q1 = (rank + 1) * L.Q / C, nq = q1 - q0;
+  const i64 c0 = 4 * i64(q0);
+  const int ncv = int((n - c0) < 4 * nq ? n - c0 : 4 * nq);  // this block's real columns
+  const int ldx4 = L.ldx / 4, ldh4 = L.ldh / 4;
+  float* Xs = reinterpret_cast<float*>(smem + L.X);
+  float* Hc = reinterpret_cast<float*>(smem + L.H0);  // H_b now
+  float* Hx = reinterpret_cast<float*>(smem + L.H1);  // H_b next
+  float* Wo = reinterpret_cast<float*>(smem + L.Wo);
+  float* Wn = reinterpret_cast<float*>(smem + L.Wn);
+  unsigned char* E = smem + L.E;
+  float* Pw = reinterpret_cast<float*>(smem + L.Pw);
+  float* GH = reinterpret_cast<float*>(smem + L.GH);
+  float* GW = reinterpret_cast<float*>(smem + L.GW);
+  double* red = reinterpret_cast<double*>(smem + L.red);
+  auto e_dbl = [&](int s) { return reinterpret_cast<double*>(E + s * L.ebytes); };
+  auto e_GH = [&](int s) { return reinterpret_cast<float*>(E + s * L.ebytes + L.eGH); };
+  auto e_N = [&](int s) { return reinterpret_cast<float*>(E + s * L.ebytes + L.eN); };
+  const float4* Xs4 = reinterpret_cast<const float4*>(Xs);
+
+  // ---- load: this block's columns of X and H (zero padded), all of W, ||X_b||^2, G_H share
+  {
+    double s = 0;
+    for (int e = tid; e < mi * L.ldx; e += SNT) {
+      const int r = e / L.ldx, c = e - r * L.ldx;
+      float x = 0.f;
+      if (c < ncv) {
+        x = d.X[i64(r) * n + c0 + c];
+        if constexpr (BF16) x = __bfloat162float(__float2bfloat16_rn(x));
+      }
+      Xs[e] = x;
+      s += double(x) * double(x);
+    }
+    for (int e = tid; e < K * L.ldh; e += SNT) {
+      const int j = e / L.ldh, c = e - j * L.ldh;
+      Hc[e] = j < k && c < ncv ? d.H[i64(j) * n + c0 + c] : 0.f;
+      Hx[e] = 0.f;
+    }
+    for (int e = tid; e < mi * K; e += SNT) {
+      const int r = e / K, j = e - r * K;
+      Wo[e] = j < k ? d.W[i64(r) * k + j] : 0.f;
+      Wn[e] = 0.f;
+    }
+    s = small_block_sum0(s, red);
+    if (tid == 0) e_dbl(1)[0] = s;
+    // iteration 1 reads E[1]; with H fixed every iteration reads this share
+    small_gram<K>(Hc, L.ldh, 1, L.ldh, e_GH(1));
+    small_gram<K>(Hc, L.ldh, 1, L.ldh, e_GH(0));
+    __syncthreads();
+  }
+  const float l1W = float(q.l1_W), l2W = float(q.l2_W), l1H = float(q.l1_H), l2H = float(q.l2_H),
+              muH = float(q.mu);
+  const int NCH = L.nch, RPP = SNT / NCH;  // N step: lanes per row, rows per pass
+  const int ch = tid % NCH, rrow = tid / NCH;
+  const int NQP = L.nqp, RS = SNT / NQP;   // P step: lanes per slice, row slices
+  const int pq = tid % NQP, prs = tid / NQP;
+
+  double xx = 0, err_init = 0, err = 0, prev = 0;
+  int it, n_iter = q.max_iter;
+  bool stopped = false;
+  for (it = 1; it <= q.max_iter + 1; ++it) {
+    const int s = it & 1;
+    const bool last_pass = it == q.max_iter + 1;  // only the error of the last iteration is left
+    // the error of iteration it - 1 is wanted (its stopping test, or the final error)
+    const bool prev_check = it > 1 && q.tol > 0 && (it - 1) % 10 == 0;
+    const bool prev_err = prev_check || last_pass;
+
+    // ---- 1: N_b = X_b H_b^T into E[s].N
+    if (!last_pass) {
+      float* Nout = e_N(s);
+      for (int r0 = 0; r0 < mi; r0 += RPP) {
+        const int r = r0 + rrow;
+        float acc[4][K];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int j = 0; j < K; ++j) acc[u][j] = 0.f;
+        if (r < mi) {
+          for (int qq = ch; qq < nq; qq += NCH) {
+            const float4 x = Xs4[r * ldx4 + qq];
+#pragma unroll
+            for (int j = 0; j < K; ++j) {
+              const float4 h = reinterpret_cast<const float4*>(Hc)[j * ldh4 + qq];
+              acc[0][j] = fmaf(x.x, h.x, acc[0][j]);
+              acc[1][j] = fmaf(x.y, h.y, acc[1][j]);
+              acc[2][j] = fmaf(x.z, h.z, acc[2][j]);
+              acc[3][j] = fmaf(x.w, h.w, acc[3][j]);
+            }
+          }
+        }
+        float v[K];
+#pragma unroll
+        for (int j = 0; j < K; ++j) v[j] = (acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]);
+        for (int o = 1; o < NCH; o <<= 1)
+#pragma unroll
+          for (int j = 0; j < K; ++j) v[j] += __shfl_xor_sync(0xffffffffu, v[j], o);
+        if (ch == 0 && r < mi)
+#pragma unroll
+          for (int j = 0; j < K; ++j) Nout[r * K + j] = v[j];
+      }
+    }
+    cluster_barrier(C);
+
+    // ---- 2: G_H and the error of iteration it - 1, the stopping rule; the W update
+    float* GHs = e_GH(s);
+    for (int e = tid; e < K * K; e += SNT) GH[e] = cluster_sum16(GHs, e, C);
+    if (it == 1 && tid == 0) red[RG_XX] = cluster_sum16(e_dbl(s), 0, C);
+    if (prev_err && tid == SNT - 1) red[RG_PHS] = cluster_sum16(e_dbl(s), 1, C);
+    __syncthreads();
+    if (it == 1) xx = red[RG_XX];
+    if (prev_err) {
+      if (warp == 0) {
+        double g2 = 0;
+        for (int e = lane; e < K * K; e += 32) g2 += double(GW[e]) * double(GH[e]);
+        g2 = warp_sum(g2);
+        if (lane == 0) red[RG_G2] = g2;
+      }
+      __syncthreads();
+      const double sq = xx - 2.0 * red[RG_PHS] + red[RG_G2];
+      err = std::sqrt(sq > 0 ? sq : 0.0);
+      if (prev_check) {
+        if ((prev - err) / err_init < q.tol) {
+          n_iter = it - 1;
+          stopped = true;
+        }
+        prev = err;
+      }
+    }
+    if (stopped || last_pass) break;
+    const bool first = it == 1;
+    {
+      float* Ns = e_N(s);
+      double d0 = 0, gg = 0;
+      for (int e = tid; e < mi * K; e += SNT) {
+        const int r = e / K, j = e - r * K;
+        const float num = cluster_sum16(Ns, e, C);
+        float base = 0.f;
+#pragma unroll
+        for (int c = 0; c < K; ++c) base += Wo[r * K + c] * GH[c * K + j];
+        const float wo = Wo[e];
+        if (first) {
+          d0 += double(num) * double(wo);
+          gg += double(wo) * double(base);
+        }
+        Wn[e] = j < k ? mu_step(wo, num, base, l1W, l2W, 0.f) : 0.f;
+      }
+      if (first) {
+        d0 = warp_sum(d0);
+        gg = warp_sum(gg);
+        if (lane == 0) { red[RG_D0 + warp] = d0; red[RG_GG + warp] = gg; }
+      }
+      __syncthreads();
+      if (first) {
+        double a = 0, b = 0;
+        for (int w = 0; w < SNW; ++w) { a += red[RG_D0 + w]; b += red[RG_GG + w]; }
+        const double sq = xx - 2.0 * a + b;
+        prev = err_init = std::sqrt(sq > 0 ? sq : 0.0);
+      }
+    }
+
+    // ---- 3: G_W, P_b = W^T X_b, the H update, the shares of H H^T and <P, H> into E[s ^ 1]
+    const bool need_err = (q.tol > 0 && it % 10 == 0) || it == q.max_iter;
+    const bool want_P = q.update_H || need_err;
+    small_gram<K>(Wn, 1, K, mi, GW);
+    if (want_P) {
+      float acc[K][4];
+      small_wtx_quad<K>(Xs4, ldx4, Wn, pq < nq ? pq : -1, prs, mi, RS, acc);
+      // the row slices within a warp (lanes NQP apart), then one partial per slot
+      for (int o = NQP; o < 32; o <<= 1)
+#pragma unroll
+        for (int j = 0; j < K; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[j][c] += __shfl_xor_sync(0xffffffffu, acc[j][c], o);
+      const int slot = NQP <= 32 ? warp : prs;
+      if ((NQP > 32 || lane < NQP) && pq < nq)
+#pragma unroll
+        for (int j = 0; j < K; ++j)
+          reinterpret_cast<float4*>(Pw)[(slot * K + j) * ldh4 + pq] =
+              make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+    }
+    __syncthreads();
+    if (want_P) {
+      const int ncw = 4 * nq;
+      double ph = 0;
+      for (int e = tid; e < k * ncw; e += SNT) {
+        const int j = e / ncw, c = e - j * ncw;
+        float num = 0.f;
+        for (int sl = 0; sl < L.slots; ++sl) num += Pw[(sl * K + j) * L.ldh + c];
+        const float hv = Hc[j * L.ldh + c];
+        float v = hv;
+        if (q.update_H && c < ncv) {
+          float den = 0.f;
+#pragma unroll
+          for (int i = 0; i < K; ++i) den += GW[j * K + i] * Hc[i * L.ldh + c];
+          v = mu_step(hv, num, den, l1H, l2H, muH > 0.f ? muH * hv : 0.f);
+        }
+        if (need_err) ph += double(num) * double(v);
+        if (q.update_H) Hx[j * L.ldh + c] = v;
+      }
+      if (need_err) {
+        ph = warp_sum(ph);
+        if (lane == 0) red[RG_PH + warp] = ph;
+      }
+    }
+    __syncthreads();
+    if (q.update_H) {
+      float* t = Hc; Hc = Hx; Hx = t;
+      small_gram<K>(Hc, L.ldh, 1, L.ldh, e_GH(s ^ 1));
+    }
+    if (need_err && tid == 0) {
+      double t = 0;
+      for (int w = 0; w < SNW; ++w) t += red[RG_PH + w];
+      e_dbl(s ^ 1)[1] = t;
+    }
+    float* t = Wo; Wo = Wn; Wn = t;
+    __syncthreads();
+  }
+  // W: every block holds all of it; each writes its share of the rows. H: its columns.
+  {
+    const i64 rb = i64(rank) * m / C, re = i64(rank + 1) * m / C;
+    for (i64 e = rb * k + tid; e < re * k; e += SNT) {
+      const i64 r = e / k, j = e - r * k;
+      d.W[e] = Wo[r * K + j];
+    }
+    for (int e = tid; e < k * ncv; e += SNT) {
+      const int j = e / ncv, c = e - j * ncv;
+      d.H[i64(j) * n + c0 + c] = Hc[j * L.ldh + c];
+    }
+    if (rank == 0 && tid == 0) outs[blockIdx.x / C] = ResOut{n_iter, err_init, err};
+  }
+  cluster_barrier(C);  // no block leaves while a peer may still read its shared memory
+#else
+  (void)descs; (void)q; (void)outs; (void)C;
+#endif
+}
+
+}  // namespace cuda_detail
+}  // namespace dffkit
