@@ -2,6 +2,7 @@
 initialisation, bad input. Every body runs on every available backend."""
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -357,6 +358,38 @@ def test_bad_input(make_x, kwargs, exc, match):
     W, H = kwargs.pop("W", None), kwargs.pop("H", None)
     with pytest.raises(exc, match=match):
         dffkit.non_negative_factorization(make_x(), W, H, **kwargs)
+
+
+def test_overflow_is_an_error_not_nan(backend):
+    """float32 X of ~1e30: the Frobenius updates' products (X H^T, W H H^T) leave float32's range.
+    A clear error naming X and the fix, not NaN factors; the fixes it names work (float64, or X
+    scaled down). The KL updates work with ratios X / (W H) and stay finite there: no error."""
+    rng = np.random.default_rng(5)
+    X = (rng.random((30, 20)) * 1e30).astype(np.float32)
+    opts = dict(n_components=3, init="random", random_state=0, max_iter=30, tol=0, backend=backend)
+    top = re.escape(f"{float(X.max()):.3g}")
+    with pytest.raises(ValueError, match=rf"overflowed float32 \(its largest value is {top}\).*Scale X down"):
+        dffkit.non_negative_factorization(X, **opts)
+    with np.errstate(all="raise"):
+        W, H, _ = dffkit.non_negative_factorization(X / X.max(), **opts)
+    assert np.isfinite(W).all() and np.isfinite(H).all()
+    if backend == "cpu":  # float64 on the device is correct but slow; the host shows it
+        W, H, _ = dffkit.non_negative_factorization(X.astype(np.float64), **opts)
+        assert np.isfinite(W).all() and np.isfinite(W @ H).all()
+    W, H, _ = dffkit.non_negative_factorization(X, beta_loss="kullback-leibler", **opts)
+    assert np.isfinite(W).all() and np.isfinite(H).all()
+    Xs = [X[:10] / X.max(), X, X[:15]]
+    with pytest.raises(ValueError, match=r"nmf_batched: the factorization of X\[1\].*so did X\[2\]"):
+        dffkit.nmf_batched(Xs, 3, max_iter=20, backend=backend)
+
+
+def test_nndsvd_overflow_is_an_error():
+    """X of 1e200: its Gram matrix (the SVD of init='nndsvda') overflows float64: an error that
+    names the init and the way out, not numpy's 'Eigenvalues did not converge'."""
+    X = np.full((6, 5), 1e200)
+    X[0, 0] = 3e200
+    with pytest.raises(ValueError, match="init='nndsvda'.*overflowed float64.*init='random'"):
+        dffkit.non_negative_factorization(X, n_components=2, init="nndsvda", backend="cpu")
 
 
 def test_sparse_input_is_refused_clearly():

@@ -525,7 +525,7 @@ def nmf_batched_device(X, n_components, *, beta, tol, max_iter, penalties, seed,
     """B problems of one shape on the device: X (B, m, n) device array, init='random' with
     seed + b for problem b (as the CPU path does). Returns a list of (W_b, H_b, NMFResult_b);
     W_b, H_b are views of two stacked arrays (B, m, k), (B, k, n) of X's library."""
-    from dffkit.nmf import NMFResult
+    from dffkit.nmf import NMFResult, _check_batch_finite
 
     cuda = _cuda()
     v = _usable_view(X)
@@ -550,6 +550,7 @@ def nmf_batched_device(X, n_components, *, beta, tol, max_iter, penalties, seed,
     params.max_iter, params.tol, params.precision = int(max_iter), float(tol), precision
     infos = cuda.fit_batched_strided(v.ptr, wv.ptr, hv.ptr, B, m, n, k, v.dtype.name, params,
                                      v.stream)
-    return [(W[b], H[b], NMFResult(int(i["n_iter"]), float(i["error_init"]), float(i["error"]),
-                                   "cuda", precision, kernel=str(i["kernel"])))
-            for b, i in enumerate(infos)]
+    return _check_batch_finite([(W[b], H[b], NMFResult(int(i["n_iter"]), float(i["error_init"]),
+                                                       float(i["error"]), "cuda", precision,
+                                                       kernel=str(i["kernel"])))
+                                for b, i in enumerate(infos)], dtype=v.dtype)

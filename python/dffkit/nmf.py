@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -202,6 +203,22 @@ def _numpy_rng(random_state):
 # initialisation
 # ---------------------------------------------------------------------------------------------
 
+def _overflow_error(whom, name, dtype, X=None, others=()):
+    """The error for a factorization whose numbers left the range of dtype (X too large);
+    others: further problems of a batch that overflowed."""
+    top = ""
+    if isinstance(X, np.ndarray) and X.size:
+        top = f" (its largest value is {float(np.max(X)):.3g})"
+    if others:
+        top += f"; so did {', '.join(others[:5])}{', ...' if len(others) > 5 else ''} ({len(others)} more)"
+    return ValueError(
+        f"{whom}: the factorization of {name} overflowed {np.dtype(dtype).name}{top}: the updates "
+        f"multiply {name} by the factors and their products, which leave the range of "
+        f"{np.dtype(dtype).name}. Scale {name} down (e.g. {name} / {name}.max(); W H scales "
+        f"with it) or pass {name} as float64"
+    )
+
+
 def _leading_svd(X: np.ndarray, k: int):
     """Top-k singular triplets of X, exact, through the Gram matrix of the smaller side."""
     m, n = X.shape
@@ -245,7 +262,18 @@ def initialize(X, n_components, init="random", random_state=None, eps=1e-6):
             f"init={init!r} needs n_components <= min(n_samples, n_features) = {min(m, n)}, "
             f"got {k}; use init='random'"
         )
-    U, S, V = _leading_svd(X, k)
+    with np.errstate(over="ignore", invalid="ignore"):
+        try:
+            U, S, V = _leading_svd(X, k)
+            ok = bool(np.isfinite(S).all() and np.isfinite(U).all() and np.isfinite(V).all())
+        except np.linalg.LinAlgError:
+            ok = False
+    if not ok:
+        raise ValueError(
+            f"init={init!r}: the SVD of X overflowed float64 (X's largest value is "
+            f"{float(np.max(X)):.3g}; its Gram matrix squares it). Scale X down (e.g. X / X.max()) "
+            "or use init='random'"
+        )
     W = np.zeros((m, k))
     H = np.zeros((k, n))
     W[:, 0] = np.sqrt(S[0]) * np.abs(U[:, 0])
@@ -464,6 +492,8 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
         objective=list(info.get("objective", [])),
         kernel=str(info.get("kernel", engine)),
     )
+    if not (math.isfinite(result.error) and math.isfinite(result.error_init)):
+        raise _overflow_error(whom, "X", dtype, Xh)
     if verbose:
         print(
             f"dffkit {whom}: {engine} backend, {result.n_iter} iterations, "
@@ -640,7 +670,20 @@ def nmf_batched(X, n_components, *, init="random", beta_loss="frobenius", tol=1e
             label = precision if engine == "cuda" else ("fp32" if Xs[b].dtype == np.float32 else "fp64")
             results[b] = (Wb, Hb, NMFResult(info["n_iter"], info["error_init"], info["error"],
                                             engine, label, kernel=str(info.get("kernel", engine))))
-    return results
+    return _check_batch_finite(results, Xs)
+
+
+def _check_batch_finite(results, Xs=None, dtype=None):
+    """results, or the overflow error naming the problems whose numbers left their dtype's range
+    (Xs: the host problems, for their dtype and largest values; else dtype)."""
+    bad = [b for b, r in enumerate(results)
+           if not (math.isfinite(r[2].error) and math.isfinite(r[2].error_init))]
+    if not bad:
+        return results
+    b, others = bad[0], [f"X[{o}]" for o in bad[1:]]
+    if Xs is None:
+        raise _overflow_error("nmf_batched", f"X[{b}]", dtype, others=others)
+    raise _overflow_error("nmf_batched", f"X[{b}]", Xs[b].dtype, Xs[b], others=others)
 
 
 # ---------------------------------------------------------------------------------------------
