@@ -925,8 +925,10 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     positions = [h * w for h, w in feature_sizes]
     if mode == "joint" and k > sum(positions):
         raise ValueError(
-            f"n_concepts={k} is larger than the number of positions ({sum(positions)} = {len(pil)} images "
-            f"x their feature grids); use fewer concepts or more/larger images"
+            f"n_concepts={k} is larger than the number of positions ({sum(positions)}: "
+            + (f"one image's {feature_sizes[0][0]} x {feature_sizes[0][1]} feature grid" if len(pil) == 1
+               else f"{len(pil)} images x their feature grids")
+            + "); use fewer concepts or more/larger images"
         )
     if mode == "per_image" and k > min(positions):
         raise ValueError(
