@@ -2,15 +2,22 @@
 // problems it takes, the cluster size, the launch. This header lives inside namespace
 // dffkit::cuda_detail::{anonymous} (nmf_engine.cuh).
 
-/// Blocks per problem for the fast path, 0 where it does not apply. From the shape and the
-/// call's switches (q.small_tc: the tensor-core kernel's layout; q.small_one_per_sm: the fewest
-/// blocks that fit one to an SM instead of two).
 int small_cols_cluster(i64 m, i64 n, int K, std::size_t limit, const KParams& q);
 
+/// Whether a fast-path problem takes the column-split kernel: with q.small_cols, where it fits
+/// (all of W is replicated on every block: problems with many rows keep the row split).
+bool small_uses_cols(i64 m, i64 n, i64 k, std::size_t limit, const KParams& q) {
+  const int K = small_width(k);
+  return q.small_cols && K != 0 && m >= 1 && n >= 1 && small_cols_cluster(m, n, K, limit, q) > 0;
+}
+
+/// Blocks per problem for the fast path, 0 where it does not apply. From the shape and the
+/// call's switches (q.small_tc: the tensor-core kernel's layout; q.small_one_per_sm: the fewest
+/// blocks that fit one to an SM instead of two; q.small_cols: the column-split kernel's).
 int small_cluster(i64 m, i64 n, i64 k, std::size_t limit, const KParams& q) {
   const int K = small_width(k);
   if (K == 0 || m < 1 || n < 1) return 0;
-  if (q.small_cols) return small_cols_cluster(m, n, K, limit, q);
+  if (small_uses_cols(m, n, k, limit, q)) return small_cols_cluster(m, n, K, limit, q);
   const std::size_t two = (limit + 1024) / 2 - 1024;  // two blocks per SM
   for (std::size_t cap : {two, limit}) {
     if (q.small_one_per_sm && cap == two) continue;
@@ -107,38 +114,40 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
     c.base = ws.data();
     SmallDesc* d_descs = c.take<SmallDesc>(i64(B));
     ResOut* d_out = c.take<ResOut>(i64(B));
-    std::vector<int> cs(B), ks(B);
+    std::vector<int> cs(B), ks(B), cols(B);
     for (std::size_t b = 0; b < B; ++b) {
       cs[b] = small_cluster(items[b].m, items[b].n, items[b].k, limit, q);
       ks[b] = small_width(items[b].k);
+      cols[b] = small_uses_cols(items[b].m, items[b].n, items[b].k, limit, q);
     }
     std::vector<std::size_t> order;
     std::vector<SmallDesc> sorted;
-    struct Group { std::size_t start, count, smem; int C, K; };
+    struct Group { std::size_t start, count, smem; int C, K, cols; };
     std::vector<Group> groups;
-    for (int C = 1; C <= SC_MAX_C; C *= 2)
-      for (int K : {4, 5, 8, 12, 16}) {
-        Group g{sorted.size(), 0, 0, C, K};
-        for (std::size_t b = 0; b < B; ++b)
-          if (cs[b] == C && ks[b] == K) {
-            const Item& it = items[b];
-            order.push_back(b);
-            sorted.push_back(SmallDesc{reinterpret_cast<const float*>(it.X),
-                                       reinterpret_cast<float*>(it.W),
-                                       reinterpret_cast<float*>(it.H), it.m, it.n, int(it.k)});
-            g.smem = std::max(g.smem, q.small_cols ? small_cols_layout(it.m, it.n, K, C).used
-                                                   : small_layout(it.m, it.n, K, C, tc).used);
-          }
-        g.count = sorted.size() - g.start;
-        if (g.count) groups.push_back(g);
-      }
+    for (int cl : {0, 1})
+      for (int C = 1; C <= SC_MAX_C; C *= 2)
+        for (int K : {4, 5, 8, 12, 16}) {
+          Group g{sorted.size(), 0, 0, C, K, cl};
+          for (std::size_t b = 0; b < B; ++b)
+            if (cs[b] == C && ks[b] == K && cols[b] == cl) {
+              const Item& it = items[b];
+              order.push_back(b);
+              sorted.push_back(SmallDesc{reinterpret_cast<const float*>(it.X),
+                                         reinterpret_cast<float*>(it.W),
+                                         reinterpret_cast<float*>(it.H), it.m, it.n, int(it.k)});
+              g.smem = std::max(g.smem, cl ? small_cols_layout(it.m, it.n, K, C).used
+                                           : small_layout(it.m, it.n, K, C, tc).used);
+            }
+          g.count = sorted.size() - g.start;
+          if (g.count) groups.push_back(g);
+        }
     DFFKIT_CUDA_TRY(cudaMemcpyAsync(d_descs, sorted.data(), B * sizeof(SmallDesc),
                                     cudaMemcpyHostToDevice, s));
     const bool one_per_sm = small_one_block_per_sm(groups, q, dev);
     for (const Group& g : groups)
       with_small_width(g.K, [&](auto kw) {
         constexpr int K = decltype(kw)::value;
-        if (q.small_cols)
+        if (g.cols)
           launch_small_cols<BF16, K>(d_descs + g.start, g.count, q, d_out + g.start, g.smem, g.C, s);
         else if (tc)
           launch_small<BF16, K, true>(d_descs + g.start, g.count, q, d_out + g.start, g.smem, g.C, s);
@@ -157,7 +166,7 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
       r.n_iter = sorted_out[j].n_iter;
       r.error_init = sorted_out[j].error_init;
       r.error = sorted_out[j].error;
-      r.kernel = q.small_cols ? "resident-fast-cols" : "resident-fast";
+      r.kernel = cols[order[j]] ? "resident-fast-cols" : "resident-fast";
     }
     return res;
   } catch (...) {

@@ -184,7 +184,8 @@ def test_fast_path_matches_cpu_and_general_kernel(shape, opts, tc, monkeypatch):
     if shape[1] >= 64:  # the two kernels add in different orders: the fast path really ran
         assert not np.array_equal(Wf, Wg)
     # which ran, as the result says: the fast path needs sm_90 code on an sm_90 device
-    fast = "resident-fast-cols" if tc.startswith("cols") else "resident-fast"
+    # (the column-split kernel replicates W on every block: 1200 rows keep the row split)
+    fast = "resident-fast-cols" if tc.startswith("cols") and shape[0] < 1000 else "resident-fast"
     assert i_f["kernel"] == (fast if _sm90() else "resident")
     assert ig["kernel"] == "resident"
     if opts.get("update_H") is False:
