@@ -1,5 +1,7 @@
-"""Phase times of the resident fast path (cuda/nmf_small.cuh) as block 0 sees them (clock64,
-DFFKIT_CUDA_PROFILE=1), for the shapes of issue 5's small cases. Prints the kernel's own lines.
+"""Phase times of the resident fast path (cuda/nmf_small.cuh; its row-split and column-split
+kernels) as block 0 sees them (clock64, DFFKIT_CUDA_PROFILE=1), for the shapes of issue 5's small
+cases. Prints the kernels' own lines; needs a build with -DDFFKIT_SMALL_PROFILE (the "prof"
+variant of gpu_final.sh --prepare, run through gpu_variants.sh).
 
     python3 benchmarks/cuda_profile_small.py
 """
@@ -31,11 +33,22 @@ def solve(X, W, H, iters):
                              "float32", p, torch.cuda.current_stream().cuda_stream)
 
 
-for B, m, n, k, iters in [(1, 196, 512, 5, 200), (1, 196, 512, 5, 200), (528, 196, 512, 5, 100),
-                          (1, 196, 512, 8, 200), (1, 196, 512, 16, 200), (1, 784, 512, 5, 100)]:
-    print(f"-- B={B} {m}x{n} k={k} {iters} it", flush=True)
-    solve(*problem(B, m, n, k), iters)
-    torch.cuda.synchronize()
+SHAPES = [(1, 196, 512, 5, 200), (1, 196, 512, 5, 200), (528, 196, 512, 5, 100),
+          (1, 196, 512, 8, 200), (1, 196, 512, 16, 200), (1, 784, 512, 5, 100)]
+# the row-split kernel, then the column-split one (DFFKIT_CUDA_SMALL_COLS=1; clusters of 16 too)
+for cols in (None, "auto", "16"):
+    os.environ.pop("DFFKIT_CUDA_SMALL_COLS", None)
+    os.environ.pop("DFFKIT_CUDA_SMALL_COLS_C", None)
+    if cols:
+        os.environ["DFFKIT_CUDA_SMALL_COLS"] = "1"
+        if cols != "auto":
+            os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = cols
+    for B, m, n, k, iters in SHAPES[:3] if cols else SHAPES:
+        print(f"-- {'cols ' + cols if cols else 'rows'} B={B} {m}x{n} k={k} {iters} it", flush=True)
+        solve(*problem(B, m, n, k), iters)
+        torch.cuda.synchronize()
+os.environ.pop("DFFKIT_CUDA_SMALL_COLS", None)
+os.environ.pop("DFFKIT_CUDA_SMALL_COLS_C", None)
 
 # timing with the phase clock off (same build)
 os.environ["DFFKIT_CUDA_PROFILE"] = "0"
@@ -58,3 +71,8 @@ def timed(B, m, n, k, iters, reps):
 
 timed(1, 196, 512, 5, 200, 9)
 timed(4096, 196, 512, 5, 100, 3)
+os.environ["DFFKIT_CUDA_SMALL_COLS"] = "1"
+print("column-split kernel:", flush=True)
+timed(1, 196, 512, 5, 200, 9)
+timed(4096, 196, 512, 5, 100, 3)
+del os.environ["DFFKIT_CUDA_SMALL_COLS"]

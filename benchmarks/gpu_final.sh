@@ -12,7 +12,10 @@
 # into .gpu_prebuilt/, an ignored folder to carry). PREPARE_VARIANTS="pad8:-DDFFKIT_GEMM_PAD8=1
 # minb2:-DDFFKIT_GEMM_MINB=2 both:-DDFFKIT_GEMM_PAD8=1,-DDFFKIT_GEMM_MINB=2" also compiles the
 # gemm engine's objects with those build switches into .gpu_variants/<name>/ (carry it too; on
-# the machine: bash benchmarks/gpu_variants.sh benchmarks/cuda_bench.py --large).
+# the machine: bash benchmarks/gpu_variants.sh benchmarks/cuda_bench.py --large); a variant with
+# a DFFKIT_SMALL_* switch (prof:-DDFFKIT_SMALL_PROFILE=1: the fast path's phase clock) compiles
+# the fast path's float32 object instead (bash benchmarks/gpu_variants.sh
+# benchmarks/cuda_profile_small.py).
 #
 # bash benchmarks/gpu_final.sh --short: for a lease of 15 minutes (one command of at most 600 s):
 # stage 1 (tests/test_cuda.py, 200 s), 1b (cuda_bench.py --ab, 200 s), memcheck (90 s), in that
@@ -49,7 +52,11 @@ if [[ "${1:-}" == "--prepare" ]]; then
     vname=${spec%%:*}; vflags=${spec#*:}; vflags=${vflags//,/ }
     mkdir -p "$ROOT/.gpu_variants/$vname"
     grep -qx "/.gpu_variants/" "$ROOT/.git/info/exclude" || echo "/.gpu_variants/" >> "$ROOT/.git/info/exclude"
-    for f in "$ROOT"/cuda/nmf_mu_f32.cu "$ROOT"/cuda/nmf_mu_tf32.cu "$ROOT"/cuda/nmf_mu_bf16x.cu; do
+    # the fast path's switches (DFFKIT_SMALL_*: its phase clock, its register budget) live in the
+    # nmf_small_* objects, the gemm engine's in nmf_mu_*
+    files=("$ROOT"/cuda/nmf_mu_f32.cu "$ROOT"/cuda/nmf_mu_tf32.cu "$ROOT"/cuda/nmf_mu_bf16x.cu)
+    [[ "$vflags" == *DFFKIT_SMALL* ]] && files=("$ROOT"/cuda/nmf_small_f32.cu)
+    for f in "${files[@]}"; do
       sm90_compile "$f" "$ROOT/.gpu_variants/$vname/$(basename "${f%.cu}").o" $vflags &
     done
     wait

@@ -4,12 +4,14 @@
 # see gpu_final.sh --prepare). Used for A/B runs of kernel build options (e.g. the fast path's
 # register budget, its phase clock).
 #   bash benchmarks/gpu_variants.sh SCRIPT.py [args]
+#   VARIANTS="pad8 minb2" bash benchmarks/gpu_variants.sh ...   (only those)
 set -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY=python3
 now="$(bash "$ROOT/benchmarks/gpu_final.sh" --sources-hash)"
 for vdir in "$ROOT"/.gpu_variants/*/; do
   name=$(basename "$vdir")
+  [[ -n "${VARIANTS:-}" && " $VARIANTS " != *" $name "* ]] && continue
   # objects of other sources than these (and than .gpu_prebuilt's) would link into a mixed module
   if [[ "$(cat "$vdir/SOURCES" 2>/dev/null)" != "$now" || "$(cat "$ROOT/.gpu_prebuilt/SOURCES" 2>/dev/null)" != "$now" ]]; then
     echo "== variant $name: skipped (compiled from other sources; gpu_final.sh --prepare with PREPARE_VARIANTS)"

@@ -172,8 +172,24 @@ __global__ void __launch_bounds__(SNT, MINB)
     // iteration 1 reads E[1]; with H fixed every iteration reads this share
     small_gram<K>(Hc, L.ldh, 1, L.ldh, e_GH(1));
     small_gram<K>(Hc, L.ldh, 1, L.ldh, e_GH(0));
+    for (int e = tid; e < 12; e += SNT) red[RG_PROF + e] = 0;  // phase clock slots
     __syncthreads();
   }
+  // Phase times (clock64, thread 0 of block 0) in builds with -DDFFKIT_SMALL_PROFILE, printed
+  // when DFFKIT_CUDA_PROFILE=1 (benchmarks/cuda_profile_small.py); nothing in normal builds.
+#ifdef DFFKIT_SMALL_PROFILE
+  long long t_last = clock64();
+  auto prof = [&](int slot) {
+    if (q.profile && tid == 0) {
+      const long long now = clock64();
+      red[RG_PROF + slot] += double(now - t_last);
+      t_last = now;
+    }
+  };
+#else
+  auto prof = [](int) {};
+#endif
+  prof(8);
   const float l1W = float(q.l1_W), l2W = float(q.l2_W), l1H = float(q.l1_H), l2H = float(q.l2_H),
               muH = float(q.mu);
   const int NCH = L.nch, RPP = SNT / NCH;  // N step: lanes per row, rows per pass
@@ -225,7 +241,9 @@ __global__ void __launch_bounds__(SNT, MINB)
           for (int j = 0; j < K; ++j) Nout[r * K + j] = v[j];
       }
     }
+    prof(0);
     cluster_barrier(C);
+    prof(1);
 
     // ---- 2: G_H and the error of iteration it - 1, the stopping rule; the W update
     float* GHs = e_GH(s);
@@ -252,6 +270,7 @@ __global__ void __launch_bounds__(SNT, MINB)
         prev = err;
       }
     }
+    prof(2);
     if (stopped || last_pass) break;
     const bool first = it == 1;
     {
@@ -284,6 +303,8 @@ __global__ void __launch_bounds__(SNT, MINB)
       }
     }
 
+    prof(3);
+
     // ---- 3: G_W, P_b = W^T X_b, the H update, the shares of H H^T and <P, H> into E[s ^ 1]
     const bool need_err = (q.tol > 0 && it % 10 == 0) || it == q.max_iter;
     const bool want_P = q.update_H || need_err;
@@ -305,6 +326,7 @@ __global__ void __launch_bounds__(SNT, MINB)
               make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
     }
     __syncthreads();
+    prof(4);
     if (want_P) {
       const int ncw = 4 * nq;
       double ph = 0;
@@ -340,6 +362,7 @@ __global__ void __launch_bounds__(SNT, MINB)
     }
     float* t = Wo; Wo = Wn; Wn = t;
     __syncthreads();
+    prof(5);
   }
   // W: every block holds all of it; each writes its share of the rows. H: its columns.
   {
@@ -354,6 +377,18 @@ __global__ void __launch_bounds__(SNT, MINB)
     }
     if (rank == 0 && tid == 0) outs[blockIdx.x / C] = ResOut{n_iter, err_init, err};
   }
+  prof(9);
+#ifdef DFFKIT_SMALL_PROFILE
+  if (q.profile && tid == 0 && blockIdx.x == 0) {
+    const double it_n = n_iter > 0 ? n_iter : 1;
+    printf("dffkit small_cols_kernel K=%d C=%d m=%lld n=%lld it=%d cycles: load %.0f | per iteration: "
+           "1(N) %.0f barrier %.0f 2a(GH,err) %.0f 2b(W) %.0f 3a(GW,P) %.0f 3b(H,shares) %.0f | "
+           "store %.0f\n", K, C, (long long)m, (long long)n, n_iter, red[RG_PROF + 8],
+           red[RG_PROF] / it_n, red[RG_PROF + 1] / it_n, red[RG_PROF + 2] / it_n,
+           red[RG_PROF + 3] / it_n, red[RG_PROF + 4] / it_n, red[RG_PROF + 5] / it_n,
+           red[RG_PROF + 9]);
+  }
+#endif
   cluster_barrier(C);  // no block leaves while a peer may still read its shared memory
 #else
   (void)descs; (void)q; (void)outs; (void)C;
