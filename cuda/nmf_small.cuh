@@ -35,8 +35,7 @@ int small_cols_cluster(i64 m, i64 n, int K, std::size_t limit, const KParams& q)
   const std::size_t two = (limit + 1024) / 2 - 1024;
   const i64 Q = (n + 3) / 4;
   auto fits = [&](int C, std::size_t cap) {
-    return C <= Q && (Q + C - 1) / C <= SNT && m <= (i64(1) << 20) &&
-           small_cols_layout(m, n, K, C).used <= cap;
+    return C <= Q && (Q + C - 1) / C <= SNT && small_cols_layout(m, n, K, C).used <= cap;
   };
   if (q.small_cols_c && fits(q.small_cols_c, limit)) return q.small_cols_c;
   for (std::size_t cap : {two, limit})

@@ -28,9 +28,11 @@
 // back to every block and waits twice; this one adds m x K + K x K entries per block (every block
 // all of them) and waits once. Counted for one image (196 x 512, k = 5, C = 8), per block and
 // iteration: 62,720 FMAs per product as before, at ~1.3 issued instructions per FMA (the
-// row-split kernel: ~4), 8,040 distributed-shared-memory loads (2,560 today) and one barrier
-// (two today, 4,300 of its 17,800 cycles in session 3's phase clock). To be timed
-// (`cuda_bench.py --ab`, rows "cols").
+// row-split kernel: ~4) but bound by shared memory (~1,900 cycles for the two products: X
+// loads and H broadcasts, cuda/NOTES.md); 8,040 distributed-shared-memory loads (the row split:
+// 2,560) and one barrier (the row split's first barrier took 1,340 cycles and its H broadcast,
+// G_H share and second barrier 2,950 of its 17,800 per iteration in session 3's phase clock).
+// To be timed (`cuda_bench.py --ab`, rows "cols"; phase clocks with -DDFFKIT_SMALL_PROFILE).
 //
 // Compiles under nvcc and under the CPU emulator (tests/test_cuda_emu.py runs it).
 #include <cmath>
