@@ -177,20 +177,7 @@ __global__ void __launch_bounds__(SNT, MINB)
     for (int e = tid; e < 12; e += SNT) red[RG_PROF + e] = 0;  // phase clock slots
     __syncthreads();
   }
-  // Phase times (clock64, thread 0 of block 0) in builds with -DDFFKIT_SMALL_PROFILE, printed
-  // when DFFKIT_CUDA_PROFILE=1 (benchmarks/cuda_profile_small.py); nothing in normal builds.
-#ifdef DFFKIT_SMALL_PROFILE
-  long long t_last = clock64();
-  auto prof = [&](int slot) {
-    if (q.profile && tid == 0) {
-      const long long now = clock64();
-      red[RG_PROF + slot] += double(now - t_last);
-      t_last = now;
-    }
-  };
-#else
-  auto prof = [](int) {};
-#endif
+  SmallPhaseClock prof(red + RG_PROF, q.profile && tid == 0);
   prof(8);
   const float l1W = float(q.l1_W), l2W = float(q.l2_W), l1H = float(q.l1_H), l2H = float(q.l2_H),
               muH = float(q.mu);

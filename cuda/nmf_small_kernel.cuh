@@ -183,6 +183,27 @@ __device__ __forceinline__ double warp_sum(double v) {
   return v;
 }
 
+/// Phase times (clock64 cycles added into slots[slot] by the thread it is on for) in builds with
+/// -DDFFKIT_SMALL_PROFILE, printed by the fast-path kernels when DFFKIT_CUDA_PROFILE=1
+/// (benchmarks/cuda_profile_small.py); nothing in normal builds.
+struct SmallPhaseClock {
+#if defined(DFFKIT_SMALL_PROFILE) && defined(__CUDA_ARCH__)  // (the host pass sees the no-op)
+  double* slots;
+  bool on;
+  long long last;
+  __device__ SmallPhaseClock(double* s, bool o) : slots(s), on(o), last(clock64()) {}
+  __device__ void operator()(int slot) {
+    if (!on) return;
+    const long long now = clock64();
+    slots[slot] += double(now - last);
+    last = now;
+  }
+#else
+  __device__ SmallPhaseClock(double*, bool) {}
+  __device__ void operator()(int) const {}
+#endif
+};
+
 /// The block's sum of v in a fixed order (each warp's butterfly, then the warps in order), in
 /// thread 0 only (a block barrier inside; red: SNW doubles).
 __device__ __forceinline__ double small_block_sum0(double v, double* red) {
@@ -285,20 +306,7 @@ __global__ void __launch_bounds__(SNT, MINB)
     for (int e = tid; e < 12; e += SNT) red[RG_PROF + e] = 0;  // phase clock slots
     __syncthreads();
   }
-  // Phase times (clock64, thread 0 of block 0) in builds with -DDFFKIT_SMALL_PROFILE, printed
-  // when DFFKIT_CUDA_PROFILE=1 (benchmarks/cuda_profile_small.py); nothing in normal builds.
-#ifdef DFFKIT_SMALL_PROFILE
-  long long t_last = clock64();
-  auto prof = [&](int slot) {
-    if (q.profile && tid == 0) {
-      const long long now = clock64();
-      red[RG_PROF + slot] += double(now - t_last);
-      t_last = now;
-    }
-  };
-#else
-  auto prof = [](int) {};
-#endif
+  SmallPhaseClock prof(red + RG_PROF, q.profile && tid == 0);
   prof(8);
   const double xx = red[RG_XX];
   const float l1W = float(q.l1_W), l2W = float(q.l2_W), l1H = float(q.l1_H), l2H = float(q.l2_H),
