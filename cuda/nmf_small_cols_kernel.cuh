@@ -171,9 +171,10 @@ __global__ void __launch_bounds__(SNT, MINB)
     }
     s = small_block_sum0(s, red);
     if (tid == 0) e_dbl(1)[0] = s;
-    // iteration 1 reads E[1]; with H fixed every iteration reads this share
+    // iteration 1 reads E[1]; with H fixed every iteration reads this share (else iteration 1
+    // writes E[0]'s before iteration 2 reads it)
     small_gram<K>(Hc, L.ldh, 1, L.ldh, e_GH(1));
-    small_gram<K>(Hc, L.ldh, 1, L.ldh, e_GH(0));
+    if (!q.update_H) small_gram<K>(Hc, L.ldh, 1, L.ldh, e_GH(0));
     for (int e = tid; e < 12; e += SNT) red[RG_PROF + e] = 0;  // phase clock slots
     __syncthreads();
   }
@@ -297,8 +298,10 @@ __global__ void __launch_bounds__(SNT, MINB)
     // ---- 3: G_W, P_b = W^T X_b, the H update, the shares of H H^T and <P, H> into E[s ^ 1]
     const bool need_err = (q.tol > 0 && it % 10 == 0) || it == q.max_iter;
     const bool want_P = q.update_H || need_err;
-    small_gram<K>(Wn, 1, K, mi, GW);
     if (want_P) {
+      // G_W: for the H update and the error (step 2 of the next iteration reads it only when
+      // this one's error is wanted, i.e. when want_P)
+      small_gram<K>(Wn, 1, K, mi, GW);
       float acc[K][4];
       small_wtx_quad<K>(Xs4, ldx4, Wn, pq < nq ? pq : -1, prs, mi, RS, acc);
       // the row slices within a warp (lanes NQP apart), then one partial per slot
