@@ -203,6 +203,11 @@ def _numpy_rng(random_state):
 # initialisation
 # ---------------------------------------------------------------------------------------------
 
+def _finite(result) -> bool:
+    """Whether a solve's errors are finite (not: its numbers left their dtype's range)."""
+    return math.isfinite(result.error) and math.isfinite(result.error_init)
+
+
 def _overflow_error(whom, name, dtype, X=None, others=()):
     """The error for a factorization whose numbers left the range of dtype (X too large);
     others: further problems of a batch that overflowed."""
@@ -492,7 +497,7 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
         objective=list(info.get("objective", [])),
         kernel=str(info.get("kernel", engine)),
     )
-    if not (math.isfinite(result.error) and math.isfinite(result.error_init)):
+    if not _finite(result):
         raise _overflow_error(whom, "X", dtype, Xh)
     if verbose:
         print(
@@ -676,14 +681,12 @@ def nmf_batched(X, n_components, *, init="random", beta_loss="frobenius", tol=1e
 def _check_batch_finite(results, Xs=None, dtype=None):
     """results, or the overflow error naming the problems whose numbers left their dtype's range
     (Xs: the host problems, for their dtype and largest values; else dtype)."""
-    bad = [b for b, r in enumerate(results)
-           if not (math.isfinite(r[2].error) and math.isfinite(r[2].error_init))]
+    bad = [b for b, r in enumerate(results) if not _finite(r[2])]
     if not bad:
         return results
-    b, others = bad[0], [f"X[{o}]" for o in bad[1:]]
-    if Xs is None:
-        raise _overflow_error("nmf_batched", f"X[{b}]", dtype, others=others)
-    raise _overflow_error("nmf_batched", f"X[{b}]", Xs[b].dtype, Xs[b], others=others)
+    b = bad[0]
+    raise _overflow_error("nmf_batched", f"X[{b}]", dtype if Xs is None else Xs[b].dtype,
+                          None if Xs is None else Xs[b], others=[f"X[{o}]" for o in bad[1:]])
 
 
 # ---------------------------------------------------------------------------------------------
