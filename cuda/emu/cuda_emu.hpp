@@ -165,8 +165,8 @@ inline unsigned cluster_rank() { return tls.cluster_rank; }
 /// DFFKIT_EMU_CLUSTER_SKEW_US=N: after each cluster barrier, block `rank` waits rank x N
 /// microseconds before going on, so that the lower ranks run ahead into the next phase while the
 /// higher ones still read their peers' shared memory: a buffer that a block overwrites before its
-/// peers are done with it then gives wrong numbers (ThreadSanitizer sees such a race only where
-/// its few shadow cells per word still hold the reader).
+/// peers are done with it then gives wrong numbers (ThreadSanitizer did not report such a race
+/// in the column-split kernel's one-buffer mutation; why, we did not establish).
 inline long cluster_skew_us() {
   static const long v = [] {
     const char* e = std::getenv("DFFKIT_EMU_CLUSTER_SKEW_US");
