@@ -17,6 +17,8 @@
 # the fast path's float32 object instead (bash benchmarks/gpu_variants.sh
 # benchmarks/cuda_profile_small.py).
 #
+# bash benchmarks/gpu_final.sh --ort: stage 4 alone (after the build), for the lease that brought
+# onnxruntime-gpu in chunks: issues 6 and 7, the nearest to their targets.
 # bash benchmarks/gpu_final.sh --short: for a lease of 15 minutes (one command of at most 600 s):
 # stage 1 (tests/test_cuda.py, 200 s), 1b (cuda_bench.py --ab, 200 s), memcheck (90 s), in that
 # order; every row of the bench is in cuda_bench_ab.log as soon as it is timed. onnxruntime-gpu arrives in chunks
@@ -103,7 +105,6 @@ if [[ -f /tmp/ortw/NAME ]]; then
   stamp "onnxruntime-gpu: $(python3 -c 'import onnxruntime as o; print(o.__version__, o.get_available_providers())' 2>&1)"
 fi
 
-# 1. build + the CUDA engine's own tests
 if [[ -d "$ROOT/.gpu_prebuilt" ]]; then
   now="$(sources_hash)"
   if [[ "$(cat "$ROOT/.gpu_prebuilt/SOURCES" 2>/dev/null)" == "$now" ]]; then
@@ -112,6 +113,27 @@ if [[ -d "$ROOT/.gpu_prebuilt" ]]; then
     stamp "the prebuilt CUDA objects are stale (sources changed since --prepare): building with pip"
   fi
 fi
+
+# 4. onnxruntime on CUDA: the extractor (issue 6) and DFF end to end (issue 7)
+stage4() {
+  if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+    timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_features.py" --device cuda --out "$OUT" 2>&1 | tail -n 20
+    timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_dff.py" --device cuda --out "$OUT/dff_cuda" 2>&1 | tail -n 20
+  else
+    stamp "no onnxruntime CUDA provider here: stage 4 skipped"
+  fi
+  stamp "stage 4 done"
+}
+
+# --ort: issues 6 and 7 alone, for a lease of 15 minutes that has just staged onnxruntime-gpu in
+# /tmp/ortw (the chunk calls): build (prebuilt objects), stage 4, into $OUT; no CUDA tests
+if [[ "${1:-}" == "--ort" ]]; then
+  GPU_CHECK_STAGES="build" source "$ROOT/benchmarks/gpu_check.sh"
+  (cd /tmp && stage4)
+  exit 0
+fi
+
+# 1. build + the CUDA engine's own tests
 GPU_CHECK_STAGES="build test" TEST_TIMEOUT="${TEST_TIMEOUT_1:-180}" source "$ROOT/benchmarks/gpu_check.sh"
 stamp "stage 1 done"
 pack
@@ -162,14 +184,8 @@ cd /tmp
 timeout "${PYTEST_GPU_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu "$ROOT/tests" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
 stamp "stage 2 done"
 pack
-# 4. onnxruntime on CUDA: the extractor and DFF end to end (before 3, which takes what is left)
-if python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
-  timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_features.py" --device cuda --out "$OUT" 2>&1 | tail -n 20
-  timeout "${ORT_TIMEOUT:-90}" python3 "$ROOT/benchmarks/bench_dff.py" --device cuda --out "$OUT/dff_cuda" 2>&1 | tail -n 20
-else
-  stamp "no onnxruntime CUDA provider here: stage 4 skipped"
-fi
-stamp "stage 4 done"
+# 4. (before 3, which takes what is left)
+stage4
 pack
 if [[ $LEASE == 1 ]]; then
   BENCH_SUITE_TIMEOUT=$(( LEASE_LIMIT - SECONDS - 15 ))
