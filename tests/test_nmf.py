@@ -72,6 +72,24 @@ def test_parity_with_sklearn_mu(backend, rng, beta_loss, dtype, penalty):
         assert rel(Hd, Hs) <= bound, (n_iter, rel(Hd, Hs))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(77, 9, 11), (130, 64, 17), (130, 65, 17), (35, 1, 2), (2000, 48, 24)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_parity_narrow_and_wide_shapes(backend, rng, dtype, shape):
+    # the CPU engine computes X H^T from X^T when X has at most 64 columns (16 rows to a vector,
+    # 8 columns of the result at a time, masked tails), else by dot products along the rows
+    m, n, k = shape
+    X, W0, H0 = make_problem(rng, m=m, n=n, k=k, dtype=dtype)
+    for n_iter in (1, 10):
+        Ws, Hs, _ = sk_decomp.non_negative_factorization(
+            X, W0.copy(), H0.copy(), n_components=k, init="custom", solver="mu", tol=0, max_iter=n_iter)
+        Wd, Hd, _ = dffkit.non_negative_factorization(
+            X, W0, H0, n_components=k, init="custom", tol=0, max_iter=n_iter, backend=backend)
+        bound = 1e-8 if dtype == np.float64 else 1e-4
+        assert rel(Wd, Ws) <= bound, (n_iter, rel(Wd, Ws))
+        assert rel(Hd, Hs) <= bound, (n_iter, rel(Hd, Hs))
+
+
 @pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_parity_update_H_false(backend, rng, beta_loss, dtype):
@@ -188,9 +206,10 @@ def test_same_seed_same_bits(backend, rng):
 
 @pytest.mark.parametrize("beta", [2, 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_thread_count_does_not_change_bits(rng, beta, dtype):
+@pytest.mark.parametrize("m, n", [(3000, 200), (8000, 50)])  # several row chunks; wide and narrow X
+def test_thread_count_does_not_change_bits(rng, beta, dtype, m, n):
     cpu = _backends.cpu()
-    X, W0, H0 = make_problem(rng, m=3000, n=200, k=7, dtype=dtype)  # several row chunks
+    X, W0, H0 = make_problem(rng, m=m, n=n, k=7, dtype=dtype)
     out = []
     for threads in (1, 2):
         W, H = W0.copy(), H0.copy()
