@@ -455,6 +455,22 @@ def test_batched_equals_one_at_a_time(backend, rng, beta_loss):
     out2 = dffkit.nmf_batched(stacked, 4, init="random", random_state=3, max_iter=60,
                               beta_loss=beta_loss, backend=backend)
     np.testing.assert_array_equal(out2[0][0], out[0][0])
+    # a batch of one (the CPU engine gives it the whole thread budget): the same bits, also for
+    # a problem large enough to run on several threads
+    cases = [(Xs[0], out[0])]
+    if backend == "cpu":
+        cases.append((rng.random((3000, 200)).astype(np.float32), None))
+    for X, ref in cases:
+        (W, H, info), = dffkit.nmf_batched([X], 4, init="random", random_state=3, max_iter=30 if ref is None else 60,
+                                           tol=1e-4, beta_loss=beta_loss, backend=backend)
+        if ref is None:
+            ref = dffkit.non_negative_factorization(X, n_components=4, init="random", random_state=3, max_iter=30,
+                                                    tol=1e-4, beta_loss=beta_loss, backend=backend)
+        if backend == "cpu":
+            np.testing.assert_array_equal(W, ref[0])
+            np.testing.assert_array_equal(H, ref[1])
+        else:
+            assert rel(W, ref[0]) < 1e-5
 
 
 def test_batched_bad_input():
@@ -492,6 +508,26 @@ def test_gil_is_released_during_a_fit(rng):
     # with the GIL held for the whole fit (well over 0.1 s) the ticker could not run at all
     assert elapsed > 0.1
     assert len(during) >= 3
+
+
+@pytest.mark.parametrize("user_value", [None, "7"])
+def test_openmp_spin_setting_leaves_the_environment_as_it_was(user_value):
+    # the engine's import sets GOMP_SPINCOUNT for libgomp to read, then removes it; a value the
+    # caller set is neither overridden nor removed
+    code = textwrap.dedent("""
+        import os
+        from dffkit import _backends
+        _backends.cpu()
+        print(os.environ.get("GOMP_SPINCOUNT"))
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("GOMP_SPINCOUNT", None)
+    env.pop("OMP_WAIT_POLICY", None)
+    if user_value is not None:
+        env["GOMP_SPINCOUNT"] = user_value
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(user_value)
 
 
 def test_ctrl_c_stops_a_long_fit(tmp_path):
