@@ -45,7 +45,7 @@ build_prebuilt() {
   bash "$ROOT/benchmarks/link_cuda_module.sh" "$pkg/dffkit" "$GPU_CHECK_PREBUILT"/*.o &
   local p1=$!
   g++ -O2 -march=native -fopenmp -std=gnu++17 -fPIC -fvisibility=hidden -shared -I"$ROOT/cpp" \
-      -I"$inc" -I"$pbinc" "$ROOT/cpp/nmf_mu_cpu.cpp" "$ROOT/cpp/bindings/module_cpu.cpp" \
+      -I"$inc" -I"$pbinc" "$ROOT/cpp/nmf_mu_cpu.cpp" "$ROOT/cpp/resample.cpp" "$ROOT/cpp/bindings/module_cpu.cpp" \
       -o "$pkg/dffkit/_cpu$ext" &
   local p2=$!
   wait $p1 && wait $p2 || return 1

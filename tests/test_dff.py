@@ -126,6 +126,23 @@ def test_upsample_matches_oracle_and_pillow(shape):
     np.testing.assert_allclose(bilinear_matrix(9, 4).sum(axis=1), 1.0, atol=1e-6)
 
 
+def test_resampler_refuses_bad_tables():
+    from dffkit import _backends
+    from dffkit.deep_feature_factorization import bilinear_taps
+
+    cpu = _backends.cpu()
+    src = np.ones((2, 3, 4), np.float32)
+    ty, tx = bilinear_taps(5, 3), bilinear_taps(6, 4)
+    assert cpu.resample_bilinear(src, 5, 6, *ty, *tx).shape == (2, 5, 6)
+    bad = (ty[0], ty[1] + 1, ty[2], ty[3])  # an index past the last row
+    with pytest.raises(ValueError, match="iy1 out of range"):
+        cpu.resample_bilinear(src, 5, 6, *bad, *tx)
+    with pytest.raises(ValueError, match="ix0 must have 6 entries"):
+        cpu.resample_bilinear(src, 5, 6, *ty, *bilinear_taps(7, 4))
+    with pytest.raises(ValueError, match="planes, h, w"):
+        cpu.resample_bilinear(src[0], 5, 6, *ty, *tx)
+
+
 def test_heatmaps_follow_the_documented_formula(backend):
     images, acts = block_activations()
     result = dff(images, 2, activations=acts, backend=backend, random_state=3, tol=0, max_iter=50)
@@ -635,6 +652,16 @@ def test_host_map_steps_equal_the_array_api_steps():
     assert U.shape == (3, 4, 23, 17) and U.flags.c_contiguous
     np.testing.assert_allclose(U, ref, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(generic.upsample(A, Ry, RxT), ref, rtol=1e-6, atol=1e-7)
+    # the host's separable resampler (what dff uses on the host), up and down, one thread and a
+    # team (over a million output samples)
+    for shape, (H, W) in (((3, 4, 5, 6), (23, 17)), ((1, 2, 9, 7), (4, 3)), ((2, 3, 14, 14), (480, 400))):
+        A = rng.random(shape, dtype=np.float32)
+        Ry = bilinear_matrix(H, shape[2]).astype(np.float64)
+        Rx = bilinear_matrix(W, shape[3]).astype(np.float64)
+        R = host.resample(A, H, W)
+        assert R.shape == shape[:2] + (H, W) and R.dtype == np.float32 and R.flags.c_contiguous
+        np.testing.assert_allclose(R, np.einsum("Hh,nkhw,Ww->nkHW", Ry, A.astype(np.float64), Rx),
+                                   rtol=1e-6, atol=1e-7)
 
     U = rng.random((3, 4, 23, 17), dtype=np.float32) * 2
     U[:, 2] = U[:, 1]  # exact ties between concepts 1 and 2

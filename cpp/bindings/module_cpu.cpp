@@ -11,6 +11,7 @@
 
 #include "nmf_mu_cpu.hpp"
 #include "params.hpp"
+#include "resample.hpp"
 
 namespace py = pybind11;
 using namespace dffkit;
@@ -187,5 +188,44 @@ PYBIND11_MODULE(_cpu, mod) {
       },
       py::arg("X"), py::arg("W"), py::arg("H"), py::arg("beta"),
       "scikit-learn's error sqrt(2 * beta-divergence(X, W H)), one pass over X.");
+  mod.def(
+      "resample_bilinear",
+      [](const py::array_t<float, py::array::c_style>& src, i64 H, i64 W,
+         const py::array_t<i64, py::array::c_style>& iy0, const py::array_t<i64, py::array::c_style>& iy1,
+         const py::array_t<float, py::array::c_style>& wy0, const py::array_t<float, py::array::c_style>& wy1,
+         const py::array_t<i64, py::array::c_style>& ix0, const py::array_t<i64, py::array::c_style>& ix1,
+         const py::array_t<float, py::array::c_style>& wx0, const py::array_t<float, py::array::c_style>& wx1,
+         int num_threads) {
+        if (src.ndim() != 3) throw invalid_argument("resample_bilinear: src must be (planes, h, w)");
+        const i64 planes = src.shape(0), h = src.shape(1), w = src.shape(2);
+        if (h < 1 || w < 1 || H < 1 || W < 1) throw invalid_argument("resample_bilinear: empty planes");
+        auto check = [](const auto& a, i64 len, const char* name) {
+          if (a.ndim() != 1 || a.shape(0) != len)
+            throw invalid_argument(std::string("resample_bilinear: ") + name + " must have " +
+                                   std::to_string(len) + " entries");
+        };
+        check(iy0, H, "iy0"); check(iy1, H, "iy1"); check(wy0, H, "wy0"); check(wy1, H, "wy1");
+        check(ix0, W, "ix0"); check(ix1, W, "ix1"); check(wx0, W, "wx0"); check(wx1, W, "wx1");
+        auto in_range = [](const py::array_t<i64, py::array::c_style>& a, i64 n, const char* name) {
+          const i64* d = a.data();
+          for (i64 i = 0; i < a.shape(0); ++i)
+            if (d[i] < 0 || d[i] >= n)
+              throw invalid_argument(std::string("resample_bilinear: ") + name + " out of range");
+        };
+        in_range(iy0, h, "iy0"); in_range(iy1, h, "iy1"); in_range(ix0, w, "ix0"); in_range(ix1, w, "ix1");
+        py::array_t<float> out({planes, H, W});
+        float* o = out.mutable_data();
+        {
+          py::gil_scoped_release nogil;
+          resample_bilinear(src.data(), planes, h, w, o, H, W, iy0.data(), iy1.data(), wy0.data(),
+                            wy1.data(), ix0.data(), ix1.data(), wx0.data(), wx1.data(), num_threads);
+        }
+        return out;
+      },
+      py::arg("src"), py::arg("H"), py::arg("W"), py::arg("iy0"), py::arg("iy1"), py::arg("wy0"),
+      py::arg("wy1"), py::arg("ix0"), py::arg("ix1"), py::arg("wx0"), py::arg("wx1"),
+      py::arg("num_threads") = 0,
+      "Separable bilinear resampling of float32 (planes, h, w) to (planes, H, W) from two taps "
+      "per output row and column (no BLAS).");
   mod.def("max_threads", []() { return omp_get_max_threads(); });
 }

@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dffkit import _backends
+
 __all__ = [
     "dff",
     "DFFResult",
@@ -81,6 +83,22 @@ def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     return R
 
 
+@functools.lru_cache(maxsize=64)
+def bilinear_taps(n_out: int, n_in: int):
+    """The two taps of each row of ``bilinear_matrix(n_out, n_in)``: (i0, i1) int64 and their
+    weights (w0, w1) float32, each of length n_out (at the clipped edges w0 = 1, w1 = 0)."""
+    R = _bilinear_matrix(int(n_out), int(n_in))
+    src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    i0 = np.floor(src).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    rows = np.arange(n_out)
+    w0 = R[rows, i0].copy()
+    w1 = np.where(i1 != i0, R[rows, i1], np.float32(0)).astype(np.float32)
+    for a in (i0, i1, w0, w1):
+        a.setflags(write=False)
+    return i0, i1, w0, w1
+
+
 def upsample(maps, size: Tuple[int, int]) -> np.ndarray:
     """Bilinear resampling of (k, h, w) maps (numpy) to (k, H, W) float32."""
     return np.ascontiguousarray(_upsampled(_NumpyOps(), np.asarray(maps, dtype=np.float32)[None], size)[0])
@@ -89,6 +107,8 @@ def upsample(maps, size: Tuple[int, int]) -> np.ndarray:
 def _upsampled(ops, A, size):
     """(n, k, h, w) maps of ``ops``' library -> (n, k, H, W), bilinear."""
     (H, W), (h, w) = size, A.shape[2:]
+    if isinstance(ops, _NumpyOps):
+        return ops.resample(A, H, W)
     Ry = ops.asarray(bilinear_matrix(H, h))
     RxT = ops.asarray(np.ascontiguousarray(bilinear_matrix(W, w).T))
     return ops.upsample(A, Ry, RxT)
@@ -260,6 +280,28 @@ class _NumpyOps(_ArrayOps):
         for p in range(n * k):
             np.matmul(Ry, P[p * h:(p + 1) * h], out=planes[p])
         return out
+
+    def norm(self, X) -> float:
+        """Frobenius norm in float64, a million elements at a time, without BLAS (numpy's
+        norm is a BLAS dot, threaded above ten thousand elements: see ``resample``)."""
+        flat = np.asarray(X).reshape(-1)
+        step = 1 << 20
+        return float(np.sqrt(sum(float(np.square(flat[i:i + step], dtype=np.float64).sum())
+                                 for i in range(0, flat.size, step))))
+
+    def resample(self, A, H, W):
+        """(n, k, h, w) -> contiguous (n, k, H, W) with the CPU engine's separable resampler
+        (two taps a sample and axis; no BLAS call, whose worker threads would go on spinning on
+        the cores the next image's CNN wants: one-image VGG-16 DFF took 113 ms instead of 67
+        on 2 cores); the BLAS products of ``upsample`` where the engine is not built."""
+        n, k, h, w = A.shape
+        try:
+            cpu = _backends.cpu()
+        except ImportError:
+            return self.upsample(A, _bilinear_matrix(H, h), np.ascontiguousarray(_bilinear_matrix(W, w).T))
+        planes = np.ascontiguousarray(A, dtype=np.float32).reshape(n * k, h, w)
+        out = cpu.resample_bilinear(planes, H, W, *bilinear_taps(H, h), *bilinear_taps(W, w))
+        return out.reshape(n, k, H, W)
 
     def heat(self, U, inv):
         """In place: U is this pipeline's own array (``upsample``'s)."""
