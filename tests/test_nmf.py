@@ -76,8 +76,8 @@ def test_parity_with_sklearn_mu(backend, rng, beta_loss, dtype, penalty):
 @pytest.mark.parametrize("shape", [(77, 9, 11), (130, 64, 17), (130, 65, 17), (35, 1, 2), (2000, 48, 24)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_parity_narrow_and_wide_shapes(backend, rng, dtype, shape):
-    # the CPU engine computes X H^T from X^T when X has at most 64 columns (16 rows to a vector,
-    # 8 columns of the result at a time, masked tails), else by dot products along the rows
+    # the CPU engine computes X H^T from X^T when X has at most 64 columns and 8 MiB (16 rows to
+    # a vector, 8 columns of the result at a time, masked tails), else by dot products along rows
     m, n, k = shape
     X, W0, H0 = make_problem(rng, m=m, n=n, k=k, dtype=dtype)
     for n_iter in (1, 10):

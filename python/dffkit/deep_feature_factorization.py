@@ -283,7 +283,7 @@ class _NumpyOps(_ArrayOps):
 
     def norm(self, X) -> float:
         """Frobenius norm in float64, a million elements at a time, without BLAS (numpy's
-        norm is a BLAS dot, threaded above ten thousand elements: see ``resample``)."""
+        norm is a BLAS dot, which OpenBLAS may run on its threads: see ``resample``)."""
         flat = np.asarray(X).reshape(-1)
         step = 1 << 20
         return float(np.sqrt(sum(float(np.square(flat[i:i + step], dtype=np.float64).sum())
