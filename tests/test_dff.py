@@ -647,7 +647,7 @@ def test_host_map_steps_equal_the_array_api_steps():
     host, generic = dff_module._NumpyOps(), dff_module._ArrayOps()
     A = rng.random((3, 4, 5, 6), dtype=np.float32)
     Ry, RxT = bilinear_matrix(23, 5), np.ascontiguousarray(bilinear_matrix(17, 6).T)
-    U = host.upsample(A, Ry, RxT)
+    U = host.resample(A, 23, 17)
     ref = np.einsum("Hh,nkhw,wW->nkHW", Ry.astype(np.float64), A.astype(np.float64), RxT.astype(np.float64))
     assert U.shape == (3, 4, 23, 17) and U.flags.c_contiguous
     np.testing.assert_allclose(U, ref, rtol=1e-6, atol=1e-7)

@@ -67,13 +67,18 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
     return _bilinear_matrix(int(n_out), int(n_in))
 
 
-@functools.lru_cache(maxsize=64)
-def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+def _source_taps(n_out: int, n_in: int):
+    """For each output sample: its two input samples (i0, i1, int64) and the weight t of i1
+    (float64), pixel centres aligned, clamped at the edges."""
     src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
     src = np.clip(src, 0.0, n_in - 1)
     i0 = np.floor(src).astype(np.int64)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    t = src - i0
+    return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
+    i0, i1, t = _source_taps(n_out, n_in)
     R = np.zeros((n_out, n_in), dtype=np.float64)
     rows = np.arange(n_out)
     np.add.at(R, (rows, i0), 1.0 - t)
@@ -88,9 +93,7 @@ def bilinear_taps(n_out: int, n_in: int):
     """The two taps of each row of ``bilinear_matrix(n_out, n_in)``: (i0, i1) int64 and their
     weights (w0, w1) float32, each of length n_out (at the clipped edges w0 = 1, w1 = 0)."""
     R = _bilinear_matrix(int(n_out), int(n_in))
-    src = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
-    i0 = np.floor(src).astype(np.int64)
-    i1 = np.minimum(i0 + 1, n_in - 1)
+    i0, i1, _ = _source_taps(int(n_out), int(n_in))
     rows = np.arange(n_out)
     w0 = R[rows, i0].copy()
     w1 = np.where(i1 != i0, R[rows, i1], np.float32(0)).astype(np.float32)
@@ -269,18 +272,6 @@ class _NumpyOps(_ArrayOps):
     (for photographs of several megapixels the batched, strided versions spent most of
     their time in temporaries and in numpy's argmax over the concept axis)."""
 
-    def upsample(self, A, Ry, RxT):
-        """(n, k, h, w) -> contiguous (n, k, H, W): one product with RxT for all maps, then
-        one per map with Ry, written in place."""
-        n, k, h, w = A.shape
-        H, W = Ry.shape[0], RxT.shape[1]
-        P = np.ascontiguousarray(A, dtype=np.float32).reshape(-1, w) @ RxT  # (n·k·h, W)
-        out = np.empty((n, k, H, W), np.float32)
-        planes = out.reshape(n * k, H, W)
-        for p in range(n * k):
-            np.matmul(Ry, P[p * h:(p + 1) * h], out=planes[p])
-        return out
-
     def norm(self, X) -> float:
         """Frobenius norm in float64, a million elements at a time, without BLAS (numpy's
         norm is a BLAS dot, which OpenBLAS may run on its threads: see ``resample``)."""
@@ -293,18 +284,14 @@ class _NumpyOps(_ArrayOps):
         """(n, k, h, w) -> contiguous (n, k, H, W) with the CPU engine's separable resampler
         (two taps a sample and axis; no BLAS call, whose worker threads would go on spinning on
         the cores the next image's CNN wants: one-image VGG-16 DFF took 113 ms instead of 67
-        on 2 cores); the BLAS products of ``upsample`` where the engine is not built."""
+        on 2 cores)."""
         n, k, h, w = A.shape
-        try:
-            cpu = _backends.cpu()
-        except ImportError:
-            return self.upsample(A, _bilinear_matrix(H, h), np.ascontiguousarray(_bilinear_matrix(W, w).T))
         planes = np.ascontiguousarray(A, dtype=np.float32).reshape(n * k, h, w)
-        out = cpu.resample_bilinear(planes, H, W, *bilinear_taps(H, h), *bilinear_taps(W, w))
+        out = _backends.cpu().resample_bilinear(planes, H, W, *bilinear_taps(H, h), *bilinear_taps(W, w))
         return out.reshape(n, k, H, W)
 
     def heat(self, U, inv):
-        """In place: U is this pipeline's own array (``upsample``'s)."""
+        """In place: U is this pipeline's own array (``resample``'s)."""
         U *= np.asarray(inv, np.float32)[:, :, None, None]
         return np.clip(U, 0.0, 1.0, out=U)
 
