@@ -25,6 +25,13 @@
 #include "mu_update.hpp"
 #include "philox.hpp"
 
+// The kernels below work on 64-byte vectors on every machine (one AVX-512 register; two, four
+// or more elsewhere), so each sum is split over lanes the same way everywhere. Without AVX-512,
+// GCC warns that such values are passed differently: these functions are internal and inlined.
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__AVX512F__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace dffkit {
 namespace {
 
@@ -67,6 +74,9 @@ template <class T> inline vec<T> load_part(const T* p, int count) {
   std::memcpy(&v, p, sizeof(T) * count);
   return v;
 }
+template <class T> inline void store_part(T* p, vec<T> v, int count) {
+  std::memcpy(p, &v, sizeof(T) * count);
+}
 #endif
 template <class T> inline void store(T* p, vec<T> v) { std::memcpy(p, &v, sizeof(v)); }
 template <class T> inline vec<T> splat(T x) { return vec<T>{} + x; }
@@ -108,7 +118,13 @@ inline void hsum2(vec<double> a, vec<double> b, double* ra, double* rb) {
 
 // Keeps a loaded vector in a register: without it the compiler folds the load into every FMA
 // that uses it, and a tile reloads its operands RA or RB times.
+// (AVX-512 only: elsewhere a 64-byte vector spans several registers, and the compiler's own
+// choice is kept.)
+#if defined(__AVX512F__)
 template <class V> inline void in_register(V& v) { asm volatile("" : "+v"(v)); }
+#else
+template <class V> inline void in_register(V&) {}
+#endif
 
 // out[a*ldo + b] = sum_l A[a, l] B[b, l] for an RA x RB tile. Element l of a row always goes to
 // lane l % L and lanes are added by the same tree, so every tile shape gives the same bits.

@@ -90,6 +90,76 @@ def test_parity_narrow_and_wide_shapes(backend, rng, dtype, shape):
         assert rel(Hd, Hs) <= bound, (n_iter, rel(Hd, Hs))
 
 
+def _portable_flag_sets():
+    """Compiler flags for builds of the CPU engine other than the package's -march=native: the
+    compiler's default target (SSE2 on x86-64: no AVX-512 code path), and AVX2 with FMA."""
+    import platform
+    sets = [[]]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        sets.append(["-march=x86-64-v3"])
+    return sets
+
+
+@pytest.fixture(scope="module")
+def portable_engines(tmp_path_factory):
+    import shutil
+    from pathlib import Path
+    cxx = next((shutil.which(c) for c in (os.environ.get("CXX"), "c++", "g++", "clang++")
+                if c and shutil.which(c)), None)
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path_factory.mktemp("portable")
+    exes = {}
+    for flags in _portable_flag_sets():
+        exe = out / ("engine" + "".join(flags).replace("=", "_"))
+        cmd = [cxx, "-std=c++17", "-O2", "-fopenmp", "-Wall", "-Wextra", "-Werror", *flags,
+               f"-I{root / 'cpp'}", str(root / "tests" / "cpp" / "engine_portable.cpp"), "-o", str(exe)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        assert done.returncode == 0, f"{' '.join(flags) or 'default flags'}:\n{done.stderr[-4000:]}"
+        exes[" ".join(flags) or "default"] = exe
+    return exes
+
+
+@pytest.mark.parametrize("case", [
+    (77, 9, 11, np.float32, "frobenius"),     # narrow X: the transposed-copy path, masked tails
+    (130, 65, 17, np.float64, "frobenius"),   # row dot products, tails
+    (300, 200, 40, np.float32, "frobenius"),  # a larger rank
+    (3000, 120, 8, np.float32, "frobenius"),  # several chunks on two threads
+    (60, 40, 4, np.float32, "kullback-leibler"),
+], ids=lambda c: f"{c[0]}x{c[1]}k{c[2]}-{np.dtype(c[3]).name}-{c[4][:3]}")
+def test_engine_builds_and_agrees_without_native_flags(portable_engines, rng, tmp_path, case):
+    # the package is compiled with -march=native; these builds compile (with -Werror) and run the
+    # code the engine uses on machines without AVX-512, and must agree with scikit-learn as the
+    # package's build does
+    m, n, k, dtype, loss = case
+    X, W0, H0 = make_problem(rng, m=m, n=n, k=k, dtype=dtype, zeros=loss != "frobenius")
+    n_iter = 10
+    Ws, Hs, _ = sk_decomp.non_negative_factorization(
+        X, W0.copy(), H0.copy(), n_components=k, init="custom", solver="mu", beta_loss=loss,
+        tol=0, max_iter=n_iter)
+    bound = 1e-8 if dtype == np.float64 else 1e-4
+    for name, exe in portable_engines.items():
+        d = tmp_path / name.replace(" ", "_").replace("=", "_")
+        d.mkdir()
+        meta = dict(m=m, n=n, k=k, dtype="f64" if dtype == np.float64 else "f32",
+                    loss="kl" if loss != "frobenius" else "frobenius", max_iter=n_iter, threads=2)
+        (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
+        for arr, fname in ((X, "X"), (W0, "W"), (H0, "H")):
+            np.ascontiguousarray(arr).tofile(d / f"{fname}.bin")
+        done = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (name, done.stderr)
+        W = np.fromfile(d / "W_out.bin", dtype=dtype).reshape(m, k)
+        H = np.fromfile(d / "H_out.bin", dtype=dtype).reshape(k, n)
+        assert rel(W, Ws) <= bound, (name, rel(W, Ws))
+        assert rel(H, Hs) <= bound, (name, rel(H, Hs))
+        it, err0, err = (float(v) for v in (d / "out.txt").read_text().split())
+        assert it == n_iter
+        ref = np.linalg.norm(X.astype(np.float64) - Ws.astype(np.float64) @ Hs.astype(np.float64))
+        if loss == "frobenius":
+            assert abs(err - ref) <= 1e-4 * ref, (name, err, ref)
+
+
 @pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_parity_update_H_false(backend, rng, beta_loss, dtype):
