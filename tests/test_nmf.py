@@ -73,11 +73,16 @@ def test_parity_with_sklearn_mu(backend, rng, beta_loss, dtype, penalty):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("shape", [(77, 9, 11), (130, 64, 17), (130, 65, 17), (35, 1, 2), (2000, 48, 24)],
+@pytest.mark.parametrize("shape", [(77, 9, 11), (130, 64, 17), (130, 65, 17), (35, 1, 2), (2000, 48, 24),
+                                   (700, 400, 16), (700, 400, 24), (520, 600, 100), (1100, 300, 36),
+                                   (1100, 2000, 20)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_parity_narrow_and_wide_shapes(backend, rng, dtype, shape):
     # the CPU engine computes X H^T from X^T when X has at most 64 columns and 8 MiB (16 rows to
-    # a vector, 8 columns of the result at a time, masked tails), else by dot products along rows
+    # a vector, 8 columns of the result at a time, masked tails); by outer products with H^T when
+    # X is over 1 MiB and k >= 16 fills its vectors (the last five shapes: one to four vectors of
+    # columns, tiles of 6 and 8 rows and the last rows of a block, masked stores; k = 20 only over
+    # 8 MiB); else by dot products along rows
     m, n, k = shape
     X, W0, H0 = make_problem(rng, m=m, n=n, k=k, dtype=dtype)
     for n_iter in (1, 10):
@@ -158,6 +163,22 @@ def test_engine_builds_and_agrees_without_native_flags(portable_engines, rng, tm
         ref = np.linalg.norm(X.astype(np.float64) - Ws.astype(np.float64) @ Hs.astype(np.float64))
         if loss == "frobenius":
             assert abs(err - ref) <= 1e-4 * ref, (name, err, ref)
+
+
+@pytest.mark.parametrize("k, ms", [(24, range(121, 129)), (64, range(129, 135)), (40, range(121, 129)),
+                                   (16, range(121, 129))], ids=["k24", "k64", "k40", "k16"])
+def test_outer_product_every_tile_height(rng, k, ms):
+    # X of 2200 float32 columns (over 1 MiB) and one chunk of rows: blocks of 24 rows at k <= 40,
+    # 64 at k = 64. X H^T goes by tiles of 8 rows (6 at k = 64) and one shorter tile for the rows
+    # that are left, so consecutive m give the last block every tile height
+    for m in ms:
+        X, W0, H0 = make_problem(rng, m=m, n=2200, k=k, dtype=np.float32)
+        Ws, Hs, _ = sk_decomp.non_negative_factorization(
+            X, W0.copy(), H0.copy(), n_components=k, init="custom", solver="mu", tol=0, max_iter=2)
+        Wd, Hd, _ = dffkit.non_negative_factorization(
+            X, W0, H0, n_components=k, init="custom", tol=0, max_iter=2, backend="cpu")
+        assert rel(Wd, Ws) <= 1e-5, (m, rel(Wd, Ws))
+        assert rel(Hd, Hs) <= 1e-5, (m, rel(Hd, Hs))
 
 
 @pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
@@ -276,10 +297,11 @@ def test_same_seed_same_bits(backend, rng):
 
 @pytest.mark.parametrize("beta", [2, 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("m, n", [(3000, 200), (8000, 50)])  # several row chunks; wide and narrow X
-def test_thread_count_does_not_change_bits(rng, beta, dtype, m, n):
+@pytest.mark.parametrize("m, n, k", [(3000, 200, 7), (8000, 50, 7), (3000, 200, 24)],
+                         ids=["rows", "narrow", "outer"])  # several row chunks; each form of X H^T
+def test_thread_count_does_not_change_bits(rng, beta, dtype, m, n, k):
     cpu = _backends.cpu()
-    X, W0, H0 = make_problem(rng, m=m, n=n, k=7, dtype=dtype)
+    X, W0, H0 = make_problem(rng, m=m, n=n, k=k, dtype=dtype)
     out = []
     for threads in (1, 2):
         W, H = W0.copy(), H0.copy()
