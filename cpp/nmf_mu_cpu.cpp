@@ -18,18 +18,31 @@
 #include <exception>
 #include <limits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #include "mu_update.hpp"
 #include "philox.hpp"
 
-// The kernels below work on 64-byte vectors on every machine (one AVX-512 register; two, four
-// or more elsewhere), so each sum is split over lanes the same way everywhere. Without AVX-512,
-// GCC warns that such values are passed differently: these functions are internal and inlined.
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__AVX512F__)
-#pragma GCC diagnostic ignored "-Wpsabi"
+// Vectors of the machine's own width, and tiles sized to its register file: AVX-512 64 bytes and
+// 32 registers, AVX/AVX2 32 bytes and 16, anything else (SSE2, NEON) 16 bytes (16 registers, 32
+// on ARM64). With 64-byte vectors everywhere (before session 10), GCC lowered each AVX2 operation
+// through memory: an x86-64-v3 build took 689 ms for 10 iterations of 2048^2, k = 64, against
+// 78 ms for the AVX-512 build on the same Zen 5 core. A sum is split over lanes the same way on
+// every machine of one width; machines of different widths give different last bits.
+#if defined(__AVX512F__)
+#define DFFKIT_VEC_BYTES 64
+#define DFFKIT_VEC_REGS 32
+#elif defined(__AVX__)
+#define DFFKIT_VEC_BYTES 32
+#define DFFKIT_VEC_REGS 16
+#elif defined(__aarch64__)
+#define DFFKIT_VEC_BYTES 16
+#define DFFKIT_VEC_REGS 32
+#else
+#define DFFKIT_VEC_BYTES 16
+#define DFFKIT_VEC_REGS 16
 #endif
 
 namespace dffkit {
@@ -37,14 +50,16 @@ namespace {
 
 using i64 = std::int64_t;
 
+constexpr bool kManyRegs = DFFKIT_VEC_REGS >= 32;
+
 template <class T> struct simd;
 template <> struct simd<float> {
-  typedef float v __attribute__((vector_size(64)));
-  static constexpr int L = 16;
+  typedef float v __attribute__((vector_size(DFFKIT_VEC_BYTES)));
+  static constexpr int L = DFFKIT_VEC_BYTES / 4;
 };
 template <> struct simd<double> {
-  typedef double v __attribute__((vector_size(64)));
-  static constexpr int L = 8;
+  typedef double v __attribute__((vector_size(DFFKIT_VEC_BYTES)));
+  static constexpr int L = DFFKIT_VEC_BYTES / 8;
 };
 template <class T> using vec = typename simd<T>::v;
 
@@ -55,7 +70,7 @@ template <class T> inline vec<T> load(const T* p) {
 }
 // Loads and stores of the first `count` lanes (the tail of a row): masked instructions where
 // AVX-512 is there, a copy through a zeroed vector elsewhere.
-#if defined(__AVX512F__)
+#if DFFKIT_VEC_BYTES == 64
 inline vec<float> load_part(const float* p, int count) {
   return (vec<float>)_mm512_maskz_loadu_ps(__mmask16((1u << count) - 1), p);
 }
@@ -82,14 +97,18 @@ template <class T> inline void store(T* p, vec<T> v) { std::memcpy(p, &v, sizeof
 // One value in every lane. Written as `vec{} + x` this was an add of zero (it cannot be folded:
 // 0 + (-0) is +0) and a register broadcast, two operations on the floating-point pipes for every
 // splat of the axpy and outer-product kernels; a broadcast load is none.
-#if defined(__AVX512F__)
+#if DFFKIT_VEC_BYTES == 64
 inline vec<float> splat(float x) { return (vec<float>)_mm512_set1_ps(x); }
 inline vec<double> splat(double x) { return (vec<double>)_mm512_set1_pd(x); }
+#elif DFFKIT_VEC_BYTES == 32
+inline vec<float> splat(float x) { return (vec<float>)_mm256_set1_ps(x); }
+inline vec<double> splat(double x) { return (vec<double>)_mm256_set1_pd(x); }
 #else
 template <class T> inline vec<T> splat(T x) { return x - vec<T>{}; }
 #endif
 // Sum of the lanes by a fixed pairwise tree (lane i + lane i + L/2, and so on): the same order
-// everywhere, done with shuffles.
+// everywhere; with shuffles at 64 bytes, a loop over the halves elsewhere (the same tree).
+#if DFFKIT_VEC_BYTES == 64
 inline float hsum_tree(vec<float> v) {
   v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
   v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
@@ -103,7 +122,6 @@ inline double hsum_tree(vec<double> v) {
   v += __builtin_shufflevector(v, v, 1, 0, 1, 0, 1, 0, 1, 0);
   return v[0];
 }
-template <class T> inline T hsum(vec<T> v) { return hsum_tree(v); }
 
 // Two lane sums at once with the same tree as hsum_tree (bit-identical results).
 inline void hsum2(vec<float> a, vec<float> b, float* ra, float* rb) {
@@ -123,13 +141,30 @@ inline void hsum2(vec<double> a, vec<double> b, double* ra, double* rb) {
   *ra = r[0];
   *rb = r[4];
 }
+#else
+template <class T> inline T hsum_halves(vec<T> v) {
+  constexpr int L = simd<T>::L;
+  T a[L];
+  std::memcpy(a, &v, sizeof(v));
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) a[i] += a[i + w];
+  return a[0];
+}
+inline float hsum_tree(vec<float> v) { return hsum_halves<float>(v); }
+inline double hsum_tree(vec<double> v) { return hsum_halves<double>(v); }
+template <class T> inline void hsum2(vec<T> a, vec<T> b, T* ra, T* rb) {
+  *ra = hsum_tree(a);
+  *rb = hsum_tree(b);
+}
+#endif
+template <class T> inline T hsum(vec<T> v) { return hsum_tree(v); }
 
 // Keeps a loaded vector in a register: without it the compiler folds the load into every FMA
 // that uses it, and a tile reloads its operands RA or RB times.
-// (AVX-512 only: elsewhere a 64-byte vector spans several registers, and the compiler's own
-// choice is kept.)
-#if defined(__AVX512F__)
+#if DFFKIT_VEC_BYTES == 64
 template <class V> inline void in_register(V& v) { asm volatile("" : "+v"(v)); }
+#elif DFFKIT_VEC_BYTES == 32
+template <class V> inline void in_register(V& v) { asm volatile("" : "+x"(v)); }
 #else
 template <class V> inline void in_register(V&) {}
 #endif
@@ -183,18 +218,20 @@ inline void dot_tile_cols(const T* A, i64 lda, const T* B, i64 ldb, i64 rb, i64 
 /// rb is large, 2 rows x up to 7 columns for the narrow rb of small ranks.
 template <class T>
 void dot_rows(const T* A, i64 lda, i64 ra, const T* B, i64 ldb, i64 rb, i64 n, T* out, i64 ldo) {
+  // RA * RB accumulators and RA + RB operands in registers: with 16 registers, half the rows
+  constexpr int RN = kManyRegs ? 2 : 1, RW = kManyRegs ? 4 : 2;
   if (rb <= 7) {
     i64 a = 0;
-    for (; a + 2 <= ra; a += 2) dot_tile_cols<T, 2>(A + a * lda, lda, B, ldb, rb, n, out + a * ldo, ldo);
+    for (; a + RN <= ra; a += RN) dot_tile_cols<T, RN>(A + a * lda, lda, B, ldb, rb, n, out + a * ldo, ldo);
     for (; a < ra; ++a) dot_tile_cols<T, 1>(A + a * lda, lda, B, ldb, rb, n, out + a * ldo, ldo);
     return;
   }
   i64 a = 0;
-  for (; a + 4 <= ra; a += 4) {
+  for (; a + RW <= ra; a += RW) {
     i64 b = 0;
     for (; b + 4 <= rb; b += 4)
-      dot_tile<T, 4, 4>(A + a * lda, lda, B + b * ldb, ldb, n, out + a * ldo + b, ldo);
-    if (b < rb) dot_tile_cols<T, 4>(A + a * lda, lda, B + b * ldb, ldb, rb - b, n, out + a * ldo + b, ldo);
+      dot_tile<T, RW, 4>(A + a * lda, lda, B + b * ldb, ldb, n, out + a * ldo + b, ldo);
+    if (b < rb) dot_tile_cols<T, RW>(A + a * lda, lda, B + b * ldb, ldb, rb - b, n, out + a * ldo + b, ldo);
   }
   for (; a < ra; ++a)
     for (i64 b = 0; b < rb; ++b)
@@ -257,6 +294,11 @@ void outer_product(const T* X, i64 ldx, i64 rows, const T* Ht, i64 kp, i64 n, i6
   constexpr int L = simd<T>::L;
   const i64 nv = kp / L;
   i64 v0 = 0;
+  if (!kManyRegs) {  // 16 registers: tiles of 6 rows x 2 vectors, 8 x 1
+    for (; v0 + 2 <= nv; v0 += 2) outer_rows<T, 6, 2>(X, ldx, rows, Ht, kp, n, v0 * L, N, k);
+    if (v0 < nv) outer_rows<T, 8, 1>(X, ldx, rows, Ht, kp, n, v0 * L, N, k);
+    return;
+  }
   for (; v0 + 4 <= nv; v0 += 4) outer_rows<T, 6, 4>(X, ldx, rows, Ht, kp, n, v0 * L, N, k);
   switch (nv - v0) {
     case 0: break;
@@ -291,7 +333,7 @@ template <class T, int RJ>
 inline void axpy_tile(const T* C, i64 ldc, i64 rows, const T* A, i64 lda, i64 n, T* P, i64 ldp,
                       i64 j0) {
   constexpr int L = simd<T>::L;
-  constexpr int V = 3;
+  constexpr int V = kManyRegs ? 3 : 2;
   const i64 nf = n / L * L;
   i64 l = 0;
   for (; l + V * L <= nf; l += V * L) axpy_block<T, RJ, V>(C, ldc, rows, A, lda, P, ldp, j0, l);
@@ -313,7 +355,9 @@ inline void axpy_tile(const T* C, i64 ldc, i64 rows, const T* A, i64 lda, i64 n,
 template <class T>
 void accumulate_ct_a(const T* C, i64 rows, i64 k, const T* A, i64 lda, i64 n, T* P) {
   i64 j = 0;
-  for (; j + 8 <= k; j += 8) axpy_tile<T, 8>(C, k, rows, A, lda, n, P, n, j);
+  // RJ x V accumulators: 8 x 3 vectors with 32 registers, 6 x 2 with 16
+  constexpr int RJ = kManyRegs ? 8 : 6;
+  for (; j + RJ <= k; j += RJ) axpy_tile<T, RJ>(C, k, rows, A, lda, n, P, n, j);
   switch (k - j) {
     case 0: break;
     case 1: axpy_tile<T, 1>(C, k, rows, A, lda, n, P, n, j); break;
@@ -443,7 +487,8 @@ template <class T>
 void narrow_product(const T* Xt, i64 ldt, i64 rows, const T* H, i64 n, i64 k, T* N) {
   constexpr int L = simd<T>::L;
   i64 r = 0;
-  for (; r + 2 * L <= rows; r += 2 * L) narrow_rows<T, 2, true>(Xt + r, ldt, 2 * L, H, n, k, N + r * k);
+  if (kManyRegs)  // 2 x 8 accumulators
+    for (; r + 2 * L <= rows; r += 2 * L) narrow_rows<T, 2, true>(Xt + r, ldt, 2 * L, H, n, k, N + r * k);
   for (; r + L <= rows; r += L) narrow_rows<T, 1, true>(Xt + r, ldt, L, H, n, k, N + r * k);
   if (r < rows) narrow_rows<T, 1, false>(Xt + r, ldt, int(rows - r), H, n, k, N + r * k);
 }

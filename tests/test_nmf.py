@@ -130,13 +130,15 @@ def portable_engines(tmp_path_factory):
     (77, 9, 11, np.float32, "frobenius"),     # narrow X: the transposed-copy path, masked tails
     (130, 65, 17, np.float64, "frobenius"),   # row dot products, tails
     (300, 200, 40, np.float32, "frobenius"),  # a larger rank
+    (700, 400, 24, np.float32, "frobenius"),  # X over 1 MiB: outer products from H^T
+    (400, 400, 40, np.float64, "frobenius"),
     (3000, 120, 8, np.float32, "frobenius"),  # several chunks on two threads
     (60, 40, 4, np.float32, "kullback-leibler"),
 ], ids=lambda c: f"{c[0]}x{c[1]}k{c[2]}-{np.dtype(c[3]).name}-{c[4][:3]}")
 def test_engine_builds_and_agrees_without_native_flags(portable_engines, rng, tmp_path, case):
     # the package is compiled with -march=native; these builds compile (with -Werror) and run the
-    # code the engine uses on machines without AVX-512, and must agree with scikit-learn as the
-    # package's build does
+    # code the engine uses on machines without AVX-512 (16- and 32-byte vectors, tiles for 16
+    # registers), and must agree with scikit-learn as the package's build does
     m, n, k, dtype, loss = case
     X, W0, H0 = make_problem(rng, m=m, n=n, k=k, dtype=dtype, zeros=loss != "frobenius")
     n_iter = 10
