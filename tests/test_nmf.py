@@ -299,8 +299,9 @@ def test_same_seed_same_bits(backend, rng):
 
 @pytest.mark.parametrize("beta", [2, 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("m, n, k", [(3000, 200, 7), (8000, 50, 7), (3000, 200, 24)],
-                         ids=["rows", "narrow", "outer"])  # several row chunks; each form of X H^T
+@pytest.mark.parametrize("m, n, k", [(3000, 200, 7), (8000, 50, 7), (3000, 200, 24), (600, 2100, 32)],
+                         ids=["rows", "narrow", "outer", "outer-wide"])  # several row chunks; each
+# form of X H^T; the last with H^T and H H^T made on all threads (k^2 n >= 2^21)
 def test_thread_count_does_not_change_bits(rng, beta, dtype, m, n, k):
     cpu = _backends.cpu()
     X, W0, H0 = make_problem(rng, m=m, n=n, k=k, dtype=dtype)
