@@ -240,9 +240,9 @@ void dot_rows(const T* A, i64 lda, i64 ra, const T* B, i64 ldb, i64 rb, i64 n, T
 
 // X H^T by outer products, from H^T (n x kp: k rounded up to whole vectors, zero beyond k) made
 // once per H. Per column l of X: V vectors of a row of H^T and R broadcasts of X feed R*V
-// multiply-adds, with no lane sums at the end; the row-dot form (dot_rows) loads two vectors per
-// two multiply-adds of a 4 x 4 tile and closes every element with a lane tree. One thread,
-// 2048^2 X, k = 64: 125 GFLOP/s by rows, 240 like this (numpy's SGEMM: 235 per core).
+// multiply-adds, with no lane sums at the end; the row-dot form (dot_rows) loads a vector per two
+// multiply-adds of a 4 x 4 tile and closes every element with a lane tree. One thread (AVX-512),
+// 2048^2 X, k = 64: 121-135 GFLOP/s by rows, 234-258 like this (numpy's SGEMM: 236 per core).
 // N[r, j] is summed over l in order from zero, whatever the tile: the bits do not depend on how
 // rows are grouped.
 template <class T, int R, int V>
@@ -804,7 +804,8 @@ template <class T>
 void refresh_h_stats(const T* H, const Problem& p, Workspace<T>& ws, int nt) {
   const i64 n = p.n, k = p.k, kp = ws.kp;
   // on all threads where H^T is kept (X over 1 MiB, k >= 16): serial, the transpose and H H^T
-  // took 131 of 3,000 us an iteration at 2048^2, k = 64, and they do not shrink with more cores
+  // would not shrink with more cores (one thread against two: 114 against 63 us an iteration at
+  // 2048^2, k = 64, of about 3 ms; 1.15 against 0.63 ms at 512 x 16384)
   const bool par = !ws.Ht.empty() && k * k * n >= kParallelWork;
   if (!ws.Ht.empty()) {
     T* Ht = ws.Ht.data();

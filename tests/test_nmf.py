@@ -160,7 +160,7 @@ def test_engine_builds_and_agrees_without_native_flags(portable_engines, rng, tm
         H = np.fromfile(d / "H_out.bin", dtype=dtype).reshape(k, n)
         assert rel(W, Ws) <= bound, (name, rel(W, Ws))
         assert rel(H, Hs) <= bound, (name, rel(H, Hs))
-        it, err0, err = (float(v) for v in (d / "out.txt").read_text().split())
+        it, _, err = (float(v) for v in (d / "out.txt").read_text().split())
         assert it == n_iter
         ref = np.linalg.norm(X.astype(np.float64) - Ws.astype(np.float64) @ Hs.astype(np.float64))
         if loss == "frobenius":
@@ -170,9 +170,10 @@ def test_engine_builds_and_agrees_without_native_flags(portable_engines, rng, tm
 @pytest.mark.parametrize("k, ms", [(24, range(121, 129)), (64, range(129, 135)), (40, range(121, 129)),
                                    (16, range(121, 129))], ids=["k24", "k64", "k40", "k16"])
 def test_outer_product_every_tile_height(rng, k, ms):
-    # X of 2200 float32 columns (over 1 MiB) and one chunk of rows: blocks of 24 rows at k <= 40,
-    # 64 at k = 64. X H^T goes by tiles of 8 rows (6 at k = 64) and one shorter tile for the rows
-    # that are left, so consecutive m give the last block every tile height
+    # X of 2200 float32 columns (over 1 MiB) and one chunk of rows: blocks of 24 rows at k = 16
+    # and 24, k rows at k = 40 and 64. With AVX-512, X H^T goes by tiles of 8 rows (6 at k = 64)
+    # and one shorter tile for the rows that are left, so consecutive m give the last block every
+    # tile height
     for m in ms:
         X, W0, H0 = make_problem(rng, m=m, n=2200, k=k, dtype=np.float32)
         Ws, Hs, _ = sk_decomp.non_negative_factorization(
