@@ -522,7 +522,8 @@ bool use_outer_product(i64 m, i64 n, i64 k) {
   constexpr int L = simd<T>::L;
   const i64 kp = (k + L - 1) / L * L;
   const i64 bytes = m * n * i64(sizeof(T));
-  if (k < 16 || bytes <= (i64(1) << 20)) return false;
+  // m >= 2 kp: the copy H^T (n x kp) stays under half the size of X
+  if (k < 16 || bytes <= (i64(1) << 20) || m < 2 * kp) return false;
   return 4 * (kp - k) <= kp || (bytes > (i64(8) << 20) && 8 * (kp - k) <= 3 * kp);
 }
 
