@@ -78,8 +78,8 @@ def test_parity_with_sklearn_mu(backend, rng, beta_loss, dtype, penalty):
                                    (1100, 2000, 20)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_parity_narrow_and_wide_shapes(backend, rng, dtype, shape):
-    # the CPU engine computes X H^T from X^T when X has at most 64 columns and 8 MiB (16 rows to
-    # a vector, 8 columns of the result at a time, masked tails); by outer products with H^T when
+    # the CPU engine computes X H^T from X^T when X has at most 64 columns and 8 MiB (a vector of
+    # rows at a time, 8 columns of the result at a time, masked tails); by outer products with H^T when
     # X is over 1 MiB and k >= 16 fills its vectors (the last five shapes: one to four vectors of
     # columns, tiles of 6 and 8 rows and the last rows of a block, masked stores; k = 20 only over
     # 8 MiB); else by dot products along rows
