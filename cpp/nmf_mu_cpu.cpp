@@ -244,9 +244,12 @@ void dot_rows(const T* A, i64 lda, i64 ra, const T* B, i64 ldb, i64 rb, i64 n, T
 // multiply-adds of a 4 x 4 tile and closes every element with a lane tree. One thread (AVX-512),
 // 2048^2 X, k = 64: 121-135 GFLOP/s by rows, 234-258 like this (numpy's SGEMM: 236 per core).
 // N[r, j] is summed over l in order from zero, whatever the tile: the bits do not depend on how
-// rows are grouped.
+// rows are grouped. The same tile serves product_ch (C H: X = C, Ht = H).
+// N[r, j0 + ...] (ld ldn) = sum_l X[r, l] Ht[l, j0 + ...] for R rows and V vectors of columns, of
+// which only those below `width` are stored (Ht readable to the whole vector).
 template <class T, int R, int V>
-inline void outer_tile(const T* X, i64 ldx, const T* Ht, i64 kp, i64 n, i64 j0, T* N, i64 k) {
+inline void outer_tile(const T* X, i64 ldx, const T* Ht, i64 kp, i64 n, i64 j0, T* N, i64 ldn,
+                       i64 width) {
   constexpr int L = simd<T>::L;
   vec<T> acc[R][V];
   for (int r = 0; r < R; ++r)
@@ -261,11 +264,11 @@ inline void outer_tile(const T* X, i64 ldx, const T* Ht, i64 kp, i64 n, i64 j0, 
   }
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) {
-      const i64 col = j0 + v * L;  // < k: kp has no whole vector beyond k
-      if (col + L <= k)
-        store(N + r * k + col, acc[r][v]);
+      const i64 col = j0 + v * L;  // < width: no whole vector lies beyond it
+      if (col + L <= width)
+        store(N + r * ldn + col, acc[r][v]);
       else
-        store_part(N + r * k + col, acc[r][v], int(k - col));
+        store_part(N + r * ldn + col, acc[r][v], int(width - col));
     }
 }
 
@@ -273,18 +276,18 @@ inline void outer_tile(const T* X, i64 ldx, const T* Ht, i64 kp, i64 n, i64 j0, 
 template <class T, int R, int V>
 void outer_rows(const T* X, i64 ldx, i64 rows, const T* Ht, i64 kp, i64 n, i64 j0, T* N, i64 k) {
   i64 r = 0;
-  for (; r + R <= rows; r += R) outer_tile<T, R, V>(X + r * ldx, ldx, Ht, kp, n, j0, N + r * k, k);
+  for (; r + R <= rows; r += R) outer_tile<T, R, V>(X + r * ldx, ldx, Ht, kp, n, j0, N + r * k, k, k);
   const T* x = X + r * ldx;
   T* out = N + r * k;
   switch (rows - r) {
     case 0: break;
-    case 1: outer_tile<T, 1, V>(x, ldx, Ht, kp, n, j0, out, k); break;
-    case 2: outer_tile<T, 2, V>(x, ldx, Ht, kp, n, j0, out, k); break;
-    case 3: outer_tile<T, 3, V>(x, ldx, Ht, kp, n, j0, out, k); break;
-    case 4: outer_tile<T, 4, V>(x, ldx, Ht, kp, n, j0, out, k); break;
-    case 5: outer_tile<T, 5, V>(x, ldx, Ht, kp, n, j0, out, k); break;
-    case 6: outer_tile<T, 6 < R ? 6 : 1, V>(x, ldx, Ht, kp, n, j0, out, k); break;
-    default: outer_tile<T, 7 < R ? 7 : 1, V>(x, ldx, Ht, kp, n, j0, out, k); break;
+    case 1: outer_tile<T, 1, V>(x, ldx, Ht, kp, n, j0, out, k, k); break;
+    case 2: outer_tile<T, 2, V>(x, ldx, Ht, kp, n, j0, out, k, k); break;
+    case 3: outer_tile<T, 3, V>(x, ldx, Ht, kp, n, j0, out, k, k); break;
+    case 4: outer_tile<T, 4, V>(x, ldx, Ht, kp, n, j0, out, k, k); break;
+    case 5: outer_tile<T, 5, V>(x, ldx, Ht, kp, n, j0, out, k, k); break;
+    case 6: outer_tile<T, 6 < R ? 6 : 1, V>(x, ldx, Ht, kp, n, j0, out, k, k); break;
+    default: outer_tile<T, 7 < R ? 7 : 1, V>(x, ldx, Ht, kp, n, j0, out, k, k); break;
   }
 }
 
@@ -370,23 +373,11 @@ void accumulate_ct_a(const T* C, i64 rows, i64 k, const T* A, i64 lda, i64 n, T*
   }
 }
 
-// RA rows of out, V vectors of columns at a time: each vector of H loaded once serves RA rows.
+// RA rows of out, V vectors of columns at a time (outer_tile): each vector of H loaded once
+// serves RA rows.
 template <class T, int RA, int V>
 inline void product_ch_tile(const T* C, i64 k, const T* H, i64 ldh, i64 l, T* out, i64 ldo) {
-  constexpr int L = simd<T>::L;
-  vec<T> acc[RA][V];
-  for (int r = 0; r < RA; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = vec<T>{};
-  for (i64 j = 0; j < k; ++j) {
-    vec<T> h[V];
-    for (int v = 0; v < V; ++v) h[v] = load(H + j * ldh + l + v * L);
-    for (int r = 0; r < RA; ++r) {
-      const vec<T> c = splat(C[r * k + j]);
-      for (int v = 0; v < V; ++v) acc[r][v] += c * h[v];
-    }
-  }
-  for (int r = 0; r < RA; ++r)
-    for (int v = 0; v < V; ++v) store(out + r * ldo + l + v * L, acc[r][v]);
+  outer_tile<T, RA, V>(C, k, H, ldh, k, l, out, ldo, l + V * simd<T>::L);
 }
 
 // WIDE: 4 vectors of columns at a time first (rows of at least 4 vectors, 32 registers)
@@ -444,8 +435,8 @@ void accumulate_gram(const T* C, i64 rows, i64 k, T* G) {
 
 // Narrow X (n <= kNarrowN columns): the lane sums that close every dot product of dot_rows cost
 // as much as its few vectors of multiply-adds (784 x 55, k = 5: 42 GFLOP/s against 140 at
-// n = 512). From X^T instead, a vector holds 16 rows (8 in float64) and each row's sum over l
-// runs in order, with no lane sums. The transposed copy is made once per fit (X does not change),
+// n = 512). From X^T instead, a vector holds L rows (16, 8 in float64, with AVX-512) and each
+// row's sum over l runs in order, with no lane sums. The transposed copy is made once per fit (X does not change),
 // block by block of the sweep (each block's n x rows contiguous, where its rows of X are). It
 // doubles the bytes read per iteration (the P step still reads X), so only while X and the copy
 // stay in cache (2 cores, 32 MB L3, against the row form: 12544 x 55 (2.6 MiB) 1.26x faster,
