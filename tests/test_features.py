@@ -672,6 +672,296 @@ def test_device_output_binding_logic_in_host_memory(batch_size, fixed):
         np.testing.assert_array_equal(np.from_dlpack(dev), host)
 
 
+# --------------------------------------------------------------------------- audit regressions
+
+
+def _caused_by(error, kind):
+    """Whether ``kind`` is in the chain of causes of ``error``."""
+    while error is not None:
+        if isinstance(error, kind):
+            return True
+        error = error.__cause__
+    return False
+
+
+def _jpeg_with_exif(a, exif_bytes):
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "JPEG", quality=95, exif=exif_bytes)
+    return buf.getvalue()
+
+
+def test_exif_that_pillow_cannot_rewrite_is_still_applied(tmp_path):
+    """Orientation 6 plus a tag whose id says SamplesPerPixel but whose value is text:
+    Pillow decodes the file but ImageOps.exif_transpose fails rewriting the EXIF. The image
+    still comes back upright, as the same file with clean EXIF does."""
+    from PIL import ImageOps
+
+    a = np.zeros((8, 16, 3), np.uint8)
+    a[:, :8] = (255, 0, 0)
+    a[:, 8:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Cam"  # Orientation, Make (ASCII)
+    clean = _jpeg_with_exif(a, exif.tobytes())
+    broken = clean.replace(b"\x01\x0f\x00\x02", b"\x01\x15\x00\x02", 1)  # Make -> SamplesPerPixel, type ASCII kept
+    assert broken != clean
+    bad = tmp_path / "bad_exif.jpg"
+    bad.write_bytes(broken)
+    with Image.open(bad) as im:  # the premise: Pillow reads it, exif_transpose does not
+        im.load()
+        assert im.getexif().get(0x0112) == 6
+        with pytest.raises(Exception):
+            ImageOps.exif_transpose(im)
+    ok, upright = load_images([clean, str(bad)])
+    assert upright.size == ok.size == (8, 16)  # (W, H): portrait
+    np.testing.assert_array_equal(np.asarray(upright), np.asarray(ok))
+    assert np.asarray(upright)[2, 4, 0] > 200 and np.asarray(upright)[13, 4, 2] > 200  # red on top
+    fx = FeatureExtractor(small_net(), providers="cpu", image_size=16)
+    assert fx([images(1, 16, 16)[0], str(bad)]).shape == (2, 5, 6, 6)
+    assert fx.last_sizes == [(16, 16), (16, 8)]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_fallback_matches_exif_transpose(monkeypatch, orientation):
+    """Where exif_transpose fails, the transposition comes from the orientation tag: the
+    same pixels as exif_transpose gives, for each of the 8 orientations."""
+    from PIL import ImageOps
+
+    a = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG", exif=exif.tobytes())
+    (expected,) = load_images([buf.getvalue()])
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        np.testing.assert_array_equal(np.asarray(expected), np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
+
+    def broken(*args, **kwargs):
+        raise SyntaxError("cannot write this EXIF back")
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    source = Image.open(io.BytesIO(buf.getvalue()))
+    (got,) = load_images([source])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    assert source.size == (10, 6)  # the caller's image is not turned
+
+
+def test_every_unreadable_image_is_named(tmp_path):
+    """A decompression bomb, data cut short given as bytes or a file object, and whatever
+    else a file object raises: ValueError naming the image, the original error chained."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 20001)) + chunk(b"IEND", b""))
+    ok = images(1, 16, 16)[0]
+    with pytest.raises(ValueError, match=r"image 1 \(.*bomb.png\): .*MAX_IMAGE_PIXELS") as info:
+        load_images([ok, str(bomb)])
+    assert _caused_by(info.value, Image.DecompressionBombError)
+    with pytest.raises(ValueError, match="MAX_IMAGE_PIXELS"):
+        features.load_image(bomb.read_bytes())
+
+    buf = io.BytesIO()
+    Image.fromarray(images(1, 64, 64)[0]).save(buf, "JPEG")
+    half = buf.getvalue()[:300]
+    with pytest.raises(ValueError, match=r"image 1 \(bytes\): truncated or corrupt") as info:
+        load_images([ok, half])
+    assert _caused_by(info.value, OSError)
+    with pytest.raises(ValueError, match=r"image 1 \(BytesIO\): truncated or corrupt"):
+        load_images([ok, io.BytesIO(half)])
+
+    class Failing(io.BytesIO):
+        def read(self, *args):
+            raise RuntimeError("the network share went away")
+
+    fx = FeatureExtractor(small_net(), providers="cpu", image_size=16)
+    with pytest.raises(ValueError, match=r"image 1 \(Failing\): cannot read it \(RuntimeError: the network share") as info:
+        fx([ok, Failing(b"")])
+    assert _caused_by(info.value, RuntimeError)
+
+
+def test_float_tensors_run_on_a_float16_input_model():
+    """run() takes normalised float32 (N, 3, H, W) (or float16) whatever the model's input
+    type: the float session casts inside the graph."""
+    half = models.to_float16(small_net(), keep_io_float32=False)
+    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    fx = FeatureExtractor(half, "relu1", providers="cpu", image_size=16)
+    u8 = np.stack(images(2, 16, 16, seed=40))
+    x = normalize_reference(u8).astype(np.float32)
+    ref = reference(x.astype(np.float64))["relu1"]
+    for given in (x, x.astype(np.float16)):
+        out = fx.run(given)
+        assert out.dtype == np.float32 and out.shape == (2, 4, 16, 16)
+        np.testing.assert_allclose(out, ref, rtol=2e-2, atol=2e-2 * np.abs(ref).max())
+    np.testing.assert_allclose(fx.run(x), fx.run(u8), rtol=1e-2, atol=1e-2 * np.abs(ref).max())
+    assert half.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16  # the caller's model untouched
+
+
+def _model(nodes, inputs, outputs, inits):
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def test_layers_between_an_nhwc_input_and_the_first_conv():
+    """NHWC input -> Sub mean (NHWC) -> Transpose (NCHW) -> Conv -> Relu: each layer comes
+    back (N, C, h, w) with the right values, the one already NCHW after the Transpose too."""
+    mean = np.array([100, 110, 120], np.float32)
+    nodes = [
+        helper.make_node("Sub", ["x", "mean"], ["centred"]),
+        helper.make_node("Transpose", ["centred"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+    ]
+    model = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "H", "W", 3])], ["r"],
+                   [numpy_helper.from_array(mean, "mean"), numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(B1, "b1")])
+    u8 = np.random.default_rng(41).integers(0, 256, (2, 10, 12, 3), dtype=np.uint8)
+    centred = (u8.astype(np.float64) - mean).transpose(0, 3, 1, 2)
+    expected = {"x": u8.transpose(0, 3, 1, 2), "centred": centred, "nchw": centred,
+                "r": np.maximum(conv2d(centred, W1, B1, 1), 0)}
+    for layer, ref in expected.items():
+        fx = FeatureExtractor(model, layer, providers="cpu", image_size=(10, 12), normalization="none")
+        out = fx(list(u8))
+        assert out.shape == ref.shape, layer
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3, err_msg=layer)
+        np.testing.assert_allclose(fx.run(u8.astype(np.float32).transpose(0, 3, 1, 2)), ref, rtol=1e-4, atol=1e-3)
+
+
+def _conv_relu_nhwc_slice(after_slice="Relu"):
+    """Conv -> Relu -> Transpose to NHWC -> Slice of H -> ``after_slice``."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Transpose", ["r"], ["r_nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Slice", ["r_nhwc", "s0", "s1", "ax"], ["cropped_nhwc"]),
+        helper.make_node(after_slice, ["cropped_nhwc"] + (["shape"] if after_slice == "Reshape" else []), ["out_nhwc"]),
+    ]
+    inits = [numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(B1, "b1"),
+             numpy_helper.from_array(np.array([1], np.int64), "s0"), numpy_helper.from_array(np.array([9], np.int64), "s1"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax"), numpy_helper.from_array(np.array([0, 8, 12, 4], np.int64), "shape")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])], ["out_nhwc"], inits)
+
+
+def test_layers_after_a_transpose_and_a_slice_are_channel_first():
+    model = _conv_relu_nhwc_slice()
+    u8 = np.stack(images(2, 10, 12, seed=42))
+    relu = np.maximum(conv2d(normalize_reference(u8), W1, B1, 1), 0)
+    expected = {"r": relu, "r_nhwc": relu, "cropped_nhwc": relu[:, :, 1:9], "out_nhwc": relu[:, :, 1:9]}
+    for layer, ref in expected.items():
+        out = FeatureExtractor(model, layer, providers="cpu", image_size=(10, 12))(list(u8))
+        assert out.shape == ref.shape, layer
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4, err_msg=layer)
+
+
+def test_a_layer_whose_channel_axis_cannot_be_told_asks_for_it():
+    """Behind a Reshape the layout is unknown: a ValueError naming the layer and the op,
+    not a guess; channel_axis= says it."""
+    model = _conv_relu_nhwc_slice("Reshape")
+    with pytest.raises(ValueError, match=r"layer 'out_nhwc'.*Reshape.*channel_axis=3"):
+        FeatureExtractor(model, "out_nhwc", providers="cpu", image_size=(10, 12))
+    fx = FeatureExtractor(model, "out_nhwc", providers="cpu", image_size=(10, 12), channel_axis=3)
+    assert fx.channel_axis == 3
+    u8 = np.stack(images(1, 10, 12, seed=43))
+    relu = np.maximum(conv2d(normalize_reference(u8), W1, B1, 1), 0)
+    np.testing.assert_allclose(fx(list(u8)), relu[:, :, 1:9], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="channel_axis must be 1"):
+        FeatureExtractor(model, "r", providers="cpu", channel_axis=2)
+
+
+def _two_input_model():
+    """Inputs [aux (1, 4, 5, 5), x (N, 3, H, W)]; r = Relu(Conv(x)); aux_out = Relu(aux);
+    both = r + aux (depends on the two)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Relu", ["aux"], ["aux_out"]),
+        helper.make_node("Add", ["r", "aux"], ["both"]),
+    ]
+    inputs = [helper.make_tensor_value_info("aux", TensorProto.FLOAT, [1, 4, 5, 5]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])]
+    return _model(nodes, inputs, ["r", "aux_out", "both"], [numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(B1, "b1")])
+
+
+def test_the_image_input_is_the_one_the_layer_needs():
+    model = _two_input_model()
+    fx = FeatureExtractor(model, "r", providers="cpu", image_size=16, batch_size=8)
+    assert fx.image_size == (16, 16) and fx.batch_size == 8
+    assert dict(fx.layers())["r"] == ("N", 4, 16, 16)
+    imgs = images(3, 16, 16, seed=44)
+    out = fx(imgs)
+    assert out.shape == (3, 4, 16, 16)
+    np.testing.assert_allclose(out, np.maximum(conv2d(normalize_reference(np.stack(imgs)), W1, B1, 1), 0), rtol=1e-4, atol=1e-4)
+    assert models.input_layout(model, "x") == "NCHW"
+    assert models.image_input(model, "r") == "x"
+    assert models.tensor_shapes(model, (16, 16), "x")["r"][1] == ("N", 4, 16, 16)
+    with pytest.raises(ValueError, match=r"layer 'both' depends on 2 graph inputs \['aux', 'x'\]"):
+        FeatureExtractor(model, "both", providers="cpu")
+    with pytest.raises(ValueError, match=r"input 'aux' of shape \(1, 4, 5, 5\), which does not take RGB images"):
+        FeatureExtractor(model, "aux_out", providers="cpu")
+
+
+def _fixed_height_net(shape=("N", 3, 20, "W")):
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"])]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))], ["r"],
+                  [numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(B1, "b1")])
+
+
+def test_an_input_with_one_fixed_side():
+    """(N, 3, 20, W): images get height 20 and the width image_size says; an image_size
+    that contradicts the fixed side, or a resize that cannot honour it, fails at once."""
+    model = _fixed_height_net()
+    assert FeatureExtractor(model, providers="cpu").image_size == (20, 224)
+    fx = FeatureExtractor(model, providers="cpu", image_size=32)
+    assert fx.image_size == (20, 32) and fx.resize == "fixed"
+    img = images(1, 30, 40, seed=45)[0]
+    out = fx([img])
+    assert out.shape == (1, 4, 20, 32)
+    x = preprocess(load_images([img]), (20, 32))
+    np.testing.assert_allclose(out, np.maximum(conv2d(x, W1, B1, 1), 0), rtol=1e-4, atol=1e-4)
+    assert FeatureExtractor(model, providers="cpu", image_size=(20, 24)).image_size == (20, 24)
+    with pytest.raises(ValueError, match=r"image_size \(24, 32\) asks for a height of 24.*fixed height of 20.*image_size=\(20, W\)"):
+        FeatureExtractor(model, providers="cpu", image_size=(24, 32))
+    with pytest.raises(ValueError, match="fixed height of 20.*resize='fixed'"):
+        FeatureExtractor(model, providers="cpu", image_size=16, resize="shorter")
+    with pytest.raises(ValueError, match="fixed height of 20"):
+        FeatureExtractor(model, providers="cpu", image_size=None)
+    with pytest.raises(ValueError, match=r"takes images of height 20, got \(16, 32\)"):
+        fx.run(np.zeros((1, 3, 16, 32), np.float32))
+    wide = FeatureExtractor(_fixed_height_net(("N", 3, "H", 24)), providers="cpu", image_size=12)
+    assert wide.image_size == (12, 24) and wide([img]).shape == (1, 4, 12, 24)
+
+
+def test_unclear_arguments_get_clear_errors():
+    with pytest.raises(TypeError, match=r"layer must be the name of a tensor .*got int 5"):
+        FeatureExtractor(small_net(), 5, providers="cpu")
+    with pytest.raises(ValueError, match=r"'w1' is a weight \(an initializer or constant\) of the model, not an activation"):
+        FeatureExtractor(small_net(), "w1", providers="cpu")
+    for bad in [(16,), (16, 16, 3), 16.0, (16.0, 16), "16", True]:
+        with pytest.raises(ValueError, match=r"image_size must be an int .*\(height, width\)"):
+            FeatureExtractor(small_net(), providers="cpu", image_size=bad)
+    with pytest.raises(ValueError, match="image_size must be positive"):
+        FeatureExtractor(small_net(), providers="cpu", image_size=-3)
+    assert FeatureExtractor(small_net(), providers="cpu", image_size=np.array([12, 16])).image_size == (12, 16)
+    with pytest.raises(FileNotFoundError, match=r"'VGG16' is not a built-in model name; the built-in names are 'vgg16'.*did you mean 'vgg16'\?"):
+        FeatureExtractor("VGG16", providers="cpu")
+    with pytest.raises(FileNotFoundError, match=r"no such model file: resnet50 .*built-in names are 'vgg16', 'vgg16:random'"):
+        FeatureExtractor("resnet50", providers="cpu")
+    with pytest.raises(ValueError, match="the onnx.ModelProto given is not an ONNX model"):
+        FeatureExtractor(onnx.ModelProto(), providers="cpu")
+
+
+def test_a_corrupt_torchvision_cache_file_is_named(tmp_path):
+    path = tmp_path / f"vgg16-torchvision-conv-v{models._CACHE_FORMAT}.onnx"
+    path.write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"cached model .*vgg16-torchvision-conv-v1.onnx is corrupt.*weights='torchvision'"):
+        FeatureExtractor("vgg16", providers="cpu", cache_dir=tmp_path)
+    assert path.read_bytes() == b"junk"  # left for the user to look at
+
+
 # --------------------------------------------------------------------------- GPU
 
 

@@ -2,6 +2,7 @@
 ImageNet classes, the colour-and-texture filter bank, float16 conversion (issue 6)."""
 import contextlib
 import math
+import os
 
 import numpy as np
 import pytest
@@ -633,3 +634,189 @@ def test_torchvision_export_errors(monkeypatch):
     monkeypatch.setattr(torch.onnx, "export", broken)
     with pytest.raises(RuntimeError, match="could not export VGG-16.*torchscript exporter: RuntimeError: exporter broke"):
         models.export_vgg16_torchvision(weights=None)
+
+
+# --------------------------------------------------------------------------- audit regressions
+
+
+def test_default_layer_is_the_relu_when_conv5_3_has_another_consumer():
+    """An extra graph output computed from conv5_3 does not make the default (and the
+    canonical relu5_3) fall back to conv5_3 before its ReLU."""
+    model = narrow_vgg()
+    model.graph.node.append(helper.make_node("ReduceMean", ["conv5_3"], ["conv5_3_mean"], keepdims=0))
+    model.graph.output.append(helper.make_tensor_value_info("conv5_3_mean", TensorProto.FLOAT, None))
+    assert models.vgg16_layers(model)["relu5_3"] == "relu5_3"
+    assert models.default_layer(model) == "relu5_3"
+    assert models.resolve_layer(model, "relu5_3") == "relu5_3"
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    assert session(models.truncate(model, models.default_layer(model))).run(None, {"input": x})[0].min() >= 0
+    # two activations after one tensor: neither is "the" activation
+    model.graph.node.append(helper.make_node("Sigmoid", ["conv5_3"], ["conv5_3_sigmoid"]))
+    assert models.vgg16_layers(model)["relu5_3"] == "conv5_3"
+
+
+def test_channel_axes_follow_transposes_and_stop_at_unknown_ops():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "H", "W", 3])
+    nodes = [
+        helper.make_node("Mul", ["x", "s"], ["scaled"]),                                # NHWC: 3
+        helper.make_node("Transpose", ["scaled"], ["nchw"], perm=[0, 3, 1, 2]),         # 1
+        helper.make_node("Conv", ["nchw", "w"], ["c"]),                                 # 1
+        helper.make_node("ReduceMean", ["c", "axes"], ["m"], keepdims=1),               # 1
+        helper.make_node("Transpose", ["c"], ["back"], perm=[0, 2, 3, 1]),              # 3
+        helper.make_node("Flatten", ["back"], ["flat"]),                                # unknown
+        helper.make_node("Relu", ["flat"], ["after"]),                                  # unknown
+        helper.make_node("Add", ["after", "c"], ["mixed"]),                             # the known one: 1
+        helper.make_node("Transpose", ["c"], ["reversed"]),                             # default perm: reversed
+    ]
+    inits = [numpy_helper.from_array(np.float32(2.0), "s"), numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)], inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    g = models._Graph(model)
+    axes = models._channel_axes(g)
+    assert {k: axes[k] for k in ("x", "scaled", "nchw", "c", "m", "back", "mixed", "reversed")} == {
+        "x": 3, "scaled": 3, "nchw": 1, "c": 1, "m": 1, "back": 3, "mixed": 1, "reversed": 2}
+    assert "Flatten" in axes["flat"] and "Flatten" in axes["after"]
+    with pytest.raises(ValueError, match=r"layer 'after'.*a Flatten node.*channel_axis=1.*channel_axis=3"):
+        models._channel_axis(g, "after")
+
+
+def _vgg_cache(monkeypatch, tmp_path):
+    """The random VGG-16 built narrow (fast), cached in tmp_path: (path of the file, vgg16())."""
+    build = models._build_vgg16_random
+    monkeypatch.setattr(models, "_build_vgg16_random", lambda include_classifier, seed: build(include_classifier, seed, **NARROW))
+    path = tmp_path / f"vgg16-random-conv-seed0-v{models._CACHE_FORMAT}.onnx"
+
+    def load():
+        with pytest.warns(models.UntrainedWeightsWarning):
+            return models.vgg16(cache_dir=tmp_path)
+
+    return path, load
+
+
+def _weights(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_cache_file_is_checked_and_rebuilt(monkeypatch, tmp_path):
+    """An empty file, a file cut short at a protobuf field boundary (it parses, without its
+    labels) and a file with a flipped weight byte are built again, not used."""
+    path, load = _vgg_cache(monkeypatch, tmp_path)
+    first = load()
+    good = path.read_bytes()
+    assert models.model_info(first)["weights_sha256"] == models._weights_digest(first)
+    reference = _weights(first)
+
+    cut = next(k for k in range(1, 400) if _parses_without_labels(good[:-k]))
+    flipped = bytearray(good)
+    w = numpy_helper.to_array(first.graph.initializer[0]).tobytes()
+    at = good.index(w[:32]) + 5
+    flipped[at] ^= 0x40
+    for content in (b"", good[:-cut], bytes(flipped)):
+        path.write_bytes(content)
+        model = load()
+        info = models.model_info(model)
+        assert info["untrained"] == "1" and info["weights"] == "random"
+        assert all(np.array_equal(_weights(model)[k], v) for k, v in reference.items())
+        assert path.read_bytes() == good  # overwritten with a good build
+    # a file from before the checksum (or whose checksum was cut off) is used if its labels are whole
+    old = onnx.load_from_string(good)
+    keep = [p for p in old.metadata_props if p.key != "dffkit.weights_sha256"]
+    del old.metadata_props[:]
+    old.metadata_props.extend(keep)
+    path.write_bytes(old.SerializeToString())
+    mtime = path.stat().st_mtime_ns
+    assert "weights_sha256" not in models.model_info(load())
+    assert path.stat().st_mtime_ns == mtime
+
+
+def _parses_without_labels(data):
+    try:
+        model = onnx.load_from_string(data)
+    except Exception:
+        return False
+    return len(model.graph.node) > 0 and "untrained" not in models.model_info(model)
+
+
+def test_a_corrupt_torchvision_export_is_named_not_rebuilt(monkeypatch, tmp_path):
+    def export(**kwargs):
+        raise AssertionError("must not export again")
+
+    monkeypatch.setattr(models, "export_vgg16_torchvision", export)
+    path = tmp_path / f"vgg16-torchvision-conv-v{models._CACHE_FORMAT}.onnx"
+    path.write_bytes(b"junk")
+    with pytest.raises(ValueError, match=rf"cached model {path} is corrupt .*delete it and run dffkit.models.vgg16\(weights='torchvision'\)"):
+        models.vgg16(weights="torchvision", cache_dir=tmp_path)
+    model = narrow_vgg()  # a torchvision export as an earlier dffkit wrote it: labels, no checksum
+    del model.metadata_props[:]
+    for key, value in {"model": "vgg16", "weights": "torchvision IMAGENET1K_V1", "untrained": "0",
+                       "normalization": "imagenet", "exporter": "torch 2.5"}.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = f"dffkit.{key}", value
+    path.write_bytes(model.SerializeToString())
+    assert models.model_info(models.vgg16(weights="torchvision", cache_dir=tmp_path))["exporter"] == "torch 2.5"
+    del model.metadata_props[-1]  # cut short: the exporter label lost
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(ValueError, match="corrupt .*lacks dffkit.exporter"):
+        models.vgg16(weights="torchvision", cache_dir=tmp_path)
+
+
+def test_an_empty_cache_dir_setting_means_the_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for value in ("", "  "):
+        monkeypatch.setenv("DFFKIT_CACHE_DIR", value)
+        assert models.cache_dir() == tmp_path / "xdg" / "dffkit"
+    assert models.cache_dir("") == tmp_path / "xdg" / "dffkit"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert str(models.cache_dir()) == os.path.join(os.path.expanduser("~"), ".cache", "dffkit")
+
+
+def test_a_failed_cache_write_leaves_no_partial_file(monkeypatch, tmp_path):
+    import errno
+    import os
+
+    path, load = _vgg_cache(monkeypatch, tmp_path)
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:1000])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: FullDisk(real_fdopen(fd, *a, **k)))
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="could not cache .*No space left"):
+            model = load()
+        assert models.vgg16_layers(model)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_load_model_checks_a_model_proto_without_changing_it():
+    with pytest.raises(ValueError, match="the onnx.ModelProto given is not an ONNX model"):
+        models.load_model(onnx.ModelProto())
+    model = narrow_vgg()
+    model.ir_version = 99
+    assert models.load_model(model) is model and model.ir_version == 99
+    assert models.truncate(model, "relu1_1").ir_version <= models.max_ir_version()
+
+
+def test_truncate_takes_float32_for_a_float16_model():
+    half = models.to_float16(narrow_vgg(), keep_io_float32=False)
+    cut = models.truncate(half, "relu1_2")
+    assert cut.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    ref = session(models.truncate(narrow_vgg(), "relu1_2")).run(None, {"input": x})[0]
+    out = session(cut).run(None, {cut.graph.input[0].name: x})[0]
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref, rtol=0.05, atol=0.02 * np.abs(ref).max())
+    assert models.truncate(half, "relu1_2", nchw_input=False).graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16

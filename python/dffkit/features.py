@@ -255,10 +255,54 @@ def _resolve_model(model, cache_dir=None):
     if isinstance(model, (bytes, bytearray)):
         proto = _models.load_model(model)
         return proto, _models.model_info(proto).get("model") or proto.graph.name or "model"
+    if isinstance(model, str) and not os.path.exists(model):
+        raise FileNotFoundError(_unknown_model_message(model))
     if isinstance(model, (str, os.PathLike)):
         proto = _models.load_model(model)
         return proto, os.path.splitext(os.path.basename(os.fspath(model)))[0]
     raise ValueError(f"model must be one of {MODEL_NAMES}, a path to an ONNX file or an onnx.ModelProto; got {type(model).__name__}")
+
+
+def _unknown_model_message(name: str) -> str:
+    """For a model str that is neither a file nor a built-in name: both, and the names."""
+    import difflib
+
+    names = ", ".join(repr(n) for n in MODEL_NAMES)
+    message = f"no such model file: {name} (and {name!r} is not a built-in model name; the built-in names are {names})"
+    lower = [n for n in MODEL_NAMES if n == name.lower()]
+    close = lower or difflib.get_close_matches(name.lower(), MODEL_NAMES, n=1, cutoff=0.6)
+    if close:
+        message += f"; did you mean {close[0]!r}?" + (" (names are lower case)" if lower else "")
+    return message
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_image_size(image_size, resize: str):
+    """``image_size`` as None, an int or an (height, width) tuple of ints; ValueError for
+    anything else, naming the parameter and what it takes."""
+    if image_size is None:
+        return None
+    if _is_int(image_size):
+        if image_size < 1:
+            raise ValueError(f"image_size must be positive, got {image_size!r}")
+        return int(image_size)
+    if resize == "shorter":
+        raise ValueError(f"resize='shorter' needs an int image_size (the shorter side), got {image_size!r}")
+    try:
+        pair = tuple(image_size)
+    except TypeError:
+        pair = None
+    if pair is None or len(pair) != 2 or not all(_is_int(v) for v in pair):
+        raise ValueError(
+            "image_size must be an int (square images, or the shorter side with resize='shorter'), "
+            f"a (height, width) pair of ints, or None (each image's own size); got {image_size!r}"
+        )
+    if min(pair) < 1:
+        raise ValueError(f"image_size must be positive, got {image_size!r}")
+    return int(pair[0]), int(pair[1])
 
 
 class FeatureExtractor:
@@ -277,8 +321,11 @@ class FeatureExtractor:
         (``conv4_3``, ``relu5_3``, ``pool4``, ...). Default: conv5_3 after ReLU for a
         VGG-16 (found by structure: the activation after the 13th convolution), the
         output of the filter bank, otherwise the activation after the last convolution.
-        A wrong name raises ValueError listing close matches; a tensor that is not 4-D
-        raises ValueError.
+        A wrong name raises ValueError listing close matches; a weight (initializer), a
+        tensor that is not 4-D, or one computed from another input than the image (or
+        from several inputs) raises ValueError; anything but a str or None, TypeError.
+        The image input is the graph input the layer is computed from (a model may have
+        others).
     providers : "auto", "cpu", "cuda", "cuda:<id>", or a list for onnxruntime
         ``"auto"``: CUDA when the provider really starts (checked with
         ``session.get_providers()``), else the CPU. ``"cuda"``: RuntimeError when CUDA
@@ -289,7 +336,12 @@ class FeatureExtractor:
         With ``resize="fixed"``, every image is resized to this size (an int means
         square); with ``resize="shorter"``, the shorter side is resized to it (an int),
         aspect kept; None keeps each image's size. A model whose input has a fixed H, W
-        gets images of that size whatever is passed here.
+        gets images of that size whatever is passed here. One whose input fixes one side
+        only (say (N, 3, 20, W)) gets that side at the model's size and the other from
+        ``image_size`` (an int, or an (H, W) that agrees with the fixed side: ValueError
+        otherwise); it needs ``resize="fixed"`` and an image_size (ValueError otherwise).
+        Anything but None, a positive int or a (height, width) pair of positive ints
+        raises ValueError.
     resize : "fixed" or "shorter"
     num_threads : int, optional
         onnxruntime's intra-op threads (CPU provider); None lets onnxruntime choose.
@@ -306,12 +358,19 @@ class FeatureExtractor:
     workers : int, optional
         Threads that read and resize images (default ``dffkit.images.default_workers()``:
         ``$DFFKIT_IO_THREADS``, else the cores up to 8; 1: none). Results do not depend on it.
+    channel_axis : 1, 3 or None
+        Where the layer's channels are: 1 for (N, C, h, w), 3 for (N, h, w, C) (returned
+        as (N, C, h, w)). Default None: followed through the graph from the image input's
+        layout (NCHW or NHWC) and the convolutions, across Transposes and the ops that keep
+        the axis order; a layer behind an op that may move them (Reshape, Flatten, Gather,
+        MatMul, a custom op, ...) raises ValueError that asks for it.
 
     Attributes
     ----------
     layer : the tensor name extracted.  provider : the provider running the session.
     model : the whole onnx.ModelProto (classifier included, if it has one).
-    model_name, untrained, weights, image_size, resize, normalization, batch_size.
+    model_name, untrained, weights, image_size, resize, normalization, batch_size,
+    channel_axis.
     session : the onnxruntime session (input ``input_name``: resized uint8 RGB images
         (N, H, W, 3), normalised inside the graph; output ``output_name``).
     last_sizes : (H, W) of each image of the last call, after EXIF orientation.
@@ -332,6 +391,7 @@ class FeatureExtractor:
         provider_options: Optional[dict] = None,
         session_config: Optional[dict] = None,
         workers: Optional[int] = None,
+        channel_axis: Optional[int] = None,
     ):
         if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -353,36 +413,46 @@ class FeatureExtractor:
         self.workers = _check_workers(workers)
         self.num_threads = num_threads
         self.layer = _models.resolve_layer(proto, layer)
+        if channel_axis is not None and (isinstance(channel_axis, bool) or channel_axis not in (1, 3)):
+            raise ValueError(f"channel_axis must be 1 (N, C, h, w), 3 (N, h, w, C) or None, got {channel_axis!r}")
+        self.channel_axis = channel_axis
+        size = _check_image_size(image_size, resize)
 
-        # the image input: layout, fixed batch, fixed spatial size
-        graph = _models._Graph(proto)
-        inputs = graph.data_inputs()
-        if not inputs:
-            raise ValueError("the model has no input to feed images to")
-        dims = _models._value_dims(next(v for v in proto.graph.input if v.name == inputs[0])) or []
-        layout = _models.input_layout(proto)
+        # the image input: the graph input the layer is computed from (not necessarily the
+        # first one), its layout, fixed batch, fixed spatial size
+        self._image_input = _models.image_input(proto, self.layer)
+        dims = _models._value_dims(next(v for v in proto.graph.input if v.name == self._image_input)) or []
+        layout = _models.input_layout(proto, self._image_input)
+        if len(dims) == 4:
+            channels = dims[1] if layout == "NCHW" else dims[3]
+            if isinstance(channels, int) and channels != 3:
+                raise ValueError(
+                    f"layer {self.layer!r} is computed from the model's input {self._image_input!r} of shape "
+                    f"{tuple(dims)}, which does not take RGB images (3 channels): choose a layer computed from the "
+                    "image input"
+                )
         hw = (dims[2], dims[3]) if layout == "NCHW" and len(dims) == 4 else (dims[1], dims[2]) if len(dims) == 4 else (None, None)
-        self._fixed_hw = tuple(hw) if all(isinstance(d, int) and d > 0 for d in hw) else None
+        fixed = tuple(d if isinstance(d, int) and d > 0 else None for d in hw)
+        self._fixed_dims = fixed
+        self._fixed_hw = fixed if None not in fixed else None
         self._fixed_batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
         if self._fixed_hw is not None:
             if resize == "shorter":
                 warnings.warn(f"the model takes {self._fixed_hw} images only: resize='shorter' is ignored", stacklevel=2)
             self.image_size, self.resize = self._fixed_hw, "fixed"
-        elif image_size is None:
+        elif fixed != (None, None):
+            self.image_size, self.resize = self._partly_fixed_size(fixed, size, resize, tuple(dims)), "fixed"
+        elif size is None:
             self.image_size = None
         elif resize == "fixed":
-            self.image_size = tuple(int(v) for v in ((image_size, image_size) if np.isscalar(image_size) else image_size))
+            self.image_size = size if isinstance(size, tuple) else (size, size)
         else:
-            if not np.isscalar(image_size):
-                raise ValueError(f"resize='shorter' needs an int image_size, got {image_size!r}")
-            self.image_size = int(image_size)
-        if self.image_size is not None and min(np.atleast_1d(self.image_size)) < 1:
-            raise ValueError(f"image_size must be positive, got {image_size!r}")
+            self.image_size = size
         if self._fixed_batch is not None:
             self.batch_size = self._fixed_batch
 
         probe_hw = self.image_size if isinstance(self.image_size, tuple) else None
-        shapes = _models.tensor_shapes(proto, probe_hw)
+        shapes = _models.tensor_shapes(proto, probe_hw, self._image_input)
         elem, shape = shapes.get(self.layer, (0, None))
         if shape is not None and len(shape) != 4:
             raise ValueError(
@@ -394,11 +464,11 @@ class FeatureExtractor:
 
         self.model = proto
         self._light = _models._strip_weights(proto)
-        truncated = _models.truncate(proto, self.layer)
+        truncated = _models.truncate(proto, self.layer, channel_axis=channel_axis)
         self._shape_model = _models._strip_weights(truncated)
         # the session takes resized uint8 images and normalises them itself (a quarter of the
         # bytes to send); a second one, for already normalised float tensors, opens on first use
-        native = truncated if layout == "NCHW" else _models.truncate(proto, self.layer, nchw_input=False)
+        native = truncated if layout == "NCHW" else _models.truncate(proto, self.layer, nchw_input=False, channel_axis=channel_axis)
         fed_images = _models.with_image_input(native, self.normalization)
         self._session_args = (providers, num_threads, provider_options, session_config)
         self.session, self._device_id = _make_session(fed_images.SerializeToString(), *self._session_args)
@@ -411,6 +481,28 @@ class FeatureExtractor:
         self.last_sizes: List[Tuple[int, int]] = []
         if self.untrained:
             _models._untrained_warning(f"FeatureExtractor({self.model_name!r})")
+
+    def _partly_fixed_size(self, fixed, size, resize: str, dims) -> Tuple[int, int]:
+        """(H, W) for an input that fixes one side only: that side the model's, the other
+        from ``image_size`` (an int, or its part of an (H, W) that agrees with the fixed one)."""
+        sides = ("height", "width")
+        k = 0 if fixed[0] is not None else 1
+        side, other, value = sides[k], sides[1 - k], fixed[k]
+        example = f"({value}, W)" if k == 0 else f"(H, {value})"
+        where = f"the model's input {self._image_input!r} {dims} has a fixed {side} of {value} pixels and a free {other}"
+        if size is None or resize == "shorter":
+            raise ValueError(
+                f"{where}, so images must be resized to that {side}: resize='shorter' and image_size=None cannot be "
+                f"honoured; use resize='fixed' with image_size={example} (or an int, the {other})"
+            )
+        if isinstance(size, tuple):
+            if size[k] != value:
+                raise ValueError(
+                    f"image_size {size} asks for a {side} of {size[k]}, but {where}; pass image_size={example} "
+                    f"(or an int, the {other})"
+                )
+            return size
+        return (value, size) if k == 0 else (size, value)
 
     # ------------------------------------------------------------------ information
 
@@ -425,7 +517,7 @@ class FeatureExtractor:
         order. Shapes come from ONNX shape inference at this extractor's image size (None
         where unknown; the batch is ``"N"``)."""
         hw = self.image_size if isinstance(self.image_size, tuple) else None
-        shapes = _models.tensor_shapes(self._light, hw)
+        shapes = _models.tensor_shapes(self._light, hw, self._image_input)
         out = []
         for node in self._light.graph.node:
             if node.op_type == "Constant":
@@ -462,7 +554,8 @@ class FeatureExtractor:
     def _tensors_session(self):
         """The session for normalised float tensors (N, 3, H, W), opened on first use."""
         if self._tensor_session is None:
-            truncated = _models.truncate(self.model, self.layer)
+            # float32 (N, 3, H, W) in, whatever the model's own input type and layout
+            truncated = _models.truncate(self.model, self.layer, channel_axis=self.channel_axis)
             session, _ = _make_session(truncated.SerializeToString(), *self._session_args)
             runs_on = session.get_providers()[0]
             if runs_on != self.provider:
@@ -489,8 +582,12 @@ class FeatureExtractor:
             images, hw = False, x.shape[2:]
         if x.shape[0] == 0:
             raise ValueError("no images given")
-        if self._fixed_hw is not None and tuple(hw) != self._fixed_hw:
-            raise ValueError(f"the model takes {self._fixed_hw} images, got {tuple(hw)}")
+        if any(f is not None and f != v for f, v in zip(self._fixed_dims, hw)):
+            if self._fixed_hw is not None:
+                wanted = f"{self._fixed_hw} images"
+            else:
+                wanted = f"images of height {self._fixed_dims[0]}" if self._fixed_dims[0] else f"images of width {self._fixed_dims[1]}"
+            raise ValueError(f"the model takes {wanted}, got {tuple(int(v) for v in hw)}")
         return np.ascontiguousarray(x), images
 
     def _session_for(self, images: bool):
@@ -590,7 +687,9 @@ class FeatureExtractor:
         """Activations for an already prepared batch ``x``: either resized uint8 RGB images
         (N, H, W, 3), normalised inside the model (the fast path: a quarter of the bytes of
         float32, no float work on the host), or normalised float32 tensors (N, 3, H, W) as
-        ``preprocess`` makes them (a second onnxruntime session, opened on first use).
+        ``preprocess`` makes them (a second onnxruntime session, opened on first use; float16
+        or float64 arrays are taken as float32, and a model whose input is float16 gets them
+        cast inside the graph).
 
         Returns (N, C, h, w) float32 numpy, or ``DeviceActivations`` with
         ``device_output=True`` (CUDA provider only)."""

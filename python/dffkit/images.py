@@ -153,6 +153,14 @@ def _array_to_pil(a: np.ndarray):
     return Image.fromarray(a, "RGB")
 
 
+def _bomb_message(e) -> str:
+    Image = _pil()
+    return (
+        f"too many pixels for Pillow ({e}); if you trust the image, raise Pillow's limit: "
+        f"PIL.Image.MAX_IMAGE_PIXELS = None, or a number of pixels above {Image.MAX_IMAGE_PIXELS}"
+    )
+
+
 def _open(item):
     Image = _pil()
     if isinstance(item, (str, os.PathLike)):
@@ -161,22 +169,52 @@ def _open(item):
             raise FileNotFoundError(f"no such image file: {path}")
         if os.path.isdir(path):
             raise ValueError("is a directory, not an image file")
-        try:
-            img = Image.open(path)
-        except Image.UnidentifiedImageError:
-            raise ValueError("not an image file Pillow can read") from None
-        except OSError as e:
-            raise ValueError(f"cannot read: {e}") from e
+        source, what = path, "file"
     else:
-        try:
-            img = Image.open(item)
-        except Image.UnidentifiedImageError:
-            raise ValueError("not an image Pillow can read") from None
+        source, what = item, "data"
+    try:
+        img = Image.open(source)
+    except Image.UnidentifiedImageError:
+        raise ValueError("not an image file Pillow can read" if what == "file" else "not an image Pillow can read") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(_bomb_message(e)) from e
+    except OSError as e:  # unreadable file, or data cut short before the image's header ends
+        raise ValueError(f"cannot read: {e}" if what == "file" else f"truncated or corrupt image ({e})") from e
     try:
         img.load()
+    except Image.DecompressionBombError as e:
+        raise ValueError(_bomb_message(e)) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"truncated or corrupt image ({e})") from e
     return img
+
+
+#: EXIF orientation (tag 0x0112) -> the transposition that makes the image upright.
+_ORIENTATION_TRANSPOSE = {
+    2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90",
+}
+
+
+def _upright(img):
+    """``img`` turned upright by its EXIF orientation (a new image; ``img`` is not changed).
+
+    ``ImageOps.exif_transpose`` first; it rewrites the EXIF block, which fails on EXIF
+    that Pillow reads but cannot write back (a tag whose type does not match its id, say):
+    then the transposition is applied from the orientation tag alone."""
+    Image = _pil()
+    from PIL import ImageOps
+
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # EXIF Pillow cannot parse: no orientation to apply
+        return img
+    method = _ORIENTATION_TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    if method is None:
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img.transpose(getattr(getattr(Image, "Transpose", Image), method))  # Pillow < 9.1: Image.ROTATE_90, ...
 
 
 def load_image(item):
@@ -185,10 +223,10 @@ def load_image(item):
     ``item``: a path, a binary file object, encoded bytes, a PIL image or a uint8/uint16
     array. Raises
     FileNotFoundError for a missing file and ValueError for anything that is not a readable,
-    non-empty image.
+    non-empty image (one over ``PIL.Image.MAX_IMAGE_PIXELS``, Pillow's guard against
+    decompression bombs, included: the message says how to raise the limit).
     """
     Image = _pil()
-    from PIL import ImageOps
 
     if isinstance(item, np.ndarray):
         return _array_to_pil(item)
@@ -206,9 +244,7 @@ def load_image(item):
         raise ValueError(f"cannot read an image from a {type(item).__name__}; pass a path, a PIL image or a uint8 array")
     if img.width == 0 or img.height == 0:
         raise ValueError(f"zero-size image ({img.width} x {img.height})")
-    if img.getexif().get(0x0112, 1) not in (1, None):
-        img = ImageOps.exif_transpose(img)
-    return to_rgb(img)
+    return to_rgb(_upright(img))
 
 
 def as_image_list(images) -> List:
@@ -224,13 +260,19 @@ def as_image_list(images) -> List:
 
 
 def _load_indexed(i: int, item):
-    """load_image, its errors naming the image by index and path."""
+    """load_image, its errors naming the image by index and path: FileNotFoundError for a
+    missing file, ValueError for any other failure to read the image (the original error
+    chained), MemoryError as it is."""
     try:
         return load_image(item)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image {i} ({_describe(item)}): {e}") from e
     except ValueError as e:
         raise ValueError(f"image {i} ({_describe(item)}): {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # whatever Pillow or a file object raised
+        raise ValueError(f"image {i} ({_describe(item)}): cannot read it ({type(e).__name__}: {e})") from e
 
 
 _POOLS: dict = {}
@@ -393,7 +435,10 @@ def image_sizes(pil_images: Sequence) -> List[Tuple[int, int]]:
 def _pair(size) -> Tuple[int, int]:
     if isinstance(size, (int, np.integer)):
         return int(size), int(size)
-    h, w = size
+    try:
+        h, w = size
+    except (TypeError, ValueError):
+        raise ValueError(f"size must be an int or a (height, width) pair, got {size!r}") from None
     return int(h), int(w)
 
 

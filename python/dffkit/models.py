@@ -4,8 +4,9 @@ built-in colour-and-texture filter bank, and the graph surgery the extractor rel
 Every model this module writes carries an explicit IR version that the installed
 onnxruntime accepts (``max_ir_version()``) and opset 17. Models it builds are labelled in
 ``metadata_props`` (keys ``dffkit.*``: ``model``, ``weights``, ``untrained``,
-``normalization``; torchvision exports also ``exporter``); ``model_info(model)`` reads them
-back.
+``normalization``; torchvision exports also ``exporter``; files written to the cache also
+``weights_sha256``, checked with the labels and the structure when the file is read back);
+``model_info(model)`` reads them back.
 
 Nothing here needs torch: VGG-16 with random weights and the filter bank are written with
 ``onnx.helper``. Only ``export_vgg16_torchvision`` (``vgg16(weights="torchvision")``)
@@ -14,6 +15,7 @@ imports torch and torchvision, lazily.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import io
@@ -48,6 +50,7 @@ __all__ = [
     "tensor_shapes",
     "truncate",
     "input_layout",
+    "image_input",
     "resolve_layer",
 ]
 
@@ -134,34 +137,84 @@ def is_untrained(model) -> bool:
 
 def cache_dir(path=None) -> Path:
     """Folder for built and exported models: ``path``, else ``$DFFKIT_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/dffkit``, else ``~/.cache/dffkit``."""
+    ``$XDG_CACHE_HOME/dffkit``, else ``~/.cache/dffkit`` (an empty value counts as unset)."""
+    if path is not None and not os.fspath(path).strip():
+        path = None
     if path is None:
-        path = os.environ.get("DFFKIT_CACHE_DIR")
+        path = os.environ.get("DFFKIT_CACHE_DIR", "").strip() or None
     if path is None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
         path = os.path.join(base, "dffkit")
     return Path(path)
 
 
-def _cached(name: str, build, folder=None):
-    """Load ``name`` from the cache folder, or build it and store it there (atomically)."""
+#: ``metadata_props`` key of the digest of a cached model's weights (written with the file).
+_DIGEST_KEY = "dffkit.weights_sha256"
+
+
+def _weights_digest(model) -> str:
+    """SHA-256 over the initializers' names, types, shapes and bytes, in graph order."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    h = hashlib.sha256()
+    for t in model.graph.initializer:
+        h.update(f"{t.name}|{t.data_type}|{tuple(t.dims)}|".encode())
+        h.update(t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes())
+    return h.hexdigest()
+
+
+def _cache_problem(model, check) -> Optional[str]:
+    """Why a model read from the cache cannot be used, or None: no graph, outputs or opset,
+    weights that do not match the digest stored with them, or what ``check`` finds."""
+    if len(model.graph.node) == 0 or len(model.graph.output) == 0 or len(model.opset_import) == 0:
+        return "no graph, outputs or opset in it"
+    stored = [p.value for p in model.metadata_props if p.key == _DIGEST_KEY]
+    if stored and stored[-1] != _weights_digest(model):
+        return "its weights do not match the checksum stored with them"
+    return check(model) if check is not None else None
+
+
+def _cached(name: str, build, folder=None, check=None, rebuild_if_invalid: bool = True, how_to_rebuild: str = ""):
+    """Load ``name`` from the cache folder, or build it and store it there (atomically, with a
+    checksum of its weights).
+
+    A cached file that cannot be read, or that ``_cache_problem`` (``check``: a function of
+    the model returning what is wrong with it, or None) rejects, is built again and
+    overwritten; with ``rebuild_if_invalid=False`` (a build that needs a download or an
+    export) it raises ValueError naming the file and ``how_to_rebuild`` instead."""
     import onnx
 
     path = cache_dir(folder) / name
     if path.is_file():
         try:
-            return fit_ir_version(onnx.load(str(path)))
-        except Exception:
-            pass  # unreadable cache entry: build again and overwrite it
+            model = onnx.load(str(path))
+            problem = _cache_problem(model, check)
+        except Exception as e:  # unreadable cache entry
+            problem = f"it cannot be read ({type(e).__name__}: {e})"
+        if problem is None:
+            return fit_ir_version(model)
+        if not rebuild_if_invalid:
+            raise ValueError(f"the cached model {path} is corrupt ({problem}); delete it and {how_to_rebuild}")
     model = build()
+    if not any(p.key == _DIGEST_KEY for p in model.metadata_props):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = _DIGEST_KEY, _weights_digest(model)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=name, suffix=".tmp", dir=str(path.parent))
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
         os.replace(tmp, path)
+        tmp = None
     except OSError as e:
         warnings.warn(f"dffkit: could not cache {name} in {path.parent} ({e}); it will be built again next time", stacklevel=3)
+    finally:
+        if tmp is not None:  # a failed write (disk full, ...): no partial file left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return model
 
 
@@ -171,13 +224,17 @@ def _cached(name: str, build, folder=None):
 def load_model(model):
     """An ``onnx.ModelProto`` from a ModelProto, a path or serialized bytes.
 
-    Raises FileNotFoundError for a missing file and ValueError for a file that is not an
-    ONNX model. The IR version is lowered to what onnxruntime accepts.
+    Raises FileNotFoundError for a missing file and ValueError for a file, bytes or a
+    ModelProto that is not an ONNX model (no graph, outputs or opset). The IR version of a
+    model read from a file or bytes is lowered to what onnxruntime accepts; a ModelProto is
+    returned as it is, unchanged.
     """
     import onnx
 
     if isinstance(model, onnx.ModelProto):
-        return model
+        # checked, not changed: the caller's model is left as it is (truncate and
+        # with_image_input make copies with a suitable IR version)
+        return _check_model(model, "the onnx.ModelProto given", fit=False)
     if isinstance(model, (bytes, bytearray)):
         try:
             proto = onnx.load_from_string(bytes(model))
@@ -198,10 +255,10 @@ def load_model(model):
     return _check_model(proto, path)
 
 
-def _check_model(proto, where: str):
+def _check_model(proto, where: str, fit: bool = True):
     if len(proto.graph.node) == 0 or len(proto.graph.output) == 0 or len(proto.opset_import) == 0:
         raise ValueError(f"{where} is not an ONNX model (no graph, outputs or opset found)")
-    return fit_ir_version(proto)
+    return fit_ir_version(proto) if fit else proto
 
 
 # --------------------------------------------------------------------------- graph helpers
@@ -283,64 +340,155 @@ _TRANSPARENT = ("Add", "BatchNormalization", "Identity", "Transpose", "Cast", "M
 
 def _activation_after(g: _Graph, tensor: str) -> str:
     """The activation that follows ``tensor`` through bias/normalisation/layout ops, or
-    ``tensor`` itself when there is none."""
+    ``tensor`` itself when there is none. Other consumers of a tensor (an extra graph output
+    computed from a convolution, say) do not hide its one activation."""
     current = tensor
     for _ in range(8):
         consumers = g.consumers.get(current, [])
-        if len(consumers) != 1:
+        activations = [n for n in consumers if n.op_type in _ACTIVATIONS]
+        if len(activations) == 1:
+            return activations[0].output[0]
+        if activations:  # several: none of them is *the* activation
             break
-        node = consumers[0]
-        if node.op_type in _ACTIVATIONS:
-            return node.output[0]
-        if node.op_type not in _TRANSPARENT:
+        transparent = [n for n in consumers if n.op_type in _TRANSPARENT]
+        if len(transparent) != 1:
             break
-        current = node.output[0]
+        current = transparent[0].output[0]
     return tensor
 
 
+#: ops that ONNX defines on channel-first tensors (N, C, ...): their output has its
+#: channels on axis 1, whatever came before.
+_CHANNELS_FIRST = {
+    "Conv", "ConvTranspose", "QLinearConv", "ConvInteger", "DeformConv", "MaxPool", "AveragePool", "LpPool",
+    "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "MaxUnpool", "BatchNormalization",
+    "InstanceNormalization", "GroupNormalization", "LRN", "DepthToSpace", "SpaceToDepth",
+}
+#: ops whose output keeps the axis order of their (4-D) data inputs: element-wise ops, and
+#: ops that change sizes but not the order of the axes.
 _LAYOUT_KEEPING = {
-    "Relu", "LeakyRelu", "Clip", "PRelu", "Elu", "Selu", "Sigmoid", "Tanh", "HardSwish", "Gelu",
-    "Add", "Sub", "Mul", "Div", "BatchNormalization", "InstanceNormalization", "Identity", "Cast",
-    "MaxPool", "AveragePool", "LpPool", "Dropout", "LRN", "Pad", "Concat", "Sqrt", "Abs", "Neg",
+    "Relu", "LeakyRelu", "Clip", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "Tanh", "HardSwish",
+    "Gelu", "Mish", "Softplus", "Softsign", "ThresholdedRelu", "Shrink", "Erf", "Sqrt", "Abs", "Neg", "Exp", "Log",
+    "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Identity", "Cast", "CastLike", "Dropout",
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mean", "Sum", "Where",
+    "Pad", "Concat", "Slice", "Split", "Tile", "Resize", "Upsample", "Softmax", "LogSoftmax", "Hardmax",
+    "LpNormalization", "MeanVarianceNormalization",
+}
+_REDUCTIONS = {
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
+    "ReduceLogSumExp", "ReduceSumSquare",
 }
 
 
+def _channel_axes(g: _Graph) -> Dict[str, object]:
+    """For every tensor of the graph, the axis that holds its channels (an int) or, where
+    that cannot be told, a str saying which node hides it.
+
+    Followed forward in graph order: a graph input starts at axis 1 or, for an NHWC
+    input, 3; an op that ONNX defines on (N, C, ...) tensors (Conv, pooling,
+    normalisation) puts it on axis 1; a Transpose moves it by its ``perm``; element-wise
+    ops, Pad, Concat, Slice, Resize and reductions that keep their dimensions keep it;
+    any other op (Reshape, Flatten, Gather, MatMul, ...) loses it."""
+    axes: Dict[str, object] = {name: 3 if input_layout(g.model, name) == "NHWC" else 1 for name in g.data_inputs()}
+    for node in g.nodes:
+        op = node.op_type
+        where = f"a {op} node ({node.name or node.output[0]!r})"
+        data = [axes[i] for i in node.input if i and i in axes and not g.is_constant(i)]
+        if node.domain not in ("", "ai.onnx"):
+            value = where
+        elif op in _CHANNELS_FIRST:
+            value = 1
+        elif op == "Transpose":
+            perm = _attr(node, "perm")
+            perm = [3, 2, 1, 0] if perm is None else list(perm)
+            if not data:
+                value = where
+            elif not isinstance(data[0], int):
+                value = data[0]
+            elif sorted(perm) != [0, 1, 2, 3]:
+                value = f"{where} with perm {perm}, not of a 4-D tensor"
+            else:
+                value = perm.index(data[0])
+        elif op in _LAYOUT_KEEPING or (op in _REDUCTIONS and _attr(node, "keepdims", 1)):
+            known = [a for a in data if isinstance(a, int)]
+            value = known[0] if known else (data[0] if data else where)
+        else:
+            value = where
+        for out in node.output:
+            if out:
+                axes[out] = value
+    return axes
+
+
 def _channel_axis(g: _Graph, tensor: str) -> int:
-    """Axis that holds the channels of a 4-D ``tensor``: ONNX Conv and pooling are NCHW, so
-    only Transpose nodes between the nearest convolution and ``tensor`` move it (graphs
-    from TensorFlow converters are NHWC at their named tensors)."""
-    perms = []
-    current = tensor
-    for _ in range(64):
-        node = g.producer.get(current)
-        if node is None or node.op_type in ("Conv", "ConvTranspose", "QLinearConv", "ConvInteger"):
-            break
-        if node.op_type == "Transpose":
-            perms.append(list(_attr(node, "perm", [0, 3, 2, 1])))
-        elif node.op_type not in _LAYOUT_KEEPING:
-            break
-        nxt = g.data_input(node)
-        if nxt is None:
-            break
-        current = nxt
-    axis = 1
-    for perm in reversed(perms):
-        if len(perm) != 4:
-            return 1
-        axis = perm.index(axis)
-    return axis
+    """Axis that holds the channels of a 4-D ``tensor`` (``_channel_axes``): 1 for ONNX's
+    NCHW, 3 for the NHWC tensors of graphs from TensorFlow converters. ValueError, naming
+    the op in the way, when it cannot be told."""
+    value = _channel_axes(g).get(tensor, f"{tensor!r} is not a tensor of the graph")
+    if isinstance(value, int):
+        return value
+    raise ValueError(
+        f"cannot tell which axis of layer {tensor!r} holds the channels: {value} lies between it and the "
+        "image input or the nearest convolution and may have moved them; pass channel_axis=1 if the layer is "
+        "(N, C, h, w), channel_axis=3 if it is (N, h, w, C)"
+    )
 
 
-def input_layout(model) -> str:
-    """``"NCHW"`` or ``"NHWC"`` for the model's image input (from its declared shape)."""
+def input_layout(model, input_name: Optional[str] = None) -> str:
+    """``"NCHW"`` or ``"NHWC"`` for the model's image input ``input_name`` (default: its
+    first data input), from its declared shape: NHWC when the last axis is 3 and the
+    second is not."""
     g = _Graph(model)
     inputs = g.data_inputs()
-    if not inputs:
-        return "NCHW"
-    dims = _value_dims(next(v for v in model.graph.input if v.name == inputs[0]))
+    if input_name is None:
+        if not inputs:
+            return "NCHW"
+        input_name = inputs[0]
+    value = next((v for v in model.graph.input if v.name == input_name), None)
+    dims = None if value is None else _value_dims(value)
     if dims is not None and len(dims) == 4 and dims[1] != 3 and dims[3] == 3:
         return "NHWC"
     return "NCHW"
+
+
+def _needed(g: _Graph, layer: str) -> Tuple[list, set]:
+    """(the nodes that compute ``layer``, in graph order; every tensor name they read)."""
+    import onnx
+
+    needed_nodes = []
+    needed = {layer}
+    for node in reversed(g.nodes):
+        if any(o in needed for o in node.output):
+            needed_nodes.append(node)
+            needed.update(i for i in node.input if i)
+            # tensors captured by subgraphs (If/Loop bodies) are needed as well
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    needed.update(i for n in a.g.node for i in n.input)
+    needed_nodes.reverse()
+    return needed_nodes, needed
+
+
+def image_input(model, layer: str) -> str:
+    """The graph input that tensor ``layer`` is computed from: the one the extractor feeds
+    images to (it need not be the first input). ValueError when the layer depends on
+    several data inputs, or on none."""
+    g = _Graph(model)
+    inputs = g.data_inputs()
+    if layer in inputs:
+        return layer
+    used = [name for name in inputs if name in _needed(g, layer)[1]]
+    if len(used) > 1:
+        raise ValueError(
+            f"layer {layer!r} depends on {len(used)} graph inputs {used}; the extractor feeds one image input "
+            "and nothing else: choose a layer computed from the image input alone"
+        )
+    if not used:
+        raise ValueError(
+            f"layer {layer!r} depends on no graph input (it is computed from constants only), so it is not an "
+            "activation of the image; choose another layer (see FeatureExtractor.layers())"
+        )
+    return used[0]
 
 
 def _value_dims(value_info) -> Optional[List]:
@@ -401,9 +549,15 @@ def default_layer(model) -> str:
 
 def resolve_layer(model, layer: Optional[str]) -> str:
     """Tensor name for ``layer``: a tensor of the graph, a canonical VGG-16 name, or None
-    for the default. ValueError with close matches when there is no such tensor."""
+    for the default. TypeError for anything else than a str or None; ValueError for a
+    weight (initializer), and with close matches when there is no such tensor."""
     if layer is None:
         return default_layer(model)
+    if not isinstance(layer, str):
+        raise TypeError(
+            f"layer must be the name of a tensor of the model (a str, see FeatureExtractor.layers()) or None "
+            f"for the default layer; got {type(layer).__name__} {layer!r}"
+        )
     g = _Graph(model)
     names = g.tensor_names() + g.data_inputs()
     if layer in names:
@@ -411,6 +565,11 @@ def resolve_layer(model, layer: Optional[str]) -> str:
     vgg = vgg16_layers(model)
     if layer in vgg:
         return vgg[layer]
+    if layer in g.initializers or g.is_constant(layer):
+        raise ValueError(
+            f"{layer!r} is a weight (an initializer or constant) of the model, not an activation: name a node output "
+            "computed from the image (see FeatureExtractor.layers())"
+        )
     candidates = list(dict.fromkeys(names + list(vgg)))
     close = difflib.get_close_matches(layer, candidates, n=6, cutoff=0.5)
     hint = f"close matches: {', '.join(repr(c) for c in close)}" if close else "see FeatureExtractor.layers() for the names"
@@ -442,19 +601,25 @@ def _strip_weights(model):
     return light
 
 
-def tensor_shapes(model, input_hw: Optional[Tuple[int, int]] = None) -> Dict[str, Tuple[int, Tuple]]:
+def tensor_shapes(
+    model, input_hw: Optional[Tuple[int, int]] = None, input_name: Optional[str] = None
+) -> Dict[str, Tuple[int, Tuple]]:
     """Element type and shape (None for unknown dims, ``"N"`` for the batch) of every tensor,
-    by ONNX shape inference, with the image input's spatial size set to ``input_hw``."""
+    by ONNX shape inference, with the spatial size of the image input ``input_name``
+    (default: the first data input; ``image_input`` finds the one a layer needs) set to
+    ``input_hw``."""
     import onnx
 
     light = _strip_weights(model)
     g = _Graph(light)
     inputs = g.data_inputs()
-    if inputs:
-        value = next(v for v in light.graph.input if v.name == inputs[0])
+    if input_name is None and inputs:
+        input_name = inputs[0]
+    if input_name in inputs:
+        value = next(v for v in light.graph.input if v.name == input_name)
         dims = value.type.tensor_type.shape.dim
         if len(dims) == 4:
-            layout = input_layout(model)
+            layout = input_layout(model, input_name)
             hw_axes = (2, 3) if layout == "NCHW" else (1, 2)
             if not dims[0].HasField("dim_value"):
                 dims[0].dim_param = "N"
@@ -477,55 +642,58 @@ def tensor_shapes(model, input_hw: Optional[Tuple[int, int]] = None) -> Dict[str
 # --------------------------------------------------------------------------- truncation
 
 
-def truncate(model, layer: str, *, nchw_input: bool = True):
+def truncate(model, layer: str, *, nchw_input: bool = True, channel_axis: Optional[int] = None):
     """The part of ``model`` that computes tensor ``layer``, with ``layer`` its only output.
 
     The output is float32 and channel-first (a Transpose is appended when the tensor is
-    NHWC, a Cast when it is float16); with ``nchw_input`` an NHWC model gets a Transpose in
-    front so that it takes (N, 3, H, W). Nodes the layer does not need are dropped, so the
-    classifier of a full VGG-16 neither runs nor constrains the input size.
+    NHWC, a Cast when it is float16). With ``nchw_input`` the graph takes float32
+    (N, 3, H, W): an NHWC model gets a Transpose in front, a model whose input is float16
+    (or double) a Cast. The graph input kept is the one ``layer`` is computed from
+    (``image_input``). Nodes the layer does not need are dropped, so the classifier of a
+    full VGG-16 neither runs nor constrains the input size.
+
+    ``channel_axis`` (1 or 3) says where the layer's channels are, for a layer behind an op
+    that may move them (a Reshape, say: ValueError without it); default: followed through
+    the graph from the image input's layout and the convolutions (``_channel_axes``).
     """
     import onnx
     from onnx import TensorProto, helper
 
+    if channel_axis is not None and (isinstance(channel_axis, bool) or channel_axis not in (1, 3)):
+        raise ValueError(f"channel_axis must be 1 (N, C, h, w), 3 (N, h, w, C) or None, got {channel_axis!r}")
     g = _Graph(model)
     inputs = g.data_inputs()
-    needed_nodes = []
-    needed = {layer}
-    for node in reversed(g.nodes):
-        if any(o in needed for o in node.output):
-            needed_nodes.append(node)
-            needed.update(i for i in node.input if i)
-            # tensors captured by subgraphs (If/Loop bodies) are needed as well
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    needed.update(i for n in a.g.node for i in n.input)
-    needed_nodes.reverse()
-    used_inputs = [name for name in inputs if name in needed]
-    if layer in inputs:
-        used_inputs = [layer]
-    if len(used_inputs) != 1:
-        raise ValueError(
-            f"layer {layer!r} depends on {len(used_inputs)} graph inputs {used_inputs}; "
-            "the extractor feeds exactly one image input"
-        )
-    image_input = used_inputs[0]
-    shapes = tensor_shapes(model)
+    source = image_input(model, layer)
+    needed_nodes, needed = _needed(g, layer)
+    layout = input_layout(model, source)
+    shapes = tensor_shapes(model, None, source)
     elem = shapes.get(layer, (TensorProto.FLOAT, None))[0] or TensorProto.FLOAT
 
     nodes = list(needed_nodes)
-    graph_input = next(v for v in model.graph.input if v.name == image_input)
+    graph_input = next(v for v in model.graph.input if v.name == source)
     new_input = onnx.ValueInfoProto()
     new_input.CopyFrom(graph_input)
-    if nchw_input and input_layout(model) == "NHWC":
-        new_input.name = "dffkit_input_nchw"
+    in_elem = graph_input.type.tensor_type.elem_type
+    front = []  # (op, attributes) between the new input and the model's own input
+    if nchw_input and in_elem not in (0, TensorProto.FLOAT):
+        front.append(("Cast", {"to": in_elem}))
+        new_input.type.tensor_type.elem_type = TensorProto.FLOAT
+    if nchw_input and layout == "NHWC":
+        front.append(("Transpose", {"perm": [0, 2, 3, 1]}))
         dims = new_input.type.tensor_type.shape.dim
         src = [onnx.TensorShapeProto.Dimension() for _ in range(4)]
         for i, d in enumerate(dims):
             src[i].CopyFrom(d)
         for dst, i in zip(dims, (0, 3, 1, 2)):
             dst.CopyFrom(src[i])
-        nodes.insert(0, helper.make_node("Transpose", [new_input.name], [image_input], perm=[0, 2, 3, 1], name="dffkit_to_nhwc"))
+    if front:
+        new_input.name = "dffkit_input_nchw" if layout == "NHWC" else "dffkit_input_float32"
+        x = new_input.name
+        for k, (op, attrs) in enumerate(front):
+            out = source if k == len(front) - 1 else f"dffkit_input_{op.lower()}"
+            name = "dffkit_to_nhwc" if op == "Transpose" else "dffkit_to_input_type"
+            nodes.insert(k, helper.make_node(op, [x], [out], name=name, **attrs))
+            x = out
 
     output = layer
     if output in inputs:
@@ -534,10 +702,7 @@ def truncate(model, layer: str, *, nchw_input: bool = True):
         output = "dffkit_identity"
     rank = shapes.get(layer, (None, None))[1]
     if rank is None or len(rank) == 4:
-        if layer in inputs:
-            axis = 3 if input_layout(model) == "NHWC" else 1
-        else:
-            axis = _channel_axis(g, layer)
+        axis = _channel_axis(g, layer) if channel_axis is None else channel_axis
         if axis != 1:
             perm = [0, axis] + [a for a in (1, 2, 3) if a != axis]
             nodes.append(helper.make_node("Transpose", [output], ["dffkit_nchw"], perm=perm, name="dffkit_to_nchw"))
@@ -733,6 +898,27 @@ def _untrained_warning(what: str = "VGG-16") -> None:
     )
 
 
+def _vgg16_cache_check(expected: Dict[str, str], include_classifier: bool):
+    """A ``_cached`` check for a cached VGG-16: its ``dffkit.*`` metadata (the labels a file
+    cut short loses first, as they are written last), the 13 convolutions, the output."""
+    output = "logits" if include_classifier else "pool5"
+
+    def check(model) -> Optional[str]:
+        info = model_info(model)
+        for key, value in expected.items():
+            if key not in info:
+                return f"its metadata lacks dffkit.{key}"
+            if value is not None and not info[key].startswith(value):
+                return f"its metadata says dffkit.{key} = {info[key]!r}, not {value!r}"
+        if not vgg16_layers(model):
+            return "it does not have the 13 3x3 convolutions of a VGG-16"
+        if [o.name for o in model.graph.output] != [output]:
+            return f"its outputs are {[o.name for o in model.graph.output]}, not [{output!r}]"
+        return None
+
+    return check
+
+
 def _vgg16(weights, include_classifier: bool, seed: int, cache: Optional[str]):
     if isinstance(weights, str) and weights == "random":
         part = "full" if include_classifier else "conv"
@@ -740,6 +926,10 @@ def _vgg16(weights, include_classifier: bool, seed: int, cache: Optional[str]):
             f"vgg16-random-{part}-seed{int(seed)}-v{_CACHE_FORMAT}.onnx",
             lambda: _build_vgg16_random(include_classifier, int(seed)),
             cache,
+            check=_vgg16_cache_check(
+                {"model": "vgg16", "weights": "random", "untrained": "1", "seed": str(int(seed)), "normalization": None},
+                include_classifier,
+            ),
         )
     if isinstance(weights, str) and weights == "torchvision":
         part = "full" if include_classifier else "conv"
@@ -747,6 +937,16 @@ def _vgg16(weights, include_classifier: bool, seed: int, cache: Optional[str]):
             f"vgg16-torchvision-{part}-v{_CACHE_FORMAT}.onnx",
             lambda: export_vgg16_torchvision(include_classifier=include_classifier),
             cache,
+            check=_vgg16_cache_check(
+                {"model": "vgg16", "weights": "torchvision", "untrained": None, "normalization": None, "exporter": None},
+                include_classifier,
+            ),
+            rebuild_if_invalid=False,
+            how_to_rebuild=(
+                f"run dffkit.models.vgg16(weights='torchvision'{', include_classifier=True' if include_classifier else ''}) "
+                "to export it again (needs torch and torchvision), or use the random VGG-16 (FeatureExtractor('vgg16:random'), "
+                "vgg16(weights='random')) or the path of a VGG-16 ONNX file"
+            ),
         )
     if isinstance(weights, (str, os.PathLike)):
         model = load_model(weights)
@@ -1005,7 +1205,11 @@ def _fc_layers(g: _Graph):
             flat = g.producer.get(src)
             while flat is not None and flat.op_type not in ("Flatten", "Reshape"):
                 flat = g.producer.get(g.data_input(flat) or "")
-            order = "chw" if flat is None or _channel_axis(g, g.data_input(flat) or "") == 1 else "hwc"
+            try:
+                axis = 1 if flat is None else _channel_axis(g, g.data_input(flat) or "")
+            except ValueError:  # the layout before the flattening cannot be told: torchvision's
+                axis = 1
+            order = "chw" if axis == 1 else "hwc"
     return fcs, order or "chw"
 
 
