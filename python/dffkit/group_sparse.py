@@ -319,6 +319,7 @@ class GroupSparseNMF(NMF):
         if not hasattr(self, "components_"):
             raise _not_fitted(self)
         X = self._validate(X, reset=False)
+        self._check_transform_dtype(X)
         if groups is None:
             groups = [0, int(np.shape(X)[0])]
         W, _, _, _ = self._run(X, groups, None, self.components_, update_H=False)

@@ -40,19 +40,55 @@ _BACKENDS = ("auto", "cpu", "cuda")
 _PRECISIONS = ("fp32", "tf32", "bf16x")
 # Above this many elements of X, "auto" sends host data to a GPU: the copy is paid back.
 _AUTO_CUDA_MIN_ELEMENTS = 2_000_000
+# The engines take max_iter and the thread count as C ints.
+_C_INT_MAX = 2**31 - 1
+# More threads than any one machine runs: a larger request is a mistake (each OpenMP thread is
+# an OS thread; libgomp aborts the process when it cannot create them).
+_MAX_THREADS = 4096
+
+
+def _threads_from_env() -> int:
+    """DFFKIT_NUM_THREADS as a thread count; an unusable value warns and gives the default (0)
+    instead of breaking ``import dffkit``."""
+    raw = os.environ.get("DFFKIT_NUM_THREADS", "")
+    text = raw.strip()
+    if not text:
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if 0 <= n <= _MAX_THREADS:
+        return n
+    warnings.warn(
+        f"DFFKIT_NUM_THREADS={raw!r} is not a thread count: set it to an integer from 0 to "
+        f"{_MAX_THREADS} (0 or unset: OpenMP's default, OMP_NUM_THREADS or all cores); "
+        "using OpenMP's default",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return 0
+
+
 # CPU threads for the engine: 0 = OpenMP's default (OMP_NUM_THREADS or all cores).
-_NUM_THREADS = int(os.environ.get("DFFKIT_NUM_THREADS", "0") or 0)
+_NUM_THREADS = _threads_from_env()
 
 
 def set_num_threads(n: int) -> None:
-    """CPU threads the engine may use (0: OpenMP's default). Results do not depend on it.
+    """CPU threads the engine may use (0: OpenMP's default), an integer from 0 to 4096.
+    Results do not depend on it.
 
     On a machine whose cores are shared with other busy processes, fewer threads can be much
     faster: each iteration ends at a barrier that waits for the slowest thread. The
     environment variable DFFKIT_NUM_THREADS sets the starting value.
     """
     global _NUM_THREADS
-    _check_real("n", n, integer=True)
+    _check_real("n", n, low=-math.inf, integer=True)
+    if not 0 <= n <= _MAX_THREADS:
+        raise ValueError(
+            f"set_num_threads: n must be an integer from 0 to {_MAX_THREADS} (0: OpenMP's "
+            f"default, OMP_NUM_THREADS or all cores), got {n!r}"
+        )
     _NUM_THREADS = int(n)
 
 
@@ -88,7 +124,8 @@ def _check_real(name, value, low=0.0, low_inclusive=True, integer=False):
     if isinstance(value, bool) or not isinstance(value, kind):
         what = "an integer" if integer else "a real number"
         raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}")
-    if not np.isfinite(value):
+    # ints are finite (np.isfinite cannot take one past int64, e.g. max_iter=10**30)
+    if not isinstance(value, numbers.Integral) and not np.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
     if value < low or (value == low and not low_inclusive):
         op = ">=" if low_inclusive else ">"
@@ -96,8 +133,47 @@ def _check_real(name, value, low=0.0, low_inclusive=True, integer=False):
     return value
 
 
+def _check_max_iter(max_iter) -> int:
+    """max_iter as the engines take it: an int >= 0; values past the C int range are clipped to
+    its largest value (2**31 - 1). scikit-learn accepts any int, and such a max_iter means
+    'until tol stops it' either way: the engine cannot run 2**31 iterations in practice."""
+    _check_real("max_iter", max_iter, integer=True)
+    return min(int(max_iter), _C_INT_MAX)
+
+
+def _check_option(name, value, options, allow_none=False):
+    """value if it is one of the strings options (or None when allow_none), else a ValueError
+    that lists exactly the accepted values (never numpy's 'truth value of an array')."""
+    if value is None and allow_none:
+        return value
+    if isinstance(value, str) and value in options:
+        return value
+    accepted = ", ".join(repr(o) for o in options) + (" or None" if allow_none else "")
+    raise ValueError(f"{name} must be one of {accepted}; got {value!r}")
+
+
+def _is_auto(n_components) -> bool:
+    return n_components is None or (isinstance(n_components, str) and n_components == "auto")
+
+
+def _check_n_components(n_components, allow_auto=False):
+    """n_components as an int >= 1 (or None / 'auto' where allow_auto); a clear error naming
+    n_components otherwise (a float such as 2.7 is refused, not truncated)."""
+    if allow_auto and _is_auto(n_components):
+        return n_components
+    what = "a positive integer" + (" (or 'auto' / None)" if allow_auto else "")
+    if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral):
+        raise TypeError(
+            f"n_components must be {what}, got {n_components!r} of type "
+            f"{type(n_components).__name__}"
+        )
+    if n_components < 1:
+        raise ValueError(f"n_components must be {what} (>= 1), got {n_components!r}")
+    return int(n_components)
+
+
 def _check_backend(backend: str) -> str:
-    if backend not in _BACKENDS:
+    if not isinstance(backend, str) or backend not in _BACKENDS:
         raise ValueError(
             f"backend must be one of {_BACKENDS}, got {backend!r}; available here: "
             f"{_backends.available_backends()}"
@@ -140,9 +216,9 @@ def _as_float_matrix(X, name="X", whom="NMF"):
     return out
 
 
-def _check_factor(A, shape, dtype, name):
+def _check_factor(A, shape, dtype, name, why="with init='custom'"):
     if A is None:
-        raise ValueError(f"{name} is required with init='custom'")
+        raise ValueError(f"{name} is required {why}: pass an array of shape {tuple(shape)}")
     if _is_device_array(A):  # a GPU factor: checked on the device, copied by the CUDA backend
         from dffkit import _cuda_backend
 
@@ -193,10 +269,28 @@ def _seed_from(random_state) -> int:
     )
 
 
-def _numpy_rng(random_state):
-    if isinstance(random_state, (np.random.RandomState, np.random.Generator)):
+def _legacy_random_state(random_state):
+    """numpy's legacy RandomState for the NNDSVD inits, as scikit-learn's check_random_state
+    gives it: None (or the np.random module) -> np.random's global RandomState, an int ->
+    a new RandomState(int), a RandomState -> itself (its stream goes on).
+
+    Beyond scikit-learn (which refuses them): an int >= 2**32 (dffkit's seeds are 64-bit) ->
+    RandomState(MT19937(int)), a numpy Generator -> a RandomState seeded from it."""
+    if random_state is None or random_state is np.random:
+        return np.random.mtrand._rand
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        if random_state < 0:
+            raise ValueError(f"random_state must be >= 0, got {random_state}")
+        if random_state < 2**32:
+            return np.random.RandomState(int(random_state))
+        return np.random.RandomState(np.random.MT19937(int(random_state)))
+    if isinstance(random_state, np.random.RandomState):
         return random_state
-    return np.random.default_rng(_seed_from(random_state))
+    if isinstance(random_state, np.random.Generator):
+        return np.random.RandomState(np.random.MT19937(int(random_state.integers(0, 2**63 - 1))))
+    raise ValueError(
+        f"random_state must be None, an int, a numpy RandomState or Generator; got {random_state!r}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,84 +310,185 @@ def _overflow_error(whom, name, dtype, X=None, others=()):
         top = f" (its largest value is {float(np.max(X)):.3g})"
     if others:
         top += f"; so did {', '.join(others[:5])}{', ...' if len(others) > 5 else ''} ({len(others)} more)"
+    wider = f" or pass {name} as float64" if np.dtype(dtype) != np.float64 else ""
     return ValueError(
         f"{whom}: the factorization of {name} overflowed {np.dtype(dtype).name}{top}: the updates "
         f"multiply {name} by the factors and their products, which leave the range of "
         f"{np.dtype(dtype).name}. Scale {name} down (e.g. {name} / {name}.max(); W H scales "
-        f"with it) or pass {name} as float64"
+        f"with it){wider}"
     )
 
 
-def _leading_svd(X: np.ndarray, k: int):
-    """Top-k singular triplets of X, exact, through the Gram matrix of the smaller side."""
-    m, n = X.shape
-    Xd = X.astype(np.float64, copy=False)
-    if min(m, n) <= 4096:
-        if n <= m:
-            vals, V = np.linalg.eigh(Xd.T @ Xd)
-            order = np.argsort(vals)[::-1][:k]
-            S = np.sqrt(np.maximum(vals[order], 0.0))
-            V = V[:, order]
-            U = Xd @ V / np.where(S > 0, S, 1.0)
-            return U, S, V.T
-        vals, U = np.linalg.eigh(Xd @ Xd.T)
-        order = np.argsort(vals)[::-1][:k]
-        S = np.sqrt(np.maximum(vals[order], 0.0))
-        U = U[:, order]
-        V = (U.T @ Xd) / np.where(S > 0, S, 1.0)[:, None]
-        return U, S, V
-    U, S, Vt = np.linalg.svd(Xd, full_matrices=False)
-    return U[:, :k], S[:k], Vt[:k]
+# NNDSVD's SVD: scikit-learn's randomized SVD, step for step ---------------------------------
+#
+# scikit-learn's _initialize_nmf takes the SVD of X from
+# sklearn.utils.extmath._randomized_svd(X, n_components, random_state=random_state) with its
+# defaults; the functions below mirror that code as scikit-learn 1.9 has it (checked against
+# 1.9.1). Earlier releases (>= 1.2) run the same algorithm with the same random draws; what
+# differs there is the order of some products (B = (M^T Q)^T), a rounding-level difference,
+# and svd_flip's sign choice, which NNDSVD does not see (it takes a singular pair's positive
+# or negative part, whichever is larger). They use scipy.linalg where scipy is installed, as
+# scikit-learn does (so the results agree to the last bits), and numpy's QR/SVD otherwise
+# (the same subspace; rounding-level differences).
+
+def _scipy_linalg():
+    try:
+        from scipy import linalg
+    except ImportError:  # pragma: no cover - scipy comes with scikit-learn
+        return None
+    return linalg
+
+
+def _range_finder(A, size, n_iter, random_state, linalg):
+    """scikit-learn's _randomized_range_finder with power_iteration_normalizer='auto' (LU for
+    n_iter > 2, none otherwise): an orthonormal basis Q of A's dominant range."""
+    Q = random_state.normal(size=(A.shape[1], size))
+    if A.dtype == np.float32:  # float32 computation for float32 A, as scikit-learn does
+        Q = Q.astype(np.float32, copy=False)
+    if linalg is not None:
+        def qr(M):
+            return linalg.qr(M, mode="economic", check_finite=False)[0]
+
+        def lu(M):
+            return linalg.lu(M, permute_l=True, check_finite=False)[0]
+    else:  # numpy only: QR spans what LU spans
+        def qr(M):
+            return np.linalg.qr(M, mode="reduced")[0]
+
+        lu = qr
+    normalize = lu if n_iter > 2 else (lambda M: M)
+    for _ in range(n_iter):
+        Q = normalize(A @ Q)
+        Q = normalize(A.T @ Q)
+    return qr(A @ Q)
+
+
+def _svd_flip(u, v, u_based_decision=True):
+    """scikit-learn's svd_flip (>= 1.5): the largest-magnitude entry of each column of u (or
+    each row of v) made positive. Works in place, like the original."""
+    if u_based_decision:
+        signs = np.sign(u[np.argmax(np.abs(u), axis=0), np.arange(u.shape[1])])
+    else:
+        signs = np.sign(v[np.arange(v.shape[0]), np.argmax(np.abs(v), axis=1)])
+    u *= signs[np.newaxis, :]
+    v *= signs[:, np.newaxis]
+    return u, v
+
+
+def _randomized_svd(M, n_components, random_state, linalg="scipy"):
+    """scikit-learn's _randomized_svd(M, n_components, random_state=random_state) with its
+    defaults: n_oversamples=10, n_iter='auto' (7 if n_components < 0.1 min(M.shape), else 4),
+    power_iteration_normalizer='auto' (LU), transpose='auto' (when M is wider than tall),
+    flip_sign=True, lapack_driver='gesdd'. random_state: None, int or RandomState (Generator:
+    see _legacy_random_state). float32 M is decomposed in float32, as scikit-learn does."""
+    if isinstance(linalg, str):
+        linalg = _scipy_linalg()
+    random_state = _legacy_random_state(random_state)
+    n_random = n_components + 10
+    n_samples, n_features = M.shape
+    n_iter = 7 if n_components < 0.1 * min(M.shape) else 4
+    transpose = n_samples < n_features
+    if transpose:
+        M = M.T
+    Q = _range_finder(M, n_random, n_iter, random_state, linalg)
+    B = Q.T @ M
+    if linalg is not None:
+        Uhat, s, Vt = linalg.svd(B, full_matrices=False, lapack_driver="gesdd")
+    else:
+        Uhat, s, Vt = np.linalg.svd(B, full_matrices=False)
+    del B
+    U = Q @ Uhat
+    U, Vt = _svd_flip(U, Vt, u_based_decision=not transpose)
+    if transpose:
+        return Vt[:n_components, :].T, s[:n_components], U[:, :n_components].T
+    return U[:, :n_components], s[:n_components], Vt[:n_components, :]
+
+
+def _norm(x):
+    """scikit-learn's NMF norm: sqrt(x . x) as a Python float."""
+    x = np.ravel(x, order="K")
+    return math.sqrt(np.dot(x, x))
+
+
+def _resolve_init(init, k, m, n):
+    """scikit-learn's rule for init=None: 'nndsvda' if k <= min(m, n), else 'random'."""
+    if init is None:
+        return "nndsvda" if k <= min(m, n) else "random"
+    return init
 
 
 def initialize(X, n_components, init="random", random_state=None, eps=1e-6):
     """Initial (W, H) for X (numpy, float32/float64) following scikit-learn's definitions.
 
     ``random`` draws sqrt(mean(X)/k) |N(0,1)| from dffkit's Philox stream (the same bits on
-    every backend for one seed); the NNDSVD variants follow scikit-learn's formulas.
+    every backend for one seed); the NNDSVD variants follow scikit-learn's formulas: from the
+    same random_state (None, an int or a numpy RandomState, used as scikit-learn's
+    check_random_state uses it) ``nndsvd``, ``nndsvda`` and ``nndsvdar`` give scikit-learn's
+    ``_initialize_nmf`` start to rounding, float32 X in float32 as there. None: scikit-learn's
+    rule, 'nndsvda' if n_components <= min(X.shape), else 'random'.
     """
+    n_components = _check_n_components(n_components)
+    if isinstance(init, str) and init == "custom":
+        raise ValueError(
+            "init='custom' is not an initialization method: initialize computes a start with "
+            "'random', 'nndsvd', 'nndsvda' or 'nndsvdar' (None: scikit-learn's choice). To "
+            "start from your own factors, pass them to non_negative_factorization(X, W, H, "
+            "init='custom')"
+        )
+    _check_option("init", init, _INITS[:-1], allow_none=True)
+    _check_real("eps", eps)
     X = _as_float_matrix(X)
     m, n = X.shape
-    k = int(n_components)
+    k = n_components
+    init = _resolve_init(init, k, m, n)
     if init == "random":
         W = np.empty((m, k), dtype=X.dtype)
         H = np.empty((k, n), dtype=X.dtype)
         _backends.cpu().random_init(X, W, H, _seed_from(random_state))
         return W, H
-    if init not in ("nndsvd", "nndsvda", "nndsvdar"):
-        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     if k > min(m, n):
         raise ValueError(
             f"init={init!r} needs n_components <= min(n_samples, n_features) = {min(m, n)}, "
             f"got {k}; use init='random'"
         )
+    if isinstance(random_state, np.random.Generator):
+        # one RandomState for the SVD and nndsvdar's fill, as for a RandomState instance
+        random_state = _legacy_random_state(random_state)
+    elif random_state is not None:
+        _legacy_random_state(random_state)  # its errors here, not as a failed SVD below
+    # from here on scikit-learn's _initialize_nmf, line for line, in X's dtype
     with np.errstate(over="ignore", invalid="ignore"):
         try:
-            U, S, V = _leading_svd(X, k)
+            U, S, V = _randomized_svd(X, k, random_state)
             ok = bool(np.isfinite(S).all() and np.isfinite(U).all() and np.isfinite(V).all())
-        except np.linalg.LinAlgError:
+        except (np.linalg.LinAlgError, ValueError, ArithmeticError):
             ok = False
     if not ok:
         raise ValueError(
-            f"init={init!r}: the SVD of X overflowed float64 (X's largest value is "
-            f"{float(np.max(X)):.3g}; its Gram matrix squares it). Scale X down (e.g. X / X.max()) "
-            "or use init='random'"
+            f"init={init!r}: the SVD of X overflowed {X.dtype.name} (X's largest value is "
+            f"{float(np.max(X)):.3g}). Scale X down (e.g. X / X.max()), "
+            + ("pass X as float64, " if X.dtype != np.float64 else "")
+            + "or use init='random'"
         )
-    W = np.zeros((m, k))
-    H = np.zeros((k, n))
+    W = np.zeros_like(U)
+    H = np.zeros_like(V)
     W[:, 0] = np.sqrt(S[0]) * np.abs(U[:, 0])
     H[0, :] = np.sqrt(S[0]) * np.abs(V[0, :])
     for j in range(1, k):
         x, y = U[:, j], V[j, :]
         x_p, y_p = np.maximum(x, 0), np.maximum(y, 0)
         x_n, y_n = np.abs(np.minimum(x, 0)), np.abs(np.minimum(y, 0))
-        x_p_nrm, y_p_nrm = np.linalg.norm(x_p), np.linalg.norm(y_p)
-        x_n_nrm, y_n_nrm = np.linalg.norm(x_n), np.linalg.norm(y_n)
+        x_p_nrm, y_p_nrm = _norm(x_p), _norm(y_p)
+        x_n_nrm, y_n_nrm = _norm(x_n), _norm(y_n)
         m_p, m_n = x_p_nrm * y_p_nrm, x_n_nrm * y_n_nrm
         if m_p > m_n:
             u, v, sigma = x_p / x_p_nrm, y_p / y_p_nrm, m_p
         else:
-            u, v, sigma = x_n / max(x_n_nrm, 1e-300), y_n / max(y_n_nrm, 1e-300), m_n
+            # scikit-learn divides 0 by 0 here when a part vanishes (NaN in its W, H, from which
+            # its solver cannot recover); dffkit keeps the zeros (filled below by nndsvda/nndsvdar)
+            u = x_n / x_n_nrm if x_n_nrm > 0 else x_n
+            v = y_n / y_n_nrm if y_n_nrm > 0 else y_n
+            sigma = m_n
         lbd = np.sqrt(S[j] * sigma)
         W[:, j] = lbd * u
         H[j, :] = lbd * v
@@ -304,12 +499,11 @@ def initialize(X, n_components, init="random", random_state=None, eps=1e-6):
         W[W == 0] = avg
         H[H == 0] = avg
     elif init == "nndsvdar":
-        rng = _numpy_rng(random_state)
-        normal = rng.standard_normal if hasattr(rng, "standard_normal") else rng.normal
+        rng = _legacy_random_state(random_state)
         avg = X.mean()
-        W[W == 0] = abs(avg * normal(size=int((W == 0).sum())) / 100)
-        H[H == 0] = abs(avg * normal(size=int((H == 0).sum())) / 100)
-    return W.astype(X.dtype), H.astype(X.dtype)
+        W[W == 0] = abs(avg * rng.standard_normal(size=len(W[W == 0])) / 100)
+        H[H == 0] = abs(avg * rng.standard_normal(size=len(H[H == 0])) / 100)
+    return (np.ascontiguousarray(W, dtype=X.dtype), np.ascontiguousarray(H, dtype=X.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +529,9 @@ class NMFResult:
 def _penalties(alpha_W, alpha_H, l1_ratio, m, n):
     """scikit-learn >= 1.2 scaling: the W terms scale with n_features, the H terms with n_samples."""
     _check_real("alpha_W", alpha_W)
-    if alpha_H == "same":
+    if isinstance(alpha_H, str):
+        if alpha_H != "same":
+            raise ValueError(f"alpha_H must be a real number >= 0 or 'same', got {alpha_H!r}")
         alpha_H = alpha_W
     else:
         _check_real("alpha_H", alpha_H)
@@ -386,10 +582,16 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
            record_objective=False, whom="NMF"):
     """Validate, initialise and run one engine. Returns (W, H, NMFResult)."""
     _check_real("tol", tol)
-    _check_real("max_iter", max_iter, integer=True)
-    if precision not in _PRECISIONS:
-        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    max_iter = _check_max_iter(max_iter)
+    _check_option("precision", precision, _PRECISIONS)
+    _check_option("init", init, _INITS, allow_none=True)
     _check_backend(backend)
+    _check_n_components(n_components, allow_auto=True)
+    if not update_H and H is None:
+        raise ValueError(
+            f"{whom}: H is required when update_H=False: pass the fixed components H "
+            "(n_components x n_features) to fit W against"
+        )
     on_device = _is_device_array(X)
     if on_device:
         from dffkit import _cuda_backend
@@ -412,20 +614,19 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
         Xh = _as_float_matrix(X, whom=whom)
         shape, dtype = Xh.shape, Xh.dtype
     m, n = shape
-    if n_components is None or n_components == "auto":
+    if _is_auto(n_components):
         if init == "custom" or not update_H:
             src = H if H is not None else W
             if src is None:
-                raise ValueError("n_components='auto' needs H (or W) with init='custom'")
-            n_components = np.shape(src)[0] if src is H else np.shape(src)[1]
+                raise ValueError(
+                    "init='custom' needs the initial W and H (n_components='auto' takes k "
+                    "from them)"
+                )
+            n_components = int(np.shape(src)[0] if src is H else np.shape(src)[1])
         else:
             n_components = n
-    _check_real("n_components", n_components, low=1, integer=True)
-    k = int(n_components)
-    if init is None:
-        init = "nndsvda" if k <= min(m, n) else "random"
-    if init not in _INITS:
-        raise ValueError(f"init must be one of {_INITS} or None, got {init!r}")
+    k = _check_n_components(n_components)
+    init = _resolve_init(init, k, m, n)
     if init == "nndsvd":
         warnings.warn(
             "The multiplicative update solver cannot update zeros present in the "
@@ -518,11 +719,11 @@ def _fill_params(params, beta, l1_W, l2_W, l1_H, l2_H, lam, mu, max_iter, tol, u
     params.beta = int(beta)
     params.l1_W, params.l2_W, params.l1_H, params.l2_H = float(l1_W), float(l2_W), float(l1_H), float(l2_H)
     params.lam, params.mu = float(lam), float(mu)
-    params.max_iter = int(max_iter)
+    params.max_iter = min(int(max_iter), _C_INT_MAX)
     params.tol = float(tol)
     params.update_H = bool(update_H)
     params.record_objective = bool(record_objective)
-    params.num_threads = _NUM_THREADS
+    params.num_threads = min(int(_NUM_THREADS), _C_INT_MAX)
 
 
 def non_negative_factorization(
@@ -579,7 +780,7 @@ def non_negative_factorization(
     W, H, n_iter  (plus the NMFResult when ``return_info``)
         numpy for numpy input; GPU arrays of the input's library for GPU input.
     """
-    if solver != "mu":
+    if not (isinstance(solver, str) and solver == "mu"):
         raise ValueError(
             f"solver={solver!r} is not offered: dffkit implements solver='mu' (multiplicative "
             "updates); use scikit-learn for the coordinate-descent solver"
@@ -601,36 +802,82 @@ def non_negative_factorization(
 # batched problems
 # ---------------------------------------------------------------------------------------------
 
-def nmf_batched(X, n_components, *, init="random", beta_loss="frobenius", tol=1e-4,
-                max_iter=200, alpha_W=0.0, alpha_H="same", l1_ratio=0.0, random_state=None,
-                backend="auto", precision="fp32"):
+def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="frobenius",
+                tol=1e-4, max_iter=200, alpha_W=0.0, alpha_H="same", l1_ratio=0.0,
+                random_state=None, backend="auto", precision="fp32"):
     """Solve many independent problems at once (one per image, say).
 
     Parameters
     ----------
-    X : array (B, m, n) or a list of 2-D arrays (shapes may differ), non-negative.
+    X : array (B, m, n) or a list of 2-D arrays (shapes and dtypes may differ), non-negative.
+        Each problem keeps its dtype (float32 stays float32).
     n_components : int, the same k for every problem.
-    random_state : seeds problem b with seed + b (random init), so a problem's result does not
-        depend on the others in the batch.
+    init : "random", "nndsvd", "nndsvda", "nndsvdar", "custom" or None (scikit-learn's rule,
+        per problem: "nndsvda" where k <= min(m_b, n_b), else "random").
+    W, H : with init="custom", the initial factors: one per problem (lists of (m_b, k) and
+        (k, n_b) arrays, or (B, m, k) and (B, k, n) arrays), each of its problem's dtype.
+        Never modified.
+    random_state : problem b is solved as if alone with random_state = seed + b (seed: the
+        int given, or one drawn from None / a RandomState / a Generator), whatever the init,
+        so a problem's result does not depend on the others in the batch.
+
+    Other parameters as in :func:`non_negative_factorization`. One ConvergenceWarning names
+    the problems that stopped at max_iter (with tol > 0).
 
     Returns
     -------
     list of (W_b, H_b, NMFResult_b); each equals the same problem solved alone.
     """
     beta = _beta_from(beta_loss)
-    _check_real("n_components", n_components, low=1, integer=True)
+    k = _check_n_components(n_components)
     _check_real("tol", tol)
-    _check_real("max_iter", max_iter, integer=True)
+    max_iter = _check_max_iter(max_iter)
+    _check_option("precision", precision, _PRECISIONS)
+    _check_option("init", init, _INITS, allow_none=True)
+    _check_backend(backend)
+    _penalties(alpha_W, alpha_H, l1_ratio, 1, 1)  # their errors before any work
+    custom = init == "custom"
+    if custom and (W is None or H is None):
+        raise ValueError(
+            "nmf_batched: init='custom' needs W= and H=: one initial factor per problem (lists "
+            "of (m_b, k) and (k, n_b) arrays, or (B, m, k) and (B, k, n) arrays)"
+        )
+    if not custom and (W is not None or H is not None):
+        warnings.warn(
+            "When init!='custom', provided W or H are ignored. Set init='custom' to use them "
+            "as initialization.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    seed = _seed_from(random_state)
+    on_device = False
     if isinstance(X, (list, tuple)):
         items = list(X)
-    else:
-        if _is_device_array(X):
-            from dffkit import _cuda_backend
+    elif _is_device_array(X):
+        from dffkit import _cuda_backend
 
-            return _cuda_backend.nmf_batched_device(
-                X, n_components, beta=beta, tol=tol, max_iter=max_iter,
+        shape = tuple(_cuda_backend.shape_of(X))
+        if len(shape) == 3 and not custom and _resolve_init(init, k, *shape[1:]) == "random":
+            results = _cuda_backend.nmf_batched_device(
+                X, k, beta=beta, tol=tol, max_iter=max_iter,
                 penalties=lambda m, n: _penalties(alpha_W, alpha_H, l1_ratio, m, n),
-                seed=_seed_from(random_state), precision=precision)
+                seed=seed, precision=precision)
+            _warn_batch_max_iter(results, tol, max_iter)
+            return results
+        if len(shape) != 3 or 0 in shape:
+            raise ValueError(f"X must be a non-empty (B, m, n) array, got shape {shape}")
+        if backend == "cpu":
+            raise ValueError(
+                "X is in GPU memory; use backend='cuda' (or 'auto'), or copy it to the host first"
+            )
+        lo, nonfinite = _cuda_backend.check_values(X)
+        if nonfinite:
+            raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
+        if lo < 0:
+            raise ValueError("Negative values in data passed to nmf_batched (X): NMF needs X >= 0")
+        on_device = True
+        items = [X[b] for b in range(shape[0])]  # views of the stack, in X's library
+    else:
         arr = np.asarray(X)
         if arr.ndim != 3:
             raise ValueError(
@@ -639,21 +886,41 @@ def nmf_batched(X, n_components, *, init="random", beta_loss="frobenius", tol=1e
         items = list(arr)
     if not items:
         raise ValueError("X holds no problems (empty batch)")
-    Xs = [_as_float_matrix(x, name=f"X[{b}]", whom="nmf_batched") for b, x in enumerate(items)]
-    dtypes = {x.dtype for x in Xs}
-    if len(dtypes) > 1:
-        Xs = [x.astype(np.float64) for x in Xs]
-    k = int(n_components)
-    seed = _seed_from(random_state)
+    if on_device:
+        Xs = items
+        shapes = [tuple(_cuda_backend.shape_of(x)) for x in Xs]
+        dtypes = [np.dtype(_cuda_backend.dtype_of(x)) for x in Xs]
+    else:  # each problem keeps its dtype: float32 ones are not promoted by float64 neighbours
+        Xs = [_as_float_matrix(x, name=f"X[{b}]", whom="nmf_batched") for b, x in enumerate(items)]
+        shapes = [x.shape for x in Xs]
+        dtypes = [x.dtype for x in Xs]
+    B = len(Xs)
+    if custom:
+        W_in, H_in = _per_problem(W, "W", B), _per_problem(H, "H", B)
+    resolved = [_resolve_init(init, k, m, n) for m, n in shapes]
+    if "nndsvd" in resolved:
+        warnings.warn(
+            "The multiplicative update solver cannot update zeros present in the "
+            "initialization; init='nndsvd' leads to poorer results. Try 'nndsvda' or 'nndsvdar'.",
+            UserWarning,
+            stacklevel=2,
+        )
     Ws, Hs = [], []
     for b, x in enumerate(Xs):
-        if init == "random":
-            W0, H0 = initialize(x, k, init="random", random_state=(seed + b) & 0xFFFFFFFFFFFFFFFF)
+        m, n = shapes[b]
+        if custom:
+            W0 = _check_factor(W_in[b], (m, k), dtypes[b], f"W[{b}]")
+            H0 = _check_factor(H_in[b], (k, n), dtypes[b], f"H[{b}]")
         else:
-            W0, H0 = initialize(x, k, init=init, random_state=random_state)
+            xh = _cuda_backend.to_host(x) if on_device else x
+            try:
+                W0, H0 = initialize(xh, k, init=resolved[b],
+                                    random_state=(seed + b) & 0xFFFFFFFFFFFFFFFF)
+            except ValueError as exc:  # name the problem
+                raise ValueError(f"nmf_batched: X[{b}] (shape {m} x {n}): {exc}") from None
         Ws.append(W0)
         Hs.append(H0)
-    engine = _resolve_backend(backend, False, sum(x.size for x in Xs))
+    engine = _resolve_backend(backend, on_device, sum(m * n for m, n in shapes))
     module = _backends.cpu() if engine == "cpu" else _backends.cuda()
     if engine == "cpu":
         def solve(xs, ws, hs, params):  # updates ws, hs in place
@@ -663,19 +930,64 @@ def nmf_batched(X, n_components, *, init="random", beta_loss="frobenius", tol=1e
 
         def solve(xs, ws, hs, params):
             return _cuda_backend.fit_batched(xs, ws, hs, params, precision=precision)
-    # the penalties scale with the shape: problems that share them are solved together
-    pens = [_penalties(alpha_W, alpha_H, l1_ratio, *x.shape) for x in Xs]
-    results = [None] * len(Xs)
-    for pen in dict.fromkeys(pens):
-        idx = [b for b, other in enumerate(pens) if other == pen]
+    # the engines take one dtype per call, and the penalties scale with the shape: problems
+    # that share both are solved together
+    keys = [(dtypes[b], _penalties(alpha_W, alpha_H, l1_ratio, *shapes[b])) for b in range(B)]
+    results = [None] * B
+    for key in dict.fromkeys(keys):
+        idx = [b for b in range(B) if keys[b] == key]
         params = module.Params()
-        _fill_params(params, beta, *pen, 0.0, 0.0, max_iter, tol, True, False)
+        _fill_params(params, beta, *key[1], 0.0, 0.0, max_iter, tol, True, False)
         solved = solve([Xs[b] for b in idx], [Ws[b] for b in idx], [Hs[b] for b in idx], params)
         for b, (Wb, Hb, info) in zip(idx, solved):
-            label = precision if engine == "cuda" else ("fp32" if Xs[b].dtype == np.float32 else "fp64")
+            label = precision if engine == "cuda" else ("fp32" if dtypes[b] == np.float32 else "fp64")
             results[b] = (Wb, Hb, NMFResult(info["n_iter"], info["error_init"], info["error"],
                                             engine, label, kernel=str(info.get("kernel", engine))))
-    return _check_batch_finite(results, Xs)
+    if on_device:
+        results = _check_batch_finite(results, dtype=dtypes[0])
+    else:
+        results = _check_batch_finite(results, Xs)
+    _warn_batch_max_iter(results, tol, max_iter)
+    return results
+
+
+def _per_problem(A, name, B):
+    """The initial factors of init='custom' as a list of B per-problem arrays."""
+    if isinstance(A, (list, tuple)):
+        parts = list(A)
+    elif isinstance(A, np.ndarray) or _is_device_array(A):
+        if len(np.shape(A)) != 3:
+            raise ValueError(
+                f"nmf_batched: {name} must hold one initial {name} per problem: a list of 2-D "
+                f"arrays or a 3-D array, got shape {tuple(np.shape(A))}"
+            )
+        parts = [A[b] for b in range(np.shape(A)[0])]
+    else:
+        raise TypeError(
+            f"nmf_batched: {name} must be a list of 2-D arrays (one per problem) or a 3-D "
+            f"array, got {type(A).__name__}"
+        )
+    if len(parts) != B:
+        raise ValueError(
+            f"nmf_batched: {name} must hold one initial {name} per problem ({B}), got {len(parts)}"
+        )
+    return parts
+
+
+def _warn_batch_max_iter(results, tol, max_iter):
+    """One ConvergenceWarning for the problems of a batch that stopped at max_iter."""
+    if not (tol > 0 and max_iter > 0):
+        return
+    hit = [b for b, r in enumerate(results) if r[2].n_iter == max_iter]
+    if not hit:
+        return
+    shown = ", ".join(map(str, hit[:20])) + (", ..." if len(hit) > 20 else "")
+    warnings.warn(
+        f"Maximum number of iterations {max_iter} reached in {len(hit)} of {len(results)} "
+        f"problems of the batch (indices {shown}). Increase it to improve convergence.",
+        ConvergenceWarning,
+        stacklevel=3,
+    )
 
 
 def _check_batch_finite(results, Xs=None, dtype=None):
@@ -800,7 +1112,7 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
         return _as_float_matrix(X, whom=type(self).__name__)
 
     def _check_solver(self):
-        if self.solver != "mu":
+        if not (isinstance(self.solver, str) and self.solver == "mu"):
             raise ValueError(
                 f"solver={self.solver!r} is not offered: dffkit implements solver='mu' "
                 "(multiplicative updates); use scikit-learn's NMF for 'cd'"
@@ -809,9 +1121,7 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
     def _run(self, X, W=None, H=None, update_H=True):
         self._check_solver()
         beta = _beta_from(self.beta_loss)
-        n_components = self.n_components
-        if n_components is not None and n_components != "auto":
-            _check_real("n_components", n_components, low=1, integer=True)
+        n_components = _check_n_components(self.n_components, allow_auto=True)
         return _solve(
             X, W, H, n_components=n_components, init=self.init if update_H else "custom",
             update_H=update_H, beta=beta, tol=self.tol, max_iter=self.max_iter,
@@ -842,8 +1152,20 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
         if not hasattr(self, "components_"):
             raise _not_fitted(self)
         X = self._validate(X, reset=False)
+        self._check_transform_dtype(X)
         W, _, _ = self._run(X, None, self.components_, update_H=False)
         return W
+
+    def _check_transform_dtype(self, X):
+        """X must have the dtype of the fitted components_ (scikit-learn's NMF refuses the
+        mismatch too, but blames an H the caller never passed)."""
+        fitted, given = _dtype_of(self.components_), _dtype_of(X)
+        if fitted != given:
+            raise TypeError(
+                f"{type(self).__name__} was fitted on {fitted.name} data, but X is "
+                f"{given.name}: transform X in the dtype of the fit (X.astype(np.{fitted.name})), "
+                f"or fit the model on {given.name} data"
+            )
 
     def inverse_transform(self, X):
         """W H: data back in the original space."""
@@ -851,6 +1173,17 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
             raise _not_fitted(self)
         W = np.asarray(X)
         return W @ self.components_
+
+
+def _dtype_of(A):
+    """The numpy dtype of a numpy or GPU array."""
+    if isinstance(A, np.ndarray):
+        return A.dtype
+    if _is_device_array(A):
+        from dffkit import _cuda_backend
+
+        return np.dtype(_cuda_backend.dtype_of(A))
+    return np.asarray(A).dtype
 
 
 def _not_fitted(est):
