@@ -431,3 +431,17 @@ def test_cli_cluster_writes_json_and_contact_sheets(tmp_path, capsys):
             assert (out / c["sheet"]).exists()
     assert "cluster 0" in capsys.readouterr().out
     assert main(["cluster", str(tmp_path / "missing.jpg"), "-n", "2"]) == 1
+
+
+def test_cli_cluster_refuses_an_unusable_output_before_the_work(tmp_path, capsys, monkeypatch):
+    from dffkit import clustering
+    from dffkit.cli import main
+
+    monkeypatch.setattr(clustering, "cluster_images", lambda *a, **k: pytest.fail("clustered in vain"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, message in ((afile, "is a file, not a folder"), (afile / "sub", "which is a file, not a folder")):
+        assert main(["cluster", SAMPLES, "-n", "2", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"dffkit cluster: error: --out {out}" in err and message in err and "Traceback" not in err
+    assert afile.read_text() == "x"

@@ -773,3 +773,243 @@ def test_dffkit_dff_stays_callable_after_the_module_is_imported():
     assert isinstance(dffkit.dff(images, 2, activations=acts), DFFResult)
     assert isinstance(dffkit.dff(images, 2, activations=acts), DFFResult)
     assert dffkit.DFFResult is DFFResult
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions: exact peaks, absent concepts, sources, non-finite activations, the CLI's output
+# ---------------------------------------------------------------------------------------------
+
+def _peaks_off_by_one_ulp(n=4, seed=0):
+    """float32 peaks whose float32 inverse does not bring them back to 1 (p * (1/p) < 1)."""
+    rng = np.random.default_rng(seed)
+    p = rng.random(4000).astype(np.float32) + np.float32(0.01)
+    inv = (1.0 / p.astype(np.float64)).astype(np.float32)
+    bad = p[p * inv < 1]
+    assert len(bad) >= n
+    return bad[:n]
+
+
+def test_heat_steps_give_exactly_one_at_the_peak():
+    """Host (in place) and array-API (CuPy, PyTorch) heat steps: the peak's pixel is exactly
+    1.0 for peaks whose float32 inverse rounds down; absent concepts (infinite divisor) are 0."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    peaks = _peaks_off_by_one_ulp(6)
+    U = np.random.default_rng(1).random((2, 3, 5, 7), dtype=np.float32)
+    U *= peaks.reshape(2, 3)[:, :, None, None] / U.max(axis=(2, 3), keepdims=True)
+    U[0, 1, 2, 3] = peaks.reshape(2, 3)[0, 1]  # the peak itself, exactly
+    present = np.ones((2, 3), bool)
+    present[1, 2] = False
+    divisors = dff_module._divisors(U.max(axis=(2, 3)), present)
+    for ops in (dff_module._NumpyOps(), dff_module._ArrayOps()):
+        heat = ops.heat(U.copy(), divisors)
+        maxima = heat.max(axis=(2, 3))
+        assert np.all(maxima[present] == 1.0), maxima
+        assert not heat[1, 2].any()
+        assert heat.min() >= 0
+
+
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+@pytest.mark.parametrize("keep_maps", [True, False])
+def test_every_present_map_peaks_at_exactly_one(mode, keep_maps):
+    """Over several k, both modes, maps kept or computed when read: the maximum of every
+    present concept's map is 1.0 exactly, so masks(j, 1.0) is never empty there and boxes(j,
+    1.0) never None; absent concepts' maps are all 0."""
+    rng = np.random.default_rng(7)
+    images = [np.zeros((37 + 5 * i, 53, 3), np.uint8) for i in range(3)]
+    acts = rng.random((3, 6, 5, 7)).astype(np.float32)
+    for k in (2, 3, 4, 6):
+        result = dff(images, k, activations=acts, mode=mode, keep_maps=keep_maps, max_iter=40, threshold=0.1)
+        present = result.present
+        assert present.any()
+        for j in range(k):
+            masks, boxes = result.masks(j, 1.0), result.boxes(j, 1.0)
+            for i in range(3):
+                peak = float(result.heatmaps[i][j].max())
+                if present[i, j]:
+                    assert peak == 1.0, (k, i, j, peak)
+                    assert masks[i].any() and boxes[i] is not None
+                else:
+                    assert peak == 0.0 and not masks[i].any() and boxes[i] is None
+
+
+def test_device_branch_maps_peak_at_exactly_one(monkeypatch):
+    """The array-API (GPU) branch, on numpy through a stand-in library: exact peaks too,
+    kept and computed on the host when read (maxima found on the "device")."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    class StandInOps(dff_module._ArrayOps):
+        name = "stand-in"
+
+    monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: StandInOps())
+    rng = np.random.default_rng(3)
+    acts = rng.random((4, 6, 5, 7)).astype(np.float32)
+    images = [np.zeros((41, 59, 3), np.uint8)] * 4
+    for keep_maps in (True, False):
+        for k in (3, 5):
+            result = dff(images, k, extractor=_StandInDeviceExtractor(acts), backend="cpu", keep_maps=keep_maps,
+                         max_iter=40, threshold=0.1)
+            assert result.device_path
+            for i in range(4):
+                for j in range(k):
+                    assert float(result.heatmaps[i][j].max()) == (1.0 if result.present[i, j] else 0.0)
+
+
+def _one_concept_missing():
+    """Image 0 holds regions of concepts A (channels 0..3) and B (4..7); image 1 only B, with
+    a faint trace of A (1% of its level)."""
+    rng = np.random.default_rng(0)
+    acts = np.zeros((2, 8, 6, 6), np.float32)
+    acts[0, :4, :3] = 1.0
+    acts[0, 4:, 3:] = 1.0
+    acts[1, 4:] = 1.0
+    acts[1, :4, 2, 2] = 0.01
+    acts += rng.random(acts.shape).astype(np.float32) * 1e-3
+    return [np.zeros((48, 48, 3), np.uint8) + 100] * 2, acts
+
+
+@pytest.mark.parametrize("keep_maps", [True, False])
+def test_a_concept_absent_from_an_image_has_no_map_mask_or_box(keep_maps):
+    images, acts = _one_concept_missing()
+    result = dff(images, 2, activations=acts, keep_maps=keep_maps)
+    a = int(result.labels[0][5, 24])  # concept A: the top half of image 0
+    b = 1 - a
+    assert result.strength[1, a] < result.threshold  # A is only a trace in image 1
+    np.testing.assert_array_equal(result.present, [[True, True], [a == 1, a == 0]])
+    assert not result.heatmaps[1][a].any() and result.heatmaps[1][b].max() == 1.0
+    assert not result.masks(a)[1].any() and not result.masks(a, 0.0)[1].any()
+    assert result.boxes(a)[1] is None and result.boxes(a)[0] is not None
+    assert result.masks(a)[0].any() and result.masks(b)[1].all()
+    np.testing.assert_allclose(result.concept_consistency()[[a, b]], [0.5, 1.0])
+    summary = result.summary()
+    assert summary["images"][1]["boxes"][a] is None and summary["images"][1]["boxes"][b] is not None
+    assert summary["images"][1]["present"][a] is False and summary["images"][0]["present"] == [True, True]
+    assert summary["images"][1]["strength"][a] == pytest.approx(float(result.strength[1, a]), abs=1e-4)
+    # presence follows the labels' threshold: with threshold 0 the trace counts as present
+    loose = dff(images, 2, activations=acts, keep_maps=keep_maps, threshold=0.0)
+    assert loose.present.all() and loose.heatmaps[1][a].max() == 1.0
+
+
+@needs_extractor
+def test_absent_concept_on_real_pixels(filterbank):
+    """The audit's case: a red square on blue, and an all-green image (no red, no blue)."""
+    rng = np.random.default_rng(0)
+    a = np.full((64, 64, 3), (30, 60, 200), np.float32)
+    a[16:48, 16:48] = (220, 30, 30)
+    b = np.full((64, 64, 3), (40, 180, 40), np.float32)
+    a, b = (np.clip(x + rng.normal(0, 6, x.shape), 0, 255).astype(np.uint8) for x in (a, b))
+    result = dff([a, b], 3, extractor=filterbank, backend="cpu")
+    green = int(np.bincount(result.labels[1].ravel() + 1).argmax()) - 1
+    for j in range(3):
+        if j == green:
+            continue
+        assert not result.present[1, j], result.strength[1]
+        assert not result.heatmaps[1][j].any() and not result.masks(j)[1].any() and result.boxes(j)[1] is None
+        assert result.summary()["images"][1]["boxes"][j] is None
+        assert result.present[0, j] and result.boxes(j)[0] is not None
+
+
+def test_sources_keep_the_names_of_single_paths_and_iterators(tmp_path):
+    import pathlib
+
+    images, acts = block_activations(n=2)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(str(tmp_path / f"pic{i}.png"))
+        Image.fromarray(im).save(paths[-1])
+    one = acts[:1]
+    assert dff(paths[0], 2, activations=one).sources == [paths[0]]
+    assert dff(pathlib.Path(paths[0]), 2, activations=one).sources == [paths[0]]
+    assert dff(iter(paths), 2, activations=acts).sources == paths
+    assert dff((p for p in paths), 2, activations=acts).sources == paths
+    assert dff([tmp_path], 2, activations=acts).sources == paths  # a folder inside a list
+    with open(paths[1], "rb") as f:
+        assert dff([Image.open(paths[0]), f], 2, activations=acts).sources == paths
+    assert dff(list(images), 2, activations=acts).sources == ["image_0", "image_1"]
+    written = dff(paths[1], 2, activations=acts[1:]).save(tmp_path / "out", heatmaps=False)
+    assert [os.path.basename(p) for p in written["overlays"]] == ["overlay_000_pic1.png"]
+    given = list(paths)
+    dff(given, 2, activations=acts)
+    assert given == paths  # the caller's list is left alone
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_activations_are_named_as_such(bad):
+    images, acts = block_activations(n=3)
+    acts = acts.copy()
+    acts[1, 0, 0, 0] = bad
+    for negatives in ("error", "clip", "shift"):
+        with pytest.raises(ValueError, match=r"the activations you passed hold NaN or infinite values, "
+                                             r"in image 1 \(image_1\)") as info:
+            dff(images, 2, activations=acts, negatives=negatives)
+        assert "negative values" not in str(info.value) and "layer None" not in str(info.value)
+    with pytest.raises(ValueError, match="in image 1 "):
+        dff(images, 2, activations=acts, mode="per_image")
+    with pytest.raises(ValueError, match="activations of layer 'x' hold NaN"):
+        dff(images, 2, extractor=_StandInHostExtractor(acts))
+    with pytest.raises(ValueError, match=r"the activations you passed have negative values \(minimum -0.5"):
+        dff(images, 2, activations=np.nan_to_num(acts, nan=0, posinf=0, neginf=0) - 0.5)
+
+
+def _fail_if_run(*args, **kwargs):
+    raise AssertionError("the work ran although the output location is unusable")
+
+
+def test_cli_refuses_an_unusable_output_before_the_work(tmp_path, capsys, monkeypatch):
+    from dffkit import deep_feature_factorization as dff_module
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    monkeypatch.setattr(dff_module, "dff", _fail_if_run)
+    cases = [
+        (["dff", str(image), "-k", "2", "--out", str(afile)], "is a file, not a folder"),
+        (["dff", str(image), "-k", "2", "--out", str(afile / "sub")], "lies under"),
+        (["demo", "--out", str(afile), "--quiet"], "is a file, not a folder"),
+    ]
+    for argv, message in cases:
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert f"dffkit {argv[0]}: error: --out {argv[argv.index('--out') + 1]}" in err and message in err
+        assert "Traceback" not in err
+    assert afile.read_text() == "x"
+    # a folder nothing can be written into (read-only, immutable, full): the probe fails
+    from dffkit import cli as cli_module
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli_module.tempfile, "mkstemp", denied)
+    assert cli.main(["dff", str(image), "-k", "2", "--out", str(tmp_path / "ro")]) == 1
+    assert "cannot write into the folder" in capsys.readouterr().err
+
+
+def test_cli_turns_os_errors_into_one_line(tmp_path, capsys, monkeypatch):
+    from dffkit import deep_feature_factorization as dff_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "grid.png"))
+
+    monkeypatch.setattr(dff_module, "dff", disk_full)
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(image)
+    assert cli.main(["dff", str(image), "-k", "2", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    grid = tmp_path / "out" / "grid.png"
+    assert err.strip().endswith(f"dffkit dff: error: cannot use {grid}: No space left on device")
+
+
+def test_save_names_a_file_in_the_way(tmp_path):
+    images, acts = block_activations(n=1)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OSError, match="afile is a file, not a folder"):
+        dff(images, 2, activations=acts).save(tmp_path / "afile")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_cli_image_size_must_be_a_positive_int(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["dff", "img.png", "-k", "2", "--image-size", value])
+    assert info.value.code == 2
+    assert "argument --image-size: must be a positive int (pixels)" in capsys.readouterr().err

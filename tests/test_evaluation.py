@@ -218,3 +218,103 @@ def test_per_image_results_choose_a_concept_in_each_image(tmp_path):
     assert report["concept"] is None and report["mode"] == "per_image"
     assert [r["concept"] for r in report["per_image"]] == [int(lab[5, 20]) for lab in result.labels]
     assert report["jaccard"] >= 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions: bad <size>, argument checks, the output file and k checked before the work
+# ---------------------------------------------------------------------------------------------
+
+def test_read_voc_names_the_file_with_a_bad_size(tmp_path):
+    _voc(tmp_path, "000001", [("cat", 0, (1, 1, 10, 20))])
+    xml = tmp_path / "Annotations" / "000001.xml"
+    xml.write_text(xml.read_text().replace("<height>40</height>", "<height>x</height>"))
+    with pytest.raises(ValueError, match=r"000001\.xml: <size> must hold numbers, got height 'x'"):
+        read_voc_annotation(xml)
+    with pytest.raises(ValueError, match=r"000001\.xml"):
+        read_voc(tmp_path)
+
+
+def _two_groups(root, sizes=(("big", 2), ("small", 1))):
+    """An iCoseg-style folder: group ``name`` with ``n`` images of 32 x 32 and their masks."""
+    rng = np.random.default_rng(0)
+    for name, n in sizes:
+        for i in range(n):
+            img = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            mask = np.zeros((32, 32), np.uint8)
+            mask[8:24, 8:24] = 255
+            _save(root / name / f"{i}.png", img)
+            _save(root / name / "GroundTruth" / f"{i}.png", mask)
+    return root
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-images", "0"], "argument --max-images: must be a positive int (images per group), got 0"),
+    (["--max-images", "-1"], "argument --max-images: must be a positive int (images per group), got -1"),
+    (["--image-size", "0"], "argument --image-size: must be a positive int (pixels), got 0"),
+])
+def test_cli_eval_refuses_non_positive_counts(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["eval", str(tmp_path), *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@needs_extractor
+def test_cli_eval_max_images_limits_each_group(tmp_path):
+    root = _two_groups(tmp_path / "ds")
+    out = tmp_path / "ev.json"
+    assert cli.main(["eval", str(root), "-k", "2", "--max-images", "1", "--image-size", "32", "--out", str(out),
+                     "--backend", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert [g["n_images"] for g in report["groups"]] == [1, 1] and report["failed"] == []
+
+
+@needs_extractor
+def test_cli_eval_refuses_an_unusable_output_before_the_work(tmp_path, capsys, monkeypatch):
+    from dffkit import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate_coseg", lambda *a, **k: pytest.fail("evaluated in vain"))
+    root = _two_groups(tmp_path / "ds")
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, message in ((tmp_path / "ev", "is a folder: pass a file name"),
+                         (tmp_path / "afile" / "ev.json", "which is a file, not a folder")):
+        assert cli.main(["eval", str(root), "-k", "2", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"dffkit eval: error: --out {out}" in err and message in err and "Traceback" not in err
+    out = tmp_path / "new" / "deeper" / "ev.json"  # missing folders are fine: created
+    monkeypatch.setattr(evaluation, "evaluate_coseg", lambda samples, *a, **k: {
+        "jaccard": 1.0, "precision": 1.0, "concept": 0, "n_images": len(samples)})
+    assert cli.main(["eval", str(root), "-k", "2", "--out", str(out)]) == 0 and out.is_file()
+
+
+@needs_extractor
+def test_cli_eval_checks_k_against_every_group_first(tmp_path, capsys, monkeypatch):
+    """At 16 x 16 the filter bank's feature grid is 2 x 2: 8 positions for the group of two
+    images, 4 for the group of one; -k 6 fits the first only. Refused before any group runs,
+    naming the group and the largest k."""
+    from dffkit import evaluation
+
+    root = _two_groups(tmp_path / "ds")
+    calls = []
+    real = evaluation.evaluate_coseg
+    monkeypatch.setattr(evaluation, "evaluate_coseg", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = tmp_path / "ev.json"
+    base = ["eval", str(root), "--image-size", "16", "--out", str(out), "--backend", "cpu"]
+    assert cli.main([*base, "-k", "6"]) == 1
+    err = capsys.readouterr().err
+    assert "-k 6 is larger than the number of feature positions" in err and "small (1 image: at most 4)" in err
+    assert "big" not in err and "pass -k 4 or less" in err
+    assert calls == [] and not out.exists()
+    assert cli.main([*base, "-k", "6", "--per-image"]) == 1
+    assert "big (2 images: at most 4), small (1 image: at most 4)" in capsys.readouterr().err
+    assert calls == []
+    assert cli.main([*base, "-k", "4"]) == 0 and len(calls) == 2
+    # where the sizes are not known up front, the groups that fail are reported, the others kept
+    monkeypatch.setattr(evaluation, "_group_positions", lambda *a, **k: None)
+    assert cli.main([*base, "-k", "6"]) == 1
+    captured = capsys.readouterr()
+    report = json.loads(out.read_text())
+    assert [g["group"] for g in report["groups"]] == ["big"]
+    assert [f["group"] for f in report["failed"]] == ["small"]
+    assert "larger than the number of positions" in report["failed"][0]["error"]
+    assert "1 of 2 groups failed (small)" in captured.err and "big" in captured.out

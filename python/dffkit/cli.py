@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 # subcommand modules, in the order they are listed by --help
 _MODULES = ("dffkit.bench", "dffkit.deep_feature_factorization", "dffkit.evaluation", "dffkit.clustering", "dffkit.info")
@@ -44,11 +47,107 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as exc:
-        print(f"dffkit {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError, TypeError, RuntimeError) as exc:
+        print(f"dffkit {args.command}: error: {_message(exc)}", file=sys.stderr)
         return 1
     return int(result or 0)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _message(exc: BaseException) -> str:
+    """The text of an error: an OSError raised by the operating system (errno, strerror and
+    the file name) as "cannot use PATH: reason"; anything else as it is."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        where = _name(exc.filename)
+        if exc.filename2 is not None:
+            where += f" -> {_name(exc.filename2)}"
+        return f"cannot use {where}: {exc.strerror}"
+    return str(exc)
+
+
+def _name(filename) -> str:
+    return os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else str(filename)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument types and output locations, shared by the subcommands
+# ---------------------------------------------------------------------------------------------
+
+def positive_int(what: str):
+    """An argparse ``type`` for a positive int; ``what`` says what the number counts
+    (``"pixels"``) in the message for anything else."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be a positive int ({what}), got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be a positive int ({what}), got {value}")
+        return value
+
+    parse.__name__ = "positive int"  # argparse names the type in its own messages
+    return parse
+
+
+def _probe_writable(folder: Path, option: str, path) -> None:
+    """Create and remove a scratch file in ``folder``: the one check that says whether files
+    can be written there (permissions, read-only or immutable file systems, root or not)."""
+    try:
+        fd, scratch = tempfile.mkstemp(prefix=".dffkit-write-test-", dir=folder)
+    except OSError as exc:
+        raise OSError(f"{option} {path}: cannot write into the folder {folder} ({exc.strerror or exc}); "
+                      f"choose a folder you can write to") from exc
+    os.close(fd)
+    try:
+        os.unlink(scratch)
+    except OSError:  # pragma: no cover - a file we just made
+        pass
+
+
+def _make_folder(folder: Path, option: str, path) -> None:
+    """``folder`` and its missing parents created; OSError naming ``option`` and ``path``
+    when something on the way is a file or the folder cannot be made."""
+    for above in (folder, *folder.parents):
+        if above.exists():
+            if not above.is_dir():
+                what = "is a file" if above == Path(path) else f"lies under {above}, which is a file"
+                raise OSError(f"{option} {path} {what}, not a folder: pass a folder path "
+                              f"(missing folders are created)")
+            break
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"{option} {path}: cannot create the folder {folder} ({exc.strerror or exc}); "
+                      f"choose a folder you can write to") from exc
+
+
+def prepare_output_dir(path, option: str = "--out", *, probe: bool = True) -> Path:
+    """Make sure ``path`` is a folder the command can write its files into, before the work:
+    created (with its parents) when missing; OSError naming ``option`` and the path when it is
+    a file, lies under a file, or (``probe``: a scratch file is made and removed there) cannot
+    be written to."""
+    out = Path(path)
+    _make_folder(out, option, path)
+    if probe:
+        _probe_writable(out, option, path)
+    return out
+
+
+def prepare_output_file(path, option: str = "--out") -> Path:
+    """Make sure the file ``path`` can be written, before the work: its folder created when
+    missing (nothing is written to ``path`` itself); OSError naming ``option`` and the path
+    when it is a folder, its folder is a file, or it cannot be written."""
+    out = Path(path)
+    if out.is_dir():
+        raise OSError(f"{option} {path} is a folder: pass a file name for the output, "
+                      f"e.g. {out / 'dff_eval.json'}")
+    _make_folder(out.parent, option, path)
+    if out.exists():
+        try:
+            with open(out, "r+b"):  # opened for writing, left as it is
+                pass
+        except OSError as exc:
+            raise OSError(f"{option} {path}: cannot write the file ({exc.strerror or exc}); "
+                          f"choose another file name") from exc
+    else:
+        _probe_writable(out.parent, option, path)
+    return out

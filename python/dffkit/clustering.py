@@ -690,9 +690,12 @@ def _add_arguments(parser):
 
 
 def _run(args):
+    from dffkit.cli import prepare_output_dir
+
     paths = _expand_images(args.images)
     if args.n_clusters < 1 or args.n_clusters > len(paths):
         raise ValueError(f"-n must be between 1 and the number of images ({len(paths)})")
+    prepare_output_dir(args.out)  # before the work: a file there, or no right to write, fails now
     extractor = None if args.model is None else args.model
     result = cluster_images(paths, args.n_clusters, extractor=extractor, layer=args.layer,
                             n_parts=args.parts, method=args.method, assign=args.assign,

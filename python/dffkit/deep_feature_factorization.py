@@ -10,13 +10,20 @@ returns a :class:`DFFResult`; ``CLI`` holds the ``dffkit dff`` and ``dffkit demo
 
 Heat-map conventions (one place, so that every consumer agrees):
 
-- ``heatmaps[i][j]``: concept j in image i at the image's size, divided by its own maximum
-  (a map whose maximum is 0, a concept absent from the image, stays 0);
-- ``strength[i, j]``: that maximum relative to concept j's largest maximum over the images
-  factorized together (joint mode: all images; per-image mode: the image itself), so
+- ``strength[i, j]``: the maximum of concept j's upsampled map in image i relative to
+  concept j's largest maximum over the images factorized together (joint mode: all images;
+  per-image mode: the image itself, so 1 wherever the map is not 0);
+- presence: concept j is **present** in image i when ``strength[i, j] > 0`` and
+  ``strength[i, j] >= threshold`` (the labels' background threshold, default 0.2); else it
+  is absent (``DFFResult.present``). An absent concept cannot label any pixel of the image,
+  since a pixel's relative heat is at most its map's strength;
+- ``heatmaps[i][j]``: concept j in image i at the image's size, divided by its own maximum,
+  so a present concept's map peaks at exactly 1.0; an absent concept's map is all 0;
   ``heatmaps[i][j] * strength[i, j]`` compares one concept across images;
 - ``labels[i]``: argmax over j of ``heatmaps[i][j] * strength[i, j]``, -1 where that maximum
-  is below ``threshold`` (``assign="argmax"``).
+  is below ``threshold`` (``assign="argmax"``);
+- ``masks``, ``boxes`` and ``summary()``'s boxes cover a concept's region only in the images
+  where it is present (empty masks, None boxes elsewhere).
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dffkit import _backends
+from dffkit.cli import positive_int, prepare_output_dir
 
 __all__ = [
     "dff",
@@ -117,9 +125,22 @@ def _upsampled(ops, A, size):
     return ops.upsample(A, Ry, RxT)
 
 
-def _inverse(peaks) -> np.ndarray:
-    """1 / peaks as float32, 0 where a peak is not positive (a concept absent from an image)."""
-    return np.where(peaks > 0, 1.0 / np.where(peaks > 0, peaks, 1.0), 0.0).astype(np.float32)
+def _presence(strength, threshold) -> np.ndarray:
+    """(N, k) bool: concept j is present in image i when ``strength[i, j]`` is positive and at
+    least ``threshold``, the labels' background threshold (compared in float32, as the labels
+    compare). Below it no pixel of image i can be labelled j (a pixel's relative heat is at
+    most its map's strength), so the concept has no region there: its heat map is 0, its
+    masks empty and its boxes None."""
+    s = np.asarray(strength, dtype=np.float32)
+    return (s > 0) & (s >= np.float32(threshold))
+
+
+def _divisors(peaks, present) -> np.ndarray:
+    """What ``heat`` divides each upsampled map by: its peak (float32, the maximum of the map
+    itself, so the peak's pixel becomes exactly 1), infinity where the concept is absent (its
+    map becomes 0)."""
+    peaks = np.asarray(peaks, dtype=np.float32)
+    return np.where(np.asarray(present, dtype=bool) & (peaks > 0), peaks, np.float32(np.inf)).astype(np.float32)
 
 
 def connected_components(mask, connectivity: int = 8):
@@ -258,9 +279,16 @@ class _ArrayOps:
         """Frobenius norm."""
         return float(self.xp.linalg.norm(X))
 
-    def heat(self, U, inv):
-        """(n, k, H, W) upsampled maps divided by their peaks ``inv`` (n, k), clipped to [0, 1]."""
-        return self.clip(U * self.asarray(inv)[:, :, None, None], 0.0, 1.0)
+    def all_finite(self, a) -> bool:
+        """Whether every value of ``a`` is finite (no NaN, no infinity)."""
+        return bool(self.xp.isfinite(a).all())
+
+    def heat(self, U, divisors):
+        """(n, k, H, W) upsampled maps divided by ``divisors`` (n, k) float32 (``_divisors``:
+        their peaks, infinity for absent concepts), clipped to [0, 1]. A division, not a
+        product with 1 / peak: the peak's pixel comes out exactly 1 (peak * float32(1 / peak)
+        is 1 - 2**-24 for some peaks)."""
+        return self.clip(U / self.asarray(divisors)[:, :, None, None], 0.0, 1.0)
 
     def labels_of(self, heat, strength, threshold):
         """Labels of ``heat`` weighted by ``strength`` (n, k): ``labels(heat * strength)``."""
@@ -290,9 +318,13 @@ class _NumpyOps(_ArrayOps):
         out = _backends.cpu().resample_bilinear(planes, H, W, *bilinear_taps(H, h), *bilinear_taps(W, w))
         return out.reshape(n, k, H, W)
 
-    def heat(self, U, inv):
-        """In place: U is this pipeline's own array (``resample``'s)."""
-        U *= np.asarray(inv, np.float32)[:, :, None, None]
+    def all_finite(self, a) -> bool:
+        return bool(np.isfinite(a).all())
+
+    def heat(self, U, divisors):
+        """In place: U is this pipeline's own array (``resample``'s). Division costs what the
+        product costs here (memory-bound)."""
+        np.divide(U, np.asarray(divisors, np.float32)[:, :, None, None], out=U)
         return np.clip(U, 0.0, 1.0, out=U)
 
     def labels_of(self, heat, strength, threshold):
@@ -373,6 +405,9 @@ class _TorchOps(_ArrayOps):
     def norm(self, X) -> float:
         return float(X.norm())
 
+    def all_finite(self, a) -> bool:
+        return bool(self.torch.isfinite(a).all())
+
 
 def _device_ops(extractor, backend):
     """The GPU array library to keep activations on the device, or None for the host path.
@@ -421,11 +456,17 @@ class DFFResult:
     ----------
     heatmaps : list of N float32 arrays (k, H_i, W_i) in [0, 1]
         Concept j in image i at the image's original size, each map divided by its maximum
-        (a map of a concept absent from the image is 0). Host memory. With
-        ``dff(..., keep_maps=False)`` a sequence that computes an image's maps when read.
+        (so exactly 1.0 at its peak) where the concept is present; all 0 where it is absent
+        (see ``present``). Host memory. With ``dff(..., keep_maps=False)`` a sequence that
+        computes an image's maps when read.
     strength : (N, k) float32
         Maximum of concept j in image i relative to its largest maximum over the images
-        factorized together (see the module notes).
+        factorized together (see the module notes); kept for absent concepts too.
+    present : (N, k) bool (a property)
+        Concept j is present in image i when ``0 < strength[i, j]`` and
+        ``strength[i, j] >= threshold``, the labels' background threshold: below it no pixel
+        of the image can carry the concept's label. Absent concepts have a zero heat map,
+        empty masks and no box.
     labels : list of N int16 arrays (H_i, W_i)
         Concept per pixel, -1 for background (below ``threshold``); a sequence computed
         when read with ``keep_maps=False``.
@@ -461,6 +502,12 @@ class DFFResult:
             raise ValueError(f"concept must be in 0..{self.n_concepts - 1}, got {concept}")
         return int(concept)
 
+    @property
+    def present(self) -> np.ndarray:
+        """(N, k) bool: whether concept j is present in image i, ``0 < strength[i, j]`` and
+        ``strength[i, j] >= threshold`` (the rule of the module notes)."""
+        return _presence(self.strength, self.threshold)
+
     def names_for(self, i: int) -> List[str]:
         """The concept names that apply to image i."""
         if self.mode == "per_image":
@@ -471,26 +518,32 @@ class DFFResult:
     def masks(self, concept: int, threshold: float = 0.5) -> List[np.ndarray]:
         """Boolean (H_i, W_i) masks where concept's heat map is at least ``threshold``
         (each map is relative to its own maximum, so the concept's strongest region in every
-        image where it is present)."""
+        image where it is present; ``threshold=1.0`` keeps its peak); empty in the images
+        where it is absent (``present``)."""
         j = self._concept(concept)
-        _check_fraction("threshold", threshold)
-        return [hm[j] >= threshold if hm[j].max() > 0 else np.zeros(hm.shape[1:], bool) for hm in self.heatmaps]
+        threshold = _check_fraction("threshold", threshold)
+        present = self.present[:, j]
+        return [hm[j] >= threshold if present[i] else np.zeros(hm.shape[1:], bool)
+                for i, hm in enumerate(self.heatmaps)]
 
     def boxes(self, concept: int, threshold: float = 0.5) -> List[Optional[Tuple[int, int, int, int]]]:
         """Per image, the box (x0, y0, x1, y1; x1, y1 exclusive) of the largest connected
-        region of ``masks(concept, threshold)``, or None where the mask is empty."""
+        region of ``masks(concept, threshold)``, or None where the mask is empty (the concept
+        is absent from the image)."""
         return [mask_box(largest_component(m)) for m in self.masks(concept, threshold)]
 
     def concept_consistency(self, min_area: float = 0.02) -> np.ndarray:
-        """(k,) float: for each concept, the fraction of images in which its label covers at
-        least ``min_area`` of the pixels (how common the concept is across the set)."""
+        """(k,) float: for each concept, the fraction of images in which it is present
+        (``present``) and its label covers at least ``min_area`` of the pixels (how common
+        the concept is across the set)."""
         _check_fraction("min_area", min_area)
         k = self.n_concepts
-        present = np.zeros(k)
-        for lab in self.labels:
+        present = self.present
+        count = np.zeros(k)
+        for i, lab in enumerate(self.labels):
             area = np.bincount(lab[lab >= 0].ravel().astype(np.int64), minlength=k)[:k] / max(lab.size, 1)
-            present += area >= max(min_area, 1e-12)
-        return present / max(self.n_images, 1)
+            count += (area >= max(min_area, 1e-12)) & present[i]
+        return count / max(self.n_images, 1)
 
     # ---- pictures
     def overlay(self, i: int, *, opacity: float = 0.75, legend: bool = True):
@@ -542,8 +595,9 @@ class DFFResult:
     # ---- records
     def summary(self) -> dict:
         """A JSON-ready description: settings, model, concept names, consistency, per-image
-        strength and boxes of each concept, timings."""
+        strength, presence, label area and box (None where absent) of each concept, timings."""
         consistency = self.concept_consistency()
+        present = self.present
         return {
             "method": "Deep Feature Factorization (Collins et al., ECCV 2018)",
             "n_images": self.n_images,
@@ -570,8 +624,9 @@ class DFFResult:
                  "feature_size": list(self.feature_sizes[i]),
                  "concept_names": self.names_for(i) if self.mode == "per_image" else None,
                  "strength": [round(float(s), 4) for s in self.strength[i]],
+                 "present": [bool(p) for p in present[i]],
                  "area": [round(float((self.labels[i] == j).mean()), 4) for j in range(self.n_concepts)],
-                 "boxes": [mask_box(largest_component(self.heatmaps[i][j] >= 0.5)) if self.heatmaps[i][j].max() > 0 else None
+                 "boxes": [mask_box(largest_component(self.heatmaps[i][j] >= 0.5)) if present[i, j] else None
                            for j in range(self.n_concepts)]}
                 for i in range(self.n_images)
             ],
@@ -596,8 +651,7 @@ class DFFResult:
         report = _progress_callback(progress, self.n_images, label="pictures ")
         done, done_lock = [0], threading.Lock()
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        out = prepare_output_dir(directory, option="directory", probe=False)
         if heatmaps:
             (out / "heatmaps").mkdir(exist_ok=True)
         stems = _unique_stems(self.sources)
@@ -831,9 +885,40 @@ def _split_activations(acts) -> list:
 
 def _describe_source(item, i) -> str:
     if isinstance(item, (str, os.PathLike)):
-        return os.fspath(item)
-    name = getattr(item, "filename", None)
-    return name if isinstance(name, str) and name else f"image_{i}"
+        return os.fsdecode(item)
+    for attr in ("filename", "name"):  # a PIL image read from a file; a file object
+        name = getattr(item, attr, None)
+        if isinstance(name, str) and name and not isinstance(item, np.ndarray):
+            return name
+    return f"image_{i}"
+
+
+def _image_items(images) -> list:
+    """``images`` as a new list of single images, their paths kept for ``sources``: one path
+    (str or os.PathLike) is one image, a folder (alone or in a list) its image files in name
+    order, an iterator is read once, a 4-D array is N images."""
+    from dffkit.images import as_image_list
+
+    items = []
+    for item in as_image_list(images):
+        if isinstance(item, (str, os.PathLike)) and os.path.isdir(item):
+            items.extend(_expand_images([os.fsdecode(item)]))
+        else:
+            items.append(item)
+    return items
+
+
+def _check_finite(ops, per, sources, what: str) -> None:
+    """ValueError naming the images whose activations hold NaN or infinity."""
+    bad = [i for i, a in enumerate(per) if not ops.all_finite(a)]
+    if not bad:
+        return
+    shown = ", ".join(f"{i} ({sources[i]})" for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise ValueError(
+        f"{what} hold NaN or infinite values, in image{'s' if len(bad) > 1 else ''} {shown}: DFF needs finite "
+        "activations (negatives='clip' or 'shift' do not repair them); check the model and the layer, or the "
+        "array, and replace those values"
+    )
 
 
 def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None, mode: str = "joint",
@@ -844,9 +929,11 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
 
     Parameters
     ----------
-    images : path, PIL image, uint8 array (H, W, 3), a sequence of them, or a folder
+    images : path, PIL image, uint8 array (H, W, 3), a sequence or iterator of them, or a folder
         Read with ``dffkit.images.load_images`` (EXIF orientation applied, any mode to RGB).
-        Heat maps come back at each image's original size.
+        Heat maps come back at each image's original size. ``sources`` keeps the paths (a
+        folder, alone or in a list, stands for its image files in name order); in-memory
+        images are named ``image_<i>``.
     n_concepts : int
         k, the number of concepts (rank of the factorization), 1 <= k <= number of positions
         (N·h·w jointly, h·w per image).
@@ -871,7 +958,10 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         concepts) on the L2-normalised rows of W, upsampled by majority of bilinear weights.
     threshold : float in [0, 1]
         Pixels whose strongest relative heat (``heatmaps * strength``) is below it are
-        labelled -1 (background).
+        labelled -1 (background). It also decides presence: concept j is present in image i
+        when ``strength[i, j] > 0`` and ``strength[i, j] >= threshold`` (else no pixel of
+        the image could carry its label); the heat map of an absent concept is 0, its masks
+        are empty and its boxes None (``DFFResult.present``).
     activations : array (N, C, h, w) or list of (C, h, w), optional
         Precomputed non-negative activations of ``images`` (host or GPU): the extractor is
         not run. ``extractor`` may still be passed for its metadata and classifier head.
@@ -893,8 +983,9 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
 
     Raises
     ------
-    ValueError : no images, k < 1, k larger than the number of positions, negative
-        activations with ``negatives="error"``, unknown option values.
+    ValueError : no images, k < 1, k larger than the number of positions, NaN or infinite
+        activations (naming the images), negative activations with ``negatives="error"``,
+        unknown option values.
     """
     from dffkit.images import image_sizes, load_images
     from dffkit.nmf import ConvergenceWarning, _check_backend, nmf_batched, non_negative_factorization
@@ -911,13 +1002,10 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     t0 = time.perf_counter()
     if images is None:
         raise ValueError("no images given")
-    if isinstance(images, (str, os.PathLike)) and os.path.isdir(images):
-        images = _expand_images([os.fspath(images)])
-    items = images if isinstance(images, (list, tuple)) else None
-    pil = load_images(images)
-    if not pil:
+    items = _image_items(images)
+    if not items:
         raise ValueError("no images given: pass at least one image path, PIL image or array")
-    items = items if items is not None and len(items) == len(pil) else [None] * len(pil)
+    pil = load_images(items)
     sources = [_describe_source(it, i) for i, it in enumerate(items)]
     sizes = image_sizes(pil)
     timings["load"] = time.perf_counter() - t0
@@ -950,6 +1038,9 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     if len(channels) != 1:
         raise ValueError(f"activations of the images have different channel counts {sorted(channels)}")
     C = channels.pop()
+    what = ("the activations you passed" if activations is not None
+            else f"the activations of layer {getattr(ext, 'layer', layer)!r}")
+    _check_finite(ops, per, sources, what)
     feature_sizes = [(int(a.shape[1]), int(a.shape[2])) for a in per]
     positions = [h * w for h, w in feature_sizes]
     if mode == "joint" and k > sum(positions):
@@ -975,7 +1066,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
             X = ops.matrix(stacked)
         else:
             X = ops.concat([ops.matrix(a[None]) for a in per])
-        X = _nonnegative(ops, X, negatives, getattr(ext, "layer", layer))
+        X = _nonnegative(ops, X, negatives, what)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             W, H, n_iter, info = non_negative_factorization(
@@ -986,7 +1077,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         errors = float(info.error) / max(ops.norm(X), 1e-30)
     else:
         Xs = [ops.matrix(ops.asarray(a)[None]) for a in per]
-        Xs = [_nonnegative(ops, x, negatives, getattr(ext, "layer", layer)) for x in Xs]
+        Xs = [_nonnegative(ops, x, negatives, what) for x in Xs]
         batch = ops.stack(Xs) if same_grid and ops.name != "numpy" else Xs
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -1099,13 +1190,15 @@ def _extract(ext, pil, ops, report):
     return per, ops is not None
 
 
-def _nonnegative(ops, X, negatives, layer):
+def _nonnegative(ops, X, negatives, what: str):
+    """X with its negative values handled by ``negatives``; ``what`` names the activations
+    in the error ("the activations of layer 'conv5_3'"). X is finite (``_check_finite``)."""
     lo = float(_host(X.min()))
     if lo >= 0:
         return X
     if negatives == "error":
         raise ValueError(
-            f"the activations of layer {layer!r} have negative values (minimum {lo:.4g}): DFF needs "
+            f"{what} have negative values (minimum {lo:.4g}): DFF needs "
             "non-negative activations, e.g. a layer after its ReLU; or pass negatives='clip' (set them "
             "to 0) or negatives='shift' (subtract each channel's minimum)"
         )
@@ -1159,14 +1252,16 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
         del U
     reference = peaks.max(axis=0, keepdims=True) if mode == "joint" else peaks
     strength = np.where(reference > 0, peaks / np.where(reference > 0, reference, 1.0), 0.0).astype(np.float32)
+    divisors = _divisors(peaks, _presence(strength, threshold))
     if not keep:
         cells = _kmeans_cells(loadings, peaks, mode, threshold, k) if assign == "kmeans" else None
-        lazy = _LazyMaps(loadings, sizes, peaks, strength, threshold, cells)
+        lazy = _LazyMaps(loadings, sizes, divisors, strength, threshold, cells,
+                         host_peaks=isinstance(ops, _NumpyOps))
         return lazy.heatmaps, strength, lazy.labels, loadings
     heatmaps: List[Optional[np.ndarray]] = [None] * n_images
     labels: List[Optional[np.ndarray]] = [None] * n_images
     for ((h, w, H, Wd), idx), U in zip(batches, ups):
-        heat = ops.heat(U, _inverse(peaks[idx]))
+        heat = ops.heat(U, divisors[idx])
         if assign == "argmax":
             lab = _host(ops.labels_of(heat, strength[idx], threshold))
             for t, i in enumerate(idx):
@@ -1235,13 +1330,17 @@ def _upsample_cells(cells, size, k) -> np.ndarray:
 
 class _LazyMaps:
     """Heat maps and labels computed on the host when read (``dff(..., keep_maps=False)``),
-    from each image's loadings and the maxima found once for all: the same values as the
-    maps kept in memory, a few images' worth held at a time (the last ``cache`` read)."""
+    from each image's loadings and the maxima found once for all (``divisors``, see
+    ``_divisors``): the same values as the maps kept in memory, a few images' worth held at a
+    time (the last ``cache`` read). ``host_peaks=False``: the maxima were found on a GPU,
+    whose upsampling rounds differently; each present map is then divided by the maximum of
+    its host upsampling, so that it still peaks at exactly 1."""
 
-    def __init__(self, loadings, sizes, peaks, strength, threshold, kmeans_cells=None, cache: int = 2):
+    def __init__(self, loadings, sizes, divisors, strength, threshold, kmeans_cells=None, cache: int = 2,
+                 host_peaks: bool = True):
         self.loadings, self.sizes = loadings, [tuple(s) for s in sizes]
-        self.peaks, self.strength, self.threshold = peaks, strength, threshold
-        self.kmeans_cells, self.cache = kmeans_cells, cache
+        self.divisors, self.strength, self.threshold = divisors, strength, threshold
+        self.kmeans_cells, self.cache, self.host_peaks = kmeans_cells, cache, host_peaks
         self._held: Dict[int, tuple] = {}
         self._lock = threading.Lock()
         self.heatmaps = _MapSequence(self, 0, "heat maps")
@@ -1275,7 +1374,12 @@ class _LazyMaps:
     def _compute(self, i: int) -> tuple:
         ops = _NumpyOps()
         A = np.ascontiguousarray(self.loadings[i].transpose(2, 0, 1))[None]  # (1, k, h, w)
-        heat = ops.heat(_upsampled(ops, A, self.sizes[i]), _inverse(self.peaks[i:i + 1]))
+        U = _upsampled(ops, A, self.sizes[i])
+        divisors = self.divisors[i:i + 1]
+        if not self.host_peaks:
+            peaks = U.max(axis=(2, 3))
+            divisors = np.where(np.isfinite(divisors) & (peaks > 0), peaks, np.float32(np.inf)).astype(np.float32)
+        heat = ops.heat(U, divisors)
         if self.kmeans_cells is None:
             lab = ops.labels_of(heat, self.strength[i:i + 1], self.threshold)[0]
         else:
@@ -1351,12 +1455,15 @@ def _add_common_arguments(p, k_default: int):
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threshold", type=float, default=0.2, help="background below this relative heat")
+    p.add_argument("--threshold", type=float, default=0.2,
+                   help="background below this relative heat; a concept whose strength in an image is below "
+                        "it is absent there (no heat map, mask or box)")
     p.add_argument("--assign", choices=_ASSIGN, default="argmax", help="label pixels by argmax or k-means")
     p.add_argument("--negatives", choices=_NEGATIVES, default="error",
                    help="negative activations: refuse, clip to 0, or shift by each channel's minimum")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize images to this square size for the network (default: the extractor's)")
+    p.add_argument("--image-size", type=positive_int("pixels"), default=None,
+                   help="resize images to this square size in pixels for the network, a positive int "
+                        "(default: the extractor's, 224 for the built-in models)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -1377,7 +1484,7 @@ def _build_extractor(args):
 
     model = args.model or "filterbank"
     kwargs = {"providers": "cpu" if args.backend == "cpu" else "auto"}
-    if args.image_size:
+    if args.image_size is not None:  # the parser lets positive ints only through (positive_int)
         kwargs["image_size"] = args.image_size
     with warnings.catch_warnings():
         # the command prints its own note about untrained weights
@@ -1387,6 +1494,7 @@ def _build_extractor(args):
 
 def _run(args, paths, *, noted: bool = False) -> int:
     ext = _build_extractor(args)
+    prepare_output_dir(args.out)  # before the work: a file there, or no right to write, fails now
     print(f"model {_model_name(ext)}, layer {ext.layer}, provider {getattr(ext, 'provider', '?')}; "
           f"{len(paths)} images, k={args.k}, {'per image' if args.per_image else 'joint'}", file=sys.stderr)
     note = _model_note(_model_name(ext), getattr(ext, "untrained", False))

@@ -27,6 +27,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dffkit.cli import positive_int, prepare_output_file
+
 __all__ = [
     "jaccard",
     "precision",
@@ -245,7 +247,12 @@ def read_voc_annotation(path) -> BoxSample:
     size = None
     size_el = ann.find("size")
     if size_el is not None and size_el.findtext("height") and size_el.findtext("width"):
-        size = (int(float(size_el.findtext("height"))), int(float(size_el.findtext("width"))))
+        height, width = size_el.findtext("height").strip(), size_el.findtext("width").strip()
+        try:
+            size = (int(float(height)), int(float(width)))
+        except ValueError as e:
+            raise ValueError(f"{path}: <size> must hold numbers, got height {height!r} and width {width!r} ({e}); "
+                             "fix or remove the <size> element") from e
     boxes, names, difficult = [], [], []
     for obj in ann.iter("object"):
         bb = obj.find("bndbox")
@@ -448,15 +455,61 @@ def _eval_arguments(p):
     p.add_argument("--group", action="append", default=None,
                    help="only these groups (iCoseg folders / VOC classes); repeatable")
     p.add_argument("--image-set", default=None, help="VOC: ImageSets/Main/<name>.txt to use")
-    p.add_argument("--max-images", type=int, default=None, help="at most this many images per group")
+    p.add_argument("--max-images", type=positive_int("images per group"), default=None,
+                   help="at most this many images per group, a positive int (default: all)")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--image-size", type=positive_int("pixels"), default=None,
+                   help="resize images to this square size in pixels for the network, a positive int "
+                        "(default: the extractor's, 224 for the built-in models)")
     p.add_argument("--out", default="dff_eval.json", help="where to write the metrics (JSON)")
 
 
+def _group_positions(ext, n_images: int, per_image: bool) -> Optional[int]:
+    """The most concepts DFF can find in a group of ``n_images`` images with extractor ``ext``
+    (its number of feature positions: n·h·w jointly, h·w per image), from shape inference at
+    the extractor's fixed image size, without running it; None where that is not known
+    cheaply (images resized to sizes of their own, or a model shape inference cannot follow)."""
+    hw = getattr(ext, "image_size", None)
+    if getattr(ext, "resize", "fixed") != "fixed" or not isinstance(hw, tuple) or not hasattr(ext, "output_shape"):
+        return None
+    try:
+        shape = ext.output_shape(hw)
+    except Exception:  # shape inference is a convenience here: the run itself tells
+        return None
+    if shape is None:
+        return None
+    positions = int(shape[1]) * int(shape[2])
+    return positions if per_image else positions * n_images
+
+
+def _check_k_fits(k: int, ext, groups: Dict[str, list], per_image: bool) -> None:
+    """ValueError, before any group is computed, naming the groups too small for k concepts
+    and the largest k that all groups allow."""
+    limits = {name: _group_positions(ext, len(samples), per_image) for name, samples in groups.items()}
+    known = {name: n for name, n in limits.items() if n is not None}
+    too_small = sorted(name for name, n in known.items() if k > n)
+    if not too_small:
+        return
+    grid = "feature positions per image" if per_image else "feature positions (images x feature grid)"
+    listed = ", ".join(f"{name} ({len(groups[name])} image{'s' if len(groups[name]) != 1 else ''}: at most "
+                       f"{known[name]})" for name in too_small[:10])
+    if len(too_small) > 10:
+        listed += f" and {len(too_small) - 10} more"
+    raise ValueError(
+        f"-k {k} is larger than the number of {grid} of group{'s' if len(too_small) > 1 else ''} {listed}; "
+        f"the largest k every group allows is {min(known.values())}: pass -k {min(known.values())} or less, "
+        "a larger --image-size, or leave those groups out with --group"
+    )
+
+
 def run_eval(args) -> int:
-    """``dffkit eval DATASET``: DFF per group, metrics printed and written as JSON."""
+    """``dffkit eval DATASET``: DFF per group, metrics printed and written as JSON.
+
+    Everything that can be checked cheaply is checked before the first group is computed
+    (the output file, k against every group's number of feature positions); a group that
+    still fails is reported in the JSON (``failed``) and on stderr, the other groups are
+    evaluated, and the exit status is 1."""
     from dffkit.deep_feature_factorization import _build_extractor, _check_k, _model_note, _model_name
 
     _check_k(args.k)
@@ -468,22 +521,32 @@ def run_eval(args) -> int:
         groups = read_voc(root, classes=args.group, image_set=args.image_set)
     else:
         groups = read_icoseg(root, groups=args.group)
+    groups = {name: groups[name][: args.max_images] if args.max_images is not None else groups[name]
+              for name in sorted(groups)}
     args.quiet = True
     ext = _build_extractor(args)
+    _check_k_fits(args.k, ext, groups, args.per_image)
+    out = prepare_output_file(args.out)
     note = _model_note(_model_name(ext), getattr(ext, "untrained", False))
     if note:
         print(f"note: {note}", file=sys.stderr)
-    reports = []
-    for name in sorted(groups):
-        samples = groups[name][: args.max_images] if args.max_images else groups[name]
+    reports, failed = [], []
+    for name, samples in groups.items():
         kwargs = dict(extractor=ext, mode="per_image" if args.per_image else "joint", backend=args.backend,
                       random_state=args.seed, threshold=0.2, name_concepts=False)
-        if fmt == "voc":
-            rep = evaluate_coloc(samples, args.k, choose=args.choose, mask_threshold=args.threshold, **kwargs)
-            line = f"CorLoc {rep['corloc']:.3f}"
-        else:
-            rep = evaluate_coseg(samples, args.k, choose=args.choose, mask_threshold=args.threshold, **kwargs)
-            line = f"Jaccard {rep['jaccard']:.3f}  precision {rep['precision']:.3f}"
+        try:
+            if fmt == "voc":
+                rep = evaluate_coloc(samples, args.k, choose=args.choose, mask_threshold=args.threshold, **kwargs)
+                line = f"CorLoc {rep['corloc']:.3f}"
+            else:
+                rep = evaluate_coseg(samples, args.k, choose=args.choose, mask_threshold=args.threshold, **kwargs)
+                line = f"Jaccard {rep['jaccard']:.3f}  precision {rep['precision']:.3f}"
+        except (ValueError, OSError) as exc:  # this group's data: the others are still evaluated
+            from dffkit.cli import _message
+
+            failed.append({"group": name, "n_images": len(samples), "error": _message(exc)})
+            print(f"{name:<30} {len(samples):4d} images  FAILED: {_message(exc)}", file=sys.stderr)
+            continue
         rep["group"] = name
         reports.append(rep)
         print(f"{name:<30} {len(samples):4d} images  concept {rep['concept']}  {line}")
@@ -497,17 +560,22 @@ def run_eval(args) -> int:
         "layer": ext.layer,
         "untrained": bool(getattr(ext, "untrained", False)),
         "note": note,
-        "mean": {key: float(np.mean([r[key] for r in reports]))},
+        "mean": {key: float(np.mean([r[key] for r in reports]))} if reports else {},
         "groups": reports,
+        "failed": failed,
     }
-    if fmt != "voc":
+    if fmt != "voc" and reports:
         summary["mean"]["precision"] = float(np.mean([r["precision"] for r in reports]))
-    print("mean over groups: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items()))
-    out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        out.parent.mkdir(parents=True)
+    if reports:
+        means = ", ".join(f"{k} {v:.3f}" for k, v in summary["mean"].items())
+        print(f"mean over {len(reports)} group{'s' if len(reports) != 1 else ''}: {means}")
     out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out.resolve()}")
+    if failed:
+        print(f"dffkit eval: error: {len(failed)} of {len(groups)} groups failed ("
+              + ", ".join(f["group"] for f in failed[:10]) + (" ..." if len(failed) > 10 else "")
+              + f"); their errors are listed under \"failed\" in {out}", file=sys.stderr)
+        return 1
     return 0
 
 
