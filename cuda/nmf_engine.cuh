@@ -516,7 +516,11 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   if (p.group_offsets)
     DFFKIT_CUDA_TRY(cudaMemcpyAsync(goff, p.group_offsets, (p.n_groups + 1) * sizeof(i64),
                                     cudaMemcpyHostToDevice, s));
-  if (!kl) {
+  // The error: KL and float32 (every mode of it) from one pass over X (error_kernel); float64
+  // from the sweep's statistics (the trace identity, no extra pass). In float32 the identity's
+  // terms, each about ||X||^2, cancel to rounding noise when the fit is good (cuda/NOTES.md).
+  const bool direct = kl || std::is_same<T, float>::value;
+  if (!direct) {
     // ||X||^2 in the fixed chunk order (of the values the sweep reads)
     if (std::is_same<XS, T>::value) {
       launch_fixed_order_sum(Xd, m * n, sizeof(T) == 4 ? cuda::DType::f32 : cuda::DType::f64,
@@ -550,7 +554,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
     DFFKIT_CUDA_CHECK_LAUNCH("finalize_kernel");
   };
   stats();
-  if (kl || o.max_iter < 1) full_error(0, 1, 0);
+  if (direct || o.max_iter < 1) full_error(0, 1, 0);
 
   const std::size_t smem = L.used;
   if constexpr (!GEMM) {
@@ -611,8 +615,8 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   for (int it = 1; it <= o.max_iter; ++it) {
     const bool check = o.tol > 0 && it % 10 == 0;
     const bool need_err = check || it == o.max_iter || o.record_objective;
-    const bool first = it == 1 && !kl;
-    const bool want_P = kl ? o.update_H : (o.update_H || need_err);
+    const bool first = it == 1 && !direct;
+    const bool want_P = o.update_H || (need_err && !direct);
     if (q.groups) {
       group_norm_kernel<T><<<unsigned((p.n_groups * k + 255) / 256), 256, 0, s>>>(
           st, W, goff, p.n_groups, k, gnorm);
@@ -635,7 +639,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
     if (want_P) reduce_parts(Ppart, kn);
     reduce_kernel<T><<<1, NT, 0, s>>>(st, int(nbd), k, Gpart, cspart, d0p, ggp, GW, colsum, kl, first);
     DFFKIT_CUDA_CHECK_LAUNCH("reduce_kernel");
-    if (o.update_H || (need_err && !kl)) {
+    if (o.update_H || (need_err && !direct)) {
       h_update_kernel<T><<<unsigned(nbh), NT, 0, s>>>(st, q, 1, n, k, Ppart, H, GW, colsum,
                                                        o.update_H, php);
       DFFKIT_CUDA_CHECK_LAUNCH("h_update_kernel");
@@ -650,7 +654,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
       penalty_kernel<T><<<1, NT, 0, s>>>(st, q, W, H, m, n, k, gnorm, p.n_groups);
       DFFKIT_CUDA_CHECK_LAUNCH("penalty_kernel");
     }
-    if (kl && need_err) {
+    if (direct && need_err) {
       full_error(it, 1, check);
     } else {
       finalize_kernel<T><<<1, 32, 0, s>>>(st, it, need_err, check, 0, kl, o.tol, int(nbh), php,

@@ -154,30 +154,37 @@ __device__ __forceinline__ void error_terms(T x, T wh, bool kl, double& s, doubl
   }
 }
 
-/// sqrt(2 * beta-divergence(X, W H)), one pass; X row i at xrow(i).
+/// Rows [r0, r1)'s share of the beta-divergence of X and W H (Frobenius: sum (x - wh)^2; KL:
+/// sum x log(x / wh) - x + wh), one pass, in every thread of the block; X row i at xrow(i).
+/// The shares of row ranges add up to the whole (rows_error turns it into the error).
 template <class T, class XS, class XRow>
-__device__ double full_error_block(const XRow& xrow, const T* W, const T* H, i64 m, i64 n, int k,
-                                   bool kl, double* red) {
+__device__ double rows_divergence(const XRow& xrow, const T* W, const T* H, i64 r0, i64 r1, i64 n,
+                                  int k, bool kl, double* red) {
   double s = 0, sx = 0;
-  for (i64 e = threadIdx.x; e < m * n; e += NT) {
+  for (i64 e = r0 * n + threadIdx.x; e < r1 * n; e += NT) {
     const i64 i = e / n, l = e - i * n;
     T wh = T(0);
     for (int j = 0; j < k; ++j) wh += W[i * k + j] * H[j * n + l];
     error_terms(xget<T>(xrow(i) + l), wh, kl, s, sx);
   }
   s = block_sum(s, red);
-  if (!kl) return std::sqrt(s);
+  if (!kl) return s;
   sx = block_sum(sx, red);
   double t = 0;
   for (int j = threadIdx.x; j < k; j += NT) {
     double cw = 0, rh = 0;
-    for (i64 i = 0; i < m; ++i) cw += double(W[i * k + j]);
+    for (i64 i = r0; i < r1; ++i) cw += double(W[i * k + j]);
     for (i64 l = 0; l < n; ++l) rh += double(H[j * n + l]);
     t += cw * rh;
   }
   t = block_sum(t, red);
-  const double div = s + t - sx;
-  return std::sqrt(2.0 * (div > 0 ? div : 0.0));
+  return s + t - sx;
+}
+
+/// The error from rows_divergence's total: its square root (Frobenius), or that of twice it (KL).
+DFFKIT_HD double divergence_error(double div, bool kl) {
+  const double d = div > 0 ? div : 0.0;
+  return std::sqrt(kl ? 2.0 * d : d);
 }
 
 /// Penalty part of the objective (scikit-learn's terms, the group term, 1/2 mu ||H||^2).
@@ -258,8 +265,12 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
   __syncthreads();
 
   const bool kl = q.kl != 0;
+  // The error: KL and float32 from one pass over X (full_error); float64 from the sweep's
+  // statistics (the trace identity), or the pass where those leave less than 1e-8 of ||X||^2.
+  // (In float32 the identity's terms, each about ||X||^2, cancel to noise when the fit is good.)
+  const bool direct = kl || sizeof(T) == 4;
   double xx = 0;
-  if (!kl) {
+  if (!direct) {
     double s = 0;
     for (i64 e = rb * n + tid; e < re * n; e += NT) {
       const i64 i = e / n;
@@ -284,10 +295,22 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
   a.Nb = reinterpret_cast<T*>(smem + L.Nb);
   a.Rb = Rp; a.ldr = n; a.Pacc = Pp; a.ldp = n; a.Gacc = GW; a.colsum = cs;
 
+  // the error from this block's rows, the C blocks' shares added in rank order (each block reads
+  // only the rows of W it writes: a peer may already be updating its own)
+  auto full_error = [&](bool kl_) {
+    double div = rows_divergence<T, XS>(xrow, d.W, Hp, rb, re, n, k, kl_, red);
+    if (C > 1) {
+      if (tid == 0) xch[3] = div;
+      cluster_barrier(C);
+      div = 0;
+      for (int r = 0; r < C; ++r) div += cluster_peer(xch, r, C)[3];
+    }
+    return divergence_error(div, kl_);
+  };
   double err_init = 0, err = 0, prev = 0;
   bool fresh = false;
-  if (kl || q.max_iter < 1) {
-    err_init = full_error_block<T, XS>(xrow, d.W, Hp, m, n, k, kl, red);
+  if (direct || q.max_iter < 1) {
+    err_init = full_error(kl);
     fresh = true;
   }
   err = prev = err_init;
@@ -296,8 +319,8 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
   for (it = 1; it <= q.max_iter; ++it) {
     const bool check = q.tol > 0 && it % 10 == 0;
     const bool need_err = check || it == q.max_iter || q.record_obj;
-    const bool first = it == 1 && !kl;
-    const bool want_P = kl ? q.update_H != 0 : (q.update_H || need_err);
+    const bool first = it == 1 && !direct;
+    const bool want_P = q.update_H || (need_err && !direct);
     if (q.groups) group_norms_block(d.W, d.goff, d.ngroups, k, d.gnorm);
     if (want_P)
       for (i64 e = tid; e < k * n; e += NT) Pp[e] = T(0);
@@ -382,21 +405,21 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
       }
       __syncthreads();
       if (kl) block_rowsum(Hp, n, k, n, rs, red); else block_gram(Hp, n, k, n, GH, red);
-    } else if (need_err && !kl) {
+    } else if (need_err && !direct) {
       for (i64 l = tid; l < n; l += NT)
         for (int j = 0; j < k; ++j) ph += double(Pu[j * n + l]) * double(Hp[j * n + l]);
     }
     fresh = false;
     if (need_err) {
-      if (kl) {
-        err = full_error_block<T, XS>(xrow, d.W, Hp, m, n, k, true, red);
+      if (direct) {
+        err = full_error(kl);
       } else {
         ph = block_sum(ph, red);
         double g2 = 0;
         for (int p = tid; p < k * k; p += NT) g2 += double(GWu[p]) * double(GH[p]);
         g2 = block_sum(g2, red);
         const double sq = xx - 2.0 * ph + g2;
-        err = std::sqrt(sq > 0 ? sq : 0.0);
+        err = sq < 1e-8 * xx ? full_error(false) : std::sqrt(sq);
       }
       fresh = true;
       if (q.record_obj && d.objective) {
@@ -410,7 +433,7 @@ __global__ void __launch_bounds__(NT, 1) resident_kernel(const ResDesc<T, XS>* d
     }
   }
   const int n_iter = it < q.max_iter ? it : q.max_iter;
-  if (!fresh) err = full_error_block<T, XS>(xrow, d.W, Hp, m, n, k, kl, red);
+  if (!fresh) err = full_error(kl);
   if (L.H_s && rank == 0) {
     __syncthreads();
     for (i64 e = tid; e < k * n; e += NT) d.H[e] = Hp[e];

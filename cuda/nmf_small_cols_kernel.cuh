@@ -11,13 +11,15 @@
 //      1-8 lanes per row for short problems), four independent accumulators per product;
 //   -- cluster barrier (the only one) --
 //   2  G_H = the C blocks' shares of H H^T (written at the end of iteration t - 1) in rank
-//      order; the error of iteration t - 1 and the stopping rule (every block the same sums in
-//      the same order, so all stop together, before anything of iteration t is written);
+//      order; the error of iteration t - 1 (the C blocks' sums of (X_b - W H_b)^2 in rank order)
+//      and the stopping rule (every block the same sums in the same order, so all stop
+//      together, before anything of iteration t is written);
 //      N = the C shares of X H^T in rank order, W <- mu_step(W, N, W G_H): every block computes
 //      all of W, identically;
 //   3  G_W = W^T W (float64 sums), P_b = W^T X_b (a thread per quad of columns and slice of rows;
 //      the slices added in order), H_b <- mu_step(H_b, P_b, G_W H_b) into the other H buffer,
-//      this block's share of H H^T and of <P, H> into E[t + 1].
+//      this block's share of H H^T and, where the error is wanted, its sum of (X_b - W H_b)^2
+//      (float64, from X in shared memory) into E[t + 1].
 // E[t] is written in step 1 of iteration t and step 3 of iteration t - 1, and read by the peers
 // in step 2 of iteration t: a block writes it again (steps 3 of t + 1, 1 of t + 2) only after the
 // barrier of iteration t + 1, which every peer reaches after its reads of iteration t, so two
@@ -87,7 +89,8 @@ DFFKIT_HD SmallColsLayout small_cols_layout(i64 m, i64 n, int K, int C) {
   L.H1 = put(std::size_t(K) * L.ldh * f);
   L.Wo = put(std::size_t(m) * K * f);
   L.Wn = put(std::size_t(m) * K * f);
-  // an exchange buffer: 4 doubles (0: ||X_b||^2, 1: <P_b, H_b>), the share of H H^T, of X H^T
+  // an exchange buffer: 4 doubles (0: the initial error's share, 1: the error's share), the
+  // share of H H^T, of X H^T
   L.eGH = 4 * sizeof(double);
   L.eN = (L.eGH + std::size_t(K) * K * f + 15) & ~std::size_t(15);
   L.ebytes = (L.eN + std::size_t(m) * K * f + 15) & ~std::size_t(15);
@@ -148,7 +151,6 @@ __global__ void __launch_bounds__(SNT, MINB)
 
   // ---- load: this block's columns of X and H (zero padded), all of W, ||X_b||^2, G_H share
   {
-    double s = 0;
     for (int e = tid; e < mi * L.ldx; e += SNT) {
       const int r = e / L.ldx, c = e - r * L.ldx;
       float x = 0.f;
@@ -157,7 +159,6 @@ __global__ void __launch_bounds__(SNT, MINB)
         if constexpr (BF16) x = __bfloat162float(__float2bfloat16_rn(x));
       }
       Xs[e] = x;
-      s += double(x) * double(x);
     }
     for (int e = tid; e < K * L.ldh; e += SNT) {
       const int j = e / L.ldh, c = e - j * L.ldh;
@@ -169,7 +170,10 @@ __global__ void __launch_bounds__(SNT, MINB)
       Wo[e] = j < k ? d.W[i64(r) * k + j] : 0.f;
       Wn[e] = 0.f;
     }
-    s = small_block_sum0(s, red);
+    __syncthreads();
+    // the initial error: this block's share of ||X - W H||^2
+    const double s = small_block_sum0(
+        small_residual_sq<K>(Xs4, ldx4, Wo, reinterpret_cast<const float4*>(Hc), ldh4, mi, nq), red);
     if (tid == 0) e_dbl(1)[0] = s;
     // iteration 1 reads E[1]; with H fixed every iteration reads this share (else iteration 1
     // writes E[0]'s before iteration 2 reads it)
@@ -187,7 +191,7 @@ __global__ void __launch_bounds__(SNT, MINB)
   const int NQP = L.nqp, RS = SNT / NQP;   // P step: lanes per slice, row slices
   const int pq = tid % NQP, prs = tid / NQP;
 
-  double xx = 0, err_init = 0, err = 0, prev = 0;
+  double err_init = 0, err = 0, prev = 0;
   int it, n_iter = q.max_iter;
   bool stopped = false;
   for (it = 1; it <= q.max_iter + 1; ++it) {
@@ -238,20 +242,13 @@ __global__ void __launch_bounds__(SNT, MINB)
     // ---- 2: G_H and the error of iteration it - 1, the stopping rule; the W update
     float* GHs = e_GH(s);
     for (int e = tid; e < K * K; e += SNT) GH[e] = cluster_sum16(GHs, e, C);
-    if (it == 1 && tid == 0) red[RG_XX] = cluster_sum16(e_dbl(s), 0, C);
-    if (prev_err && tid == SNT - 1) red[RG_PHS] = cluster_sum16(e_dbl(s), 1, C);
+    if (it == 1 && tid == 0) red[RG_E0] = std::sqrt(cluster_sum16(e_dbl(s), 0, C));
+    // (it == 1 and prev_err: max_iter = 0, the error is the initial one)
+    if (prev_err && it > 1 && tid == SNT - 1) red[RG_PHS] = std::sqrt(cluster_sum16(e_dbl(s), 1, C));
     __syncthreads();
-    if (it == 1) xx = red[RG_XX];
-    if (prev_err) {
-      if (warp == 0) {
-        double g2 = 0;
-        for (int e = lane; e < K * K; e += 32) g2 += double(GW[e]) * double(GH[e]);
-        g2 = warp_sum(g2);
-        if (lane == 0) red[RG_G2] = g2;
-      }
-      __syncthreads();
-      const double sq = xx - 2.0 * red[RG_PHS] + red[RG_G2];
-      err = std::sqrt(sq > 0 ? sq : 0.0);
+    if (it == 1) prev = err_init = err = red[RG_E0];
+    if (prev_err && it > 1) {
+      err = red[RG_PHS];
       if (prev_check) {
         if ((prev - err) / err_init < q.tol) {
           n_iter = it - 1;
@@ -262,45 +259,25 @@ __global__ void __launch_bounds__(SNT, MINB)
     }
     prof(2);
     if (stopped || last_pass) break;
-    const bool first = it == 1;
     {
       float* Ns = e_N(s);
-      double d0 = 0, gg = 0;
       for (int e = tid; e < mi * K; e += SNT) {
         const int r = e / K, j = e - r * K;
         const float num = cluster_sum16(Ns, e, C);
         float base = 0.f;
 #pragma unroll
         for (int c = 0; c < K; ++c) base += Wo[r * K + c] * GH[c * K + j];
-        const float wo = Wo[e];
-        if (first) {
-          d0 += double(num) * double(wo);
-          gg += double(wo) * double(base);
-        }
-        Wn[e] = j < k ? mu_step(wo, num, base, l1W, l2W, 0.f) : 0.f;
-      }
-      if (first) {
-        d0 = warp_sum(d0);
-        gg = warp_sum(gg);
-        if (lane == 0) { red[RG_D0 + warp] = d0; red[RG_GG + warp] = gg; }
+        Wn[e] = j < k ? mu_step(Wo[e], num, base, l1W, l2W, 0.f) : 0.f;
       }
       __syncthreads();
-      if (first) {
-        double a = 0, b = 0;
-        for (int w = 0; w < SNW; ++w) { a += red[RG_D0 + w]; b += red[RG_GG + w]; }
-        const double sq = xx - 2.0 * a + b;
-        prev = err_init = std::sqrt(sq > 0 ? sq : 0.0);
-      }
     }
 
     prof(3);
 
     // ---- 3: G_W, P_b = W^T X_b, the H update, the shares of H H^T and <P, H> into E[s ^ 1]
     const bool need_err = (q.tol > 0 && it % 10 == 0) || it == q.max_iter;
-    const bool want_P = q.update_H || need_err;
+    const bool want_P = q.update_H != 0;
     if (want_P) {
-      // G_W: for the H update and the error (step 2 of the next iteration reads it only when
-      // this one's error is wanted, i.e. when want_P)
       small_gram<K>(Wn, 1, K, mi, GW);
       float acc[K][4];
       small_wtx_quad<K>(Xs4, ldx4, Wn, pq < nq ? pq : -1, prs, mi, RS, acc);
@@ -321,7 +298,6 @@ __global__ void __launch_bounds__(SNT, MINB)
     prof(4);
     if (want_P) {
       const int ncw = 4 * nq;
-      double ph = 0;
       for (int e = tid; e < k * ncw; e += SNT) {
         const int j = e / ncw, c = e - j * ncw;
         float num = 0.f;
@@ -334,12 +310,7 @@ __global__ void __launch_bounds__(SNT, MINB)
           for (int i = 0; i < K; ++i) den += GW[j * K + i] * Hc[i * L.ldh + c];
           v = mu_step(hv, num, den, l1H, l2H, muH > 0.f ? muH * hv : 0.f);
         }
-        if (need_err) ph += double(num) * double(v);
         if (q.update_H) Hx[j * L.ldh + c] = v;
-      }
-      if (need_err) {
-        ph = warp_sum(ph);
-        if (lane == 0) red[RG_PH + warp] = ph;
       }
     }
     __syncthreads();
@@ -347,10 +318,11 @@ __global__ void __launch_bounds__(SNT, MINB)
       float* t = Hc; Hc = Hx; Hx = t;
       small_gram<K>(Hc, L.ldh, 1, L.ldh, e_GH(s ^ 1));
     }
-    if (need_err && tid == 0) {
-      double t = 0;
-      for (int w = 0; w < SNW; ++w) t += red[RG_PH + w];
-      e_dbl(s ^ 1)[1] = t;
+    if (need_err) {
+      // the new W (all of it) and this block's columns of the new H are here
+      const double t = small_block_sum0(
+          small_residual_sq<K>(Xs4, ldx4, Wn, reinterpret_cast<const float4*>(Hc), ldh4, mi, nq), red);
+      if (tid == 0) e_dbl(s ^ 1)[1] = t;
     }
     float* t = Wo; Wo = Wn; Wn = t;
     __syncthreads();

@@ -15,8 +15,11 @@
 //      (distributed shared memory), H updated there and written into every block's copy of H,
 //      the slice's share of H H^T;
 //   -- cluster barrier --
-//   E  G_H = the C shares in rank order; the error (trace identity) and the stopping rule, the
-//      same sums in the same order on every block, so all blocks stop together.
+//   E  G_H = the C shares in rank order; where the error is wanted, each block's sum of
+//      (X_b - W_b H)^2 (float64, from X in shared memory), the C sums in rank order after one more
+//      cluster barrier, and the stopping rule: the same sums in the same order on every block,
+//      so all blocks stop together. (Not the trace identity ||X||^2 - 2 <P, H> + <G_W, G_H>: its
+//      terms, summed in float32, cancel to rounding noise when the fit is good.)
 // Every sum has a fixed order, so results depend on the shape only (a problem gives the same
 // bits alone and in a batch). The cluster size comes from the shape: the smallest C in
 // {1, 2, 4, 8} whose blocks fit two to an SM.
@@ -39,9 +42,9 @@ namespace cuda_detail {
 #endif
 constexpr int SNT = DFFKIT_SMALL_THREADS;  // threads per block
 constexpr int SNW = SNT / 32;              // warps per block
-// slots of the block's float64 scratch (red): per-warp partials, then scalars, then the clock
-constexpr int RG_D0 = 0, RG_GG = SNW, RG_PH = 2 * SNW, RG_G2 = 3 * SNW, RG_PHS = 4 * SNW,
-              RG_E0 = RG_PHS + 1, RG_XX = RG_PHS + 2, RG_PROF = RG_PHS + 4, RG_SIZE = RG_PROF + 12;
+// slots of the block's float64 scratch (red): SNW for small_block_sum0's per-warp partials,
+// the final and the initial error, the phase clock
+constexpr int RG_PHS = SNW, RG_E0 = RG_PHS + 1, RG_PROF = RG_PHS + 4, RG_SIZE = RG_PROF + 12;
 
 DFFKIT_HD constexpr int pow2_floor(int v) {
   int p = 1;
@@ -237,6 +240,33 @@ __device__ void small_gram(const float* A, int sa, int sc, int len, float* G) {
   }
 }
 
+/// This thread's part of sum (X - W H)^2 over rows r < rows and quads of columns qi < nq, in
+/// float64 (X zero-padded past n, H past n and k: the padding adds nothing); W H in float32,
+/// summed over j in order.
+template <int K>
+__device__ __forceinline__ double small_residual_sq(const float4* X4, int ldx4, const float* W,
+                                                    const float4* H4, int ldh4, int rows, int nq) {
+  double s = 0;
+  for (int e = int(threadIdx.x); e < rows * nq; e += SNT) {
+    const int r = e / nq, qi = e - r * nq;
+    const float4 x = X4[r * ldx4 + qi];
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const float w = W[r * K + j];
+      const float4 h = H4[j * ldh4 + qi];
+      a0 = fmaf(w, h.x, a0);
+      a1 = fmaf(w, h.y, a1);
+      a2 = fmaf(w, h.z, a2);
+      a3 = fmaf(w, h.w, a3);
+    }
+    const double d0 = double(x.x) - double(a0), d1 = double(x.y) - double(a1),
+                 d2 = double(x.z) - double(a2), d3 = double(x.w) - double(a3);
+    s += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+  }
+  return s;
+}
+
 /// TC: the two products on tensor cores with float32 accuracy (split tf32, mma.sync m16n8k8):
 /// N step a warp per (16 rows, chunk of columns), P step a warp per 8 columns at a time.
 /// MINB: blocks per SM the registers are budgeted for (2: 128 registers, spills; 1: 255, none;
@@ -277,7 +307,6 @@ __global__ void __launch_bounds__(SNT, MINB)
   // ---- load: X rows (zero padded), H (zero padded to K rows), W rows, ||X_b||^2
   {
     const float* Xg = d.X + rb * n;
-    double s = 0;
     for (int e = tid; e < L.mbp * L.ldx; e += SNT) {
       const int r = e / L.ldx, c = e - r * L.ldx;
       float x = 0.f;
@@ -286,7 +315,6 @@ __global__ void __launch_bounds__(SNT, MINB)
         if constexpr (BF16) x = __bfloat162float(__float2bfloat16_rn(x));
       }
       Xs[e] = x;
-      s += double(x) * double(x);
     }
     for (int e = tid; e < K * L.ldh; e += SNT) {
       const int j = e / L.ldh, c = e - j * L.ldh;
@@ -298,30 +326,32 @@ __global__ void __launch_bounds__(SNT, MINB)
       Wo[e] = r < mr && j < k ? d.W[(rb + r) * k + j] : 0.f;
       Wn[e] = 0.f;
     }
-    s = small_block_sum0(s, red);
+    __syncthreads();
+    // the initial error: this block's share of ||X - W H||^2
+    const double s = small_block_sum0(
+        small_residual_sq<K>(Xs4, ldx4, Wo, reinterpret_cast<const float4*>(Hs), ldh4, mr, Q), red);
     if (tid == 0) xch[0] = s;
     small_gram<K>(Hs, L.ldh, 1, L.ldh, GH);
     cluster_barrier(C);
-    if (tid == 0) red[RG_XX] = cluster_sum(xch, 0, C);
+    if (tid == 0) red[RG_E0] = std::sqrt(cluster_sum(xch, 0, C));
     for (int e = tid; e < 12; e += SNT) red[RG_PROF + e] = 0;  // phase clock slots
     __syncthreads();
   }
   SmallPhaseClock prof(red + RG_PROF, q.profile && tid == 0);
   prof(8);
-  const double xx = red[RG_XX];
   const float l1W = float(q.l1_W), l2W = float(q.l2_W), l1H = float(q.l1_H), l2H = float(q.l2_H),
               muH = float(q.mu);
   const int q0 = rank * Q / C, q1 = (rank + 1) * Q / C;
   const int c0 = 4 * q0, nc = 4 * (q1 - q0), nq = q1 - q0;
   const int WPS = L.S >= SNW ? 1 : SNW / L.S, sstep = SNW / WPS;
 
-  double err_init = 0, err = 0, prev = 0;
+  const double err_init = red[RG_E0];
+  double err = err_init, prev = err_init;
   int it;
   for (it = 1; it <= q.max_iter; ++it) {
     const bool check = q.tol > 0 && it % 10 == 0;
     const bool need_err = check || it == q.max_iter;
-    const bool first = it == 1;
-    const bool want_P = q.update_H || need_err;
+    const bool want_P = q.update_H != 0;
 
     // ---- A: N = X_b H^T into Np (one partial per column slice)
     if constexpr (TC) {
@@ -401,39 +431,20 @@ __global__ void __launch_bounds__(SNT, MINB)
     prof(0);
 
     // ---- B: W update (Wo -> Wn)
-    {
-      double d0 = 0, gg = 0;
-      for (int e = tid; e < L.mbp * K; e += SNT) {
-        const int r = e / K, j = e - r * K;
-        float w = 0.f;
-        if (r < mr && j < k) {
-          float num = 0.f;
-          for (int s = 0; s < L.S; ++s) num += Np[(s * L.mbp + r) * K + j];
-          float base = 0.f;
+    for (int e = tid; e < L.mbp * K; e += SNT) {
+      const int r = e / K, j = e - r * K;
+      float w = 0.f;
+      if (r < mr && j < k) {
+        float num = 0.f;
+        for (int s = 0; s < L.S; ++s) num += Np[(s * L.mbp + r) * K + j];
+        float base = 0.f;
 #pragma unroll
-          for (int c = 0; c < K; ++c) base += Wo[r * K + c] * GH[c * K + j];
-          const float wo = Wo[e];
-          if (first) {
-            d0 += double(num) * double(wo);
-            gg += double(wo) * double(base);
-          }
-          w = mu_step(wo, num, base, l1W, l2W, 0.f);
-        }
-        Wn[e] = w;
+        for (int c = 0; c < K; ++c) base += Wo[r * K + c] * GH[c * K + j];
+        w = mu_step(Wo[e], num, base, l1W, l2W, 0.f);
       }
-      if (first) {
-        d0 = warp_sum(d0);
-        gg = warp_sum(gg);
-        if (lane == 0) { red[RG_D0 + warp] = d0; red[RG_GG + warp] = gg; }
-      }
-      __syncthreads();
-      if (first && tid == 0) {
-        double a = 0, b = 0;
-        for (int w = 0; w < SNW; ++w) { a += red[RG_D0 + w]; b += red[RG_GG + w]; }
-        xch[1] = a;
-        xch[2] = b;
-      }
+      Wn[e] = w;
     }
+    __syncthreads();
     prof(1);
 
     // ---- C: P_b = Wn^T X_b, G_b = Wn^T Wn
@@ -493,41 +504,25 @@ __global__ void __launch_bounds__(SNT, MINB)
     cluster_barrier(C);
     prof(3);
 
-    // ---- D: this block's columns of H
-    for (int e = tid; e < k * nc; e += SNT) {
-      const int j = e / nc, cc = e - j * nc;
-      Ps[j * L.lds + cc] = cluster_sum(Pb, j * L.ldh + c0 + cc, C);
-    }
-    for (int e = tid; e < K * K; e += SNT) GW[e] = cluster_sum(GWb, e, C);
-    if (first && tid == 0) {
-      const double sq = xx - 2.0 * cluster_sum(xch, 1, C) + cluster_sum(xch, 2, C);
-      red[RG_E0] = std::sqrt(sq > 0 ? sq : 0.0);
-    }
-    __syncthreads();
-    prof(4);
-    {
-      double ph = 0;
+    // ---- D: this block's columns of H (with H fixed: nothing)
+    if (q.update_H) {
+      for (int e = tid; e < k * nc; e += SNT) {
+        const int j = e / nc, cc = e - j * nc;
+        Ps[j * L.lds + cc] = cluster_sum(Pb, j * L.ldh + c0 + cc, C);
+      }
+      for (int e = tid; e < K * K; e += SNT) GW[e] = cluster_sum(GWb, e, C);
+      __syncthreads();
+      prof(4);
       for (int e = tid; e < k * nc; e += SNT) {
         const int j = e / nc, cc = e - j * nc, c = c0 + cc;
         const float hv = Hs[j * L.ldh + c], num = Ps[j * L.lds + cc];
-        float v = hv;
-        if (q.update_H) {
-          float den = 0.f;
+        float den = 0.f;
 #pragma unroll
-          for (int i = 0; i < K; ++i) den += GW[j * K + i] * Hs[i * L.ldh + c];
-          v = mu_step(hv, num, den, l1H, l2H, muH > 0.f ? muH * hv : 0.f);
-        }
-        if (need_err) ph += double(num) * double(v);
-        Ps[j * L.lds + cc] = v;
+        for (int i = 0; i < K; ++i) den += GW[j * K + i] * Hs[i * L.ldh + c];
+        Ps[j * L.lds + cc] = mu_step(hv, num, den, l1H, l2H, muH > 0.f ? muH * hv : 0.f);
       }
-      if (need_err) {
-        ph = warp_sum(ph);
-        if (lane == 0) red[RG_PH + warp] = ph;
-      }
-    }
-    __syncthreads();
-    prof(5);
-    if (q.update_H) {
+      __syncthreads();
+      prof(5);
       for (int e = tid; e < k * nq; e += SNT) {
         const int j = e / nq, qq = e - j * nq;
         const float4 v = reinterpret_cast<const float4*>(Ps)[j * (L.lds / 4) + qq];
@@ -537,46 +532,23 @@ __global__ void __launch_bounds__(SNT, MINB)
       }
       small_gram<K>(Ps, L.lds, 1, nc, GHp);
     }
-    if (need_err && tid == 0) {
-      double t = 0;
-      for (int w = 0; w < SNW; ++w) t += red[RG_PH + w];
-      xch[3] = t;
-    }
     cluster_barrier(C);
     prof(6);
 
     // ---- E: G_H, the error, the stopping rule
-    {
-      double g2 = 0;
-      for (int e = tid; e < K * K; e += SNT) {
-        float v;
-        if (q.update_H) {
-          v = cluster_sum(GHp, e, C);
-          GH[e] = v;
-        } else {
-          v = GH[e];
-        }
-        g2 += double(GW[e]) * double(v);
-      }
-      if (need_err) {
-        g2 = warp_sum(g2);
-        if (lane == 0) red[RG_G2 + warp] = g2;
-        if (warp == SNW - 1) {
-          double p = lane < C ? cluster_peer(xch, lane, C)[3] : 0.0;
-          p = warp_sum(p);
-          if (lane == 0) red[RG_PHS] = p;
-        }
-      }
+    if (q.update_H)
+      for (int e = tid; e < K * K; e += SNT) GH[e] = cluster_sum(GHp, e, C);
+    if (need_err) {
+      // the new W_b and all of the new H (D wrote every block's copy) are here
+      const double s = small_block_sum0(
+          small_residual_sq<K>(Xs4, ldx4, Wn, reinterpret_cast<const float4*>(Hs), ldh4, mr, Q), red);
+      if (tid == 0) xch[1] = s;
+      cluster_barrier(C);
+      if (tid == 0) red[RG_PHS] = std::sqrt(cluster_sum(xch, 1, C));
     }
     __syncthreads();
     prof(7);
-    if (first) prev = err_init = red[RG_E0];
-    if (need_err) {
-      double g2 = 0;
-      for (int w = 0; w < SNW; ++w) g2 += red[RG_G2 + w];
-      const double sq = xx - 2.0 * red[RG_PHS] + g2;
-      err = std::sqrt(sq > 0 ? sq : 0.0);
-    }
+    if (need_err) err = red[RG_PHS];
     float* t = Wo; Wo = Wn; Wn = t;
     if (check) {
       if ((prev - err) / err_init < q.tol) break;

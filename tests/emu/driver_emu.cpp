@@ -14,6 +14,7 @@
 #include "nmf_fused.cuh"
 
 #include <algorithm>
+#include <type_traits>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -41,6 +42,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   auto goff = emu_io::read_bin<i64>(dir + "/goff.bin", ng ? std::size_t(ng + 1) : 0);
   const KParams q = emu_solve::params(meta);
   const bool kl = q.kl != 0, record = q.record_obj != 0;
+  const bool direct = kl || std::is_same<T, float>::value;  // the error from a full pass
   if (GEMM && kl) throw std::runtime_error("the gemm engine serves the Frobenius loss");
   const SweepLayout L = sweep_layout(n, k, kl, int(sizeof(T)), int(sizeof(XS)), limit);
   if (!GEMM && L.used > limit) throw std::runtime_error("the sweep layout does not fit the given limit");
@@ -67,7 +69,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
     const double v = double(xget<T>(X.data() + e));
     xx += v * v;
   }
-  st[0].xx = kl ? 0.0 : xx;
+  st[0].xx = direct ? 0.0 : xx;
   State* s = st.data();
   const int* stop = &s->stopped;
 
@@ -105,7 +107,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
            ng, k, gnorm.data());
   };
   stats();
-  if (kl || q.max_iter < 1) full_error(0, 1, 0);
+  if (direct || q.max_iter < 1) full_error(0, 1, 0);
   SweepArgs<T, XS> a{};
   a.X = X.data(); a.W = W.data(); a.H = H.data(); a.m = m; a.n = n; a.k = k; a.GH = GH.data(); a.rs = rs.data();
   a.goff = ng ? goff.data() : nullptr; a.ngroups = ng; a.gnorm = gnorm.data();
@@ -126,8 +128,8 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   for (int it = 1; it <= q.max_iter; ++it) {
     const bool check = q.tol > 0 && it % 10 == 0;
     const bool need_err = check || it == q.max_iter || record;
-    const bool first = it == 1 && !kl;
-    const bool want_P = kl ? q.update_H != 0 : (q.update_H || need_err);
+    const bool first = it == 1 && !direct;
+    const bool want_P = q.update_H || (need_err && !direct);
     if (q.groups) group_norms();
     if (fp.use) {
       if constexpr (FUSABLE) {
@@ -156,7 +158,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
     launch(reduce_kernel<T>, dim3(1), dim3(NT), 0, s, int(nbd), k, static_cast<const T*>(Gpart.data()),
            static_cast<const T*>(cspart.data()), static_cast<const double*>(d0p.data()),
            static_cast<const double*>(ggp.data()), GW.data(), colsum.data(), int(kl), int(first));
-    if (q.update_H || (need_err && !kl))
+    if (q.update_H || (need_err && !direct))
       launch(h_update_kernel<T>, dim3(unsigned(nbh)), dim3(NT), 0, static_cast<const State*>(s), q, 1, n, k,
              Ppart.data(), H.data(), static_cast<const T*>(GW.data()), static_cast<const T*>(colsum.data()),
              int(q.update_H), php.data());
@@ -166,7 +168,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
       launch(penalty_kernel<T>, dim3(1), dim3(NT), 0, s, q, static_cast<const T*>(W.data()),
              static_cast<const T*>(H.data()), m, n, k, static_cast<const double*>(gnorm.data()), ng);
     }
-    if (kl && need_err) full_error(it, 1, int(check));
+    if (direct && need_err) full_error(it, 1, int(check));
     else finalize(it, int(need_err), int(check), 0);
     if (check && s->stopped) break;
   }
