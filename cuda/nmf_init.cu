@@ -193,6 +193,13 @@ namespace cuda {
 using namespace cuda_detail;
 
 std::pair<bool, std::string> probe() {
+  // no driver at all (a machine with nvcc but no GPU): the runtime says "driver version is
+  // insufficient", which sends people looking for a driver update; say what it is
+  int driver = 0;
+  if (cudaDriverGetVersion(&driver) == cudaSuccess && driver == 0) {
+    cudaGetLastError();
+    return {false, "no NVIDIA driver is installed (no GPU, or its driver is missing)"};
+  }
   int count = 0;
   cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
@@ -200,8 +207,7 @@ std::pair<bool, std::string> probe() {
     return {false, std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e)};
   }
   if (count < 1) return {false, "no CUDA device found"};
-  int driver = 0, runtime = 0;
-  cudaDriverGetVersion(&driver);
+  int runtime = 0;
   cudaRuntimeGetVersion(&runtime);
   if (driver < runtime) {
     return {false, "the CUDA driver (" + std::to_string(driver) + ") is older than the runtime "
