@@ -219,6 +219,32 @@ def test_predict_on_the_training_images(parts_data, fcn_result):
     assert metrics.clustering_accuracy(res.labels[:30], pred) >= 0.9
 
 
+def test_predict_names_a_channel_mismatch(parts_data, fcn_result):
+    """Activations of another layer (10 channels for parts learned on 32) were blamed on H."""
+    A, _, _ = parts_data
+    with pytest.raises(ValueError, match="activations have 10 channels, the parts were learned on 32"):
+        fcn_result.predict_activations(A[:4, :10])
+    base = cluster_activations(A[:12], 3, method="kmeans")
+    with pytest.raises(ValueError, match="activations have 10 channels, the clusters were learned on 32"):
+        base.predict_activations(A[:4, :10])
+    with pytest.raises(ValueError, match="max_iter must be >= 0"):
+        fcn_result.predict_activations(A[:4], max_iter=-1)
+
+
+def test_activations_of_two_positions_per_image():
+    """h*w == 2: an image's offsets [0, 2] have one entry per row, which group_offsets now
+    refuses as ambiguous; the clustering passes them as explicit offsets."""
+    rng = np.random.default_rng(0)
+    A = rng.random((1, 4, 1, 2)).astype(np.float32)
+    H = rng.random((2, 4)).astype(np.float32)
+    codes = transform_codes(A, H, max_iter=5)
+    X = A[0].transpose(1, 2, 0).reshape(2, 4)
+    W, _, _ = group_sparse_nmf(X, {"offsets": [0, 2]}, 2, H=H, update_H=False, max_iter=5, tol=0)
+    np.testing.assert_allclose(codes[0], group_norms(W, [0, 2])[0], rtol=1e-6)
+    res = cluster_activations(A, 1, n_parts=2, n_init=1, max_iter=5, backend="cpu")
+    assert res.codes.shape == (1, 2)
+
+
 @pytest.mark.parametrize("kwargs, exc, match", [
     (dict(A=np.ones((2, 3, 4))), ValueError, "4-D"),
     (dict(A=-np.ones((4, 3, 2, 2))), ValueError, "non-negative"),
@@ -230,6 +256,13 @@ def test_predict_on_the_training_images(parts_data, fcn_result):
     (dict(lam=-1.0), ValueError, "lam must be >= 0"),
     (dict(lam_rel="x"), TypeError, "lam_rel must be a real number"),
     (dict(images=["a"]), ValueError, "names for 4 images"),
+    # checked before any conversion (float(None) and int(None) named no parameter)
+    (dict(tol=None), TypeError, "tol must be a real number"),
+    (dict(tol="abc"), TypeError, "tol must be a real number"),
+    (dict(tol=-1.0), ValueError, "tol must be >= 0"),
+    (dict(max_iter=None), TypeError, "max_iter must be an integer"),
+    (dict(max_iter=2.5), TypeError, "max_iter must be an integer"),
+    (dict(max_iter=None, method="kmeans"), TypeError, "max_iter must be an integer"),
 ])
 def test_bad_input_is_named(kwargs, exc, match):
     args = dict(A=np.random.default_rng(0).random((4, 3, 2, 2)), n_clusters=2)
@@ -256,6 +289,57 @@ def test_cluster_images_with_any_extractor(parts_data):
         cluster_images(images, 3, extractor=42)
     with pytest.raises(ValueError, match="no images"):
         cluster_images([], 3, extractor=fake_extractor)
+
+
+def test_cluster_images_takes_one_path_or_a_folder(tmp_path, parts_data):
+    """A single path string was iterated character by character ("no such image file: i")."""
+    from PIL import Image
+
+    A, _, _ = parts_data
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    paths = []
+    for i in range(6):
+        p = folder / f"img{i:02d}.png"
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(p)
+        paths.append(str(p))
+    (folder / "notes.txt").write_text("not an image")
+    seen = []
+
+    def fake_extractor(items):
+        seen.append(list(items))
+        return np.stack([A[paths.index(os.fspath(i))] for i in items])
+
+    kw = dict(extractor=fake_extractor, n_init=1, max_iter=20, backend="cpu")
+    one = cluster_images(paths[2], 1, **kw)
+    assert one.images == [paths[2]] and seen[-1] == [paths[2]]
+    one = cluster_images(folder / "img03.png", 1, **kw)
+    assert one.images == [paths[3]]
+    res = cluster_images(str(folder), 2, **kw)
+    assert res.images == paths and len(res.labels) == 6
+    res = cluster_images(folder, 2, **kw)
+    assert res.images == paths
+    with pytest.raises(FileNotFoundError, match="no images"):
+        cluster_images(str(tmp_path), 1, **kw)
+    # one uint8 image (H, W, 3) is one image, not H rows
+    got = []
+    cluster_images(np.zeros((8, 8, 3), np.uint8), 1, n_init=1, max_iter=5, backend="cpu",
+                   extractor=lambda items: got.append(len(items)) or A[:len(items)])
+    assert got == [1]
+
+
+def test_contact_sheet_and_write_clusters_check_thumb(tmp_path, parts_data, fcn_result):
+    from dffkit.clustering import contact_sheet, write_clusters
+
+    images = [np.full((16, 16, 3), 100, np.uint8)] * 2
+    for bad in (0, -5, 2.5, None, True):
+        with pytest.raises(ValueError, match="thumb must be a positive int"):
+            contact_sheet(images, thumb=bad)
+    assert contact_sheet(images, thumb=8).size == (2 * (8 + 4) + 4, 8 + 8)
+    res = cluster_activations(parts_data[0][:4], 2, n_init=1, max_iter=5, backend="cpu")
+    with pytest.raises(ValueError, match="thumb must be a positive int"):
+        write_clusters(res, [np.zeros((8, 8, 3), np.uint8)] * 4, tmp_path / "o", thumb=0)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
 def colour_pair_images(n_per_class=20, size=64, seed=0):
@@ -363,13 +447,73 @@ def test_export_with_a_network_maps_images_to_parts(tmp_path, opset):
     X = A.transpose(0, 2, 3, 1).reshape(-1, 8)
     _, H, _ = group_sparse_nmf(X, np.arange(7) * 64, 3, lam=0.5, mu=0.1, init="random",
                                random_state=0, max_iter=50, backend="cpu")
-    model = export_parts_model(cnn, H, 25, tmp_path / "m.onnx", lam=0.5, layer="relu")
+    model = export_parts_model(cnn, H, 25, tmp_path / "m.onnx", lam=0.5, layer="relu",
+                               input="float")
     assert [o.name for o in model.graph.output] == ["part_maps", "code"]
     assert {o.domain: o.version for o in model.opset_import}[""] == opset
     maps, code = _session(model).run(None, {"image": images})
     assert maps.shape == (6, 3, 8, 8)
     np.testing.assert_allclose(code, transform_codes(A, H, lam=0.5, max_iter=25), rtol=1e-4,
                                atol=1e-5 * code.max())
+
+
+@pytest.mark.parametrize("opset", [13, 17, 19])
+def test_export_takes_uint8_images_like_the_extractor(tmp_path, opset):
+    """By default the exported graph takes what the extractor's own session takes: resized
+    uint8 RGB images (N, H, W, 3), normalised inside the graph; onnxruntime alone then maps
+    pixels to the part maps and codes of the Python path."""
+    features = pytest.importorskip("dffkit.features")
+    cnn = _tiny_cnn(opset)
+    fx = features.FeatureExtractor(cnn, layer="relu", providers="cpu")
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    A = fx.run(pixels)
+    assert A.shape == (6, 8, 8, 8)
+    _, H, _ = group_sparse_nmf(A.transpose(0, 2, 3, 1).reshape(-1, 8), np.arange(7) * 64, 3,
+                               lam=0.5, init="random", random_state=0, max_iter=50, backend="cpu")
+    for source in (cnn, fx):
+        model = export_parts_model(source, H, 25, lam=0.5, layer="relu")
+        (inp,) = model.graph.input
+        assert inp.name == fx.input_name
+        assert inp.type.tensor_type.elem_type == 2  # uint8
+        assert [d.dim_value for d in inp.type.tensor_type.shape.dim][1:] == [32, 32, 3]
+        maps, code = _session(model).run(None, {inp.name: pixels})
+        np.testing.assert_allclose(code, transform_codes(A, H, lam=0.5, max_iter=25), rtol=1e-4,
+                                   atol=1e-5 * code.max())
+        X = A[2].transpose(1, 2, 0).reshape(-1, 8)
+        W, _, _ = group_sparse_nmf(X, [0, 64], 3, H=H, update_H=False, lam=0.5, max_iter=25,
+                                   tol=0, backend="cpu")
+        np.testing.assert_allclose(maps[2].transpose(1, 2, 0).reshape(-1, 3), W, rtol=1e-4,
+                                   atol=1e-5 * W.max())
+    # another normalisation is another graph: "unit" scales the pixels by 1/255 only
+    unit = export_parts_model(cnn, H, 25, lam=0.5, layer="relu", normalization="unit")
+    A_unit = _session(_cut(cnn)).run(None, {"image": (pixels.transpose(0, 3, 1, 2) / np.float32(255)).astype(np.float32)})[0]
+    code = _session(unit).run(["code"], {fx.input_name: pixels})[0]
+    np.testing.assert_allclose(code, transform_codes(A_unit, H, lam=0.5, max_iter=25), rtol=1e-4,
+                               atol=1e-5 * code.max())
+    with pytest.raises(ValueError, match="input must be 'uint8'.*or 'float'"):
+        export_parts_model(cnn, H, 5, layer="relu", input="float16")
+    with pytest.raises(ValueError, match="normalization applies to input='uint8'"):
+        export_parts_model(cnn, H, 5, layer="relu", input="float", normalization="caffe")
+    with pytest.raises(ValueError, match="with extractor_or_model=None"):
+        export_parts_model(None, H, 5, input="uint8")
+
+
+def test_export_refuses_parts_of_another_channel_count():
+    """Parts with 5 channels on an 8-channel layer exported, passed onnx.checker and failed
+    in onnxruntime with a Reshape error; now the export says which counts differ."""
+    cnn = _tiny_cnn()
+    H = np.ones((2, 5), np.float32)
+    for kw in ({}, dict(input="float")):
+        with pytest.raises(ValueError, match="the parts have 5 channels but layer 'relu' of the network has 8"):
+            export_parts_model(cnn, H, 5, layer="relu", **kw)
+    features = pytest.importorskip("dffkit.features")
+    fx = features.FeatureExtractor("filterbank", image_size=64, providers="cpu")
+    with pytest.raises(ValueError, match="the parts have 32 channels but layer .* of the extractor has 55"):
+        export_parts_model(fx, np.ones((3, 32), np.float32), 5)
+    # the activations input declares its channels, so onnxruntime names a wrong count too
+    (inp,) = export_parts_model(None, H, 5).graph.input
+    assert inp.type.tensor_type.shape.dim[1].dim_value == 5
 
 
 def _cut(cnn):
@@ -388,14 +532,28 @@ def test_export_with_the_filterbank_extractor(tmp_path):
     N, C, h, w = A.shape
     est.fit(A.transpose(0, 2, 3, 1).reshape(-1, C), groups=np.repeat(np.arange(N), h * w))
     est.lam = 0.01 * float(A.mean()) ** 1.5
-    model = export_parts_model(fx, est, 20, tmp_path / "fb.onnx")
     from dffkit.images import load_images
 
-    x = fx.preprocess(load_images(files))
+    expected = transform_codes(A, est.components_, lam=est.lam, max_iter=20)
+    # the default: uint8 pixels resized to the extractor's size, nothing else on the host
+    model = export_parts_model(fx, est, 20, tmp_path / "fb.onnx")
     sess = _session(model)
-    maps, code = sess.run(None, {sess.get_inputs()[0].name: x})
-    np.testing.assert_allclose(code, transform_codes(A, est.components_, lam=est.lam, max_iter=20),
-                               rtol=1e-3, atol=1e-4 * code.max())
+    assert sess.get_inputs()[0].type == "tensor(uint8)"
+    pixels = fx.resize_images(load_images(files))
+    assert pixels.dtype == np.uint8 and pixels.shape == (len(files), 64, 64, 3)
+    maps, code = sess.run(None, {sess.get_inputs()[0].name: pixels})
+    np.testing.assert_allclose(code, expected, rtol=1e-4, atol=1e-5 * code.max())
+    X = A[1].transpose(1, 2, 0).reshape(-1, C)
+    W, _, _ = group_sparse_nmf(X, [0, h * w], 4, H=est.components_, update_H=False, lam=est.lam,
+                               max_iter=20, tol=0, backend="cpu")
+    np.testing.assert_allclose(maps[1].transpose(1, 2, 0).reshape(-1, 4), W, rtol=1e-3,
+                               atol=1e-4 * W.max())
+    # input="float": the normalised float32 tensors of fx.preprocess
+    model = export_parts_model(fx, est, 20, input="float")
+    sess = _session(model)
+    assert sess.get_inputs()[0].type == "tensor(float)"
+    maps, code = sess.run(None, {sess.get_inputs()[0].name: fx.preprocess(load_images(files))})
+    np.testing.assert_allclose(code, expected, rtol=1e-3, atol=1e-4 * code.max())
 
 
 def test_export_bad_input():
@@ -431,6 +589,29 @@ def test_cli_cluster_writes_json_and_contact_sheets(tmp_path, capsys):
             assert (out / c["sheet"]).exists()
     assert "cluster 0" in capsys.readouterr().out
     assert main(["cluster", str(tmp_path / "missing.jpg"), "-n", "2"]) == 1
+    # parts.onnx takes the extractor's uint8 images (N, H, W, 3)
+    sess = _session(pytest.importorskip("onnx").load(str(out / "parts.onnx")))
+    assert sess.get_inputs()[0].type == "tensor(uint8)"
+
+
+def test_cli_cluster_refuses_bad_options_before_the_work(tmp_path, capsys, monkeypatch):
+    """--thumb 0 crashed in PIL after all the work (ZeroDivisionError), --thumb -5 said
+    "scale must be > 0"; --onnx with --method kmeans failed after writing the results."""
+    from dffkit import clustering
+    from dffkit.cli import main
+
+    monkeypatch.setattr(clustering, "cluster_images", lambda *a, **k: pytest.fail("clustered in vain"))
+    out = tmp_path / "out"
+    for thumb in ("0", "-5", "big"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["cluster", SAMPLES, "-n", "2", "--thumb", thumb, "--out", str(out)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "argument --thumb: must be a positive int (pixels)" in err and "Traceback" not in err
+    assert main(["cluster", SAMPLES, "-n", "2", "--method", "kmeans", "--onnx", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "dffkit cluster: error: --onnx needs --method fcn" in err
+    assert not out.exists()
 
 
 def test_cli_cluster_refuses_an_unusable_output_before_the_work(tmp_path, capsys, monkeypatch):

@@ -54,8 +54,9 @@ def test_objective_never_increases_float64(m, n, k, n_groups, lam, mu, alpha_W, 
     off = random_offsets(rng, m, n_groups)
     W0 = rng.random((m, k)) + 0.01
     H0 = rng.random((k, n)) + 0.01
+    # explicit: with m - 1 groups the offsets have m entries and could be read as labels
     W, H, n_iter, obj = group_sparse_nmf(
-        readonly(X), off, k, lam=lam, mu=mu, init="custom", W=readonly(W0), H=readonly(H0),
+        readonly(X), {"offsets": off}, k, lam=lam, mu=mu, init="custom", W=readonly(W0), H=readonly(H0),
         max_iter=30, tol=0.0, alpha_W=alpha_W, l1_ratio=l1_ratio, backend="cpu",
         record_objective=True)
     pen = dict(l1_W=n * alpha_W * l1_ratio, l2_W=n * alpha_W * (1 - l1_ratio),
@@ -185,6 +186,88 @@ def test_group_offsets_parsing():
         group_offsets(np.zeros((2, 2)), 4)
     with pytest.raises(ValueError, match="groups is required"):
         group_offsets(None, 4)
+
+
+@pytest.mark.parametrize("off", [[0, 10, 20, 20], [0, 0, 10, 20], [0, 10, 10, 20],
+                                 [0, 0, 10, 10, 20, 20, 20]])
+def test_empty_groups_anywhere_give_zero_codes(off):
+    """An empty group (first, between, last, several) is allowed everywhere group_sparse_nmf
+    allows it: its code row is zeros (a trailing one made np.add.reduceat raise IndexError)."""
+    rng = np.random.default_rng(0)
+    X = readonly(rng.random((20, 6)))
+    off_before = list(off)
+    W = readonly(rng.random((20, 3)))
+    H = rng.random((3, 6))
+    empty = np.diff(off) == 0
+    nrm = group_norms(W, off)
+    assert nrm.shape == (len(off) - 1, 3)
+    assert np.all(nrm[empty] == 0)
+    oracle = [np.sqrt((W[a:b] ** 2).sum(0)) for a, b in zip(off[:-1], off[1:])]
+    np.testing.assert_allclose(nrm, oracle, rtol=1e-15)
+    assert group_objective(X, W, H, off, lam=0.1) == pytest.approx(
+        objective_oracle(X, W, H, off, 0.1, 0.0), rel=1e-12)
+    est = GroupSparseNMF(3, lam=0.1, init="random", random_state=0, max_iter=20, tol=0,
+                         backend="cpu").fit(X, groups=off)
+    assert est.codes_.shape == (len(off) - 1, 3) and np.all(est.codes_[empty] == 0)
+    assert np.all(est.codes_[~empty] > 0)
+    codes = est.codes(X, off)
+    assert codes.shape == (len(off) - 1, 3) and np.all(codes[empty] == 0)
+    assert list(off) == off_before  # the caller's groups are not changed
+    # offsets that do not cover W's rows are refused, naming them (not silently re-cut)
+    with pytest.raises(ValueError, match=r"offsets must be non-decreasing from 0 to the number of rows of W \(20\)"):
+        group_norms(W, [0, 10, 15])
+
+
+def test_labels_that_read_as_offsets_are_ambiguous_and_loud():
+    """[0, 0, 0, 6, 6, 6] for 6 rows: labels of 2 groups, or offsets of 5. It was silently
+    read as offsets (one group holding every row); now it raises and says how to choose."""
+    with pytest.raises(ValueError, match=r"ambiguous.*\{'labels': groups\}.*\{'offsets': groups\}"):
+        group_offsets([0, 0, 0, 6, 6, 6], 6)
+    with pytest.raises(ValueError, match="ambiguous"):
+        group_offsets(np.array([0, 1, 3]), 3)  # 3 labels or offsets of 2 groups
+    np.testing.assert_array_equal(group_offsets({"labels": [0, 0, 0, 6, 6, 6]}, 6), [0, 3, 6])
+    np.testing.assert_array_equal(group_offsets({"offsets": [0, 0, 0, 6, 6, 6]}, 6),
+                                  [0, 0, 0, 6, 6, 6])
+    renumbered = np.unique([0, 0, 0, 6, 6, 6], return_inverse=True)[1]
+    np.testing.assert_array_equal(group_offsets(renumbered, 6), [0, 3, 6])
+    # unambiguous input is read as before
+    np.testing.assert_array_equal(group_offsets([0, 3, 6], 6), [0, 3, 6])
+    np.testing.assert_array_equal(group_offsets([0, 0, 0, 1, 1, 1], 6), [0, 3, 6])
+    # the explicit forms go through every entry point that takes groups
+    rng = np.random.default_rng(1)
+    X = rng.random((6, 4))
+    kw = dict(lam=0.2, init="random", random_state=0, max_iter=10, tol=0, backend="cpu")
+    ref = group_sparse_nmf(X, [0, 3, 6], 2, **kw)
+    out = group_sparse_nmf(X, {"labels": [0, 0, 0, 6, 6, 6]}, 2, **kw)
+    np.testing.assert_array_equal(out[0], ref[0])
+    with pytest.raises(ValueError, match="ambiguous"):
+        group_sparse_nmf(X, [0, 0, 0, 6, 6, 6], 2, **kw)
+    est = GroupSparseNMF(2, **kw).fit(X, groups={"labels": [0, 0, 0, 6, 6, 6]})
+    np.testing.assert_array_equal(est.group_offsets_, [0, 3, 6])
+    assert est.codes(X, {"labels": [0, 0, 0, 6, 6, 6]}).shape == (2, 2)
+    assert penalty_scale(X, {"labels": [0, 0, 0, 6, 6, 6]}, 2) == penalty_scale(X, [0, 3, 6], 2)
+    # transform without groups (one group) on 2 rows, where [0, 2] would be ambiguous
+    assert est.transform(X[:2]).shape == (2, 2)
+    with pytest.raises(ValueError, match="exactly one key, 'offsets' or 'labels'"):
+        group_offsets({"rows": [0, 6]}, 6)
+    with pytest.raises(ValueError, match=r"groups\['labels'\] must have one label per row of X \(6\)"):
+        group_offsets({"labels": [0, 6]}, 6)
+    with pytest.raises(ValueError, match=r"groups\['offsets'\] must be non-decreasing"):
+        group_offsets({"offsets": [0, 4, 2, 6]}, 6)
+
+
+@pytest.mark.parametrize("labels", [
+    np.array([1, 1, np.nan, np.nan, np.nan, 2.0]),
+    np.array([np.nan] * 6),
+    np.array([1.0, 1.0, np.inf, np.inf, 2.0, 2.0]),
+    np.array([1, 1, np.nan, np.nan, 2, 2], dtype=object),
+])
+def test_nan_labels_are_refused(labels):
+    """NaN equals nothing, so each NaN row became a group of its own, silently."""
+    with pytest.raises(ValueError, match="NaN or infinity.*must be finite"):
+        group_offsets(labels, 6)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        group_sparse_nmf(np.ones((6, 3)), labels, 2, backend="cpu")
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

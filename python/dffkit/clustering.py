@@ -67,7 +67,13 @@ import numpy as np
 
 from dffkit.metrics import adjusted_rand_score, clustering_accuracy, normalized_mutual_info_score
 from dffkit.group_sparse import group_norms, group_sparse_nmf, penalty_scale
-from dffkit.nmf import ConvergenceWarning, _check_real, _seed_from, non_negative_factorization
+from dffkit.nmf import (
+    ConvergenceWarning,
+    _check_max_iter,
+    _check_real,
+    _seed_from,
+    non_negative_factorization,
+)
 
 __all__ = [
     "ClusteringResult",
@@ -282,13 +288,27 @@ class ClusteringResult:
         return [np.flatnonzero(self.labels == c) for c in range(self.n_clusters)]
 
     def predict_activations(self, A, *, max_iter=None):
-        """Cluster labels for new activations (N, C, h, w) with the learned parts fixed."""
+        """Cluster labels for new activations (N, C, h, w) with the learned parts fixed.
+
+        The activations must have the channels (C) of those the result was learned on (the
+        same network and layer); ``max_iter`` (default: the fit's) is the number of W updates
+        per image.
+        """
+        A = _check_activations(A)
+        learned = self.centers if self.method != "fcn" else self.parts
+        if learned is not None and A.shape[1] != learned.shape[1]:
+            what = "the parts were" if self.method == "fcn" else "the clusters were"
+            raise ValueError(
+                f"activations have {A.shape[1]} channels, {what} learned on {learned.shape[1]}: "
+                "give activations of the same network and layer as those clustered"
+            )
         if self.method != "fcn":
-            A = _check_activations(A)
             feats = _l2_normalise(A.mean(axis=(2, 3), dtype=np.float64))
             return _sq_dist(feats, self.centers).argmin(1)
-        codes = transform_codes(A, self.parts, lam=self.lam,
-                                max_iter=max_iter or self.params.get("max_iter", 200))
+        if max_iter is None:
+            max_iter = self.params.get("max_iter", 200)
+        _check_max_iter(max_iter)
+        codes = transform_codes(A, self.parts, lam=self.lam, max_iter=max_iter)
         return _assign_codes(codes, self)
 
 
@@ -334,7 +354,7 @@ def transform_codes(A, parts, *, lam=0.0, max_iter=200, backend="auto"):
     codes = []
     for a in A:
         X, off = _rows(a[None])
-        W, _, _ = group_sparse_nmf(X, off, H.shape[0], H=H, update_H=False, lam=lam,
+        W, _, _ = group_sparse_nmf(X, {"offsets": off}, H.shape[0], H=H, update_H=False, lam=lam,
                                    max_iter=max_iter, tol=0.0, backend=backend)
         codes.append(group_norms(W, off)[0])
     return np.asarray(codes)
@@ -381,7 +401,7 @@ def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
         robust in our measurement) or "argmax" (NMF of the codes, rank n_clusters, argmax).
     n_init : GSNMF restarts (random initialisations from random_state); the lowest final
         objective wins.
-    max_iter, tol : of each GSNMF run.
+    max_iter, tol : of each GSNMF run: an int >= 0 and a real number >= 0.
     random_state : int seed; one seed gives one result.
     backend : engine of the GSNMF ("auto", "cpu", "cuda").
     used_threshold : a part counts as used by an image when its code is at least this
@@ -401,6 +421,8 @@ def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
     _check_choice("assign", assign, _ASSIGN)
     _check_real("n_init", n_init, low=1, integer=True)
     _check_real("used_threshold", used_threshold)
+    _check_max_iter(max_iter)
+    _check_real("tol", tol)
     seed = _seed_from(random_state)
     params = dict(n_clusters=int(n_clusters), method=method, assign=assign, n_init=int(n_init),
                   max_iter=int(max_iter), tol=float(tol), random_state=random_state)
@@ -418,7 +440,7 @@ def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
     _check_real("n_parts", k, low=1, integer=True)
     k = int(k)
     X, off = _rows(A)
-    lam_unit, mu_unit = penalty_scale(X, off, k)
+    lam_unit, mu_unit = penalty_scale(X, {"offsets": off}, k)
     if lam is None:
         _check_real("lam_rel", lam_rel)
         lam = lam_rel * lam_unit
@@ -435,7 +457,7 @@ def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
         warnings.simplefilter("always", ConvergenceWarning)
         for r in range(int(n_init)):
             W, H, n_iter = group_sparse_nmf(
-                X, off, k, lam=lam, mu=mu, init="random", max_iter=max_iter, tol=tol,
+                X, {"offsets": off}, k, lam=lam, mu=mu, init="random", max_iter=max_iter, tol=tol,
                 random_state=(seed + r) & 0xFFFFFFFFFFFFFFFF, backend=backend)
             obj = _objective(X, W, H, off, lam, mu)
             if best is None or obj < best[0]:
@@ -523,12 +545,25 @@ def _make_extractor(extractor, layer):
     return extractor
 
 
+def _image_items(images):
+    """``images`` as a list of single images: a path or ``os.PathLike`` is one image, or, for
+    a folder, its image files (``_expand_images``); otherwise as the feature extractor reads
+    them (``dffkit.images.as_image_list``: a 4-D array is N images, a 3-D one one image)."""
+    if isinstance(images, (str, os.PathLike)):
+        return _expand_images([os.fspath(images)])
+    from dffkit.images import as_image_list
+
+    return as_image_list(images)
+
+
 def cluster_images(images, n_clusters, *, extractor=None, layer=None, **kwargs):
     """Cluster images (paths, PIL images or uint8 arrays) by the parts their activations hold.
 
     Parameters
     ----------
-    images : sequence of images.
+    images : a sequence of images (paths, PIL images, uint8 arrays), a 4-D uint8 array
+        (N images), or one path / ``os.PathLike``: an image file, or a folder, whose image
+        files (by extension, sorted by name) are the images.
     n_clusters : int.
     extractor : None (default: ``dffkit.FeatureExtractor("filterbank")``, the built-in
         colour-and-texture network), a ``FeatureExtractor``, an ONNX model (path or
@@ -542,7 +577,7 @@ def cluster_images(images, n_clusters, *, extractor=None, layer=None, **kwargs):
     -------
     ClusteringResult with ``images`` holding the image names (paths, or "image i").
     """
-    images = list(images)
+    images = _image_items(images)
     if not images:
         raise ValueError("no images given")
     fx = _make_extractor(extractor, layer)
@@ -571,10 +606,25 @@ def _load_rgb(item):
         return Image.open(item).convert("RGB")
 
 
+def _check_thumb(thumb):
+    import numbers
+
+    if isinstance(thumb, bool) or not isinstance(thumb, numbers.Integral) or thumb < 1:
+        raise ValueError(
+            f"thumb must be a positive int (the thumbnail size in pixels, e.g. 128), got {thumb!r}"
+        )
+    return int(thumb)
+
+
 def contact_sheet(images, maps=None, *, title="", thumb=128, columns=6):
-    """A PIL image: thumbnails of ``images`` in a grid, each with its heat map (h, w) in red."""
+    """A PIL image: thumbnails of ``images`` in a grid, each with its heat map (h, w) in red.
+
+    ``thumb`` (a positive int) is the size in pixels of a thumbnail's longer side; ``columns``
+    the number of thumbnails per row at most.
+    """
     from PIL import Image, ImageDraw
 
+    thumb = _check_thumb(thumb)
     n = len(images)
     columns = max(1, min(columns, n))
     rows = max(1, (n + columns - 1) // columns)
@@ -602,9 +652,10 @@ def contact_sheet(images, maps=None, *, title="", thumb=128, columns=6):
 def write_clusters(result, images, out_dir, *, thumb=128, extra=None):
     """Write ``clusters.json`` and one contact sheet ``cluster_XX.png`` per cluster to out_dir.
 
-    Each thumbnail carries the heat map of the strongest part its image uses (method "fcn").
-    Returns the path of the JSON file.
+    Each thumbnail carries the heat map of the strongest part its image uses (method "fcn");
+    ``thumb`` (a positive int) is its size in pixels. Returns the path of the JSON file.
     """
+    thumb = _check_thumb(thumb)  # before anything is written
     os.makedirs(out_dir, exist_ok=True)
     names = result.images or [_image_name(x, i) for i, x in enumerate(images)]
     clusters = []
@@ -668,6 +719,8 @@ def _expand_images(paths):
 
 
 def _add_arguments(parser):
+    from dffkit.cli import positive_int
+
     parser.add_argument("images", nargs="+", metavar="IMAGE",
                         help="image files, or directories of images")
     parser.add_argument("-n", "--n-clusters", type=int, required=True, help="number of clusters")
@@ -683,15 +736,21 @@ def _add_arguments(parser):
                         help=f"relative group penalty (default {DEFAULT_LAM_REL})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--thumb", type=int, default=128, help="thumbnail size in the sheets")
+    parser.add_argument("--thumb", type=positive_int("pixels"), default=128,
+                        help="thumbnail size in the sheets, in pixels (default 128)")
     parser.add_argument("--onnx", action="store_true",
-                        help="also write parts.onnx: the network + 100 W updates, mapping an "
-                             "image to its part maps, code and cluster (method fcn)")
+                        help="also write parts.onnx: the network + 100 W updates, mapping "
+                             "resized uint8 RGB images (N, H, W, 3) to their part maps, codes and "
+                             "clusters (needs --method fcn)")
 
 
 def _run(args):
     from dffkit.cli import prepare_output_dir
 
+    if args.onnx and args.method != "fcn":  # before any work: the baseline has no parts
+        raise ValueError(f"--onnx needs --method fcn (the parts model); --method {args.method} "
+                         "learns no parts: drop --onnx or use --method fcn")
+    _check_thumb(args.thumb)
     paths = _expand_images(args.images)
     if args.n_clusters < 1 or args.n_clusters > len(paths):
         raise ValueError(f"-n must be between 1 and the number of images ({len(paths)})")
@@ -703,8 +762,6 @@ def _run(args):
     path = write_clusters(result, paths, args.out, thumb=args.thumb,
                           extra={"model": args.model or "filterbank", "layer": args.layer})
     if args.onnx:
-        if result.method != "fcn":
-            raise ValueError("--onnx needs --method fcn (the baseline has no parts)")
         from dffkit.export_onnx import export_parts_model
 
         fx = _make_extractor(extractor, args.layer)

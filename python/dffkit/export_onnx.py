@@ -3,8 +3,12 @@
 The graph is the CNN up to the chosen layer followed by a fixed number of multiplicative
 updates of W with the parts H fixed, written with plain ONNX operators (Transpose, Reshape,
 MatMul, Mul, Div, Add, Max, Sqrt, ReduceSum, ReduceMean, Where), so that onnxruntime alone
-maps images to what ``transform`` computes. For each image of the batch, separately (one
-group per image, so an image's result does not depend on the rest of the batch)::
+maps images to what ``transform`` computes. By default its input is the one of a
+``FeatureExtractor``'s session: resized uint8 RGB images (N, H, W, 3), cast and normalised
+inside the graph (``dffkit.models.with_image_input``), so a caller only resizes the images
+(``FeatureExtractor.resize_images``) and feeds the pixels. For each image of the batch,
+separately (one group per image, so an image's result does not depend on the rest of the
+batch)::
 
     X   = activations (C, h, w) -> (h*w, C)              rows: positions, row-major
     W_0 = sqrt(mean(X) / k)  everywhere                    (scikit-learn's transform start)
@@ -58,24 +62,43 @@ def _resolve_parts(parts, lam):
     return H.astype(np.float32), lam, centers
 
 
-def _cnn_graph(extractor_or_model, layer):
-    """(ModelProto whose one output is the activations (N, C, h, w) float32, its output name)."""
+_INPUTS = ("uint8", "float")
+
+
+def _cnn_graph(extractor_or_model, layer, n_channels, input, normalization):
+    """(ModelProto whose one output is the activations (N, C, h, w) float32, its output name,
+    a description of its input for the metadata).
+
+    Raises ValueError when the layer's channel count (by shape inference) is not
+    ``n_channels``, the C of the parts."""
     import onnx
     from onnx import TensorProto, helper
 
     if extractor_or_model is None:  # the graph starts at the activations
+        if input is not None or normalization is not None:
+            raise ValueError(
+                "input and normalization apply to a network: with extractor_or_model=None the "
+                "graph's input is the activations (N, C, h, w); leave them out"
+            )
         graph = helper.make_graph(
             [helper.make_node("Identity", ["activations"], ["dffkit_activations"])], "parts",
-            [helper.make_tensor_value_info("activations", TensorProto.FLOAT, ["N", None, None, None])],
+            [helper.make_tensor_value_info("activations", TensorProto.FLOAT,
+                                           ["N", int(n_channels), None, None])],
             [helper.make_tensor_value_info("dffkit_activations", TensorProto.FLOAT, None)])
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         model.ir_version = IR_VERSION
-        return model, "dffkit_activations"
+        return model, "dffkit_activations", "activations"
     from dffkit import models
 
+    if input == "float" and normalization is not None:
+        raise ValueError(
+            "normalization applies to input='uint8' (the graph normalises the pixels); with "
+            "input='float' the images come normalised: leave normalization out"
+        )
     obj = extractor_or_model
+    channel_axis, probe_hw, what = None, None, "the network"
     if not isinstance(obj, (onnx.ModelProto, str, bytes, bytearray, os.PathLike)):
-        # a FeatureExtractor: its model and layer
+        # a FeatureExtractor: its model, layer, normalisation and image size
         model = getattr(obj, "model_proto", None) or getattr(obj, "model", None)
         if layer is None:
             layer = getattr(obj, "layer_name", None) or getattr(obj, "layer", None)
@@ -84,11 +107,46 @@ def _cnn_graph(extractor_or_model, layer):
                 "extractor_or_model must be a FeatureExtractor, an onnx.ModelProto, a path to an "
                 f".onnx file or None, got {type(obj).__name__}"
             )
+        if normalization is None and input != "float":
+            normalization = getattr(obj, "normalization", None)
+        channel_axis = getattr(obj, "channel_axis", None)
+        size = getattr(obj, "image_size", None)
+        probe_hw = size if isinstance(size, tuple) else None
+        what = "the extractor"
         obj = model
     model = models.load_model(obj)
     name = models.resolve_layer(model, layer)
-    cut = models.truncate(model, name)
-    return cut, cut.graph.output[0].name
+    cut = models.truncate(model, name, channel_axis=channel_axis)
+    channels = _layer_channels(models, cut, probe_hw)
+    if channels is not None and channels != n_channels:
+        raise ValueError(
+            f"the parts have {n_channels} channels but layer {name!r} of {what} has {channels}: "
+            "export the parts with the network and layer they were learned on (or parts "
+            f"learned on this layer's {channels}-channel activations)"
+        )
+    if input == "float":
+        return cut, cut.graph.output[0].name, "float"
+    if normalization is None:
+        normalization = models.model_info(model).get("normalization", "imagenet")
+    # as FeatureExtractor builds its session: an NHWC network keeps its own input layout
+    source = models.image_input(model, name)
+    native = cut if models.input_layout(model, source) == "NCHW" else models.truncate(
+        model, name, nchw_input=False, channel_axis=channel_axis)
+    fed = models.with_image_input(native, normalization)
+    return fed, fed.graph.output[0].name, f"uint8 {normalization}"
+
+
+def _layer_channels(models, cut, probe_hw):
+    """C of the truncated network's output (N, C, h, w) by shape inference, or None."""
+    out = cut.graph.output[0].name
+    for hw in ((probe_hw, None) if probe_hw is not None else (None,)):
+        try:
+            shape = models.tensor_shapes(cut, hw).get(out, (0, None))[1]
+        except Exception:  # shape inference cannot tell: onnxruntime will
+            shape = None
+        if shape is not None and len(shape) == 4 and isinstance(shape[1], int):
+            return int(shape[1])
+    return None
 
 
 def _opset_of(model):
@@ -99,15 +157,20 @@ def _opset_of(model):
 
 
 def export_parts_model(extractor_or_model, parts, n_iter, path=None, *, lam=None, layer=None,
-                       centers=None):
+                       centers=None, input=None, normalization=None):
     """Write (and return) an ONNX model mapping images to part maps and codes.
 
     Parameters
     ----------
     extractor_or_model : a ``dffkit.FeatureExtractor``, an ONNX model (``onnx.ModelProto``,
-        path or bytes), or None. The graph's input is the network's input (the preprocessed
-        image batch, (N, 3, H, W) float32, as the extractor feeds it); with None the input is
-        the activations themselves, "activations" (N, C, h, w).
+        path or bytes), or None. With a network, the graph's input is (``input``):
+        ``"uint8"`` (the default) resized uint8 RGB images (N, H, W, 3), named
+        ``dffkit_images_uint8``, normalised inside the graph exactly as the extractor's own
+        session does (``FeatureExtractor.resize_images`` makes such a batch; H, W as the
+        extractor's ``image_size``); ``"float"`` the network's float32 input (N, 3, H, W),
+        already resized and normalised (``FeatureExtractor.preprocess``). With None the input
+        is the activations themselves, "activations" (N, C, h, w), and ``input`` and
+        ``normalization`` must be left out.
     parts : H (k, C), or a fitted ``GroupSparseNMF``, or a ``ClusteringResult`` (method
         "fcn"; then lam and, for assign="kmeans", the cluster centres come with it).
     n_iter : int >= 1, the number of W updates (unrolled in the graph).
@@ -116,14 +179,22 @@ def export_parts_model(extractor_or_model, parts, n_iter, path=None, *, lam=None
     layer : the layer of the network (default: the extractor's layer, else the model's
         default layer).
     centers : (n_clusters, k) k-means centres in normalised-code space: adds output "cluster".
+    input : "uint8" (default) or "float", the network's input (above).
+    normalization : with input="uint8": "imagenet", "caffe", "unit" or "none" (default: the
+        extractor's, else the model's ``dffkit.normalization`` metadata, else "imagenet").
+
+    The parts' channel count (C of H) must be the layer's (ValueError naming both
+    otherwise, where shape inference gives the layer's channels).
 
     Returns
     -------
     onnx.ModelProto with outputs "part_maps" (N, k, h, w), "code" (N, k) [, "cluster" (N,)],
     IR version 9 and the network's opset (17 for graphs built here).
 
-    Its outputs agree with ``group_sparse_nmf(X_i, [0, h*w], k, H=H, update_H=False, lam=lam,
-    max_iter=n_iter, tol=0)`` for each image (to float32 rounding).
+    Its outputs agree with ``group_sparse_nmf(X_i, {"offsets": [0, h*w]}, k, H=H,
+    update_H=False, lam=lam, max_iter=n_iter, tol=0)`` for each image's activations X_i
+    (``dffkit.clustering.transform_codes``), to float32 rounding; with input="uint8" the
+    activations are those the extractor computes from the same uint8 pixels.
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -133,8 +204,11 @@ def export_parts_model(extractor_or_model, parts, n_iter, path=None, *, lam=None
         centers = auto_centers
     if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 1:
         raise ValueError(f"n_iter must be an integer >= 1, got {n_iter!r}")
+    if input is not None and (not isinstance(input, str) or input not in _INPUTS):
+        raise ValueError(f"input must be 'uint8' (images, the default) or 'float' (normalised "
+                         f"tensors), got {input!r}")
     k, C = H.shape
-    model, act = _cnn_graph(extractor_or_model, layer)
+    model, act, fed = _cnn_graph(extractor_or_model, layer, C, input, normalization)
     opset = _opset_of(model)
     if opset < 13:
         raise ValueError(
@@ -228,7 +302,8 @@ def export_parts_model(extractor_or_model, parts, n_iter, path=None, *, lam=None
         pass
     out.doc_string = (f"dffkit parts model: {k} parts, {int(n_iter)} multiplicative updates of W "
                       f"with H fixed, lam={lam!r}")
-    for key, value in [("n_parts", k), ("n_iter", int(n_iter)), ("lam", repr(lam))]:
+    for key, value in [("n_parts", k), ("n_iter", int(n_iter)), ("lam", repr(lam)),
+                       ("input", fed)]:
         entry = out.metadata_props.add()
         entry.key, entry.value = f"dffkit.parts.{key}", str(value)
     for p in model.metadata_props:

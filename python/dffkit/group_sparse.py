@@ -47,16 +47,29 @@ __all__ = [
 ]
 
 
+_GROUP_KINDS = ("offsets", "labels")
+
+
 def group_offsets(groups, n_rows):
     """Row offsets (n_groups + 1 ints, 0 ... n_rows) from offsets or from per-row labels.
 
     Parameters
     ----------
-    groups : 1-D sequence
-        Either group offsets ``[0, o_1, ..., n_rows]`` (non-decreasing integers; an empty
-        group is allowed), or one label per row (length ``n_rows``) whose equal labels are
-        contiguous, as sorted labels are. A sequence that reads as offsets (starts at 0, ends
-        at n_rows, non-decreasing) is taken as offsets.
+    groups : 1-D sequence, or a dict ``{"offsets": ...}`` / ``{"labels": ...}``
+        Either group offsets ``[0, o_1, ..., n_rows]`` (n_groups + 1 non-decreasing integers
+        from 0 to n_rows; an empty group is allowed), or one label per row (length
+        ``n_rows``) whose equal labels are contiguous, as sorted labels are. Labels may be
+        any values numpy compares (ints, strings, ...) except NaN or infinity.
+
+        Which one a plain sequence is: one that reads as offsets (integers, starts at 0,
+        ends at n_rows, non-decreasing) and does not have n_rows entries is offsets; one
+        with n_rows entries that does not read as offsets is labels. A sequence that is
+        both (n_rows entries that also read as offsets, e.g. ``[0, 0, 0, 6, 6, 6]`` for 6
+        rows: labels of two groups, or offsets of five) is ambiguous and raises ValueError:
+        say which with ``{"labels": groups}`` or ``{"offsets": groups}`` (accepted wherever
+        ``groups`` is, e.g. by ``group_sparse_nmf`` and ``GroupSparseNMF.fit``), or renumber
+        the labels 0, 1, 2, ... (``np.unique(labels, return_inverse=True)[1]``), which can
+        never read as offsets (their largest value is below n_rows).
     n_rows : int, the number of rows of X (m).
 
     Returns
@@ -67,25 +80,77 @@ def group_offsets(groups, n_rows):
         raise ValueError(
             "groups is required: give row offsets [0, ..., n_rows] or one label per row of X"
         )
+    kind = None
+    if isinstance(groups, dict):
+        if len(groups) != 1 or next(iter(groups)) not in _GROUP_KINDS:
+            raise ValueError(
+                "groups given as a dict must have exactly one key, 'offsets' or 'labels' "
+                f"(e.g. {{'labels': labels}}), got keys {list(groups)!r}"
+            )
+        kind, groups = next(iter(groups.items()))
+        if groups is None:
+            raise ValueError(f"groups[{kind!r}] is None; give the {kind} of the rows of X")
     arr = np.asarray(groups)
     if arr.ndim != 1:
         raise ValueError(f"groups must be 1-D (offsets or one label per row), got shape {arr.shape}")
+    _check_finite_groups(arr)
     integral = arr.dtype.kind in "iu" or (
-        arr.dtype.kind == "f" and bool(np.all(np.isfinite(arr))) and bool(np.all(arr == np.round(arr)))
+        arr.dtype.kind == "f" and bool(np.all(arr == np.round(arr)))
     )
-    if integral and arr.size >= 2 and arr[0] == 0 and arr[-1] == n_rows:
-        off = arr.astype(np.int64)
-        if np.all(np.diff(off) >= 0):
-            return off
+    ends_right = integral and arr.size >= 2 and arr[0] == 0 and arr[-1] == n_rows
+    off = arr.astype(np.int64) if ends_right else None
+    increasing = ends_right and bool(np.all(np.diff(off) >= 0))
+    if kind == "offsets":
+        if not increasing:
+            raise ValueError(
+                f"groups['offsets'] must be non-decreasing integers from 0 to the number of rows "
+                f"of X ({n_rows}), got {_short(arr)}"
+            )
+        return off
+    if kind == "labels":
         if arr.size != n_rows:
-            raise ValueError(f"group offsets must be non-decreasing, got {_short(off)}")
-    if arr.size == n_rows:
+            raise ValueError(
+                f"groups['labels'] must have one label per row of X ({n_rows}), got {arr.size}"
+            )
         return _offsets_from_labels(arr, n_rows)
+    if arr.size == n_rows:
+        if increasing:
+            raise ValueError(
+                f"groups {_short(arr)} is ambiguous: it has one entry per row of X ({n_rows}), so "
+                f"it may be labels, but it also reads as offsets [0, ..., {n_rows}] of "
+                f"{n_rows - 1} groups. Say which: groups={{'labels': groups}} or "
+                "groups={'offsets': groups}; or renumber the labels 0, 1, 2, ... "
+                "(np.unique(labels, return_inverse=True)[1]), which never read as offsets"
+            )
+        return _offsets_from_labels(arr, n_rows)
+    if increasing:
+        return off
+    if ends_right:
+        raise ValueError(f"group offsets must be non-decreasing, got {_short(off)}")
     raise ValueError(
         f"groups has {arr.size} entries: it must be offsets [0, ..., {n_rows}] (non-decreasing "
         f"integers from 0 to the number of rows of X) or one label per row of X ({n_rows} "
         f"labels); got {_short(arr)}"
     )
+
+
+def _check_finite_groups(arr):
+    """NaN (which equals nothing, itself included) or infinite labels / offsets: ValueError."""
+    if arr.dtype.kind in "fc":
+        bad = ~np.isfinite(arr)
+    elif arr.dtype.kind == "O":
+        bad = np.array([isinstance(v, (float, complex, np.inexact)) and not np.isfinite(v)
+                        for v in arr], dtype=bool)
+    else:
+        return
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(
+            f"groups holds NaN or infinity at {len(rows)} entr{'y' if len(rows) == 1 else 'ies'} "
+            f"(first at {int(rows[0])}): labels and offsets must be finite (NaN equals no label, "
+            "itself included, so each NaN row would become a group of its own); give those "
+            "rows a label, or drop them from X and groups"
+        )
 
 
 def _offsets_from_labels(labels, n_rows):
@@ -117,14 +182,34 @@ def _short(a):
 def group_norms(W, offsets):
     """Nrm (n_groups x k): Nrm[g, j] = ||W[G_g, j]||_2, computed in float64.
 
-    For images, row g is image g's code (how much it uses each part).
+    ``offsets`` are row offsets ``[0, ..., m]`` (m = W's rows, non-decreasing; see
+    :func:`group_offsets` to make them from labels). An empty group, anywhere (first, last,
+    between), has norm 0: its row of the result is zeros. For images, row g is image g's
+    code (how much it uses each part).
     """
     W = np.asarray(W)
-    offsets = np.asarray(offsets, dtype=np.int64)
-    sq = np.square(W, dtype=np.float64)
-    sums = np.add.reduceat(sq, offsets[:-1], axis=0) if W.shape[0] else np.zeros((0, W.shape[1]))
-    empty = offsets[1:] == offsets[:-1]
-    sums[empty] = 0.0  # reduceat returns the row at the offset for an empty segment
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (m, k), got shape {W.shape}")
+    m = W.shape[0]
+    off = np.asarray(offsets)
+    if (off.ndim != 1 or off.size < 2 or off.dtype.kind not in "iuf"
+            or not np.all(np.isfinite(off)) or not np.all(off == np.round(off))):
+        raise ValueError(
+            f"offsets must be row offsets [0, ..., {m}] (1-D integers), got {_short(off)}; "
+            "group_offsets(labels, m) makes them from one label per row"
+        )
+    off = off.astype(np.int64)
+    if off[0] != 0 or off[-1] != m or np.any(np.diff(off) < 0):
+        raise ValueError(
+            f"offsets must be non-decreasing from 0 to the number of rows of W ({m}), got "
+            f"{_short(off)}"
+        )
+    sums = np.zeros((off.size - 1, W.shape[1]), dtype=np.float64)
+    nonempty = np.flatnonzero(off[1:] > off[:-1])
+    if nonempty.size:
+        # the non-empty groups' starts are strictly increasing and below m; the segment from
+        # one to the next is exactly that group (only empty groups lie between them)
+        sums[nonempty] = np.add.reduceat(np.square(W, dtype=np.float64), off[nonempty], axis=0)
     return np.sqrt(sums)
 
 
@@ -190,8 +275,10 @@ def group_sparse_nmf(X, groups, n_components, *, lam=0.0, mu=0.0, init=None, W=N
     ----------
     X : array-like (m, n), non-negative; numpy (float32 stays float32) or a GPU array for
         the CUDA backend (read in place).
-    groups : offsets ``[0, ..., m]`` (n_groups + 1 ints) or one label per row (length m,
-        equal labels contiguous, e.g. sorted); see :func:`group_offsets`.
+    groups : offsets ``[0, ..., m]`` (n_groups + 1 ints; empty groups allowed) or one label
+        per row (length m, equal labels contiguous, e.g. sorted, never NaN); a sequence that
+        could be either raises ValueError: pass ``{"offsets": ...}`` or ``{"labels": ...}``
+        to say which. See :func:`group_offsets`.
     n_components : int, k.
     lam : float >= 0, the group penalty lam of the objective, used as given (no scaling;
         :func:`penalty_scale` gives a data-scaled unit).
@@ -243,7 +330,8 @@ class GroupSparseNMF(NMF):
     n_components_, n_iter_, n_features_in_ : ints
     reconstruction_err_ : float, ||X - W H||_F at the end of fit
     objective_ : list of floats, the objective after each iteration of the last fit
-    codes_ : (n_groups, n_components) array, group norms of the fitted W (one row per group)
+    codes_ : (n_groups, n_components) array, group norms of the fitted W (one row per group;
+        zeros for an empty group)
     group_offsets_ : int64 array, the offsets of the fitted groups
     backend_ : str
     kernel_ : str, the kernels that ran the last fit (``NMFResult.kernel``)
@@ -321,11 +409,13 @@ class GroupSparseNMF(NMF):
         X = self._validate(X, reset=False)
         self._check_transform_dtype(X)
         if groups is None:
-            groups = [0, int(np.shape(X)[0])]
+            groups = {"offsets": [0, int(np.shape(X)[0])]}
         W, _, _, _ = self._run(X, groups, None, self.components_, update_H=False)
         return W
 
     def codes(self, X, groups):
-        """Group norms (n_groups, n_components) of ``transform(X, groups)``: one code per group."""
-        W = self.transform(X, groups=groups)
-        return group_norms(W, group_offsets(groups, int(np.shape(X)[0])))
+        """Group norms (n_groups, n_components) of ``transform(X, groups)``: one code per group
+        (a row of zeros for an empty group)."""
+        off = group_offsets(groups, int(np.shape(X)[0]))
+        W = self.transform(X, groups={"offsets": off})
+        return group_norms(W, off)
