@@ -287,3 +287,170 @@ def test_isolated_runs_merge_into_one_report():
     assert report.row("dff-1img", "sklearn-cd")["reached"]
     with pytest.raises(ValueError, match="isolate"):
         bench.run("quick", problems=[Problem("tiny", 30, 20, 2, 5)], isolate=True, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# audit of `dffkit bench` / `dffkit info` (regressions)
+# ---------------------------------------------------------------------------------------------
+
+# one small problem, one contender, one timed run, no ceilings: about a second
+_LIGHT = ["--quick", "--problems", "dff-1img", "--contenders", "dffkit-cpu", "--repeats", "1",
+          "--no-ceilings", "--no-progress"]
+
+
+class _NaNResult(bench.Contender):
+    name = "nan-result"
+
+    def solve(self, s, args, n_iter):
+        return np.full_like(s.W0, np.nan), np.full_like(s.H0, np.nan)
+
+
+def test_nan_agreement_is_flagged_and_rendered(tmp_path):
+    """A contender whose one-iteration result is NaN: the report renders (text and Markdown),
+    the row shows NO (nan) and is listed as FLAGGED; run() writes both files and returns."""
+    tiny = Problem("tiny", 60, 40, 3, 10)
+    paths = {"json": tmp_path / "r.json", "markdown": tmp_path / "r.md"}
+    report = bench.run("quick", problems=[tiny], contenders=[_NaNResult()], progress=False,
+                       measure_ceilings=False, repeats=1, **paths)
+    row = report.row("tiny", "nan-result")
+    assert row["agrees"] is False and row["status"] == "flagged" and row["agree_rel_diff"] is None
+    assert report.flagged() == [row]
+    text = report.to_text()
+    assert "NO** (nan)" in text and re.search(r"FLAGGED.*nan-result on tiny \(rel\. diff nan\)", text)
+    cells = _markdown_rows(paths["markdown"].read_text())
+    assert cells[0]["contender"] == "nan-result" and cells[0]["agrees"] == "**NO** (nan)"
+    assert json.loads(paths["json"].read_text())["rows"][0]["agree_rel_diff"] is None
+
+
+def test_dffkit_rows_solve_from_the_shared_start(monkeypatch):
+    """dffkit's rows (batched, single, GSNMF) start from the W0, H0 the harness hands every
+    contender, and no initialisation runs inside the timed call: from a start no seed gives,
+    W, H after one iteration are the float64 oracle's."""
+    import dffkit.nmf
+    from dffkit._bench_contenders import DffkitContender, Setup
+    from dffkit._bench_problems import relative_difference
+
+    inits = []
+    real = dffkit.nmf.initialize
+    for problem in (Problem("batch", 40, 30, 3, 5, batch=3), Problem("single", 40, 30, 3, 5),
+                    Problem("gsnmf", 40, 30, 3, 5, groups=4, lam_rel=0.1, mu_rel=0.01)):
+        X, W0, H0 = problem.make()
+        W0 = (W0 * np.float32(1.7) + np.float32(0.05)).astype(np.float32)  # not any seed's init
+        H0 = (H0[..., ::-1, :] + np.float32(0.01)).copy()
+        offsets = problem.group_offsets()
+        lam, mu = problem.penalties(X, W0, H0)
+        c = DffkitContender("cpu")
+        state = c.setup(Setup(problem, X, W0, H0, offsets, lam, mu))
+        with monkeypatch.context() as mp:
+            mp.setattr(dffkit.nmf, "initialize", lambda *a, **kw: inits.append(a) or real(*a, **kw))
+            W1, H1 = c.fetch(state, c.solve(state, c.start(state), 1))
+        assert inits == [], problem.name
+        Wo, Ho = oracle_step(X, W0, H0, problem.beta, offsets, lam, mu)
+        diff = max(relative_difference(W1, Wo), relative_difference(H1, Ho))
+        assert diff <= bench.AGREE_TOL["fp32"], (problem.name, diff)
+
+
+def test_machine_description_reports_the_threads_dffkit_uses(monkeypatch):
+    """dffkit's thread setting (set_num_threads / DFFKIT_NUM_THREADS), not OpenMP's maximum, in
+    the bench's machine description and in `dffkit info`; DFFKIT_NUM_THREADS is listed."""
+    import dffkit
+    from dffkit import _backends, _bench_report, info
+
+    n = int(_backends.cpu().max_threads()) + 1  # differs from OpenMP's maximum
+    monkeypatch.setenv("DFFKIT_NUM_THREADS", str(n))
+    old = dffkit.get_num_threads()
+    dffkit.set_num_threads(n)
+    try:
+        m = _bench_report.describe_machine()
+        assert m["dffkit_cpu_threads"] == n and m["environment"]["DFFKIT_NUM_THREADS"] == str(n)
+        assert info.describe()["cpu_threads"] == n
+        dffkit.set_num_threads(0)  # OpenMP's default
+        assert info.describe()["cpu_threads"] == _backends.cpu().max_threads()
+    finally:
+        dffkit.set_num_threads(old)
+
+
+def _no_work(monkeypatch):
+    def fail(*a, **kw):
+        raise AssertionError("the bench started work")
+
+    monkeypatch.setattr(bench, "_run_problem", fail)
+    monkeypatch.setattr(bench, "_measure_ceilings", fail)
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    _no_work(monkeypatch)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "folder").mkdir()
+    for option, path, what in (("--json", tmp_path / "afile" / "x.json", "afile"),
+                               ("--markdown", tmp_path / "folder", "is a folder"),
+                               ("--plot", tmp_path / "afile" / "p.png", "afile")):
+        assert cli_main(["bench", *_LIGHT, option, str(path)]) == 1
+        err = capsys.readouterr().err
+        assert f"{option} {path}" in err and what in err, err
+    with pytest.raises(OSError, match="json"):
+        bench.run("quick", problems="dff-1img", json=tmp_path / "afile" / "x.json")
+
+
+def test_table_printed_and_written_paths_named_when_a_later_write_fails(tmp_path, monkeypatch, capsys):
+    from dffkit import _bench_report
+
+    def broken_plot(data, path):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(_bench_report, "plot", broken_plot)
+    ok, png = tmp_path / "ok.json", tmp_path / "p.png"
+    assert cli_main(["bench", *_LIGHT, "--json", str(ok), "--plot", str(png)]) == 1
+    out, err = capsys.readouterr()
+    assert "Results" in out and "dffkit-cpu" in out and f"JSON: {ok}" in out
+    assert "plot:" not in out and "--plot" in err and "No space left" in err
+    assert json.loads(ok.read_text())["rows"][0]["contender"] == "dffkit-cpu"
+
+
+def test_only_the_files_written_are_named(tmp_path, monkeypatch, capsys):
+    """No plot written (no matplotlib, or no rows): no `plot: PATH` line, a `plot skipped`."""
+    from dffkit import _bench_report
+
+    monkeypatch.setattr(_bench_report, "plot", lambda data, path: False)
+    png = tmp_path / "p.png"
+    assert cli_main(["bench", *_LIGHT, "--plot", str(png)]) == 0
+    out, err = capsys.readouterr()
+    assert "plot:" not in out and "plot skipped" in err and not png.exists()
+
+
+def test_isolated_cd_row_takes_its_target_from_the_other_process():
+    """--isolate without sklearn-mu: CD is timed to dffkit-cpu's error, as in one process."""
+    report = bench.run("quick", problems=["dff-1img"], contenders=["dffkit-cpu", "sklearn-cd"], isolate=True,
+                       progress=False, measure_ceilings=False, repeats=1)
+    dk, cd = report.row("dff-1img", "dffkit-cpu"), report.row("dff-1img", "sklearn-cd")
+    assert cd is not None, report.skipped
+    assert cd["reached"] and cd["target_rel_error"] == pytest.approx(dk["rel_error"] * (1 + 1e-4), rel=1e-12)
+
+
+def test_quick_and_another_suite_are_refused(monkeypatch, capsys):
+    _no_work(monkeypatch)
+    assert cli_main(["bench", "--quick", "--suite", "issue3", "--problems", "tall-50k"]) == 1
+    err = capsys.readouterr().err
+    assert "--quick" in err and "--suite issue3" in err
+
+
+def test_negative_seed_is_refused_before_any_work(monkeypatch, capsys):
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", *_LIGHT, "--seed", "-1"])
+    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        bench.run("quick", problems=["dff-1img"], seed=-1, measure_ceilings=False, progress=False)
+
+
+def test_single_string_names_and_the_save_hint(capsys):
+    """A string is one name (or a comma-separated list), as on the command line; with no output
+    asked for, the CLI says how to keep the results."""
+    report = bench.run("quick", problems="dff-1img", contenders="dffkit-cpu,sklearn-mu", repeats=1,
+                       progress=False, measure_ceilings=False)
+    assert sorted((r["problem"], r["contender"]) for r in report.rows) == [
+        ("dff-1img", "dffkit-cpu"), ("dff-1img", "sklearn-mu")]
+    assert cli_main(["bench", *_LIGHT]) == 0
+    out = capsys.readouterr().out
+    tail = out.rstrip().splitlines()[-1]
+    assert "--json" in tail and "--markdown" in tail and "--plot" in tail

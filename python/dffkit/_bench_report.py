@@ -111,18 +111,15 @@ def _blas() -> list:
 
 def describe_machine() -> dict:
     """CPU model, cores, memory, GPUs, library versions, BLAS kernels and relevant settings."""
-    from dffkit import _backends
+    from dffkit.info import engine_threads
 
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count()
-    try:
-        cpu_threads = int(_backends.cpu().max_threads())
-    except Exception:  # noqa: BLE001
-        cpu_threads = None
-    env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                                      "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+    cpu_threads, threads_from = engine_threads()
+    env = {k: os.environ[k] for k in ("DFFKIT_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                      "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
                                       "CUDA_VISIBLE_DEVICES") if k in os.environ}
     return {
         "dffkit_commit": _commit(),
@@ -134,6 +131,7 @@ def describe_machine() -> dict:
         "cores": cores,
         "memory_gib": _mem_total_gib(),
         "dffkit_cpu_threads": cpu_threads,
+        "dffkit_cpu_threads_from": threads_from,
         "gpus": _gpus(),
         "libraries": {name: v for name in _LIBS if (v := _version(name)) is not None},
         "blas": _blas(),
@@ -328,12 +326,20 @@ COLUMNS = ["problem", "contender", "iters", "time", "best", "per iter", "rel. er
            "agrees", "vs best peer", "GB/s", "% copy BW", "GFLOP/s", "% GEMM"]
 
 
+def fmt_diff(x, spec=".1e") -> str:
+    """A relative difference; None is one that was not finite (the JSON holds NaN and inf as
+    null), shown as nan."""
+    if x is None:
+        return "nan"
+    return format(x, spec)
+
+
 def row_cells(r: dict) -> list:
     agree = r.get("agrees")
     if agree is None:
         agree_s = "n/a"
     else:
-        agree_s = ("yes" if agree else "**NO**") + f" ({r['agree_rel_diff']:.1e})"
+        agree_s = ("yes" if agree else "**NO**") + f" ({fmt_diff(r.get('agree_rel_diff'))})"
     iters = str(r["n_iter"]) + ("" if r.get("reached", True) else " (not reached)")
     return [
         r["problem"], r["contender"], iters, fmt_time(r["time_s"]), fmt_time(r.get("time_min_s")),
@@ -372,7 +378,8 @@ def render(report: dict, markdown: bool) -> str:
     bullet = "- " if markdown else "  "
     out.append(f"{h}Machine" if markdown else "Machine")
     out.append(f"{bullet}CPU: {m['cpu_model']}, {m['cores']} cores ({' '.join(m.get('cpu_flags', []))}), "
-               f"{m.get('memory_gib')} GiB; dffkit CPU threads: {m.get('dffkit_cpu_threads')}")
+               f"{m.get('memory_gib')} GiB; dffkit CPU threads: {m.get('dffkit_cpu_threads')}"
+               + (f" ({m['dffkit_cpu_threads_from']})" if m.get("dffkit_cpu_threads_from") else ""))
     out.append(f"{bullet}GPU: {gpu}")
     out.append(f"{bullet}Libraries: {libs}; Python {m['python']}"
                + (f"; dffkit commit {m['dffkit_commit']}" if m.get("dffkit_commit") else ""))
@@ -419,7 +426,7 @@ def render(report: dict, markdown: bool) -> str:
         out.append("")
         out.append("FLAGGED (disagrees with the float64 oracle after one iteration from the shared "
                    "start): " + ", ".join(f"{r['contender']} on {r['problem']} "
-                                          f"(rel. diff {r['agree_rel_diff']:.2e})" for r in flagged))
+                                          f"(rel. diff {fmt_diff(r.get('agree_rel_diff'), '.2e')})" for r in flagged))
     def section(title, header, cells):
         out.extend(["", f"{h}{title}"] + ([""] if markdown else []))
         out.append(_table(header, cells, markdown))

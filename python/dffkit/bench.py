@@ -24,6 +24,7 @@ import datetime as _dt
 import fnmatch
 import json as _json
 import math
+import numbers
 import statistics
 import sys
 import time
@@ -124,15 +125,18 @@ class Report:
 
     def write(self, json=None, markdown=None, plot=None) -> list:
         """Write the requested outputs; returns the paths written."""
-        written = []
+        # rendered before anything is written: a report that cannot be rendered leaves no
+        # half-written set of files
+        texts = []
         if json:
-            with open(json, "w") as f:
-                f.write(self.to_json() + "\n")
-            written.append(str(json))
+            texts.append((json, self.to_json() + "\n"))
         if markdown:
-            with open(markdown, "w") as f:
-                f.write(self.to_markdown())
-            written.append(str(markdown))
+            texts.append((markdown, self.to_markdown()))
+        written = []
+        for path, text in texts:
+            with open(path, "w") as f:
+                f.write(text)
+            written.append(str(path))
         if plot and self.plot(plot):
             written.append(str(plot))
         return written
@@ -310,9 +314,12 @@ class _Entry:
         self.n_iter, self.reps, self.times, self.t_wall = 0, 0, [], 0.0
 
 
-def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped):
+def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped, outside=()):
     """Prepare every contender (agreement check, cost estimate, warm-up solve that gives the
-    final error), then time them round-robin, so that a busy machine slows all alike."""
+    final error), then time them round-robin, so that a busy machine slows all alike.
+
+    ``outside``: MU rows of this problem measured elsewhere (the other processes of an isolated
+    run), candidates for the reference error the CD solver is timed to, as if they ran here."""
     X, W0, H0 = p.make()
     offsets = p.group_offsets()
     lam, mu = p.penalties(X, W0, H0)
@@ -351,7 +358,7 @@ def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped):
         try:
             e.state = c.setup(setup)
             if c.solver == "cd":
-                ref = _reference(prow)
+                ref = _reference(prow + list(outside))
                 if ref is None:
                     skipped.append((c.name, p.name, "no MU result to take the target error from"))
                     release(e)
@@ -420,7 +427,8 @@ def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped):
 
 def _reference(prow):
     """The reference MU row of a problem: scikit-learn MU, else dffkit CPU, else any."""
-    ok = [r for r in prow if r["status"] == "ok" and r["solver"] == "mu"]
+    ok = [r for r in prow if r["status"] == "ok" and r["solver"] == "mu"
+                                  and r["rel_error"] is not None]
     for name in ("sklearn-mu", "dffkit-cpu"):
         for r in ok:
             if r["contender"] == name:
@@ -524,21 +532,24 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
     ----------
     suite : str or Suite
         "quick", "default", "issue3" or "gpu" (see ``suites()``), or a Suite of your own.
-    contenders : list of str or Contender, optional
-        Names or glob patterns ("dffkit-*", "sklearn-mu") chosen from
-        :func:`default_contenders`, and/or Contender instances. Default: all of them.
-    problems : list of str or Problem, optional
-        Names or glob patterns of the suite's problems, and/or Problem instances.
+    contenders : str, Contender, or a list of them, optional
+        Names or glob patterns ("dffkit-*", "sklearn-mu"; a string may list several,
+        comma-separated) chosen from :func:`default_contenders`, and/or Contender instances.
+        Default: all of them.
+    problems : str, Problem, or a list of them, optional
+        Names or glob patterns of the suite's problems (comma-separated in one string, as
+        above), and/or Problem instances.
     repeats : int, optional
         Timed runs per row (overrides the suite's adaptive count).
     seed : int
-        Seed of the problem data and of the shared start.
+        Seed of the problem data and of the shared start, >= 0.
     row_cap_s : float, optional
         Skip a contender whose single solve is estimated above this many seconds.
     progress : bool
         Show a progress bar on stderr.
     json, markdown, plot : path, optional
-        Write the JSON document, the Markdown table, the PNG plot.
+        Write the JSON document, the Markdown table, the PNG plot. The paths are checked
+        before any work (missing folders are created).
     measure_ceilings : bool
         Measure the copy and GEMM ceilings (before and after the problems).
     isolate : bool
@@ -546,12 +557,60 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
         its own, so that one library's worker threads (OpenBLAS, OpenMP) cannot slow another's;
         named suite problems and built-in contenders only.
     """
+    plan = _plan(suite, contenders=contenders, problems=problems, repeats=repeats, seed=seed,
+                 row_cap_s=row_cap_s, isolate=isolate)
+    _check_outputs({"json": json, "markdown": markdown, "plot": plot})
+    report = _execute(plan, progress=progress, measure_ceilings=measure_ceilings)
+    report.write(json=json, markdown=markdown, plot=plot)
+    return report
+
+
+@dataclasses.dataclass
+class _Plan:
+    suite: Suite
+    chosen: list
+    probs: list
+    seed: int
+    repeats: object
+    row_cap_s: object
+    isolate: bool
+
+
+def _as_list(value, kind, what):
+    """A single name (str) or ``kind`` instance as a one-item list; a list as it is."""
+    if value is None:
+        return None
+    if isinstance(value, (str, kind)):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a name, a {kind.__name__}, or a list of them; "
+                        f"got {type(value).__name__}") from None
+    bad = [x for x in items if not isinstance(x, (str, kind))]
+    if bad:
+        raise TypeError(f"{what} must hold names (str) and {kind.__name__} instances; "
+                        f"got {type(bad[0]).__name__} {bad[0]!r}")
+    return items
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer (it seeds the data and the shared "
+                         f"start), got {seed!r}")
+    return int(seed)
+
+
+def _plan(suite, *, contenders=None, problems=None, repeats=None, seed=0, row_cap_s=None,
+          isolate=False) -> _Plan:
+    """Every argument checked and the problems and contenders chosen, before any work."""
     all_suites = suites()
     if isinstance(suite, str):
         if suite not in all_suites:
             raise ValueError(f"unknown suite {suite!r}; choose from {sorted(all_suites)}")
         suite = all_suites[suite]
     suite = dataclasses.replace(suite)
+    seed = _check_seed(seed)
     if repeats is not None:
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -561,6 +620,8 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
         suite.cpu_row_cap_s = 0.0
 
     pool = default_contenders()
+    contenders = _as_list(contenders, Contender, "contenders")
+    problems = _as_list(problems, Problem, "problems")
     if contenders is None:
         chosen = pool
     else:
@@ -571,7 +632,47 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
     names = [p for p in (problems or []) if isinstance(p, str)]
     probs = _select(suite.problems, names, lambda p: p.name) if names or not probs_in else []
     probs = [dataclasses.replace(p, seed=seed) for p in probs + probs_in]
+    if isolate:
+        known = {c.name for c in pool}
+        custom = [c.name for c in chosen if c.name not in known] + \
+            [p.name for p in probs if p.name not in {q.name for q in suite.problems}]
+        if custom or suite.name not in all_suites:
+            raise ValueError("isolate=True runs named suites, their problems and the built-in "
+                             f"contenders only; not: {custom or suite.name}")
+    return _Plan(suite, chosen, probs, seed, repeats, row_cap_s, bool(isolate))
 
+
+_OUTPUT_EXAMPLES = {"json": "bench.json", "markdown": "bench.md", "plot": "bench.png"}
+
+
+def _check_outputs(paths: dict) -> None:
+    """Each output path (``{option: path}``, None for not wanted) writable before any work:
+    OSError naming the option and what to do otherwise."""
+    from pathlib import Path
+
+    from dffkit.cli import prepare_output_file
+
+    seen = {}
+    for option, path in paths.items():
+        if not path:
+            continue
+        if Path(path).is_dir():
+            example = _OUTPUT_EXAMPLES.get(option.lstrip("-"), "bench.out")
+            raise OSError(f"{option} {path} is a folder: pass a file name for the output, "
+                          f"e.g. {Path(path) / example}")
+        prepare_output_file(path, option)
+        key = Path(path).resolve()
+        if key in seen:
+            raise OSError(f"{seen[key]} and {option} both name {path}: give each output a file "
+                          f"of its own")
+        seen[key] = option
+
+
+def _execute(plan: _Plan, *, progress=True, measure_ceilings=True, outside=None) -> Report:
+    """Measure what ``plan`` chose; ``outside``: {problem: MU rows measured elsewhere} that the
+    CD solver may take its target error from (the scikit-learn process of an isolated run)."""
+    suite, chosen, probs, seed = plan.suite, plan.chosen, plan.probs, plan.seed
+    outside = outside or {}
     unavailable = {}
     for c in chosen:
         try:
@@ -590,14 +691,15 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
 
     rows, skipped_raw = [], []
     t_start = time.perf_counter()
-    if isolate:
-        _run_isolated(suite, chosen, probs, unavailable, seed, repeats, row_cap_s, progress,
-                      rows, skipped_raw)
+    if plan.isolate:
+        _run_isolated(suite, chosen, probs, unavailable, seed, plan.repeats, plan.row_cap_s,
+                      progress, rows, skipped_raw)
     else:
         bar = _Progress(len(probs) * len(chosen), progress, f"dffkit bench {suite.name}")
         try:
             for p in probs:
-                _run_problem(p, suite, chosen, unavailable, bar, rows, skipped_raw)
+                _run_problem(p, suite, chosen, unavailable, bar, rows, skipped_raw,
+                             outside=outside.get(p.name, ()))
         finally:
             bar.close()
     machine["load_average_end"] = _report._loadavg()
@@ -628,7 +730,7 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
         "created": created,
         "elapsed_s": time.perf_counter() - t_start,
         "seed": seed,
-        "settings": {"isolate": bool(isolate),
+        "settings": {"isolate": plan.isolate,
                      "repeats": list(suite.repeats), "budget_s": suite.budget_s,
                      "row_cap_s": suite.row_cap_s, "cpu_row_cap_s": suite.cpu_row_cap_s,
                      "cd_cap_factor": suite.cd_cap_factor,
@@ -645,35 +747,36 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
         "legend": _report.LEGEND,
     }
     _sanitize(data)
-    report = Report(data)
-    report.write(json=json, markdown=markdown, plot=plot)
-    return report
+    return Report(data)
 
 
 def _run_isolated(suite, chosen, probs, unavailable, seed, repeats, row_cap_s, progress, rows,
                   skipped_raw):
-    """One ``dffkit bench`` process per library; their rows are merged and compared here."""
+    """One ``dffkit bench`` process per library; their rows are merged and compared here.
+
+    The libraries with a CD contender run last and get the MU rows measured so far, so that
+    CD is timed to the same reference error as in one process (dffkit-cpu's when scikit-learn
+    MU is not chosen). Each process runs with this process's dffkit thread setting."""
     import os
     import subprocess
     import tempfile
 
-    pool = {c.name for c in default_contenders()}
-    custom = [c.name for c in chosen if c.name not in pool] + \
-        [p.name for p in probs if p.name not in {q.name for q in suite.problems}]
-    if custom or suite.name not in suites():
-        raise ValueError("isolate=True runs named suites, their problems and the built-in "
-                         f"contenders only; not: {custom or suite.name}")
+    import dffkit
+
     groups = {}
     for c in chosen:
         if unavailable[c.name]:
             skipped_raw.extend((c.name, p.name, unavailable[c.name]) for p in probs)
         else:
             groups.setdefault(c.library, []).append(c)
+    # stable: the libraries without a CD solver first
+    order = sorted(groups.items(), key=lambda kv: any(c.solver == "cd" for c in kv[1]))
+    env = dict(os.environ, DFFKIT_NUM_THREADS=str(dffkit.get_num_threads()))
     merged = {p.name: [] for p in probs}
-    for i, (lib, members) in enumerate(groups.items()):
+    for i, (lib, members) in enumerate(order):
         names = [c.name for c in members]
         if progress:
-            sys.stderr.write(f"dffkit bench {suite.name}: [{i + 1}/{len(groups)}] {lib} "
+            sys.stderr.write(f"dffkit bench {suite.name}: [{i + 1}/{len(order)}] {lib} "
                              f"({', '.join(names)}) in a process of its own\n")
             sys.stderr.flush()
         with tempfile.TemporaryDirectory() as tmp:
@@ -685,7 +788,16 @@ def _run_isolated(suite, chosen, probs, unavailable, seed, repeats, row_cap_s, p
                 cmd += ["--repeats", str(repeats)]
             if row_cap_s is not None:
                 cmd += ["--row-cap", str(row_cap_s)]
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            if any(c.solver == "cd" for c in members):
+                outside = {name: [{k: r[k] for k in ("contender", "solver", "status", "rel_error")}
+                                  for r in prow if r["status"] == "ok" and r["solver"] == "mu"
+                                  and r["rel_error"] is not None]
+                           for name, prow in merged.items()}
+                ref = os.path.join(tmp, "reference.json")
+                with open(ref, "w") as f:
+                    _json.dump(outside, f)
+                cmd += ["--cd-reference", ref]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             part = None
             if res.returncode == 0 and os.path.exists(out):
                 with open(out) as f:
@@ -735,17 +847,21 @@ def _sanitize(obj):
 
 def _add_arguments(parser):
     names = sorted(suites())
-    parser.add_argument("--suite", default="default", choices=names,
-                        help="which problems: quick (< 1 min on 2 cores), default (a few minutes), "
-                             "issue3 (issue 3's CPU targets), gpu (sized for a large GPU)")
-    parser.add_argument("--quick", action="store_true", help="same as --suite quick")
+    parser.add_argument("--suite", default=None, choices=names,
+                        help="which problems: quick (< 1 min on 2 cores), default (a few minutes; "
+                             "the default), issue3 (issue 3's CPU targets), gpu (sized for a large GPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="same as --suite quick (not combined with another --suite)")
     parser.add_argument("--contenders", "--only", dest="contenders", default=None,
                         help="comma-separated names or globs, e.g. 'dffkit-*,sklearn-mu' (default: all)")
     parser.add_argument("--problems", default=None,
                         help="comma-separated problem names or globs of the suite (default: all)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per row (default: adaptive, the suite's range)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the shared start")
+    from dffkit.cli import int_at_least
+
+    parser.add_argument("--seed", type=int_at_least(0, "it seeds the data and the shared start"), default=0,
+                        help="seed of the data and the shared start, >= 0 (default: 0)")
     parser.add_argument("--row-cap", type=float, default=None, metavar="SECONDS",
                         help="skip a contender whose one solve is estimated above this")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
@@ -757,6 +873,8 @@ def _add_arguments(parser):
                              "interference between libraries)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-ceilings", action="store_true", help=argparse.SUPPRESS)
+    # isolated runs: the MU rows of the other processes, for the CD solver's target error
+    parser.add_argument("--cd-reference", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--strict", action="store_true",
                         help="exit with status 3 when a contender is flagged or a target fails")
     parser.add_argument("--list", action="store_true",
@@ -775,21 +893,53 @@ def _list(args) -> int:
     return 0
 
 
+SAVE_HINT = ("Not saved: add --json PATH (every number and the machine), --markdown PATH or "
+             "--plot PATH (PNG) to keep the results.")
+
+
 def _run_cli(args) -> int:
+    from dffkit.cli import _message
+
     if args.list:
         return _list(args)
-    suite = "quick" if args.quick else args.suite
-    report = run(suite, contenders=args.contenders.split(",") if args.contenders else None,
-                 problems=args.problems.split(",") if args.problems else None,
+    if args.quick and args.suite not in (None, "quick"):
+        raise ValueError(f"--quick means --suite quick and cannot be combined with --suite "
+                         f"{args.suite}: drop --quick to run {args.suite!r}, or drop --suite")
+    suite = "quick" if args.quick else (args.suite or "default")
+    plan = _plan(suite, contenders=args.contenders, problems=args.problems,
                  repeats=args.repeats, seed=args.seed, row_cap_s=args.row_cap,
-                 progress=not args.no_progress, json=args.json, markdown=args.markdown,
-                 plot=args.plot, measure_ceilings=not args.no_ceilings, isolate=args.isolate)
+                 isolate=args.isolate)
+    outputs = [("JSON", "--json", "json", args.json), ("Markdown", "--markdown", "markdown", args.markdown),
+               ("plot", "--plot", "plot", args.plot)]
+    _check_outputs({option: path for _, option, _, path in outputs})
+    outside = None
+    if args.cd_reference:
+        with open(args.cd_reference) as f:
+            outside = _json.load(f)
+    report = _execute(plan, progress=not args.no_progress, measure_ceilings=not args.no_ceilings,
+                      outside=outside)
     print(report.to_text())
-    for label, path in (("JSON", args.json), ("Markdown", args.markdown), ("plot", args.plot)):
-        if path:
+    # the table is out; each file is written on its own, and only those written are named
+    failed = False
+    for label, option, key, path in outputs:
+        if not path:
+            continue
+        try:
+            written = report.write(**{key: path})
+        except OSError as exc:
+            print(f"dffkit bench: error: {option}: {_message(exc)}", file=sys.stderr)
+            failed = True
+            continue
+        if written:
             print(f"{label}: {path}")
-    if args.plot and not _report_has_matplotlib():
-        print("plot skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        elif key == "plot":
+            why = ("matplotlib is not installed (pip install matplotlib)" if not _report_has_matplotlib()
+                   else "no timed rows to plot")
+            print(f"plot skipped: {why}", file=sys.stderr)
+    if not any(path for *_, path in outputs):
+        print(SAVE_HINT)
+    if failed:
+        return 1
     if args.strict and (report.flagged() or any(t["passed"] is False for t in report.targets)):
         return 3
     return 0

@@ -72,20 +72,27 @@ def _name(filename) -> str:
 # argument types and output locations, shared by the subcommands
 # ---------------------------------------------------------------------------------------------
 
-def positive_int(what: str):
-    """An argparse ``type`` for a positive int; ``what`` says what the number counts
-    (``"pixels"``) in the message for anything else."""
+def int_at_least(low: int, what: str):
+    """An argparse ``type`` for an int >= ``low`` (1: "a positive int", 0: "a non-negative
+    int"); ``what`` says what the number is (``"pixels"``) in the message for anything else."""
+    kind = {0: "non-negative int", 1: "positive int"}.get(low, f"int >= {low}")
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"must be a positive int ({what}), got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be a positive int ({what}), got {value}")
+            raise argparse.ArgumentTypeError(f"must be a {kind} ({what}), got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be a {kind} ({what}), got {value}")
         return value
 
-    parse.__name__ = "positive int"  # argparse names the type in its own messages
+    parse.__name__ = kind  # argparse names the type in its own messages
     return parse
+
+
+def positive_int(what: str):
+    """An argparse ``type`` for a positive int (``int_at_least(1, what)``)."""
+    return int_at_least(1, what)
 
 
 def _probe_writable(folder: Path, option: str, path) -> None:

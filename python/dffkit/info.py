@@ -1,11 +1,32 @@
 """``dffkit info``: what this installation can do (backends, threads, devices)."""
 from __future__ import annotations
 
+import os
 import platform
 
 import numpy as np
 
 from dffkit import _backends
+
+
+def engine_threads():
+    """(threads the CPU engine runs on, where that number comes from): dffkit's own setting
+    (set_num_threads, DFFKIT_NUM_THREADS) when not 0, else OpenMP's default
+    (OMP_NUM_THREADS or all cores); (None, None) without the CPU engine."""
+    from dffkit import nmf
+
+    try:
+        openmp = int(_backends.cpu().max_threads())
+    except Exception:  # noqa: BLE001 - no CPU engine: nothing to say
+        return None, None
+    setting = nmf.get_num_threads()
+    if setting <= 0:
+        return openmp, "OpenMP's default (OMP_NUM_THREADS or all cores)"
+    try:
+        from_env = int(os.environ.get("DFFKIT_NUM_THREADS", "").strip()) == setting
+    except ValueError:
+        from_env = False
+    return setting, ("DFFKIT_NUM_THREADS" if from_env else "set_num_threads")
 
 
 def describe() -> dict:
@@ -20,10 +41,10 @@ def describe() -> dict:
         "backends": _backends.available_backends(),
         "unavailable": _backends.unavailable_reasons(),
     }
-    try:
-        info["cpu_threads"] = _backends.cpu().max_threads()
-    except ImportError:
-        pass
+    threads, threads_from = engine_threads()
+    if threads is not None:
+        info["cpu_threads"] = threads
+        info["cpu_threads_from"] = threads_from
     from dffkit.images import default_workers
 
     try:
@@ -51,6 +72,10 @@ def _run(args) -> int:
         if key == "unavailable":
             for name, why in value.items():
                 print(f"{'backend ' + name + ':':<16} unavailable: {why}")
+        elif key == "cpu_threads_from":
+            continue
+        elif key == "cpu_threads" and info.get("cpu_threads_from"):
+            print(f"{key + ':':<16} {value} ({info['cpu_threads_from']})")
         else:
             print(f"{key + ':':<16} {value}")
     return 0
