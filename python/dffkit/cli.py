@@ -117,7 +117,7 @@ def _make_folder(folder: Path, option: str, path) -> None:
         if above.exists():
             if not above.is_dir():
                 what = "is a file" if above == Path(path) else f"lies under {above}, which is a file"
-                raise OSError(f"{option} {path} {what}, not a folder: pass a folder path "
+                raise OSError(f"{option} {path} {what}, not a folder: choose another path "
                               f"(missing folders are created)")
             break
     try:
