@@ -874,8 +874,9 @@ double beta_error_cpu(const T* X, const T* W, const T* H, const Problem& p, int 
       product_ch(W + r0 * k, rows, k, H, n, R);
       const T* Xb = X + r0 * n;
       if (!kl) {
-        // eight running sums (a vector of them; one sum would wait on its own adds: 196 x 512,
-        // k = 5, a pass 0.2 -> ~0.03 ms), added in a fixed order
+        // eight running sums (a vector of them; one sum waits on its own adds), added in a
+        // fixed order: 196 x 512, k = 5, a call with max_iter = 0 (this pass and the Python
+        // checks) 0.109 -> 0.061 ms
         const i64 cnt = rows * n;
         double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         i64 t = 0;
@@ -967,7 +968,8 @@ Result fit_mu_cpu(const T* X, T* W, T* H, const Problem& p, const Options& o,
   // cancel when the fit is good, which float32 sums cannot afford (a rank-2 X, 2000 x 100, from a
   // start near the solution: 2.94 reported against 1.98 true, and the tol test stopped at 470 of
   // 990 iterations). float64 falls back to the direct pass where the identity leaves less than
-  // 1e-8 of ||X||^2 (its rounding is ~1e-14 of it). The direct pass costs about half a sweep.
+  // 1e-8 of ||X||^2 (its float64 rounding, estimated, is some 1e-14 of it). Cost, measured:
+  // tol = 1e-4, one image k = 5 2.28-2.40 -> 2.41-2.86 ms; tol = 0 unchanged within noise.
   const bool direct_err = kl || std::is_same<T, float>::value;
   const double xx = direct_err ? 0.0 : frob_sq_norm(X, m * n, nt);
   refresh_h_stats(H, p, ws, nt);
