@@ -521,17 +521,8 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   // terms, each about ||X||^2, cancel to rounding noise when the fit is good (cuda/NOTES.md).
   const bool direct = kl || std::is_same<T, float>::value;
   if (!direct) {
-    // ||X||^2 in the fixed chunk order (of the values the sweep reads)
-    if (std::is_same<XS, T>::value) {
-      launch_fixed_order_sum(Xd, m * n, sizeof(T) == 4 ? cuda::DType::f32 : cuda::DType::f64,
-                             true, chunks, &st->xx, s);
-    } else {
-      // bf16x: the trace identity needs the norm of the values the sweep reads (the bf16 ones)
-      chunk_sq_kernel<T, XS><<<unsigned((nchunks + 127) / 128), 128, 0, s>>>(Xd, m * n, chunks);
-      DFFKIT_CUDA_CHECK_LAUNCH("chunk_sq_kernel");
-      ordered_sum_kernel<<<1, 32, 0, s>>>(chunks, nchunks, &st->xx);
-      DFFKIT_CUDA_CHECK_LAUNCH("ordered_sum_kernel");
-    }
+    // ||X||^2 in the fixed chunk order (float64 only: X is read as stored, no bf16 copy)
+    launch_fixed_order_sum(Xd, m * n, cuda::DType::f64, true, chunks, &st->xx, s);
   }
   auto stats = [&]() {
     if constexpr (GEMM) {

@@ -156,7 +156,7 @@ __device__ __forceinline__ void error_terms(T x, T wh, bool kl, double& s, doubl
 
 /// Rows [r0, r1)'s share of the beta-divergence of X and W H (Frobenius: sum (x - wh)^2; KL:
 /// sum x log(x / wh) - x + wh), one pass, in every thread of the block; X row i at xrow(i).
-/// The shares of row ranges add up to the whole (rows_error turns it into the error).
+/// The shares of row ranges add up to the whole (divergence_error turns it into the error).
 template <class T, class XS, class XRow>
 __device__ double rows_divergence(const XRow& xrow, const T* W, const T* H, i64 r0, i64 r1, i64 n,
                                   int k, bool kl, double* red) {
@@ -749,26 +749,6 @@ __global__ void finalize_kernel(State* st, int it, int need_err, int check, int 
     if ((st->prev - err) / st->error_init < tol) st->stopped = 1;
     else st->prev = err;
   }
-}
-
-template <class T, class XS>
-__global__ void chunk_sq_kernel(const XS* X, i64 count, double* part) {
-  const i64 c = i64(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c * 4096 >= count) return;
-  const i64 e = (c + 1) * 4096 < count ? (c + 1) * 4096 : count;
-  double s = 0;
-  for (i64 i = c * 4096; i < e; ++i) {
-    const double v = double(xget<T>(X + i));
-    s += v * v;
-  }
-  part[c] = s;
-}
-
-__global__ void ordered_sum_kernel(const double* part, i64 count, double* out) {
-  if (threadIdx.x != 0) return;
-  double s = 0;
-  for (i64 c = 0; c < count; ++c) s += part[c];
-  *out = s;
 }
 
 template <class T>

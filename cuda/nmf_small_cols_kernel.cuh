@@ -244,11 +244,11 @@ __global__ void __launch_bounds__(SNT, MINB)
     for (int e = tid; e < K * K; e += SNT) GH[e] = cluster_sum16(GHs, e, C);
     if (it == 1 && tid == 0) red[RG_E0] = std::sqrt(cluster_sum16(e_dbl(s), 0, C));
     // (it == 1 and prev_err: max_iter = 0, the error is the initial one)
-    if (prev_err && it > 1 && tid == SNT - 1) red[RG_PHS] = std::sqrt(cluster_sum16(e_dbl(s), 1, C));
+    if (prev_err && it > 1 && tid == SNT - 1) red[RG_ERR] = std::sqrt(cluster_sum16(e_dbl(s), 1, C));
     __syncthreads();
     if (it == 1) prev = err_init = err = red[RG_E0];
     if (prev_err && it > 1) {
-      err = red[RG_PHS];
+      err = red[RG_ERR];
       if (prev_check) {
         if ((prev - err) / err_init < q.tol) {
           n_iter = it - 1;

@@ -44,7 +44,7 @@ constexpr int SNT = DFFKIT_SMALL_THREADS;  // threads per block
 constexpr int SNW = SNT / 32;              // warps per block
 // slots of the block's float64 scratch (red): SNW for small_block_sum0's per-warp partials,
 // the final and the initial error, the phase clock
-constexpr int RG_PHS = SNW, RG_E0 = RG_PHS + 1, RG_PROF = RG_PHS + 4, RG_SIZE = RG_PROF + 12;
+constexpr int RG_ERR = SNW, RG_E0 = RG_ERR + 1, RG_PROF = RG_ERR + 4, RG_SIZE = RG_PROF + 12;
 
 DFFKIT_HD constexpr int pow2_floor(int v) {
   int p = 1;
@@ -544,11 +544,11 @@ __global__ void __launch_bounds__(SNT, MINB)
           small_residual_sq<K>(Xs4, ldx4, Wn, reinterpret_cast<const float4*>(Hs), ldh4, mr, Q), red);
       if (tid == 0) xch[1] = s;
       cluster_barrier(C);
-      if (tid == 0) red[RG_PHS] = std::sqrt(cluster_sum(xch, 1, C));
+      if (tid == 0) red[RG_ERR] = std::sqrt(cluster_sum(xch, 1, C));
     }
     __syncthreads();
     prof(7);
-    if (need_err) err = red[RG_PHS];
+    if (need_err) err = red[RG_ERR];
     float* t = Wo; Wo = Wn; Wn = t;
     if (check) {
       if ((prev - err) / err_init < q.tol) break;
