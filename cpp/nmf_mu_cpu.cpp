@@ -848,8 +848,15 @@ double mean_fixed_order(const T* X, std::int64_t count, int num_threads) {
 template <class T>
 void random_init_cpu(const T* X, T* W, T* H, i64 m, i64 n, i64 k, std::uint64_t seed,
                      int num_threads) {
+  random_init_from_mean(mean_fixed_order(X, m * n, num_threads), W, H, m, n, k, seed,
+                        num_threads);
+}
+
+template <class T>
+void random_init_from_mean(double mean, T* W, T* H, i64 m, i64 n, i64 k, std::uint64_t seed,
+                           int num_threads) {
   const int nt = resolve_threads(num_threads);
-  const double scale = std::sqrt(mean_fixed_order(X, m * n, nt) / double(k));
+  const double scale = std::sqrt(mean / double(k));
 #pragma omp parallel for num_threads(nt) schedule(static) if (m * k > 65536)
   for (i64 i = 0; i < m * k; ++i) W[i] = T(scale * philox_half_normal(seed, 0, std::uint64_t(i)));
 #pragma omp parallel for num_threads(nt) schedule(static) if (k * n > 65536)
@@ -1012,14 +1019,7 @@ Result fit_mu_cpu(const T* X, T* W, T* H, const Problem& p, const Options& o,
       err_fresh = true;
       if (objective) objective->push_back(0.5 * err * err + penalty_value(W, H, p));
     }
-    if (check) {
-      if ((prev - err) / res.error_init < o.tol) break;
-      prev = err;
-    }
-    if (should_stop && should_stop()) {
-      res.interrupted = true;
-      break;
-    }
+    if (end_of_iteration(check, err, o.tol, prev, should_stop, res)) break;
   }
   res.n_iter = std::min(it, o.max_iter);
   if (!err_fresh) err = beta_error_cpu(X, W, H, p, nt);
@@ -1072,7 +1072,8 @@ void fit_mu_cpu_batched(std::vector<BatchItem<T>>& items, const Options& o,
                                       const StopFn&);                                          \
   template double beta_error_cpu<T>(const T*, const T*, const T*, const Problem&, int);        \
   template double mean_fixed_order<T>(const T*, std::int64_t, int);                            \
-  template void random_init_cpu<T>(const T*, T*, T*, i64, i64, i64, std::uint64_t, int);
+  template void random_init_cpu<T>(const T*, T*, T*, i64, i64, i64, std::uint64_t, int);     \
+  template void random_init_from_mean<T>(double, T*, T*, i64, i64, i64, std::uint64_t, int);
 DFFKIT_INSTANTIATE(float)
 DFFKIT_INSTANTIATE(double)
 

@@ -14,6 +14,22 @@ namespace dffkit {
 /// (Result::interrupted). May be empty.
 using StopFn = std::function<bool()>;
 
+/// The end of iteration `it`, shared by the engines: the tol test (check: every 10 iterations
+/// when tol > 0; the decrease since the last test, relative to the initial error) and the
+/// caller's stop request (Result::interrupted). True: stop now.
+inline bool end_of_iteration(bool check, double err, double tol, double& prev,
+                             const StopFn& should_stop, Result& res) {
+  if (check) {
+    if ((prev - err) / res.error_init < tol) return true;
+    prev = err;
+  }
+  if (should_stop && should_stop()) {
+    res.interrupted = true;
+    return true;
+  }
+  return false;
+}
+
 /// Fit in place. X: m*n, W: m*k, H: k*n, row-major host memory. W and H hold the initial
 /// factors on entry and the result on exit. If objective is non-null, the objective
 /// (1/2 err^2 + penalties for Frobenius, the divergence + penalties for KL) after each
@@ -53,5 +69,10 @@ double mean_fixed_order(const T* X, std::int64_t count, int num_threads = 0);
 template <class T>
 void random_init_cpu(const T* X, T* W, T* H, std::int64_t m, std::int64_t n, std::int64_t k,
                      std::uint64_t seed, int num_threads = 0);
+
+/// random_init_cpu with mean(X) given (sparse X computes it from its stored entries).
+template <class T>
+void random_init_from_mean(double mean, T* W, T* H, std::int64_t m, std::int64_t n,
+                           std::int64_t k, std::uint64_t seed, int num_threads = 0);
 
 }  // namespace dffkit

@@ -545,10 +545,13 @@ def test_nndsvd_overflow_is_an_error():
         dffkit.non_negative_factorization(X, n_components=2, init="nndsvda", backend="cpu")
 
 
-def test_sparse_input_is_refused_clearly():
+def test_sparse_input_is_refused_clearly_where_dense_data_is_needed():
     sp = pytest.importorskip("scipy.sparse")
-    with pytest.raises(TypeError, match="toarray"):
-        dffkit.non_negative_factorization(sp.csr_matrix(np.ones((3, 3))), n_components=2, backend="cpu")
+    X = sp.csr_matrix(np.ones((3, 3)))
+    with pytest.raises(TypeError, match=r"nmf_batched needs dense data: pass X\[0\].toarray"):
+        dffkit.nmf_batched([X], n_components=2, backend="cpu")
+    with pytest.raises(ValueError, match="sparse X runs on the CPU backend.*backend='cpu'"):
+        dffkit.non_negative_factorization(X, n_components=2, backend="cuda")
 
 
 def test_backends_are_reported():

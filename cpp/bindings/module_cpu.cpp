@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "nmf_mu_cpu.hpp"
+#include "nmf_mu_sparse.hpp"
 #include "params.hpp"
 #include "resample.hpp"
 
@@ -120,6 +121,63 @@ py::list fit_batched_t(const std::vector<py::array>& Xs, std::vector<py::array>&
 bool is_f32(const py::array& a) { return py::isinstance<py::array_t<float>>(a); }
 bool is_f64(const py::array& a) { return py::isinstance<py::array_t<double>>(a); }
 
+/// A CSR view of (indptr int64, indices int32, data T) for a rows x cols matrix, checked.
+template <class T>
+CsrView<T> csr_of(const py::tuple& csr, const char* name) {
+  if (csr.size() != 5)
+    throw invalid_argument(std::string("dffkit._cpu: ") + name +
+                           " must be (indptr, indices, data, rows, cols)");
+  const py::array indptr = csr[0], indices = csr[1], data = csr[2];
+  CsrView<T> v;
+  v.rows = csr[3].cast<i64>();
+  v.cols = csr[4].cast<i64>();
+  auto vec = [&](const py::array& a, const char* what, bool ok_type, i64 len) {
+    if (!ok_type || a.ndim() != 1 || !(a.flags() & py::array::c_style) || a.shape(0) != len)
+      throw invalid_argument(std::string("dffkit._cpu: ") + name + "." + what +
+                             " has the wrong dtype, shape or layout");
+  };
+  if (v.rows < 1 || v.cols < 1)
+    throw invalid_argument(std::string("dffkit._cpu: ") + name + " must be non-empty");
+  vec(indptr, "indptr", py::isinstance<py::array_t<i64>>(indptr) && indptr.dtype().kind() == 'i',
+      v.rows + 1);
+  v.indptr = static_cast<const i64*>(indptr.data());
+  const i64 nnz = v.indptr[v.rows];
+  vec(indices, "indices",
+      py::isinstance<py::array_t<std::int32_t>>(indices) && indices.dtype().kind() == 'i', nnz);
+  vec(data, "data", py::isinstance<py::array_t<T>>(data) && data.dtype().kind() == 'f', nnz);
+  v.indices = static_cast<const std::int32_t*>(indices.data());
+  v.data = static_cast<const T*>(data.data());
+  check_csr(v, name);
+  return v;
+}
+
+template <class T>
+py::dict fit_sparse_t(const py::tuple& Xc, const py::object& Xtc, py::array& W, py::array& H,
+                      const Params& q) {
+  const CsrView<T> X = csr_of<T>(Xc, "X");
+  if (Xtc.is_none() && q.update_H)
+    throw invalid_argument("dffkit._cpu.fit_sparse: X.T is needed when H is updated");
+  const CsrView<T> Xt = Xtc.is_none() ? CsrView<T>{} : csr_of<T>(Xtc.cast<py::tuple>(), "X.T");
+  const i64 m = X.rows, n = X.cols, k = W.ndim() == 2 ? W.shape(1) : -1;
+  T* w = data_of<T>(W, "W", m, k, true);
+  T* h = data_of<T>(H, "H", k, n, true);
+  const Problem p = make_problem(m, n, k, q, nullptr);
+  const Options o = make_options(q);
+  std::vector<double> obj;
+  Result r;
+  {
+    py::gil_scoped_release nogil;
+    SignalPoller poll;
+    r = fit_mu_cpu_sparse<T>(X, Xt, w, h, p, o, std::ref(poll),
+                             q.record_objective ? &obj : nullptr);
+  }
+  raise_if_interrupted(r);
+  return result_dict(r, q.record_objective ? &obj : nullptr);
+}
+
+bool csr_is_f32(const py::tuple& csr) { return csr.size() == 5 && is_f32(csr[2]); }
+bool csr_is_f64(const py::tuple& csr) { return csr.size() == 5 && is_f64(csr[2]); }
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, mod) {
@@ -227,5 +285,54 @@ PYBIND11_MODULE(_cpu, mod) {
       py::arg("num_threads") = 0,
       "Separable bilinear resampling of float32 (planes, h, w) to (planes, H, W) from two taps "
       "per output row and column (no BLAS).");
+  mod.def(
+      "fit_sparse",
+      [](const py::tuple& X, const py::object& Xt, py::array& W, py::array& H, const Params& q) {
+        if (csr_is_f32(X)) return fit_sparse_t<float>(X, Xt, W, H, q);
+        if (csr_is_f64(X)) return fit_sparse_t<double>(X, Xt, W, H, q);
+        throw invalid_argument("dffkit._cpu.fit_sparse: X's data must be float32 or float64");
+      },
+      py::arg("X"), py::arg("Xt"), py::arg("W"), py::arg("H"), py::arg("params"),
+      "Fit W, H in place for sparse X given as CSR tuples (indptr int64, indices int32, data, "
+      "rows, cols) of X and of X^T (None when update_H is false).");
+  mod.def(
+      "beta_error_sparse",
+      [](const py::tuple& Xc, const py::array& W, const py::array& H, int beta) {
+        auto run = [&](auto tag) {
+          using T = decltype(tag);
+          const CsrView<T> X = csr_of<T>(Xc, "X");
+          const i64 k = W.ndim() == 2 ? W.shape(1) : -1;
+          Params q;
+          q.beta = beta;
+          const Problem p = make_problem(X.rows, X.cols, k, q, nullptr);
+          const T* w = data_of<T>(W, "W", X.rows, k, false);
+          const T* h = data_of<T>(H, "H", k, X.cols, false);
+          py::gil_scoped_release nogil;
+          return beta_error_sparse<T>(X, w, h, p, 0);
+        };
+        if (csr_is_f32(Xc)) return run(float{});
+        if (csr_is_f64(Xc)) return run(double{});
+        throw invalid_argument("dffkit._cpu.beta_error_sparse: data must be float32 or float64");
+      },
+      py::arg("X"), py::arg("W"), py::arg("H"), py::arg("beta"),
+      "scikit-learn's error sqrt(2 * beta-divergence(X, W H)) for sparse X (a CSR tuple).");
+  mod.def(
+      "random_init_sparse",
+      [](const py::tuple& Xc, py::array& W, py::array& H, std::uint64_t seed, int num_threads) {
+        auto run = [&](auto tag) {
+          using T = decltype(tag);
+          const CsrView<T> X = csr_of<T>(Xc, "X");
+          const i64 k = W.ndim() == 2 ? W.shape(1) : -1;
+          T* w = data_of<T>(W, "W", X.rows, k, true);
+          T* h = data_of<T>(H, "H", k, X.cols, true);
+          py::gil_scoped_release nogil;
+          random_init_from_mean<T>(mean_sparse(X), w, h, X.rows, X.cols, k, seed, num_threads);
+        };
+        if (csr_is_f32(Xc)) return run(float{});
+        if (csr_is_f64(Xc)) return run(double{});
+        throw invalid_argument("dffkit._cpu.random_init_sparse: data must be float32 or float64");
+      },
+      py::arg("X"), py::arg("W"), py::arg("H"), py::arg("seed"), py::arg("num_threads") = 0,
+      "init='random' for sparse X: the start random_init gives the dense X, bit for bit.");
   mod.def("max_threads", []() { return omp_get_max_threads(); });
 }

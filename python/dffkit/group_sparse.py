@@ -337,6 +337,8 @@ class GroupSparseNMF(NMF):
     kernel_ : str, the kernels that ran the last fit (``NMFResult.kernel``)
     """
 
+    _accepts_sparse = False  # group-sparse NMF is for dense CNN features
+
     def __init__(self, n_components=None, *, lam=0.0, mu=0.0, init=None, tol=1e-4,
                  max_iter=200, alpha_W=0.0, alpha_H="same", l1_ratio=0.0, random_state=None,
                  verbose=0, backend="auto", precision="fp32", record_objective=True):

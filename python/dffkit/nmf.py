@@ -181,15 +181,76 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+def _is_sparse(X) -> bool:
+    """Whether X is a scipy.sparse matrix or array (without importing scipy)."""
+    return type(X).__module__.startswith("scipy.sparse") or (
+        hasattr(X, "toarray") and hasattr(X, "nnz") and hasattr(X, "tocsr")
+    )
+
+
+class _SparseX:
+    """Sparse X as the CPU engine takes it: canonical CSR (sorted column indices, duplicates
+    summed, explicit zeros kept: they add nothing), float32/float64 data (integers become
+    float64), int32 indices, int64 indptr, and the same matrix by columns for the H step.
+
+    Built from the caller's matrix by copying: the caller's object is never modified (scipy's
+    sum_duplicates and sort_indices work in place, so they run on our copy only).
+    """
+
+    def __init__(self, X, name="X", whom="NMF"):
+        if len(X.shape) != 2:
+            raise ValueError(f"{name} must be 2-D (samples x features), got shape {X.shape}")
+        m, n = (int(d) for d in X.shape)
+        if m == 0 or n == 0:
+            raise ValueError(f"{name} is empty (shape {(m, n)}); it needs at least one row and one column")
+        if n > 2**31 - 1 or m > 2**31 - 1:
+            raise ValueError(f"sparse {name} has more than 2**31 - 1 rows or columns; split it")
+        dtype = np.dtype(X.dtype)
+        if dtype.kind not in "fiub":
+            raise TypeError(f"{name} must be numeric, got dtype {dtype}")
+        if dtype not in (np.float32, np.float64):
+            dtype = np.dtype(np.float64)
+        csr = X.tocsr(copy=True).astype(dtype, copy=False)
+        csr.sum_duplicates()  # sorts the indices too
+        data = _check_values(np.ascontiguousarray(csr.data), name, whom)
+        self.shape, self.dtype, self.nnz = (m, n), dtype, int(data.size)
+        self.matrix = csr  # scipy CSR, for the NNDSVD start and the mean
+        self._rows = (np.ascontiguousarray(csr.indptr, dtype=np.int64),
+                      np.ascontiguousarray(csr.indices, dtype=np.int32), data, m, n)
+        self._cols = None
+
+    def rows(self):
+        """(indptr, indices, data, m, n) of X."""
+        return self._rows
+
+    def cols(self):
+        """(indptr, indices, data, n, m) of X^T (built on first use)."""
+        if self._cols is None:
+            t = self.matrix.T.tocsr()
+            t.sort_indices()
+            m, n = self.shape
+            self._cols = (np.ascontiguousarray(t.indptr, dtype=np.int64),
+                          np.ascontiguousarray(t.indices, dtype=np.int32),
+                          np.ascontiguousarray(t.data, dtype=self.dtype), n, m)
+        return self._cols
+
+    def mean(self) -> float:
+        return float(self.matrix.mean())
+
+    def max(self) -> float:
+        return float(self.matrix.max())
+
+
 def _as_float_matrix(X, name="X", whom="NMF"):
     """X as a C-contiguous float32/float64 2-D numpy array (int -> float64, like scikit-learn).
 
     The caller's array is never written: a copy is made when the dtype or layout must change;
     otherwise the result may share the caller's memory (read only by dffkit).
     """
-    if hasattr(X, "toarray") or type(X).__module__.startswith("scipy.sparse"):
+    if _is_sparse(X):
         raise TypeError(
-            f"{name} is a sparse matrix; dffkit needs dense data: pass {name}.toarray()"
+            f"{name} is a sparse matrix; {whom} needs dense data: pass {name}.toarray() "
+            "(non_negative_factorization and NMF take sparse X on the CPU backend)"
         )
     arr = np.asarray(X)
     if arr.dtype == object:
@@ -205,15 +266,19 @@ def _as_float_matrix(X, name="X", whom="NMF"):
         raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
     if arr.dtype not in (np.float32, np.float64):
         arr = arr.astype(np.float64)
-    out = np.ascontiguousarray(arr)
-    if not np.isfinite(out).all():
+    return _check_values(np.ascontiguousarray(arr), name, whom)
+
+
+def _check_values(values, name, whom):
+    """values (X, or a sparse X's stored entries) if finite and >= 0; else the error."""
+    if not np.isfinite(values).all():
         raise ValueError(f"Input {name} contains NaN or infinity; remove or impute those entries")
-    if out.size and out.min() < 0:
+    if values.size and values.min() < 0:
         raise ValueError(
             f"Negative values in data passed to {whom} ({name}): NMF needs {name} >= 0; "
             "shift or clip the data first"
         )
-    return out
+    return values
 
 
 def _check_factor(A, shape, dtype, name, why="with init='custom'"):
@@ -418,7 +483,8 @@ def _resolve_init(init, k, m, n):
 
 
 def initialize(X, n_components, init="random", random_state=None, eps=1e-6):
-    """Initial (W, H) for X (numpy, float32/float64) following scikit-learn's definitions.
+    """Initial (W, H) for X (numpy or scipy.sparse, float32/float64) following
+    scikit-learn's definitions.
 
     ``random`` draws sqrt(mean(X)/k) |N(0,1)| from dffkit's Philox stream (the same bits on
     every backend for one seed); the NNDSVD variants follow scikit-learn's formulas: from the
@@ -437,14 +503,18 @@ def initialize(X, n_components, init="random", random_state=None, eps=1e-6):
         )
     _check_option("init", init, _INITS[:-1], allow_none=True)
     _check_real("eps", eps)
-    X = _as_float_matrix(X)
+    sparse = X if isinstance(X, _SparseX) else _SparseX(X) if _is_sparse(X) else None
+    X = sparse.matrix if sparse is not None else _as_float_matrix(X)
     m, n = X.shape
     k = n_components
     init = _resolve_init(init, k, m, n)
     if init == "random":
         W = np.empty((m, k), dtype=X.dtype)
         H = np.empty((k, n), dtype=X.dtype)
-        _backends.cpu().random_init(X, W, H, _seed_from(random_state))
+        if sparse is not None:
+            _backends.cpu().random_init_sparse(sparse.rows(), W, H, _seed_from(random_state))
+        else:
+            _backends.cpu().random_init(X, W, H, _seed_from(random_state))
         return W, H
     if k > min(m, n):
         raise ValueError(
@@ -466,7 +536,7 @@ def initialize(X, n_components, init="random", random_state=None, eps=1e-6):
     if not ok:
         raise ValueError(
             f"init={init!r}: the SVD of X overflowed {X.dtype.name} (X's largest value is "
-            f"{float(np.max(X)):.3g}). Scale X down (e.g. X / X.max()), "
+            f"{float(X.max()):.3g}). Scale X down (e.g. X / X.max()), "
             + ("pass X as float64, " if X.dtype != np.float64 else "")
             + "or use init='random'"
         )
@@ -592,8 +662,23 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
             f"{whom}: H is required when update_H=False: pass the fixed components H "
             "(n_components x n_features) to fit W against"
         )
-    on_device = _is_device_array(X)
-    if on_device:
+    sparse = None
+    on_device = not _is_sparse(X) and not isinstance(X, _SparseX) and _is_device_array(X)
+    if isinstance(X, _SparseX) or _is_sparse(X):
+        if groups is not None:
+            raise TypeError(
+                f"{whom}: X is a sparse matrix; group-sparse NMF needs dense data: pass "
+                "X.toarray()"
+            )
+        if backend == "cuda":
+            raise ValueError(
+                f"{whom}: sparse X runs on the CPU backend; pass backend='cpu' (or 'auto'), or "
+                "X.toarray() to factorize it densely on the GPU"
+            )
+        sparse = X if isinstance(X, _SparseX) else _SparseX(X, whom=whom)
+        Xh = None
+        shape, dtype = sparse.shape, sparse.dtype
+    elif on_device:
         from dffkit import _cuda_backend
 
         if backend == "cpu":
@@ -635,14 +720,17 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
             stacklevel=3,
         )
     l1_W, l2_W, l1_H, l2_H = penalties(m, n)
-    engine = _resolve_backend(backend, on_device, m * n)
+    engine = "cpu" if sparse is not None else _resolve_backend(backend, on_device, m * n)
 
     # initial factors: our own arrays, never the caller's
     if not update_H:
         if W is not None:
             warnings.warn("When update_H=False, the provided initial W is not used.", RuntimeWarning, stacklevel=3)
         H0 = _check_factor(H, (k, n), dtype, "H")
-        mean = float(Xh.mean()) if Xh is not None else float(_cuda_backend.mean(X))
+        if sparse is not None:
+            mean = sparse.mean()
+        else:
+            mean = float(Xh.mean()) if Xh is not None else float(_cuda_backend.mean(X))
         W0 = np.full((m, k), np.sqrt(mean / k), dtype=dtype)
     elif init == "custom":
         W0 = _check_factor(W, (m, k), dtype, "W")
@@ -658,9 +746,10 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
         if on_device and init == "random":
             W0, H0 = _cuda_backend.random_init(X, k, _seed_from(random_state))
         else:
-            if Xh is None:
+            if Xh is None and sparse is None:
                 Xh = _cuda_backend.to_host(X)
-            W0, H0 = initialize(Xh, k, init=init, random_state=random_state)
+            W0, H0 = initialize(sparse if sparse is not None else Xh, k, init=init,
+                                random_state=random_state)
 
     group_offsets = [] if groups is None else [int(g) for g in groups]
     if engine == "cpu":
@@ -673,7 +762,15 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
         params = cpu.Params()
         _fill_params(params, beta, l1_W, l2_W, l1_H, l2_H, lam, mu, max_iter, tol, update_H,
                      record_objective)
-        if max_iter == 0:
+        if sparse is not None:
+            if max_iter == 0:
+                err = float(cpu.beta_error_sparse(sparse.rows(), W0, H0, beta))
+                info = {"n_iter": 0, "error_init": err, "error": err}
+            else:
+                info = cpu.fit_sparse(sparse.rows(), sparse.cols() if update_H else None, W0,
+                                      H0, params)
+            info["kernel"] = "cpu-sparse"
+        elif max_iter == 0:
             err = float(cpu.beta_error(Xh, W0, H0, beta))
             info = {"n_iter": 0, "error_init": err, "error": err}
         else:
@@ -1072,11 +1169,14 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
         self.backend = backend
         self.precision = precision
 
+    #: scipy.sparse X is taken (the CPU backend's sparse engine)
+    _accepts_sparse = True
+
     # scikit-learn >= 1.6 tags
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.positive_only = True
-        tags.input_tags.sparse = False
+        tags.input_tags.sparse = self._accepts_sparse
         tags.transformer_tags.preserves_dtype = ["float64", "float32"]
         return tags
 
@@ -1097,11 +1197,16 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
             if reset:
                 self.n_features_in_ = int(X.shape[1])
             return X
+        if isinstance(X, _SparseX):
+            X = X.matrix
         if _sk_validate_data is not None:
             X = _sk_validate_data(self, X, dtype=[np.float64, np.float32], reset=reset,
-                                  accept_sparse=False)
+                                  accept_sparse=self._accepts_sparse)
         else:
-            X = _as_float_matrix(X, whom=type(self).__name__)
+            if self._accepts_sparse and _is_sparse(X):
+                X = _SparseX(X, whom=type(self).__name__)
+            else:
+                X = _as_float_matrix(X, whom=type(self).__name__)
             if reset:
                 self.n_features_in_ = X.shape[1]
             elif X.shape[1] != self.n_features_in_:
@@ -1109,6 +1214,10 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
                     f"X has {X.shape[1]} features, but {type(self).__name__} is expecting "
                     f"{self.n_features_in_} features as input"
                 )
+        if isinstance(X, _SparseX):
+            return X
+        if self._accepts_sparse and _is_sparse(X):
+            return _SparseX(X, whom=type(self).__name__)
         return _as_float_matrix(X, whom=type(self).__name__)
 
     def _check_solver(self):
@@ -1179,6 +1288,10 @@ def _dtype_of(A):
     """The numpy dtype of a numpy or GPU array."""
     if isinstance(A, np.ndarray):
         return A.dtype
+    if isinstance(A, _SparseX):
+        return A.dtype
+    if _is_sparse(A):
+        return np.dtype(A.dtype)
     if _is_device_array(A):
         from dffkit import _cuda_backend
 
