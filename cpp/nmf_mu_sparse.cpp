@@ -13,6 +13,9 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
 #include <cmath>
 #include <string>
 #include <type_traits>
@@ -42,47 +45,86 @@ inline RowChunks row_chunks(i64 rows) {
   return {std::max<i64>(1, std::min<i64>(kMaxChunks, (rows + 255) / 256)), rows};
 }
 
+/// A 64-byte aligned, zero-filled buffer (rows of the padded factors are whole cache lines).
 template <class T>
-struct SparseWork {
-  std::vector<T> Ht;                 // n x k: H transposed, rows gathered by the W step
-  std::vector<T> G_H, G_W;           // k x k
-  std::vector<double> G_Hd, G_Wd;    // the same in float64 (the Frobenius error)
-  std::vector<T> rowsum_H, colsum_W;  // k (KL)
-  std::vector<double> part;          // chunks x (k x k or k)
+struct Aligned {
+  T* p = nullptr;
+  Aligned() = default;
+  explicit Aligned(i64 count) { reset(count); }
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
+  ~Aligned() { std::free(p); }
+  void reset(i64 count) {
+    std::free(p);
+    const std::size_t bytes = (std::size_t(std::max<i64>(count, 1)) * sizeof(T) + 63) / 64 * 64;
+    p = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (!p) throw std::bad_alloc();
+    std::memset(p, 0, bytes);
+  }
+  T* data() const { return p; }
 };
 
+/// 64 bytes of T as one GCC vector (AVX-512 register, or two AVX2 ones).
 template <class T>
-inline T dot(const T* a, const T* b, i64 k) {
-  T s = T(0);
-  for (i64 a_ = 0; a_ < k; ++a_) s += a[a_] * b[a_];
-  return s;
+struct Vec64 {
+  typedef T type __attribute__((vector_size(64)));
+  static constexpr int lanes = int(64 / sizeof(T));
+};
+
+/// k rounded up to whole 64-byte vectors: the row stride of the padded factors.
+template <class T>
+i64 padded(i64 k) {
+  constexpr i64 L = Vec64<T>::lanes;
+  return (k + L - 1) / L * L;
 }
 
-/// G = A^T A for A (rows x k) row-major, in float64 partials per fixed chunk, summed in order.
 template <class T>
-void gram_rows(const T* A, i64 rows, i64 k, std::vector<double>& part, std::vector<T>& G,
-               std::vector<double>& Gd, int nt, bool par) {
+struct SparseWork {
+  Aligned<T> Hp, Wp;                 // n x kp, m x kp: H^T and W, padded rows (gathered)
+  Aligned<T> G_H, G_W;               // k x kp
+  std::vector<double> G_Hd, G_Wd;    // k x k in float64 (the Frobenius error)
+  std::vector<T> rowsum_H, colsum_W;  // k (KL)
+  std::vector<double> part;          // chunks x (k x kp or k)
+};
+
+/// G = A^T A for the padded rows of A (rows x kp, k used): sums of up to 64 rows in T
+/// (vectorised), added to float64 partials per fixed chunk, the chunks added in order.
+/// G[x][y] and G[y][x] are the same products in the same order: symmetric to the bit.
+template <class T>
+void gram_padded(const T* A, i64 rows, i64 k, i64 kp, std::vector<double>& part, T* Gp,
+                 std::vector<double>& Gd, int nt, bool par) {
+  using V = typename Vec64<T>::type;
+  const i64 nv = kp / Vec64<T>::lanes;
   const RowChunks ch = row_chunks(rows);
-  part.assign(ch.count * k * k, 0.0);
-#pragma omp parallel for num_threads(nt) schedule(static) if (par && ch.count > 1)
-  for (i64 c = 0; c < ch.count; ++c) {
-    double* g = part.data() + c * k * k;
-    for (i64 i = ch.begin(c); i < ch.end(c); ++i) {
-      const T* a = A + i * k;
-      for (i64 x = 0; x < k; ++x) {
-        const double ax = double(a[x]);
-        for (i64 y = x; y < k; ++y) g[x * k + y] += ax * double(a[y]);
+  part.assign(ch.count * k * kp, 0.0);
+#pragma omp parallel num_threads(nt) if (par && ch.count > 1)
+  {
+    Aligned<T> acc(k * kp);
+#pragma omp for schedule(static)
+    for (i64 c = 0; c < ch.count; ++c) {
+      double* g = part.data() + c * k * kp;
+      for (i64 i0 = ch.begin(c); i0 < ch.end(c); i0 += 64) {
+        std::memset(acc.data(), 0, sizeof(T) * k * kp);
+        for (i64 i = i0; i < std::min(i0 + 64, ch.end(c)); ++i) {
+          const T* a = A + i * kp;
+          const V* av = reinterpret_cast<const V*>(a);
+          for (i64 x = 0; x < k; ++x) {
+            const T ax = a[x];
+            V* ac = reinterpret_cast<V*>(acc.data() + x * kp);
+            for (i64 v = 0; v < nv; ++v) ac[v] += ax * av[v];
+          }
+        }
+        for (i64 e = 0; e < k * kp; ++e) g[e] += double(acc.data()[e]);
       }
     }
   }
-  G.assign(k * k, T(0));
   Gd.assign(k * k, 0.0);
   for (i64 x = 0; x < k; ++x)
-    for (i64 y = x; y < k; ++y) {
+    for (i64 y = 0; y < k; ++y) {
       double s = 0;
-      for (i64 c = 0; c < ch.count; ++c) s += part[c * k * k + x * k + y];
-      Gd[x * k + y] = Gd[y * k + x] = s;
-      G[x * k + y] = G[y * k + x] = T(s);
+      for (i64 c = 0; c < ch.count; ++c) s += part[c * k * kp + x * kp + y];
+      Gd[x * k + y] = s;
+      Gp[x * kp + y] = T(s);
     }
 }
 
@@ -106,45 +148,121 @@ void col_sums(const T* A, i64 rows, i64 k, std::vector<double>& part, std::vecto
   }
 }
 
-/// One factor step over the rows of A (CSR, rows x cols): F (rows x k) is updated in place from
-/// the other factor's transpose O (cols x k). den_gram: G (Frobenius: F_r G) or the sums
-/// (KL: the other factor's sums, zero sums read as 1 for the H step as scikit-learn does).
-/// out_t: where the new rows also go (H's rows are H^T's columns), or null.
+/// How many stored entries ahead the gather of the other factor's row is prefetched: the rows
+/// are at random places, which the hardware prefetcher cannot guess.
+constexpr i64 kPrefetch = 16;
+
+/// Row r's numerator (sum over its entries of c_e times the other factor's row, c_e = x, or
+/// for KL x / max(f . o, eps)) and, for Frobenius, its denominator f G. f: the old row, padded
+/// and aligned; O: the other factor's padded rows; G: k x kp. NV vectors of 64 bytes a row.
+template <class T, int NV, bool KL>
+void accumulate_row(const CsrView<T>& A, i64 r, const T* f, const T* O, i64 kp, const T* G,
+                    i64 k, T* num, T* den) {
+  using V = typename Vec64<T>::type;
+  constexpr int L = Vec64<T>::lanes;
+  V acc[NV], fv[NV];
+  for (int v = 0; v < NV; ++v) {
+    acc[v] = V{};
+    fv[v] = reinterpret_cast<const V*>(f)[v];
+  }
+  const i64 e1 = A.indptr[r + 1], nnz = A.indptr[A.rows];
+  for (i64 e = A.indptr[r]; e < e1; ++e) {
+    if (e + kPrefetch < nnz) {
+      const T* q = O + i64(A.indices[e + kPrefetch]) * kp;
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(q + v * L);
+    }
+    const V* o = reinterpret_cast<const V*>(O + i64(A.indices[e]) * kp);
+    T c = A.data[e];
+    if (KL) {
+      V s = fv[0] * o[0];
+      for (int v = 1; v < NV; ++v) s += fv[v] * o[v];
+      T wh = T(0);
+      for (int j = 0; j < L; ++j) wh += s[j];
+      c = kl_ratio(c, wh);
+    }
+    for (int v = 0; v < NV; ++v) acc[v] += c * o[v];
+  }
+  for (int v = 0; v < NV; ++v) reinterpret_cast<V*>(num)[v] = acc[v];
+  if (!KL) {
+    V d[NV];
+    for (int v = 0; v < NV; ++v) d[v] = V{};
+    for (i64 b = 0; b < k; ++b) {
+      const T fb = f[b];
+      const V* g = reinterpret_cast<const V*>(G + b * kp);
+      for (int v = 0; v < NV; ++v) d[v] += fb * g[v];
+    }
+    for (int v = 0; v < NV; ++v) reinterpret_cast<V*>(den)[v] = d[v];
+  }
+}
+
+/// The same for any k (more than 8 vectors a row): plain loops.
+template <class T, bool KL>
+void accumulate_row_any(const CsrView<T>& A, i64 r, const T* f, const T* O, i64 kp,
+                        const T* G, i64 k, T* num, T* den) {
+  std::fill(num, num + kp, T(0));
+  for (i64 e = A.indptr[r]; e < A.indptr[r + 1]; ++e) {
+    const T* o = O + i64(A.indices[e]) * kp;
+    T c = A.data[e];
+    if (KL) {
+      T wh = T(0);
+      for (i64 a = 0; a < k; ++a) wh += f[a] * o[a];
+      c = kl_ratio(c, wh);
+    }
+    for (i64 a = 0; a < k; ++a) num[a] += c * o[a];
+  }
+  if (!KL) {
+    std::fill(den, den + kp, T(0));
+    for (i64 b = 0; b < k; ++b)
+      for (i64 a = 0; a < k; ++a) den[a] += f[b] * G[b * kp + a];
+  }
+}
+
 template <class T>
-void factor_step(const CsrView<T>& A, T* F, const T* O, i64 k, bool kl, const T* G,
-                 const T* sums, T l1, T l2, T l2_extra, bool clamp_h, T* out_t, i64 ld_t,
-                 int nt, bool par) {
-  const i64 rows = A.rows;
+using RowFn = void (*)(const CsrView<T>&, i64, const T*, const T*, i64, const T*, i64, T*, T*);
+
+template <class T, bool KL>
+RowFn<T> row_kernel(i64 nv) {
+  switch (nv) {
+    case 1: return accumulate_row<T, 1, KL>;
+    case 2: return accumulate_row<T, 2, KL>;
+    case 3: return accumulate_row<T, 3, KL>;
+    case 4: return accumulate_row<T, 4, KL>;
+    case 5: return accumulate_row<T, 5, KL>;
+    case 6: return accumulate_row<T, 6, KL>;
+    case 7: return accumulate_row<T, 7, KL>;
+    case 8: return accumulate_row<T, 8, KL>;
+    default: return accumulate_row_any<T, KL>;
+  }
+}
+
+/// One factor step over the rows of A (CSR): row r of F (padded rows, stride kp) is updated in
+/// place from the other factor's padded rows O. Frobenius: num / (f G); KL: num / sums (the
+/// other factor's sums; zero sums already read as 1 for the H step, as scikit-learn does).
+/// The new row also goes to copy (row r, stride k: W) or out_t (column r of a k x ld_t matrix:
+/// H), where given. (No std::copy of rows: each became a libc memmove call, 15% of the time.)
+template <class T>
+void factor_step(const CsrView<T>& A, T* F, const T* O, i64 kp, i64 k, bool kl, const T* G,
+                 const T* sums, T l1, T l2, T l2_extra, bool clamp_h, T* copy, T* out_t,
+                 i64 ld_t, int nt, bool par) {
+  const i64 nv = kp / Vec64<T>::lanes;
+  const RowFn<T> fn = kl ? row_kernel<T, true>(nv) : row_kernel<T, false>(nv);
 #pragma omp parallel num_threads(nt) if (par)
   {
-    std::vector<T> num(k), den(k);
+    Aligned<T> buf(2 * kp);
+    T* num = buf.data();
+    T* den = num + kp;
 #pragma omp for schedule(dynamic, 64)
-    for (i64 r = 0; r < rows; ++r) {
-      std::fill(num.begin(), num.end(), T(0));
-      T* f = F + r * k;
-      for (i64 e = A.indptr[r]; e < A.indptr[r + 1]; ++e) {
-        const T* o = O + i64(A.indices[e]) * k;
-        const T x = A.data[e];
-        const T c = kl ? kl_ratio(x, dot(f, o, k)) : x;
-        for (i64 a = 0; a < k; ++a) num[a] += c * o[a];
-      }
-      if (kl) {
-        for (i64 a = 0; a < k; ++a) den[a] = sums[a];
-      } else {
-        std::fill(den.begin(), den.end(), T(0));
-        for (i64 b = 0; b < k; ++b) {
-          const T fb = f[b];
-          const T* g = G + b * k;
-          for (i64 a = 0; a < k; ++a) den[a] += fb * g[a];
-        }
-      }
+    for (i64 r = 0; r < A.rows; ++r) {
+      T* f = F + r * kp;
+      fn(A, r, f, O, kp, G, k, num, den);
       for (i64 a = 0; a < k; ++a) {
-        const T v = mu_step(f[a], num[a], den[a], l1, l2, l2_extra > T(0) ? l2_extra * f[a] : T(0));
-        num[a] = clamp_h ? kl_clamp_h(v) : v;
+        T v = mu_step(f[a], num[a], kl ? sums[a] : den[a], l1, l2,
+                      l2_extra > T(0) ? l2_extra * f[a] : T(0));
+        if (clamp_h) v = kl_clamp_h(v);
+        f[a] = v;
+        if (copy) copy[r * k + a] = v;
+        if (out_t) out_t[a * ld_t + r] = v;
       }
-      for (i64 a = 0; a < k; ++a) f[a] = num[a];
-      if (out_t)
-        for (i64 a = 0; a < k; ++a) out_t[a * ld_t + r] = num[a];
     }
   }
 }
@@ -157,71 +275,144 @@ double penalties(const T* W, const T* H, const Problem& p) {
   return p.l1_W * s1w + 0.5 * p.l2_W * s2w + p.l1_H * s1h + 0.5 * p.l2_H * s2h + 0.5 * p.mu * s2h;
 }
 
+/// H (k x n) into padded rows of H^T (n x kp).
 template <class T>
-void transpose(const T* H, i64 k, i64 n, T* Ht) {
+void transpose_padded(const T* H, i64 k, i64 n, T* Hp, i64 kp) {
   for (i64 a = 0; a < k; ++a)
-    for (i64 l = 0; l < n; ++l) Ht[l * k + a] = H[a * n + l];
+    for (i64 l = 0; l < n; ++l) Hp[l * kp + a] = H[a * n + l];
 }
 
-/// The error from X's entries: Frobenius ||X||^2 (xx) - 2 <X, WH> + <W^T W, H H^T> (gw, gh:
-/// the Gram matrices in float64: their terms cancel against ||X||^2 when the fit is good), KL
-/// the divergence over the entries above eps plus sum(WH) - sum(X).
+/// A double-double accumulator (about 32 significant digits): for the sums whose difference
+/// is the part of the error away from X's entries, when that difference is small.
+struct DD {
+  double hi = 0, lo = 0;
+  void add(double y) {  // Knuth's two-sum, then renormalise
+    const double s = hi + y, bb = s - hi, e = (hi - (s - bb)) + (y - bb) + lo;
+    hi = s + e;
+    lo = e - (hi - s);
+  }
+  void add(const DD& y) {
+    add(y.hi);
+    add(y.lo);
+  }
+  void add_product(double a, double b) {  // a * b exactly: the rounded product and its error
+    const double q = a * b;
+    add(q);
+    add(std::fma(a, b, -q));
+  }
+  static DD product(const DD& a, const DD& b) {
+    DD r;
+    r.add_product(a.hi, b.hi);
+    r.add(a.hi * b.lo + a.lo * b.hi);
+    return r;
+  }
+  double value() const { return hi + lo; }
+};
+
+/// The part of the error at the positions where X is zero (or not above eps, KL), in
+/// double-double: Frobenius <W^T W, H H^T> - the sum over X's entries of wh^2, KL sum(WH) - the
+/// sum of wh over the entries above eps. Each side is about ||WH||^2 (sum(WH)); where the fit
+/// is good away from X's entries, their float64 rounding is all that is left of the difference
+/// (a sparse product A B from a start 1e-5 from A, B: 2e-4 relative error); this keeps 1e-16.
 template <class T>
-double sparse_error(const CsrView<T>& X, const T* W, const T* Ht, const Problem& p, double xx,
+double zero_part_exact(const CsrView<T>& X, const T* W, const T* Hp, i64 kp, const Problem& p) {
+  const i64 k = p.k, m = p.m, n = p.n;
+  const bool kl = p.loss == Loss::kullback_leibler;
+  DD total, at_entries;
+  if (kl) {
+    for (i64 a = 0; a < k; ++a) {
+      DD cw, rh;
+      for (i64 i = 0; i < m; ++i) cw.add(double(W[i * k + a]));
+      for (i64 l = 0; l < n; ++l) rh.add(double(Hp[l * kp + a]));
+      total.add(DD::product(cw, rh));
+    }
+  } else {
+    std::vector<DD> gw(k * k), gh(k * k);
+    for (i64 i = 0; i < m; ++i)
+      for (i64 x = 0; x < k; ++x)
+        for (i64 y = x; y < k; ++y)
+          gw[x * k + y].add_product(double(W[i * k + x]), double(W[i * k + y]));
+    for (i64 l = 0; l < n; ++l)
+      for (i64 x = 0; x < k; ++x)
+        for (i64 y = x; y < k; ++y)
+          gh[x * k + y].add_product(double(Hp[l * kp + x]), double(Hp[l * kp + y]));
+    for (i64 x = 0; x < k; ++x)
+      for (i64 y = x; y < k; ++y) {
+        const DD g = DD::product(gw[x * k + y], gh[x * k + y]);
+        total.add(g);
+        if (y != x) total.add(g);
+      }
+  }
+  for (i64 i = 0; i < m; ++i)
+    for (i64 e = X.indptr[i]; e < X.indptr[i + 1]; ++e) {
+      if (kl && !(X.data[e] > T(kEpsilon))) continue;
+      const T* h = Hp + i64(X.indices[e]) * kp;
+      DD wh;
+      for (i64 a = 0; a < k; ++a) wh.add_product(double(W[i * k + a]), double(h[a]));
+      at_entries.add(kl ? wh : DD::product(wh, wh));
+    }
+  at_entries.hi = -at_entries.hi;
+  at_entries.lo = -at_entries.lo;
+  total.add(at_entries);
+  return total.value();
+}
+
+/// The error, split so that nothing large cancels where it can be avoided: the part at X's
+/// entries term by term (Frobenius (x - wh)^2; KL x log(x / max(wh, eps)) - x + wh, written
+/// x (u - log1p(u)), u = wh / x - 1, where wh >= eps: no cancellation as wh nears x), plus the
+/// part away from them (zero_part_exact's difference; gw, gh: the Gram matrices in float64),
+/// recomputed in double-double when the float64 difference kept less than 1e-3 of its sides.
+template <class T>
+double sparse_error(const CsrView<T>& X, const T* W, const T* Hp, i64 kp, const Problem& p,
                     const double* gw, const double* gh, int nt, bool par) {
   const i64 k = p.k, m = p.m, n = p.n;
   const bool kl = p.loss == Loss::kullback_leibler;
   const RowChunks ch = row_chunks(m);
-  std::vector<double> cross(ch.count, 0.0), xsum(ch.count, 0.0);
+  std::vector<double> direct(ch.count, 0.0), entries(ch.count, 0.0);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (par && ch.count > 1)
   for (i64 c = 0; c < ch.count; ++c) {
-    double s = 0, sx = 0;
+    double d = 0, q = 0;
     for (i64 i = ch.begin(c); i < ch.end(c); ++i) {
       const T* w = W + i * k;
       for (i64 e = X.indptr[i]; e < X.indptr[i + 1]; ++e) {
-        const T* h = Ht + i64(X.indices[e]) * k;
+        const T* h = Hp + i64(X.indices[e]) * kp;
         double wh = 0;
         for (i64 a = 0; a < k; ++a) wh += double(w[a]) * double(h[a]);
         const double x = double(X.data[e]);
         if (!kl) {
-          s += x * wh;
+          d += (x - wh) * (x - wh);
+          q += wh * wh;
         } else if (X.data[e] > T(kEpsilon)) {
-          s += x * std::log(x / std::max(wh, kEpsilon));
-          sx += x;
+          if (wh >= kEpsilon) {
+            const double u = wh / x - 1.0;
+            d += x * (u - std::log1p(u));
+          } else {
+            d += x * std::log(x / kEpsilon) - x + wh;
+          }
+          q += wh;
         }
       }
     }
-    cross[c] = s;
-    xsum[c] = sx;
+    direct[c] = d;
+    entries[c] = q;
   }
-  double s = 0, sx = 0;
-  for (i64 c = 0; c < ch.count; ++c) { s += cross[c]; sx += xsum[c]; }
+  double d = 0, q = 0;
+  for (i64 c = 0; c < ch.count; ++c) { d += direct[c]; q += entries[c]; }
+  double total = 0;
   if (kl) {
-    double sum_wh = 0;
     for (i64 a = 0; a < k; ++a) {
       double cw = 0, rh = 0;
       for (i64 i = 0; i < m; ++i) cw += double(W[i * k + a]);
-      for (i64 l = 0; l < n; ++l) rh += double(Ht[l * k + a]);
-      sum_wh += cw * rh;
+      for (i64 l = 0; l < n; ++l) rh += double(Hp[l * kp + a]);
+      total += cw * rh;
     }
-    return std::sqrt(2.0 * std::max(s + sum_wh - sx, 0.0));
+  } else {
+    for (i64 e = 0; e < k * k; ++e) total += gw[e] * gh[e];
   }
-  double gg = 0;
-  for (i64 e = 0; e < k * k; ++e) gg += gw[e] * gh[e];
-  return std::sqrt(std::max(xx - 2.0 * s + gg, 0.0));
-}
-
-template <class T>
-double sum_squares(const CsrView<T>& X) {
-  const RowChunks ch = row_chunks(X.rows);
-  double total = 0;
-  for (i64 c = 0; c < ch.count; ++c) {
-    double s = 0;
-    for (i64 e = X.indptr[ch.begin(c)]; e < X.indptr[ch.end(c)]; ++e)
-      s += double(X.data[e]) * double(X.data[e]);
-    total += s;
-  }
-  return total;
+  double zero = total - q;
+  if (zero < 1e-3 * total) zero = zero_part_exact(X, W, Hp, kp, p);
+  const double div = d + std::max(zero, 0.0);
+  return kl ? std::sqrt(2.0 * div) : std::sqrt(div);
 }
 
 }  // namespace
@@ -269,18 +460,19 @@ template <class T>
 double beta_error_sparse(const CsrView<T>& X, const T* W, const T* H, const Problem& p,
                          int num_threads) {
   check_problem(p);
-  std::vector<T> Ht(p.n * p.k), G;
+  const i64 kp = padded<T>(p.k);
+  Aligned<T> Hp(p.n * kp), Wp(p.m * kp), G(p.k * kp);
   std::vector<double> part, gw, gh;
-  transpose(H, p.k, p.n, Ht.data());
+  transpose_padded(H, p.k, p.n, Hp.data(), kp);
+  for (i64 i = 0; i < p.m; ++i) std::copy(W + i * p.k, W + (i + 1) * p.k, Wp.data() + i * kp);
   const int nt = threads_for(num_threads);
   const bool par = X.nnz() * p.k >= kParallelWork;
   const bool frob = p.loss == Loss::frobenius;
   if (frob) {
-    gram_rows(W, p.m, p.k, part, G, gw, nt, par);
-    gram_rows(Ht.data(), p.n, p.k, part, G, gh, nt, par);
+    gram_padded(Wp.data(), p.m, p.k, kp, part, G.data(), gw, nt, par);
+    gram_padded(Hp.data(), p.n, p.k, kp, part, G.data(), gh, nt, par);
   }
-  return sparse_error(X, W, Ht.data(), p, frob ? sum_squares(X) : 0.0, gw.data(), gh.data(),
-                      nt, par);
+  return sparse_error(X, W, Hp.data(), kp, p, gw.data(), gh.data(), nt, par);
 }
 
 template <class T>
@@ -297,9 +489,14 @@ Result fit_mu_cpu_sparse(const CsrView<T>& X, const CsrView<T>& Xt, T* W, T* H,
   const bool kl = p.loss == Loss::kullback_leibler;
   const int nt = threads_for(o.num_threads);
   const bool par = X.nnz() * k + (m + n) * k * k >= kParallelWork;
+  const i64 kp = padded<T>(k);
   SparseWork<T> ws;
-  ws.Ht.assign(n * k, T(0));
-  transpose(H, k, n, ws.Ht.data());
+  ws.Hp.reset(n * kp);
+  ws.Wp.reset(m * kp);
+  ws.G_H.reset(k * kp);
+  ws.G_W.reset(k * kp);
+  transpose_padded(H, k, n, ws.Hp.data(), kp);
+  for (i64 i = 0; i < m; ++i) std::copy(W + i * k, W + (i + 1) * k, ws.Wp.data() + i * kp);
   auto refresh_h = [&]() {
     if (kl) {
       ws.rowsum_H.assign(k, T(0));
@@ -309,18 +506,18 @@ Result fit_mu_cpu_sparse(const CsrView<T>& X, const CsrView<T>& Xt, T* W, T* H,
         ws.rowsum_H[a] = T(s);
       }
     } else {
-      gram_rows(ws.Ht.data(), n, k, ws.part, ws.G_H, ws.G_Hd, nt, par);
+      gram_padded(ws.Hp.data(), n, k, kp, ws.part, ws.G_H.data(), ws.G_Hd, nt, par);
     }
   };
   refresh_h();
-  const double xx = kl ? 0.0 : sum_squares(X);
   const T l1w = T(p.l1_W), l2w = T(p.l2_W), l1h = T(p.l1_H), l2h = T(p.l2_H), muh = T(p.mu);
 
   // the error of the current W, H: G_W is fresh after an H step (it fed it), else made here
   bool gw_fresh = false;
   auto error_now = [&]() {
-    if (!kl && !gw_fresh) gram_rows(W, m, k, ws.part, ws.G_W, ws.G_Wd, nt, par);
-    return sparse_error(X, W, ws.Ht.data(), p, xx, ws.G_Wd.data(), ws.G_Hd.data(), nt, par);
+    if (!kl && !gw_fresh)
+      gram_padded(ws.Wp.data(), m, k, kp, ws.part, ws.G_W.data(), ws.G_Wd, nt, par);
+    return sparse_error(X, W, ws.Hp.data(), kp, p, ws.G_Wd.data(), ws.G_Hd.data(), nt, par);
   };
 
   Result res;
@@ -331,8 +528,8 @@ Result fit_mu_cpu_sparse(const CsrView<T>& X, const CsrView<T>& Xt, T* W, T* H,
   for (it = 1; it <= o.max_iter; ++it) {
     const bool check = o.tol > 0 && it % 10 == 0;
     const bool need_err = check || it == o.max_iter || objective != nullptr;
-    factor_step(X, W, ws.Ht.data(), k, kl, ws.G_H.data(), ws.rowsum_H.data(), l1w, l2w, T(0),
-                false, static_cast<T*>(nullptr), 0, nt, par);
+    factor_step(X, ws.Wp.data(), ws.Hp.data(), kp, k, kl, ws.G_H.data(), ws.rowsum_H.data(),
+                l1w, l2w, T(0), false, W, static_cast<T*>(nullptr), 0, nt, par);
     gw_fresh = false;
     if (o.update_H) {
       if (kl) {
@@ -340,12 +537,13 @@ Result fit_mu_cpu_sparse(const CsrView<T>& X, const CsrView<T>& Xt, T* W, T* H,
         for (auto& v : ws.colsum_W)
           if (v == T(0)) v = T(1);
       } else {
-        gram_rows(W, m, k, ws.part, ws.G_W, ws.G_Wd, nt, par);
+        gram_padded(ws.Wp.data(), m, k, kp, ws.part, ws.G_W.data(), ws.G_Wd, nt, par);
         gw_fresh = true;
       }
-      // H^T's rows are H's columns: the step updates them in place and writes H as it goes
-      factor_step(Xt, ws.Ht.data(), W, k, kl, ws.G_W.data(), ws.colsum_W.data(), l1h, l2h, muh,
-                  kl, H, n, nt, par);
+      // the rows of the padded H^T are H's columns: the step updates them in place and writes
+      // H as it goes
+      factor_step(Xt, ws.Hp.data(), ws.Wp.data(), kp, k, kl, ws.G_W.data(), ws.colsum_W.data(),
+                  l1h, l2h, muh, kl, static_cast<T*>(nullptr), H, n, nt, par);
       refresh_h();
     }
     fresh = false;

@@ -689,3 +689,19 @@ def test_ctrl_c_stops_a_long_fit(tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert "interrupted" in out
     assert time.perf_counter() - sent < 3.0  # generous: the poll is every 50 ms, the rest is process exit under load
+
+
+def test_kl_error_is_accurate_near_an_exact_fit():
+    """The KL error near an exact fit equals the float64 oracle (no cancellation of large sums)."""
+    rng = np.random.default_rng(12345)
+    A, B = rng.random((300, 4)) + 0.5, rng.random((4, 200)) + 0.5
+    X = A @ B
+    for d in (1e-3, 1e-5):
+        W0 = A * (1 + d * (rng.random(A.shape) - 0.5))
+        H0 = B * (1 + d * (rng.random(B.shape) - 0.5))
+        *_, info = dffkit.non_negative_factorization(
+            X, W0, H0, n_components=4, init="custom", max_iter=0, beta_loss="kullback-leibler",
+            backend="cpu", return_info=True)
+        u = (W0 @ H0 - X) / X  # the divergence term by term, x (u - log1p(u)), u = wh / x - 1
+        oracle = np.sqrt(2 * np.sum(X * (u - np.log1p(u))))
+        assert info.error_init == pytest.approx(oracle, rel=1e-9)

@@ -190,7 +190,7 @@ def _is_sparse(X) -> bool:
 
 class _SparseX:
     """Sparse X as the CPU engine takes it: canonical CSR (sorted column indices, duplicates
-    summed, explicit zeros kept: they add nothing), float32/float64 data (integers become
+    summed, stored zeros dropped), float32/float64 data (integers become
     float64), int32 indices, int64 indptr, and the same matrix by columns for the H step.
 
     Built from the caller's matrix by copying: the caller's object is never modified (scipy's
@@ -212,6 +212,7 @@ class _SparseX:
             dtype = np.dtype(np.float64)
         csr = X.tocsr(copy=True).astype(dtype, copy=False)
         csr.sum_duplicates()  # sorts the indices too
+        csr.eliminate_zeros()  # stored zeros change no iterate; dropped, they cost nothing
         data = _check_values(np.ascontiguousarray(csr.data), name, whom)
         self.shape, self.dtype, self.nnz = (m, n), dtype, int(data.size)
         self.matrix = csr  # scipy CSR, for the NNDSVD start and the mean
