@@ -926,7 +926,8 @@ double beta_error_cpu(const T* X, const T* W, const T* H, const Problem& p, int 
 
 template <class T>
 Result fit_mu_cpu(const T* X, T* W, T* H, const Problem& p, const Options& o,
-                  const StopFn& should_stop, std::vector<double>* objective) {
+                  const StopFn& should_stop, std::vector<double>* objective,
+                  const ProgressFn& progress) {
   check_problem(p);
   const int nt = resolve_threads(o.num_threads);
   const i64 m = p.m, n = p.n, k = p.k;
@@ -1019,7 +1020,7 @@ Result fit_mu_cpu(const T* X, T* W, T* H, const Problem& p, const Options& o,
       err_fresh = true;
       if (objective) objective->push_back(0.5 * err * err + penalty_value(W, H, p));
     }
-    if (end_of_iteration(check, err, o.tol, prev, should_stop, res)) break;
+    if (end_of_iteration(it, check, err, o.tol, prev, should_stop, progress, res)) break;
   }
   res.n_iter = std::min(it, o.max_iter);
   if (!err_fresh) err = beta_error_cpu(X, W, H, p, nt);
@@ -1067,7 +1068,7 @@ void fit_mu_cpu_batched(std::vector<BatchItem<T>>& items, const Options& o,
 
 #define DFFKIT_INSTANTIATE(T)                                                                  \
   template Result fit_mu_cpu<T>(const T*, T*, T*, const Problem&, const Options&,             \
-                                const StopFn&, std::vector<double>*);                          \
+                                const StopFn&, std::vector<double>*, const ProgressFn&);       \
   template void fit_mu_cpu_batched<T>(std::vector<BatchItem<T>>&, const Options&,             \
                                       const StopFn&);                                          \
   template double beta_error_cpu<T>(const T*, const T*, const T*, const Problem&, int);        \

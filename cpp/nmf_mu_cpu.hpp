@@ -14,11 +14,17 @@ namespace dffkit {
 /// (Result::interrupted). May be empty.
 using StopFn = std::function<bool()>;
 
-/// The end of iteration `it`, shared by the engines: the tol test (check: every 10 iterations
-/// when tol > 0; the decrease since the last test, relative to the initial error) and the
-/// caller's stop request (Result::interrupted). True: stop now.
-inline bool end_of_iteration(bool check, double err, double tol, double& prev,
-                             const StopFn& should_stop, Result& res) {
+/// Called from the calling thread at each tol test (every 10 iterations when tol > 0) with the
+/// iteration and its error, before the test (scikit-learn's verbose output). May be empty.
+using ProgressFn = std::function<void(int, double)>;
+
+/// The end of iteration `it`, shared by the engines: the progress report and the tol test
+/// (check: every 10 iterations when tol > 0; the decrease since the last test, relative to the
+/// initial error), then the caller's stop request (Result::interrupted). True: stop now.
+inline bool end_of_iteration(int it, bool check, double err, double tol, double& prev,
+                             const StopFn& should_stop, const ProgressFn& progress,
+                             Result& res) {
+  if (check && progress) progress(it, err);
   if (check) {
     if ((prev - err) / res.error_init < tol) return true;
     prev = err;
@@ -36,7 +42,8 @@ inline bool end_of_iteration(bool check, double err, double tol, double& prev,
 /// iteration is appended to it.
 template <class T>
 Result fit_mu_cpu(const T* X, T* W, T* H, const Problem& p, const Options& o,
-                  const StopFn& should_stop = {}, std::vector<double>* objective = nullptr);
+                  const StopFn& should_stop = {}, std::vector<double>* objective = nullptr,
+                  const ProgressFn& progress = {});
 
 /// One problem of a batch: pointers into caller-owned memory.
 template <class T>

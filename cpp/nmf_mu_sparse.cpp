@@ -496,7 +496,7 @@ double beta_error_sparse(const CsrView<T>& X, const T* W, const T* H, const Prob
 template <class T>
 Result fit_mu_cpu_sparse(const CsrView<T>& X, const CsrView<T>& Xt, T* W, T* H,
                          const Problem& p, const Options& o, const StopFn& should_stop,
-                         std::vector<double>* objective) {
+                         std::vector<double>* objective, const ProgressFn& progress) {
   check_problem(p);
   if (p.group_offsets)
     throw invalid_argument("dffkit: group-sparse NMF takes dense X (pass X.toarray())");
@@ -571,7 +571,7 @@ Result fit_mu_cpu_sparse(const CsrView<T>& X, const CsrView<T>& Xt, T* W, T* H,
       fresh = true;
       if (objective) objective->push_back(0.5 * err * err + penalties(W, H, p));
     }
-    if (end_of_iteration(check, err, o.tol, prev, should_stop, res)) break;
+    if (end_of_iteration(it, check, err, o.tol, prev, should_stop, progress, res)) break;
   }
   res.n_iter = std::min(it, o.max_iter);
   if (!fresh) err = error_now();
@@ -586,7 +586,7 @@ Result fit_mu_cpu_sparse(const CsrView<T>& X, const CsrView<T>& Xt, T* W, T* H,
                                        int);                                                  \
   template Result fit_mu_cpu_sparse<T>(const CsrView<T>&, const CsrView<T>&, T*, T*,          \
                                        const Problem&, const Options&, const StopFn&,         \
-                                       std::vector<double>*);
+                                       std::vector<double>*, const ProgressFn&);
 DFFKIT_INSTANTIATE_SPARSE(float)
 DFFKIT_INSTANTIATE_SPARSE(double)
 

@@ -35,7 +35,8 @@ void check_csr(const CsrView<T>& A, const char* name);
 template <class T>
 Result fit_mu_cpu_sparse(const CsrView<T>& X, const CsrView<T>& Xt, T* W, T* H,
                          const Problem& p, const Options& o, const StopFn& should_stop = {},
-                         std::vector<double>* objective = nullptr);
+                         std::vector<double>* objective = nullptr,
+                         const ProgressFn& progress = {});
 
 /// scikit-learn's error sqrt(2 * beta-divergence(X, WH)) for sparse X.
 template <class T>

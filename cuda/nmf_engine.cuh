@@ -479,7 +479,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   const i64 nchunks = (m * n + 4095) / 4096;
 
   State* st; T *GH, *GW, *rs, *colsum, *Gpart, *cspart, *Ppart, *gR; double *rsd, *d0p, *ggp, *php,
-      *sp, *sxp, *cwp, *gnorm, *obj, *chunks; i64* goff; __nv_bfloat16* conv;
+      *sp, *gnorm, *obj, *chunks; i64* goff; __nv_bfloat16* conv;
   auto carve = [&](Carver& c) {
     st = c.take<State>(1);
     // gemm: G_H is partial 0 of the H-slice partials (the total after their reduction)
@@ -490,7 +490,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
     Ppart = c.take<T>(nb * kn);
     gR = (kl && !L.R_s) ? c.take<T>(nb * TM * n) : nullptr;
     php = c.take<double>(nbh);
-    sp = c.take<double>(nbe); sxp = c.take<double>(nbe); cwp = c.take<double>(nbe * k);
+    sp = c.take<double>(nbe);
     goff = c.take<i64>(p.group_offsets ? p.n_groups + 1 : 0);
     gnorm = c.take<double>(p.group_offsets ? p.n_groups * k : 0);
     obj = c.take<double>(o.record_objective ? std::max(o.max_iter, 1) : 0);
@@ -538,10 +538,10 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
     DFFKIT_CUDA_CHECK_LAUNCH("h_stats_kernel");
   };
   auto full_error = [&](int it, int need, int check) {
-    error_kernel<T, XS><<<unsigned(nbe), NT, 0, s>>>(st, Xd, W, H, m, n, k, kl, sp, sxp, cwp);
+    error_kernel<T, XS><<<unsigned(nbe), NT, 0, s>>>(st, Xd, W, H, m, n, k, kl, sp);
     DFFKIT_CUDA_CHECK_LAUNCH("error_kernel");
     finalize_kernel<T><<<1, 32, 0, s>>>(st, it, need, check, 1, kl, o.tol, 0, php, GW, GH, k,
-                                        int(nbe), sp, sxp, cwp, rsd, obj, o.record_objective);
+                                        int(nbe), sp, obj, o.record_objective);
     DFFKIT_CUDA_CHECK_LAUNCH("finalize_kernel");
   };
   stats();
@@ -649,7 +649,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
       full_error(it, 1, check);
     } else {
       finalize_kernel<T><<<1, 32, 0, s>>>(st, it, need_err, check, 0, kl, o.tol, int(nbh), php,
-                                          GW, GH, k, 0, sp, sxp, cwp, rsd, obj,
+                                          GW, GH, k, 0, sp, obj,
                                           o.record_objective);
       DFFKIT_CUDA_CHECK_LAUNCH("finalize_kernel");
     }

@@ -140,17 +140,24 @@ __device__ void group_norms_block(const T* W, const i64* goff, i64 ng, int k, do
   __syncthreads();
 }
 
-/// One element's share of the error: (x - wh)^2 (Frobenius), or x log(x / max(wh, eps)) and x
-/// for x > eps (KL; the rest of the divergence comes from the column and row sums).
+/// One element's share of the error: (x - wh)^2 (Frobenius), or of scikit-learn's divergence
+/// (KL): x log(x / max(wh, eps)) - x + wh for x > eps, wh otherwise. Term by term, as the CPU
+/// engine has it: x (u - log1p(u)), u = wh / x - 1, does not cancel as wh nears x (the sum
+/// sum(x log(x / wh)) + sum(WH) - sum(X) kept only 1e-4 of it 1e-5 from an exact fit).
 template <class T>
-__device__ __forceinline__ void error_terms(T x, T wh, bool kl, double& s, double& sx) {
+__device__ __forceinline__ void error_terms(T x, T wh, bool kl, double& s) {
+  const double xd = double(x), w = double(wh);
   if (!kl) {
-    const double d = double(x) - double(wh);
-    s += d * d;
+    s += (xd - w) * (xd - w);
   } else if (x > T(kEpsilon)) {
-    const double w = double(wh) > kEpsilon ? double(wh) : kEpsilon;
-    s += double(x) * std::log(double(x) / w);
-    sx += double(x);
+    if (w >= kEpsilon) {
+      const double u = w / xd - 1.0;
+      s += xd * (u - log1p(u));
+    } else {
+      s += xd * std::log(xd / kEpsilon) - xd + w;
+    }
+  } else {
+    s += w;
   }
 }
 
@@ -160,25 +167,14 @@ __device__ __forceinline__ void error_terms(T x, T wh, bool kl, double& s, doubl
 template <class T, class XS, class XRow>
 __device__ double rows_divergence(const XRow& xrow, const T* W, const T* H, i64 r0, i64 r1, i64 n,
                                   int k, bool kl, double* red) {
-  double s = 0, sx = 0;
+  double s = 0;
   for (i64 e = r0 * n + threadIdx.x; e < r1 * n; e += NT) {
     const i64 i = e / n, l = e - i * n;
     T wh = T(0);
     for (int j = 0; j < k; ++j) wh += W[i * k + j] * H[j * n + l];
-    error_terms(xget<T>(xrow(i) + l), wh, kl, s, sx);
+    error_terms(xget<T>(xrow(i) + l), wh, kl, s);
   }
-  s = block_sum(s, red);
-  if (!kl) return s;
-  sx = block_sum(sx, red);
-  double t = 0;
-  for (int j = threadIdx.x; j < k; j += NT) {
-    double cw = 0, rh = 0;
-    for (i64 i = r0; i < r1; ++i) cw += double(W[i * k + j]);
-    for (i64 l = 0; l < n; ++l) rh += double(H[j * n + l]);
-    t += cw * rh;
-  }
-  t = block_sum(t, red);
-  return s + t - sx;
+  return block_sum(s, red);
 }
 
 /// The error from rows_divergence's total: its square root (Frobenius), or that of twice it (KL).
@@ -660,31 +656,24 @@ __global__ void group_norm_kernel(const State* st, const T* W, const i64* goff, 
   out[p] = std::sqrt(s);
 }
 
-/// Full-pass error partials: per block sum of (x - wh)^2 (Frobenius) or x log(x / wh) and x
-/// (KL), and the column sums of W; rows b, b + NBE, ...
+/// Full-pass error partials: per block the sum of error_terms (x - wh)^2 (Frobenius) or the
+/// divergence's terms (KL); rows b, b + NBE, ...
 template <class T, class XS>
 __global__ void __launch_bounds__(NT) error_kernel(const State* st, const XS* X, const T* W,
                                                    const T* H, i64 m, i64 n, int k, int kl,
-                                                   double* spart, double* sxpart, double* cwpart) {
+                                                   double* spart) {
   if (st->stopped) return;
   DFFKIT_SHARED(double, red, [NT]);
-  double s = 0, sx = 0;
+  double s = 0;
   for (i64 i = blockIdx.x; i < m; i += gridDim.x) {
     for (i64 l = threadIdx.x; l < n; l += NT) {
       T wh = T(0);
       for (int j = 0; j < k; ++j) wh += W[i * k + j] * H[j * n + l];
-      error_terms(xget<T>(X + i * n + l), wh, kl != 0, s, sx);
+      error_terms(xget<T>(X + i * n + l), wh, kl != 0, s);
     }
   }
   s = block_sum(s, red);
-  sx = block_sum(sx, red);
-  if (threadIdx.x == 0) { spart[blockIdx.x] = s; sxpart[blockIdx.x] = sx; }
-  if (kl)
-    for (int j = threadIdx.x; j < k; j += NT) {
-      double c = 0;
-      for (i64 i = blockIdx.x; i < m; i += gridDim.x) c += double(W[i * k + j]);
-      cwpart[i64(blockIdx.x) * k + j] = c;
-    }
+  if (threadIdx.x == 0) spart[blockIdx.x] = s;
 }
 
 template <class T>
@@ -712,7 +701,6 @@ template <class T>
 __global__ void finalize_kernel(State* st, int it, int need_err, int check, int mode, int kl,
                                 double tol, int nph, const double* phpart, const T* GW,
                                 const T* GH, int k, int nbe, const double* spart,
-                                const double* sxpart, const double* cwpart, const double* rsd,
                                 double* objective, int record) {
   if (threadIdx.x != 0 || st->stopped) return;
   double err = st->err;
@@ -724,20 +712,9 @@ __global__ void finalize_kernel(State* st, int it, int need_err, int check, int 
       const double sq = st->xx - 2.0 * ph + g2;
       err = std::sqrt(sq > 0 ? sq : 0.0);
     } else {
-      double s = 0, sx = 0;
-      for (int b = 0; b < nbe; ++b) { s += spart[b]; sx += sxpart[b]; }
-      if (!kl) {
-        err = std::sqrt(s);
-      } else {
-        double t = 0;
-        for (int j = 0; j < k; ++j) {
-          double cw = 0;
-          for (int b = 0; b < nbe; ++b) cw += cwpart[i64(b) * k + j];
-          t += cw * rsd[j];
-        }
-        const double div = s + t - sx;
-        err = std::sqrt(2.0 * (div > 0 ? div : 0.0));
-      }
+      double s = 0;
+      for (int b = 0; b < nbe; ++b) s += spart[b];
+      err = divergence_error(s, kl != 0);
     }
     st->err = err;
     if (it == 0) { st->error_init = err; st->prev = err; }

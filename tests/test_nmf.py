@@ -705,3 +705,35 @@ def test_kl_error_is_accurate_near_an_exact_fit():
         u = (W0 @ H0 - X) / X  # the divergence term by term, x (u - log1p(u)), u = wh / x - 1
         oracle = np.sqrt(2 * np.sum(X * (u - np.log1p(u))))
         assert info.error_init == pytest.approx(oracle, rel=1e-9)
+
+
+def _epoch_lines(text):
+    """(epoch, error or None) of each of scikit-learn's verbose 'Epoch NN reached ...' lines."""
+    import re
+
+    out = []
+    for line in text.splitlines():
+        hit = re.match(r"Epoch (\d+) reached after [0-9.]+ seconds(?:, error: ([0-9.eE+-]+))?\.?$", line)
+        if hit:
+            out.append((int(hit.group(1)), None if hit.group(2) is None else float(hit.group(2))))
+    return out
+
+
+@pytest.mark.parametrize("max_iter", [200, 35])
+def test_verbose_prints_scikit_learns_lines(capsys, max_iter):
+    """verbose=1 prints scikit-learn's 'Epoch' lines: one per tol test with its error, the last."""
+    skl = pytest.importorskip("sklearn.decomposition")
+    X = np.random.default_rng(0).random((200, 50))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        skl.NMF(5, solver="mu", verbose=1, random_state=0, max_iter=max_iter).fit(X)
+        expect = _epoch_lines(capsys.readouterr().out)
+        dffkit.NMF(5, verbose=1, random_state=0, max_iter=max_iter, backend="cpu").fit(X)
+        got = _epoch_lines(capsys.readouterr().out)
+    assert [e for e, _ in got] == [e for e, _ in expect] and len(got) >= 3
+    for (_, a), (_, b) in zip(got, expect):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a == pytest.approx(b, rel=1e-6)

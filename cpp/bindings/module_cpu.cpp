@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <cstdio>
 #include <omp.h>
 #include <string>
 #include <vector>
@@ -48,6 +49,22 @@ struct SignalPoller {
 
 using bindings::Params;
 
+/// With params.verbose: scikit-learn's line at each tol test, printed through Python's print
+/// (so sys.stdout redirections see it), the time counted from the call.
+ProgressFn progress_printer(const Params& q) {
+  if (!q.verbose) return {};
+  const auto start = std::chrono::steady_clock::now();
+  return [start](int it, double err) {
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    char line[128];
+    std::snprintf(line, sizeof line, "Epoch %02d reached after %.3f seconds, error: %f", it, secs,
+                  err);
+    py::gil_scoped_acquire gil;
+    py::print(line);
+  };
+}
+
 Problem make_problem(i64 m, i64 n, i64 k, const Params& q, const std::vector<i64>* groups) {
   return bindings::make_problem(m, n, k, q, groups, "dffkit._cpu");
 }
@@ -81,7 +98,8 @@ py::dict fit_t(const py::array& X, py::array& W, py::array& H, const Params& q,
   {
     py::gil_scoped_release nogil;
     SignalPoller poll;
-    r = fit_mu_cpu<T>(x, w, h, p, o, std::ref(poll), q.record_objective ? &obj : nullptr);
+    r = fit_mu_cpu<T>(x, w, h, p, o, std::ref(poll), q.record_objective ? &obj : nullptr,
+                      progress_printer(q));
   }
   raise_if_interrupted(r);
   return result_dict(r, q.record_objective ? &obj : nullptr);
@@ -169,7 +187,7 @@ py::dict fit_sparse_t(const py::tuple& Xc, const py::object& Xtc, py::array& W, 
     py::gil_scoped_release nogil;
     SignalPoller poll;
     r = fit_mu_cpu_sparse<T>(X, Xt, w, h, p, o, std::ref(poll),
-                             q.record_objective ? &obj : nullptr);
+                             q.record_objective ? &obj : nullptr, progress_printer(q));
   }
   raise_if_interrupted(r);
   return result_dict(r, q.record_objective ? &obj : nullptr);

@@ -19,6 +19,7 @@ struct Params {
   double tol = 1e-4;
   bool update_H = true, record_objective = false;
   int num_threads = 0;  // CPU threads (0: OpenMP's default); unused on the GPU
+  int verbose = 0;      // CPU: scikit-learn's line at each tol test; unused on the GPU
 };
 
 /// Problem for an m x n matrix at rank k; groups: n_groups + 1 offsets or empty/null.
@@ -57,6 +58,7 @@ pybind11::class_<P> bind_params(pybind11::module_& mod) {
       .def_readwrite("l2_H", &P::l2_H)
       .def_readwrite("lam", &P::lam)
       .def_readwrite("mu", &P::mu)
+      .def_readwrite("verbose", &P::verbose)
       .def_readwrite("max_iter", &P::max_iter)
       .def_readwrite("tol", &P::tol)
       .def_readwrite("update_H", &P::update_H)

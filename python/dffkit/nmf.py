@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 import os
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -193,8 +194,10 @@ class _SparseX:
     summed, stored zeros dropped), float32/float64 data (integers become
     float64), int32 indices, int64 indptr, and the same matrix by columns for the H step.
 
-    Built from the caller's matrix by copying: the caller's object is never modified (scipy's
-    sum_duplicates and sort_indices work in place, so they run on our copy only).
+    The caller's object is never modified: a CSR matrix of float32/float64 already in
+    canonical form (sorted, no duplicates, no stored zeros) is read in place; anything else is
+    copied first (scipy's sum_duplicates and sort_indices work in place, so they run on our
+    copy only). The transpose is a second copy of the entries, made for the H step.
     """
 
     def __init__(self, X, name="X", whom="NMF"):
@@ -210,9 +213,13 @@ class _SparseX:
             raise TypeError(f"{name} must be numeric, got dtype {dtype}")
         if dtype not in (np.float32, np.float64):
             dtype = np.dtype(np.float64)
-        csr = X.tocsr(copy=True).astype(dtype, copy=False)
-        csr.sum_duplicates()  # sorts the indices too
-        csr.eliminate_zeros()  # stored zeros change no iterate; dropped, they cost nothing
+        if (getattr(X, "format", None) == "csr" and X.dtype == dtype and X.has_canonical_format
+                and np.all(X.data != 0)):
+            csr = X  # canonical already: read in place (never written), no copy of the entries
+        else:
+            csr = X.tocsr(copy=True).astype(dtype, copy=False)
+            csr.sum_duplicates()  # sorts the indices too
+            csr.eliminate_zeros()  # stored zeros change no iterate; dropped, they cost nothing
         data = _check_values(np.ascontiguousarray(csr.data), name, whom)
         self.shape, self.dtype, self.nnz = (m, n), dtype, int(data.size)
         self.matrix = csr  # scipy CSR, for the NNDSVD start and the mean
@@ -591,9 +598,10 @@ class NMFResult:
     backend: str
     precision: str = "fp32"
     objective: list = field(default_factory=list)
-    #: the CUDA kernels that ran: "resident", "resident-fast" ("resident-fast-cols": its
-    #: column-split kernel, DFFKIT_CUDA_SMALL_COLS=1), "sweep", "gemm" (two passes over X per
-    #: iteration) or "gemm-fused" (one pass); "cpu" on the CPU backend
+    #: the kernels that ran: "cpu", "cpu-sparse" (scipy.sparse X); on CUDA "resident",
+    #: "resident-fast" ("resident-fast-cols": its column-split kernel,
+    #: DFFKIT_CUDA_SMALL_COLS=1), "sweep", "gemm" (two passes over X per iteration) or
+    #: "gemm-fused" (one pass)
     kernel: str = ""
 
 
@@ -753,6 +761,7 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
                                 random_state=random_state)
 
     group_offsets = [] if groups is None else [int(g) for g in groups]
+    started = time.perf_counter()
     if engine == "cpu":
         if not (isinstance(W0, np.ndarray) and isinstance(H0, np.ndarray)):
             from dffkit import _cuda_backend  # GPU factors for host data: one copy down
@@ -763,6 +772,7 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
         params = cpu.Params()
         _fill_params(params, beta, l1_W, l2_W, l1_H, l2_H, lam, mu, max_iter, tol, update_H,
                      record_objective)
+        params.verbose = 1 if verbose else 0  # scikit-learn's line at each tol test
         if sparse is not None:
             if max_iter == 0:
                 err = float(cpu.beta_error_sparse(sparse.rows(), W0, H0, beta))
@@ -799,6 +809,10 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
     if not _finite(result):
         raise _overflow_error(whom, "X", dtype, Xh)
     if verbose:
+        # scikit-learn's last line (the CPU engine printed one at each tol test), then ours
+        if tol == 0 or result.n_iter % 10 != 0 or engine != "cpu":
+            print("Epoch %02d reached after %.3f seconds." % (result.n_iter,
+                                                              time.perf_counter() - started))
         print(
             f"dffkit {whom}: {engine} backend, {result.n_iter} iterations, "
             f"error {result.error_init:.6g} -> {result.error:.6g}"
@@ -854,9 +868,11 @@ def non_negative_factorization(
     Parameters
     ----------
     X : array-like (m, n), non-negative
-        numpy (float32 stays float32, integers become float64) on any backend, or a GPU array
+        numpy (float32 stays float32, integers become float64) on any backend, a GPU array
         (PyTorch, CuPy, anything with ``__cuda_array_interface__`` / ``__dlpack__``) for
-        ``backend="cuda"``/``"auto"``, read in place.
+        ``backend="cuda"``/``"auto"``, read in place, or a scipy.sparse matrix or array of
+        any format (the CPU backend's sparse engine: X is read only at its stored entries;
+        the caller's matrix is copied, never modified).
     W, H : arrays (m, k) and (k, n), optional
         Initial factors with ``init="custom"``; H alone (fixed) with ``update_H=False``.
         Never modified.
@@ -1125,7 +1141,8 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
     """Non-negative matrix factorization by multiplicative updates, scikit-learn compatible.
 
     Same parameters as ``sklearn.decomposition.NMF`` (``solver`` is "mu", the only solver
-    offered), plus ``backend`` ("auto", "cpu", "cuda") and ``precision`` (CUDA only).
+    offered), plus ``backend`` ("auto", "cpu", "cuda") and ``precision`` (CUDA only). X may be
+    numpy, a GPU array, or scipy.sparse (fit and transform on the CPU backend).
 
     Attributes
     ----------
@@ -1135,7 +1152,8 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
     n_iter_ : int
     n_features_in_ : int
     backend_ : str, the engine that ran the last fit
-    kernel_ : str, the kernels that ran it (``NMFResult.kernel``: "cpu", or on CUDA "resident",
+    kernel_ : str, the kernels that ran it (``NMFResult.kernel``: "cpu", "cpu-sparse" for
+        scipy.sparse X, or on CUDA "resident",
         "resident-fast", "resident-fast-cols", "sweep", "gemm", "gemm-fused")
     """
 

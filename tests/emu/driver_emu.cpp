@@ -62,7 +62,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   std::vector<State> st(1, State{});
   std::vector<T> GH(z((GEMM ? plan.h_slices : 1) * k * k)), GW(z(k * k)), rs(z(k)), colsum(z(k)),
       Gpart(z(nb * k * k)), cspart(z(nb * k)), Ppart(z(nb * kn)), gR(z(kl && !L.R_s ? nb * TM * n : 1));
-  std::vector<double> rsd(z(k)), d0p(z(nbd)), ggp(z(nbd)), php(z(nbh)), sp(z(nbe)), sxp(z(nbe)), cwp(z(nbe * k)),
+  std::vector<double> rsd(z(k)), d0p(z(nbd)), ggp(z(nbd)), php(z(nbh)), sp(z(nbe)),
       gnorm(z(std::max<i64>(ng * k, 1))), obj(z(std::max(q.max_iter, 1)), -7.0);
   double xx = 0;  // ||X||^2 of the values the kernels read (the engine: a fixed-order device sum)
   for (i64 e = 0; e < m * n; ++e) {
@@ -92,13 +92,12 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
     launch(finalize_kernel<T>, dim3(1), dim3(32), 0, s, it, need, check, mode, int(kl), q.tol,
            mode == 0 ? int(nbh) : 0, static_cast<const double*>(php.data()), static_cast<const T*>(GW.data()),
            static_cast<const T*>(GH.data()), k, mode == 1 ? int(nbe) : 0, static_cast<const double*>(sp.data()),
-           static_cast<const double*>(sxp.data()), static_cast<const double*>(cwp.data()),
-           static_cast<const double*>(rsd.data()), obj.data(), int(record));
+           obj.data(), int(record));
   };
   auto full_error = [&](int it, int need, int check) {
     launch(error_kernel<T, XS>, dim3(unsigned(nbe)), dim3(NT), 0, static_cast<const State*>(s),
            static_cast<const XS*>(X.data()), static_cast<const T*>(W.data()), static_cast<const T*>(H.data()), m,
-           n, k, int(kl), sp.data(), sxp.data(), cwp.data());
+           n, k, int(kl), sp.data());
     finalize(it, need, check, 1);
   };
   auto group_norms = [&]() {
