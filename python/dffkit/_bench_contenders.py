@@ -10,6 +10,9 @@ complete, device work included) -> ``fetch`` (untimed: W, H as numpy) -> ``teard
 ``solver = "mu"`` contenders must reproduce the multiplicative updates from the shared start
 (checked after one iteration against a float64 oracle); ``"cd"`` contenders are timed to a
 target error instead.
+
+On the sparse problems X is a scipy.sparse CSR float32 matrix: only contenders with
+``accepts_sparse`` get them; the others are listed as skipped with :meth:`Contender.sparse_unsupported`.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -27,8 +31,9 @@ from dffkit._bench_problems import Problem, mu_iterations
 
 @dataclass
 class Setup:
-    """What a contender gets: the problem, its data and start (numpy float32), and for GSNMF
-    the group offsets and penalties in the objective's units."""
+    """What a contender gets: the problem, its data and start (numpy float32; X a scipy.sparse
+    CSR float32 matrix on the sparse problems), and for GSNMF the group offsets and penalties
+    in the objective's units."""
 
     problem: Problem
     X: np.ndarray
@@ -48,10 +53,19 @@ class Contender:
     family = "peer"      # "dffkit" or "peer": speed ratios are against the best peer
     precision = "fp32"
     library = ""         # the package it exercises, for the machine description
+    accepts_sparse = False  # True: it takes the sparse problems' scipy.sparse CSR X as it is
 
     def unavailable(self):
         """None when the contender can run here, else why not (shown as skipped)."""
         return None
+
+    def sparse_unsupported(self):
+        """None when the contender takes a scipy.sparse X, else why not (shown as skipped on
+        the sparse problems, before :meth:`unavailable`: it holds on any machine)."""
+        if self.accepts_sparse:
+            return None
+        return ("sparse X: this contender takes dense arrays only (a Contender with "
+                "accepts_sparse = True gets the scipy.sparse CSR matrix)")
 
     def unsupported(self, problem: Problem):
         """None when the contender handles ``problem``, else why not."""
@@ -133,6 +147,16 @@ class DffkitContender(Contender):
         self._gs_entry = None
         self._kernels = []  # the kernels each solve reported (NMFResult.kernel)
 
+    @property
+    def accepts_sparse(self):
+        return self.backend == "cpu"
+
+    def sparse_unsupported(self):
+        if self.accepts_sparse:
+            return None
+        return ("sparse X runs on the CPU backend: dffkit's CUDA engine refuses scipy.sparse X "
+                "(ValueError); dffkit-cpu runs these problems")
+
     def unavailable(self):
         import dffkit
 
@@ -163,6 +187,8 @@ class DffkitContender(Contender):
     def setup(self, s):
         lib = self._device_lib()
         state = {"s": s, "lib": lib, "X": s.X, "W0": s.W0, "H0": s.H0}
+        if s.problem.sparse:
+            state["convert_s"] = _sparse_convert_time(s.X)
         if lib == "torch":
             import torch
 
@@ -286,7 +312,31 @@ class DffkitContender(Contender):
                        if self.backend == "cuda" else "nmf_batched (init='custom': the shared start)")
         if p is not None and p.is_gsnmf:
             out.append("group_sparse_nmf" if self._gs_entry else "nmf._solve(groups=...)")
+        if p is not None and p.sparse:
+            out.append("scipy CSR X passed as it is (kernel " + ("/".join(kernels) or "?") + ")")
+            if state.get("convert_s") is not None:
+                out.append(f"each call copies X to its CSR and builds X^T: "
+                           f"{state['convert_s'] * 1e3:.3g} ms of the time, measured apart")
         return "; ".join(out)
+
+
+def _sparse_convert_time(X, repeats=3):
+    """Seconds dffkit's sparse entry takes to copy X to its canonical CSR and build the CSR of
+    X^T (inside every timed call), best of ``repeats``; None where that private step moved."""
+    try:
+        from dffkit.nmf import _SparseX
+    except ImportError:
+        return None
+    best = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        try:
+            _SparseX(X).cols()
+        except Exception:  # noqa: BLE001 - an internal that changed: no note, not a failure
+            return None
+        t = time.perf_counter() - t0
+        best = t if best is None else min(best, t)
+    return best
 
 
 def _free_device_memory():
@@ -312,6 +362,7 @@ class SklearnContender(Contender):
     family = "peer"
     library = "scikit-learn"
     device = "cpu"
+    accepts_sparse = True  # MU and CD both take CSR X
 
     def __init__(self, solver="mu"):
         self.solver = solver
@@ -355,6 +406,8 @@ class SklearnContender(Contender):
         return Wo, Ho
 
     def notes(self, state):
+        if state.problem.sparse:
+            return "scipy CSR X"
         return "loop over the batch" if state.problem.batch else ""
 
 
@@ -370,6 +423,10 @@ class TorchContender(Contender):
         self.device = device
         self.precision = precision
         self.name = f"torch-{device}" + ("" if precision == "fp32" else "-" + precision)
+
+    def sparse_unsupported(self):
+        return ("sparse X: this PyTorch MU loop takes dense tensors (torch.matmul); no sparse "
+                "variant is benchmarked")
 
     def unavailable(self):
         if not _have("torch"):
@@ -453,6 +510,10 @@ class CupyContender(Contender):
     library = "cupy"
     device = "cuda"
     name = "cupy-cuda"
+
+    def sparse_unsupported(self):
+        return ("sparse X: this CuPy MU loop takes dense arrays (cupy.matmul); no sparse "
+                "variant is benchmarked")
 
     def unavailable(self):
         if not _have("cupy"):

@@ -1,9 +1,14 @@
 """Benchmark problems for ``dffkit bench``: generation, suites, targets, the cost model and
 the small float64 oracle every multiplicative-update contender is checked against.
 
-A problem is X (m x n), or a batch (B, m, n), non-negative float32, built from a seed as a
-rank-k non-negative product plus noise, rectified like a ReLU layer's activations, so that
+A dense problem is X (m x n), or a batch (B, m, n), non-negative float32, built from a seed as
+a rank-k non-negative product plus noise, rectified like a ReLU layer's activations, so that
 a good factorization exists and X has the zeros real activations have.
+
+A sparse problem (``density`` > 0) is a synthetic TF-IDF matrix, documents x terms, as a
+scipy.sparse CSR float32 matrix with exactly ``round(density m n)`` stored entries (see
+:func:`sparse_tfidf`): the topic-modelling input NMF is most often given. Sparse problems need
+scipy (an optional dependency of dffkit); without it they are skipped.
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ class Problem:
     iterations, ``beta`` 2 (Frobenius) or 1 (Kullback-Leibler). ``groups`` > 0 makes it a
     group-sparse problem: the rows fall into ``groups`` equal contiguous segments (one per
     image) and the group penalty ``lam_rel`` / L2 ``mu_rel`` are set relative to the data
-    (see :meth:`penalties`). ``twin`` names the plain problem with the same X.
+    (see :meth:`penalties`). ``twin`` names the plain problem with the same X. ``density`` > 0
+    makes it a sparse problem: X is a scipy.sparse CSR TF-IDF matrix with :attr:`nnz` stored
+    entries (:func:`sparse_tfidf`), the same for both losses of one shape, k and seed.
     """
 
     name: str
@@ -39,6 +46,25 @@ class Problem:
     seed: int = 0
     note: str = ""
     twin: str = ""
+    density: float = 0.0
+
+    def __post_init__(self):
+        if self.density and (self.batch or self.groups or not 0 < self.density <= MAX_DENSITY):
+            raise ValueError(f"{self.name}: a sparse problem is a single matrix (no batch, no "
+                             f"groups) with 0 < density <= {MAX_DENSITY}; got density "
+                             f"{self.density}, batch {self.batch}, groups {self.groups}")
+
+    @property
+    def sparse(self) -> bool:
+        return self.density > 0
+
+    @property
+    def nnz(self) -> int:
+        """Stored entries of X: m n for a dense problem (per problem of a batch); exactly
+        round(density m n) (at least 1) for a sparse one."""
+        if not self.sparse:
+            return self.m * self.n
+        return max(1, int(round(self.density * self.m * self.n)))
 
     @property
     def loss(self) -> str:
@@ -60,12 +86,16 @@ class Problem:
         size = f"{self.batch}x{self.m}x{self.n}" if self.batch else f"{self.m}x{self.n}"
         loss = "Frobenius" if self.beta == 2 else "KL"
         extra = f", GSNMF {self.groups} groups" if self.groups else ""
+        if self.sparse:
+            size += f" sparse CSR ({self.nnz} entries, {self.nnz / (self.m * self.n):.2%})"
         return f"{size}, k={self.k}, {self.n_iter} it, {loss}{extra}"
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["loss"] = self.loss
         d["description"] = self.describe()
+        d["sparse"] = self.sparse
+        d["nnz"] = self.nnz
         return d
 
     # --- data ---------------------------------------------------------------------------
@@ -78,6 +108,15 @@ class Problem:
         """
         from dffkit.nmf import initialize
 
+        if self.sparse:
+            why = sparse_unavailable()
+            if why:
+                raise ImportError(f"{self.name}: {why}")
+            # no beta in the seed: the Frobenius and KL problems of one shape share the corpus
+            rng = np.random.default_rng([self.seed, self.m, self.n, self.k, self.nnz, 1])
+            X = sparse_tfidf(rng, self.m, self.n, self.nnz, topics=self.k)
+            W0, H0 = initialize(X, self.k, init="random", random_state=self.seed)
+            return X, W0, H0
         rng = np.random.default_rng([self.seed, self.m, self.n, self.k, self.batch, self.beta])
         if self.batch:
             X = np.empty((self.batch, self.m, self.n), dtype=np.float32)
@@ -129,6 +168,117 @@ def _low_rank_plus_noise(rng, m, n, k, noise=0.2, density=0.5):
 
 
 # ---------------------------------------------------------------------------------------------
+# sparse problems
+# ---------------------------------------------------------------------------------------------
+
+#: highest density a sparse problem may ask for (the generator draws tokens until it has that
+#: many distinct entries; near-full matrices would take many rounds and are not sparse work)
+MAX_DENSITY = 0.25
+
+
+def sparse_unavailable():
+    """None when scipy.sparse can be imported, else why the sparse problems cannot run."""
+    try:
+        import scipy.sparse  # noqa: F401
+    except ImportError as exc:
+        return (f"the sparse problems need scipy, an optional dependency of dffkit, which is not "
+                f"installed (pip install scipy): {exc}")
+    return None
+
+
+def is_sparse(X) -> bool:
+    """Whether X is a scipy.sparse matrix or array (without importing scipy)."""
+    return type(X).__module__.startswith("scipy.sparse") or (
+        hasattr(X, "tocsr") and hasattr(X, "nnz") and hasattr(X, "toarray"))
+
+
+def sparse_tfidf(rng, m, n, nnz, topics=20, zipf_s=1.1, topic_share=0.6, doc_sigma=0.75):
+    """A synthetic TF-IDF matrix, ``m`` documents x ``n`` terms, scipy.sparse CSR float32 with
+    exactly ``nnz`` stored entries (canonical: sorted column indices, no duplicates), all > 0.
+
+    Tokens are drawn with ``rng`` (a numpy Generator; O(tokens), no m x n work): each document
+    gets a Poisson number of tokens around a log-normal length (sigma ``doc_sigma``) and one of
+    ``topics`` topics; a token's term has a Zipf-like rank r (P(r) ~ (r + 1)^-zipf_s, drawn by
+    inverting the continuous CDF) mapped through the document's topic's own permutation of the
+    terms (share ``topic_share``) or a background permutation, so that a few terms are in most
+    documents and most terms in a few. Repeated (document, term) pairs are summed into counts;
+    tokens are drawn until there are at least ``nnz`` distinct pairs, and a uniform random
+    subset of ``nnz`` of them is kept. Values: scikit-learn's TfidfVectorizer(sublinear_tf=True)
+    weighting, (1 + log count) x (log((1 + m) / (1 + df)) + 1), rows scaled to unit L2 norm.
+    """
+    import scipy.sparse as sp
+
+    nnz = int(nnz)
+    if not 0 < nnz <= MAX_DENSITY * m * n:
+        raise ValueError(f"nnz must be in [1, {MAX_DENSITY} m n], got {nnz} for {m} x {n}")
+    doc_weight = rng.lognormal(0.0, doc_sigma, m)
+    doc_weight /= doc_weight.sum()
+    doc_topic = rng.integers(0, topics, m)
+    background = rng.permutation(n).astype(np.int32)
+    topic_terms = np.stack([rng.permutation(n) for _ in range(topics)]).astype(np.int32)
+    c = (n + 1.0) ** (1.0 - zipf_s) - 1.0
+    X, tokens, draw = None, 0, int(1.5 * nnz) + 64
+    for _ in range(100):
+        counts = rng.poisson(draw * doc_weight)
+        rows = np.repeat(np.arange(m, dtype=np.int32), counts)  # sorted: a CSR without a sort
+        u = rng.random(rows.size)
+        rank = np.exp(np.log1p(u * c) / (1.0 - zipf_s)) - 1.0  # continuous Zipf, in [0, n)
+        rank = np.minimum(rank.astype(np.int32), n - 1)
+        cols = np.where(rng.random(rows.size) < topic_share, topic_terms[doc_topic[rows], rank],
+                        background[rank])
+        indptr = np.zeros(m + 1, dtype=np.int64)
+        np.cumsum(counts, out=indptr[1:])
+        part = sp.csr_matrix((np.ones(rows.size), cols, indptr), shape=(m, n))
+        part.sum_duplicates()  # per-row sort + merge: counts of each (document, term)
+        X = part if X is None else X + part
+        tokens += rows.size
+        if X.nnz >= nnz:
+            break
+        # the next round: the deficit, scaled by the tokens each distinct entry took so far
+        draw = int(1.3 * (nnz - X.nnz) * tokens / max(X.nnz, 1)) + 64
+    else:  # pragma: no cover - MAX_DENSITY keeps this far away
+        raise RuntimeError(f"could not draw {nnz} distinct entries in {m} x {n}")
+    X.sum_duplicates()
+    row_of = np.repeat(np.arange(m, dtype=np.int64), np.diff(X.indptr))
+    keep = np.sort(rng.choice(X.nnz, nnz, replace=False)) if X.nnz > nnz else slice(None)
+    rows, cols, count = row_of[keep], X.indices[keep].astype(np.int32), X.data[keep]
+    tf = 1.0 + np.log(count)
+    df = np.bincount(cols, minlength=n)
+    idf = np.log((1.0 + m) / (1.0 + df)) + 1.0
+    val = tf * idf[cols]
+    norm = np.sqrt(np.bincount(rows, weights=val * val, minlength=m))
+    val /= norm[rows]
+    indptr = np.zeros(m + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=m), out=indptr[1:])
+    idx = np.int32 if nnz < 2**31 and n < 2**31 else np.int64  # scipy's own choice for CSR
+    out = sp.csr_matrix((val.astype(np.float32), cols.astype(idx), indptr.astype(idx)), shape=(m, n))
+    out.has_canonical_format = True  # rows in order, columns sorted within rows, no duplicates
+    return out
+
+
+def _wh_at_entries(X, W, H, chunk=1 << 18):
+    """(W H) at the stored entries of CSR X, in X's entry order, float64, in chunks of entries
+    (no nnz x k temporary beyond a chunk)."""
+    W = np.asarray(W, dtype=np.float64)
+    Ht = np.ascontiguousarray(np.asarray(H, dtype=np.float64).T)
+    rows = np.repeat(np.arange(X.shape[0], dtype=np.int64), np.diff(X.indptr))
+    out = np.empty(X.nnz, dtype=np.float64)
+    for s in range(0, X.nnz, chunk):
+        e = min(s + chunk, X.nnz)
+        out[s:e] = np.einsum("ij,ij->i", W[rows[s:e]], Ht[X.indices[s:e]])
+    return out
+
+
+def _csr64(X):
+    """X as a canonical float64 CSR matrix (a copy; the caller's X is not touched)."""
+    import scipy.sparse as sp
+
+    X = sp.csr_matrix(X, dtype=np.float64, copy=True)
+    X.sum_duplicates()
+    return X
+
+
+# ---------------------------------------------------------------------------------------------
 # cost model
 # ---------------------------------------------------------------------------------------------
 
@@ -138,8 +288,19 @@ def flops_per_iter(p: Problem) -> float:
     Frobenius: X H^T and W^T X (2mnk each) + the k x k Gram products and their use
     (4(m+n)k^2) + element-wise terms (3(m+n)k). KL: W H twice, R H^T and W^T R (8mnk) + the
     two element-wise divisions X / (W H) (2mn). GSNMF adds the group norms (3mk).
+
+    Sparse X (nnz stored entries): the same count with the products over the stored entries
+    only, m n -> nnz. Frobenius: X H^T and W^T X (2 nnz k each, 4 nnz k) + the k x k terms and
+    the element-wise ones as dense (4(m+n)k^2 + 3(m+n)k). KL: (W H) at the entries twice (2 nnz k
+    each) + R H^T and W^T R (2 nnz k each), 8 nnz k, + the divisions X / (W H) at the entries
+    (2 nnz) + 4(m+n)k.
     """
     m, n, k = p.m, p.n, p.k
+    if p.sparse:
+        z = float(p.nnz)
+        if p.beta == 2:
+            return 4.0 * z * k + 4.0 * (m + n) * k * k + 3.0 * (m + n) * k
+        return 8.0 * z * k + 2.0 * z + 4.0 * (m + n) * k
     if p.beta == 2:
         f = 4.0 * m * n * k + 4.0 * (m + n) * k * k + 3.0 * (m + n) * k
     else:
@@ -149,9 +310,27 @@ def flops_per_iter(p: Problem) -> float:
     return f * p.n_problems
 
 
+#: bytes of a stored entry's column (row) index and of a CSR row pointer in the traffic floor
+#: of a sparse problem: int32 indices and int64 indptr, as dffkit's CSR engine stores them
+SPARSE_INDEX_BYTES = 4
+SPARSE_INDPTR_BYTES = 8
+
+
 def bytes_per_iter(p: Problem, itemsize: int = 4) -> float:
     """The memory-traffic floor of one iteration: one pass over X (m n), W and H read and
-    written once (2 (m + n) k), for every problem of a batch."""
+    written once (2 (m + n) k), for every problem of a batch.
+
+    Sparse X: the stored entries read twice (the W step by rows, the H step by columns: X and
+    its transpose), each a value (``itemsize``) and an int32 index, plus both int64 row-pointer
+    arrays (m + 1 and n + 1), plus W and H read and written once:
+    2 nnz (itemsize + 4) + 8 (m + n + 2) + itemsize 2 (m + n) k. A floor: the gathers of W's
+    rows and H's columns at each entry are not counted (they come from cache while W and H fit
+    there).
+    """
+    if p.sparse:
+        return (2.0 * p.nnz * (itemsize + SPARSE_INDEX_BYTES)
+                + SPARSE_INDPTR_BYTES * (p.m + p.n + 2.0)
+                + float(itemsize) * 2 * (p.m + p.n) * p.k)
     return float(itemsize) * (p.m * p.n + 2 * (p.m + p.n) * p.k) * p.n_problems
 
 
@@ -190,9 +369,22 @@ def mu_iterations(xp, X, W, H, beta, n_iter, lam=0.0, mu=0.0, segment_sum=None):
     return W, H
 
 
-def oracle_step(X, W, H, beta, offsets=(), lam=0.0, mu=0.0):
+#: a sparse X with at most this many elements (m n) is made dense for the oracle
+ORACLE_DENSE_ELEMS = 1 << 22
+
+
+def oracle_step(X, W, H, beta, offsets=(), lam=0.0, mu=0.0, dense_elems=ORACLE_DENSE_ELEMS):
     """One MU iteration in float64 numpy, batch-aware ((B, m, n)): the reference every MU
-    contender must agree with after one iteration from the shared start."""
+    contender must agree with after one iteration from the shared start.
+
+    A scipy.sparse X: made dense (float64) when it has at most ``dense_elems`` elements and
+    run as above; otherwise :func:`sparse_oracle_step` (scipy sparse products in float64)."""
+    if is_sparse(X):
+        if len(offsets) or lam or mu:
+            raise ValueError("the sparse oracle has no group-sparse terms")
+        if X.shape[0] * X.shape[1] > dense_elems:
+            return sparse_oracle_step(X, W, H, beta)
+        X = X.toarray()
     X = np.asarray(X, dtype=np.float64)
     W = np.array(W, dtype=np.float64)
     H = np.array(H, dtype=np.float64)
@@ -202,6 +394,57 @@ def oracle_step(X, W, H, beta, offsets=(), lam=0.0, mu=0.0):
         return np.repeat(np.add.reduceat(A, off[:-1], axis=-2), np.diff(off), axis=-2)
 
     return mu_iterations(np, X, W, H, beta, 1, lam, mu, segment_sum if len(off) else None)
+
+
+def sparse_oracle_step(X, W, H, beta):
+    """One MU iteration (W then H, the formulas of :func:`mu_iterations`) on a scipy.sparse X,
+    in float64: the products with X by scipy (X @ H^T; (X^T @ W)^T for W^T X) and, for KL, the
+    quotient X / max(W H, eps) formed at X's stored entries only (it is 0 elsewhere)."""
+    X = _csr64(X)
+    Xt = X.T.tocsr()
+    W = np.array(W, dtype=np.float64)
+    H = np.array(H, dtype=np.float64)
+
+    def quotient(A):  # X / max(W H, eps) at the stored entries, the pattern of A (X or X^T)
+        if A is X:
+            wh = _wh_at_entries(X, W, H)
+        else:
+            wh = _wh_at_entries(Xt, H.T, W.T)
+        return A.__class__((A.data / np.maximum(wh, EPS32), A.indices, A.indptr), shape=A.shape)
+
+    if beta == 2:
+        num, den = X @ H.T, W @ (H @ H.T)
+    else:
+        num, den = quotient(X) @ H.T, H.sum(-1)[None, :]
+    W *= num / np.maximum(den, EPS32)
+    if beta == 2:
+        num, den = (Xt @ W).T, (W.T @ W) @ H
+    else:
+        num, den = (quotient(Xt) @ W).T, W.sum(-2)[:, None]
+    H *= num / np.maximum(den, EPS32)
+    return W, H
+
+
+def sparse_error(X, W, H, beta) -> float:
+    """scikit-learn's reconstruction error on a scipy.sparse X (its ``_beta_divergence`` for
+    sparse input), float64: Frobenius by ||X||^2 - 2 <W, X H^T> + <W^T W, H H^T>; KL
+    (sqrt(2 KL)) over the stored entries x > eps, with W H floored at eps there, plus
+    sum(W H) = (column sums of W) . (row sums of H) - sum(x)."""
+    if not (X.format == "csr" and X.dtype == np.float64 and X.has_canonical_format):
+        X = _csr64(X)
+    W = np.asarray(W, dtype=np.float64)
+    H = np.asarray(H, dtype=np.float64)
+    if beta == 2:
+        cross = float(np.sum(W * (X @ H.T)))
+        gram = float(np.sum((W.T @ W) * (H @ H.T)))
+        total = float(X.data @ X.data) - 2.0 * cross + gram
+        return float(np.sqrt(max(total, 0.0)))
+    x = X.data
+    wh = _wh_at_entries(X, W, H)
+    pos = x > EPS32
+    x, wh = x[pos], np.maximum(wh[pos], EPS32)
+    total = float(x @ np.log(x / wh)) + float(W.sum(axis=0) @ H.sum(axis=1)) - float(x.sum())
+    return float(np.sqrt(2.0 * max(total, 0.0)))
 
 
 def relative_difference(A, B) -> float:
@@ -215,7 +458,9 @@ def relative_difference(A, B) -> float:
 def reconstruction_error(X, W, H, beta, chunk_elems: int = 1 << 24) -> float:
     """scikit-learn's reconstruction error: ||X - W H||_F (beta 2) or sqrt(2 KL(X || W H))
     (beta 1), in float64, over all problems of a batch, in row blocks (no m x n temporary
-    beyond a block)."""
+    beyond a block). A scipy.sparse X: :func:`sparse_error`."""
+    if is_sparse(X):
+        return sparse_error(X, W, H, beta)
     X = np.asarray(X)
     W = np.asarray(W)
     H = np.asarray(H)
@@ -243,15 +488,22 @@ class ErrorMeter:
 
     Frobenius: through the trace identity ||X||^2 - 2 <W^T X, H> + <W^T W, H H^T> on a float64
     copy of X made once (BLAS products, no m x n temporary per call) when that copy takes at
-    most ``max_copy_bytes``; otherwise, and for KL, in row blocks.
+    most ``max_copy_bytes``; otherwise, and for KL, in row blocks. A scipy.sparse X: on a
+    float64 CSR copy (:func:`sparse_error`).
     """
 
     def __init__(self, X, beta, max_copy_bytes=4 << 30):
         self.X, self.beta = X, beta
         self.norm = data_norm(X)
-        self.X64 = X.astype(np.float64) if beta == 2 and X.size * 8 <= max_copy_bytes else None
+        self.sparse = is_sparse(X)
+        if self.sparse:
+            self.X64 = _csr64(X)
+        else:
+            self.X64 = X.astype(np.float64) if beta == 2 and X.size * 8 <= max_copy_bytes else None
 
     def error(self, W, H) -> float:
+        if self.sparse:
+            return sparse_error(self.X64, W, H, self.beta)
         if self.X64 is None:
             return reconstruction_error(self.X, W, H, self.beta)
         W = np.asarray(W, dtype=np.float64)
@@ -266,7 +518,10 @@ class ErrorMeter:
 
 
 def data_norm(X) -> float:
-    """||X||_F in float64 (all problems of a batch)."""
+    """||X||_F in float64 (all problems of a batch; a scipy.sparse X from its stored values)."""
+    if is_sparse(X):
+        d = _csr64(X).data  # a copy: the caller's matrix is not summed or sorted in place
+        return float(np.sqrt(d @ d))
     X = np.asarray(X)
     flat = X.reshape(-1, X.shape[-1])
     total = 0.0
@@ -334,6 +589,16 @@ def _gsnmf_targets(prefix, contenders):
             for c in contenders]
 
 
+_TFIDF_NOTE = ("synthetic TF-IDF documents x terms, Zipf-like term popularity, scipy.sparse CSR; "
+               "CPU contenders that take sparse X")
+
+
+def _tfidf_pair(prefix, m, n, density, k, it, it_kl):
+    """The topic-modelling shape: a sparse TF-IDF X, Frobenius and KL (the same X)."""
+    return [Problem(prefix, m, n, k, it, density=density, note=_TFIDF_NOTE),
+            Problem(f"{prefix}-kl", m, n, k, it_kl, beta=1, density=density, note=_TFIDF_NOTE)]
+
+
 def suites() -> dict:
     """The named suites: quick, default, issue3, gpu."""
     out = {}
@@ -345,6 +610,7 @@ def suites() -> dict:
         Problem("tall-10k", 10000, 512, 10, 20),
         Problem("square-1k", 1024, 1024, 16, 20),
         *_gsnmf_pair("images32", 32, 10, 20),
+        *_tfidf_pair("tfidf-5k", 5000, 4000, 0.005, 20, 50, 20),
     ]
     out["quick"] = Suite("quick", "small versions of every problem kind; under a minute on 2 cores",
                          quick, targets=_gsnmf_targets("images32", ["dffkit-cpu"]),
@@ -360,9 +626,11 @@ def suites() -> dict:
         Problem("tall-50k-kl", 50000, 512, 20, 20, beta=1),
         Problem("square-2k", 2048, 2048, 64, 30),
         *_gsnmf_pair("images256", 256, 20, 30),
+        *_tfidf_pair("tfidf-20k", 20000, 10000, 0.005, 20, 100, 30),
     ]
     out["default"] = Suite("default", "DFF shapes, a batch, tall and square, ranks 5 to 64, "
-                           "Frobenius and KL, GSNMF vs plain; a few minutes on a 2-core CPU",
+                           "Frobenius and KL, GSNMF vs plain, sparse TF-IDF; a few minutes on a "
+                           "2-core CPU",
                            default, targets=_gsnmf_targets("images256", ["dffkit-cpu", "dffkit-cuda"]),
                            repeats=(3, 7), budget_s=1.5, row_cap_s=60.0)
     issue3 = [

@@ -456,6 +456,20 @@ LEGEND = ("time: median wall time of one solve (after warm-up; GPU work synchron
           "traffic floor / time per iteration, % of the copy bandwidth measured in this run; "
           "GFLOP/s: the MU flop count / time per iteration, % of the measured GEMM rate.")
 
+# appended to LEGEND when the report has sparse problems: their GB/s and GFLOP/s count only
+# the stored entries (see bytes_per_iter and flops_per_iter in _bench_problems)
+SPARSE_LEGEND = (
+    " Sparse problems (scipy.sparse CSR X, nnz stored entries): the traffic floor is the stored "
+    "entries read twice per iteration (by rows for the W step, by columns for the H step), "
+    "each a 4-byte value and a 4-byte int32 index, plus both int64 row-pointer arrays and W, H "
+    "read and written once: 2 nnz (4 + 4) + 8 (m + n + 2) + 4 * 2 (m + n) k bytes (the gathers "
+    "of W's and H's rows at each entry are not counted); the flop count is the dense one with "
+    "m n -> nnz: Frobenius 4 nnz k + 4 (m + n) k^2 + 3 (m + n) k, KL 8 nnz k + 2 nnz + "
+    "4 (m + n) k. Sparse products run far below GEMM rates, so % GEMM is small there by "
+    "nature (GB/s against the copy bandwidth says more). Their KL rel. error is scikit-learn's "
+    "for sparse X (W H floored at eps at the stored entries only, the sum of W H not floored) "
+    "and may exceed 1.")
+
 
 def plot(report: dict, path: str) -> bool:
     """Time per iteration by problem and contender (log scale), as a PNG; False when

@@ -5,7 +5,9 @@ MU loops) solves the same generated problems from the same initial W, H for the 
 of iterations; scikit-learn's CD solver is timed to the error the MU reference reaches.
 Each multiplicative-update contender is checked against a float64 oracle after one iteration
 from the shared start and flagged when it disagrees. Contenders that cannot run here are
-listed as skipped, with why.
+listed as skipped, with why. The sparse problems (``tfidf-*``: a scipy.sparse CSR TF-IDF X)
+run the contenders that take sparse X (dffkit's CPU engine, scikit-learn); the others are
+skipped for it, and all of them when scipy is not installed.
 
 From Python::
 
@@ -50,6 +52,7 @@ from dffkit._bench_problems import (
     flops_per_iter,
     oracle_step,
     relative_difference,
+    sparse_unavailable,
     suites,
 )
 
@@ -80,6 +83,8 @@ AGREE_TOL = {"fp32": 1e-4, "fp64": 1e-8, "tf32": 1e-2, "bf16x": 3e-2}
 _AGREE_BATCH = 64
 # pause before a CPU contender's timed solves, for the previous library's idle threads to sleep
 _SETTLE_S = 0.1
+# the Skipped table's contender for a problem none can run (a sparse problem without scipy)
+ALL_CONTENDERS = "(every contender)"
 
 
 class Report:
@@ -229,6 +234,17 @@ def _timed(c: Contender, state, n_iter):
     return out, t
 
 
+def _refusal(c: Contender, p: Problem, unavailable: dict):
+    """Why ``c`` does not run ``p``, None when it does: on a sparse problem a contender that
+    cannot take scipy.sparse X first (true on any machine, so it says more than "not installed
+    here"), then the contender's unavailability here, then its own ``unsupported``."""
+    if p.sparse:
+        why = getattr(c, "sparse_unsupported", lambda: None)()
+        if why:
+            return why
+    return unavailable[c.name] or c.unsupported(p)
+
+
 def _base_row(p: Problem, c: Contender) -> dict:
     return {"problem": p.name, "contender": c.name, "solver": c.solver, "device": c.device,
             "family": c.family, "precision": c.precision, "status": "ok", "reason": "",
@@ -348,7 +364,7 @@ def _run_problem(p, suite, contenders, unavailable, progress, rows, skipped, out
 
     for c in ordered:
         progress.step(f"{p.name}: {c.name}")
-        reason = unavailable[c.name] or c.unsupported(p)
+        reason = _refusal(c, p, unavailable)
         if reason:
             skipped.append((c.name, p.name, reason))
             continue
@@ -690,6 +706,11 @@ def _execute(plan: _Plan, *, progress=True, measure_ceilings=True, outside=None)
     machine = _report.describe_machine()
 
     rows, skipped_raw = [], []
+    # sparse problems without scipy: one line in Skipped for every contender, nothing run
+    no_scipy = sparse_unavailable() if any(p.sparse for p in probs) else None
+    if no_scipy:
+        skipped_raw.extend((ALL_CONTENDERS, p.name, no_scipy) for p in probs if p.sparse)
+        probs = [p for p in probs if not p.sparse]
     t_start = time.perf_counter()
     if plan.isolate:
         _run_isolated(suite, chosen, probs, unavailable, seed, plan.repeats, plan.row_cap_s,
@@ -737,14 +758,14 @@ def _execute(plan: _Plan, *, progress=True, measure_ceilings=True, outside=None)
                      "agree_tol": AGREE_TOL, "agree_batch_problems": _AGREE_BATCH},
         "machine": machine,
         "ceilings": ceilings,
-        "problems": [p.as_dict() for p in probs],
+        "problems": [p.as_dict() for p in plan.probs],
         "contenders": [{"name": c.name, "solver": c.solver, "device": c.device,
                         "family": c.family, "precision": c.precision, "library": c.library,
                         "unavailable": unavailable[c.name]} for c in chosen],
         "rows": rows,
         "skipped": skipped,
         "targets": _evaluate_targets(suite.targets, rows, {p.name for p in probs}),
-        "legend": _report.LEGEND,
+        "legend": _report.LEGEND + (_report.SPARSE_LEGEND if any(p.sparse for p in plan.probs) else ""),
     }
     _sanitize(data)
     return Report(data)
@@ -766,7 +787,7 @@ def _run_isolated(suite, chosen, probs, unavailable, seed, repeats, row_cap_s, p
     groups = {}
     for c in chosen:
         if unavailable[c.name]:
-            skipped_raw.extend((c.name, p.name, unavailable[c.name]) for p in probs)
+            skipped_raw.extend((c.name, p.name, _refusal(c, p, unavailable)) for p in probs)
         else:
             groups.setdefault(c.library, []).append(c)
     # stable: the libraries without a CD solver first
