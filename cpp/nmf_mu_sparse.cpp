@@ -41,8 +41,14 @@ struct RowChunks {
   i64 end(i64 c) const { return (c + 1) * rows / count; }
 };
 
-inline RowChunks row_chunks(i64 rows) {
-  return {std::max<i64>(1, std::min<i64>(kMaxChunks, (rows + 255) / 256)), rows};
+/// Fixed chunks of rows (at least 256 rows each, at most kMaxChunks) for sums across rows; with
+/// partials of `partial_bytes` each, no more chunks than fit in 32 MiB of them (k = 1000: 4,
+/// not 256 chunks of 8 MB). They depend on the shape only, so the bits do not depend on the
+/// thread count.
+inline RowChunks row_chunks(i64 rows, i64 partial_bytes = 0) {
+  i64 count = std::min<i64>(kMaxChunks, (rows + 255) / 256);
+  if (partial_bytes > 0) count = std::min(count, (i64(32) << 20) / partial_bytes);
+  return {std::max<i64>(1, count), rows};
 }
 
 /// A 64-byte aligned, zero-filled buffer (rows of the padded factors are whole cache lines).
@@ -82,50 +88,83 @@ template <class T>
 struct SparseWork {
   Aligned<T> Hp, Wp;                 // n x kp, m x kp: H^T and W, padded rows (gathered)
   Aligned<T> G_H, G_W;               // k x kp
-  std::vector<double> G_Hd, G_Wd;    // k x k in float64 (the Frobenius error)
   std::vector<T> rowsum_H, colsum_W;  // k (KL)
   std::vector<double> part;          // chunks x (k x kp or k)
 };
 
 /// G = A^T A for the padded rows of A (rows x kp, k used): sums of up to 64 rows in T
-/// (vectorised), added to float64 partials per fixed chunk, the chunks added in order.
-/// G[x][y] and G[y][x] are the same products in the same order: symmetric to the bit.
+/// (vectorised), added to float64 partials per fixed chunk, the chunks added in order; the
+/// update's G_W and G_H. G[x][y] and G[y][x] are the same products in the same order:
+/// symmetric to the bit. (Buffers are made before the parallel region: an allocation failure
+/// inside one would end the process instead of raising MemoryError.)
 template <class T>
-void gram_padded(const T* A, i64 rows, i64 k, i64 kp, std::vector<double>& part, T* Gp,
-                 std::vector<double>& Gd, int nt, bool par) {
+void gram_padded(const T* A, i64 rows, i64 k, i64 kp, std::vector<double>& part, T* Gp, int nt,
+                 bool par) {
   using V = typename Vec64<T>::type;
   const i64 nv = kp / Vec64<T>::lanes;
-  const RowChunks ch = row_chunks(rows);
+  const RowChunks ch = row_chunks(rows, k * kp * i64(sizeof(double)));
   part.assign(ch.count * k * kp, 0.0);
-#pragma omp parallel num_threads(nt) if (par && ch.count > 1)
+  const int teams = par && ch.count > 1 ? nt : 1;
+  Aligned<T> accs(teams * k * kp);
+#pragma omp parallel num_threads(teams) if (teams > 1)
   {
-    Aligned<T> acc(k * kp);
+    T* acc = accs.data() + omp_get_thread_num() * k * kp;
 #pragma omp for schedule(static)
     for (i64 c = 0; c < ch.count; ++c) {
       double* g = part.data() + c * k * kp;
       for (i64 i0 = ch.begin(c); i0 < ch.end(c); i0 += 64) {
-        std::memset(acc.data(), 0, sizeof(T) * k * kp);
+        std::memset(acc, 0, sizeof(T) * k * kp);
         for (i64 i = i0; i < std::min(i0 + 64, ch.end(c)); ++i) {
           const T* a = A + i * kp;
           const V* av = reinterpret_cast<const V*>(a);
           for (i64 x = 0; x < k; ++x) {
             const T ax = a[x];
-            V* ac = reinterpret_cast<V*>(acc.data() + x * kp);
+            V* ac = reinterpret_cast<V*>(acc + x * kp);
             for (i64 v = 0; v < nv; ++v) ac[v] += ax * av[v];
           }
         }
-        for (i64 e = 0; e < k * kp; ++e) g[e] += double(acc.data()[e]);
+        for (i64 e = 0; e < k * kp; ++e) g[e] += double(acc[e]);
       }
     }
   }
-  Gd.assign(k * k, 0.0);
   for (i64 x = 0; x < k; ++x)
     for (i64 y = 0; y < k; ++y) {
       double s = 0;
       for (i64 c = 0; c < ch.count; ++c) s += part[c * k * kp + x * kp + y];
-      Gd[x * k + y] = s;
       Gp[x * kp + y] = T(s);
     }
+}
+
+/// A^T A (k x k) in float64 throughout, for the error: its <W^T W, H H^T> is set against the
+/// sum of wh^2 at X's entries, and float32 partial sums would leave 1e-7 of it as noise.
+template <class T>
+std::vector<double> gram_f64(const T* A, i64 rows, i64 k, i64 kp, int nt, bool par) {
+  typedef double d8 __attribute__((vector_size(64)));
+  typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
+  const i64 nv = kp / 8;
+  const RowChunks ch = row_chunks(rows, k * kp * i64(sizeof(double)));
+  Aligned<double> part(ch.count * k * kp);
+#pragma omp parallel for num_threads(nt) schedule(static) if (par && ch.count > 1)
+  for (i64 c = 0; c < ch.count; ++c) {
+    double* g = part.data() + c * k * kp;
+    for (i64 i = ch.begin(c); i < ch.end(c); ++i) {
+      const T* a = A + i * kp;
+      for (i64 x = 0; x < k; ++x) {
+        const double ax = double(a[x]);
+        d8* gx = reinterpret_cast<d8*>(g + x * kp);
+        for (i64 v = 0; v < nv; ++v)
+          gx[v] += ax * __builtin_convertvector(*reinterpret_cast<const t8*>(a + 8 * v), d8);
+      }
+    }
+  }
+  std::vector<double> G(k * k, 0.0);
+  for (i64 x = 0; x < k; ++x)
+    for (i64 y = 0; y < k; ++y) {
+      double s = 0;
+      for (i64 c = 0; c < ch.count; ++c) s += part.data()[c * k * kp + x * kp + y];
+      G[x * k + y] = s;
+    }
+  return G;
 }
 
 /// Column sums of A (rows x k) in float64 per fixed chunk, summed in order.
@@ -263,10 +302,11 @@ void factor_step(const CsrView<T>& A, T* F, const T* O, i64 kp, i64 k, bool kl, 
                  i64 ld_t, int nt, bool par) {
   const i64 nv = kp / Vec64<T>::lanes;
   const RowFn<T> fn = kl ? row_kernel<T, true>(nv) : row_kernel<T, false>(nv);
-#pragma omp parallel num_threads(nt) if (par)
+  const int teams = par ? nt : 1;
+  Aligned<T> bufs(teams * 2 * kp);
+#pragma omp parallel num_threads(teams) if (teams > 1)
   {
-    Aligned<T> buf(2 * kp);
-    T* num = buf.data();
+    T* num = bufs.data() + omp_get_thread_num() * 2 * kp;
     T* den = num + kp;
 #pragma omp for schedule(dynamic, 64)
     for (i64 r = 0; r < A.rows; ++r) {
@@ -329,30 +369,34 @@ struct DD {
 /// The part of the error at the positions where X is zero (or not above eps, KL), in
 /// double-double: Frobenius <W^T W, H H^T> - the sum over X's entries of wh^2, KL sum(WH) - the
 /// sum of wh over the entries above eps. Each side is about ||WH||^2 (sum(WH)); where the fit
-/// is good away from X's entries, their float64 rounding is all that is left of the difference
-/// (a sparse product A B from a start 1e-5 from A, B: 2e-4 relative error); this keeps 1e-16.
+/// is good, the float64 difference's rounding can be most of it (a sparse product A B from a
+/// start 1e-5 from A, B: 2e-4 relative error); this keeps 1e-16. The Gram entries (each over
+/// all rows) and the entries' share (fixed row chunks, added in order) run in parallel; the
+/// bits do not depend on the thread count.
 template <class T>
-double zero_part_exact(const CsrView<T>& X, const T* W, const T* Hp, i64 kp, const Problem& p) {
+double zero_part_exact(const CsrView<T>& X, const T* Wp, const T* Hp, i64 kp, const Problem& p,
+                       int nt, bool par) {
   const i64 k = p.k, m = p.m, n = p.n;
   const bool kl = p.loss == Loss::kullback_leibler;
-  DD total, at_entries;
+  DD total;
   if (kl) {
     for (i64 a = 0; a < k; ++a) {
       DD cw, rh;
-      for (i64 i = 0; i < m; ++i) cw.add(double(W[i * k + a]));
+      for (i64 i = 0; i < m; ++i) cw.add(double(Wp[i * kp + a]));
       for (i64 l = 0; l < n; ++l) rh.add(double(Hp[l * kp + a]));
       total.add(DD::product(cw, rh));
     }
   } else {
     std::vector<DD> gw(k * k), gh(k * k);
-    for (i64 i = 0; i < m; ++i)
-      for (i64 x = 0; x < k; ++x)
-        for (i64 y = x; y < k; ++y)
-          gw[x * k + y].add_product(double(W[i * k + x]), double(W[i * k + y]));
-    for (i64 l = 0; l < n; ++l)
-      for (i64 x = 0; x < k; ++x)
-        for (i64 y = x; y < k; ++y)
-          gh[x * k + y].add_product(double(Hp[l * kp + x]), double(Hp[l * kp + y]));
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (par)
+    for (i64 x = 0; x < k; ++x)
+      for (i64 y = x; y < k; ++y) {
+        DD a, b;
+        for (i64 i = 0; i < m; ++i) a.add_product(double(Wp[i * kp + x]), double(Wp[i * kp + y]));
+        for (i64 l = 0; l < n; ++l) b.add_product(double(Hp[l * kp + x]), double(Hp[l * kp + y]));
+        gw[x * k + y] = a;
+        gh[x * k + y] = b;
+      }
     for (i64 x = 0; x < k; ++x)
       for (i64 y = x; y < k; ++y) {
         const DD g = DD::product(gw[x * k + y], gh[x * k + y]);
@@ -360,25 +404,28 @@ double zero_part_exact(const CsrView<T>& X, const T* W, const T* Hp, i64 kp, con
         if (y != x) total.add(g);
       }
   }
-  for (i64 i = 0; i < m; ++i)
-    for (i64 e = X.indptr[i]; e < X.indptr[i + 1]; ++e) {
-      if (kl && !(X.data[e] > T(kEpsilon))) continue;
-      const T* h = Hp + i64(X.indices[e]) * kp;
-      DD wh;
-      for (i64 a = 0; a < k; ++a) wh.add_product(double(W[i * k + a]), double(h[a]));
-      at_entries.add(kl ? wh : DD::product(wh, wh));
-    }
-  at_entries.hi = -at_entries.hi;
-  at_entries.lo = -at_entries.lo;
-  total.add(at_entries);
+  const RowChunks ch = row_chunks(m);
+  std::vector<DD> part(ch.count);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (par && ch.count > 1)
+  for (i64 c = 0; c < ch.count; ++c) {
+    DD acc;
+    for (i64 i = ch.begin(c); i < ch.end(c); ++i)
+      for (i64 e = X.indptr[i]; e < X.indptr[i + 1]; ++e) {
+        if (kl && !(X.data[e] > T(kEpsilon))) continue;
+        const T* h = Hp + i64(X.indices[e]) * kp;
+        DD wh;
+        for (i64 a = 0; a < k; ++a) wh.add_product(double(Wp[i * kp + a]), double(h[a]));
+        acc.add(kl ? wh : DD::product(wh, wh));
+      }
+    part[c] = acc;
+  }
+  for (const DD& q : part) {
+    total.add(-q.hi);
+    total.add(-q.lo);
+  }
   return total.value();
 }
 
-/// The error, split so that nothing large cancels where it can be avoided: the part at X's
-/// entries term by term (Frobenius (x - wh)^2; KL x log(x / max(wh, eps)) - x + wh, written
-/// x (u - log1p(u)), u = wh / x - 1, where wh >= eps: no cancellation as wh nears x), plus the
-/// part away from them (zero_part_exact's difference; gw, gh: the Gram matrices in float64),
-/// recomputed in double-double when the float64 difference kept less than 1e-3 of its sides.
 /// w . h in float64 for two padded, aligned rows (kp a multiple of 8): eight running sums in
 /// one vector, then added in a fixed order.
 template <class T>
@@ -393,9 +440,18 @@ inline double dot_f64(const T* w, const T* h, i64 kp) {
   return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
 }
 
+/// The error, split so that nothing large cancels where it can be avoided: the part at X's
+/// entries term by term (Frobenius (x - wh)^2; KL x log(x / max(wh, eps)) - x + wh, written
+/// x (u - log1p(u)), u = wh / x - 1, where wh >= eps: no cancellation as wh nears x), plus the
+/// part away from them (zero_part_exact's difference, first in float64). The float64
+/// difference is off by some 1e-13 of its sides; where that could reach 1e-10 of the error
+/// (the error below 1e-3 of the sides: a fit that good), it is recomputed in double-double.
+/// (The rule looks at the error, not at the difference alone: with nearly every position of X
+/// stored, the difference is about 0 for any W, H, and a rule on it alone paid double-double
+/// at every evaluation: 735 ms against 6 for 2000 x 1500 stored in full.)
 template <class T>
 double sparse_error(const CsrView<T>& X, const T* W, const T* Wp, const T* Hp, i64 kp,
-                    const Problem& p, const double* gw, const double* gh, int nt, bool par) {
+                    const Problem& p, int nt, bool par) {
   const i64 k = p.k, m = p.m, n = p.n;
   const bool kl = p.loss == Loss::kullback_leibler;
   const RowChunks ch = row_chunks(m);
@@ -442,10 +498,12 @@ double sparse_error(const CsrView<T>& X, const T* W, const T* Wp, const T* Hp, i
       total += cw * rh;
     }
   } else {
+    const std::vector<double> gw = gram_f64(Wp, m, k, kp, nt, par);
+    const std::vector<double> gh = gram_f64(Hp, n, k, kp, nt, par);
     for (i64 e = 0; e < k * k; ++e) total += gw[e] * gh[e];
   }
   double zero = total - q;
-  if (zero < 1e-3 * total) zero = zero_part_exact(X, W, Hp, kp, p);
+  if (total > 1e3 * (d + std::max(zero, 0.0))) zero = zero_part_exact(X, Wp, Hp, kp, p, nt, par);
   const double div = d + std::max(zero, 0.0);
   return kl ? std::sqrt(2.0 * div) : std::sqrt(div);
 }
@@ -459,9 +517,11 @@ void check_csr(const CsrView<T>& A, const char* name) {
   if (A.cols > (i64(1) << 31) - 1)
     throw invalid_argument(what + " has more than 2^31 - 1 columns");
   if (A.indptr[0] != 0) throw invalid_argument(what + ": indptr must start at 0");
+  for (i64 r = 0; r < A.rows; ++r)  // all of indptr first: the index loop below reads by it
+    if (A.indptr[r + 1] < A.indptr[r])
+      throw invalid_argument(what + ": indptr must be non-decreasing");
   for (i64 r = 0; r < A.rows; ++r) {
     const i64 b = A.indptr[r], e = A.indptr[r + 1];
-    if (e < b) throw invalid_argument(what + ": indptr must be non-decreasing");
     for (i64 t = b; t < e; ++t) {
       const i64 j = A.indices[t];
       if (j < 0 || j >= A.cols || (t > b && j <= A.indices[t - 1]))
@@ -496,18 +556,13 @@ double beta_error_sparse(const CsrView<T>& X, const T* W, const T* H, const Prob
                          int num_threads) {
   check_problem(p);
   const i64 kp = padded<T>(p.k);
-  Aligned<T> Hp(p.n * kp), Wp(p.m * kp), G(p.k * kp);
-  std::vector<double> part, gw, gh;
+  Aligned<T> Hp(p.n * kp), Wp(p.m * kp);
   transpose_padded(H, p.k, p.n, Hp.data(), kp);
-  for (i64 i = 0; i < p.m; ++i) std::copy(W + i * p.k, W + (i + 1) * p.k, Wp.data() + i * kp);
+  for (i64 i = 0; i < p.m; ++i)
+    for (i64 a = 0; a < p.k; ++a) Wp.data()[i * kp + a] = W[i * p.k + a];
   const int nt = threads_for(num_threads);
   const bool par = X.nnz() * p.k >= kParallelWork;
-  const bool frob = p.loss == Loss::frobenius;
-  if (frob) {
-    gram_padded(Wp.data(), p.m, p.k, kp, part, G.data(), gw, nt, par);
-    gram_padded(Hp.data(), p.n, p.k, kp, part, G.data(), gh, nt, par);
-  }
-  return sparse_error(X, W, Wp.data(), Hp.data(), kp, p, gw.data(), gh.data(), nt, par);
+  return sparse_error(X, W, Wp.data(), Hp.data(), kp, p, nt, par);
 }
 
 template <class T>
@@ -541,19 +596,14 @@ Result fit_mu_cpu_sparse(const CsrView<T>& X, const CsrView<T>& Xt, T* W, T* H,
         ws.rowsum_H[a] = T(s);
       }
     } else {
-      gram_padded(ws.Hp.data(), n, k, kp, ws.part, ws.G_H.data(), ws.G_Hd, nt, par);
+      gram_padded(ws.Hp.data(), n, k, kp, ws.part, ws.G_H.data(), nt, par);
     }
   };
   refresh_h();
   const T l1w = T(p.l1_W), l2w = T(p.l2_W), l1h = T(p.l1_H), l2h = T(p.l2_H), muh = T(p.mu);
 
-  // the error of the current W, H: G_W is fresh after an H step (it fed it), else made here
-  bool gw_fresh = false;
   auto error_now = [&]() {
-    if (!kl && !gw_fresh)
-      gram_padded(ws.Wp.data(), m, k, kp, ws.part, ws.G_W.data(), ws.G_Wd, nt, par);
-    return sparse_error(X, W, ws.Wp.data(), ws.Hp.data(), kp, p, ws.G_Wd.data(),
-                        ws.G_Hd.data(), nt, par);
+    return sparse_error(X, W, ws.Wp.data(), ws.Hp.data(), kp, p, nt, par);
   };
 
   Result res;
@@ -566,15 +616,13 @@ Result fit_mu_cpu_sparse(const CsrView<T>& X, const CsrView<T>& Xt, T* W, T* H,
     const bool need_err = check || it == o.max_iter || objective != nullptr;
     factor_step(X, ws.Wp.data(), ws.Hp.data(), kp, k, kl, ws.G_H.data(), ws.rowsum_H.data(),
                 l1w, l2w, T(0), false, W, static_cast<T*>(nullptr), 0, nt, par);
-    gw_fresh = false;
     if (o.update_H) {
       if (kl) {
         col_sums(W, m, k, ws.part, ws.colsum_W, nt, par);
         for (auto& v : ws.colsum_W)
           if (v == T(0)) v = T(1);
       } else {
-        gram_padded(ws.Wp.data(), m, k, kp, ws.part, ws.G_W.data(), ws.G_Wd, nt, par);
-        gw_fresh = true;
+        gram_padded(ws.Wp.data(), m, k, kp, ws.part, ws.G_W.data(), nt, par);
       }
       // the rows of the padded H^T are H's columns: the step updates them in place and writes
       // H as it goes

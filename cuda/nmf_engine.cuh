@@ -478,13 +478,13 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   const i64 nbe = std::min<i64>(m, 1024);
   const i64 nchunks = (m * n + 4095) / 4096;
 
-  State* st; T *GH, *GW, *rs, *colsum, *Gpart, *cspart, *Ppart, *gR; double *rsd, *d0p, *ggp, *php,
+  State* st; T *GH, *GW, *rs, *colsum, *Gpart, *cspart, *Ppart, *gR; double *d0p, *ggp, *php,
       *sp, *gnorm, *obj, *chunks; i64* goff; __nv_bfloat16* conv;
   auto carve = [&](Carver& c) {
     st = c.take<State>(1);
     // gemm: G_H is partial 0 of the H-slice partials (the total after their reduction)
     GH = c.take<T>((GEMM ? plan.h_slices : 1) * i64(k) * k); GW = c.take<T>(i64(k) * k);
-    rs = c.take<T>(k); colsum = c.take<T>(k); rsd = c.take<double>(k);
+    rs = c.take<T>(k); colsum = c.take<T>(k);
     Gpart = c.take<T>(nb * k * k); cspart = c.take<T>(nb * k);
     d0p = c.take<double>(nbd); ggp = c.take<double>(nbd);
     Ppart = c.take<T>(nb * kn);
@@ -534,7 +534,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
       }
       return;
     }
-    h_stats_kernel<T><<<unsigned(kl ? k : k * k), NT, 0, s>>>(st, H, n, k, kl, GH, rs, rsd);
+    h_stats_kernel<T><<<unsigned(kl ? k : k * k), NT, 0, s>>>(st, H, n, k, kl, GH, rs);
     DFFKIT_CUDA_CHECK_LAUNCH("h_stats_kernel");
   };
   auto full_error = [&](int it, int need, int check) {

@@ -626,7 +626,7 @@ __global__ void __launch_bounds__(NT) h_update_kernel(const State* st, KParams q
 /// G_H[a, b] = sum_l H[a, l] H[b, l] (block per pair, fixed tree), or the row sums of H (KL).
 template <class T>
 __global__ void __launch_bounds__(NT) h_stats_kernel(const State* st, const T* H, i64 n, int k,
-                                                     int kl, T* GH, T* rs, double* rsd) {
+                                                     int kl, T* GH, T* rs) {
   if (st && st->stopped) return;
   DFFKIT_SHARED(double, red, [NT]);
   const int p = blockIdx.x;
@@ -639,7 +639,7 @@ __global__ void __launch_bounds__(NT) h_stats_kernel(const State* st, const T* H
   }
   s = block_sum(s, red);
   if (threadIdx.x == 0) {
-    if (kl) { rs[p] = T(s); rsd[p] = s; } else { GH[p] = T(s); }
+    if (kl) { rs[p] = T(s); } else { GH[p] = T(s); }
   }
 }
 

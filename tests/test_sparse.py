@@ -641,3 +641,68 @@ def test_dense_only_entries_refuse_sparse(rng):
         dffkit.GroupSparseNMF(n_components=2, lam=0.1).fit(X, groups=[0, 10, 20])
     with pytest.raises(TypeError, match="toarray"):
         dffkit.group_sparse_nmf(X, [0, 10, 20], 2, lam=0.1)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+def test_malformed_sparse_structure_is_refused_before_scipy_reads_it(fmt):
+    """An edited indptr or an index out of range: a clear ValueError, not scipy writing out of bounds."""
+    X = sp.random(50, 40, density=0.2, format=fmt, random_state=0, dtype=np.float32)
+    if fmt == "csr":
+        X.indptr[1] = 100000
+    elif fmt == "csc":
+        X.indices[3] = 1000
+    else:
+        X.row[2] = -1
+    for call in (lambda: dffkit.non_negative_factorization(X, n_components=3, backend="cpu"),
+                 lambda: dffkit.NMF(3).fit(X)):
+        with pytest.raises(ValueError, match="malformed scipy.sparse"):
+            call()
+
+
+def test_canonical_csr_is_read_in_place_without_touching_the_object():
+    """A canonical float CSR X: no attribute of the caller's object is set or changed (not even scipy's cached flags)."""
+    X = sp.random(60, 50, density=0.2, format="csr", random_state=1, dtype=np.float64)
+    X.data += 0.1
+    attrs = dict(vars(X))
+    arrays = (X.data.copy(), X.indices.copy(), X.indptr.copy())
+    dffkit.non_negative_factorization(X, n_components=4, init="random", random_state=0,
+                                      max_iter=20, backend="cpu")
+    assert set(vars(X)) == set(attrs)
+    for a, b in zip(arrays, (X.data, X.indices, X.indptr)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
+def test_fully_stored_sparse_X_matches_dense(beta_loss):
+    """Every position stored: sparse and dense give the same iterates and error (the error's zero part is ~0 for any W, H)."""
+    rng = np.random.default_rng(3)
+    D = rng.random((300, 200)) + 0.1
+    W0, H0 = dffkit.initialize(D, 6, init="random", random_state=0)
+    kw = dict(n_components=6, init="custom", max_iter=50, tol=1e-4, beta_loss=beta_loss,
+              backend="cpu", return_info=True)
+    Ws, Hs, ns, infs = dffkit.non_negative_factorization(sp.csr_matrix(D), W0, H0, **kw)
+    Wd, Hd, nd, infd = dffkit.non_negative_factorization(D, W0, H0, **kw)
+    assert ns == nd
+    np.testing.assert_allclose(Ws, Wd, rtol=1e-10, atol=1e-12)
+    assert infs.error == pytest.approx(infd.error, rel=1e-10)
+
+
+def test_verbose_lines_on_sparse_X(capsys):
+    """verbose=1 on sparse X prints scikit-learn's 'Epoch' lines with the errors scikit-learn prints."""
+    from sklearn.decomposition import NMF as SkNMF
+
+    X = sp.random(200, 150, density=0.1, format="csr", random_state=2, dtype=np.float64)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SkNMF(5, solver="mu", verbose=1, random_state=0, max_iter=45).fit(X)
+        expect = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("Epoch")]
+        dffkit.NMF(5, verbose=1, random_state=0, max_iter=45).fit(X)
+        got = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("Epoch")]
+    assert len(got) == len(expect) >= 4
+    for a, b in zip(got, expect):
+        ea, eb = a.split("error: ")[-1], b.split("error: ")[-1]
+        assert a.split(" reached")[0] == b.split(" reached")[0]
+        if "error" in b:
+            assert float(ea) == pytest.approx(float(eb), rel=1e-6)

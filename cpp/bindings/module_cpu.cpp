@@ -145,6 +145,10 @@ CsrView<T> csr_of(const py::tuple& csr, const char* name) {
   if (csr.size() != 5)
     throw invalid_argument(std::string("dffkit._cpu: ") + name +
                            " must be (indptr, indices, data, rows, cols)");
+  for (int i = 0; i < 3; ++i)  // arrays only: a list would become a temporary, freed on return
+    if (!py::isinstance<py::array>(csr[i]))
+      throw invalid_argument(std::string("dffkit._cpu: ") + name +
+                             ": indptr, indices and data must be numpy arrays");
   const py::array indptr = csr[0], indices = csr[1], data = csr[2];
   CsrView<T> v;
   v.rows = csr[3].cast<i64>();

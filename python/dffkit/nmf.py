@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 import os
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -183,10 +184,68 @@ def _check_backend(backend: str) -> str:
 
 
 def _is_sparse(X) -> bool:
-    """Whether X is a scipy.sparse matrix or array (without importing scipy)."""
-    return type(X).__module__.startswith("scipy.sparse") or (
-        hasattr(X, "toarray") and hasattr(X, "nnz") and hasattr(X, "tocsr")
-    )
+    """Whether X is a scipy.sparse matrix or array (scipy is not imported for the question: a
+    scipy sparse object means scipy is loaded already)."""
+    sparse = sys.modules.get("scipy.sparse")
+    return sparse is not None and bool(sparse.issparse(X))
+
+
+def _check_sparse_structure(X, name="X"):
+    """A ValueError for a compressed (CSR/CSC/BSR) or COO matrix whose index arrays do not
+    describe its shape (an edited indptr, an index out of range), before scipy's own C++
+    routines read them: given such arrays, those write out of bounds and end the process."""
+    fmt = getattr(X, "format", None)
+    m, n = (int(d) for d in X.shape)
+
+    def bad(why):
+        return ValueError(
+            f"{name} is a malformed scipy.sparse {fmt} matrix: {why}. Rebuild it with the "
+            f"scipy.sparse constructor (scipy's X.check_format(full_check=True) says more)"
+        )
+
+    if fmt in ("csr", "csc", "bsr"):
+        R, C = X.blocksize if fmt == "bsr" else (1, 1)
+        major, minor = (m // R, n // C) if fmt != "csc" else (n, m)
+        indptr, indices, data = np.asarray(X.indptr), np.asarray(X.indices), np.asarray(X.data)
+        if indptr.ndim != 1 or indptr.size != major + 1:
+            raise bad(f"indptr has {indptr.size} entries, not {major + 1}")
+        if indptr.size and (indptr[0] != 0 or np.any(np.diff(indptr) < 0)):
+            raise bad("indptr does not start at 0 and rise")
+        nnz = int(indptr[-1]) if indptr.size else 0
+        if nnz > min(indices.size, data.shape[0] if data.ndim else 0):
+            raise bad(f"indptr ends at {nnz}, past the {indices.size} stored indices")
+        if nnz and (indices[:nnz].min() < 0 or indices[:nnz].max() >= minor):
+            raise bad(f"an index is outside [0, {minor})")
+    elif fmt == "coo":
+        coords = getattr(X, "coords", None) or (X.row, X.col)
+        if len(coords) != 2 or any(np.asarray(c).shape != (X.data.size,) for c in coords):
+            raise bad("its coordinate arrays do not match its data")
+        for c, size in zip(coords, (m, n)):
+            c = np.asarray(c)
+            if c.size and (c.min() < 0 or c.max() >= size):
+                raise bad(f"a coordinate is outside [0, {size})")
+
+
+def _is_canonical_csr(X, dtype) -> bool:
+    """Whether X is a CSR matrix of dtype whose arrays dffkit can read in place: consistent
+    indptr, column indices increasing within each row, no stored zeros. Checked on the arrays
+    (not X.has_canonical_format: reading that caches flags on the caller's object, and a cached
+    flag can be stale after the caller edits the arrays)."""
+    if getattr(X, "format", None) != "csr" or X.dtype != dtype:
+        return False
+    indptr, indices, data = X.indptr, X.indices, X.data
+    m = X.shape[0]
+    if indptr.shape != (m + 1,) or indptr[0] != 0 or indptr[-1] != indices.size or indices.size != data.size:
+        return False
+    if np.any(np.diff(indptr) < 0) or np.any(data == 0):
+        return False
+    if indices.size > 1:
+        rising = np.diff(indices) > 0
+        starts = indptr[1:-1]
+        rising[starts[(starts > 0) & (starts < indices.size)] - 1] = True  # a new row may drop
+        if not rising.all():
+            return False
+    return True
 
 
 class _SparseX:
@@ -213,8 +272,8 @@ class _SparseX:
             raise TypeError(f"{name} must be numeric, got dtype {dtype}")
         if dtype not in (np.float32, np.float64):
             dtype = np.dtype(np.float64)
-        if (getattr(X, "format", None) == "csr" and X.dtype == dtype and X.has_canonical_format
-                and np.all(X.data != 0)):
+        _check_sparse_structure(X, name)
+        if _is_canonical_csr(X, dtype):
             csr = X  # canonical already: read in place (never written), no copy of the entries
         else:
             csr = X.tocsr(copy=True).astype(dtype, copy=False)
@@ -258,7 +317,12 @@ def _as_float_matrix(X, name="X", whom="NMF"):
     if _is_sparse(X):
         raise TypeError(
             f"{name} is a sparse matrix; {whom} needs dense data: pass {name}.toarray() "
-            "(non_negative_factorization and NMF take sparse X on the CPU backend)"
+            "(non_negative_factorization and NMF take scipy.sparse X on the CPU backend)"
+        )
+    if hasattr(X, "toarray") and not isinstance(X, np.ndarray):
+        raise TypeError(
+            f"{name} is a {type(X).__module__}.{type(X).__name__}, which dffkit does not read: "
+            f"pass {name}.toarray() (or a scipy.sparse matrix)"
         )
     arr = np.asarray(X)
     if arr.dtype == object:
@@ -1218,6 +1282,8 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
             return X
         if isinstance(X, _SparseX):
             X = X.matrix
+        elif _is_sparse(X) and self._accepts_sparse:
+            _check_sparse_structure(X)  # before scikit-learn's validation hands it to scipy
         if _sk_validate_data is not None:
             X = _sk_validate_data(self, X, dtype=[np.float64, np.float32], reset=reset,
                                   accept_sparse=self._accepts_sparse)

@@ -62,7 +62,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   std::vector<State> st(1, State{});
   std::vector<T> GH(z((GEMM ? plan.h_slices : 1) * k * k)), GW(z(k * k)), rs(z(k)), colsum(z(k)),
       Gpart(z(nb * k * k)), cspart(z(nb * k)), Ppart(z(nb * kn)), gR(z(kl && !L.R_s ? nb * TM * n : 1));
-  std::vector<double> rsd(z(k)), d0p(z(nbd)), ggp(z(nbd)), php(z(nbh)), sp(z(nbe)),
+  std::vector<double> d0p(z(nbd)), ggp(z(nbd)), php(z(nbh)), sp(z(nbe)),
       gnorm(z(std::max<i64>(ng * k, 1))), obj(z(std::max(q.max_iter, 1)), -7.0);
   double xx = 0;  // ||X||^2 of the values the kernels read (the engine: a fixed-order device sum)
   for (i64 e = 0; e < m * n; ++e) {
@@ -85,7 +85,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
       reduce_parts(GH.data(), i64(k) * k, plan.h_slices);
     } else {
       launch(h_stats_kernel<T>, dim3(unsigned(kl ? k : k * k)), dim3(NT), 0, static_cast<const State*>(s),
-             static_cast<const T*>(H.data()), n, k, int(kl), GH.data(), rs.data(), rsd.data());
+             static_cast<const T*>(H.data()), n, k, int(kl), GH.data(), rs.data());
     }
   };
   auto finalize = [&](int it, int need, int check, int mode) {
