@@ -280,7 +280,7 @@ class _SparseX:
             csr.sum_duplicates()  # sorts the indices too
             csr.eliminate_zeros()  # stored zeros change no iterate; dropped, they cost nothing
         data = _check_values(np.ascontiguousarray(csr.data), name, whom)
-        self.shape, self.dtype, self.nnz = (m, n), dtype, int(data.size)
+        self.shape, self.dtype = (m, n), dtype
         self.matrix = csr  # scipy CSR, for the NNDSVD start and the mean
         self._rows = (np.ascontiguousarray(csr.indptr, dtype=np.int64),
                       np.ascontiguousarray(csr.indices, dtype=np.int32), data, m, n)
@@ -303,9 +303,6 @@ class _SparseX:
 
     def mean(self) -> float:
         return float(self.matrix.mean())
-
-    def max(self) -> float:
-        return float(self.matrix.max())
 
 
 def _as_float_matrix(X, name="X", whom="NMF"):
