@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "mu_update.hpp"
+#include "simd_kernels.hpp"
 
 namespace dffkit {
 namespace {
@@ -100,8 +101,6 @@ struct SparseWork {
 template <class T>
 void gram_padded(const T* A, i64 rows, i64 k, i64 kp, std::vector<double>& part, T* Gp, int nt,
                  bool par) {
-  using V = typename Vec64<T>::type;
-  const i64 nv = kp / Vec64<T>::lanes;
   const RowChunks ch = row_chunks(rows, k * kp * i64(sizeof(double)));
   part.assign(ch.count * k * kp, 0.0);
   const int teams = par && ch.count > 1 ? nt : 1;
@@ -114,15 +113,8 @@ void gram_padded(const T* A, i64 rows, i64 k, i64 kp, std::vector<double>& part,
       double* g = part.data() + c * k * kp;
       for (i64 i0 = ch.begin(c); i0 < ch.end(c); i0 += 64) {
         std::memset(acc, 0, sizeof(T) * k * kp);
-        for (i64 i = i0; i < std::min(i0 + 64, ch.end(c)); ++i) {
-          const T* a = A + i * kp;
-          const V* av = reinterpret_cast<const V*>(a);
-          for (i64 x = 0; x < k; ++x) {
-            const T ax = a[x];
-            V* ac = reinterpret_cast<V*>(acc + x * kp);
-            for (i64 v = 0; v < nv; ++v) ac[v] += ax * av[v];
-          }
-        }
+        const T* a = A + i0 * kp;
+        simd_kernels::accumulate_ct_a(a, kp, std::min<i64>(64, ch.end(c) - i0), k, a, kp, kp, acc, kp);
         for (i64 e = 0; e < k * kp; ++e) g[e] += double(acc[e]);
       }
     }
@@ -139,21 +131,27 @@ void gram_padded(const T* A, i64 rows, i64 k, i64 kp, std::vector<double>& part,
 /// sum of wh^2 at X's entries, and float32 partial sums would leave 1e-7 of it as noise.
 template <class T>
 std::vector<double> gram_f64(const T* A, i64 rows, i64 k, i64 kp, int nt, bool par) {
-  typedef double d8 __attribute__((vector_size(64)));
-  typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
-  const i64 nv = kp / 8;
+  constexpr i64 kBlock = 64;  // rows converted to float64 at a time
   const RowChunks ch = row_chunks(rows, k * kp * i64(sizeof(double)));
   Aligned<double> part(ch.count * k * kp);
-#pragma omp parallel for num_threads(nt) schedule(static) if (par && ch.count > 1)
-  for (i64 c = 0; c < ch.count; ++c) {
-    double* g = part.data() + c * k * kp;
-    for (i64 i = ch.begin(c); i < ch.end(c); ++i) {
-      const T* a = A + i * kp;
-      for (i64 x = 0; x < k; ++x) {
-        const double ax = double(a[x]);
-        d8* gx = reinterpret_cast<d8*>(g + x * kp);
-        for (i64 v = 0; v < nv; ++v)
-          gx[v] += ax * __builtin_convertvector(*reinterpret_cast<const t8*>(a + 8 * v), d8);
+  const int teams = par && ch.count > 1 ? nt : 1;
+  Aligned<double> bufs(std::is_same<T, double>::value ? 1 : teams * kBlock * kp);
+#pragma omp parallel num_threads(teams) if (teams > 1)
+  {
+    double* buf = bufs.data() + (std::is_same<T, double>::value ? 0 : omp_get_thread_num() * kBlock * kp);
+#pragma omp for schedule(static)
+    for (i64 c = 0; c < ch.count; ++c) {
+      double* g = part.data() + c * k * kp;
+      for (i64 i0 = ch.begin(c); i0 < ch.end(c); i0 += kBlock) {
+        const i64 nr = std::min(kBlock, ch.end(c) - i0);
+        const double* a;
+        if constexpr (std::is_same<T, double>::value) {
+          a = A + i0 * kp;
+        } else {
+          for (i64 e = 0; e < nr * kp; ++e) buf[e] = double(A[i0 * kp + e]);
+          a = buf;
+        }
+        simd_kernels::accumulate_ct_a(a, kp, nr, k, a, kp, kp, g, kp);
       }
     }
   }
@@ -210,6 +208,11 @@ inline double lane_sum(Vec64<double>::type v) {
 /// are at random places, which the hardware prefetcher cannot guess.
 constexpr i64 kPrefetch = 16;
 
+/// Rows of up to this many 64-byte vectors have register-resident kernels (accumulate_row).
+constexpr i64 kMaxRowVectors = 8;
+/// Rows per block for the Frobenius denominators of longer rows (den_block).
+constexpr i64 kDenBlock = 48;
+
 /// Row r's numerator (sum over its entries of c_e times the other factor's row, c_e = x, or
 /// for KL x / max(f . o, eps)) and, for Frobenius, its denominator f G. f: the old row, padded
 /// and aligned; O: the other factor's padded rows; G: k x kp. NV vectors of 64 bytes a row.
@@ -251,26 +254,42 @@ void accumulate_row(const CsrView<T>& A, i64 r, const T* f, const T* O, i64 kp, 
   }
 }
 
-/// The same for any k (more than 8 vectors a row): plain loops.
+/// The same for any k (more than 8 vectors a row): the numerator accumulates in `num` (64-byte
+/// aligned) a vector at a time; KL's f . o in four chains (v mod 4), added (0 + 1) + (2 + 3).
+/// Frobenius's denominator is left to the caller (den_block: a GEMM over a block of rows).
 template <class T, bool KL>
-void accumulate_row_any(const CsrView<T>& A, i64 r, const T* f, const T* O, i64 kp,
-                        const T* G, i64 k, T* num, T* den) {
-  std::fill(num, num + kp, T(0));
-  for (i64 e = A.indptr[r]; e < A.indptr[r + 1]; ++e) {
-    const T* o = O + i64(A.indices[e]) * kp;
+void accumulate_row_any(const CsrView<T>& A, i64 r, const T* f, const T* O, i64 kp, const T*,
+                        i64, T* num, T*) {
+  using V = typename Vec64<T>::type;
+  constexpr int L = Vec64<T>::lanes;
+  const i64 nv = kp / L;
+  V* acc = reinterpret_cast<V*>(num);
+  const V* fv = reinterpret_cast<const V*>(f);
+  for (i64 v = 0; v < nv; ++v) acc[v] = V{};
+  const i64 e1 = A.indptr[r + 1], nnz = A.indptr[A.rows];
+  for (i64 e = A.indptr[r]; e < e1; ++e) {
+    if (e + kPrefetch < nnz) {
+      const T* q = O + i64(A.indices[e + kPrefetch]) * kp;
+      for (i64 v = 0; v < nv; ++v) __builtin_prefetch(q + v * L);
+    }
+    const V* o = reinterpret_cast<const V*>(O + i64(A.indices[e]) * kp);
     T c = A.data[e];
     if (KL) {
-      T wh = T(0);
-      for (i64 a = 0; a < k; ++a) wh += f[a] * o[a];
-      c = kl_ratio(c, wh);
+      V s[4] = {V{}, V{}, V{}, V{}};
+      for (i64 v = 0; v < nv; ++v) s[v & 3] += fv[v] * o[v];
+      c = kl_ratio(c, lane_sum((s[0] + s[1]) + (s[2] + s[3])));
     }
-    for (i64 a = 0; a < k; ++a) num[a] += c * o[a];
+    for (i64 v = 0; v < nv; ++v) acc[v] += c * o[v];
   }
-  if (!KL) {
-    std::fill(den, den + kp, T(0));
-    for (i64 b = 0; b < k; ++b)
-      for (i64 a = 0; a < k; ++a) den[a] += f[b] * G[b * kp + a];
-  }
+}
+
+/// den (rows x kp) = F_block G for `rows` padded rows of F: the outer-product GEMM tile of the
+/// dense engine (G read once per tile of rows, not once per row: at k = 500 the row-by-row
+/// products ran at a few GFLOP/s). Each element is summed over b in order from zero, as the
+/// row kernels sum it.
+template <class T>
+void den_block(const T* F, i64 rows, const T* G, i64 kp, i64 k, T* den) {
+  simd_kernels::outer_product(F, kp, rows, G, kp, k, kp, den);
 }
 
 template <class T>
@@ -287,7 +306,7 @@ RowFn<T> row_kernel(i64 nv) {
     case 6: return accumulate_row<T, 6, KL>;
     case 7: return accumulate_row<T, 7, KL>;
     case 8: return accumulate_row<T, 8, KL>;
-    default: return accumulate_row_any<T, KL>;
+    default: return accumulate_row_any<T, KL>;  // nv > kMaxRowVectors
   }
 }
 
@@ -302,23 +321,33 @@ void factor_step(const CsrView<T>& A, T* F, const T* O, i64 kp, i64 k, bool kl, 
                  i64 ld_t, int nt, bool par) {
   const i64 nv = kp / Vec64<T>::lanes;
   const RowFn<T> fn = kl ? row_kernel<T, true>(nv) : row_kernel<T, false>(nv);
+  // Frobenius beyond 8 vectors a row: numerators row by row, denominators for blocks of rows.
+  const bool blocks = !kl && nv > kMaxRowVectors;
+  const i64 rb = blocks ? kDenBlock : 1;
   const int teams = par ? nt : 1;
-  Aligned<T> bufs(teams * 2 * kp);
+  Aligned<T> bufs(teams * 2 * rb * kp);
 #pragma omp parallel num_threads(teams) if (teams > 1)
   {
-    T* num = bufs.data() + omp_get_thread_num() * 2 * kp;
-    T* den = num + kp;
-#pragma omp for schedule(dynamic, 64)
-    for (i64 r = 0; r < A.rows; ++r) {
-      T* f = F + r * kp;
-      fn(A, r, f, O, kp, G, k, num, den);
-      for (i64 a = 0; a < k; ++a) {
-        T v = mu_step(f[a], num[a], kl ? sums[a] : den[a], l1, l2,
-                      l2_extra > T(0) ? l2_extra * f[a] : T(0));
-        if (clamp_h) v = kl_clamp_h(v);
-        f[a] = v;
-        if (copy) copy[r * k + a] = v;
-        if (out_t) out_t[a * ld_t + r] = v;
+    T* num = bufs.data() + omp_get_thread_num() * 2 * rb * kp;
+    T* den = num + rb * kp;
+#pragma omp for schedule(dynamic, blocks ? 1 : 64)
+    for (i64 r0 = 0; r0 < A.rows; r0 += rb) {
+      const i64 rows = std::min(rb, A.rows - r0);
+      for (i64 i = 0; i < rows; ++i) fn(A, r0 + i, F + (r0 + i) * kp, O, kp, G, k, num + i * kp, den + i * kp);
+      if (blocks) den_block(F + r0 * kp, rows, G, kp, k, den);
+      for (i64 i = 0; i < rows; ++i) {
+        const i64 r = r0 + i;
+        T* f = F + r * kp;
+        const T* nu = num + i * kp;
+        const T* de = den + i * kp;
+        for (i64 a = 0; a < k; ++a) {
+          T v = mu_step(f[a], nu[a], kl ? sums[a] : de[a], l1, l2,
+                        l2_extra > T(0) ? l2_extra * f[a] : T(0));
+          if (clamp_h) v = kl_clamp_h(v);
+          f[a] = v;
+          if (copy) copy[r * k + a] = v;
+          if (out_t) out_t[a * ld_t + r] = v;
+        }
       }
     }
   }

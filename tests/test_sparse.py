@@ -141,6 +141,25 @@ def test_iterates_match_sklearn_other_shapes(rng, beta_loss, shape):
         assert rel(A, B) <= 1e-10, rel(A, B)
 
 
+@pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_iterates_match_sklearn_large_k(rng, beta_loss, dtype):
+    """k = 140 (rows of 9 float32 / 18 float64 vectors): the any-k row kernel, the blocked
+    denominators (blocks of 48 rows, a partial last one) and the tiled Grams give the dense
+    run's and sklearn's iterates."""
+    X, W0, H0 = sparse_problem(rng, m=301, n=230, k=140, density=0.1, dtype=dtype)
+    kw = dict(n_components=140, init="custom", beta_loss=beta_loss, tol=0, max_iter=15)
+    Ws, Hs, _ = sk_decomp.non_negative_factorization(X, W0.copy(), H0.copy(), solver="mu", **kw)
+    Wsp, Hsp, _, info = dffkit.non_negative_factorization(X, W0, H0, backend="cpu",
+                                                          return_info=True, **kw)
+    Wd, Hd, _, info_d = dffkit.non_negative_factorization(X.toarray(), W0, H0, backend="cpu",
+                                                          return_info=True, **kw)
+    bound = 1e-10 if dtype == np.float64 else 1e-4
+    for A, B in ((Wsp, Ws), (Hsp, Hs), (Wsp, Wd), (Hsp, Hd)):
+        assert rel(A, B) <= bound, rel(A, B)
+    assert info.error == pytest.approx(info_d.error, rel=1e-6 if dtype == np.float32 else 1e-9)
+
+
 def test_all_zero_sparse_X_matches_dense(rng):
     """A sparse X with no stored entries, or only explicit zeros, runs like the dense zero matrix."""
     m, n, k = 30, 20, 3
