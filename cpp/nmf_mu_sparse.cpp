@@ -71,18 +71,30 @@ struct Aligned {
   T* data() const { return p; }
 };
 
-/// 64 bytes of T as one GCC vector (AVX-512 register, or two AVX2 ones).
+/// Values of T in a 64-byte cache line.
 template <class T>
-struct Vec64 {
-  typedef T type __attribute__((vector_size(64)));
-  static constexpr int lanes = int(64 / sizeof(T));
-};
+constexpr i64 kLine = 64 / sizeof(T);
 
-/// k rounded up to whole 64-byte vectors: the row stride of the padded factors.
+/// k rounded up to whole cache lines: the row stride of the padded factors (whole machine
+/// vectors too: 64, 32 or 16 bytes).
 template <class T>
 i64 padded(i64 k) {
-  constexpr i64 L = Vec64<T>::lanes;
-  return (k + L - 1) / L * L;
+  return (k + kLine<T> - 1) / kLine<T> * kLine<T>;
+}
+
+/// The machine's vectors (simd_kernels: 64 bytes with AVX-512, 32 with AVX2, else 16). Until
+/// session 13 this engine computed in 64-byte GCC vectors everywhere, which GCC lowers through
+/// memory on AVX2: an x86-64-v3 build took 2100 ms where the AVX-512 one took 242 (20000 x
+/// 10000, 0.5 % stored, k = 20, 30 iterations, the same EPYC).
+template <class T>
+using MVec = simd_kernels::vec<T>;
+template <class T>
+constexpr int kLanes = simd_kernels::simd<T>::L;
+
+/// Prefetches the cache lines of a padded row.
+template <class T>
+inline void prefetch_row(const T* q, i64 kp) {
+  for (i64 a = 0; a < kp; a += kLine<T>) __builtin_prefetch(q + a);
 }
 
 template <class T>
@@ -185,42 +197,24 @@ void col_sums(const T* A, i64 rows, i64 k, std::vector<double>& part, std::vecto
   }
 }
 
-/// The sum of a vector's lanes, halves added pairwise (log2(lanes) adds: the lanes in a chain
-/// are 16 dependent adds for KL's W H at each entry).
-inline float lane_sum(Vec64<float>::type v) {
-  typedef float f8 __attribute__((vector_size(32)));
-  typedef float f4 __attribute__((vector_size(16)));
-  const f8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const f4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-inline double lane_sum(Vec64<double>::type v) {
-  typedef double d4 __attribute__((vector_size(32)));
-  typedef double d2 __attribute__((vector_size(16)));
-  const d4 a = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  const d2 b = __builtin_shufflevector(a, a, 0, 1) + __builtin_shufflevector(a, a, 2, 3);
-  return b[0] + b[1];
-}
-
 /// How many stored entries ahead the gather of the other factor's row is prefetched: the rows
 /// are at random places, which the hardware prefetcher cannot guess.
 constexpr i64 kPrefetch = 16;
 
-/// Rows of up to this many 64-byte vectors have register-resident kernels (accumulate_row).
-constexpr i64 kMaxRowVectors = 8;
+/// Rows of up to this many machine vectors have register-resident kernels (accumulate_row):
+/// with 32 registers 8 (k <= 128 in float32), with 16 registers 4 (AVX2: k <= 32; KL keeps the
+/// old row in registers too).
+constexpr i64 kMaxRowVectors = simd_kernels::kManyRegs ? 8 : 4;
 /// Rows per block for the Frobenius denominators of longer rows (den_block).
 constexpr i64 kDenBlock = 48;
 
 /// Row r's numerator (sum over its entries of c_e times the other factor's row, c_e = x, or
 /// for KL x / max(f . o, eps)) and, for Frobenius, its denominator f G. f: the old row, padded
-/// and aligned; O: the other factor's padded rows; G: k x kp. NV vectors of 64 bytes a row.
+/// and aligned; O: the other factor's padded rows; G: k x kp. NV machine vectors a row.
 template <class T, int NV, bool KL>
 void accumulate_row(const CsrView<T>& A, i64 r, const T* f, const T* O, i64 kp, const T* G,
                     i64 k, T* num, T* den) {
-  using V = typename Vec64<T>::type;
-  constexpr int L = Vec64<T>::lanes;
+  using V = MVec<T>;
   V acc[NV], fv[NV];
   for (int v = 0; v < NV; ++v) {
     acc[v] = V{};
@@ -228,16 +222,13 @@ void accumulate_row(const CsrView<T>& A, i64 r, const T* f, const T* O, i64 kp, 
   }
   const i64 e1 = A.indptr[r + 1], nnz = A.indptr[A.rows];
   for (i64 e = A.indptr[r]; e < e1; ++e) {
-    if (e + kPrefetch < nnz) {
-      const T* q = O + i64(A.indices[e + kPrefetch]) * kp;
-      for (int v = 0; v < NV; ++v) __builtin_prefetch(q + v * L);
-    }
+    if (e + kPrefetch < nnz) prefetch_row(O + i64(A.indices[e + kPrefetch]) * kp, kp);
     const V* o = reinterpret_cast<const V*>(O + i64(A.indices[e]) * kp);
     T c = A.data[e];
     if (KL) {
       V s = fv[0] * o[0];
       for (int v = 1; v < NV; ++v) s += fv[v] * o[v];
-      c = kl_ratio(c, lane_sum(s));
+      c = kl_ratio(c, simd_kernels::hsum_tree(s));
     }
     for (int v = 0; v < NV; ++v) acc[v] += c * o[v];
   }
@@ -254,30 +245,26 @@ void accumulate_row(const CsrView<T>& A, i64 r, const T* f, const T* O, i64 kp, 
   }
 }
 
-/// The same for any k (more than 8 vectors a row): the numerator accumulates in `num` (64-byte
-/// aligned) a vector at a time; KL's f . o in four chains (v mod 4), added (0 + 1) + (2 + 3).
+/// The same for any k (more than kMaxRowVectors a row): the numerator accumulates in `num`
+/// (64-byte aligned) a vector at a time; KL's f . o in four chains (v mod 4), added (0 + 1) + (2 + 3).
 /// Frobenius's denominator is left to the caller (den_block: a GEMM over a block of rows).
 template <class T, bool KL>
 void accumulate_row_any(const CsrView<T>& A, i64 r, const T* f, const T* O, i64 kp, const T*,
                         i64, T* num, T*) {
-  using V = typename Vec64<T>::type;
-  constexpr int L = Vec64<T>::lanes;
-  const i64 nv = kp / L;
+  using V = MVec<T>;
+  const i64 nv = kp / kLanes<T>;
   V* acc = reinterpret_cast<V*>(num);
   const V* fv = reinterpret_cast<const V*>(f);
   for (i64 v = 0; v < nv; ++v) acc[v] = V{};
   const i64 e1 = A.indptr[r + 1], nnz = A.indptr[A.rows];
   for (i64 e = A.indptr[r]; e < e1; ++e) {
-    if (e + kPrefetch < nnz) {
-      const T* q = O + i64(A.indices[e + kPrefetch]) * kp;
-      for (i64 v = 0; v < nv; ++v) __builtin_prefetch(q + v * L);
-    }
+    if (e + kPrefetch < nnz) prefetch_row(O + i64(A.indices[e + kPrefetch]) * kp, kp);
     const V* o = reinterpret_cast<const V*>(O + i64(A.indices[e]) * kp);
     T c = A.data[e];
     if (KL) {
       V s[4] = {V{}, V{}, V{}, V{}};
       for (i64 v = 0; v < nv; ++v) s[v & 3] += fv[v] * o[v];
-      c = kl_ratio(c, lane_sum((s[0] + s[1]) + (s[2] + s[3])));
+      c = kl_ratio(c, simd_kernels::hsum_tree((s[0] + s[1]) + (s[2] + s[3])));
     }
     for (i64 v = 0; v < nv; ++v) acc[v] += c * o[v];
   }
@@ -297,6 +284,7 @@ using RowFn = void (*)(const CsrView<T>&, i64, const T*, const T*, i64, const T*
 
 template <class T, bool KL>
 RowFn<T> row_kernel(i64 nv) {
+  if (nv > kMaxRowVectors) return accumulate_row_any<T, KL>;
   switch (nv) {
     case 1: return accumulate_row<T, 1, KL>;
     case 2: return accumulate_row<T, 2, KL>;
@@ -306,7 +294,7 @@ RowFn<T> row_kernel(i64 nv) {
     case 6: return accumulate_row<T, 6, KL>;
     case 7: return accumulate_row<T, 7, KL>;
     case 8: return accumulate_row<T, 8, KL>;
-    default: return accumulate_row_any<T, KL>;  // nv > kMaxRowVectors
+    default: return accumulate_row_any<T, KL>;
   }
 }
 
@@ -319,7 +307,7 @@ template <class T>
 void factor_step(const CsrView<T>& A, T* F, const T* O, i64 kp, i64 k, bool kl, const T* G,
                  const T* sums, T l1, T l2, T l2_extra, bool clamp_h, T* copy, T* out_t,
                  i64 ld_t, int nt, bool par) {
-  const i64 nv = kp / Vec64<T>::lanes;
+  const i64 nv = kp / kLanes<T>;
   const RowFn<T> fn = kl ? row_kernel<T, true>(nv) : row_kernel<T, false>(nv);
   // Frobenius beyond 8 vectors a row: numerators row by row, denominators for blocks of rows.
   const bool blocks = !kl && nv > kMaxRowVectors;
@@ -455,18 +443,21 @@ double zero_part_exact(const CsrView<T>& X, const T* Wp, const T* Hp, i64 kp, co
   return total.value();
 }
 
-/// w . h in float64 for two padded, aligned rows (kp a multiple of 8): eight running sums in
-/// one vector, then added in a fixed order.
+/// w . h in float64 for two padded, aligned rows (kp a multiple of a cache line): running sums
+/// in one machine vector of doubles, then its lanes by the fixed tree.
 template <class T>
 inline double dot_f64(const T* w, const T* h, i64 kp) {
-  typedef double d8 __attribute__((vector_size(64)));
-  typedef T t8 __attribute__((vector_size(8 * sizeof(T))));
-  d8 acc = d8{};
-  for (i64 a = 0; a < kp; a += 8) {
-    const t8 wv = *reinterpret_cast<const t8*>(w + a), hv = *reinterpret_cast<const t8*>(h + a);
-    acc += __builtin_convertvector(wv, d8) * __builtin_convertvector(hv, d8);
+  using D = MVec<double>;
+  constexpr int LD = kLanes<double>;
+  typedef T TL __attribute__((vector_size(LD * sizeof(T))));
+  D acc = D{};
+  for (i64 a = 0; a < kp; a += LD) {
+    TL wv, hv;
+    std::memcpy(&wv, w + a, sizeof(wv));
+    std::memcpy(&hv, h + a, sizeof(hv));
+    acc += __builtin_convertvector(wv, D) * __builtin_convertvector(hv, D);
   }
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  return simd_kernels::hsum_tree(acc);
 }
 
 /// The error, split so that nothing large cancels where it can be avoided: the part at X's
@@ -492,10 +483,7 @@ double sparse_error(const CsrView<T>& X, const T* W, const T* Wp, const T* Hp, i
     for (i64 i = ch.begin(c); i < ch.end(c); ++i) {
       const T* w = Wp + i * kp;
       for (i64 e = X.indptr[i]; e < X.indptr[i + 1]; ++e) {
-        if (e + kPrefetch < nnz) {
-          const T* ahead = Hp + i64(X.indices[e + kPrefetch]) * kp;
-          for (i64 a = 0; a < kp; a += Vec64<T>::lanes) __builtin_prefetch(ahead + a);
-        }
+        if (e + kPrefetch < nnz) prefetch_row(Hp + i64(X.indices[e + kPrefetch]) * kp, kp);
         const T* h = Hp + i64(X.indices[e]) * kp;
         const double wh = dot_f64(w, h, kp);
         const double x = double(X.data[e]);
