@@ -21,6 +21,7 @@
 #include "mu_update.hpp"
 #include "philox.hpp"
 #include "simd_kernels.hpp"
+#include "threads.hpp"
 
 namespace dffkit {
 namespace {
@@ -247,9 +248,7 @@ bool use_outer_product(i64 m, i64 n, i64 k) {
 /// the second core (measured here: 27 us/iter on one thread, 177 us/iter on two, loaded).
 constexpr i64 kParallelWork = i64(1) << 21;
 
-inline int resolve_threads(int requested) {
-  return requested > 0 ? requested : omp_get_max_threads();
-}
+inline int resolve_threads(int requested) { return usable_threads(requested); }
 
 /// Chunks of rows that depend on the shape only (fixed reduction order for any thread count).
 struct Chunking {

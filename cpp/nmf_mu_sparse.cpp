@@ -22,6 +22,7 @@
 
 #include "mu_update.hpp"
 #include "simd_kernels.hpp"
+#include "threads.hpp"
 
 namespace dffkit {
 namespace {
@@ -34,7 +35,7 @@ constexpr i64 kParallelWork = i64(1) << 21;
 /// At most this many row chunks for the G_W partials (k x k doubles each).
 constexpr i64 kMaxChunks = 256;
 
-inline int threads_for(int requested) { return requested > 0 ? requested : omp_get_max_threads(); }
+inline int threads_for(int requested) { return usable_threads(requested); }
 
 struct RowChunks {
   i64 count, rows;

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "threads.hpp"
+
 namespace dffkit {
 
 void resample_bilinear(const float* in, std::int64_t planes, std::int64_t h, std::int64_t w,
@@ -16,7 +18,7 @@ void resample_bilinear(const float* in, std::int64_t planes, std::int64_t h, std
                        const std::int64_t* ix0, const std::int64_t* ix1, const float* wx0,
                        const float* wx1, int num_threads) {
   using i64 = std::int64_t;
-  const int nt = num_threads > 0 ? num_threads : omp_get_max_threads();
+  const int nt = usable_threads(num_threads);
   const bool parallel = nt > 1 && planes > 1 && planes * H * W >= (i64(1) << 20);
 #pragma omp parallel num_threads(nt) if (parallel)
   {

@@ -667,6 +667,35 @@ def test_openmp_spin_setting_leaves_the_environment_as_it_was(user_value):
     assert out.stdout.strip() == str(user_value)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_forked_workers_after_a_threaded_fit_finish_with_the_same_bits(tmp_path):
+    # libgomp's pool does not survive fork: before the fix, a multiprocessing.Pool ("fork")
+    # made after a 2-thread fit never returned. The children run on one thread; the bits do not
+    # depend on the thread count, so they equal the parent's (dense and sparse engines).
+    script = tmp_path / "fork_pool.py"
+    script.write_text(textwrap.dedent("""
+        import multiprocessing as mp, sys, numpy as np, scipy.sparse as sp, dffkit
+        X = np.random.default_rng(0).random((3000, 800))
+        S = sp.random(3000, 800, density=0.05, format="csr", random_state=0)
+        def work(seed):
+            kw = dict(n_components=5, init="random", random_state=seed, max_iter=10, tol=0)
+            return (dffkit.non_negative_factorization(X, backend="cpu", **kw)[0],
+                    dffkit.non_negative_factorization(S, backend="cpu", **kw)[0])
+        if __name__ == "__main__":
+            dffkit.set_num_threads(2)
+            parent = [work(s) for s in (1, 2)]
+            with mp.get_context("fork").Pool(2) as pool:
+                children = pool.map_async(work, [1, 2]).get(timeout=90)
+            same = all(np.array_equal(a, b) for p, c in zip(parent, children) for a, b in zip(p, c))
+            print("same" if same else "different")
+    """))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "same"
+
+
 def test_ctrl_c_stops_a_long_fit(tmp_path):
     script = tmp_path / "long_fit.py"
     script.write_text(textwrap.dedent("""

@@ -14,6 +14,7 @@
 #include "nmf_mu_sparse.hpp"
 #include "params.hpp"
 #include "resample.hpp"
+#include "threads.hpp"
 
 namespace py = pybind11;
 using namespace dffkit;
@@ -356,5 +357,5 @@ PYBIND11_MODULE(_cpu, mod) {
       },
       py::arg("X"), py::arg("W"), py::arg("H"), py::arg("seed"), py::arg("num_threads") = 0,
       "init='random' for sparse X: the start random_init gives the dense X, bit for bit.");
-  mod.def("max_threads", []() { return omp_get_max_threads(); });
+  mod.def("max_threads", []() { return dffkit::usable_threads(0); });
 }
