@@ -724,10 +724,16 @@ Result fit_mu_cpu(const T* X, T* W, T* H, const Problem& p, const Options& o,
           const T v = a <= b ? g0[a * k + b] : g0[b * k + a];
           gg += double(v) * double(ws.G_H[a * k + b]);
         }
+      // W0, for the direct pass where the identity leaves too little (below)
+      const std::vector<T> W0(W, W + m * k);
       sweep(X, W, H, p, ws, o.update_H || need_err, true, nt);
       double dot0 = 0;
       for (double v : ws.dot0_part) dot0 += v;
-      res.error_init = std::sqrt(std::max(xx - 2.0 * dot0 + gg, 0.0));
+      const double sq0 = xx - 2.0 * dot0 + gg;
+      // the same fallback as every later error (H is still H0 here): a start at an exact fit
+      // gave sqrt(eps) ||X|| of noise (4e-8 where scikit-learn's direct sum gives 8e-16), and
+      // the tol test, relative to it, stopped elsewhere than scikit-learn's
+      res.error_init = sq0 < 1e-8 * xx ? beta_error_cpu(X, W0.data(), H, p, nt) : std::sqrt(sq0);
       prev = res.error_init;
     } else {
       sweep(X, W, H, p, ws, o.update_H || (need_err && !direct_err), false, nt);

@@ -667,6 +667,25 @@ def test_openmp_spin_setting_leaves_the_environment_as_it_was(user_value):
     assert out.stdout.strip() == str(user_value)
 
 
+def test_initial_error_at_an_exact_start_is_the_direct_sum():
+    # float64 takes the error from the trace identity; at an exact start its terms cancel to
+    # sqrt(eps) ||X|| of noise (4e-8 for ||X|| ~ 10), and the tol test, relative to the initial
+    # error, stopped elsewhere than scikit-learn's. The direct sum is used there instead.
+    rng = np.random.default_rng(5)
+    W0, H0 = rng.random((40, 1)) + 0.5, rng.random((1, 30)) + 0.5
+    E = 1e-7 * rng.random((40, 30))
+    X = W0 @ H0 + E                                   # a start 1e-7 from X: error ~1e-7 ||X||
+    direct = float(np.linalg.norm(X - W0 @ H0))
+    *_, info = dffkit.non_negative_factorization(X, W0, H0, n_components=1, init="custom",
+                                                 max_iter=50, backend="cpu", return_info=True)
+    assert info.error_init == pytest.approx(direct, rel=1e-6)
+    sk = pytest.importorskip("sklearn.decomposition")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ones = np.ones((3, 3))
+        assert dffkit.NMF(1).fit(ones).n_iter_ == sk.NMF(1, solver="mu").fit(ones).n_iter_
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_forked_workers_after_a_threaded_fit_finish_with_the_same_bits(tmp_path):
     # libgomp's pool does not survive fork: before the fix, a multiprocessing.Pool ("fork")
