@@ -491,3 +491,142 @@ def test_nndsvd_init_overflow_names_the_dtype():
     with pytest.raises(ValueError, match="init='nndsvda': the SVD of X overflowed float32.*"
                                          "pass X as float64.*init='random'"):
         dffkit.initialize(X32, 2, init="nndsvda", random_state=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# scikit-learn's input and parameter rules (session 13 audit)
+# ---------------------------------------------------------------------------------------------
+
+def test_object_arrays_of_numbers_are_taken_as_float64():
+    # scikit-learn's check_array converts them; dffkit refused them ("an object array")
+    X = data(12, 9)
+    Xo = X.astype(object)
+    Xo[0, 0] = int(round(X[0, 0] * 0))  # a Python int among floats
+    Xf = Xo.astype(np.float64)
+    kw = dict(n_components=2, init="nndsvd", random_state=0, max_iter=20, tol=0, backend="cpu")
+    W, H, _ = dffkit.non_negative_factorization(Xo, **kw)
+    Wf, Hf, _ = dffkit.non_negative_factorization(Xf, **kw)
+    assert W.dtype == np.float64
+    np.testing.assert_array_equal(W, Wf)
+    np.testing.assert_array_equal(H, Hf)
+    Xo[1, 1] = None
+    with pytest.raises(ValueError, match="NaN"):
+        dffkit.non_negative_factorization(Xo, **kw)
+    Xo[1, 1] = "x"
+    with pytest.raises(TypeError, match="X must be numeric.*not all numbers"):
+        dffkit.non_negative_factorization(Xo, **kw)
+
+
+def test_pandas_nullable_and_mixed_frames_are_taken_as_float64():
+    pd = pytest.importorskip("pandas")
+    kw = dict(n_components=1, init="nndsvda", random_state=0, max_iter=20, tol=0, backend="cpu")
+    ref = np.array([[1, 3], [2, 1], [3, 2], [4, 5]], dtype=np.float64)
+    df = pd.DataFrame({"a": pd.array([1, 2, 3, 4], dtype="Int64"),
+                       "b": pd.array([3, 1, 2, 5], dtype="Int64")})
+    np.testing.assert_array_equal(dffkit.non_negative_factorization(df, **kw)[0],
+                                  dffkit.non_negative_factorization(ref, **kw)[0])
+    mixed = pd.DataFrame({"a": [True, False, True, True], "b": [3.0, 1.0, 2.0, 5.0]})
+    np.testing.assert_array_equal(
+        dffkit.non_negative_factorization(mixed, **kw)[0],
+        dffkit.non_negative_factorization(np.array([[1, 3], [0, 1], [1, 2], [1, 5]], float), **kw)[0])
+    df.loc[1, "a"] = pd.NA
+    with pytest.raises(ValueError, match="NaN"):
+        dffkit.non_negative_factorization(df, **kw)
+
+
+@pytest.mark.parametrize("call", ["function", "batched", "estimator"])
+def test_random_state_none_follows_numpy_global_seed(call):
+    # scikit-learn's check_random_state(None) is numpy's global RandomState: np.random.seed
+    # makes init="random" reproducible (dffkit drew from os.urandom)
+    X = data(30, 20)
+
+    def run():
+        if call == "function":
+            return dffkit.non_negative_factorization(X, n_components=3, init="random",
+                                                     max_iter=5, backend="cpu")[0]
+        if call == "batched":
+            return dffkit.nmf_batched([X, X[:10]], 3, init="random", max_iter=5,
+                                      backend="cpu")[1][0]
+        return dffkit.NMF(3, init="random", max_iter=5, backend="cpu").fit_transform(X)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        np.random.seed(7)
+        a = run()
+        np.random.seed(7)
+        b = run()
+        c = run()  # the global stream moved on: another start
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_shuffle_is_taken_and_checked():
+    # scikit-learn's NMF has shuffle (coordinate descent's; MU ignores it): its get_params must
+    # build a dffkit.NMF
+    params = sk_decomp.NMF(solver="mu").get_params()
+    model = dffkit.NMF(**params)
+    assert model.get_params()["shuffle"] is False
+    X = data(20, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        a = dffkit.NMF(2, shuffle=True, random_state=0, max_iter=20).fit_transform(X)
+        b = dffkit.NMF(2, shuffle=False, random_state=0, max_iter=20).fit_transform(X)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(dffkit.nmf.InvalidParameterError, match="shuffle must be True or False"):
+        dffkit.NMF(2, shuffle="yes").fit(X)
+    with pytest.raises(dffkit.nmf.InvalidParameterError, match="shuffle must be True or False"):
+        dffkit.non_negative_factorization(X, n_components=2, shuffle=1)
+
+
+def test_update_h_and_verbose_must_be_flags():
+    # update_H="False" read as True: H updated and the caller's H ignored
+    X = data(20, 10)
+    H0 = np.full((2, 10), 0.5)
+    with pytest.raises(ValueError, match="update_H must be True or False, got 'False'"):
+        dffkit.non_negative_factorization(X, H=H0, n_components=2, update_H="False")
+    with pytest.raises(ValueError, match="verbose must be an integer"):
+        dffkit.non_negative_factorization(X, n_components=2, verbose="yes")
+    W, H, _ = dffkit.non_negative_factorization(X, H=H0, n_components=2, update_H=np.False_,
+                                                max_iter=5, tol=0)
+    np.testing.assert_array_equal(H, H0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_components=2.0), "n_components must be a positive integer"),
+    (dict(n_components=2, max_iter=2.5), "max_iter must be an integer"),
+    (dict(n_components=2, alpha_H=None), "alpha_H"),
+    (dict(n_components=2, tol=None), "tol must be a real number"),
+    (dict(n_components=2, init="nope"), "init must be one of"),
+])
+def test_parameter_errors_are_both_value_and_type_errors(kwargs, match):
+    # scikit-learn's InvalidParameterError is both: `except ValueError` around a drop-in call
+    # must catch dffkit's too
+    X = data(10, 6)
+    for kind in (ValueError, TypeError):
+        with pytest.raises(kind, match=match):
+            dffkit.non_negative_factorization(X, **kwargs)
+    with pytest.raises(ValueError) as err:
+        sk_decomp.non_negative_factorization(X, solver="mu", **kwargs)
+    assert isinstance(err.value, TypeError)  # the oracle: scikit-learn's error is both too
+
+
+def test_integer_bounds_print_as_integers():
+    with pytest.raises(ValueError, match=r"max_iter must be >= 0, got -1$"):
+        dffkit.non_negative_factorization(data(10, 6), n_components=2, max_iter=-1)
+
+
+def test_inverse_transform_takes_sparse_and_checks_the_shape():
+    sp = pytest.importorskip("scipy.sparse")
+    X = data(20, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = dffkit.NMF(3, random_state=0, max_iter=20).fit(X)
+    W = model.transform(X[:4])
+    W[0, 1] = 0.0
+    out = model.inverse_transform(sp.csr_matrix(W))
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_allclose(out, W @ model.components_, rtol=1e-14)
+    with pytest.raises(ValueError, match="n_components_ = 3 columns"):
+        model.inverse_transform(W[:, :2])
+    with pytest.raises(ValueError, match="n_components_ = 3 columns"):
+        model.inverse_transform(sp.csr_matrix(W[:, :2]))

@@ -11,6 +11,7 @@ Quick use::
 from dffkit._backends import available_backends, unavailable_reasons
 from dffkit.nmf import (
     NMF,
+    InvalidParameterError,
     NMFResult,
     get_num_threads,
     initialize,
@@ -27,6 +28,7 @@ __all__ = [
     "non_negative_factorization",
     "NMF",
     "NMFResult",
+    "InvalidParameterError",
     "nmf_batched",
     "initialize",
     "set_num_threads",

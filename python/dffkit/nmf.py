@@ -121,18 +121,42 @@ def _beta_from(beta_loss) -> int:
     )
 
 
+class InvalidParameterError(ValueError, TypeError):
+    """A parameter of the wrong type or value. Both a ValueError and a TypeError, like
+    scikit-learn's InvalidParameterError: code that catches either around scikit-learn's NMF
+    catches dffkit's errors too."""
+
+
 def _check_real(name, value, low=0.0, low_inclusive=True, integer=False):
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         what = "an integer" if integer else "a real number"
-        raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}")
+        raise InvalidParameterError(
+            f"{name} must be {what}, got {value!r} of type {type(value).__name__}")
     # ints are finite (np.isfinite cannot take one past int64, e.g. max_iter=10**30)
     if not isinstance(value, numbers.Integral) and not np.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise InvalidParameterError(f"{name} must be finite, got {value!r}")
     if value < low or (value == low and not low_inclusive):
         op = ">=" if low_inclusive else ">"
-        raise ValueError(f"{name} must be {op} {low}, got {value!r}")
+        bound = int(low) if integer else low
+        raise InvalidParameterError(f"{name} must be {op} {bound}, got {value!r}")
     return value
+
+
+def _check_flag(name, value):
+    """A bool (or numpy bool): scikit-learn refuses update_H='False' and the like, which Python
+    would read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InvalidParameterError(
+            f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+    return bool(value)
+
+
+def _check_verbose(verbose):
+    """verbose as scikit-learn takes it: a bool or an int >= 0."""
+    if isinstance(verbose, (bool, np.bool_)):
+        return int(verbose)
+    return int(_check_real("verbose", verbose, integer=True))
 
 
 def _check_max_iter(max_iter) -> int:
@@ -151,7 +175,7 @@ def _check_option(name, value, options, allow_none=False):
     if isinstance(value, str) and value in options:
         return value
     accepted = ", ".join(repr(o) for o in options) + (" or None" if allow_none else "")
-    raise ValueError(f"{name} must be one of {accepted}; got {value!r}")
+    raise InvalidParameterError(f"{name} must be one of {accepted}; got {value!r}")
 
 
 def _is_auto(n_components) -> bool:
@@ -165,12 +189,12 @@ def _check_n_components(n_components, allow_auto=False):
         return n_components
     what = "a positive integer" + (" (or 'auto' / None)" if allow_auto else "")
     if isinstance(n_components, bool) or not isinstance(n_components, numbers.Integral):
-        raise TypeError(
+        raise InvalidParameterError(
             f"n_components must be {what}, got {n_components!r} of type "
             f"{type(n_components).__name__}"
         )
     if n_components < 1:
-        raise ValueError(f"n_components must be {what} (>= 1), got {n_components!r}")
+        raise InvalidParameterError(f"n_components must be {what} (>= 1), got {n_components!r}")
     return int(n_components)
 
 
@@ -321,9 +345,7 @@ def _as_float_matrix(X, name="X", whom="NMF"):
             f"{name} is a {type(X).__module__}.{type(X).__name__}, which dffkit does not read: "
             f"pass {name}.toarray() (or a scipy.sparse matrix)"
         )
-    arr = np.asarray(X)
-    if arr.dtype == object:
-        raise TypeError(f"{name} must be numeric, got an object array")
+    arr = _numeric_array(X, name)
     if arr.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D (samples x features), got {arr.ndim}-D with shape {arr.shape}; "
@@ -336,6 +358,37 @@ def _as_float_matrix(X, name="X", whom="NMF"):
     if arr.dtype not in (np.float32, np.float64):
         arr = arr.astype(np.float64)
     return _check_values(np.ascontiguousarray(arr), name, whom)
+
+
+def _numeric_array(X, name):
+    """np.asarray(X), with numbers held as Python objects (pandas' nullable Int64/Float64/boolean
+    columns, mixed-dtype frames, object arrays of numbers) converted to float64 as scikit-learn's
+    check_array converts them; missing values (pd.NA, None) become NaN and are refused later as
+    NaN. Anything else in an object array is a TypeError."""
+    if not isinstance(X, np.ndarray) and hasattr(X, "to_numpy") and hasattr(X, "dtypes"):
+        dtypes = getattr(X, "dtypes")
+        kinds = {np.dtype(d).kind if isinstance(d, np.dtype) else "O" for d in
+                 (dtypes if hasattr(dtypes, "__iter__") else [dtypes])}
+        if "O" in kinds or len(kinds) > 1:  # extension dtypes, or mixed columns
+            try:
+                return X.to_numpy(dtype=np.float64, na_value=np.nan)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"{name} must be numeric; converting it to float64 failed: {exc}") from None
+    arr = np.asarray(X)
+    if arr.dtype == object:
+        try:
+            missing = np.frompyfunc(lambda v: v is None or _is_missing(v), 1, 1)(arr).astype(bool)
+            return np.where(missing, np.nan, arr).astype(np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"{name} must be numeric, got an object array whose values are not all numbers "
+                f"({exc})") from None
+    return arr
+
+
+def _is_missing(v) -> bool:
+    """pandas' NA (or NaT) without importing pandas."""
+    return type(v).__name__ in ("NAType", "NaTType")
 
 
 def _check_values(values, name, whom):
@@ -387,9 +440,11 @@ def _check_factor(A, shape, dtype, name, why="with init='custom'"):
 
 
 def _seed_from(random_state) -> int:
-    """A 64-bit Philox key from None / int / numpy RandomState or Generator."""
-    if random_state is None:
-        return int.from_bytes(os.urandom(8), "little")
+    """A 64-bit Philox key from None / int / numpy RandomState or Generator. None draws it from
+    numpy's global RandomState, as scikit-learn's check_random_state(None) does: np.random.seed
+    makes the start reproducible."""
+    if random_state is None or random_state is np.random:
+        random_state = np.random.mtrand._rand
     if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
         if random_state < 0:
             raise ValueError(f"random_state must be >= 0, got {random_state}")
@@ -398,7 +453,7 @@ def _seed_from(random_state) -> int:
         return int(random_state.randint(0, 2**31 - 1)) * 2**32 + int(random_state.randint(0, 2**31 - 1))
     if isinstance(random_state, np.random.Generator):
         return int(random_state.integers(0, 2**63 - 1))
-    raise ValueError(
+    raise InvalidParameterError(
         f"random_state must be None, an int, a numpy RandomState or Generator; got {random_state!r}"
     )
 
@@ -675,9 +730,9 @@ def _penalties(alpha_W, alpha_H, l1_ratio, m, n):
         alpha_H = alpha_W
     else:
         _check_real("alpha_H", alpha_H)
+    if isinstance(l1_ratio, numbers.Real) and not isinstance(l1_ratio, bool) and l1_ratio > 1:
+        raise InvalidParameterError(f"l1_ratio must be in [0, 1], got {l1_ratio}")
     _check_real("l1_ratio", l1_ratio)
-    if l1_ratio > 1:
-        raise ValueError(f"l1_ratio must be in [0, 1], got {l1_ratio}")
     return (
         n * alpha_W * l1_ratio,
         n * alpha_W * (1.0 - l1_ratio),
@@ -721,6 +776,8 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
            random_state, verbose, backend, precision="fp32", groups=None, lam=0.0, mu=0.0,
            record_objective=False, whom="NMF"):
     """Validate, initialise and run one engine. Returns (W, H, NMFResult)."""
+    update_H = _check_flag("update_H", update_H)
+    verbose = _check_verbose(verbose)
     _check_real("tol", tol)
     max_iter = _check_max_iter(max_iter)
     _check_option("precision", precision, _PRECISIONS)
@@ -960,6 +1017,7 @@ def non_negative_factorization(
             f"solver={solver!r} is not offered: dffkit implements solver='mu' (multiplicative "
             "updates); use scikit-learn for the coordinate-descent solver"
         )
+    _check_flag("shuffle", shuffle)  # coordinate descent's option: MU ignores it, as scikit-learn's
     beta = _beta_from(beta_loss)
     Wout, Hout, info = _solve(
         X, W, H,
@@ -1202,7 +1260,8 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
     """Non-negative matrix factorization by multiplicative updates, scikit-learn compatible.
 
     Same parameters as ``sklearn.decomposition.NMF`` (``solver`` is "mu", the only solver
-    offered), plus ``backend`` ("auto", "cpu", "cuda") and ``precision`` (CUDA only). X may be
+    offered; ``shuffle``, coordinate descent's option, is accepted and ignored, as scikit-learn's
+    MU ignores it), plus ``backend`` ("auto", "cpu", "cuda") and ``precision`` (CUDA only). X may be
     numpy, a GPU array, or scipy.sparse (fit and transform on the CPU backend).
 
     Attributes
@@ -1232,6 +1291,7 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
         alpha_H="same",
         l1_ratio=0.0,
         verbose=0,
+        shuffle=False,
         backend="auto",
         precision="fp32",
     ):
@@ -1246,6 +1306,7 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
         self.alpha_H = alpha_H
         self.l1_ratio = l1_ratio
         self.verbose = verbose
+        self.shuffle = shuffle
         self.backend = backend
         self.precision = precision
 
@@ -1311,6 +1372,7 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
 
     def _run(self, X, W=None, H=None, update_H=True):
         self._check_solver()
+        _check_flag("shuffle", self.shuffle)  # coordinate descent's option: MU ignores it
         beta = _beta_from(self.beta_loss)
         n_components = _check_n_components(self.n_components, allow_auto=True)
         return _solve(
@@ -1362,7 +1424,20 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
         """W H: data back in the original space."""
         if not hasattr(self, "components_"):
             raise _not_fitted(self)
+        k = self.components_.shape[0]
+        if _is_sparse(X):  # scikit-learn's X @ components_: a dense ndarray
+            if X.shape[1] != k:
+                raise ValueError(f"X must have n_components_ = {k} columns, got shape {X.shape}")
+            return np.asarray(X @ self.components_)
+        if hasattr(X, "to_numpy") and hasattr(X, "columns"):  # a DataFrame stays one, as there
+            if X.shape[1] != k:
+                raise ValueError(f"X must have n_components_ = {k} columns, got shape {X.shape}")
+            return X @ self.components_
         W = np.asarray(X)
+        if W.ndim != 2 or W.shape[1] != k:
+            raise ValueError(
+                f"X must be 2-D with n_components_ = {k} columns (the output of transform), "
+                f"got shape {W.shape}")
         return W @ self.components_
 
 
