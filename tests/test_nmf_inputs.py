@@ -630,3 +630,14 @@ def test_inverse_transform_takes_sparse_and_checks_the_shape():
         model.inverse_transform(W[:, :2])
     with pytest.raises(ValueError, match="n_components_ = 3 columns"):
         model.inverse_transform(sp.csr_matrix(W[:, :2]))
+
+
+def test_transform_after_a_collapsed_fit_names_the_fit():
+    # the message blamed "H ... use another initialisation": an H and init the caller never gave
+    X = data(20, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = dffkit.NMF(2, alpha_W=100.0, alpha_H=100.0, l1_ratio=1.0, random_state=0).fit(X)
+    assert not model.components_.any()
+    with pytest.raises(ValueError, match="fitted components_ are all zero"):
+        model.transform(X)

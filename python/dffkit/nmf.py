@@ -1406,6 +1406,12 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
             raise _not_fitted(self)
         X = self._validate(X, reset=False)
         self._check_transform_dtype(X)
+        if isinstance(self.components_, np.ndarray) and not self.components_.any():
+            raise ValueError(
+                f"{type(self).__name__}: the fitted components_ are all zero (the fit collapsed: "
+                "X all zero, or alpha_W/alpha_H too strong), so no W can be fitted against them; "
+                "refit with weaker regularisation"
+            )
         W, _, _ = self._run(X, None, self.components_, update_H=False)
         return W
 
