@@ -626,3 +626,41 @@ def test_cli_cluster_refuses_an_unusable_output_before_the_work(tmp_path, capsys
         err = capsys.readouterr().err
         assert f"dffkit cluster: error: --out {out}" in err and message in err and "Traceback" not in err
     assert afile.read_text() == "x"
+
+
+def test_heat_maps_checks_the_image_index(fcn_result):
+    """heat_maps(100) raised a bare IndexError from numpy."""
+    n = len(fcn_result.labels)  # 90
+    with pytest.raises(IndexError, match=rf"image index i=100 out of range: this result has {n} images, "
+                                         rf"pass 0..{n - 1} \(or -{n}..-1 from the end\)"):
+        fcn_result.heat_maps(100)
+    with pytest.raises(IndexError, match=f"i=-{n + 1} out of range"):
+        fcn_result.heat_maps(-n - 1)
+    for bad in (1.0, "0", True, None):
+        with pytest.raises(TypeError, match=r"the image index i must be an int"):
+            fcn_result.heat_maps(bad)
+    last = fcn_result.heat_maps(-1)  # from the end, as a list does
+    assert list(last) == fcn_result.parts_used[n - 1].tolist()
+    for j, m in last.items():
+        np.testing.assert_array_equal(m, fcn_result.part_maps[n - 1, j])
+    assert list(fcn_result.heat_maps(np.int64(3))) == fcn_result.parts_used[3].tolist()
+
+
+def test_cluster_images_takes_a_numpy_array_of_paths(tmp_path, parts_data):
+    """A 1-D str array (pandas' df.path.values) was refused as one image of shape (N,)."""
+    from PIL import Image
+
+    A, _, _ = parts_data
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(paths[-1])
+    seen = []
+
+    def fake_extractor(items):
+        seen.append(list(items))
+        return np.stack([A[paths.index(i)] for i in items])
+
+    for array in (np.array(paths), np.array(paths, dtype=object)):
+        res = cluster_images(array, 2, extractor=fake_extractor, n_init=1, max_iter=20, backend="cpu")
+        assert res.images == paths and seen[-1] == paths

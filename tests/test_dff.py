@@ -162,6 +162,7 @@ def test_heatmaps_follow_the_documented_formula(backend):
     assert result.backend == backend
 
 
+@pytest.mark.filterwarnings("ignore:n_concepts=.*channels:UserWarning")  # k > C is allowed, with a warning
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 3), C=st.integers(1, 6), h=st.integers(1, 5), w=st.integers(1, 5), k=st.integers(1, 4),
        H=st.integers(1, 30), W=st.integers(1, 30), mode=st.sampled_from(["joint", "per_image"]),
@@ -326,7 +327,8 @@ def test_overlay_and_save(tmp_path):
     images, acts = block_activations()
     result = dff(images, 2, activations=acts)
     ov = result.overlay(0)
-    assert ov.mode == "RGB" and ov.width == 70 and ov.height > 40  # legend below
+    assert ov.mode == "RGB" and ov.width >= 70 and ov.height > 40  # legend below (as wide as its names)
+    np.testing.assert_array_equal(np.asarray(ov)[:40, :70], np.asarray(result.overlay(0, legend=False)))
     written = result.save(tmp_path / "out")
     assert len(written["overlays"]) == 3 and len(written["heatmaps"]) == 6
     for kind in ("overlays", "heatmaps", "grid"):
@@ -1013,3 +1015,254 @@ def test_cli_image_size_must_be_a_positive_int(value, capsys):
         cli.main(["dff", "img.png", "-k", "2", "--image-size", value])
     assert info.value.code == 2
     assert "argument --image-size: must be a positive int (pixels)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# audit fixes: inputs, argument checks, save() and summary, warnings
+# ---------------------------------------------------------------------------------------------
+
+def test_a_numpy_array_of_paths_and_a_memoryview_are_read(tmp_path):
+    """np.array(paths) was refused as one (N,) image; a memoryview was iterated as ints."""
+    images, acts = block_activations(n=2)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(str(tmp_path / f"pic{i}.png"))
+        Image.fromarray(im).save(paths[-1])
+    for array in (np.array(paths), np.array(paths, dtype=object)):
+        result = dff(array, 2, activations=acts)
+        assert result.sources == paths and result.image_sizes == [(40, 70), (50, 70)]
+    data = open(paths[1], "rb").read()
+    result = dff(memoryview(data), 2, activations=acts[1:])
+    assert result.image_sizes == [(50, 70)] and result.sources == ["image_0"]
+    np.testing.assert_array_equal(np.asarray(result.images[0]), images[1])
+
+
+def test_picture_methods_check_the_image_index():
+    """overlay(4), heatmap_image(9, 0) gave bare IndexErrors, overlay(1.0) a list TypeError."""
+    images, acts = block_activations(n=4)
+    result = dff(images, 2, activations=acts)
+    for call in (lambda: result.overlay(4), lambda: result.heatmap_image(9, 0), lambda: result.overlay(-5)):
+        with pytest.raises(IndexError, match=r"image index i=-?\d out of range: this result has 4 images, "
+                                             r"pass 0..3 \(or -4..-1 from the end\)"):
+            call()
+    for bad in (1.0, "0", True, None):
+        with pytest.raises(TypeError, match=r"the image index i must be an int in 0..3"):
+            result.overlay(bad)
+    with pytest.raises(TypeError, match="the image index i must be an int"):
+        result.heatmap_image(1.0, 0)
+    # negative indices count from the end, as in a list
+    np.testing.assert_array_equal(np.asarray(result.overlay(-1)), np.asarray(result.overlay(3)))
+    np.testing.assert_array_equal(np.asarray(result.heatmap_image(-4, 1)), np.asarray(result.heatmap_image(0, 1)))
+    np.testing.assert_array_equal(np.asarray(result.overlay(np.int64(2))), np.asarray(result.overlay(2)))
+
+
+def test_overlay_opacity_is_a_number_in_0_1():
+    """opacity=2 and -1 extrapolated the colours; 'a' failed inside numpy."""
+    from dffkit import visualize
+
+    images, acts = block_activations(n=2)
+    result = dff(images, 2, activations=acts)
+    for bad in (2, -1, 1.0001, float("nan")):
+        with pytest.raises(ValueError, match=r"opacity must be in \[0, 1\] .*e.g. opacity=0.75"):
+            result.overlay(0, opacity=bad)
+    for bad in ("a", None, True, [0.5]):
+        with pytest.raises(TypeError, match=r"opacity must be a number in \[0, 1\]"):
+            result.overlay(0, opacity=bad)
+    with pytest.raises(ValueError, match="opacity must be in"):
+        visualize.heatmap_image(np.zeros((4, 4)), opacity=1.5)
+    # the ends: 0 is the desaturated photo alone, 1 the concept colours alone where the heat is 1
+    photo = visualize.desaturate(images[0])
+    np.testing.assert_array_equal(np.asarray(result.overlay(0, opacity=0, legend=False)), photo)
+    heat = result.heatmaps[0] * result.strength[0][:, None, None]
+    rgb, strength = visualize.blend_concepts(heat)
+    full = np.asarray(result.overlay(0, opacity=1, legend=False))
+    at_one = strength == 1
+    assert at_one.any()
+    np.testing.assert_array_equal(full[at_one], np.round(rgb[at_one]).astype(np.uint8))
+
+
+def test_grid_cell_and_columns_are_positive_ints():
+    """grid(cell=0) gave a 12 x 130 picture, cell=-5 a 2 x 120 one, columns=0 was accepted."""
+    from dffkit import visualize
+
+    images, acts = block_activations(n=2)
+    result = dff(images, 2, activations=acts)
+    for kwargs in ({"cell": 0}, {"cell": -5}, {"columns": 0}, {"columns": -1}):
+        name = next(iter(kwargs))
+        with pytest.raises(ValueError, match=rf"{name} must be a positive int \(at least 1\), e.g. {name}="):
+            result.grid(**kwargs)
+        with pytest.raises(ValueError, match=rf"{name} must be a positive int"):
+            visualize.grid([Image.new("RGB", (4, 4))], **kwargs)
+    for kwargs in ({"cell": 2.5}, {"cell": True}, {"columns": "2"}, {"columns": 1.0}):
+        with pytest.raises(TypeError, match=rf"{next(iter(kwargs))} must be a positive int"):
+            result.grid(**kwargs)
+    # 3 tiles of cell 10 in 3 columns: 3 * (10 + 4) + 4 wide, 10 + 4 + 4 high (pad 4, no captions)
+    assert visualize.grid([Image.new("RGB", (5, 5))] * 3, cell=10, columns=3).size == (46, 18)
+    assert visualize.grid([Image.new("RGB", (5, 5))] * 3, cell=np.int64(10), columns=1).size == (18, 46)
+
+
+def test_legend_of_a_one_pixel_wide_image_is_readable():
+    """A 1-pixel-wide overlay got a 1-pixel-wide legend."""
+    from dffkit import visualize
+
+    column = np.zeros((30, 1, 3), np.uint8) + 90
+    names = ["0: red region", "1: sky blue region"]
+    out = np.asarray(visualize.add_legend(column, names))
+    assert 80 <= out.shape[1] <= visualize.LEGEND_MIN_WIDTH  # the names fit, within the cap
+    np.testing.assert_array_equal(out[:30, :1], column)  # the image at the top left
+    assert (out[:30, 1:] == 255).all()  # white beside it
+    assert (out[30:] != 255).any(axis=2).sum() > 50  # the legend is drawn below
+    # beside a wide image the legend takes the image's width, as before
+    wide = np.zeros((10, 300, 3), np.uint8)
+    assert np.asarray(visualize.add_legend(wide, names)).shape[1] == 300
+    # through a DFF result of 1-pixel-wide images
+    acts = np.random.default_rng(0).random((2, 3, 4, 1)).astype(np.float32) + 0.1
+    result = dff([np.zeros((30, 1, 3), np.uint8)] * 2, 2, activations=acts)
+    assert result.overlay(0).width >= 80
+
+
+def test_save_without_the_images_writes_the_summary_only(tmp_path):
+    """keep_images=False: save() created out/ and out/heatmaps/, then raised."""
+    images, acts = block_activations(n=2)
+    result = dff(images, 2, activations=acts, keep_images=False)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"keeps no images .*wrote summary.json only"):
+        written = result.save(out)
+    assert written == {"overlays": [], "heatmaps": [], "grid": [], "summary": [str(out / "summary.json")]}
+    assert sorted(os.listdir(out)) == ["summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["files"] == {"overlays": [], "heatmaps": [], "grid": [], "summary": ["summary.json"]}
+    assert summary == json.loads(json.dumps({**result.summary(), "files": summary["files"]}))
+
+
+def test_summary_files_list_what_save_returns(tmp_path):
+    """summary.json listed "summary": [] (itself left out); the returned dict listed it. The
+    docstring promised heatmaps/heat_XXX_cJ.png; the files are heat_XXX_<name>_cJ.png."""
+    images, acts = block_activations(n=2)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(str(tmp_path / f"pic{i}.png"))
+        Image.fromarray(im).save(paths[-1])
+    out = tmp_path / "out"
+    written = dff(paths, 2, activations=acts).save(out)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["files"] == {k: [os.path.relpath(p, out) for p in v] for k, v in written.items()}
+    assert summary["files"]["summary"] == ["summary.json"]
+    assert summary["files"]["heatmaps"] == [os.path.join("heatmaps", f"heat_{i:03d}_pic{i}_c{j}.png")
+                                            for i in range(2) for j in range(2)]
+    assert "heatmaps/heat_XXX_<name>_cJ.png" in DFFResult.save.__doc__
+
+
+def test_per_image_summary_keeps_the_imagenet_classes():
+    """Per image, concept_classes (top classes per image and concept) was dropped from the
+    summary."""
+    images, acts = block_activations(n=2)
+    result = dff(images, 2, activations=acts, mode="per_image")
+    assert result.concept_classes is None
+    assert [im["concept_classes"] for im in result.summary()["images"]] == [None, None]
+    classes = [[[("tabby", 0.5), ("tiger cat", 0.25)], [("grass", 0.75)]],
+               [[("lynx", 0.125)], [("sand", 0.625), ("dune", 0.0625)]]]
+    result.concept_classes = classes
+    summary = json.loads(json.dumps(result.summary()))
+    assert summary["images"][0]["concept_classes"] == [[["tabby", 0.5], ["tiger cat", 0.25]], [["grass", 0.75]]]
+    assert summary["images"][1]["concept_classes"] == [[["lynx", 0.125]], [["sand", 0.625], ["dune", 0.0625]]]
+    assert [c["classes"] for c in summary["concepts"]] == [None, None]  # per image, not per concept
+    joint = dff(images, 2, activations=acts)
+    joint.concept_classes = classes[0]
+    summary = json.loads(json.dumps(joint.summary()))
+    assert [c["classes"] for c in summary["concepts"]] == [[["tabby", 0.5], ["tiger cat", 0.25]], [["grass", 0.75]]]
+    assert [im["concept_classes"] for im in summary["images"]] == [None, None]
+
+
+def test_a_file_named_heatmaps_is_found_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    """A file out/heatmaps was found after the whole DFF run ('cannot use .../heatmaps: File
+    exists'), with the overlays already written."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    images, acts = block_activations(n=2)
+    result = dff(images, 2, activations=acts)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "heatmaps").write_text("x")
+    with pytest.raises(OSError, match=r"heatmaps is a file, and the heat maps go into a folder of that name.*heatmaps=False"):
+        result.save(out)
+    assert sorted(os.listdir(out)) == ["heatmaps"]  # nothing written
+    assert result.save(out, heatmaps=False)["heatmaps"] == []
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "grid.png").mkdir()
+    with pytest.raises(OSError, match=r"grid.png is a folder"):
+        result.save(tmp_path / "other")
+    assert sorted(os.listdir(tmp_path / "other")) == ["grid.png"]
+    # the command line: before the work
+    image = tmp_path / "img.png"
+    Image.fromarray(images[0]).save(image)
+    monkeypatch.setattr(dff_module, "dff", _fail_if_run)
+    assert cli.main(["dff", str(image), "-k", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"dffkit dff: error: --out {out}: {out / 'heatmaps'} is a file" in err and "--no-heatmaps" in err
+
+
+def test_init_custom_is_refused_before_the_images_are_read():
+    """init='custom' failed after the work: 'W is required with init='custom': pass an array
+    of shape (3136, 3)', although dff takes no W."""
+    with pytest.raises(ValueError, match=r"init must be one of 'random', 'nndsvd', 'nndsvda', 'nndsvdar' or None, "
+                                         r"got 'custom' \(dff computes its own start and takes no W or H"):
+        dff(["/no/such/image.png"], 2, init="custom")
+    with pytest.raises(ValueError, match=r"init must be one of .* got 'nndsvdx'"):
+        dff(["/no/such/image.png"], 2, init="nndsvdx")
+    images, acts = block_activations(n=2)
+    assert dff(images, 2, activations=acts, init="nndsvda").n_concepts == 2
+    assert dff(images, 2, activations=acts, init=None).n_concepts == 2
+
+
+def test_public_helpers_check_their_arguments():
+    """upsample, bilinear_matrix and mask_box failed with ZeroDivisionError, IndexError or
+    'not enough values to unpack', or returned a nonsense box."""
+    maps = np.ones((1, 2, 2))
+    with pytest.raises(ValueError, match=r"size\[0\] \(height\) must be a positive int .*got 0"):
+        upsample(maps, (0, 4))
+    with pytest.raises(ValueError, match=r"size\[1\] \(width\) must be a positive int .*got -2"):
+        upsample(maps, (4, -2))
+    with pytest.raises(TypeError, match=r"size\[0\] \(height\) must be a positive int .*got 3.5"):
+        upsample(maps, (3.5, 4))
+    with pytest.raises(TypeError, match=r"size must be a \(height, width\) pair of positive ints, got 4"):
+        upsample(maps, 4)
+    with pytest.raises(ValueError, match=r"maps must be a 3-D array \(k, h, w\), got shape \(2, 3\); for one \(h, w\) map pass maps\[None\]"):
+        upsample(np.zeros((2, 3)), (4, 4))
+    with pytest.raises(ValueError, match=r"maps must have at least one row and column"):
+        upsample(np.zeros((1, 0, 3)), (4, 4))
+    np.testing.assert_array_equal(upsample(np.full((1, 1, 1), 3.0), (2, 3)), np.full((1, 2, 3), 3.0, np.float32))
+    with pytest.raises(ValueError, match=r"n_out must be a positive int .*got 0"):
+        bilinear_matrix(0, 3)
+    with pytest.raises(ValueError, match=r"n_in must be a positive int .*got 0"):
+        bilinear_matrix(3, 0)
+    with pytest.raises(TypeError, match=r"n_out must be a positive int .*got 2.5"):
+        bilinear_matrix(2.5, 3)
+    # hand-computed: 2 -> 4 samples, centres aligned: source positions -0.25, 0.25, 0.75, 1.25 (clamped)
+    np.testing.assert_allclose(bilinear_matrix(np.int64(4), 2), [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+    with pytest.raises(ValueError, match=r"mask must be a 2-D \(H, W\) array, got shape \(2, 2, 2\)"):
+        mask_box(np.ones((2, 2, 2)))
+    with pytest.raises(ValueError, match=r"mask must be a 2-D"):
+        mask_box(np.ones(3))
+    assert mask_box(np.eye(3, dtype=bool)) == (0, 0, 3, 3)
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 2, 2), (1, 3, 0, 2), (1, 3, 2, 0)])
+def test_empty_activations_are_named(shape):
+    """activations=np.zeros((4, 0, 14, 14)) gave 'cannot reshape array of size 0'."""
+    images, _ = block_activations(n=1)
+    with pytest.raises(ValueError, match=rf"the activations you passed are empty for image 0 \(image_0\): shape "
+                                         rf"\(C, h, w\) = \({shape[1]}, {shape[2]}, {shape[3]}\).*C, h, w >= 1"):
+        dff(images, 1, activations=np.zeros(shape, np.float32))
+
+
+def test_more_concepts_than_channels_warns():
+    """k = 3136 with the filter bank's 55 channels ran for minutes without a word."""
+    images, acts = block_activations(n=2, C=4, h=3, w=3)
+    with pytest.warns(UserWarning, match=r"n_concepts=5 is more than the 4 channels of the activations you passed: "
+                                         r"the factorization cannot find more than 4 meaningful concepts.*n_concepts <= 4"):
+        result = dff(images, 5, activations=acts, max_iter=5)
+    assert result.n_concepts == 5  # a warning, not an error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dff(images, 4, activations=acts, max_iter=5)

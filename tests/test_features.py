@@ -1037,3 +1037,140 @@ def test_cuda_provider_options_defaults_and_overrides(monkeypatch):
         for key, value in (given or {}).items():
             assert opts[key] == str(value)
     assert features.CUDA_PROVIDER_DEFAULTS == {"prefer_nhwc": "1"}  # the defaults are not mutated
+
+
+# --------------------------------------------------------------------------- audit fixes (images, providers, messages)
+
+
+def test_a_numpy_array_of_paths_is_a_sequence_of_paths(tmp_path):
+    """A 1-D str or object array (pandas' df.path.values) was read as one image and refused:
+    'image 0 (array (4,) <U45): an image array must be (H, W), ...'."""
+    imgs = images(3, 16, 16)
+    paths = []
+    for i, a in enumerate(imgs):
+        paths.append(str(tmp_path / f"p{i}.png"))
+        Image.fromarray(a).save(paths[-1])
+    fx = FeatureExtractor(small_net(), "relu1", providers="cpu", image_size=16)
+    expected = fx(paths)
+    for array in (np.array(paths), np.array(paths, dtype=object)):
+        got = fx(array)
+        np.testing.assert_array_equal(got, expected)
+        assert fx.last_sizes == [(16, 16)] * 3
+    from dffkit.images import as_image_list
+
+    listed = as_image_list(np.array(paths))
+    assert listed == paths and all(type(p) is str for p in listed)  # plain str, not np.str_
+    assert len(as_image_list(np.zeros((4, 5), np.uint8))) == 1  # a 2-D uint8 array is still one image
+
+
+def test_a_memoryview_of_encoded_bytes_is_one_image():
+    """A memoryview was iterated: 'image 0 (int): cannot read an image from a int'."""
+    a = images(1, 6, 4)[0]
+    data = _png(a)
+    (img,) = load_images(memoryview(data))
+    np.testing.assert_array_equal(np.asarray(img), a)
+    (img,) = load_images([memoryview(data)])
+    np.testing.assert_array_equal(np.asarray(img), a)
+    fx = FeatureExtractor(small_net(), "relu1", providers="cpu", image_size=16)
+    np.testing.assert_array_equal(fx(memoryview(data)), fx(data))
+
+
+def test_one_shared_folder_expansion():
+    """dff and cluster_images list folders with one function, whose empty-folder error is
+    both a FileNotFoundError (the command line) and a ValueError (bad input)."""
+    from dffkit import clustering, deep_feature_factorization, images as images_module
+
+    assert deep_feature_factorization._expand_images is images_module._expand_images
+    assert clustering._expand_images is images_module._expand_images
+    assert issubclass(images_module.NoImagesFound, FileNotFoundError)
+    assert issubclass(images_module.NoImagesFound, ValueError)
+
+
+def test_unknown_provider_in_a_list_names_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown onnxruntime provider 'BogusProvider'; this onnxruntime has \[.*'CPUExecutionProvider'"):
+        FeatureExtractor("filterbank", providers=["BogusProvider"])
+    with pytest.raises(ValueError, match=r"providers: a list of onnxruntime provider names .*got the entry 3"):
+        FeatureExtractor("filterbank", providers=[3])
+    with pytest.raises(ValueError, match="providers is an empty list"):
+        FeatureExtractor("filterbank", providers=[])
+    fx = FeatureExtractor("filterbank", providers=["CPUExecutionProvider"])
+    assert fx.provider == "CPUExecutionProvider"
+
+
+@pytest.mark.skipif(features.cuda_available(), reason="needs a machine without CUDA")
+def test_cuda_in_a_provider_list_without_cuda_is_an_error():
+    """providers=['CUDAExecutionProvider'] ran on the CPU, silently."""
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        FeatureExtractor("filterbank", providers=["CUDAExecutionProvider"])
+    with pytest.raises(RuntimeError, match="CUDAExecutionProvider"):
+        FeatureExtractor("filterbank", providers=[("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"])
+
+
+def test_a_listed_provider_the_session_did_not_get_is_an_error(monkeypatch):
+    """onnxruntime falls back to the CPU when a provider of the list cannot start; the
+    session's own providers (session.get_providers()) are checked."""
+    real = ort.InferenceSession
+
+    class CpuOnly:  # a session whose listed provider failed to start
+        def __init__(self, model, options, providers):
+            self._session = real(model, options, providers=["CPUExecutionProvider"])
+
+        def __getattr__(self, name):
+            return getattr(self._session, name)
+
+    monkeypatch.setattr(ort, "InferenceSession", CpuOnly)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["XnnpackExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "get_all_providers", lambda: ["XnnpackExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match=r"could not start XnnpackExecutionProvider .*would run on \['CPUExecutionProvider'\]"):
+        FeatureExtractor("filterbank", providers=["XnnpackExecutionProvider", "CPUExecutionProvider"])
+    # a provider onnxruntime knows of but this build lacks
+    monkeypatch.setattr(ort, "get_all_providers", lambda: ["XnnpackExecutionProvider", "DmlExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match=r"asks for DmlExecutionProvider, which this onnxruntime does not have"):
+        FeatureExtractor("filterbank", providers=["DmlExecutionProvider"])
+
+
+def test_images_of_several_sizes_get_the_right_advice(tmp_path):
+    """image_size=None was told "(resize='fixed', size=None); use resize='fixed' or process
+    them one by one": resize was already 'fixed'; the fixes are an int image_size or
+    extract_list()."""
+    imgs = [images(1, 16, 16)[0], images(1, 20, 12, seed=1)[0]]
+    fx = FeatureExtractor("filterbank", providers="cpu", image_size=None)
+    with pytest.raises(ValueError) as info:
+        fx(imgs)
+    message = str(info.value)
+    assert "image_size=None keeps each image's own size" in message
+    assert "pass an int image_size (e.g. image_size=224)" in message and "extract_list()" in message
+    assert "resize='fixed'" not in message and "16 x 16" in message and "20 x 12" in message
+    # one image a batch: the batches stack, the activations differ: the same advice
+    fx1 = FeatureExtractor("filterbank", providers="cpu", image_size=None, batch_size=1)
+    with pytest.raises(ValueError, match=r"different sizes .*pass an int image_size .*extract_list\(\)"):
+        fx1(imgs)
+    shorter = FeatureExtractor("filterbank", providers="cpu", image_size=16, resize="shorter")
+    with pytest.raises(ValueError, match=r"resize='shorter' keeps each image's aspect ratio: pass resize='fixed'"):
+        shorter(imgs)
+    from dffkit.images import preprocess as host_preprocess
+
+    with pytest.raises(ValueError, match=r"size=None keeps each image's own size: pass an int size .*one by one"):
+        host_preprocess(load_images(imgs), None)
+
+
+@pytest.mark.parametrize("dtype,advice", [
+    (np.int64, r"x.astype\(np.uint8\) for values in 0..255, x.astype\(np.uint16\)"),
+    (np.int32, r"x.astype\(np.uint8\) for values in 0..255"),
+    (np.bool_, r"a boolean array is a mask, not a picture: pass x.astype\(np.uint8\) \* 255"),
+    (np.float32, r"convert floats yourself"),
+])
+def test_image_arrays_of_other_types_get_advice_for_their_type(dtype, advice):
+    """int64 and bool arrays were told to 'convert floats yourself'."""
+    with pytest.raises(ValueError, match=advice) as info:
+        load_images([np.zeros((4, 4, 3), dtype)])
+    if dtype is not np.float32:
+        assert "floats" not in str(info.value)
+
+
+def test_batch_size_must_be_a_positive_int_not_a_bool():
+    """batch_size=True ran with batches of 1."""
+    for bad in (True, False, 2.0, "4"):
+        with pytest.raises(ValueError, match=r"batch_size must be a positive int \(images per onnxruntime run"):
+            FeatureExtractor(small_net(), providers="cpu", batch_size=bad)
+    assert FeatureExtractor(small_net(), providers="cpu", batch_size=np.int64(3)).batch_size == 3

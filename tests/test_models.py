@@ -820,3 +820,23 @@ def test_truncate_takes_float32_for_a_float16_model():
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref, rtol=0.05, atol=0.02 * np.abs(ref).max())
     assert models.truncate(half, "relu1_2", nchw_input=False).graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("weights,hint", [
+    ("imagenet", r"for ImageNet weights pass weights='torchvision'"),
+    ("Random", r"did you mean 'random'\?"),
+    ("resnet", r""),
+])
+def test_vgg16_weights_that_are_neither_a_value_nor_a_file_name_the_values(weights, hint, tmp_path):
+    """weights='imagenet' raised FileNotFoundError 'no such model file: imagenet', never
+    naming 'random', 'torchvision' or a path."""
+    with pytest.raises(ValueError, match=r"weights must be 'random', 'torchvision' or the path of a VGG-16 ONNX file; "
+                                         rf"got '{weights}'.*{hint}"):
+        models.vgg16(weights=weights, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing was built
+
+
+def test_vgg16_weights_that_look_like_a_path_are_read_as_one(tmp_path):
+    for missing in (str(tmp_path / "vgg16.onnx"), "vgg16.onnx", "models/vgg16"):
+        with pytest.raises(FileNotFoundError, match="no such model file"):
+            models.vgg16(weights=missing, cache_dir=tmp_path)

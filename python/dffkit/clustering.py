@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dffkit.images import _expand_images, _image_index
 from dffkit.metrics import adjusted_rand_score, clustering_accuracy, normalized_mutual_info_score
 from dffkit.group_sparse import group_norms, group_sparse_nmf, penalty_scale
 from dffkit.nmf import (
@@ -278,7 +279,10 @@ class ClusteringResult:
         return int(self.params.get("n_clusters", int(self.labels.max()) + 1))
 
     def heat_maps(self, i):
-        """{part: (h, w) map} of the parts image i uses, strongest first."""
+        """{part: (h, w) map} of the parts image i uses, strongest first ({} for method
+        "kmeans", which has no parts). ``i``: an int in 0..N-1, or -N..-1 from the end
+        (TypeError / IndexError otherwise)."""
+        i = _image_index(i, len(self.labels))
         if self.part_maps is None:
             return {}
         return {int(j): self.part_maps[i, j] for j in self.parts_used[i]}
@@ -548,7 +552,8 @@ def _make_extractor(extractor, layer):
 def _image_items(images):
     """``images`` as a list of single images: a path or ``os.PathLike`` is one image, or, for
     a folder, its image files (``_expand_images``); otherwise as the feature extractor reads
-    them (``dffkit.images.as_image_list``: a 4-D array is N images, a 3-D one one image)."""
+    them (``dffkit.images.as_image_list``: a 4-D array is N images, a 3-D one one image, a
+    1-D array of str or object dtype a sequence of paths)."""
     if isinstance(images, (str, os.PathLike)):
         return _expand_images([os.fspath(images)])
     from dffkit.images import as_image_list
@@ -561,9 +566,10 @@ def cluster_images(images, n_clusters, *, extractor=None, layer=None, **kwargs):
 
     Parameters
     ----------
-    images : a sequence of images (paths, PIL images, uint8 arrays), a 4-D uint8 array
-        (N images), or one path / ``os.PathLike``: an image file, or a folder, whose image
-        files (by extension, sorted by name) are the images.
+    images : a sequence of images (paths, PIL images, uint8 arrays; a 1-D numpy array of
+        paths, e.g. ``df.path.values``, too), a 4-D uint8 array (N images), or one path /
+        ``os.PathLike``: an image file, or a folder, whose image files (by extension, sorted
+        by name) are the images.
     n_clusters : int.
     extractor : None (default: ``dffkit.FeatureExtractor("filterbank")``, the built-in
         colour-and-texture network), a ``FeatureExtractor``, an ONNX model (path or
@@ -699,24 +705,6 @@ def write_clusters(result, images, out_dir, *, thumb=128, extra=None):
 # ---------------------------------------------------------------------------------------------
 # command line: dffkit cluster IMAGES... -n N [--model M.onnx] [--out DIR]
 # ---------------------------------------------------------------------------------------------
-
-_IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-def _expand_images(paths):
-    out = []
-    for p in paths:
-        if os.path.isdir(p):
-            found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(_IMAGE_EXTS))
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(_IMAGE_EXTS)}) in directory {p}")
-            out += found
-        elif not os.path.exists(p):
-            raise FileNotFoundError(f"no such image: {p}")
-        else:
-            out.append(p)
-    return out
-
 
 def _add_arguments(parser):
     from dffkit.cli import positive_int

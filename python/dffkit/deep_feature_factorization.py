@@ -42,6 +42,8 @@ import numpy as np
 
 from dffkit import _backends
 from dffkit.cli import positive_int, prepare_output_dir
+from dffkit.images import IMAGE_SUFFIXES as _IMAGE_SUFFIXES
+from dffkit.images import _expand_images, _image_index
 
 __all__ = [
     "dff",
@@ -58,7 +60,6 @@ __all__ = [
 _MODES = ("joint", "per_image")
 _NEGATIVES = ("error", "clip", "shift")
 _ASSIGN = ("argmax", "kmeans")
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,9 +71,20 @@ def bilinear_matrix(n_out: int, n_in: int) -> np.ndarray:
 
     Pixel centres are aligned (``align_corners=False`` in PyTorch, OpenCV's and Pillow's
     convention without antialiasing); samples beyond the outer centres repeat the edge.
-    The array is shared between calls (read-only).
+    The array is shared between calls (read-only). ``n_out`` and ``n_in`` are positive ints
+    (TypeError / ValueError otherwise).
     """
-    return _bilinear_matrix(int(n_out), int(n_in))
+    return _bilinear_matrix(_positive_count("n_out", n_out), _positive_count("n_in", n_in))
+
+
+def _positive_count(name: str, value, what: str = "samples") -> int:
+    """``value`` as a positive int (numpy ints too, bools not), else TypeError / ValueError
+    naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int (a number of {what}), got {value!r} of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int (a number of {what}, at least 1), got {value}")
+    return int(value)
 
 
 def _source_taps(n_out: int, n_in: int):
@@ -111,8 +123,20 @@ def bilinear_taps(n_out: int, n_in: int):
 
 
 def upsample(maps, size: Tuple[int, int]) -> np.ndarray:
-    """Bilinear resampling of (k, h, w) maps (numpy) to (k, H, W) float32."""
-    return np.ascontiguousarray(_upsampled(_NumpyOps(), np.asarray(maps, dtype=np.float32)[None], size)[0])
+    """Bilinear resampling of (k, h, w) maps (numpy, h, w >= 1) to (k, H, W) float32; ``size``
+    is (H, W), a pair of positive ints. TypeError / ValueError naming the argument otherwise."""
+    a = np.asarray(maps, dtype=np.float32)
+    if a.ndim != 3:
+        hint = "; for one (h, w) map pass maps[None]" if a.ndim == 2 else ""
+        raise ValueError(f"maps must be a 3-D array (k, h, w), got shape {a.shape}{hint}")
+    if a.shape[1] < 1 or a.shape[2] < 1:
+        raise ValueError(f"maps must have at least one row and column (k, h, w with h, w >= 1), got shape {a.shape}")
+    try:
+        H, W = size
+    except (TypeError, ValueError):
+        raise TypeError(f"size must be a (height, width) pair of positive ints, got {size!r}") from None
+    size = (_positive_count("size[0] (height)", H, "pixels"), _positive_count("size[1] (width)", W, "pixels"))
+    return np.ascontiguousarray(_upsampled(_NumpyOps(), a[None], size)[0])
 
 
 def _upsampled(ops, A, size):
@@ -210,9 +234,11 @@ def largest_component(mask, connectivity: int = 8) -> np.ndarray:
 
 
 def mask_box(mask) -> Optional[Tuple[int, int, int, int]]:
-    """Bounding box (x0, y0, x1, y1) of a boolean mask, in pixels, x1 and y1 exclusive;
-    None for an empty mask."""
+    """Bounding box (x0, y0, x1, y1) of a boolean (H, W) mask, in pixels, x1 and y1
+    exclusive; None for an empty mask. ValueError for a mask that is not 2-D."""
     mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be a 2-D (H, W) array, got shape {mask.shape}; pass one image's mask")
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
@@ -495,6 +521,11 @@ class DFFResult:
     def n_images(self) -> int:
         return len(self.heatmaps)
 
+    def _index(self, i) -> int:
+        """Image index ``i`` as an int in 0..N-1: an int (numpy ints too) in -N..N-1, negative
+        ones counting from the end as in a list; TypeError / IndexError naming it otherwise."""
+        return _image_index(i, self.n_images)
+
     def _concept(self, concept) -> int:
         if isinstance(concept, bool) or not isinstance(concept, (int, np.integer)):
             raise TypeError(f"concept must be an int index, got {concept!r}")
@@ -549,9 +580,15 @@ class DFFResult:
     def overlay(self, i: int, *, opacity: float = 0.75, legend: bool = True):
         """Image i as a PIL image: the photo desaturated, each concept painted in its own
         colour with opacity by heat (relative across images, ``heatmaps * strength``), and a
-        legend of concept names."""
+        legend of concept names.
+
+        ``i``: an int in 0..N-1, or -N..-1 from the end (TypeError / IndexError otherwise);
+        ``opacity``: a number in [0, 1], the colours' opacity where the heat is 1 (TypeError /
+        ValueError otherwise)."""
         from dffkit import visualize
 
+        i = self._index(i)
+        opacity = visualize._check_opacity(opacity)
         image = self._image(i)
         heat = self.heatmaps[i] * self.strength[i][:, None, None]
         names = [f"{j}: {n}" for j, n in enumerate(self.names_for(i))] if legend else None
@@ -559,17 +596,25 @@ class DFFResult:
                                  title=self._caption() if legend else None)
 
     def heatmap_image(self, i: int, concept: int, *, colormap: str = "viridis"):
-        """Concept's heat map in image i through a colour map, over the desaturated photo."""
+        """Concept's heat map in image i through a colour map, over the desaturated photo
+        (``i`` as in ``overlay``)."""
         from dffkit import visualize
 
-        return visualize.heatmap_image(self.heatmaps[i][self._concept(concept)], self._image(i), colormap=colormap)
+        i, j = self._index(i), self._concept(concept)
+        return visualize.heatmap_image(self.heatmaps[i][j], self._image(i), colormap=colormap)
 
     def grid(self, *, cell: int = 256, columns: Optional[int] = None, workers: Optional[int] = 1):
         """All overlays (without legends) tiled in one picture, with one legend below;
-        the overlays drawn on ``workers`` threads (None: ``dffkit.images.default_workers()``)."""
+        the overlays drawn on ``workers`` threads (None: ``dffkit.images.default_workers()``).
+        ``cell`` (pixels per tile) and ``columns`` (None: about the square root of N) are
+        positive ints (TypeError / ValueError otherwise)."""
         from dffkit import visualize
         from dffkit.images import _check_workers, _ordered
 
+        cell = visualize._check_positive_int("cell", cell, 256)  # before the overlays are drawn
+        if columns is not None:
+            columns = visualize._check_positive_int("columns", columns, 4)
+        self._image(0)  # a result without its images says so before anything is drawn
         tiles = _ordered(lambda i: self.overlay(i, legend=False), [(i,) for i in range(self.n_images)],
                          _check_workers(workers))
         captions = [Path(s).name if os.sep in s or "." in s else s for s in self.sources]
@@ -581,8 +626,9 @@ class DFFResult:
 
     def _image(self, i: int):
         if self.images is None:
-            raise ValueError("this result keeps no images (dff(..., keep_images=False)); pass them again")
-        return self.images[i]
+            raise ValueError("this result keeps no images (dff(..., keep_images=False)); run dff with "
+                             "keep_images=True for pictures")
+        return self.images[self._index(i)]
 
     def _caption(self) -> str:
         what = f"{self.model_name} {self.layer}" if self.layer else str(self.model_name)
@@ -595,7 +641,11 @@ class DFFResult:
     # ---- records
     def summary(self) -> dict:
         """A JSON-ready description: settings, model, concept names, consistency, per-image
-        strength, presence, label area and box (None where absent) of each concept, timings."""
+        strength, presence, label area and box (None where absent) of each concept, timings.
+        ImageNet classes of the concepts (``concept_classes``, models with a classifier head):
+        in ``concepts[j]["classes"]`` in joint mode, in ``images[i]["concept_classes"]`` (one
+        list of (class, probability) pairs per concept) in per-image mode; None elsewhere.
+        Works without the images (``keep_images=False``)."""
         consistency = self.concept_consistency()
         present = self.present
         return {
@@ -615,7 +665,8 @@ class DFFResult:
             "reconstruction_error": self.reconstruction_error,
             "concepts": [
                 {"index": j, "name": self.concept_names[j] if self.mode == "joint" else None,
-                 "classes": (self.concept_classes[j] if self.concept_classes and self.mode == "joint" else None),
+                 "classes": (_json_classes([self.concept_classes[j]])[0]
+                             if self.concept_classes and self.mode == "joint" else None),
                  "consistency": float(consistency[j])}
                 for j in range(self.n_concepts)
             ],
@@ -623,6 +674,8 @@ class DFFResult:
                 {"source": self.sources[i], "size": list(self.image_sizes[i]),
                  "feature_size": list(self.feature_sizes[i]),
                  "concept_names": self.names_for(i) if self.mode == "per_image" else None,
+                 "concept_classes": (_json_classes(self.concept_classes[i])
+                                     if self.concept_classes and self.mode == "per_image" else None),
                  "strength": [round(float(s), 4) for s in self.strength[i]],
                  "present": [bool(p) for p in present[i]],
                  "area": [round(float((self.labels[i] == j).mean()), 4) for j in range(self.n_concepts)],
@@ -636,9 +689,18 @@ class DFFResult:
     def save(self, directory, *, heatmaps: bool = True, workers: Optional[int] = None,
              progress=None) -> Dict[str, List[str]]:
         """Write the pictures and the summary into ``directory`` (created if needed):
-        ``overlay_XXX_<name>.png`` per image (with legend), ``heatmaps/heat_XXX_cJ.png``
-        per image and concept, ``grid.png`` (all images) and ``summary.json``.
-        Returns the written paths by kind.
+        ``overlay_XXX_<name>.png`` per image (with legend), ``heatmaps/heat_XXX_<name>_cJ.png``
+        per image and concept (XXX: the image's index, <name>: its file name without the
+        extension, J: the concept; ``heatmaps=False``: none), ``grid.png`` (all images) and
+        ``summary.json`` (``summary()``, plus "files": the written paths relative to
+        ``directory``). Returns the written paths by kind ("overlays", "heatmaps", "grid",
+        "summary"), the same lists as "files".
+
+        A result without its images (``dff(..., keep_images=False)``) has no pictures to draw:
+        only ``summary.json`` is written, with a warning. The places the files go are checked
+        before anything is written: OSError when ``directory`` is a file, or a file stands
+        where the ``heatmaps`` folder goes (a folder where ``grid.png`` or ``summary.json``
+        goes).
 
         Images are drawn and encoded on ``workers`` threads (default: the image threads of
         ``dffkit.images.default_workers()``, at most 4: each holds a few full-size float
@@ -648,10 +710,20 @@ class DFFResult:
         from dffkit import visualize
         from dffkit.images import _check_workers, _ordered
 
-        report = _progress_callback(progress, self.n_images, label="pictures ")
+        pictures = self.images is not None
+        heatmaps = heatmaps and pictures
+        workers = _check_workers(workers) if workers is not None else min(4, _check_workers(None))
+        _check_output_places(directory, "directory", heatmaps=heatmaps)
+        report = _progress_callback(progress, self.n_images if pictures else 0, label="pictures ")
         done, done_lock = [0], threading.Lock()
 
         out = prepare_output_dir(directory, option="directory", probe=False)
+        written: Dict[str, List[str]] = {"overlays": [], "heatmaps": [], "grid": [], "summary": []}
+        if not pictures:
+            warnings.warn("this result keeps no images (dff(..., keep_images=False)): wrote summary.json only, "
+                          "no overlays, heat maps or grid; run dff with keep_images=True for the pictures",
+                          UserWarning, stacklevel=2)
+            return self._write_summary(out, written)
         if heatmaps:
             (out / "heatmaps").mkdir(exist_ok=True)
         stems = _unique_stems(self.sources)
@@ -671,20 +743,21 @@ class DFFResult:
                 report(done[0])
             return paths
 
-        workers = _check_workers(workers) if workers is not None else min(4, _check_workers(None))
         drawn = _ordered(draw, [(i,) for i in range(self.n_images)], workers)
-        written: Dict[str, List[str]] = {
-            "overlays": [paths[0] for paths in drawn],
-            "heatmaps": [p for paths in drawn for p in paths[1:]],
-            "grid": [], "summary": []}
+        written["overlays"] = [paths[0] for paths in drawn]
+        written["heatmaps"] = [p for paths in drawn for p in paths[1:]]
         path = out / "grid.png"
         self.grid(workers=workers).save(path, compress_level=PNG_LEVEL)
         written["grid"].append(str(path))
+        return self._write_summary(out, written)
+
+    def _write_summary(self, out: Path, written: Dict[str, List[str]]) -> Dict[str, List[str]]:
+        """summary.json in ``out``, its "files" the paths of ``written`` and its own."""
         path = out / "summary.json"
+        written["summary"] = [str(path)]
         summary = self.summary()
         summary["files"] = {k: [os.path.relpath(p, out) for p in v] for k, v in written.items()}
         path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        written["summary"].append(str(path))
         return written
 
     def __repr__(self) -> str:
@@ -695,6 +768,29 @@ class DFFResult:
 
 #: zlib level of the PNGs ``DFFResult.save`` writes (Pillow's default is 6)
 PNG_LEVEL = 1
+
+
+def _json_classes(rows) -> list:
+    """Rows of (class, probability) pairs as JSON lists: [[[class, p], ...], ...]."""
+    return [[[str(label), float(p)] for label, p in row] for row in rows]
+
+
+def _check_output_places(directory, option: str = "--out", *, heatmaps: bool = True) -> None:
+    """OSError naming ``option`` before any work or writing, when something stands where
+    ``DFFResult.save`` puts its files in ``directory``: a file named ``heatmaps`` (with
+    ``heatmaps``), a folder named ``grid.png`` or ``summary.json``. (``directory`` itself is
+    checked by ``dffkit.cli.prepare_output_dir``.)"""
+    out = Path(directory)
+    if not out.is_dir():
+        return
+    if heatmaps and (out / "heatmaps").exists() and not (out / "heatmaps").is_dir():
+        raise OSError(f"{option} {directory}: {out / 'heatmaps'} is a file, and the heat maps go into a folder of "
+                      f"that name: move or delete the file, choose another {option}, or leave the heat maps out "
+                      f"({'--no-heatmaps' if option == '--out' else 'heatmaps=False'})")
+    for name in ("grid.png", "summary.json"):
+        if (out / name).is_dir():
+            raise OSError(f"{option} {directory}: {out / name} is a folder, and {name} is written there: move it "
+                          f"or choose another {option}")
 
 
 def _unique_stems(sources: Sequence[str]) -> List[str]:
@@ -828,6 +924,18 @@ def _resolve_extractor(extractor, layer, backend):
     return extractor
 
 
+def _check_init(init) -> None:
+    """``init`` one of the NMF's starts that dff can use (not "custom": dff takes no W, H)."""
+    from dffkit.nmf import _INITS
+
+    allowed = tuple(i for i in _INITS if i != "custom")
+    if init is not None and not (isinstance(init, str) and init in allowed):
+        extra = (" (dff computes its own start and takes no W or H; to start from factors of your own, "
+                 "factorize the activations with dffkit.non_negative_factorization(X, init='custom', W=..., H=...))"
+                 if init == "custom" else "")
+        raise ValueError(f"init must be one of {', '.join(repr(i) for i in allowed)} or None, got {init!r}{extra}")
+
+
 def _check_k(n_concepts):
     if isinstance(n_concepts, bool) or not isinstance(n_concepts, (int, np.integer)):
         raise TypeError(f"n_concepts must be an int, got {n_concepts!r} of type {type(n_concepts).__name__}")
@@ -929,14 +1037,16 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
 
     Parameters
     ----------
-    images : path, PIL image, uint8 array (H, W, 3), a sequence or iterator of them, or a folder
+    images : path, PIL image, uint8 array (H, W, 3), encoded bytes, a sequence or iterator of
+        them (a 1-D numpy array of paths, e.g. ``df.path.values``, too), or a folder
         Read with ``dffkit.images.load_images`` (EXIF orientation applied, any mode to RGB).
         Heat maps come back at each image's original size. ``sources`` keeps the paths (a
         folder, alone or in a list, stands for its image files in name order); in-memory
         images are named ``image_<i>``.
     n_concepts : int
         k, the number of concepts (rank of the factorization), 1 <= k <= number of positions
-        (N·h·w jointly, h·w per image).
+        (N·h·w jointly, h·w per image). A k above the number of channels C is allowed with a
+        warning: no more than C concepts can be told apart, and the solver slows down.
     extractor : FeatureExtractor, model name ("filterbank", "vgg16"), ONNX path or ModelProto
         None: the built-in colour-and-texture filter bank (concepts of colour and texture);
         a trained VGG-16 (conv5_3) gives the paper's semantic concepts.
@@ -949,7 +1059,9 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         NMF engine. On a GPU (CUDA NMF, an extractor on CUDA, CuPy or PyTorch present)
         activations stay in device memory and the maps are computed there; only the final
         maps come back.
-    max_iter, tol, random_state, init : the NMF's (see ``non_negative_factorization``).
+    max_iter, tol, random_state, init : the NMF's (see ``non_negative_factorization``); init is
+        "random", "nndsvd", "nndsvda", "nndsvdar" or None ("custom" is refused: dff takes no
+        W or H).
     negatives : "error" | "clip" | "shift"
         What to do with negative activations (a layer before its ReLU): refuse, set them to
         0, or subtract each channel's minimum (over the images factorized together).
@@ -983,9 +1095,13 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
 
     Raises
     ------
-    ValueError : no images, k < 1, k larger than the number of positions, NaN or infinite
-        activations (naming the images), negative activations with ``negatives="error"``,
-        unknown option values.
+    ValueError : no images, k < 1, k larger than the number of positions, empty, NaN or
+        infinite activations (naming the images), negative activations with
+        ``negatives="error"``, unknown option values (init="custom" included).
+
+    Warns
+    -----
+    UserWarning : k larger than the number of channels C.
     """
     from dffkit.images import image_sizes, load_images
     from dffkit.nmf import ConvergenceWarning, _check_backend, nmf_batched, non_negative_factorization
@@ -994,6 +1110,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     for name, value, allowed in (("mode", mode, _MODES), ("negatives", negatives, _NEGATIVES), ("assign", assign, _ASSIGN)):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    _check_init(init)
     _check_backend(backend)
     threshold = _check_fraction("threshold", threshold)
     _keep_maps(keep_maps, [], k)  # checked before the long work
@@ -1034,12 +1151,25 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         if not on_device:  # the host path, by choice or by fallback
             ops = None
     ops = ops or _NumpyOps()
+    what = ("the activations you passed" if activations is not None
+            else f"the activations of layer {getattr(ext, 'layer', layer)!r}")
+    empty = [i for i, a in enumerate(per) if 0 in tuple(a.shape)]
+    if empty:
+        i = empty[0]
+        raise ValueError(
+            f"{what} are empty for image {i} ({sources[i]}): shape (C, h, w) = {tuple(int(d) for d in per[i].shape)}; "
+            "DFF needs at least one channel and a feature grid of at least 1 x 1: pass activations (N, C, h, w) "
+            "with C, h, w >= 1 (a convolutional layer's output)"
+        )
     channels = {int(a.shape[0]) for a in per}
     if len(channels) != 1:
         raise ValueError(f"activations of the images have different channel counts {sorted(channels)}")
     C = channels.pop()
-    what = ("the activations you passed" if activations is not None
-            else f"the activations of layer {getattr(ext, 'layer', layer)!r}")
+    if k > C:
+        warnings.warn(
+            f"n_concepts={k} is more than the {C} channels of {what}: the factorization cannot find more than {C} "
+            f"meaningful concepts (the concepts are rows of a {k} x {C} matrix), the rest split or repeat them and "
+            f"the solver slows down; use n_concepts <= {C}", UserWarning, stacklevel=2)
     _check_finite(ops, per, sources, what)
     feature_sizes = [(int(a.shape[1]), int(a.shape[2])) for a in per]
     positions = [h * w for h, w in feature_sizes]
@@ -1425,24 +1555,6 @@ def sample_images() -> List[str]:
     return paths
 
 
-def _expand_images(args: Sequence[str]) -> List[str]:
-    paths = []
-    for a in args:
-        p = Path(a)
-        if p.is_dir():
-            found = sorted(str(q) for q in p.iterdir() if q.suffix.lower() in _IMAGE_SUFFIXES)
-            if not found:
-                raise ValueError(f"folder {a} holds no images ({', '.join(_IMAGE_SUFFIXES)})")
-            paths.extend(found)
-        elif not p.exists():
-            raise FileNotFoundError(f"no such image file or folder: {a}")
-        else:
-            paths.append(str(p))
-    if not paths:
-        raise ValueError("no images given")
-    return paths
-
-
 def _add_common_arguments(p, k_default: int):
     p.add_argument("-k", "--concepts", type=int, default=k_default, dest="k",
                    help=f"number of concepts (default {k_default})")
@@ -1495,6 +1607,7 @@ def _build_extractor(args):
 def _run(args, paths, *, noted: bool = False) -> int:
     ext = _build_extractor(args)
     prepare_output_dir(args.out)  # before the work: a file there, or no right to write, fails now
+    _check_output_places(args.out, "--out", heatmaps=not getattr(args, "no_heatmaps", False))
     print(f"model {_model_name(ext)}, layer {ext.layer}, provider {getattr(ext, 'provider', '?')}; "
           f"{len(paths)} images, k={args.k}, {'per image' if args.per_image else 'joint'}", file=sys.stderr)
     note = _model_note(_model_name(ext), getattr(ext, "untrained", False))

@@ -31,10 +31,12 @@ import numpy as np
 from . import models as _models
 from .images import (
     _check_workers,
+    _different_sizes_advice,
     as_image_list,
     image_sizes,
     load_image,
     load_images,
+    normalize,
     preprocess,
     resize_batch,
     resized_batches,
@@ -122,6 +124,72 @@ def _parse_providers(providers) -> Tuple[str, int]:
     raise ValueError(f"providers must be 'auto', 'cpu', 'cuda' or 'cuda:<device>', or a list of onnxruntime providers; got {providers!r}")
 
 
+def _provider_names(providers) -> List[str]:
+    """The names in a list of onnxruntime providers (each a name or a (name, options dict)
+    pair); ValueError for anything else, or for a name onnxruntime does not know (listing
+    the providers this onnxruntime has)."""
+    import onnxruntime as ort
+
+    names = []
+    for entry in providers:
+        name = entry[0] if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], dict) else entry
+        if not isinstance(name, str):
+            raise ValueError(
+                "providers: a list of onnxruntime provider names or (name, options dict) pairs, e.g. "
+                f"['CUDAExecutionProvider', 'CPUExecutionProvider']; got the entry {entry!r}"
+            )
+        names.append(name)
+    if not names:
+        raise ValueError("providers is an empty list: name at least one, e.g. ['CPUExecutionProvider'], or pass 'auto'")
+    available = ort.get_available_providers()
+    known = set(ort.get_all_providers()) | set(available)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"providers: unknown onnxruntime provider{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(n) for n in unknown)}; this onnxruntime has {available} "
+            "(or pass providers='auto', 'cpu' or 'cuda')"
+        )
+    return names
+
+
+def _session_from_list(ort, model_bytes: bytes, options, providers):
+    """A session on the caller's list of providers, and its device id. Every provider named
+    must run it: RuntimeError naming the one the session did not get and why, never a
+    silent fallback to the CPU."""
+    names = _provider_names(providers)
+    available = ort.get_available_providers()
+    for name in names:
+        if name not in available:
+            why = ("install onnxruntime-gpu, not onnxruntime" if name == "CUDAExecutionProvider"
+                   else "install an onnxruntime package built with it")
+            raise RuntimeError(
+                f"providers={list(providers)!r} asks for {name}, which this onnxruntime does not have "
+                f"(it has {available}): {why}, or leave {name} out"
+            )
+    log = ""
+    if "CUDAExecutionProvider" in names:
+        usable, reason = _cuda_device_status()
+        if not usable:
+            raise RuntimeError(f"providers={list(providers)!r} asks for CUDAExecutionProvider but {reason}")
+        log = _preload_cuda_libraries()
+    session = ort.InferenceSession(model_bytes, options, providers=list(providers))
+    got = session.get_providers()
+    missing = [n for n in names if n not in got]
+    if missing:
+        reason = (f"onnxruntime could not start {', '.join(missing)} (its libraries missing or of the wrong version?) "
+                  f"and would run on {got}")
+        if log:
+            reason += f"; preload_dlls said: {log}"
+        raise RuntimeError(f"providers={list(providers)!r}: {reason}; fix the installation or leave "
+                           f"{', '.join(missing)} out")
+    device_id = 0
+    for entry in providers:
+        if isinstance(entry, tuple) and entry[0] == "CUDAExecutionProvider":
+            device_id = int(entry[1].get("device_id", 0))
+    return session, device_id
+
+
 #: session config entries set unless the caller overrides them. Spinning worker threads
 #: keep the cores busy between runs: on a 2-core machine that slowed onnxruntime's own
 #: next run and whatever ran next (the NMF) more than it saved.
@@ -149,7 +217,7 @@ def _make_session(model_bytes: bytes, providers, num_threads: Optional[int], pro
             raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
         options.intra_op_num_threads = int(num_threads)
     if isinstance(providers, (list, tuple)):
-        return ort.InferenceSession(model_bytes, options, providers=list(providers)), 0
+        return _session_from_list(ort, model_bytes, options, providers)
     kind, device_id = _parse_providers(providers)
     if kind in ("auto", "cuda"):
         usable, reason = _cuda_device_status()
@@ -329,7 +397,10 @@ class FeatureExtractor:
     providers : "auto", "cpu", "cuda", "cuda:<id>", or a list for onnxruntime
         ``"auto"``: CUDA when the provider really starts (checked with
         ``session.get_providers()``), else the CPU. ``"cuda"``: RuntimeError when CUDA
-        cannot run, never a silent fallback.
+        cannot run, never a silent fallback. A list (names or (name, options) pairs, as
+        onnxruntime takes them): ValueError for a name onnxruntime does not know (the
+        message lists the providers it has), RuntimeError naming a provider the session
+        did not get, and why; never a silent fallback either.
     batch_size : int
         Images per onnxruntime run.
     image_size : int, (H, W) or None
@@ -393,11 +464,13 @@ class FeatureExtractor:
         workers: Optional[int] = None,
         channel_axis: Optional[int] = None,
     ):
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int (images per onnxruntime run, e.g. 16), got {batch_size!r}")
         if resize not in ("fixed", "shorter"):
             raise ValueError(f"resize must be 'fixed' or 'shorter', got {resize!r}")
-        if isinstance(providers, str):
+        if isinstance(providers, (list, tuple)):
+            _provider_names(providers)  # before the model is built
+        else:
             _parse_providers(providers)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", _models.UntrainedWeightsWarning)
@@ -660,7 +733,7 @@ class FeatureExtractor:
                     buffer, per = self._device_buffer(n_total, x, images)
                     base = buffer.data_ptr()
                 elif self.output_shape(hw) not in (None, per):
-                    raise ValueError("images of different sizes cannot go into one device buffer; use resize='fixed'")
+                    raise ValueError(f"images of different sizes cannot go into one device buffer; {self._size_advice()}")
                 rows = n if self._fixed_batch is None else self._fixed_batch
                 io_binding = session.io_binding()
                 io_binding.bind_cpu_input(name, self._pad(x))
@@ -674,8 +747,8 @@ class FeatureExtractor:
                     out = np.empty((n_total,) + y.shape[1:], np.float32)
                 elif y.shape[1:] != out.shape[1:]:
                     raise ValueError(
-                        f"images give activations of different sizes {out.shape[1:]} and {y.shape[1:]} "
-                        f"(resize={self.resize!r}); use resize='fixed' or extract_list()"
+                        f"images give activations of different sizes {out.shape[1:]} and {y.shape[1:]}; "
+                        + self._size_advice()
                     )
                 out[start : start + n] = y
             start += n
@@ -700,17 +773,26 @@ class FeatureExtractor:
     def resize_images(self, pil_images: Sequence) -> np.ndarray:
         """RGB PIL images -> (N, H, W, 3) uint8, resized to this extractor's size: what
         ``run`` takes (``preprocess`` is the same, normalised on the host)."""
-        return resize_batch(pil_images, self.image_size, self.resize)
+        return resize_batch(pil_images, self.image_size, self.resize, **self._size_words())
 
     def preprocess(self, pil_images: Sequence) -> np.ndarray:
         """RGB PIL images -> (N, 3, H, W) float32 at this extractor's size and normalisation."""
-        return preprocess(pil_images, self.image_size, self.resize, self.normalization)
+        return normalize(self.resize_images(pil_images), self.normalization)
+
+    def _size_words(self) -> dict:
+        """How the size messages of ``dffkit.images`` name this extractor's parameters."""
+        return {"size_name": "image_size", "alternative": "use extract_list() for activations at each image's own size"}
+
+    def _size_advice(self) -> str:
+        """How to get activations of one size from images of several sizes."""
+        return _different_sizes_advice(self.image_size, self.resize, **self._size_words())
 
     def __call__(self, images, *, device_output: bool = False):
         """Activations (N, C, h, w) float32 of the layer for ``images``.
 
-        ``images``: a path, PIL image or uint8 array (H, W[, 3|4]), or a sequence of
-        them (a 4-D uint8 array is N images). They are read with Pillow (EXIF
+        ``images``: a path, PIL image, encoded bytes or uint8 array (H, W[, 3|4]), or a
+        sequence of them (a 4-D uint8 array is N images, a 1-D array of str or object dtype
+        a sequence of paths). They are read with Pillow (EXIF
         orientation applied, any mode converted to RGB) and resized on ``workers``
         threads, the next batch while onnxruntime runs this one, and run ``batch_size``
         at a time (normalised inside the model); ``last_sizes`` then holds each image's
@@ -733,10 +815,7 @@ class FeatureExtractor:
             for part_sizes, arrays in resized_batches(items, self.batch_size, self.image_size, self.resize,
                                                       workers=self.workers):
                 sizes.extend(part_sizes)
-                try:
-                    yield stack_resized(arrays, self.image_size, self.resize)
-                except ValueError as e:
-                    raise ValueError(f"{e}; use extract_list() for images of different shapes") from None
+                yield stack_resized(arrays, self.image_size, self.resize, **self._size_words())
 
         out = self._forward(chunks(), len(items), device_output)
         self.last_sizes = sizes

@@ -130,6 +130,18 @@ def to_rgb(img):
     return img.convert("RGB")
 
 
+def _dtype_advice(dtype: np.dtype) -> str:
+    """How to turn an image array of ``dtype`` (not uint8 or uint16) into one ``load_image`` reads."""
+    if dtype.kind == "b":
+        return "a boolean array is a mask, not a picture: pass x.astype(np.uint8) * 255 for a black-and-white image"
+    if dtype.kind in "iu":
+        return ("convert it to the type its values fit: x.astype(np.uint8) for values in 0..255, x.astype(np.uint16) "
+                "for 16-bit values in 0..65535 (np.clip(x, 0, 255) first if some fall outside)")
+    if dtype.kind == "f":
+        return "convert floats yourself (e.g. (x * 255).round().astype(np.uint8) for values in 0..1)"
+    return "pass pixel values as a uint8 array"
+
+
 def _array_to_pil(a: np.ndarray):
     Image = _pil()
     if a.ndim == 3 and a.shape[2] == 1:
@@ -139,10 +151,7 @@ def _array_to_pil(a: np.ndarray):
     if a.dtype == np.uint16:
         a = np.clip(np.round(a.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
     elif a.dtype != np.uint8:
-        raise ValueError(
-            f"image arrays must be uint8 (0..255) or uint16 (0..65535), got {a.dtype}; "
-            "convert floats yourself (e.g. (x * 255).round().astype(np.uint8) for values in 0..1)"
-        )
+        raise ValueError(f"image arrays must be uint8 (0..255) or uint16 (0..65535), got {a.dtype}; {_dtype_advice(a.dtype)}")
     if 0 in a.shape[:2]:
         raise ValueError(f"zero-size image (shape {a.shape})")
     a = np.ascontiguousarray(a)
@@ -220,8 +229,8 @@ def _upright(img):
 def load_image(item):
     """Read one image as an RGB PIL image with its EXIF orientation applied.
 
-    ``item``: a path, a binary file object, encoded bytes, a PIL image or a uint8/uint16
-    array. Raises
+    ``item``: a path, a binary file object, encoded bytes (``bytes``, ``bytearray`` or
+    ``memoryview``), a PIL image or a uint8/uint16 array. Raises
     FileNotFoundError for a missing file and ValueError for anything that is not a readable,
     non-empty image (one over ``PIL.Image.MAX_IMAGE_PIXELS``, Pillow's guard against
     decompression bombs, included: the message says how to raise the limit).
@@ -238,7 +247,7 @@ def load_image(item):
             raise ValueError(f"truncated or corrupt image ({e})") from e
     elif isinstance(item, (str, os.PathLike)) or hasattr(item, "read"):
         img = _open(item)
-    elif isinstance(item, (bytes, bytearray)):
+    elif isinstance(item, (bytes, bytearray, memoryview)):
         img = _open(io.BytesIO(item))
     else:
         raise ValueError(f"cannot read an image from a {type(item).__name__}; pass a path, a PIL image or a uint8 array")
@@ -248,15 +257,67 @@ def load_image(item):
 
 
 def as_image_list(images) -> List:
-    """``images`` as a list of single images (a 4-D array counts as N images)."""
+    """``images`` as a list of single images: a 4-D array counts as N images, a 1-D array of
+    str or object dtype (``df.path.values``) as a sequence of paths; a path, encoded bytes
+    (``bytes``, ``bytearray``, ``memoryview``), a file object, a PIL image or a 2-D/3-D array is
+    one image."""
     Image = _pil()
-    if isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray)) or hasattr(images, "read"):
+    if isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray, memoryview)) or hasattr(images, "read"):
         return [images]
     if isinstance(images, np.ndarray):
-        return list(images) if images.ndim == 4 else [images]
+        if images.ndim == 4:
+            return list(images)
+        if images.ndim == 1 and images.dtype.kind in "UO":  # paths (np.str_ as plain str)
+            return [str(x) if isinstance(x, np.str_) else x for x in images.tolist()]
+        return [images]
     if isinstance(images, Iterable):
         return list(images)
     raise ValueError(f"images must be paths, PIL images or arrays, or a list of them; got {type(images).__name__}")
+
+
+def _image_index(i, n: int) -> int:
+    """Index ``i`` of one of ``n`` images as an int in 0..n-1: an int (numpy ints too, bools
+    not) in -n..n-1, negative ones counting from the end as in a list; TypeError / IndexError
+    naming it and the valid range otherwise (the results' picture methods)."""
+    if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
+        raise TypeError(f"the image index i must be an int in 0..{n - 1} (or -{n}..-1 from the end), "
+                        f"got {i!r} of type {type(i).__name__}")
+    if not -n <= i < n:
+        raise IndexError(f"image index i={i} out of range: this result has {n} image{'s' if n != 1 else ''}, "
+                         f"pass 0..{n - 1} (or -{n}..-1 from the end)")
+    return int(i) % n
+
+
+#: file name endings (lower case) taken as images when a folder is listed
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class NoImagesFound(FileNotFoundError, ValueError):
+    """A folder holds no image files (an OSError for the command line, a ValueError for
+    callers that catch bad input)."""
+
+
+def _expand_images(paths: Sequence) -> List[str]:
+    """Paths (str or os.PathLike) as image file paths (str): a folder stands for its image
+    files (``IMAGE_SUFFIXES``, any case), sorted by name; a file is kept as it is.
+    FileNotFoundError for a missing path, ``NoImagesFound`` for a folder without images,
+    ValueError when nothing is given."""
+    out: List[str] = []
+    for p in paths:
+        p = os.fsdecode(p)
+        if os.path.isdir(p):
+            found = sorted(os.path.join(p, f) for f in os.listdir(p)
+                           if f.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(os.path.join(p, f)))
+            if not found:
+                raise NoImagesFound(f"folder {p} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            out.extend(found)
+        elif not os.path.exists(p):
+            raise FileNotFoundError(f"no such image file or folder: {p}")
+        else:
+            out.append(p)
+    if not out:
+        raise ValueError("no images given")
+    return out
 
 
 def _load_indexed(i: int, item):
@@ -330,7 +391,7 @@ def _thread_safe_workers(items: Sequence, workers: int) -> int:
         return 1
     seen = set()
     for item in items:
-        if isinstance(item, (str, os.PathLike, bytes, bytearray, np.ndarray)):
+        if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)):
             continue
         if id(item) in seen:
             return 1
@@ -416,13 +477,32 @@ def resized_batches(items: Sequence, batch_size: int, size=224, resize: str = "f
             f.cancel()
 
 
-def stack_resized(arrays: Sequence[np.ndarray], size=224, resize: str = "fixed") -> np.ndarray:
-    """Resized uint8 images -> one (N, H, W, 3) array; ValueError when they differ in size."""
+def _different_sizes_advice(size, resize: str, size_name: str = "size", alternative: str = "") -> str:
+    """Why resized images differ in size and how to make them one size (``size_name``: the
+    caller's name for the size parameter; ``alternative``: what else the caller offers)."""
+    if size is None:
+        why = f"{size_name}=None keeps each image's own size"
+        fix = f"pass an int {size_name} (e.g. {size_name}=224) to resize every image to one size"
+    elif resize == "shorter":
+        why = "resize='shorter' keeps each image's aspect ratio"
+        fix = f"pass resize='fixed' to resize every image to {size_name}={size!r}"
+    else:
+        why, fix = f"resize={resize!r}, {size_name}={size!r}", f"pass one {size_name} for all"
+    return f"{why}: {fix}" + (f", or {alternative}" if alternative else "")
+
+
+def stack_resized(arrays: Sequence[np.ndarray], size=224, resize: str = "fixed", *, size_name: str = "size",
+                  alternative: str = "process them one by one") -> np.ndarray:
+    """Resized uint8 images -> one (N, H, W, 3) array; ValueError when they differ in size,
+    saying how to make them one size (``size_name``: the caller's name for ``size``;
+    ``alternative``: the caller's way to handle several sizes)."""
     shapes = {a.shape[:2] for a in arrays}
     if len(shapes) > 1:
+        listed = sorted(shapes)
+        shown = ", ".join(f"{h} x {w}" for h, w in listed[:4]) + (", ..." if len(listed) > 4 else "")
         raise ValueError(
-            f"images come out in {len(shapes)} different sizes {sorted(shapes)} "
-            f"(resize={resize!r}, size={size!r}); use resize='fixed' or process them one by one"
+            f"images come out in {len(shapes)} different sizes ({shown}) and cannot go into one batch; "
+            + _different_sizes_advice(size, resize, size_name, alternative)
         )
     return np.stack(arrays)
 
@@ -508,11 +588,13 @@ def preprocess(pil_images: Sequence, size=224, resize: str = "fixed", normalizat
     return normalize(resize_batch(pil_images, size, resize), normalization)
 
 
-def resize_batch(pil_images: Sequence, size=224, resize: str = "fixed") -> np.ndarray:
+def resize_batch(pil_images: Sequence, size=224, resize: str = "fixed", *, size_name: str = "size",
+                 alternative: str = "process them one by one") -> np.ndarray:
     """Resize RGB PIL images into one uint8 array (N, H, W, 3): ``preprocess`` before its
     normalisation (``FeatureExtractor`` sends this to the model, which normalises it).
-    Images that come out in different sizes raise ValueError, as in ``preprocess``."""
+    Images that come out in different sizes raise ValueError, as in ``preprocess``
+    (``size_name``, ``alternative``: see ``stack_resized``)."""
     if len(pil_images) == 0:
         raise ValueError("no images given")
     resized = [np.asarray(resize_image(to_rgb(im), size, resize), dtype=np.uint8) for im in pil_images]
-    return stack_resized(resized, size, resize)
+    return stack_resized(resized, size, resize, size_name=size_name, alternative=alternative)

@@ -919,6 +919,23 @@ def _vgg16_cache_check(expected: Dict[str, str], include_classifier: bool):
     return check
 
 
+def _looks_like_path(text: str) -> bool:
+    """Whether a str that names no file was meant as one: it has a folder separator or ends
+    in .onnx."""
+    seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    return any(sep in text for sep in seps) or text.lower().endswith(".onnx")
+
+
+def _unknown_weights_message(weights: str) -> str:
+    message = (f"weights must be 'random', 'torchvision' or the path of a VGG-16 ONNX file; got {weights!r}, "
+               "which is neither a known value nor an existing file")
+    if weights.lower() in ("random", "torchvision"):
+        message += f"; did you mean {weights.lower()!r}? (values are lower case)"
+    elif weights.lower() in ("imagenet", "pretrained", "trained", "default", "imagenet1k_v1"):
+        message += "; for ImageNet weights pass weights='torchvision' (exported from torchvision: needs torch and torchvision)"
+    return message
+
+
 def _vgg16(weights, include_classifier: bool, seed: int, cache: Optional[str]):
     if isinstance(weights, str) and weights == "random":
         part = "full" if include_classifier else "conv"
@@ -948,6 +965,8 @@ def _vgg16(weights, include_classifier: bool, seed: int, cache: Optional[str]):
                 "vgg16(weights='random')) or the path of a VGG-16 ONNX file"
             ),
         )
+    if isinstance(weights, str) and not os.path.exists(weights) and not _looks_like_path(weights):
+        raise ValueError(_unknown_weights_message(weights))
     if isinstance(weights, (str, os.PathLike)):
         model = load_model(weights)
         if not vgg16_layers(model):

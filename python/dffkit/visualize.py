@@ -46,6 +46,28 @@ def _pil():
     return Image
 
 
+def _check_opacity(opacity) -> float:
+    """``opacity`` as a float in [0, 1] (0: the photo alone, 1: the colours alone); TypeError
+    for anything but a real number, ValueError outside [0, 1] (NaN included)."""
+    if isinstance(opacity, (bool, np.bool_)) or not isinstance(opacity, (int, float, np.integer, np.floating)):
+        raise TypeError(f"opacity must be a number in [0, 1] (0: the photo alone, 1: the colours alone), "
+                        f"got {opacity!r} of type {type(opacity).__name__}")
+    if not 0.0 <= float(opacity) <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1] (0: the photo alone, 1: the colours alone), got {opacity!r}; "
+                         "pass a value in that range, e.g. opacity=0.75")
+    return float(opacity)
+
+
+def _check_positive_int(name: str, value, example: int) -> int:
+    """``value`` as a positive int (numpy ints too, bools not); TypeError / ValueError naming
+    ``name`` otherwise, with ``example`` as the fix."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be a positive int, e.g. {name}={example}; got {value!r} of type {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int (at least 1), e.g. {name}={example}; got {value}")
+    return int(value)
+
+
 def concept_colors(k: int) -> np.ndarray:
     """(k, 3) uint8: one distinct colour per concept (Tableau 10, then evenly spaced hues)."""
     if k <= len(_TAB10):
@@ -136,10 +158,12 @@ def overlay(image, heat, colors=None, *, opacity: float = 0.75, names: Optional[
     """A desaturated photo with each concept painted in its colour, opacity by heat.
 
     ``image``: PIL image or (H, W, 3) uint8; ``heat``: (k, H, W) in [0, 1] at the image's
-    size. With ``names`` a legend (colour swatch and name per concept) is added below.
-    Returns a PIL RGB image.
+    size; ``opacity``: a number in [0, 1] (TypeError / ValueError otherwise). With ``names`` a
+    legend (colour swatch and name per concept) is added below (``add_legend``). Returns a
+    PIL RGB image.
     """
     Image = _pil()
+    opacity = _check_opacity(opacity)
     base = desaturate(image).astype(np.float32)
     if np.shape(heat)[1:] != base.shape[:2]:
         raise ValueError(f"heat maps {np.shape(heat)[1:]} and image {base.shape[:2]} differ in size")
@@ -176,6 +200,9 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text + "..." if text else ""
 
 
+#: the widest a legend makes its picture for a narrow image (pixels): the widest entry up to this
+LEGEND_MIN_WIDTH = 240
+
 #: text is drawn under this lock: Pillow's FreeType fonts share one library, and pictures
 #: are drawn on several threads (``DFFResult.save``)
 _TEXT_LOCK = threading.Lock()
@@ -183,7 +210,9 @@ _TEXT_LOCK = threading.Lock()
 
 def add_legend(image, names: Sequence[str], colors=None, *, title: Optional[str] = None):
     """``image`` with a legend panel below it: a colour swatch and a name per concept
-    (wrapped into as many columns as fit), and an optional title line."""
+    (wrapped into as many columns as fit), and an optional title line. An image narrower
+    than the widest entry (at most ``LEGEND_MIN_WIDTH`` pixels) is placed at the top left of
+    a white canvas that wide, so that the legend stays readable."""
     with _TEXT_LOCK:
         return _add_legend(image, names, colors, title)
 
@@ -200,17 +229,18 @@ def _add_legend(image, names, colors, title):
     swatch = line - 4
     entries = [str(n) for n in names]
     widths = [swatch + 6 + _text_size(probe, e, font)[0] + 14 for e in entries]
-    per_row = max(1, min(len(entries), img.width // max(max(widths, default=1), 1)))
-    col_w = max(img.width // per_row, 1)
+    width = max(img.width, min(max(widths, default=0) + 6, LEGEND_MIN_WIDTH))
+    per_row = max(1, min(len(entries), width // max(max(widths, default=1), 1)))
+    col_w = max(width // per_row, 1)
     rows = -(-len(entries) // per_row)
     title_h = line if title else 0
     panel_h = 6 + title_h + rows * line + 4
-    out = Image.new("RGB", (img.width, img.height + panel_h), (255, 255, 255))
+    out = Image.new("RGB", (width, img.height + panel_h), (255, 255, 255))
     out.paste(img, (0, 0))
     draw = ImageDraw.Draw(out)
     y0 = img.height + 6
     if title:
-        draw.text((6, y0), _fit(draw, title, font, img.width - 12), fill=(40, 40, 40), font=font)
+        draw.text((6, y0), _fit(draw, title, font, width - 12), fill=(40, 40, 40), font=font)
         y0 += title_h
     for j, entry in enumerate(entries):
         r, c = divmod(j, per_row)
@@ -231,6 +261,7 @@ def heatmap_over(heat, base: Optional[np.ndarray], *, colormap: str = "viridis",
     """``heatmap_image`` over an already desaturated photo ``base`` ((H, W, 3) uint8, from
     ``desaturate``; None: the colour map alone): for several maps of one photo."""
     Image = _pil()
+    opacity = _check_opacity(opacity)
     rgb = apply_colormap(heat, colormap)
     if base is not None:
         if base.shape[:2] != rgb.shape[:2]:
@@ -255,10 +286,15 @@ def label_image(labels, colors=None, background=(0, 0, 0)):
 def grid(images: Sequence, captions: Optional[Sequence[str]] = None, *, columns: Optional[int] = None,
          cell: int = 256, background=(255, 255, 255)):
     """Tile PIL images into one picture, each scaled to fit a ``cell`` x ``cell`` box (aspect
-    kept), with an optional caption under each."""
+    kept), with an optional caption under each. ``cell`` (pixels) and ``columns`` (None: about
+    the square root of the number of images) are positive ints (TypeError / ValueError
+    otherwise)."""
     Image = _pil()
     from PIL import ImageDraw
 
+    cell = _check_positive_int("cell", cell, 256)
+    if columns is not None:
+        columns = _check_positive_int("columns", columns, 4)
     if not images:
         raise ValueError("grid needs at least one image")
     n = len(images)
