@@ -7,9 +7,9 @@ from PIL import Image
 
 from dffkit import cli
 from dffkit.deep_feature_factorization import dff
-from dffkit.evaluation import (BoxSample, CosegSample, box_iou, choose_concept, corloc, evaluate_coloc,
-                               evaluate_coseg, jaccard, load_mask, precision, read_icoseg, read_voc,
-                               read_voc_annotation)
+from dffkit.evaluation import (BoxSample, CosegSample, GroundTruthWarning, MissingMaskWarning, box_iou,
+                               choose_concept, corloc, evaluate_coloc, evaluate_coseg, jaccard, load_mask,
+                               precision, read_icoseg, read_voc, read_voc_annotation)
 
 try:
     from dffkit.features import FeatureExtractor  # noqa: F401
@@ -76,7 +76,8 @@ def test_load_mask_conventions(tmp_path):
     _save(tmp_path / "rgb.png", np.repeat((m * 250)[..., None], 3, axis=2))
     for name in ("ones.png", "full.png", "rgb.png"):
         np.testing.assert_array_equal(load_mask(tmp_path / name), m.astype(bool))
-    assert load_mask(tmp_path / "full.png", size=(12, 16)).sum() == m.sum() * 4
+    with pytest.warns(GroundTruthWarning, match="same aspect ratio, resized"):
+        assert load_mask(tmp_path / "full.png", size=(12, 16)).sum() == m.sum() * 4
 
 
 def test_read_icoseg_both_layouts(tmp_path):
@@ -111,7 +112,7 @@ def test_read_icoseg_both_layouts(tmp_path):
 
 VOC_XML = """<annotation>
   <filename>{name}.jpg</filename>
-  <size><width>50</width><height>40</height><depth>3</depth></size>
+  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>
   {objects}
 </annotation>"""
 VOC_OBJ = """<object><name>{cls}</name><difficult>{d}</difficult>
@@ -122,7 +123,7 @@ def _voc(root, name, objects):
     (root / "Annotations").mkdir(parents=True, exist_ok=True)
     _save(root / "JPEGImages" / f"{name}.jpg", np.zeros((40, 50, 3), np.uint8))
     objs = "".join(VOC_OBJ.format(cls=c, d=d, x0=b[0], y0=b[1], x1=b[2], y1=b[3]) for c, d, b in objects)
-    (root / "Annotations" / f"{name}.xml").write_text(VOC_XML.format(name=name, objects=objs))
+    (root / "Annotations" / f"{name}.xml").write_text(VOC_XML.format(name=name, objects=objs, width=50, height=40))
 
 
 def test_read_voc(tmp_path):
@@ -200,7 +201,8 @@ def test_cli_eval_icoseg_and_voc(tmp_path, capsys):
         ys, xs = np.nonzero(m)
         _save(voc / "JPEGImages" / f"{i:06d}.jpg", im)
         obj = VOC_OBJ.format(cls="stripes", d=0, x0=xs.min() + 1, y0=ys.min() + 1, x1=xs.max() + 1, y1=ys.max() + 1)
-        (voc / "Annotations" / f"{i:06d}.xml").write_text(VOC_XML.format(name=f"{i:06d}", objects=obj))
+        (voc / "Annotations" / f"{i:06d}.xml").write_text(VOC_XML.format(name=f"{i:06d}", objects=obj,
+                                                                          width=im.shape[1], height=im.shape[0]))
     out = tmp_path / "coloc.json"
     assert cli.main(["eval", str(voc), "-k", "3", "--out", str(out), "--backend", "cpu"]) == 0
     report = json.loads(out.read_text())
@@ -318,3 +320,260 @@ def test_cli_eval_checks_k_against_every_group_first(tmp_path, capsys, monkeypat
     assert [f["group"] for f in report["failed"]] == ["small"]
     assert "larger than the number of positions" in report["failed"][0]["error"]
     assert "1 of 2 groups failed (small)" in captured.err and "big" in captured.out
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions (audit): masks read as the datasets store them, the frame of the ground truth,
+# mask files never taken for images, skipped images reported, cheap checks before DFF
+# ---------------------------------------------------------------------------------------------
+
+
+def _object(h=40, w=60):
+    """The mask of the masks below: a 20 x 30 block, 600 pixels."""
+    m = np.zeros((h, w), bool)
+    m[10:30, 20:50] = True
+    return m
+
+
+def _voc_palette():
+    pal = [0] * 768
+    pal[8 * 3: 8 * 3 + 3] = (64, 0, 0)           # VOC class 8 (cat): the darkest class colour
+    pal[15 * 3: 15 * 3 + 3] = (192, 128, 128)    # class 15 (person)
+    pal[255 * 3: 255 * 3 + 3] = (224, 224, 192)  # void
+    return pal
+
+
+def test_load_mask_reads_palette_colour_and_alpha_masks(tmp_path):
+    m = _object()
+    # adaptive palette: white gets index 0, black index 1 (read by index, the mask came out inverted)
+    adaptive = Image.fromarray(m.astype(np.uint8) * 255).convert("P", palette=Image.ADAPTIVE, colors=2)
+    adaptive.save(tmp_path / "adapt.png")
+    assert Image.open(tmp_path / "adapt.png").getpalette()[:3] == [255, 255, 255]
+    # colour masks: red and navy objects on black (thresholded luminance made them empty)
+    for name, colour in (("red.png", (255, 0, 0)), ("navy.png", (0, 0, 128))):
+        c = np.zeros(m.shape + (3,), np.uint8)
+        c[m] = colour
+        _save(tmp_path / name, c)
+    # white object on a transparent background whose hidden colour is white too
+    rgba = np.full(m.shape + (4,), 255, np.uint8)
+    rgba[~m, 3] = 0
+    _save(tmp_path / "white_on_clear.png", rgba)
+    # a black stencil on a transparent background: the opaque pixels are the object
+    stencil = np.zeros(m.shape + (4,), np.uint8)
+    stencil[m, 3] = 255
+    _save(tmp_path / "stencil.png", stencil)
+    # a palette mask with a transparent index: the object in index 1, index 2 transparent
+    idx = np.where(m, 1, 2).astype(np.uint8)
+    p = Image.fromarray(idx, "P")
+    p.putpalette([0, 0, 0, 255, 255, 255, 255, 255, 255] + [0] * 759)
+    p.save(tmp_path / "clear_index.png", transparency=2)
+    for name in ("adapt.png", "red.png", "navy.png", "white_on_clear.png", "stencil.png", "clear_index.png"):
+        np.testing.assert_array_equal(load_mask(tmp_path / name), m, err_msg=name)
+
+
+def test_load_mask_voc_palette_void_and_grey_thresholds(tmp_path):
+    m = _object()
+    idx = np.zeros(m.shape, np.uint8)
+    idx[m] = 8                                   # cat: (64, 0, 0), darker than 128 in every channel
+    idx[5:8, 5:8] = 15                           # a person elsewhere: foreground too
+    idx[9, 19:51] = 255                          # a void border above the cat
+    p = Image.fromarray(idx, "P")
+    p.putpalette(_voc_palette())
+    p.save(tmp_path / "voc.png")
+    mask, void = load_mask(tmp_path / "voc.png", return_void=True)
+    expected = m.copy()
+    expected[5:8, 5:8] = True
+    np.testing.assert_array_equal(mask, expected)                 # void is not foreground
+    assert void.sum() == 32 and void[9, 19:51].all()
+    np.testing.assert_array_equal(load_mask(tmp_path / "voc.png"), expected)
+    # grey masks: >= 128 is foreground, in L, in RGB copies of grey masks, and in 16 bits
+    grey = np.zeros(m.shape, np.uint8)
+    grey[m] = 200
+    grey[0, :] = 100                             # anti-aliasing below the threshold: background
+    _save(tmp_path / "grey.png", grey)
+    _save(tmp_path / "grey_rgb.png", np.repeat(grey[..., None], 3, axis=2))
+    Image.fromarray(m.astype(np.uint16) * 65535).save(tmp_path / "sixteen.png")
+    Image.fromarray(m.astype(np.uint16) * 255).save(tmp_path / "sixteen_255.png")
+    for name in ("grey.png", "grey_rgb.png", "sixteen.png", "sixteen_255.png"):
+        np.testing.assert_array_equal(load_mask(tmp_path / name), m, err_msg=name)
+
+
+def test_load_mask_warns_about_an_empty_or_full_mask(tmp_path):
+    _save(tmp_path / "empty.png", np.zeros((8, 8), np.uint8))
+    _save(tmp_path / "full.png", np.full((8, 8), 255, np.uint8))
+    with pytest.warns(GroundTruthWarning, match=r"empty\.png is empty: no pixel reads as foreground"):
+        assert not load_mask(tmp_path / "empty.png").any()
+    with pytest.warns(GroundTruthWarning, match=r"full\.png covers the whole image"):
+        assert load_mask(tmp_path / "full.png").all()
+
+
+def test_load_mask_checks_the_frame(tmp_path):
+    m = _object()                                                   # 60 x 40 (width x height)
+    _save(tmp_path / "m.png", m.astype(np.uint8) * 255)
+    with pytest.warns(GroundTruthWarning, match=r"m\.png is 60 x 40 pixels, the image 120 x 80: same aspect ratio"):
+        big = load_mask(tmp_path / "m.png", size=(80, 120))
+    np.testing.assert_array_equal(big, np.repeat(np.repeat(m, 2, axis=0), 2, axis=1))
+    with pytest.raises(ValueError, match=r"m\.png is 60 x 40 pixels \(width x height\) but the image is 40 x 60: "
+                                         r"their aspect ratios differ.*turned by 90 degrees"):
+        load_mask(tmp_path / "m.png", size=(60, 40))               # transposed
+    with pytest.raises(ValueError, match=r"m\.png is 60 x 40 .* but the image is 60 x 60"):
+        load_mask(tmp_path / "m.png", size=(60, 60))
+
+
+def test_read_icoseg_never_lists_a_mask_as_an_image(tmp_path):
+    img = np.zeros((8, 8, 3), np.uint8)
+    _save(tmp_path / "g" / "img0.jpg", img)
+    _save(tmp_path / "g" / "img0.png", np.zeros((8, 8), np.uint8))   # its mask, next to it
+    groups = read_icoseg(tmp_path)
+    assert [(s.image, s.mask) for s in groups["g"]] == [(str(tmp_path / "g" / "img0.jpg"),
+                                                         str(tmp_path / "g" / "img0.png"))]
+
+
+def test_read_icoseg_matches_mask_extensions_in_any_case_and_reports_skipped(tmp_path):
+    img = np.zeros((8, 8, 3), np.uint8)
+    mask = np.zeros((8, 8), np.uint8)
+    _save(tmp_path / "g" / "IMG0.JPG", img)
+    _save(tmp_path / "g" / "GroundTruth" / "IMG0.PNG", mask)
+    _save(tmp_path / "g" / "img1.jpg", img)
+    _save(tmp_path / "g" / "GroundTruth" / "img1.PNG", mask)
+    _save(tmp_path / "g" / "img2.jpeg", img)
+    _save(tmp_path / "g" / "GroundTruth" / "img2.png", mask)
+    for i in range(7):
+        _save(tmp_path / "g" / f"lonely{i}.jpg", img)
+    with pytest.warns(MissingMaskWarning, match=r"7 images under .* without a ground-truth mask left out: "
+                                                r"g/lonely0\.jpg, .*, g/lonely4\.jpg and 2 more") as caught:
+        groups = read_icoseg(tmp_path)
+    assert [s.image.rsplit("/", 1)[1] for s in groups["g"]] == ["IMG0.JPG", "img1.jpg", "img2.jpeg"]
+    assert groups["g"][1].mask.endswith("GroundTruth/img1.PNG")
+    warned = [w.message for w in caught if isinstance(w.message, MissingMaskWarning)]
+    assert warned[0].images == [str(tmp_path / "g" / f"lonely{i}.jpg") for i in range(7)]
+
+
+def test_group_and_class_filters_name_what_was_asked_and_what_is_there(tmp_path):
+    img = np.zeros((8, 8, 3), np.uint8)
+    for g in ("cats", "cups"):
+        _save(tmp_path / "ic" / g / "0.jpg", img)
+        _save(tmp_path / "ic" / g / "GroundTruth" / "0.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ValueError, match=r"group 'nope' not found under .*ic \(groups requested: cats, nope\); "
+                                         r"groups with ground-truth masks there: cats, cups"):
+        read_icoseg(tmp_path / "ic", groups=["cats", "nope"])
+    _voc(tmp_path / "voc", "000001", [("cat", 0, (1, 1, 10, 20)), ("dog", 1, (1, 1, 5, 5))])
+    with pytest.raises(ValueError, match=r"class 'dog' not found .*\(classes requested: dog\); classes with objects "
+                                         r"there \(difficult ones left out\): cat"):
+        read_voc(tmp_path / "voc", classes=["dog"])
+
+
+class _FixedResult:
+    """A stand-in DFFResult whose concepts' masks are given: an oracle computed by hand."""
+
+    def __init__(self, masks, mode="joint"):
+        self._masks = masks                     # concept -> list of (H, W) bool, one per image
+        self.n_concepts, self.n_images, self.mode = len(masks), len(masks[0]), mode
+        self.image_sizes = [m.shape for m in masks[0]]
+        self.concept_names, self.model_name, self.layer, self.untrained = ["a", "b"], "fixed", "x", False
+
+    def masks(self, j, threshold=0.5):
+        return self._masks[j]
+
+    def boxes(self, j, threshold=0.5):
+        from dffkit.deep_feature_factorization import mask_box
+
+        return [mask_box(m) for m in self._masks[j]]
+
+
+def test_evaluate_coseg_reads_voc_masks_and_leaves_void_out(tmp_path):
+    top = np.zeros((10, 10), bool)
+    top[:5] = True
+    result = _FixedResult([[top], [~top]])
+    idx = np.zeros((10, 10), np.uint8)
+    idx[:4] = 8                                 # the object: rows 0..3
+    idx[4] = 255                                # void: row 4
+    p = Image.fromarray(idx, "P")
+    p.putpalette(_voc_palette())
+    p.save(tmp_path / "gt.png")
+    report = evaluate_coseg([CosegSample("a.jpg", str(tmp_path / "gt.png"), "g")], result=result)
+    # scored on the 90 pixels that are not void: prediction rows 0..3 = ground truth
+    assert report["concept"] == 0 and report["jaccard"] == 1.0 and report["precision"] == 1.0
+    assert report["per_concept_jaccard"] == [1.0, 0.0]
+
+
+def _no_dff(monkeypatch):
+    from dffkit import deep_feature_factorization
+
+    monkeypatch.setattr(deep_feature_factorization, "dff", lambda *a, **k: pytest.fail("DFF ran before the checks"))
+
+
+def test_evaluate_checks_the_ground_truth_frame_before_dff(tmp_path, monkeypatch):
+    _no_dff(monkeypatch)
+    _save(tmp_path / "img.jpg", np.zeros((40, 60, 3), np.uint8))            # 60 x 40
+    _save(tmp_path / "tall.png", np.zeros((60, 40), np.uint8))              # 40 x 60: transposed
+    with pytest.raises(ValueError, match=r"tall\.png is 40 x 60 .* but image .*img\.jpg is 60 x 40.*turned by 90"):
+        evaluate_coseg([CosegSample(str(tmp_path / "img.jpg"), str(tmp_path / "tall.png"), "g")])
+    with pytest.raises(ValueError, match=r"mask_threshold must be in \[0, 1\], got 2"):
+        evaluate_coseg([CosegSample(str(tmp_path / "img.jpg"), str(tmp_path / "tall.png"), "g")], mask_threshold=2)
+    with pytest.raises(ValueError, match=r"iou must be in \[0, 1\]"):
+        evaluate_coloc([BoxSample(str(tmp_path / "img.jpg"), np.zeros((1, 4)))], iou=1.5)
+    with pytest.raises(ValueError, match="choose must be"):
+        evaluate_coseg([CosegSample(str(tmp_path / "img.jpg"), str(tmp_path / "tall.png"), "g")], choose="best")
+    # VOC boxes in a frame of another aspect ratio: an error naming the annotation
+    box = BoxSample(str(tmp_path / "img.jpg"), np.array([[0, 0, 30, 20]], float), ["x"], [False], (60, 60), "a.xml")
+    with pytest.raises(ValueError, match=r"a\.xml: <size> is 60 x 60 .* but image .*img\.jpg is 60 x 40"):
+        evaluate_coloc([box])
+
+
+def test_evaluate_coloc_rescales_boxes_from_a_uniformly_scaled_frame(tmp_path):
+    """The XML says 120 x 80 (twice the 60 x 40 image): its box (40, 20, 100, 60) is the image's
+    (20, 10, 50, 30), which concept 0's mask covers exactly (CorLoc 1; 0 without rescaling)."""
+    obj = _object()
+    _save(tmp_path / "img.jpg", np.zeros((40, 60, 3), np.uint8))
+    result = _FixedResult([[obj], [~obj]])
+    box = BoxSample(str(tmp_path / "img.jpg"), np.array([[40, 20, 100, 60]], float), ["x"], [False], (80, 120),
+                    "a.xml")
+    with pytest.warns(GroundTruthWarning, match=r"a\.xml: <size> says 120 x 80 pixels but image .* is 60 x 40: "
+                                                r"same aspect ratio, boxes rescaled"):
+        report = evaluate_coloc([box], result=result)
+    assert report["concept"] == 0 and report["corloc"] == 1.0
+
+
+def test_image_size_follows_the_exif_orientation(tmp_path):
+    from dffkit.evaluation import _image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                        # rotate 90 degrees
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "r.jpg", exif=exif)
+    assert _image_size(tmp_path / "r.jpg") == (60, 40)
+
+
+def _fake_coseg(samples, *a, **k):
+    rows = [{"image": s.image, "concept": i % 2, "jaccard": 0.5, "precision": 0.5} for i, s in enumerate(samples)]
+    return {"jaccard": 0.5, "precision": 0.5, "concept": None, "n_images": len(samples), "per_image": rows}
+
+
+@needs_extractor
+def test_cli_eval_reports_skipped_images_and_per_image_concepts(tmp_path, capsys, monkeypatch):
+    from dffkit import evaluation
+
+    monkeypatch.setattr(evaluation, "evaluate_coseg", _fake_coseg)
+    root = _two_groups(tmp_path / "ds", sizes=(("big", 3),))
+    _save(root / "big" / "stray.png", np.zeros((32, 32, 3), np.uint8))
+    out = tmp_path / "ev.json"
+    assert cli.main(["eval", str(root), "-k", "2", "--per-image", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "dffkit eval: warning: 1 image under" in captured.err and "big/stray.png" in captured.err
+    assert "concept None" not in captured.out and "concepts per image: 0 in 2, 1 in 1" in captured.out
+    report = json.loads(out.read_text())
+    assert report["skipped_images"] == [str(root / "big" / "stray.png")] and len(report["warnings"]) == 1
+
+
+def test_cli_eval_group_filter_and_threshold_fail_before_the_work(tmp_path, capsys, monkeypatch):
+    from dffkit import deep_feature_factorization
+
+    monkeypatch.setattr(deep_feature_factorization, "_build_extractor", lambda *a: pytest.fail("extractor built"))
+    root = _two_groups(tmp_path / "ds")
+    out = tmp_path / "new" / "ev.json"
+    assert cli.main(["eval", str(root), "--group", "nope", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "group 'nope' not found" in err and "groups requested: nope" in err and "there: big, small" in err
+    assert cli.main(["eval", str(root), "--threshold", "2", "--out", str(out)]) == 1
+    assert "dffkit eval: error: --threshold must be a number in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
+import re
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         for cmd, (add_arguments, run, help_text) in getattr(module, "CLI", {}).items():
             p = sub.add_parser(cmd, help=help_text, description=help_text)
             add_arguments(p)
-            p.set_defaults(_run=run)
+            p.set_defaults(_run=run, _parser=p)
     return parser
 
 
@@ -42,15 +45,77 @@ def main(argv=None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    created = _missing_folders(getattr(args, "out", None))
     try:
+        _check_options(args)
         result = args._run(args)
     except KeyboardInterrupt:
+        _remove_empty(created)
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, TypeError, RuntimeError) as exc:
-        print(f"dffkit {args.command}: error: {_message(exc)}", file=sys.stderr)
+    except (ValueError, OSError, TypeError, RuntimeError, ImportError) as exc:
+        _remove_empty(created)
+        print(f"dffkit {args.command}: error: {_as_flags(_message(exc), args._parser)}", file=sys.stderr)
         return 1
     return int(result or 0)
+
+
+# Options several subcommands share, by their argparse dest: the flag, the test and what the
+# value must be. Checked by ``_check_options`` before a subcommand runs (so before it creates
+# its output folder or reads an image); a subcommand without the option is not concerned.
+_OPTION_CHECKS = {
+    "k": ("-k/--concepts", lambda v: v >= 1, "at least 1 (the number of concepts)"),
+    "max_iter": ("--max-iter", lambda v: v >= 0, "a non-negative int (0: no NMF iteration)"),
+    "tol": ("--tol", lambda v: math.isfinite(v) and v >= 0,
+            "a finite number >= 0 (0: run all --max-iter iterations)"),
+    "seed": ("--seed", lambda v: v >= 0, "a non-negative int"),
+    "threshold": ("--threshold", lambda v: 0.0 <= v <= 1.0, "a number in [0, 1] (relative heat)"),
+}
+
+
+def _check_options(args) -> None:
+    """ValueError naming the flag, the value and the range for a shared option (``-k``,
+    ``--max-iter``, ``--tol``, ``--seed``, ``--threshold``) whose value is out of range."""
+    for dest, (flag, valid, requirement) in _OPTION_CHECKS.items():
+        value = getattr(args, dest, None)
+        if value is not None and not valid(value):
+            raise ValueError(f"{flag} must be {requirement}, got {value}")
+
+
+def _as_flags(text: str, parser) -> str:
+    """``text`` with a subcommand option's Python spelling (``negatives='clip'``, as the
+    library's messages put it) in the command line's (``--negatives clip``)."""
+    flags = {a.dest: max(a.option_strings, key=len) for a in getattr(parser, "_actions", ())
+             if a.option_strings and a.nargs != 0}
+    if not flags:
+        return text
+    names = "|".join(re.escape(d) for d in sorted(flags, key=len, reverse=True))
+    pattern = re.compile(rf"(?<![\w.-])({names})=(?:'([^']*)'|\"([^\"]*)\"|([\w.+-]+))")
+
+    def flag(m) -> str:
+        value = next(g for g in m.groups()[1:] if g is not None)
+        return f"{flags[m.group(1)]} {shlex.quote(value)}"
+
+    return pattern.sub(flag, text)
+
+
+def _missing_folders(out) -> list:
+    """The folders on the way to ``out`` (``out`` included) that do not exist yet, deepest
+    first: the ones a failing command may have created and should not leave behind."""
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        return []
+    path = Path(out).absolute()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def _remove_empty(folders) -> None:
+    """Remove those of ``folders`` (deepest first) that a failed command left empty."""
+    for folder in folders:
+        try:
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()
+        except OSError:  # in use, or no longer ours to remove: leave it
+            pass
 
 
 def _message(exc: BaseException) -> str:

@@ -13,13 +13,19 @@ Boxes are (x0, y0, x1, y1) in pixels with x1, y1 exclusive (a box covering pixel
 has x0 = 0, x1 = 10); PASCAL VOC's 1-based inclusive coordinates are converted on reading.
 
 Readers: ``read_icoseg(root)`` (images with ground-truth masks, grouped by folder) and
-``read_voc(root)`` (JPEGImages + Annotations XML, grouped by class).
+``read_voc(root)`` (JPEGImages + Annotations XML, grouped by class). ``load_mask`` reads grey,
+palette, colour and alpha masks as the datasets store them (see its notes; VOC's "void" is
+left out of the scores). Ground truth must be in its image's frame (EXIF orientation
+applied): a uniform scale is repaired with a :class:`GroundTruthWarning`, another aspect ratio
+is an error naming the file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +41,8 @@ __all__ = [
     "box_iou",
     "corloc",
     "load_mask",
+    "GroundTruthWarning",
+    "MissingMaskWarning",
     "CosegSample",
     "BoxSample",
     "read_icoseg",
@@ -49,6 +57,8 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".
 _MASK_DIRS = ("GroundTruth", "ground_truth", "groundtruth", "gt", "GT", "masks", "Masks", "mask")
 _IMAGE_DIRS = ("images", "Images", "JPEGImages", "img", "imgs")
 _MASK_SUFFIXES = ("_mask", "_gt", "_GT", "-mask", "-gt")
+# mask file extensions (lower case; matched in any case), the most mask-like first
+_MASK_EXTENSIONS = (".png", ".bmp", ".gif", ".tif", ".tiff", ".jpg", ".jpeg")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,19 +138,171 @@ def _hit(pred, gts, threshold) -> bool:
 # readers
 # ---------------------------------------------------------------------------------------------
 
-def load_mask(path, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
-    """A ground-truth mask as boolean (H, W): masks holding only 0 and 1 are read as they
-    are, 8-bit masks as value >= 128 (JPEG-compressed masks included). ``size`` (H, W)
-    resizes it (nearest neighbour) to the image's size."""
+class GroundTruthWarning(UserWarning):
+    """Something in the ground truth that the scores depend on and that the reader had to guess
+    or repair: an empty or full mask, a mask or boxes rescaled to the image."""
+
+
+class MissingMaskWarning(GroundTruthWarning):
+    """Images of a co-segmentation folder left out for want of a mask; ``images`` lists them."""
+
+    def __init__(self, message: str, images: Sequence[str] = ()):
+        super().__init__(message)
+        self.images = list(images)
+
+
+#: PASCAL VOC's "void" colour (palette index 255): object borders and unlabelled objects, which
+#: VOC's own evaluation leaves out of the scores.
+VOC_VOID = (224, 224, 192)
+_GREY_THRESHOLD = 128   # grey masks: foreground from the middle of the 8-bit range up
+_DARK = 32              # colour masks: foreground where the brightest channel reaches this
+_GREY_SPREAD = 16       # an RGB mask whose channels stay this close is a grey mask
+_OPAQUE = 128           # alpha below this: transparent, background
+
+
+def _grey_foreground(values: np.ndarray) -> np.ndarray:
+    return values > 0 if values.max(initial=0) <= 1 else values >= _GREY_THRESHOLD
+
+
+def _mask_planes(im) -> Tuple[np.ndarray, np.ndarray]:
+    """(foreground, void): boolean (H, W) planes of an opened mask image, read by its mode."""
+    mode = im.mode
+    if mode in ("1", "L", "I") or mode.startswith("I;16"):
+        a = np.asarray(im)
+        return _grey_foreground(a), np.zeros(a.shape, bool)
+    if mode == "F":
+        a = np.asarray(im.convert("L"))
+        return _grey_foreground(a), np.zeros(a.shape, bool)
+    if mode in ("LA", "La"):
+        a = np.asarray(im.convert("LA"))
+        opaque = a[..., 1] >= _OPAQUE
+        if not opaque.all() and not np.any(a[..., 0][opaque] >= _DARK):  # a black stencil: its shape is the mask
+            return opaque, np.zeros(opaque.shape, bool)
+        return opaque & _grey_foreground(np.where(opaque, a[..., 0], 0)), np.zeros(opaque.shape, bool)
+    # palette and colour images, through their colours (a palette's transparency included)
+    has_alpha = mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info)
+    rgba = np.asarray(im.convert("RGBA") if has_alpha else im.convert("RGB"))
+    rgb = rgba[..., :3]
+    opaque = rgba[..., 3] >= _OPAQUE if has_alpha else np.ones(rgb.shape[:2], bool)
+    void = opaque & np.all(rgb == np.array(VOC_VOID, np.uint8), axis=-1)
+    rest = opaque & ~void
+    brightest = rgb.max(axis=-1)
+    if not opaque.all() and not np.any(brightest[rest] >= _DARK):  # a black stencil: its shape is the mask
+        return rest, void
+    spread = brightest.astype(np.int16) - rgb.min(axis=-1)
+    if not np.any(spread[rest] > _GREY_SPREAD):  # grey: read like an L mask
+        fg = _grey_foreground(np.where(rest, brightest, 0))
+    else:
+        fg = brightest >= _DARK
+    return rest & fg, void
+
+
+def _hw(size, what: str) -> Tuple[int, int]:
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be (height, width) in pixels, got {size!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"{what} must be (height, width) in positive pixels, got {size!r}")
+    return h, w
+
+
+def _same_aspect(src: Tuple[int, int], dst: Tuple[int, int]) -> bool:
+    """Whether (h, w) ``src`` is ``dst`` scaled uniformly, up to rounding each side to whole
+    pixels (|h·W − w·H| within half a pixel of either frame's perimeter)."""
+    (h, w), (H, W) = src, dst
+    return abs(h * W - w * H) <= 0.5 * max(H + W, h + w)
+
+
+def _frame_error(what: str, src: Tuple[int, int], image: str, dst: Tuple[int, int]) -> ValueError:
+    (h, w), (H, W) = src, dst
+    hint = ""
+    if (h, w) == (W, H):
+        hint = (" It is the image turned by 90 degrees: was it drawn on the photo as stored, before its EXIF "
+                "orientation was applied? Turn it the same way.")
+    return ValueError(f"{what} is {w} x {h} pixels (width x height) but {image} is {W} x {H}: their aspect ratios "
+                      f"differ, so the ground truth is not in the image's frame and cannot be scored.{hint} "
+                      "Fix or remove this ground truth")
+
+
+def load_mask(path, size: Optional[Tuple[int, int]] = None, *, return_void: bool = False):
+    """A ground-truth mask as a boolean (H, W) array, True on the object, read the way the
+    datasets store masks:
+
+    - grey masks (modes 1, L, I, I;16): values only 0 and 1 as they are, others as
+      value >= 128 (the middle of the 8-bit range, also for 16-bit masks, so that one
+      holding 0/255 and one holding 0/65535 read alike; JPEG-compressed masks included);
+    - palette masks (P) through their palette colours, colour masks (RGB) as they are: the
+      object is wherever the colour is not black (the brightest channel >= 32, so JPEG noise
+      around black stays background), any colour, so VOC-style class colours and iCoseg's
+      palettes read right whatever index a colour has. A palette or RGB mask whose colours are
+      all grey (channels within 16 of each other) is read like a grey mask;
+    - alpha (RGBA, LA, PA, a palette's transparency): transparent pixels (alpha < 128) are
+      background, whatever their colour; where every opaque pixel is black (a black shape on a
+      transparent background), the opaque pixels are the object;
+    - PASCAL VOC's "void" colour (224, 224, 192), palette index 255 (object borders and
+      unlabelled objects), is background in the mask; ``return_void=True`` also returns it,
+      so that the scores can leave those pixels out as VOC's own evaluation does.
+
+    ``size`` (H, W): the image's size. A mask of another size with the same aspect ratio
+    is resized to it (nearest neighbour) with a :class:`GroundTruthWarning`; a mask whose
+    aspect ratio differs (a transposed mask included) raises ValueError naming the file. A
+    mask with no foreground pixel, or with nothing but foreground (void aside), gives a
+    GroundTruthWarning naming the file: such a mask is usually one stored in a way this
+    reader does not expect.
+
+    Returns the (H, W) bool mask, or ``(mask, void)`` with ``return_void``.
+    """
     from PIL import Image
 
     with Image.open(path) as im:
-        if size is not None and (im.height, im.width) != tuple(size):
-            im = im.resize((size[1], size[0]), Image.NEAREST)
-        a = np.asarray(im.convert("L") if im.mode not in ("1", "L", "P", "I", "I;16") else im)
-    if a.ndim == 3:
-        a = a.max(axis=2)
-    return a > 0 if a.max(initial=0) <= 1 else a >= 128
+        if size is not None:
+            hw = _hw(size, "size")
+            own = (im.height, im.width)
+            if own != hw:
+                if not _same_aspect(own, hw):
+                    raise _frame_error(f"ground-truth mask {path}", own, "the image", hw)
+                warnings.warn(f"ground-truth mask {path} is {own[1]} x {own[0]} pixels, the image {hw[1]} x {hw[0]}: "
+                              "same aspect ratio, resized to the image (nearest neighbour)",
+                              GroundTruthWarning, stacklevel=2)
+                im = im.resize((hw[1], hw[0]), Image.NEAREST)
+        mask, void = _mask_planes(im)
+    if not mask.any():
+        warnings.warn(f"ground-truth mask {path} is empty: no pixel reads as foreground (object = non-black, "
+                      "opaque pixels; grey masks >= 128); check how the file stores the object, or leave it out",
+                      GroundTruthWarning, stacklevel=2)
+    elif mask[~void].all():
+        warnings.warn(f"ground-truth mask {path} covers the whole image: every pixel reads as foreground "
+                      "(object = non-black, opaque pixels; grey masks >= 128); check that its background is black "
+                      "or transparent, or leave it out", GroundTruthWarning, stacklevel=2)
+    return (mask, void) if return_void else mask
+
+
+def _image_size(path) -> Optional[Tuple[int, int]]:
+    """(H, W) of an image file as :func:`dffkit.images.load_image` reads it (EXIF orientation
+    applied), from its header; None where the file cannot be read (the DFF run says why)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            h, w = im.height, im.width
+            try:
+                orientation = im.getexif().get(0x0112, 1)
+            except Exception:  # EXIF Pillow cannot parse: load_image applies no orientation either
+                orientation = 1
+    except (OSError, ValueError, TypeError):
+        return None
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def _mask_size(path) -> Optional[Tuple[int, int]]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 @dataclass
@@ -151,81 +313,159 @@ class CosegSample:
     mask: str
     group: str
 
-    def load_mask(self, size=None) -> np.ndarray:
-        return load_mask(self.mask, size)
+    def load_mask(self, size=None, *, return_void: bool = False):
+        return load_mask(self.mask, size, return_void=return_void)
 
 
 @dataclass
 class BoxSample:
     """One image of a co-localization set: its boxes (n, 4) (x0, y0, x1, y1; x1, y1
-    exclusive) with class names and 'difficult' flags."""
+    exclusive) with class names and 'difficult' flags; ``size`` (H, W) is the frame the
+    boxes are in (VOC's ``<size>``), ``annotation`` the file they were read from."""
 
     image: str
     boxes: np.ndarray
     names: List[str] = field(default_factory=list)
     difficult: List[bool] = field(default_factory=list)
     size: Optional[Tuple[int, int]] = None
+    annotation: Optional[str] = None
+
+
+def _in_image_frame(sample: BoxSample, image_hw: Optional[Tuple[int, int]]) -> BoxSample:
+    """``sample`` with its boxes in the frame of the image (H, W): unchanged where the
+    annotation's size is that of the image or unknown, rescaled with a GroundTruthWarning
+    where it is a uniform scale of it; ValueError naming both files where the aspect ratio
+    differs."""
+    if sample.size is None or image_hw is None or tuple(sample.size) == tuple(image_hw):
+        return sample
+    source = sample.annotation or f"the annotation of {sample.image}"
+    (h, w), (H, W) = sample.size, image_hw
+    if not _same_aspect((h, w), (H, W)):
+        raise _frame_error(f"{source}: <size>", (h, w), f"image {sample.image}", (H, W))
+    warnings.warn(f"{source}: <size> says {w} x {h} pixels but image {sample.image} is {W} x {H}: same aspect "
+                  f"ratio, boxes rescaled to the image (x by {W / w:.4g}, y by {H / h:.4g})",
+                  GroundTruthWarning, stacklevel=3)
+    scale = np.array([W / w, H / h, W / w, H / h])
+    return BoxSample(sample.image, np.asarray(sample.boxes, np.float64) * scale, list(sample.names),
+                     list(sample.difficult), (H, W), sample.annotation)
 
 
 def _images_in(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
 
 
-def _find_mask(image: Path, candidates_dirs: Sequence[Path]) -> Optional[Path]:
-    for d in candidates_dirs:
-        if d.is_dir():
-            for suffix in (".png", ".bmp", ".gif", ".tif", ".jpg", ".jpeg"):
-                for stem in (image.stem, *(image.stem + m for m in _MASK_SUFFIXES)):
-                    p = d / (stem + suffix)
-                    if p.is_file() and p != image:
-                        return p
+def _listing(folder: Path, cache: Dict[Path, Dict[Tuple[str, str], Path]]) -> Dict[Tuple[str, str], Path]:
+    """The files in ``folder`` by (stem, lower-case suffix) (empty for a missing folder)."""
+    if folder not in cache:
+        files = {}
+        if folder.is_dir():
+            for p in sorted(folder.iterdir()):
+                if p.is_file():
+                    files.setdefault((p.stem, p.suffix.lower()), p)
+        cache[folder] = files
+    return cache[folder]
+
+
+def _find_mask(image: Path, candidate_dirs: Sequence[Path], cache) -> Optional[Path]:
+    """The mask of ``image``: the first of ``candidate_dirs`` holding a file named after the
+    image's stem (or the stem with a mask suffix) with a mask extension, in any case. In the
+    image's own folder a file of the same stem is its mask only when its extension comes
+    before the image's in ``_MASK_EXTENSIONS`` (x.jpg's mask is x.png, never the reverse)."""
+    own_rank = _MASK_EXTENSIONS.index(image.suffix.lower()) if image.suffix.lower() in _MASK_EXTENSIONS else None
+    for d in candidate_dirs:
+        files = _listing(d, cache)
+        if not files:
+            continue
+        same_folder = d == image.parent
+        for rank, suffix in enumerate(_MASK_EXTENSIONS):
+            for stem in (image.stem, *(image.stem + m for m in _MASK_SUFFIXES)):
+                p = files.get((stem, suffix))
+                if p is None or p == image:
+                    continue
+                if same_folder and stem == image.stem and own_rank is not None and rank >= own_rank:
+                    continue
+                return p
     return None
+
+
+def _listed(names: Sequence[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def read_icoseg(root, groups: Optional[Sequence[str]] = None) -> Dict[str, List[CosegSample]]:
     """Images and ground-truth masks of an iCoseg-style folder, grouped.
 
-    Layouts understood (masks matched by file stem, also with ``_mask``/``_gt`` suffixes):
+    Layouts understood (masks matched by file stem, also with ``_mask``/``_gt`` suffixes, and
+    by extension in any case: ``IMG0.PNG`` is the mask of ``IMG0.JPG``):
 
     - ``root/<group>/<image>.jpg`` with masks in ``root/<group>/GroundTruth/`` (iCoseg's
       own layout; also ``ground_truth``, ``gt``, ``masks``), or next to the image as
-      ``<image>_mask.png``;
+      ``<image>_mask.png`` or ``<image>.png`` (a same-stem file next to the image is its mask
+      when its extension is more mask-like: png, bmp, gif, tif, then jpg);
     - ``root/images/<group>/...`` with ``root/ground_truth/<group>/...`` (or ``masks``,
       ``GroundTruth``) as a parallel tree.
 
-    A group is the folder holding the images (its path relative to ``root``). Images without
-    a mask are skipped. Raises FileNotFoundError / ValueError when nothing is found.
+    A group is the folder holding the images (its path relative to ``root``); ``groups``
+    keeps only those (ValueError naming the ones not found and the ones there). A file that
+    is some image's mask is never listed as an image. Images without a mask are left out with a
+    :class:`MissingMaskWarning` (their count, a few names, and the full list in its
+    ``images``). Raises FileNotFoundError / ValueError when nothing is found.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"no such dataset folder: {root}")
     image_tree = next((root / d for d in _IMAGE_DIRS if (root / d).is_dir()), None)
     mask_tree = next((root / d for d in _MASK_DIRS if (root / d).is_dir()), None)
-    out: Dict[str, List[CosegSample]] = {}
+    found: Dict[str, List[CosegSample]] = {}
+    unmasked: Dict[str, List[Path]] = {}
     parallel = image_tree is not None and mask_tree is not None
     base = image_tree if parallel else root
     folders = [base] + sorted(p for p in base.rglob("*") if p.is_dir() and p.name not in _MASK_DIRS
                               and not any(part in _MASK_DIRS for part in p.relative_to(base).parts))
+    cache: Dict[Path, Dict[Tuple[str, str], Path]] = {}
     for folder in folders:
         rel = folder.relative_to(base)
         group = rel.as_posix() if rel.parts else root.name
-        if groups is not None and group not in groups:
-            continue
         dirs = [folder / d for d in _MASK_DIRS] + [folder]
         if parallel:
             dirs = [mask_tree / rel] + dirs
-        for image in _images_in(folder):
-            if image.stem.endswith(_MASK_SUFFIXES):
+        images = [p for p in _images_in(folder) if not p.stem.endswith(_MASK_SUFFIXES)]
+        pairs = [(image, _find_mask(image, dirs, cache)) for image in images]
+        masks = {mask for _, mask in pairs if mask is not None}
+        for image, mask in pairs:
+            if image in masks:  # some image's mask, not an image
                 continue
-            mask = _find_mask(image, dirs)
-            if mask is not None:
-                out.setdefault(group, []).append(CosegSample(str(image), str(mask), group))
-    if not out:
+            if mask is None:
+                unmasked.setdefault(group, []).append(image)
+            else:
+                found.setdefault(group, []).append(CosegSample(str(image), str(mask), group))
+    if groups is not None:
+        wanted = [groups] if isinstance(groups, str) else list(groups)
+        missing = [g for g in wanted if g not in found]
+        if missing:
+            there = sorted(found)
+            raise ValueError(
+                f"group{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} not found under {root} "
+                f"(groups requested: {', '.join(wanted)}); groups with ground-truth masks there: "
+                f"{_listed(there, 20) if there else 'none'} (a group is a folder of images, named by its path "
+                "under the dataset folder)")
+        found = {g: found[g] for g in wanted}
+        unmasked = {g: unmasked[g] for g in wanted if g in unmasked}
+    skipped = [str(p) for g in sorted(unmasked) for p in unmasked[g]]
+    if not found:
         raise ValueError(
-            f"no images with ground-truth masks found under {root} (expected <group>/<image>.jpg with masks in "
-            f"<group>/GroundTruth/, or images/ and ground_truth/ trees)"
+            f"no images with ground-truth masks found under {root}"
+            + (f" ({len(skipped)} images without one, e.g. {_listed(skipped, 3)})" if skipped else "")
+            + " (expected <group>/<image>.jpg with masks in <group>/GroundTruth/, or images/ and ground_truth/ trees)"
         )
-    return out
+    if skipped:
+        names = [Path(s).relative_to(root).as_posix() for s in skipped]
+        warnings.warn(MissingMaskWarning(
+            f"{len(skipped)} image{'s' if len(skipped) != 1 else ''} under {root} without a ground-truth mask "
+            f"left out: {_listed(names)} (a mask has the image's file stem, in GroundTruth/ or next to the image)",
+            skipped), stacklevel=2)
+    return found
 
 
 def _voc_number(obj, tag) -> float:
@@ -266,7 +506,7 @@ def read_voc_annotation(path) -> BoxSample:
         boxes.append((xmin - 1, ymin - 1, xmax, ymax))
         names.append((obj.findtext("name") or "").strip())
         difficult.append((obj.findtext("difficult") or "0").strip() == "1")
-    return BoxSample(filename, np.array(boxes, dtype=np.float64).reshape(-1, 4), names, difficult, size)
+    return BoxSample(filename, np.array(boxes, dtype=np.float64).reshape(-1, 4), names, difficult, size, str(path))
 
 
 def read_voc(root, classes: Optional[Sequence[str]] = None, image_set: Optional[str] = None,
@@ -289,7 +529,7 @@ def read_voc(root, classes: Optional[Sequence[str]] = None, image_set: Optional[
         xmls = [ann_dir / f"{i}.xml" for i in ids]
     else:
         xmls = sorted(ann_dir.glob("*.xml"))
-    out: Dict[str, List[BoxSample]] = {}
+    found: Dict[str, List[BoxSample]] = {}
     for xml in xmls:
         if not xml.is_file():
             raise FileNotFoundError(f"missing annotation {xml}")
@@ -300,15 +540,22 @@ def read_voc(root, classes: Optional[Sequence[str]] = None, image_set: Optional[
         if not image.is_file():
             raise FileNotFoundError(f"{xml.name} names image {ann.image}, not found in {img_dir}")
         for c in sorted(set(ann.names)):
-            if classes is not None and c not in classes:
-                continue
             keep = [i for i, n in enumerate(ann.names) if n == c and not (skip_difficult and ann.difficult[i])]
             if keep:
-                out.setdefault(c, []).append(BoxSample(str(image), ann.boxes[keep], [c] * len(keep),
-                                                       [ann.difficult[i] for i in keep], ann.size))
-    if not out:
-        raise ValueError(f"no annotated objects found under {root}" + (f" for classes {list(classes)}" if classes else ""))
-    return out
+                found.setdefault(c, []).append(BoxSample(str(image), ann.boxes[keep], [c] * len(keep),
+                                                         [ann.difficult[i] for i in keep], ann.size, str(xml)))
+    if not found:
+        raise ValueError(f"no annotated objects found under {root}")
+    if classes is None:
+        return found
+    wanted = [classes] if isinstance(classes, str) else list(classes)
+    missing = [c for c in wanted if c not in found]
+    if missing:
+        raise ValueError(
+            f"class{'es' if len(missing) > 1 else ''} {', '.join(map(repr, missing))} not found under {root} "
+            f"(classes requested: {', '.join(wanted)}); classes with objects there"
+            f"{' (difficult ones left out)' if skip_difficult else ''}: {_listed(sorted(found), 20)}")
+    return {c: found[c] for c in wanted}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,6 +639,32 @@ def _evaluate(task, metric, samples, n_concepts, choose, result, dff_kwargs, pre
     }
 
 
+def _fraction(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number in [0, 1], got {value!r}")
+    if not 0.0 <= float(value) <= 1.0:  # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _check_choose(choose) -> None:
+    if choose not in ("oracle", "center"):
+        raise ValueError(f"choose must be 'oracle' or 'center', got {choose!r}")
+
+
+def _frames(samples, result) -> List[Optional[Tuple[int, int]]]:
+    """Each sample's image size (H, W): ``result``'s where given (after checking it holds
+    one image per sample), else read from the image files' headers (None where unreadable)."""
+    if not samples:
+        raise ValueError("no samples to evaluate")
+    if result is None:
+        return [_image_size(s.image) for s in samples]
+    if result.n_images != len(samples):
+        raise ValueError(f"the result holds {result.n_images} images for {len(samples)} samples")
+    sizes = getattr(result, "image_sizes", None)
+    return [tuple(hw) for hw in sizes] if sizes is not None else [None] * len(samples)
+
+
 def evaluate_coseg(samples: Sequence[CosegSample], n_concepts: int = 3, *, choose: str = "oracle",
                    mask_threshold: float = 0.5, result=None, **dff_kwargs) -> dict:
     """Run DFF on a co-segmentation group and score the object concept's masks
@@ -399,16 +672,29 @@ def evaluate_coseg(samples: Sequence[CosegSample], n_concepts: int = 3, *, choos
     an existing DFFResult of the same images instead, ``dff_kwargs`` go to
     :func:`dffkit.dff`.
 
+    Ground truth is read by :func:`load_mask`, at the image's size: a mask of another aspect
+    ratio than its image raises ValueError (checked from the files' headers before DFF runs).
+    Pixels of VOC's "void" colour are left out of both scores.
+
     Returns a dict: ``concept`` (joint mode; per image in ``per_image``), ``jaccard`` and
     ``precision`` (means over images), ``per_concept_jaccard``, ``per_image`` rows, and
     the model used.
     """
+    mask_threshold = _fraction("mask_threshold", mask_threshold)
+    _check_choose(choose)
+    for sample, hw in zip(samples, _frames(samples, result)):
+        own = _mask_size(sample.mask) if hw is not None else None
+        if own is not None and own != hw and not _same_aspect(own, hw):
+            raise _frame_error(f"ground-truth mask {sample.mask}", own, f"image {sample.image}", hw)
     gts = {}
 
     def score(mask, i):
         if i not in gts:
-            gts[i] = samples[i].load_mask(mask.shape)
-        return {"jaccard": jaccard(mask, gts[i]), "precision": precision(mask, gts[i])}
+            gt, void = samples[i].load_mask(mask.shape, return_void=True)
+            gts[i] = (gt, None) if not void.any() else (gt[~void], ~void)
+        gt, keep = gts[i]
+        pred = mask if keep is None else mask[keep]
+        return {"jaccard": jaccard(pred, gt), "precision": precision(pred, gt)}
 
     report = _evaluate("co-segmentation", "jaccard", samples, n_concepts, choose, result, dff_kwargs,
                        lambda r, j: r.masks(j, mask_threshold), score)
@@ -420,7 +706,17 @@ def evaluate_coloc(samples: Sequence[BoxSample], n_concepts: int = 3, *, choose:
                    mask_threshold: float = 0.5, iou: float = 0.5, result=None, **dff_kwargs) -> dict:
     """Run DFF on a co-localization group and score the object concept's boxes (the box of
     the largest connected region of its mask) by CorLoc: ``corloc`` is the fraction of
-    images whose box has IoU >= ``iou`` with one of their ground-truth boxes."""
+    images whose box has IoU >= ``iou`` with one of their ground-truth boxes.
+
+    Boxes annotated in another frame than the image's (a sample's ``size``, VOC's
+    ``<size>``, against the image's EXIF-corrected size) are rescaled to the image when the
+    two differ by a uniform scale (with a :class:`GroundTruthWarning`), and raise ValueError
+    naming the annotation when their aspect ratios differ; checked before DFF runs."""
+    mask_threshold = _fraction("mask_threshold", mask_threshold)
+    iou = _fraction("iou", iou)
+    _check_choose(choose)
+    samples = [_in_image_frame(s, hw) for s, hw in zip(samples, _frames(samples, result))]
+
     def score(box, i):
         return {"corloc": float(_hit(box, samples[i].boxes, iou)), "box": None if box is None else list(box)}
 
@@ -503,13 +799,47 @@ def _check_k_fits(k: int, ext, groups: Dict[str, list], per_image: bool) -> None
     )
 
 
+@contextlib.contextmanager
+def _ground_truth_warnings(notices: List[str], skipped: Optional[List[str]] = None):
+    """Ground-truth warnings raised inside, each printed as a ``dffkit eval: warning: ...``
+    line and kept in ``notices`` (the images a MissingMaskWarning names in ``skipped``);
+    other warnings are shown as usual."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", GroundTruthWarning)
+        show = warnings.showwarning
+
+        def report(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, GroundTruthWarning):
+                return show(message, category, filename, lineno, file, line)
+            notices.append(str(message))
+            print(f"dffkit eval: warning: {message}", file=sys.stderr)
+            if skipped is not None and isinstance(message, MissingMaskWarning):
+                skipped.extend(message.images)
+
+        warnings.showwarning = report
+        yield
+
+
+def _concepts_chosen(report: dict) -> str:
+    """The concept a group's report scored: one in joint mode; in per-image mode, each concept
+    chosen with the number of images it was chosen in."""
+    if report.get("concept") is not None:
+        return f"concept {report['concept']}"
+    counts: Dict[int, int] = {}
+    for row in report.get("per_image", []):
+        counts[row["concept"]] = counts.get(row["concept"], 0) + 1
+    return "concepts per image: " + ", ".join(f"{c} in {n}" for c, n in sorted(counts.items()))
+
+
 def run_eval(args) -> int:
     """``dffkit eval DATASET``: DFF per group, metrics printed and written as JSON.
 
     Everything that can be checked cheaply is checked before the first group is computed
-    (the output file, k against every group's number of feature positions); a group that
-    still fails is reported in the JSON (``failed``) and on stderr, the other groups are
-    evaluated, and the exit status is 1."""
+    (the options, the groups asked for, the output file, k against every group's number of
+    feature positions); a group that still fails is reported in the JSON (``failed``) and on
+    stderr, the other groups are evaluated, and the exit status is 1. Ground-truth warnings
+    (images without a mask, empty or full masks, rescaled ground truth) are printed as
+    ``dffkit eval: warning:`` lines and kept in the JSON (``warnings``, ``skipped_images``)."""
     from dffkit.deep_feature_factorization import _build_extractor, _check_k, _model_note, _model_name
 
     _check_k(args.k)
@@ -517,10 +847,13 @@ def run_eval(args) -> int:
     if not root.is_dir():
         raise FileNotFoundError(f"no such dataset folder: {root}")
     fmt = _detect_format(root) if args.format == "auto" else args.format
-    if fmt == "voc":
-        groups = read_voc(root, classes=args.group, image_set=args.image_set)
-    else:
-        groups = read_icoseg(root, groups=args.group)
+    notices: List[str] = []
+    skipped: List[str] = []
+    with _ground_truth_warnings(notices, skipped):
+        if fmt == "voc":
+            groups = read_voc(root, classes=args.group, image_set=args.image_set)
+        else:
+            groups = read_icoseg(root, groups=args.group)
     groups = {name: groups[name][: args.max_images] if args.max_images is not None else groups[name]
               for name in sorted(groups)}
     args.quiet = True
@@ -535,12 +868,13 @@ def run_eval(args) -> int:
         kwargs = dict(extractor=ext, mode="per_image" if args.per_image else "joint", backend=args.backend,
                       random_state=args.seed, threshold=0.2, name_concepts=False)
         try:
-            if fmt == "voc":
-                rep = evaluate_coloc(samples, args.k, choose=args.choose, mask_threshold=args.threshold, **kwargs)
-                line = f"CorLoc {rep['corloc']:.3f}"
-            else:
-                rep = evaluate_coseg(samples, args.k, choose=args.choose, mask_threshold=args.threshold, **kwargs)
-                line = f"Jaccard {rep['jaccard']:.3f}  precision {rep['precision']:.3f}"
+            with _ground_truth_warnings(notices):
+                if fmt == "voc":
+                    rep = evaluate_coloc(samples, args.k, choose=args.choose, mask_threshold=args.threshold, **kwargs)
+                    line = f"CorLoc {rep['corloc']:.3f}"
+                else:
+                    rep = evaluate_coseg(samples, args.k, choose=args.choose, mask_threshold=args.threshold, **kwargs)
+                    line = f"Jaccard {rep['jaccard']:.3f}  precision {rep['precision']:.3f}"
         except (ValueError, OSError) as exc:  # this group's data: the others are still evaluated
             from dffkit.cli import _message
 
@@ -549,7 +883,7 @@ def run_eval(args) -> int:
             continue
         rep["group"] = name
         reports.append(rep)
-        print(f"{name:<30} {len(samples):4d} images  concept {rep['concept']}  {line}")
+        print(f"{name:<30} {len(samples):4d} images  {_concepts_chosen(rep)}  {line}")
     key = "corloc" if fmt == "voc" else "jaccard"
     summary = {
         "dataset": str(root),
@@ -563,6 +897,8 @@ def run_eval(args) -> int:
         "mean": {key: float(np.mean([r[key] for r in reports]))} if reports else {},
         "groups": reports,
         "failed": failed,
+        "warnings": notices,
+        "skipped_images": skipped,
     }
     if fmt != "voc" and reports:
         summary["mean"]["precision"] = float(np.mean([r["precision"] for r in reports]))
