@@ -128,7 +128,8 @@ def portable_engines(tmp_path_factory):
     for flags in filter(accepted, _portable_flag_sets()):
         exe = out / ("engine" + "".join(flags).replace("=", "_"))
         cmd = [cxx, "-std=c++17", "-O2", "-fopenmp", "-Wall", "-Wextra", "-Werror", *flags,
-               f"-I{root / 'cpp'}", str(root / "tests" / "cpp" / "engine_portable.cpp"), "-o", str(exe)]
+               f"-I{root / 'cpp'}", str(root / "tests" / "cpp" / "engine_portable.cpp"),
+               str(root / "cpp" / "nmf_mu_sparse.cpp"), "-o", str(exe)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         assert done.returncode == 0, f"{' '.join(flags) or 'default flags'}:\n{done.stderr[-4000:]}"
         exes[" ".join(flags) or "default"] = exe
@@ -136,20 +137,29 @@ def portable_engines(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", [
-    (77, 9, 11, np.float32, "frobenius"),     # narrow X: the transposed-copy path, masked tails
-    (130, 65, 17, np.float64, "frobenius"),   # row dot products, tails
-    (300, 200, 40, np.float32, "frobenius"),  # a larger rank
-    (700, 400, 24, np.float32, "frobenius"),  # X over 1 MiB: outer products from H^T
-    (400, 400, 40, np.float64, "frobenius"),
-    (3000, 120, 8, np.float32, "frobenius"),  # several chunks on two threads
-    (60, 40, 4, np.float32, "kullback-leibler"),
-], ids=lambda c: f"{c[0]}x{c[1]}k{c[2]}-{np.dtype(c[3]).name}-{c[4][:3]}")
+    (77, 9, 11, np.float32, "frobenius", 0),     # narrow X: the transposed-copy path, masked tails
+    (130, 65, 17, np.float64, "frobenius", 0),   # row dot products, tails
+    (300, 200, 40, np.float32, "frobenius", 0),  # a larger rank
+    (700, 400, 24, np.float32, "frobenius", 0),  # X over 1 MiB: outer products from H^T
+    (400, 400, 40, np.float64, "frobenius", 0),
+    (3000, 120, 8, np.float32, "frobenius", 0),  # several chunks on two threads
+    (60, 40, 4, np.float32, "kullback-leibler", 0),
+    # the sparse engine: rows of 1, 2, 4 and 9+ machine vectors (register-resident kernels up to
+    # 4 with 16 registers, 8 with 32; beyond, the any-k kernel and blocked denominators)
+    (300, 200, 5, np.float32, "frobenius", 1),
+    (300, 200, 20, np.float32, "kullback-leibler", 1),
+    (301, 230, 40, np.float64, "frobenius", 1),
+    (290, 210, 140, np.float32, "frobenius", 1),
+    (250, 180, 140, np.float32, "kullback-leibler", 1),
+], ids=lambda c: f"{c[0]}x{c[1]}k{c[2]}-{np.dtype(c[3]).name}-{c[4][:3]}{'-sparse' if c[5] else ''}")
 def test_engine_builds_and_agrees_without_native_flags(portable_engines, rng, tmp_path, case):
     # the package is compiled with -march=native; these builds compile (with -Werror) and run the
-    # code the engine uses on machines without AVX-512 (16- and 32-byte vectors, tiles for 16
+    # code the engines use on machines without AVX-512 (16- and 32-byte vectors, tiles for 16
     # registers), and must agree with scikit-learn as the package's build does
-    m, n, k, dtype, loss = case
+    m, n, k, dtype, loss, sparse = case
     X, W0, H0 = make_problem(rng, m=m, n=n, k=k, dtype=dtype, zeros=loss != "frobenius")
+    if sparse:
+        X[rng.random(X.shape) < 0.85] = 0.0  # 15 % stored
     n_iter = 10
     Ws, Hs, _ = sk_decomp.non_negative_factorization(
         X, W0.copy(), H0.copy(), n_components=k, init="custom", solver="mu", beta_loss=loss,
@@ -159,7 +169,8 @@ def test_engine_builds_and_agrees_without_native_flags(portable_engines, rng, tm
         d = tmp_path / name.replace(" ", "_").replace("=", "_")
         d.mkdir()
         meta = dict(m=m, n=n, k=k, dtype="f64" if dtype == np.float64 else "f32",
-                    loss="kl" if loss != "frobenius" else "frobenius", max_iter=n_iter, threads=2)
+                    loss="kl" if loss != "frobenius" else "frobenius", max_iter=n_iter, threads=2,
+                    sparse=sparse)
         (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
         for arr, fname in ((X, "X"), (W0, "W"), (H0, "H")):
             np.ascontiguousarray(arr).tofile(d / f"{fname}.bin")
