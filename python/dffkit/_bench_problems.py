@@ -600,7 +600,7 @@ def _tfidf_pair(prefix, m, n, density, k, it, it_kl):
 
 
 def suites() -> dict:
-    """The named suites: quick, default, issue3, gpu."""
+    """The named suites: quick, default, sparse, issue3, gpu."""
     out = {}
     quick = [
         _dff("dff-1img", 1, 5, 200, note="one image's conv5_3 activations (14x14 positions)"),
@@ -633,6 +633,15 @@ def suites() -> dict:
                            "2-core CPU",
                            default, targets=_gsnmf_targets("images256", ["dffkit-cpu", "dffkit-cuda"]),
                            repeats=(3, 7), budget_s=1.5, row_cap_s=60.0)
+    sparse = [
+        *_tfidf_pair("tfidf-20k", 20000, 10000, 0.005, 20, 100, 30),
+        *_tfidf_pair("tfidf-20k-k200", 20000, 10000, 0.005, 200, 10, 5),
+        *_tfidf_pair("tfidf-65k-k500", 65536, 20000, 0.001, 500, 3, 2),
+    ]
+    out["sparse"] = Suite("sparse", "sparse TF-IDF X at k = 20, 200 and 500 (the large-k "
+                          "kernels: blocked denominators, tiled Grams); about 10 minutes on 2 "
+                          "cores, most of it scikit-learn's KL", sparse, repeats=(2, 3),
+                          budget_s=1.5, row_cap_s=120.0)
     issue3 = [
         _dff("dff-1img", 1, 5, 200),
         _dff("dff-10img", 10, 5, 200),

@@ -12,7 +12,7 @@ skipped for it, and all of them when scipy is not installed.
 From Python::
 
     from dffkit import bench
-    report = bench.run("quick")             # or "default", "issue3", "gpu"
+    report = bench.run("quick")             # or "default", "sparse", "issue3", "gpu"
     print(report.to_text())
     report.write(json="bench.json", markdown="bench.md", plot="bench.png")
 
@@ -547,7 +547,7 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
     Parameters
     ----------
     suite : str or Suite
-        "quick", "default", "issue3" or "gpu" (see ``suites()``), or a Suite of your own.
+        "quick", "default", "sparse", "issue3" or "gpu" (see ``suites()``), or a Suite of your own.
     contenders : str, Contender, or a list of them, optional
         Names or glob patterns ("dffkit-*", "sklearn-mu"; a string may list several,
         comma-separated) chosen from :func:`default_contenders`, and/or Contender instances.
@@ -870,7 +870,8 @@ def _add_arguments(parser):
     names = sorted(suites())
     parser.add_argument("--suite", default=None, choices=names,
                         help="which problems: quick (< 1 min on 2 cores), default (a few minutes; "
-                             "the default), issue3 (issue 3's CPU targets), gpu (sized for a large GPU)")
+                             "the default), sparse (TF-IDF X at k = 20, 200, 500; about 10 minutes), issue3 "
+                             "(issue 3's CPU targets), gpu (sized for a large GPU)")
     parser.add_argument("--quick", action="store_true",
                         help="same as --suite quick (not combined with another --suite)")
     parser.add_argument("--contenders", "--only", dest="contenders", default=None,
