@@ -730,9 +730,9 @@ def _penalties(alpha_W, alpha_H, l1_ratio, m, n):
         alpha_H = alpha_W
     else:
         _check_real("alpha_H", alpha_H)
-    if isinstance(l1_ratio, numbers.Real) and not isinstance(l1_ratio, bool) and l1_ratio > 1:
-        raise InvalidParameterError(f"l1_ratio must be in [0, 1], got {l1_ratio}")
     _check_real("l1_ratio", l1_ratio)
+    if l1_ratio > 1:
+        raise InvalidParameterError(f"l1_ratio must be in [0, 1], got {l1_ratio}")
     return (
         n * alpha_W * l1_ratio,
         n * alpha_W * (1.0 - l1_ratio),
@@ -1431,20 +1431,14 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
         if not hasattr(self, "components_"):
             raise _not_fitted(self)
         k = self.components_.shape[0]
-        if _is_sparse(X):  # scikit-learn's X @ components_: a dense ndarray
-            if X.shape[1] != k:
-                raise ValueError(f"X must have n_components_ = {k} columns, got shape {X.shape}")
-            return np.asarray(X @ self.components_)
-        if hasattr(X, "to_numpy") and hasattr(X, "columns"):  # a DataFrame stays one, as there
-            if X.shape[1] != k:
-                raise ValueError(f"X must have n_components_ = {k} columns, got shape {X.shape}")
-            return X @ self.components_
-        W = np.asarray(X)
-        if W.ndim != 2 or W.shape[1] != k:
+        sparse, frame = _is_sparse(X), hasattr(X, "to_numpy") and hasattr(X, "columns")
+        W = X if sparse or frame else np.asarray(X)
+        if len(W.shape) != 2 or W.shape[1] != k:
             raise ValueError(
                 f"X must be 2-D with n_components_ = {k} columns (the output of transform), "
                 f"got shape {W.shape}")
-        return W @ self.components_
+        # scikit-learn's X @ components_: sparse W gives a dense ndarray, a DataFrame stays one
+        return np.asarray(W @ self.components_) if sparse else W @ self.components_
 
 
 def _dtype_of(A):
