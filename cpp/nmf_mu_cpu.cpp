@@ -20,6 +20,7 @@
 
 #include "mu_update.hpp"
 #include "philox.hpp"
+#include "philox_fill.hpp"
 #include "simd_kernels.hpp"
 #include "threads.hpp"
 
@@ -305,17 +306,32 @@ void compute_gram_rows(const T* A, i64 rows, i64 n, T* G) {
 }
 
 /// sum_i f(X[i]) in float64 in the fixed chunked order shared with the CUDA backend: kMeanChunk
-/// consecutive elements summed in order, then the chunk sums in order.
+/// consecutive elements summed in order, then the chunk sums in order. Eight chunks are summed
+/// side by side (eight independent chains, each in its own order: the same bits as one chunk
+/// at a time, which waited on each addition's latency: 1 ns an element, 25 ms of the 38 ms that
+/// init="random" took for 50000 x 512).
 template <class T, class F>
 double chunked_sum(const T* X, i64 count, int nt, F f) {
-  const i64 nc = (count + kMeanChunk - 1) / kMeanChunk;
+  constexpr i64 G = 8;
+  const i64 nc = (count + kMeanChunk - 1) / kMeanChunk, ng = (nc + G - 1) / G;
   std::vector<double> part(nc);
-#pragma omp parallel for num_threads(nt) schedule(static) if (nc > 16)
-  for (i64 c = 0; c < nc; ++c) {
-    double s = 0;
-    const i64 e = std::min(count, (c + 1) * kMeanChunk);
-    for (i64 i = c * kMeanChunk; i < e; ++i) s += f(double(X[i]));
-    part[c] = s;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nc > 64)
+  for (i64 g = 0; g < ng; ++g) {
+    const i64 c0 = g * G;
+    if ((c0 + G) * kMeanChunk <= count) {
+      double s[G] = {};
+      const T* x = X + c0 * kMeanChunk;
+      for (i64 i = 0; i < kMeanChunk; ++i)
+        for (i64 j = 0; j < G; ++j) s[j] += f(double(x[j * kMeanChunk + i]));
+      for (i64 j = 0; j < G; ++j) part[c0 + j] = s[j];
+    } else {
+      for (i64 c = c0; c < std::min(nc, c0 + G); ++c) {
+        double s = 0;
+        const i64 e = std::min(count, (c + 1) * kMeanChunk);
+        for (i64 i = c * kMeanChunk; i < e; ++i) s += f(double(X[i]));
+        part[c] = s;
+      }
+    }
   }
   double s = 0;
   for (double v : part) s += v;
@@ -580,10 +596,16 @@ void random_init_from_mean(double mean, T* W, T* H, i64 m, i64 n, i64 k, std::ui
                            int num_threads) {
   const int nt = resolve_threads(num_threads);
   const double scale = std::sqrt(mean / double(k));
-#pragma omp parallel for num_threads(nt) schedule(static) if (m * k > 65536)
-  for (i64 i = 0; i < m * k; ++i) W[i] = T(scale * philox_half_normal(seed, 0, std::uint64_t(i)));
-#pragma omp parallel for num_threads(nt) schedule(static) if (k * n > 65536)
-  for (i64 i = 0; i < k * n; ++i) H[i] = T(scale * philox_half_normal(seed, 1, std::uint64_t(i)));
+  auto fill = [&](T* out, i64 count, std::uint32_t stream) {
+    constexpr i64 kBlock = 4096;
+    const i64 nb = (count + kBlock - 1) / kBlock;
+#pragma omp parallel for num_threads(nt) schedule(static) if (count > 65536)
+    for (i64 b = 0; b < nb; ++b)
+      philox_fill_scaled(out + b * kBlock, std::min(kBlock, count - b * kBlock), scale, seed, stream,
+                         std::uint64_t(b * kBlock));
+  };
+  fill(W, m * k, 0);
+  fill(H, k * n, 1);
 }
 
 template <class T>

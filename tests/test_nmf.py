@@ -105,14 +105,20 @@ def _portable_flag_sets():
     return sets
 
 
-@pytest.fixture(scope="module")
-def portable_engines(tmp_path_factory):
+def _cxx():
+    """The C++ compiler ($CXX, c++, g++ or clang++); skips the test where there is none."""
     import shutil
-    from pathlib import Path
     cxx = next((shutil.which(c) for c in (os.environ.get("CXX"), "c++", "g++", "clang++")
                 if c and shutil.which(c)), None)
     if cxx is None:
         pytest.skip("no C++ compiler")
+    return cxx
+
+
+@pytest.fixture(scope="module")
+def portable_engines(tmp_path_factory):
+    from pathlib import Path
+    cxx = _cxx()
     root = Path(__file__).resolve().parent.parent
     out = tmp_path_factory.mktemp("portable")
     probe = out / "probe.cpp"
@@ -185,6 +191,54 @@ def test_engine_builds_and_agrees_without_native_flags(portable_engines, rng, tm
         ref = np.linalg.norm(X.astype(np.float64) - Ws.astype(np.float64) @ Hs.astype(np.float64))
         if loss == "frobenius":
             assert abs(err - ref) <= 1e-4 * ref, (name, err, ref)
+
+
+def test_random_fill_is_the_scalar_draws_in_every_build(tmp_path):
+    # init="random" fills a machine vector of draws at a time where the build has vector FMA
+    # (AVX-512, AVX2): the bits must be philox_half_normal's (the CUDA backend draws one element
+    # per thread with it), the elements the vector path hands back to it (4.6 %) included, in
+    # the package's build (-march=native), an AVX2 one and one without vectors
+    from pathlib import Path
+    cxx = _cxx()
+    root = Path(__file__).resolve().parent.parent
+    builds = 0
+    for flags in _portable_flag_sets() + [["-march=native"]]:
+        exe = tmp_path / ("check" + "".join(flags).replace("=", "_"))
+        cmd = [cxx, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", *flags, f"-I{root / 'cpp'}",
+               str(root / "tests" / "cpp" / "philox_check.cpp"), "-o", str(exe)]
+        built = subprocess.run(cmd, capture_output=True, text=True)
+        if built.returncode != 0 and flags == ["-march=native"] and "march" in built.stderr:
+            continue  # a compiler without -march=native (the package's build says so too)
+        assert built.returncode == 0, f"{' '.join(flags) or 'default flags'}:\n{built.stderr[-4000:]}"
+        done = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (flags, done.stdout, done.stderr)
+        words = done.stdout.split()
+        checked, fallback = int(words[words.index("checked") + 1]), int(words[words.index("fallback") + 1])
+        assert checked > 1_000_000 and 0.03 < fallback / checked < 0.06, done.stdout
+        builds += 1
+    assert builds >= 1
+
+
+def _chunked_mean(X):
+    """mean(X) in the engine's fixed order: 4096 consecutive elements summed in float64 in
+    order, then the chunk sums in order (np.cumsum adds one element at a time)."""
+    flat = np.ascontiguousarray(X, dtype=np.float64).ravel()
+    sums = [np.cumsum(flat[c:c + 4096])[-1] for c in range(0, flat.size, 4096)]
+    return np.cumsum(sums)[-1] / flat.size
+
+
+@pytest.mark.parametrize("shape", [(3, 100), (40, 4096 // 5 * 8 + 3), (1, 4096 * 19 + 11), (700, 600)],
+                         ids=["one-chunk", "groups-and-tail", "partial-group", "parallel"])
+def test_random_init_scale_is_the_chunked_mean(rng, shape):
+    # the engine sums eight chunks side by side (eight chains); the bits must be those of one
+    # chunk at a time, in order: the CUDA backend sums in that order, and init="random" on each
+    # backend must start from the same W and H. A 1 x 1 X holding the reference mean gives the
+    # same scale (and so the same first draws of W and of H) only if the means are equal.
+    X = rng.random(shape) * 3.7 + rng.random(shape) ** 9 * 1e3  # float64: every bit of the sum shows
+    k, seed = 3, 2**33 + 7
+    W, H = dffkit.initialize(X, k, init="random", random_state=seed)
+    W1, H1 = dffkit.initialize(np.array([[_chunked_mean(X)]]), k, init="random", random_state=seed)
+    assert np.array_equal(W.ravel()[:k], W1.ravel()) and np.array_equal(H.ravel()[:k], H1.ravel())
 
 
 @pytest.mark.parametrize("k, ms", [(24, range(121, 129)), (64, range(129, 135)), (40, range(121, 129)),
