@@ -664,3 +664,166 @@ def test_cluster_images_takes_a_numpy_array_of_paths(tmp_path, parts_data):
     for array in (np.array(paths), np.array(paths, dtype=object)):
         res = cluster_images(array, 2, extractor=fake_extractor, n_init=1, max_iter=20, backend="cpu")
         assert res.images == paths and seen[-1] == paths
+
+
+# ---------------------------------------------------------------------------------------------
+# audit regressions: checks before the slow part, progress, results a person can read
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_clusters, kwargs, exc, match", [
+    ("2", {}, TypeError, "n_clusters must be an integer"),
+    (7, {}, ValueError, r"n_clusters=7 is larger than the number of images \(6\)"),
+    (2, dict(n_part=3), TypeError, "unknown keyword argument 'n_part'.*n_parts"),
+    (2, dict(method="spectral"), ValueError, "method must be one of"),
+    (2, dict(n_parts=0), ValueError, "n_parts must be >= 1"),
+    (2, dict(lam_rel=float("nan")), ValueError, "lam_rel must be finite"),
+    (2, dict(random_state=-1), ValueError, "random_state must be >= 0"),
+    (2, dict(backend="gpu"), ValueError, "backend must be one of"),
+    (2, dict(used_threshold=2.0), ValueError, r"used_threshold must be in \[0, 1\]"),
+    (2, dict(progress="yes"), TypeError, "progress must be None, True"),
+])
+def test_cluster_images_checks_its_arguments_before_extracting(n_clusters, kwargs, exc, match):
+    """A wrong n_clusters or a misspelt option was found only after the features of every
+    image had been extracted (minutes for a large folder)."""
+    def extractor(items):
+        pytest.fail("features extracted before the arguments were checked")
+
+    images = [np.zeros((8, 8, 3), np.uint8)] * 6
+    with pytest.raises(exc, match=match):
+        cluster_images(images, n_clusters, extractor=extractor, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(used_threshold=1.5), ValueError, r"used_threshold must be in \[0, 1\].*no part would count"),
+    (dict(images="abcd"), TypeError, "images must be a list of 4 names"),
+    (dict(A=[np.ones((3, 2, 2)), np.ones((3, 2, 3))]), ValueError,
+     r"activations of image 1 have shape \(3, 2, 3\), those of image 0 \(3, 2, 2\)"),
+])
+def test_more_bad_input_is_named(kwargs, exc, match):
+    """used_threshold=1.5 left every image without a used part (no heat maps, plain contact
+    sheets); images="abcd" named the images 'a', 'b', 'c', 'd'; activations of two shapes
+    failed in np.stack ("all input arrays must have the same shape")."""
+    args = dict(A=np.random.default_rng(0).random((4, 3, 2, 2)), n_clusters=2)
+    args.update(kwargs)
+    A, n = args.pop("A"), args.pop("n_clusters")
+    with pytest.raises(exc, match=match):
+        cluster_activations(A, min(n, len(A)), n_init=1, max_iter=5, backend="cpu", **args)
+
+
+def test_progress_over_the_images_then_the_restarts(parts_data, capsys):
+    """cluster_images ran minutes on a large folder without a word; progress reports the
+    feature extraction (in the extractor's batches) and the GSNMF restarts."""
+    A, _, _ = parts_data
+    images = [f"img{i}.png" for i in range(10)]
+    lookup = dict(zip(images, A))
+    calls = []
+
+    class Extractor:
+        batch_size = 4
+
+        def __call__(self, items):
+            calls.append(len(items))
+            return np.stack([lookup[i] for i in items])
+
+    kw = dict(extractor=Extractor(), n_init=2, max_iter=20, random_state=0, backend="cpu")
+    seen = []
+    res = cluster_images(images, 2, progress=lambda done, total: seen.append((done, total)), **kw)
+    assert calls == [4, 4, 2]
+    assert seen == [(0, 10), (4, 10), (8, 10), (10, 10), (0, 2), (1, 2), (2, 2)]
+    quiet = cluster_images(images, 2, **kw)
+    assert calls[-1] == 10  # without progress, one call as before
+    np.testing.assert_array_equal(res.labels, quiet.labels)
+    np.testing.assert_array_equal(res.parts, quiet.parts)
+    capsys.readouterr()
+    cluster_images(images, 2, progress=True, **kw)
+    err = capsys.readouterr().err
+    assert "10/10 images" in err and "2/2 restarts" in err
+
+
+def test_result_repr_is_a_summary(fcn_result):
+    """The dataclass repr printed every array and each image's parts: 40 kB for 120 images,
+    megabytes for a real folder, whenever a notebook showed the result."""
+    text = repr(fcn_result)
+    assert len(text) < 400, len(text)
+    sizes = np.bincount(fcn_result.labels, minlength=3).tolist()
+    assert text.startswith(f"ClusteringResult(90 images, 3 clusters of sizes {sizes}, method='fcn'")
+    assert "n_parts=9" in text and "lam=" in text
+    many = ClusteringResult(labels=np.arange(20), codes=np.zeros((20, 1)), parts=None, part_maps=None,
+                            parts_used=[], method="kmeans", assign="kmeans", images=["a.png"] * 20)
+    assert repr(many) == ("ClusteringResult(20 images, 20 clusters of sizes [1, 1, 1, 1, 1, 1, 1, 1, "
+                          "... (20 in all)], method='kmeans', images=['a.png', ...])")
+
+
+def test_identical_images_warn_that_clusters_are_arbitrary():
+    """All-zero activations (a black folder, a broken extractor) gave arbitrary labels silently."""
+    A = np.zeros((6, 4, 3, 3), np.float32)
+    for method in ("fcn", "kmeans"):
+        with pytest.warns(UserWarning, match=r"only 1 distinct value for n_clusters=3.*split between clusters arbitrarily"):
+            cluster_activations(A, 3, method=method, n_init=1, max_iter=5, backend="cpu")
+
+
+def test_write_clusters_checks_the_images_and_writes_numpy_extras(tmp_path, parts_data):
+    """A folder path as images indexed its characters (IndexError), a shorter list raised
+    IndexError and a longer one gave thumbnails of the wrong images; an extra holding numpy
+    numbers failed in json after the contact sheets were written."""
+    from PIL import Image
+
+    from dffkit.clustering import write_clusters
+
+    A, _, _ = parts_data
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    paths = []
+    for i in range(4):
+        paths.append(str(folder / f"img{i}.png"))
+        Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(paths[-1])
+    res = cluster_images(str(folder), 2, extractor=lambda items: A[:len(items)], n_init=1,
+                         max_iter=5, backend="cpu")
+    for images in (paths[:3], paths + paths):
+        with pytest.raises(ValueError, match=f"images has {len(images)} images, but the result clustered 4"):
+            write_clusters(res, images, tmp_path / "bad")
+    with pytest.raises(TypeError, match="extra.*cannot be written to JSON"):
+        write_clusters(res, paths, tmp_path / "bad", extra={"model": object()})
+    assert not (tmp_path / "bad").exists()
+    for images in (str(folder), folder, None):  # the folder, or the files named in the result
+        path = write_clusters(res, images, tmp_path / "out", extra={"seed": np.int64(3), "w": np.ones(2)})
+        doc = json.loads(open(path).read())
+        assert doc["seed"] == 3 and doc["w"] == [1.0, 1.0]
+        assert [d["image"] for d in doc["images"]] == paths
+    arrays = cluster_images(np.zeros((4, 8, 8, 3), np.uint8), 2, extractor=lambda items: A[:len(items)],
+                            n_init=1, max_iter=5, backend="cpu")
+    with pytest.raises(ValueError, match="images=None takes the image files named in result.images"):
+        write_clusters(arrays, None, tmp_path / "arrays")
+
+
+def test_cli_cluster_passes_restarts_iterations_and_progress(tmp_path, monkeypatch, capsys):
+    from dffkit import clustering
+    from dffkit.cli import main
+
+    got = []
+
+    def fake(paths, n, **kwargs):
+        got.append(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(clustering, "cluster_images", fake)
+    argv = ["cluster", SAMPLES, "-n", "2", "--out", str(tmp_path / "o")]
+    assert main(argv) == 1
+    assert got[-1]["progress"] is True and got[-1]["n_init"] == 4 and got[-1]["max_iter"] == 300
+    assert main(argv + ["--quiet", "--n-init", "1", "--max-iter", "50"]) == 1
+    assert got[-1]["progress"] is None and got[-1]["n_init"] == 1 and got[-1]["max_iter"] == 50
+    capsys.readouterr()
+    assert main(argv + ["--max-iter", "-1"]) == 1
+    assert "--max-iter must be a non-negative int" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(max_iter=0), ValueError, "max_iter must be >= 1"),
+    (dict(max_iter=-3), ValueError, "max_iter must be >= 1"),
+    (dict(max_iter=None), TypeError, "max_iter must be an integer"),
+    (dict(tol="x"), TypeError, "tol must be a real number"),
+])
+def test_kmeans_checks_max_iter_and_tol(kwargs, exc, match):
+    """max_iter=0 (or below) ended in AttributeError: 'NoneType' object has no attribute 'astype'."""
+    with pytest.raises(exc, match=match):
+        kmeans(np.random.default_rng(0).random((10, 2)), 2, **kwargs)

@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dffkit
+from dffkit.nmf import InvalidParameterError
 from dffkit.group_sparse import (
     GroupSparseNMF,
     group_norms,
@@ -360,3 +361,142 @@ def test_cpu_and_cuda_agree():
     np.testing.assert_allclose(out["cuda"][0], out["cpu"][0], rtol=2e-3, atol=1e-5 * out["cpu"][0].max())
     np.testing.assert_allclose(out["cuda"][1], out["cpu"][1], rtol=2e-3, atol=1e-5 * out["cpu"][1].max())
     np.testing.assert_allclose(out["cuda"][2], out["cpu"][2], rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# audit regressions: the estimator as a scikit-learn user drives it, groups of odd kinds
+# ---------------------------------------------------------------------------------------------
+
+def test_estimator_refits_repeats_and_leaves_the_callers_arrays_alone(rng):
+    sklearn_base = pytest.importorskip("sklearn.base")
+    X = rng.random((30, 8))
+    labels = np.repeat([3, 1, 2], 10)
+    X_before, labels_before = X.copy(), labels.copy()
+    est = GroupSparseNMF(3, lam=0.2, mu=0.05, init="random", random_state=4, max_iter=40, tol=0,
+                         backend="cpu")
+    W = est.fit_transform(readonly(X), groups=readonly(labels))
+    np.testing.assert_array_equal(X, X_before)
+    np.testing.assert_array_equal(labels, labels_before)
+    # one random_state, one result: refit, a clone, and the function
+    again = sklearn_base.clone(est).fit(X, groups=labels)
+    np.testing.assert_array_equal(again.components_, est.components_)
+    np.testing.assert_array_equal(est.fit_transform(X, groups=labels), W)
+    W_fn, H_fn, _ = group_sparse_nmf(X, labels, 3, lam=0.2, mu=0.05, init="random", random_state=4,
+                                     max_iter=40, tol=0, backend="cpu")
+    np.testing.assert_array_equal(W, W_fn)
+    np.testing.assert_array_equal(est.components_, H_fn)
+    # non-contiguous views (Fortran order, a column stride) give the contiguous input's bits
+    for view in (np.asfortranarray(X), np.repeat(X, 2, axis=1)[:, ::2]):
+        assert not view.flags.c_contiguous
+        np.testing.assert_array_equal(sklearn_base.clone(est).fit_transform(view, groups=labels), W)
+    # a refit on data of another shape replaces every fitted attribute
+    X2 = rng.random((12, 5)).astype(np.float32)
+    est.fit(X2, groups=[0, 4, 12])
+    assert est.components_.shape == (3, 5) and est.components_.dtype == np.float32
+    assert est.n_features_in_ == 5 and est.codes_.shape == (2, 3)
+    np.testing.assert_array_equal(est.group_offsets_, [0, 4, 12])
+    assert est.transform(X2).dtype == np.float32
+    with pytest.raises(ValueError, match="expecting 5 features"):
+        est.transform(X)
+
+
+def test_record_objective_must_be_a_bool(rng):
+    """record_objective='no' was taken as True (a non-empty string), silently."""
+    X = rng.random((10, 4))
+    with pytest.raises(InvalidParameterError, match="record_objective must be True or False, got 'no'"):
+        GroupSparseNMF(2, record_objective="no", max_iter=5, backend="cpu").fit(X, groups=[0, 5, 10])
+    with pytest.raises(InvalidParameterError, match="record_objective must be True or False"):
+        group_sparse_nmf(X, [0, 5, 10], 2, record_objective="no", max_iter=5, backend="cpu")
+    est = GroupSparseNMF(2, record_objective=False, max_iter=5, backend="cpu").fit(X, groups=[0, 5, 10])
+    assert est.objective_ == []
+
+
+def test_transform_after_a_collapsed_fit_names_the_fit(rng):
+    """transform after a fit whose components_ are all zero said "H is all zeros ... use another
+    initialisation", about an H the caller never passed (NMF.transform says what happened)."""
+    est = GroupSparseNMF(2, init="random", random_state=0, max_iter=5, backend="cpu")
+    est.fit(np.zeros((10, 4)), groups=[0, 5, 10])
+    with pytest.raises(ValueError, match="the fitted components_ are all zero.*refit"):
+        est.transform(rng.random((10, 4)))
+
+
+def test_transform_uses_the_fitted_components_after_set_params(rng):
+    """set_params(n_components=5) after a fit with 3 made transform fail with "H must have
+    shape (5, 4)" for an H the caller never passed; transform uses what was fitted."""
+    X = rng.random((12, 4))
+    est = GroupSparseNMF(3, lam=0.1, init="random", random_state=0, max_iter=10, backend="cpu")
+    est.fit(X, groups=[0, 6, 12])
+    W = est.transform(X)
+    est.set_params(n_components=5)
+    np.testing.assert_array_equal(est.transform(X), W)
+    assert est.codes(X, [0, 6, 12]).shape == (2, 3)
+
+
+@pytest.mark.parametrize("groups, shown", [
+    (np.array([0, 2**63 + 5, 40], dtype=np.uint64), "9223372036854775813"),
+    ([0.0, 1e20, 40.0], "1e+20"),
+])
+def test_huge_offsets_are_shown_as_given_not_wrapped(groups, shown):
+    """Offsets past int64 were cast first and reported wrapped: "must be non-decreasing, got
+    [0, -9223372036854775803, 40]", a value the caller never wrote."""
+    with pytest.raises(ValueError, match="between 0 and the number of rows of X") as info:
+        group_offsets(groups, 40)
+    assert shown in str(info.value) and "-922" not in str(info.value)
+    with pytest.raises(ValueError, match=r"from 0 to the number of rows of W \(40\)") as info:
+        group_norms(np.ones((40, 2)), groups)
+    assert shown in str(info.value) and "-922" not in str(info.value)
+
+
+def test_groups_of_object_dtype_and_mixed_labels():
+    """An object array of ints (a pandas object column) is read as offsets like an int array;
+    labels of mixed kinds (ints and strings in an object array) group by equality: np.unique
+    raised "'<' not supported between instances of 'str' and 'int'" for them."""
+    np.testing.assert_array_equal(group_offsets(np.array([0, 20, 40], dtype=object), 40), [0, 20, 40])
+    mixed = np.array([0, 0, "a", "a", "a", 1], dtype=object)
+    np.testing.assert_array_equal(group_offsets(mixed, 6), [0, 2, 5, 6])
+    with pytest.raises(ValueError, match=r"label 0 appears at row 0 and again at row 5"):
+        group_offsets(np.array([0, 0, "a", "a", "a", 0], dtype=object), 6)
+    # None is a missing label, refused like NaN; a set has no order
+    with pytest.raises(ValueError, match=r"NaN or infinity \(or None\) at 2 entries"):
+        group_offsets(np.array([None, None, 1, 1], dtype=object), 4)
+    with pytest.raises(TypeError, match="ordered 1-D sequence.*set"):
+        group_offsets({0, 4}, 4)
+
+
+def update_oracle(X, W, H, offsets, lam, mu, l1_W, l2_W, l1_H, l2_H, n_iter):
+    """DESIGN.md's GSNMF updates with scikit-learn's penalties and zero-denominator guard, in
+    float64, group norms by a loop over the groups."""
+    X, W, H = (np.array(a, dtype=np.float64) for a in (X, W, H))
+    eps = np.finfo(np.float32).eps
+    for _ in range(n_iter):
+        nrm = np.zeros_like(W)
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            nrm[a:b] = np.sqrt(np.sum(W[a:b] ** 2, axis=0))
+        den = W @ (H @ H.T) + lam * W / np.maximum(nrm, np.finfo(float).tiny) + l1_W + l2_W * W
+        W = W * (X @ H.T) / np.where(den == 0, eps, den)
+        den = (W.T @ W) @ H + mu * H + l1_H + l2_H * H
+        H = H * (W.T @ X) / np.where(den == 0, eps, den)
+    return W, H
+
+
+@pytest.mark.parametrize("off", [[0, 7, 7, 20, 33], [0, 0, 33], [0, 33, 33], [0, 33]])
+@pytest.mark.parametrize("alpha_W, l1_ratio", [(0.0, 0.0), (0.05, 0.3)])
+def test_ten_updates_follow_the_formulas_with_penalties_and_empty_groups(off, alpha_W, l1_ratio):
+    rng = np.random.default_rng(5)
+    m, n, k = 33, 9, 4
+    X = rng.random((m, n)) * (rng.random((m, n)) < 0.7)
+    W0, H0 = rng.random((m, k)), rng.random((k, n))
+    lam, mu = 0.6, 0.2
+    pen = dict(l1_W=n * alpha_W * l1_ratio, l2_W=n * alpha_W * (1 - l1_ratio),
+               l1_H=m * alpha_W * l1_ratio, l2_H=m * alpha_W * (1 - l1_ratio))
+    W_ref, H_ref = update_oracle(X, W0, H0, off, lam, mu, n_iter=10, **pen)
+    kw = dict(lam=lam, mu=mu, init="custom", max_iter=10, tol=0, alpha_W=alpha_W, l1_ratio=l1_ratio,
+              backend="cpu")
+    W, H, _ = group_sparse_nmf(X, {"offsets": off}, k, W=W0, H=H0, **kw)
+    np.testing.assert_allclose(W, W_ref, rtol=1e-11, atol=1e-14)
+    np.testing.assert_allclose(H, H_ref, rtol=1e-11, atol=1e-14)
+    f32 = [a.astype(np.float32) for a in (X, W0, H0)]
+    W, H, _ = group_sparse_nmf(f32[0], {"offsets": off}, k, W=f32[1], H=f32[2], **kw)
+    assert W.dtype == H.dtype == np.float32
+    np.testing.assert_allclose(W, W_ref, rtol=2e-4, atol=1e-6 * W_ref.max())
+    np.testing.assert_allclose(H, H_ref, rtol=2e-4, atol=1e-6 * H_ref.max())

@@ -70,7 +70,9 @@ from dffkit.metrics import adjusted_rand_score, clustering_accuracy, normalized_
 from dffkit.group_sparse import group_norms, group_sparse_nmf, penalty_scale
 from dffkit.nmf import (
     ConvergenceWarning,
+    _check_backend,
     _check_max_iter,
+    _check_random_state,
     _check_real,
     _seed_from,
     non_negative_factorization,
@@ -133,6 +135,8 @@ def kmeans(X, n_clusters, *, n_init=10, max_iter=300, tol=1e-8, random_state=0):
     X : (n, d) array of finite reals.
     n_clusters : int, 1 <= n_clusters <= n.
     n_init : restarts; the one with the lowest inertia wins.
+    max_iter : Lloyd iterations per restart at most, an int >= 1; tol : a real >= 0, the
+        squared centre shift that stops a restart.
 
     Returns
     -------
@@ -145,6 +149,8 @@ def kmeans(X, n_clusters, *, n_init=10, max_iter=300, tol=1e-8, random_state=0):
         raise ValueError("X contains NaN or infinity")
     _check_real("n_clusters", n_clusters, low=1, integer=True)
     _check_real("n_init", n_init, low=1, integer=True)
+    _check_real("max_iter", max_iter, low=1, integer=True)  # 0 left no labels to return
+    _check_real("tol", tol)
     k = int(n_clusters)
     if k > X.shape[0]:
         raise ValueError(f"n_clusters={k} is larger than the number of samples ({X.shape[0]})")
@@ -236,7 +242,11 @@ def synthetic_parts_activations(n_per_class=30, n_classes=3, *, size=8, n_channe
 # the result
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
+def _short_list(values, head=8):
+    return str(values) if len(values) <= head else f"[{', '.join(map(str, values[:head]))}, ... ({len(values)} in all)]"
+
+
+@dataclass(repr=False)
 class ClusteringResult:
     """What ``cluster_activations`` / ``cluster_images`` return.
 
@@ -278,6 +288,21 @@ class ClusteringResult:
     def n_clusters(self):
         return int(self.params.get("n_clusters", int(self.labels.max()) + 1))
 
+    def __repr__(self):
+        """A summary a person can read (the arrays are in the attributes): the dataclass's
+        own repr printed every array and every image's parts, tens of kB per 100 images."""
+        labels = np.asarray(self.labels) if self.labels is not None else np.zeros(0, np.int64)
+        sizes = np.bincount(labels, minlength=self.n_clusters).tolist() if labels.size else []
+        text = (f"ClusteringResult({len(labels)} images, {self.n_clusters} clusters of sizes "
+                f"{_short_list(sizes)}, method={self.method!r}")
+        if self.method == "fcn":
+            n_parts = None if self.parts is None else int(np.shape(self.parts)[0])
+            text += (f", assign={self.assign!r}, n_parts={n_parts}, lam={self.lam:.4g}, "
+                     f"mu={self.mu:.4g}, objective={self.objective:.6g}, n_iter={self.n_iter}")
+        if self.images:
+            text += f", images=[{self.images[0]!r}, ...]" if len(self.images) > 1 else f", images={self.images!r}"
+        return text + ")"
+
     def heat_maps(self, i):
         """{part: (h, w) map} of the parts image i uses, strongest first ({} for method
         "kmeans", which has no parts). ``i``: an int in 0..N-1, or -N..-1 from the end
@@ -318,7 +343,14 @@ class ClusteringResult:
 
 def _check_activations(A):
     if isinstance(A, (list, tuple)):
-        A = np.stack([np.asarray(a) for a in A])
+        arrays = [np.asarray(a) for a in A]
+        for i, a in enumerate(arrays[1:], 1):
+            if a.shape != arrays[0].shape:
+                raise ValueError(
+                    f"activations of image {i} have shape {a.shape}, those of image 0 "
+                    f"{arrays[0].shape}: all must have one shape (C, h, w); resize the images to "
+                    "one size before extracting (FeatureExtractor's image_size)")
+        A = np.stack(arrays) if arrays else np.zeros((0, 0, 0, 0))
     A = np.asarray(A)
     if A.ndim != 4:
         raise ValueError(
@@ -377,16 +409,85 @@ def _assign_codes(codes, result):
 # clustering
 # ---------------------------------------------------------------------------------------------
 
+def _warn_few_distinct(feats, n_clusters, what):
+    """Warn (as scikit-learn's KMeans does) when the images have fewer distinct points than
+    clusters: the labels then split identical images arbitrarily."""
+    distinct = len(np.unique(np.asarray(feats), axis=0))
+    if distinct < n_clusters:
+        warnings.warn(
+            f"the images' {what} take only {distinct} distinct value{'s' if distinct != 1 else ''} "
+            f"for n_clusters={n_clusters}: images with the same {what} are split between "
+            "clusters arbitrarily (activations all zero, or the same image repeated?); ask for "
+            "fewer clusters, or check the images and the extractor",
+            ConvergenceWarning, stacklevel=3)
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
 
 
+def _check_params(n_images, n_clusters, *, n_parts=None, lam=None, mu=None,
+                  lam_rel=DEFAULT_LAM_REL, mu_rel=DEFAULT_MU_REL, method="fcn", assign="kmeans",
+                  n_init=4, max_iter=300, tol=1e-5, random_state=0, backend="auto",
+                  used_threshold=0.05, images=None, progress=None):
+    """The checks of ``cluster_activations`` that need no activations, so that
+    ``cluster_images`` makes them before it extracts any feature (which may take minutes)."""
+    _check_real("n_clusters", n_clusters, low=1, integer=True)
+    if n_clusters > n_images:
+        raise ValueError(
+            f"n_clusters={n_clusters} is larger than the number of images ({n_images})")
+    _check_choice("method", method, _METHODS)
+    _check_choice("assign", assign, _ASSIGN)
+    _check_real("n_init", n_init, low=1, integer=True)
+    _check_real("used_threshold", used_threshold)
+    if used_threshold > 1:
+        raise ValueError(
+            f"used_threshold must be in [0, 1] (a fraction of an image's largest code), got "
+            f"{used_threshold!r}: above 1 no part would count as used")
+    _check_max_iter(max_iter)
+    _check_real("tol", tol)
+    if n_parts is not None:
+        _check_real("n_parts", n_parts, low=1, integer=True)
+    for name, value in (("lam", lam), ("mu", mu)):
+        if value is not None:
+            _check_real(name, value)
+    if lam is None:
+        _check_real("lam_rel", lam_rel)
+    if mu is None:
+        _check_real("mu_rel", mu_rel)
+    _check_backend(backend)
+    _check_random_state(random_state)
+    if images is not None:
+        if isinstance(images, (str, bytes)) or not hasattr(images, "__len__"):
+            raise TypeError(
+                f"images must be a list of {n_images} names (one per image), got "
+                f"{type(images).__name__} {images!r:.60}")
+        if len(images) != n_images:
+            raise ValueError(f"images has {len(images)} names for {n_images} images")
+    if not (progress is None or isinstance(progress, (bool, np.bool_)) or callable(progress)):
+        raise TypeError(
+            "progress must be None, True (bars on stderr) or a callable(done, total), got "
+            f"{progress!r} of type {type(progress).__name__}")
+
+
+def _progress(progress, total, unit, label):
+    """A callable(done) reporting to ``progress``: nothing (None, False), a one-line bar on
+    stderr (True), or the caller's callable(done, total)."""
+    if progress is None or progress is False:
+        return lambda done: None
+    if callable(progress) and not isinstance(progress, (bool, np.bool_)):
+        return lambda done: progress(done, total)
+    from dffkit.deep_feature_factorization import _TextProgress
+
+    return _TextProgress(total, unit, label=label)
+
+
 def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
                         lam_rel=DEFAULT_LAM_REL, mu_rel=DEFAULT_MU_REL, method="fcn",
                         assign="kmeans", n_init=4, max_iter=300, tol=1e-5, random_state=0,
-                        backend="auto", used_threshold=0.05, images=None):
+                        backend="auto", used_threshold=0.05, images=None, progress=None):
     """Cluster images from their CNN activations (N, C, h, w) with a factorized network.
 
     Parameters
@@ -408,9 +509,11 @@ def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
     max_iter, tol : of each GSNMF run: an int >= 0 and a real number >= 0.
     random_state : int seed; one seed gives one result.
     backend : engine of the GSNMF ("auto", "cpu", "cuda").
-    used_threshold : a part counts as used by an image when its code is at least this
-        fraction of the image's largest code.
-    images : optional names of the images, kept in the result.
+    used_threshold : a number in [0, 1]: a part counts as used by an image when its code is at
+        least this fraction of the image's largest code.
+    images : optional names of the images (a list of N str), kept in the result.
+    progress : None (silent), True (a one-line bar on stderr over the GSNMF restarts) or a
+        callable ``progress(done, total)``, called with done = 0 .. n_init.
 
     Returns
     -------
@@ -418,23 +521,19 @@ def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
     """
     A = _check_activations(A)
     N, C, h, w = A.shape
-    _check_real("n_clusters", n_clusters, low=1, integer=True)
-    if n_clusters > N:
-        raise ValueError(f"n_clusters={n_clusters} is larger than the number of images ({N})")
-    _check_choice("method", method, _METHODS)
-    _check_choice("assign", assign, _ASSIGN)
-    _check_real("n_init", n_init, low=1, integer=True)
-    _check_real("used_threshold", used_threshold)
-    _check_max_iter(max_iter)
-    _check_real("tol", tol)
+    _check_params(N, n_clusters, n_parts=n_parts, lam=lam, mu=mu, lam_rel=lam_rel, mu_rel=mu_rel,
+                  method=method, assign=assign, n_init=n_init, max_iter=max_iter, tol=tol,
+                  random_state=random_state, backend=backend, used_threshold=used_threshold,
+                  images=images, progress=progress)
     seed = _seed_from(random_state)
     params = dict(n_clusters=int(n_clusters), method=method, assign=assign, n_init=int(n_init),
                   max_iter=int(max_iter), tol=float(tol), random_state=random_state)
-    if images is not None and len(images) != N:
-        raise ValueError(f"images has {len(images)} names for {N} images")
+    if images is not None:
+        images = list(images)
 
     if method == "kmeans":
         feats = _l2_normalise(A.mean(axis=(2, 3), dtype=np.float64))
+        _warn_few_distinct(feats, n_clusters, "mean-pooled activations")
         labels, centers, _ = kmeans(feats, n_clusters, random_state=seed)
         return ClusteringResult(labels=labels, codes=feats, parts=None, part_maps=None,
                                 parts_used=[np.zeros(0, dtype=np.int64)] * N, method=method,
@@ -457,6 +556,8 @@ def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
                   mu_rel=float(mu / mu_unit) if mu_unit else 0.0)
 
     best = None
+    report = _progress(progress, int(n_init), "restarts", "parts    ")
+    report(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         for r in range(int(n_init)):
@@ -466,6 +567,7 @@ def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
             obj = _objective(X, W, H, off, lam, mu)
             if best is None or obj < best[0]:
                 best = (obj, W, H, n_iter)
+            report(r + 1)
     unconverged = sum(issubclass(c.category, ConvergenceWarning) for c in caught)
     for c in caught:
         if not issubclass(c.category, ConvergenceWarning):
@@ -482,6 +584,7 @@ def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
         top = c.max()
         idx = np.flatnonzero(c >= used_threshold * top) if top > 0 else np.zeros(0, np.int64)
         parts_used.append(idx[np.argsort(-c[idx], kind="stable")].astype(np.int64))
+    _warn_few_distinct(_l2_normalise(codes) if assign == "kmeans" else codes, n_clusters, "codes")
     result = ClusteringResult(labels=None, codes=codes, parts=H, part_maps=part_maps,
                               parts_used=parts_used, method=method, assign=assign, lam=float(lam),
                               mu=float(mu), objective=float(obj), n_iter=int(n_iter),
@@ -561,7 +664,7 @@ def _image_items(images):
     return as_image_list(images)
 
 
-def cluster_images(images, n_clusters, *, extractor=None, layer=None, **kwargs):
+def cluster_images(images, n_clusters, *, extractor=None, layer=None, progress=None, **kwargs):
     """Cluster images (paths, PIL images or uint8 arrays) by the parts their activations hold.
 
     Parameters
@@ -576,8 +679,13 @@ def cluster_images(images, n_clusters, *, extractor=None, layer=None, **kwargs):
         ModelProto, wrapped in a FeatureExtractor with ``layer``), or any callable mapping a
         list of images to float32 activations (N, C, h, w).
     layer : the layer, when ``extractor`` is a model.
+    progress : None (silent), True (one-line bars on stderr: over the images as their
+        features are extracted, then over the GSNMF restarts) or a callable
+        ``progress(done, total)``, called with done = 0 .. N over the images, then with
+        done = 0 .. n_init over the restarts (as ``dffkit.dff`` calls it, stage after stage).
     **kwargs : passed to :func:`cluster_activations` (n_parts, lam, mu, lam_rel, method,
-        assign, random_state, backend, ...).
+        assign, random_state, backend, ...); checked, with ``n_clusters``, before any image is
+        read.
 
     Returns
     -------
@@ -586,15 +694,54 @@ def cluster_images(images, n_clusters, *, extractor=None, layer=None, **kwargs):
     images = _image_items(images)
     if not images:
         raise ValueError("no images given")
+    unknown = sorted(set(kwargs) - _CLUSTER_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"cluster_images got unknown keyword argument{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; it takes extractor, layer, progress and those of "
+            f"cluster_activations: {', '.join(sorted(_CLUSTER_OPTIONS))}")
+    _check_params(len(images), n_clusters, progress=progress, **kwargs)  # before the slow part
     fx = _make_extractor(extractor, layer)
-    A = np.asarray(fx(images))
+    A = _extract_all(fx, images, progress)
     if A.ndim != 4 or A.shape[0] != len(images):
         raise ValueError(
             f"the extractor returned shape {A.shape} for {len(images)} images; it must return "
             "(N, C, h, w)"
         )
     names = [_image_name(item, i) for i, item in enumerate(images)]
-    return cluster_activations(A, n_clusters, images=names, **kwargs)
+    return cluster_activations(A, n_clusters, images=names, progress=progress, **kwargs)
+
+
+#: the keyword arguments ``cluster_images`` passes on to ``cluster_activations``
+_CLUSTER_OPTIONS = frozenset({
+    "n_parts", "lam", "mu", "lam_rel", "mu_rel", "method", "assign", "n_init", "max_iter", "tol",
+    "random_state", "backend", "used_threshold"})
+
+
+def _extract_all(fx, images, progress):
+    """The extractor's activations of all ``images``: one call without ``progress``, batches
+    of the extractor's ``batch_size`` (16 by default) with it, reported as they are done."""
+    if progress is None or progress is False:
+        return np.asarray(fx(images))
+    report = _progress(progress, len(images), "images", "features ")
+    batch = getattr(fx, "batch_size", None)
+    batch = int(batch) if isinstance(batch, (int, np.integer)) and batch > 0 else 16
+    report(0)
+    parts = []
+    for start in range(0, len(images), batch):
+        out = np.asarray(fx(images[start:start + batch]))
+        if out.ndim != 4 or out.shape[0] != len(images[start:start + batch]):
+            raise ValueError(
+                f"the extractor returned shape {out.shape} for {len(images[start:start + batch])} "
+                "images; it must return (N, C, h, w)")
+        parts.append(out)
+        report(min(start + batch, len(images)))
+    if any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+        raise ValueError(
+            "the extractor returned activations of different shapes for different images "
+            f"({sorted({p.shape[1:] for p in parts})}); they must all be (C, h, w) of one size: "
+            "resize the images to one size (FeatureExtractor's image_size)")
+    return np.concatenate(parts)
 
 
 def _load_rgb(item):
@@ -658,10 +805,30 @@ def contact_sheet(images, maps=None, *, title="", thumb=128, columns=6):
 def write_clusters(result, images, out_dir, *, thumb=128, extra=None):
     """Write ``clusters.json`` and one contact sheet ``cluster_XX.png`` per cluster to out_dir.
 
-    Each thumbnail carries the heat map of the strongest part its image uses (method "fcn");
-    ``thumb`` (a positive int) is its size in pixels. Returns the path of the JSON file.
+    ``images`` are the clustered images, in the order of ``result.labels`` (what
+    ``cluster_images`` took: paths, a folder, PIL images or uint8 arrays), or None for the
+    files named in ``result.images``. Each thumbnail carries the heat map of the strongest
+    part its image uses (method "fcn"); ``thumb`` (a positive int) is its size in pixels.
+    ``extra``: a dict added to the JSON (numpy numbers and arrays are written as numbers and
+    lists). Returns the path of the JSON file.
     """
     thumb = _check_thumb(thumb)  # before anything is written
+    n = len(result.labels)
+    if images is None:
+        if not result.images or not all(os.path.isfile(x) for x in result.images):
+            raise ValueError(
+                "images=None takes the image files named in result.images, but they are not "
+                "files here (the result of arrays or PIL images): pass the images clustered")
+        images = list(result.images)
+    else:
+        images = _image_items(images)
+    if len(images) != n:
+        raise ValueError(
+            f"images has {len(images)} images, but the result clustered {n}: pass the images "
+            "clustered, in the same order")
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict (added to clusters.json) or None, got {type(extra).__name__}")
+    json.dumps(extra, default=_json_value)  # an extra JSON cannot hold fails before any file is written
     os.makedirs(out_dir, exist_ok=True)
     names = result.images or [_image_name(x, i) for i, x in enumerate(images)]
     clusters = []
@@ -697,9 +864,22 @@ def write_clusters(result, images, out_dir, *, thumb=128, extra=None):
     if extra:
         doc.update(extra)
     path = os.path.join(out_dir, "clusters.json")
+    text = json.dumps(doc, indent=1, default=_json_value)  # before the file is opened
     with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+        f.write(text)
     return path
+
+
+def _json_value(value):
+    """numpy scalars and arrays (in ``extra``) as JSON numbers and lists."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} {value!r:.60} in write_clusters' extra cannot be "
+                    "written to JSON: give numbers, strings, lists or dicts")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,7 +903,13 @@ def _add_arguments(parser):
     parser.add_argument("--lam-rel", type=float, default=DEFAULT_LAM_REL,
                         help=f"relative group penalty (default {DEFAULT_LAM_REL})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-init", type=positive_int("GSNMF restarts"), default=4,
+                        help="GSNMF restarts, the lowest objective wins (default 4)")
+    parser.add_argument("--max-iter", type=int, default=300,
+                        help="iterations of each GSNMF restart at most (default 300)")
     parser.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (features, GSNMF restarts) on stderr")
     parser.add_argument("--thumb", type=positive_int("pixels"), default=128,
                         help="thumbnail size in the sheets, in pixels (default 128)")
     parser.add_argument("--onnx", action="store_true",
@@ -746,7 +932,9 @@ def _run(args):
     extractor = None if args.model is None else args.model
     result = cluster_images(paths, args.n_clusters, extractor=extractor, layer=args.layer,
                             n_parts=args.parts, method=args.method, assign=args.assign,
-                            lam_rel=args.lam_rel, random_state=args.seed, backend=args.backend)
+                            lam_rel=args.lam_rel, random_state=args.seed, backend=args.backend,
+                            n_init=args.n_init, max_iter=args.max_iter,
+                            progress=None if args.quiet else True)
     path = write_clusters(result, paths, args.out, thumb=args.thumb,
                           extra={"model": args.model or "filterbank", "layer": args.layer})
     if args.onnx:

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from dffkit.metrics import _missing_labels
 from dffkit.nmf import (
     NMF,
     _as_float_matrix,
+    _check_flag,
     _check_real,
     _is_device_array,
     _not_fitted,
@@ -59,7 +61,8 @@ def group_offsets(groups, n_rows):
         Either group offsets ``[0, o_1, ..., n_rows]`` (n_groups + 1 non-decreasing integers
         from 0 to n_rows; an empty group is allowed), or one label per row (length
         ``n_rows``) whose equal labels are contiguous, as sorted labels are. Labels may be
-        any values numpy compares (ints, strings, ...) except NaN or infinity.
+        any values numpy holds (ints, strings, ..., mixed in an object array) except NaN,
+        infinity or None. An object array of ints reads as an int array does.
 
         Which one a plain sequence is: one that reads as offsets (integers, starts at 0,
         ends at n_rows, non-decreasing) and does not have n_rows entries is offsets; one
@@ -90,14 +93,22 @@ def group_offsets(groups, n_rows):
         kind, groups = next(iter(groups.items()))
         if groups is None:
             raise ValueError(f"groups[{kind!r}] is None; give the {kind} of the rows of X")
+    if isinstance(groups, (set, frozenset)):
+        raise TypeError(
+            "groups must be an ordered 1-D sequence (a list or array of offsets or labels), got a "
+            f"{type(groups).__name__}, which has no order; pass a sorted list"
+        )
     arr = np.asarray(groups)
     if arr.ndim != 1:
         raise ValueError(f"groups must be 1-D (offsets or one label per row), got shape {arr.shape}")
     _check_finite_groups(arr)
+    arr = _object_ints(arr)
     integral = arr.dtype.kind in "iu" or (
         arr.dtype.kind == "f" and bool(np.all(arr == np.round(arr)))
     )
-    ends_right = integral and arr.size >= 2 and arr[0] == 0 and arr[-1] == n_rows
+    # in range before the cast: 2**64 - 1 (uint64) or 1e20 would wrap to negative int64
+    ends_right = (integral and arr.size >= 2 and arr[0] == 0 and arr[-1] == n_rows
+                  and bool(np.all((arr >= 0) & (arr <= n_rows))))
     off = arr.astype(np.int64) if ends_right else None
     increasing = ends_right and bool(np.all(np.diff(off) >= 0))
     if kind == "offsets":
@@ -127,6 +138,11 @@ def group_offsets(groups, n_rows):
         return off
     if ends_right:
         raise ValueError(f"group offsets must be non-decreasing, got {_short(off)}")
+    if integral and arr.size >= 2 and arr[0] == 0 and arr[-1] == n_rows:
+        raise ValueError(
+            f"group offsets must lie between 0 and the number of rows of X ({n_rows}) and be "
+            f"non-decreasing, got {_short(arr)}"
+        )
     raise ValueError(
         f"groups has {arr.size} entries: it must be offsets [0, ..., {n_rows}] (non-decreasing "
         f"integers from 0 to the number of rows of X) or one label per row of X ({n_rows} "
@@ -135,22 +151,44 @@ def group_offsets(groups, n_rows):
 
 
 def _check_finite_groups(arr):
-    """NaN (which equals nothing, itself included) or infinite labels / offsets: ValueError."""
-    if arr.dtype.kind in "fc":
-        bad = ~np.isfinite(arr)
-    elif arr.dtype.kind == "O":
-        bad = np.array([isinstance(v, (float, complex, np.inexact)) and not np.isfinite(v)
-                        for v in arr], dtype=bool)
-    else:
-        return
-    if bad.any():
+    """NaN (which equals nothing, itself included), infinite or None labels / offsets: ValueError."""
+    bad = _missing_labels(arr)
+    if bad is not None and bad.any():
         rows = np.flatnonzero(bad)
         raise ValueError(
-            f"groups holds NaN or infinity at {len(rows)} entr{'y' if len(rows) == 1 else 'ies'} "
+            f"groups holds NaN or infinity (or None) at {len(rows)} entr{'y' if len(rows) == 1 else 'ies'} "
             f"(first at {int(rows[0])}): labels and offsets must be finite (NaN equals no label, "
-            "itself included, so each NaN row would become a group of its own); give those "
-            "rows a label, or drop them from X and groups"
+            "itself included, so each NaN row would become a group of its own; None is a missing "
+            "label); give those rows a label, or drop them from X and groups"
         )
+
+
+def _object_ints(arr):
+    """An object array holding only Python / numpy ints (not bools) as int64, so that such
+    offsets read as offsets; any other array unchanged."""
+    if arr.dtype != object or arr.size == 0:
+        return arr
+    import numbers
+
+    if all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in arr):
+        if all(-2**63 <= int(v) < 2**63 for v in arr):
+            return arr.astype(np.int64)
+    return arr
+
+
+def _distinct(values):
+    """Whether the entries of ``values`` differ from each other, for any labels numpy holds:
+    hashing, not sorting, so that labels of mixed types (None, ints and strings in an object
+    array) are compared as ``==`` compares them."""
+    if values.dtype != object:
+        return len(np.unique(values)) == len(values)
+    try:
+        return len({v.item() if isinstance(v, np.generic) else v for v in values}) == len(values)
+    except TypeError as exc:  # an unhashable label (a list, a dict)
+        raise TypeError(
+            f"group labels must be hashable values (ints, strings, ...), got {exc}; renumber "
+            "them: np.unique(labels, return_inverse=True)[1]"
+        ) from None
 
 
 def _offsets_from_labels(labels, n_rows):
@@ -159,7 +197,7 @@ def _offsets_from_labels(labels, n_rows):
     change = np.flatnonzero(labels[1:] != labels[:-1]) + 1
     starts = np.concatenate([[0], change])
     firsts = labels[starts]
-    if len(np.unique(firsts)) != len(firsts):
+    if not _distinct(firsts):
         seen = {}
         for s in starts:  # name the first label that comes back after another one
             key = labels[s].item() if hasattr(labels[s], "item") else labels[s]
@@ -197,6 +235,11 @@ def group_norms(W, offsets):
         raise ValueError(
             f"offsets must be row offsets [0, ..., {m}] (1-D integers), got {_short(off)}; "
             "group_offsets(labels, m) makes them from one label per row"
+        )
+    if np.any(off < 0) or np.any(off > m):  # before the cast, which would wrap huge values
+        raise ValueError(
+            f"offsets must be non-decreasing from 0 to the number of rows of W ({m}), got "
+            f"{_short(off)}"
         )
     off = off.astype(np.int64)
     if off[0] != 0 or off[-1] != m or np.any(np.diff(off) < 0):
@@ -300,6 +343,7 @@ def group_sparse_nmf(X, groups, n_components, *, lam=0.0, mu=0.0, init=None, W=N
     """
     _check_real("lam", lam)
     _check_real("mu", mu)
+    record_objective = _check_flag("record_objective", record_objective)
     if n_components is None or isinstance(n_components, str):
         raise TypeError(f"n_components must be an integer >= 1, got {n_components!r}")
     _check_real("n_components", n_components, low=1, integer=True)
@@ -358,10 +402,13 @@ class GroupSparseNMF(NMF):
         self.record_objective = record_objective
 
     def _run(self, X, groups, W=None, H=None, update_H=True, record=False):
-        n_components = self.n_components
-        if n_components is None:
-            raise ValueError(f"{type(self).__name__}: set n_components (an integer >= 1)")
-        _check_real("n_components", n_components, low=1, integer=True)
+        if update_H:
+            n_components = self.n_components
+            if n_components is None:
+                raise ValueError(f"{type(self).__name__}: set n_components (an integer >= 1)")
+            _check_real("n_components", n_components, low=1, integer=True)
+        else:  # transform: the fitted components_, whatever set_params did since the fit
+            n_components = int(H.shape[0])
         _check_real("lam", self.lam)
         _check_real("mu", self.mu)
         X, off = _check_groups_and_X(X, groups, type(self).__name__)
@@ -382,8 +429,9 @@ class GroupSparseNMF(NMF):
                 f"{type(self).__name__}.fit needs groups=: row offsets [0, ..., m] or one "
                 "label per row of X"
             )
+        record = _check_flag("record_objective", self.record_objective)
         X = self._validate(X, reset=True)
-        W, H, info, off = self._run(X, groups, W, H, record=self.record_objective)
+        W, H, info, off = self._run(X, groups, W, H, record=record)
         self.components_ = H
         self.n_components_ = H.shape[0]
         self.n_iter_ = info.n_iter
@@ -410,6 +458,12 @@ class GroupSparseNMF(NMF):
             raise _not_fitted(self)
         X = self._validate(X, reset=False)
         self._check_transform_dtype(X)
+        if isinstance(self.components_, np.ndarray) and not self.components_.any():
+            raise ValueError(
+                f"{type(self).__name__}: the fitted components_ are all zero (the fit collapsed: "
+                "X all zero, or lam, alpha_W or alpha_H too strong), so no W can be fitted against "
+                "them; refit with weaker regularisation"
+            )
         if groups is None:
             groups = {"offsets": [0, int(np.shape(X)[0])]}
         W, _, _, _ = self._run(X, groups, None, self.components_, update_H=False)

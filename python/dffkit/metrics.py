@@ -83,11 +83,44 @@ def linear_sum_assignment(cost, maximize=False):
     return rows[order].astype(np.int64), cols[order].astype(np.int64)
 
 
+def _missing_labels(a):
+    """The entries of the 1-D array ``a`` that are no label (NaN, infinity, None) as a bool
+    mask, or None where its dtype cannot hold any (ints, strings)."""
+    if a.dtype.kind in "fc":
+        return ~np.isfinite(a)
+    if a.dtype.kind == "O":
+        return np.array([v is None or (isinstance(v, (float, complex, np.inexact)) and not np.isfinite(v))
+                         for v in a], dtype=bool)
+    return None
+
+
 def _labels(y, name):
     a = np.asarray(y)
     if a.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {a.shape}")
+    bad = _missing_labels(a)
+    if bad is not None and bad.any():
+        # np.unique puts every NaN in one class (numpy >= 1.21), which would score missing
+        # labels as agreeing with each other; scikit-learn refuses them
+        rows = np.flatnonzero(bad)
+        raise ValueError(
+            f"{name} holds NaN, infinity or None at {len(rows)} entr{'y' if len(rows) == 1 else 'ies'} "
+            f"(first at {int(rows[0])}): a missing label is no class; drop those samples from "
+            "both labelings first"
+        )
     return a
+
+
+def _codes(a, name):
+    """Class codes 0 .. n_classes - 1 of the labels ``a`` (np.unique's inverse)."""
+    try:
+        return np.unique(a, return_inverse=True)[1].ravel()
+    except TypeError as exc:  # e.g. ints mixed with strings in an object array
+        raise TypeError(
+            f"{name} must hold labels of one kind that compare with each other (all ints, all "
+            f"strings, ...), got an object array that mixes {sorted({type(v).__name__ for v in a})} "
+            f"({exc})"
+        ) from None
 
 
 def contingency_matrix(labels_true, labels_pred):
@@ -98,10 +131,10 @@ def contingency_matrix(labels_true, labels_pred):
         raise ValueError(
             f"labels_true and labels_pred must have the same length, got {t.size} and {p.size}"
         )
-    _, ti = np.unique(t, return_inverse=True)
-    _, pi = np.unique(p, return_inverse=True)
+    ti = _codes(t, "labels_true")
+    pi = _codes(p, "labels_pred")
     M = np.zeros((ti.max(initial=-1) + 1, pi.max(initial=-1) + 1), dtype=np.int64)
-    np.add.at(M, (ti.ravel(), pi.ravel()), 1)
+    np.add.at(M, (ti, pi), 1)
     return M
 
 
