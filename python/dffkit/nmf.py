@@ -12,6 +12,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Mapping, Set
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -346,6 +347,11 @@ def _as_float_matrix(X, name="X", whom="NMF"):
             f"pass {name}.toarray() (or a scipy.sparse matrix)"
         )
     arr = _numeric_array(X, name)
+    if arr.ndim == 0:
+        raise ValueError(
+            f"{name} must be a 2-D array (samples x features), got {type(X).__name__} "
+            f"{X!r:.60}"
+        )
     if arr.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D (samples x features), got {arr.ndim}-D with shape {arr.shape}; "
@@ -377,7 +383,9 @@ def _numeric_array(X, name):
     arr = np.asarray(X)
     if arr.dtype == object:
         try:
-            missing = np.frompyfunc(lambda v: v is None or _is_missing(v), 1, 1)(arr).astype(bool)
+            is_missing = np.frompyfunc(lambda v: v is None or _is_missing(v), 1, 1)
+            # np.asarray: on a 0-d array (X=None, say) frompyfunc returns a Python bool
+            missing = np.asarray(is_missing(arr)).astype(bool)
             return np.where(missing, np.nan, arr).astype(np.float64)
         except (TypeError, ValueError) as exc:
             raise TypeError(
@@ -477,7 +485,23 @@ def _legacy_random_state(random_state):
         return random_state
     if isinstance(random_state, np.random.Generator):
         return np.random.RandomState(np.random.MT19937(int(random_state.integers(0, 2**63 - 1))))
-    raise ValueError(
+    raise InvalidParameterError(
+        f"random_state must be None, an int, a numpy RandomState or Generator; got {random_state!r}"
+    )
+
+
+def _check_random_state(random_state):
+    """random_state's errors (those of _seed_from) without drawing from it: for calls that may
+    not need a random number (init='custom', update_H=False), as scikit-learn checks it there
+    too."""
+    if random_state is None or random_state is np.random or isinstance(
+            random_state, (np.random.RandomState, np.random.Generator)):
+        return random_state
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        if random_state < 0:
+            raise ValueError(f"random_state must be >= 0, got {random_state}")
+        return random_state
+    raise InvalidParameterError(
         f"random_state must be None, an int, a numpy RandomState or Generator; got {random_state!r}"
     )
 
@@ -629,8 +653,13 @@ def initialize(X, n_components, init="random", random_state=None, eps=1e-6):
     _check_real("eps", eps)
     sparse = X if isinstance(X, _SparseX) else _SparseX(X) if _is_sparse(X) else None
     X = sparse.matrix if sparse is not None else _as_float_matrix(X)
+    return _initial_factors(X, sparse, n_components, init, random_state, eps)
+
+
+def _initial_factors(X, sparse, k, init, random_state, eps=1e-6):
+    """initialize's work for a checked X: a C-contiguous float32/float64 array (sparse None),
+    or sparse.matrix for a _SparseX; k, init and eps checked already."""
     m, n = X.shape
-    k = n_components
     init = _resolve_init(init, k, m, n)
     if init == "random":
         W = np.empty((m, k), dtype=X.dtype)
@@ -1018,6 +1047,8 @@ def non_negative_factorization(
             "updates); use scikit-learn for the coordinate-descent solver"
         )
     _check_flag("shuffle", shuffle)  # coordinate descent's option: MU ignores it, as scikit-learn's
+    return_info = _check_flag("return_info", return_info)
+    _check_random_state(random_state)  # checked even where no start is drawn, as scikit-learn does
     beta = _beta_from(beta_loss)
     Wout, Hout, info = _solve(
         X, W, H,
@@ -1042,24 +1073,30 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
 
     Parameters
     ----------
-    X : array (B, m, n) or a list of 2-D arrays (shapes and dtypes may differ), non-negative.
-        Each problem keeps its dtype (float32 stays float32).
+    X : array (B, m, n), or a list of 2-D arrays (shapes and dtypes may differ; a tuple, a
+        generator or a 1-D object array of them too), non-negative. Each problem keeps its
+        dtype (float32 stays float32; integers become float64). At least one problem, each
+        with at least one row and one column; errors name the problem (``X[b]``).
     n_components : int, the same k for every problem.
     init : "random", "nndsvd", "nndsvda", "nndsvdar", "custom" or None (scikit-learn's rule,
         per problem: "nndsvda" where k <= min(m_b, n_b), else "random").
     W, H : with init="custom", the initial factors: one per problem (lists of (m_b, k) and
         (k, n_b) arrays, or (B, m, k) and (B, k, n) arrays), each of its problem's dtype.
-        Never modified.
+        Never modified; random_state is then not drawn from.
     random_state : problem b is solved as if alone with random_state = seed + b (seed: the
         int given, or one drawn from None / a RandomState / a Generator), whatever the init,
         so a problem's result does not depend on the others in the batch.
 
-    Other parameters as in :func:`non_negative_factorization`. One ConvergenceWarning names
-    the problems that stopped at max_iter (with tol > 0).
+    beta_loss, tol, max_iter, alpha_W, alpha_H, l1_ratio, backend, precision : as in
+        :func:`non_negative_factorization` (the penalties scale with each problem's own shape).
+        There is no update_H: for W against fixed components, call
+        non_negative_factorization(X_b, H=H_b, update_H=False) per problem. One
+        ConvergenceWarning names the problems that stopped at max_iter (with tol > 0).
 
     Returns
     -------
-    list of (W_b, H_b, NMFResult_b); each equals the same problem solved alone.
+    list of B tuples (W_b, H_b, NMFResult_b), in the order of X; each equals the same problem
+    solved alone (for the CPU backend bit for bit, n_iter and errors included).
     """
     beta = _beta_from(beta_loss)
     k = _check_n_components(n_components)
@@ -1082,9 +1119,11 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
             RuntimeWarning,
             stacklevel=2,
         )
-    seed = _seed_from(random_state)
+    _check_random_state(random_state)
+    # drawn only where a start is drawn: init='custom' leaves numpy's global RandomState alone
+    seed = None if custom else _seed_from(random_state)
     on_device = False
-    if isinstance(X, (list, tuple)):
+    if _is_problem_sequence(X):
         items = list(X)
     elif _is_device_array(X):
         from dffkit import _cuda_backend
@@ -1111,7 +1150,8 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
         on_device = True
         items = [X[b] for b in range(shape[0])]  # views of the stack, in X's library
     else:
-        arr = np.asarray(X)
+        _check_batch_type(X, "X")
+        arr = _numeric_array(X, "X")
         if arr.ndim != 3:
             raise ValueError(
                 f"X must be a 3-D array (B, m, n) or a list of 2-D arrays, got shape {arr.shape}"
@@ -1145,10 +1185,13 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
             W0 = _check_factor(W_in[b], (m, k), dtypes[b], f"W[{b}]")
             H0 = _check_factor(H_in[b], (k, n), dtypes[b], f"H[{b}]")
         else:
-            xh = _cuda_backend.to_host(x) if on_device else x
+            seed_b = (seed + b) & 0xFFFFFFFFFFFFFFFF
             try:
-                W0, H0 = initialize(xh, k, init=resolved[b],
-                                    random_state=(seed + b) & 0xFFFFFFFFFFFFFFFF)
+                if on_device:
+                    W0, H0 = initialize(_cuda_backend.to_host(x), k, init=resolved[b],
+                                        random_state=seed_b)
+                else:  # x checked already
+                    W0, H0 = _initial_factors(x, None, k, resolved[b], seed_b)
             except ValueError as exc:  # name the problem
                 raise ValueError(f"nmf_batched: X[{b}] (shape {m} x {n}): {exc}") from None
         Ws.append(W0)
@@ -1164,11 +1207,14 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
         def solve(xs, ws, hs, params):
             return _cuda_backend.fit_batched(xs, ws, hs, params, precision=precision)
     # the engines take one dtype per call, and the penalties scale with the shape: problems
-    # that share both are solved together
-    keys = [(dtypes[b], _penalties(alpha_W, alpha_H, l1_ratio, *shapes[b])) for b in range(B)]
+    # that share both are solved together (grouped in one pass: many shapes stay linear in B)
+    penalties, groups = {}, {}
+    for b in range(B):
+        if shapes[b] not in penalties:
+            penalties[shapes[b]] = _penalties(alpha_W, alpha_H, l1_ratio, *shapes[b])
+        groups.setdefault((dtypes[b], penalties[shapes[b]]), []).append(b)
     results = [None] * B
-    for key in dict.fromkeys(keys):
-        idx = [b for b in range(B) if keys[b] == key]
+    for key, idx in groups.items():
         params = module.Params()
         _fill_params(params, beta, *key[1], 0.0, 0.0, max_iter, tol, True, False)
         solved = solve([Xs[b] for b in idx], [Ws[b] for b in idx], [Hs[b] for b in idx], params)
@@ -1184,9 +1230,34 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
     return results
 
 
+def _is_problem_sequence(A) -> bool:
+    """Whether A holds one 2-D array per problem as a Python sequence: a list, a tuple, an
+    iterator (a generator, map(...)), or a 1-D numpy object array of arrays (a pandas Series'
+    .values)."""
+    if isinstance(A, (list, tuple)) or (isinstance(A, Iterator) and not hasattr(A, "__array__")):
+        return True
+    return isinstance(A, np.ndarray) and A.dtype == object and A.ndim == 1
+
+
+def _check_batch_type(A, name):
+    """A TypeError for what cannot hold a batch at all (None, a string, a mapping, a number, a
+    sparse matrix), instead of numpy's reading of it as a 0-d array."""
+    if _is_sparse(A):
+        raise TypeError(
+            f"nmf_batched: {name} is a sparse matrix; nmf_batched takes dense problems: pass a "
+            f"list of dense 2-D arrays (e.g. [{name}.toarray()]), or factorize a sparse matrix "
+            "with non_negative_factorization"
+        )
+    if A is None or isinstance(A, (str, bytes, Mapping, Set, numbers.Number)):
+        raise TypeError(
+            f"nmf_batched: {name} must be a 3-D array (B, m, n) or a list (or other iterable) of "
+            f"2-D arrays, one per problem; got {type(A).__name__}"
+        )
+
+
 def _per_problem(A, name, B):
     """The initial factors of init='custom' as a list of B per-problem arrays."""
-    if isinstance(A, (list, tuple)):
+    if _is_problem_sequence(A):
         parts = list(A)
     elif isinstance(A, np.ndarray) or _is_device_array(A):
         if len(np.shape(A)) != 3:
