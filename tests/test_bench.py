@@ -637,3 +637,266 @@ def test_sparse_problems_skipped_with_the_reason_when_scipy_is_missing(monkeypat
                                "reason": why}]
     assert [p["name"] for p in report.data["problems"]] == ["tiny-tfidf", "tiny"]
     assert "pip install scipy" in report.to_markdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# audit 2: options, broken peers, whole files, Ctrl-C, --strict, ceilings, --list
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, flag", [
+    (["--repeats", "0"], "--repeats"), (["--row-cap", "-1"], "--row-cap"),
+    (["--row-cap", "0"], "--row-cap"), (["--row-cap", "nan"], "--row-cap"),
+])
+def test_bad_numbers_are_refused_by_the_parser(args, flag, monkeypatch, capsys):
+    """--repeats 0 used to fail after the parser without naming the flag; --row-cap -1 or 0
+    skipped every contender, nan skipped none: all are usage errors naming the option."""
+    _no_work(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["bench", *_LIGHT, *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"argument {flag}" in err, err
+
+
+def test_empty_or_unknown_selections_name_the_option(monkeypatch, capsys):
+    """`--contenders ''` or `--problems ,` used to run a bench of nothing; an unknown name's
+    message now names the option and the choices."""
+    _no_work(monkeypatch)
+    base = ["bench", "--quick", "--no-progress", "--no-ceilings"]
+    assert cli_main([*base, "--contenders", ""]) == 1
+    assert "--contenders '' names no contender" in capsys.readouterr().err
+    assert cli_main([*base, "--problems", ","]) == 1
+    assert "--problems , names no problem" in capsys.readouterr().err
+    assert cli_main([*base, "--problems", "dff-1img,nope"]) == 1
+    err = capsys.readouterr().err
+    assert "--problems dff-1img,nope: no match for 'nope'" in err and "tall-10k" in err, err
+    assert cli_main([*base, "--contenders", "sklearn-xx"]) == 1
+    err = capsys.readouterr().err
+    assert "--contenders sklearn-xx" in err and "sklearn-mu" in err, err
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(repeats=2.5), "repeats must be a positive integer"),
+    (dict(repeats=True), "repeats must be a positive integer"),
+    (dict(repeats="3"), "repeats must be a positive integer"),
+    (dict(row_cap_s=float("nan")), "row_cap_s must be a number of seconds > 0"),
+    (dict(row_cap_s=-1), "row_cap_s must be a number of seconds > 0"),
+    (dict(row_cap_s="10"), "row_cap_s must be a number of seconds > 0"),
+    (dict(problems=[]), "names no problem"),
+    (dict(contenders=""), "names no contender"),
+    (dict(contenders=[]), "names no contender"),
+])
+def test_run_checks_its_arguments_before_any_work(kw, match, monkeypatch):
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        bench.run("quick", progress=False, **kw)
+
+
+def test_run_refuses_a_suite_that_is_neither_name_nor_suite(monkeypatch):
+    _no_work(monkeypatch)
+    with pytest.raises(TypeError, match="suite must be a suite name"):
+        bench.run(3, progress=False)
+
+
+def test_peer_whose_import_fails_is_skipped_with_the_reason(monkeypatch):
+    """scikit-learn installed but broken (its import fails): listed under Skipped with the
+    import error and what to do, like a missing peer, not as two Errors rows."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.decomposition", None)  # import fails, spec found
+    tiny = Problem("tiny", 60, 40, 3, 5)
+    report = bench.run("quick", problems=[tiny], contenders="dffkit-cpu,sklearn-*", repeats=1,
+                       progress=False, measure_ceilings=False)
+    assert [r["contender"] for r in report.rows] == ["dffkit-cpu"]
+    assert report.rows[0]["status"] == "ok"
+    reasons = {s["contender"]: s["reason"] for s in report.skipped}
+    for name in ("sklearn-mu", "sklearn-cd"):
+        assert "scikit-learn is installed but does not import" in reasons[name], reasons
+        assert "pip install scikit-learn" in reasons[name]
+    assert "Errors" not in report.to_text()
+
+
+def test_missing_peers_in_a_fresh_process_give_no_traceback(tmp_path):
+    """scikit-learn, PyTorch, CuPy and matplotlib whose imports fail (a sitecustomize blocks
+    them): the bench runs dffkit, lists the peers as skipped with the reason, says why there is
+    no plot, and exits 0 without a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import builtins\n"
+        "_real = builtins.__import__\n"
+        "_blocked = ('sklearn', 'torch', 'cupy', 'matplotlib')\n"
+        "def _imp(name, *a, **kw):\n"
+        "    if name.split('.')[0] in _blocked:\n"
+        "        raise ImportError(f'{name} blocked by the test')\n"
+        "    return _real(name, *a, **kw)\n"
+        "builtins.__import__ = _imp\n")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(bench.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), here]))
+    out = tmp_path / "r.json"
+    res = subprocess.run([sys.executable, "-m", "dffkit", "bench", *_LIGHT, "--contenders",
+                          "dffkit-cpu,sklearn-*,torch-cpu,cupy-cuda", "--json", str(out),
+                          "--plot", str(tmp_path / "p.png")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "plot skipped" in res.stderr, res.stderr
+    data = json.loads(out.read_text())
+    assert [r["contender"] for r in data["rows"]] == ["dffkit-cpu"]
+    reasons = {s["contender"]: s["reason"] for s in data["skipped"]}
+    assert set(reasons) == {"sklearn-mu", "sklearn-cd", "torch-cpu", "cupy-cuda"}, reasons
+    assert all("pip install" in why for why in reasons.values()), reasons
+    assert not (tmp_path / "p.png").exists()
+
+
+class _HalfWrite:
+    """A file whose write stores half the text and then is interrupted (Ctrl-C)."""
+
+    def __init__(self, path, mode="r", *a, **kw):
+        self.f = open(path, mode, *a, **kw)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, text):
+        self.f.write(text[:len(text) // 2])
+        self.f.flush()
+        raise KeyboardInterrupt
+
+
+def test_interrupted_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    """Ctrl-C while a result file is written used to leave it truncated (the previous results
+    gone, the new ones half there); now it is the old file, whole, and no temporary file."""
+    tiny = Problem("tiny", 60, 40, 3, 5)
+    report = bench.run("quick", problems=[tiny], contenders="dffkit-cpu", repeats=1,
+                       progress=False, measure_ceilings=False)
+    old = tmp_path / "r.json"
+    old.write_text('{"previous": true}\n')
+    old.chmod(0o640)
+    monkeypatch.setattr(bench, "open", _HalfWrite, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        report.write(json=old)
+    assert old.read_text() == '{"previous": true}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    monkeypatch.undo()
+    # a complete write replaces it, keeping its permissions; through a symbolic link, the target
+    link = tmp_path / "link.json"
+    link.symlink_to(old.name)
+    assert report.write(json=link) == [str(link)]
+    assert link.is_symlink() and json.loads(old.read_text())["rows"][0]["problem"] == "tiny"
+    assert old.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "r.json"]
+
+
+def test_interrupted_or_failed_run_leaves_no_new_folders(tmp_path, monkeypatch, capsys):
+    """The folders made for --json/--markdown/--plot before the run are removed again (when
+    empty) after Ctrl-C or an error; an existing folder stays."""
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "_run_problem", interrupt)
+    out = tmp_path / "new" / "deeper"
+    assert cli_main(["bench", *_LIGHT, "--json", str(out / "r.json"),
+                     "--markdown", str(tmp_path / "new" / "r.md")]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(bench, "_run_problem", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.run("quick", problems="dff-1img", progress=False, measure_ceilings=False,
+                  json=out / "r.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plot_format_checked_first_and_the_named_file_written(tmp_path, monkeypatch, capsys):
+    """--plot out.txt used to fail after the whole run; --plot out (no extension) wrote
+    out.png but named `out`."""
+    pytest.importorskip("matplotlib")
+    with monkeypatch.context() as mp:
+        _no_work(mp)
+        assert cli_main(["bench", *_LIGHT, "--plot", str(tmp_path / "new" / "out.txt")]) == 1
+        err = capsys.readouterr().err
+        assert "--plot" in err and "'.txt'" in err and "out.png" in err, err
+        assert list(tmp_path.iterdir()) == []
+    plain = tmp_path / "out"
+    assert cli_main(["bench", *_LIGHT, "--plot", str(plain)]) == 0
+    assert f"plot: {plain}" in capsys.readouterr().out
+    assert plain.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+class _Broken(bench.Contender):
+    name = "broken"
+
+    def solve(self, s, args, n_iter):
+        raise RuntimeError("kernel exploded")
+
+
+def test_strict_fails_on_a_contender_that_errored(monkeypatch, capsys):
+    """--strict (for CI) used to exit 0 when a contender failed with an error (its targets
+    only became n/a); now 3, saying why."""
+    real = bench.default_contenders
+    monkeypatch.setattr(bench, "default_contenders", lambda: real() + [_Broken()])
+    args = ["bench", "--quick", "--problems", "dff-1img", "--contenders", "dffkit-cpu,broken",
+            "--repeats", "1", "--no-ceilings", "--no-progress"]
+    assert cli_main(args) == 0
+    assert "kernel exploded" in capsys.readouterr().out  # the Errors section
+    assert cli_main([*args, "--strict"]) == 3
+    err = capsys.readouterr().err
+    assert "--strict" in err and "broken on dff-1img failed" in err and "kernel exploded" in err
+
+
+def test_ceilings_are_labelled_with_what_was_measured():
+    from dffkit import _bench_report
+
+    c = {"cpu_copy_GBps": 17.24, "cpu_copy_bytes": 64 << 20, "cpu_copy_threads": 2,
+         "cpu_sgemm_GFLOPs": 35.4, "cpu_sgemm_n": 1024,
+         "gpu_copy_GBps": 3900.0, "gpu_copy_bytes": 256 << 20, "gpu_sgemm_GFLOPs": 51000.0,
+         "gpu_tf32_GFLOPs": 380000.0, "gpu_gemm_n": 4096, "gpu_lib": "torch"}
+    assert _bench_report.ceilings_text(c) == [
+        "CPU copy 17.2 GB/s (numpy copyto of 64 MiB on 2 threads, read + write bytes counted)",
+        "CPU SGEMM 35.4 GFLOP/s (numpy's BLAS, float32 1024 x 1024 matmul, 2 n^3 flops)",
+        "GPU copy 3900 GB/s (device-to-device copy of 256 MiB, read + write bytes counted)",
+        "GPU SGEMM 51.0 TFLOP/s (torch fp32 4096 x 4096 matmul)",
+        "GPU TF32 380.0 TFLOP/s (torch TF32 4096 x 4096 matmul)",
+    ]
+    ceilings = _bench_report.cpu_ceilings(quick=True)
+    assert ceilings["cpu_copy_threads"] >= 1 and ceilings["cpu_copy_bytes"] == 64 << 20
+
+
+def test_a_failing_ceiling_measurement_keeps_the_results(monkeypatch):
+    """The ceilings are measured again after the problems: a failure there (out of memory for
+    the copy buffers) used to lose the whole run; now it is noted and the rows stand."""
+    from dffkit import _bench_report
+
+    def no_memory(quick):
+        raise MemoryError("cannot allocate 128 MiB")
+
+    monkeypatch.setattr(_bench_report, "cpu_ceilings", no_memory)
+    report = bench.run("quick", problems=[Problem("tiny", 60, 40, 3, 5)], contenders="dffkit-cpu",
+                       repeats=1, progress=False)
+    row = report.rows[0]
+    assert row["status"] == "ok" and row["GFLOPs"] > 0 and row["flop_frac"] is None
+    assert "MemoryError" in report.data["ceilings"]["cpu_ceilings_error"]
+    assert "CPU ceilings not measured (MemoryError: cannot allocate 128 MiB)" in report.to_text()
+
+
+def test_list_shows_the_suite_asked_for_and_survives_a_broken_peer(monkeypatch, capsys):
+    class _Raises(bench.Contender):
+        name = "raises-on-probe"
+
+        def unavailable(self):
+            raise RuntimeError("driver crashed")
+
+    real = bench.default_contenders
+    monkeypatch.setattr(bench, "default_contenders", lambda: real() + [_Raises()])
+    assert cli_main(["bench", "--list", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "suite quick:" in out and "suite default:" not in out and "tfidf-5k" in out
+    assert re.search(r"raises-on-probe +skipped: RuntimeError: driver crashed", out), out
+    assert cli_main(["bench", "--list"]) == 0
+    assert "suite gpu:" in capsys.readouterr().out

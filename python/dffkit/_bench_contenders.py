@@ -100,6 +100,24 @@ def _have(module: str) -> bool:
         return False
 
 
+def _cannot_import(module: str, package: str, install: str):
+    """None when ``module`` imports, else why not: not installed, or installed but failing to
+    import (a broken or mismatched build), with what to do. A contender whose library does not
+    import is skipped with this reason instead of failing in its setup."""
+    if not _have(module.split(".")[0]):
+        return f"{package} is not installed ({install})"
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - whatever a broken install raises
+        return (f"{package} is installed but does not import ({type(exc).__name__}: {exc}); "
+                f"repair or reinstall it ({install})")
+    return None
+
+
+def _importable(module: str) -> bool:
+    return _cannot_import(module, module, "") is None
+
+
 def to_numpy(a):
     """numpy from numpy, PyTorch (any device) or CuPy."""
     if isinstance(a, np.ndarray):
@@ -180,7 +198,7 @@ class DffkitContender(Contender):
         if self.backend != "cuda":
             return None
         for lib in ("torch", "cupy"):
-            if _have(lib):
+            if _importable(lib):
                 return lib
         return None
 
@@ -274,13 +292,13 @@ class DffkitContender(Contender):
     def sync(self):
         if self.backend != "cuda":
             return
-        if _have("torch"):
+        if _importable("torch"):
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 return
-        if _have("cupy"):
+        if _importable("cupy"):
             import cupy
 
             cupy.cuda.Device().synchronize()
@@ -369,9 +387,7 @@ class SklearnContender(Contender):
         self.name = f"sklearn-{solver}"
 
     def unavailable(self):
-        if not _have("sklearn"):
-            return "scikit-learn is not installed (pip install scikit-learn)"
-        return None
+        return _cannot_import("sklearn.decomposition", "scikit-learn", "pip install scikit-learn")
 
     def unsupported(self, problem):
         if problem.is_gsnmf:
@@ -429,8 +445,9 @@ class TorchContender(Contender):
                 "variant is benchmarked")
 
     def unavailable(self):
-        if not _have("torch"):
-            return "PyTorch is not installed (pip install torch)"
+        why = _cannot_import("torch", "PyTorch", "pip install torch")
+        if why:
+            return why
         if self.device == "cuda":
             import torch
 
@@ -516,8 +533,9 @@ class CupyContender(Contender):
                 "variant is benchmarked")
 
     def unavailable(self):
-        if not _have("cupy"):
-            return "CuPy is not installed (pip install cupy-cuda12x)"
+        why = _cannot_import("cupy", "CuPy", "pip install cupy-cuda12x")
+        if why:
+            return why
         try:
             import cupy
 

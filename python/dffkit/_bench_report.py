@@ -216,6 +216,7 @@ def cpu_ceilings(quick: bool = False) -> dict:
     A @ A
     tg = _best(lambda: A @ A, 5)
     return {"cpu_copy_GBps": 2 * nbytes / t / 1e9, "cpu_copy_bytes": nbytes,
+            "cpu_copy_threads": len(bounds),
             "cpu_sgemm_GFLOPs": 2.0 * n ** 3 / tg / 1e9, "cpu_sgemm_n": n,
             "how": "copy: numpy copyto on one thread per core, read + write bytes; "
                    "sgemm: numpy matmul float32 n x n"}
@@ -254,18 +255,24 @@ def gpu_ceilings(quick: bool = False) -> dict:
         del src, dst
         A = torch.rand((n, n), device=dev)
         old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        out["gpu_sgemm_GFLOPs"] = 2.0 * n ** 3 / timed(lambda: A @ A, 5) / 1e9
-        torch.backends.cuda.matmul.allow_tf32 = True
-        out["gpu_tf32_GFLOPs"] = 2.0 * n ** 3 / timed(lambda: A @ A, 5) / 1e9
-        torch.backends.cuda.matmul.allow_tf32 = old
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            out["gpu_sgemm_GFLOPs"] = 2.0 * n ** 3 / timed(lambda: A @ A, 5) / 1e9
+            torch.backends.cuda.matmul.allow_tf32 = True
+            out["gpu_tf32_GFLOPs"] = 2.0 * n ** 3 / timed(lambda: A @ A, 5) / 1e9
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
         out["gpu_gemm_n"] = n
+        out["gpu_lib"] = "torch"
         out["how_gpu"] = "torch: copy_ of a large buffer (read + write), matmul n x n fp32 and TF32, CUDA events"
         del A
         torch.cuda.empty_cache()
         return out
     except ImportError:
         pass
+    except Exception as exc:  # noqa: BLE001 - out of memory, a busy device: the rest unmeasured
+        out["gpu_ceilings_error"] = f"{type(exc).__name__}: {exc}"
+        return out
     try:
         import cupy
 
@@ -292,6 +299,7 @@ def gpu_ceilings(quick: bool = False) -> dict:
         A = cupy.random.random((n, n), dtype=cupy.float32)
         out["gpu_sgemm_GFLOPs"] = 2.0 * n ** 3 / timed(lambda: A @ A, 5) / 1e9
         out["gpu_gemm_n"] = n
+        out["gpu_lib"] = "cupy"
         out["how_gpu"] = "cupy: copyto of a large buffer (read + write), matmul n x n fp32, CUDA events"
     except Exception:  # noqa: BLE001 - no usable device
         pass
@@ -361,6 +369,38 @@ def _table(header, rows, markdown: bool) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def _mib(nbytes) -> str:
+    return f"{nbytes / 2**20:g} MiB" if nbytes else "a large buffer"
+
+
+def ceilings_text(c: dict) -> list:
+    """The measured ceilings, each with what was measured (the reference the % columns are
+    against)."""
+    out = []
+    if c.get("cpu_copy_GBps") is not None:
+        threads = c.get("cpu_copy_threads")
+        out.append(f"CPU copy {c['cpu_copy_GBps']:.1f} GB/s (numpy copyto of {_mib(c.get('cpu_copy_bytes'))}"
+                   + (f" on {threads} threads" if threads else "") + ", read + write bytes counted)")
+    if c.get("cpu_sgemm_GFLOPs") is not None:
+        n = c.get("cpu_sgemm_n")
+        out.append(f"CPU SGEMM {c['cpu_sgemm_GFLOPs']:.1f} GFLOP/s (numpy's BLAS, float32 "
+                   + (f"{n} x {n} " if n else "") + "matmul, 2 n^3 flops)")
+    lib = c.get("gpu_lib") or "torch or cupy"
+    n = c.get("gpu_gemm_n")
+    size = f"{n} x {n} " if n else ""
+    if c.get("gpu_copy_GBps") is not None:
+        out.append(f"GPU copy {c['gpu_copy_GBps']:.0f} GB/s (device-to-device copy of "
+                   f"{_mib(c.get('gpu_copy_bytes'))}, read + write bytes counted)")
+    if c.get("gpu_sgemm_GFLOPs") is not None:
+        out.append(f"GPU SGEMM {c['gpu_sgemm_GFLOPs'] / 1e3:.1f} TFLOP/s ({lib} fp32 {size}matmul)")
+    if c.get("gpu_tf32_GFLOPs") is not None:
+        out.append(f"GPU TF32 {c['gpu_tf32_GFLOPs'] / 1e3:.1f} TFLOP/s ({lib} TF32 {size}matmul)")
+    for kind in ("cpu", "gpu"):
+        if c.get(f"{kind}_ceilings_error") and c.get(f"{kind}_copy_GBps") is None:
+            out.append(f"{kind.upper()} ceilings not measured ({c[kind + '_ceilings_error']})")
+    return out
+
+
 def render(report: dict, markdown: bool) -> str:
     """The whole result as text: machine, ceilings, results, skipped, targets."""
     m = report["machine"]
@@ -396,15 +436,7 @@ def render(report: dict, markdown: bool) -> str:
                    + (f"; at the end {end[0]}/{end[1]}" if end else ""))
     if m.get("environment"):
         out.append(f"{bullet}Environment: " + ", ".join(f"{k}={v}" for k, v in m["environment"].items()))
-    ceil = []
-    if "cpu_copy_GBps" in c:
-        ceil.append(f"CPU copy {c['cpu_copy_GBps']:.1f} GB/s")
-        ceil.append(f"CPU SGEMM {c['cpu_sgemm_GFLOPs']:.1f} GFLOP/s")
-    if "gpu_copy_GBps" in c:
-        ceil.append(f"GPU copy {c['gpu_copy_GBps']:.0f} GB/s")
-        ceil.append(f"GPU SGEMM {c['gpu_sgemm_GFLOPs'] / 1e3:.1f} TFLOP/s")
-    if "gpu_tf32_GFLOPs" in c:
-        ceil.append(f"GPU TF32 {c['gpu_tf32_GFLOPs'] / 1e3:.1f} TFLOP/s")
+    ceil = ceilings_text(c)
     if report.get("settings", {}).get("isolate"):
         out.append(f"{bullet}Isolated: each library's contenders ran in a process of their own")
     out.append(f"{bullet}Ceilings measured in this run (the higher of before and after): "

@@ -27,9 +27,12 @@ import fnmatch
 import json as _json
 import math
 import numbers
+import os
 import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -125,11 +128,15 @@ class Report:
         return _report.render(self.data, markdown=False)
 
     def plot(self, path) -> bool:
-        """Time per iteration by problem and contender as a PNG; False without matplotlib."""
-        return _report.plot(self.data, str(path))
+        """Time per iteration by problem and contender as an image (PNG; another format
+        matplotlib writes where ``path`` ends in its extension, e.g. ``.svg``); False, and no
+        file, without matplotlib."""
+        return _write_whole(path, lambda tmp: _report.plot(self.data, tmp), _plot_suffix(path))
 
     def write(self, json=None, markdown=None, plot=None) -> list:
-        """Write the requested outputs; returns the paths written."""
+        """Write the requested outputs; returns the paths written. Each file is written whole
+        or not at all (a temporary file beside it, renamed over it): an interrupted or failed
+        write leaves the file that was there, if any."""
         # rendered before anything is written: a report that cannot be rendered leaves no
         # half-written set of files
         texts = []
@@ -139,12 +146,74 @@ class Report:
             texts.append((markdown, self.to_markdown()))
         written = []
         for path, text in texts:
-            with open(path, "w") as f:
-                f.write(text)
+            _write_whole(path, lambda tmp, text=text: _write_text(tmp, text))
             written.append(str(path))
         if plot and self.plot(plot):
             written.append(str(plot))
         return written
+
+
+def _write_text(path, text) -> bool:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return True
+
+
+def _write_whole(path, write, suffix=".part") -> bool:
+    """``write(tmp)`` into a temporary file beside ``path`` (named ``...suffix``), then renamed
+    over ``path``: ``path`` holds either what it held before or the whole new file, whatever
+    interrupts the write. ``write`` returning False (nothing to write) leaves ``path`` alone.
+    A ``path`` that is not a regular file (``/dev/null``, a pipe) is written directly; a
+    symbolic link is followed (its target is replaced)."""
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        return write(str(path))
+    target = Path(os.path.realpath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        if not write(tmp):
+            os.unlink(tmp)
+            return False
+        try:  # the permissions a new file gets (mkstemp makes it private), or the old file's
+            mode = os.stat(target).st_mode & 0o7777
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return True
+
+
+def _plot_suffix(path, option="plot") -> str:
+    """The extension the plot of ``path`` is written in: its own where matplotlib writes that
+    format, ``.png`` where it has none; ValueError naming ``option`` for one matplotlib does not
+    write (checked only where matplotlib is installed: without it no plot is written)."""
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return ".png"
+    formats = _plot_formats()
+    if formats and suffix[1:] not in formats:
+        raise ValueError(f"{option} {path}: matplotlib writes no {suffix!r} images; name the file "
+                         f"{Path(path).with_suffix('.png').name} (or use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))})")
+    return suffix
+
+
+def _plot_formats() -> dict:
+    """The image formats matplotlib writes ({extension: description}); empty without it."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        return {}
+    return FigureCanvasBase.get_supported_filetypes()
 
 
 def _json_default(o):
@@ -211,9 +280,10 @@ class _Progress:
 # the harness
 # ---------------------------------------------------------------------------------------------
 
-def _select(items, patterns, name):
-    """Items whose ``name`` matches one of the glob patterns (comma lists allowed)."""
-    if not patterns:
+def _select(items, patterns, name, what="contenders", among="the contenders"):
+    """Items whose ``name`` matches one of the glob patterns (comma lists allowed); ValueError
+    naming ``what`` (the parameter) for a pattern that matches nothing."""
+    if patterns is None:
         return list(items)
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -221,7 +291,9 @@ def _select(items, patterns, name):
     out = [it for it in items if any(fnmatch.fnmatch(name(it), p) for p in pats)]
     unknown = [p for p in pats if not any(fnmatch.fnmatch(name(it), p) for it in items)]
     if unknown:
-        raise ValueError(f"no match for {unknown}; known: {[name(it) for it in items]}")
+        raise ValueError(f"{what}={','.join(pats)!r}: no match for {', '.join(map(repr, unknown))} "
+                         f"among {among}; choose from {', '.join(name(it) for it in items)} "
+                         f"(names or globs, comma-separated)")
     return out
 
 
@@ -492,9 +564,16 @@ def _fractions(rows, ceilings):
 
 
 def _measure_ceilings(quick, gpu):
-    out = dict(_report.cpu_ceilings(quick))
-    if gpu:
-        out.update(_report.gpu_ceilings(quick))
+    """The CPU (and GPU) ceilings; a measurement that fails is recorded as ``*_error`` and
+    leaves its ceilings out, never the run's results."""
+    out = {}
+    for kind, measure in (("cpu", _report.cpu_ceilings), ("gpu", _report.gpu_ceilings)):
+        if kind == "gpu" and not gpu:
+            continue
+        try:
+            out.update(measure(quick))
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the copy buffers
+            out[f"{kind}_ceilings_error"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
@@ -556,16 +635,19 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
         Names or glob patterns of the suite's problems (comma-separated in one string, as
         above), and/or Problem instances.
     repeats : int, optional
-        Timed runs per row (overrides the suite's adaptive count).
+        Timed runs per row, >= 1 (overrides the suite's adaptive count).
     seed : int
         Seed of the problem data and of the shared start, >= 0.
     row_cap_s : float, optional
-        Skip a contender whose single solve is estimated above this many seconds.
+        Skip a contender whose single solve is estimated above this many seconds (> 0; inf:
+        no cap).
     progress : bool
         Show a progress bar on stderr.
     json, markdown, plot : path, optional
-        Write the JSON document, the Markdown table, the PNG plot. The paths are checked
-        before any work (missing folders are created).
+        Write the JSON document, the Markdown table, the plot (PNG; the format of the path's
+        extension where matplotlib writes it, e.g. ``.svg``). The paths are checked before any
+        work (missing folders are created, and removed again if the run fails); each file is
+        written whole or not at all.
     measure_ceilings : bool
         Measure the copy and GEMM ceilings (before and after the problems).
     isolate : bool
@@ -575,10 +657,33 @@ def run(suite="default", *, contenders=None, problems=None, repeats=None, seed=0
     """
     plan = _plan(suite, contenders=contenders, problems=problems, repeats=repeats, seed=seed,
                  row_cap_s=row_cap_s, isolate=isolate)
-    _check_outputs({"json": json, "markdown": markdown, "plot": plot})
-    report = _execute(plan, progress=progress, measure_ceilings=measure_ceilings)
-    report.write(json=json, markdown=markdown, plot=plot)
+    created = _new_folders((json, markdown, plot))
+    try:
+        _check_outputs({"json": json, "markdown": markdown, "plot": plot})
+        report = _execute(plan, progress=progress, measure_ceilings=measure_ceilings)
+        report.write(json=json, markdown=markdown, plot=plot)
+    except BaseException:  # an error or Ctrl-C: no empty folders left behind
+        _remove_new_folders(created)
+        raise
     return report
+
+
+def _new_folders(paths) -> list:
+    """The folders on the way to the output files ``paths`` that do not exist yet, deepest
+    first: made by :func:`_check_outputs`, removed again (when empty) if the run fails."""
+    from dffkit.cli import _missing_folders
+
+    out = []
+    for path in paths:
+        if path:
+            out += [f for f in _missing_folders(Path(path).parent) if f not in out]
+    return sorted(out, key=lambda f: len(f.parts), reverse=True)
+
+
+def _remove_new_folders(folders) -> None:
+    from dffkit.cli import _remove_empty
+
+    _remove_empty(folders)
 
 
 @dataclasses.dataclass
@@ -617,6 +722,27 @@ def _check_seed(seed) -> int:
     return int(seed)
 
 
+def _check_repeats(repeats):
+    """None (the suite's adaptive count) or a positive int."""
+    if repeats is None:
+        return None
+    if isinstance(repeats, bool) or not isinstance(repeats, numbers.Integral) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer (timed solves per row), or None for "
+                         f"the suite's adaptive count; got {repeats!r}")
+    return int(repeats)
+
+
+def _check_row_cap(row_cap_s):
+    """None (the suite's caps) or a number of seconds > 0 (inf: no cap)."""
+    if row_cap_s is None:
+        return None
+    if (isinstance(row_cap_s, bool) or not isinstance(row_cap_s, numbers.Real)
+            or not float(row_cap_s) > 0):
+        raise ValueError(f"row_cap_s must be a number of seconds > 0 (inf: no cap), or None for the "
+                         f"suite's caps; got {row_cap_s!r}")
+    return float(row_cap_s)
+
+
 def _plan(suite, *, contenders=None, problems=None, repeats=None, seed=0, row_cap_s=None,
           isolate=False) -> _Plan:
     """Every argument checked and the problems and contenders chosen, before any work."""
@@ -625,17 +751,21 @@ def _plan(suite, *, contenders=None, problems=None, repeats=None, seed=0, row_ca
         if suite not in all_suites:
             raise ValueError(f"unknown suite {suite!r}; choose from {sorted(all_suites)}")
         suite = all_suites[suite]
+    elif not isinstance(suite, Suite):
+        raise TypeError(f"suite must be a suite name ({', '.join(sorted(all_suites))}) or a Suite; "
+                        f"got {type(suite).__name__}")
     suite = dataclasses.replace(suite)
     seed = _check_seed(seed)
+    repeats = _check_repeats(repeats)
+    row_cap_s = _check_row_cap(row_cap_s)
     if repeats is not None:
-        if repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
-        suite.repeats = (int(repeats), int(repeats))
+        suite.repeats = (repeats, repeats)
     if row_cap_s is not None:
-        suite.row_cap_s = float(row_cap_s)
+        suite.row_cap_s = row_cap_s
         suite.cpu_row_cap_s = 0.0
 
     pool = default_contenders()
+    given_contenders, given_problems = contenders, problems
     contenders = _as_list(contenders, Contender, "contenders")
     problems = _as_list(problems, Problem, "problems")
     if contenders is None:
@@ -644,10 +774,20 @@ def _plan(suite, *, contenders=None, problems=None, repeats=None, seed=0, row_ca
         names = [c for c in contenders if isinstance(c, str)]
         chosen = _select(pool, names, lambda c: c.name) if names else []
         chosen += [c for c in contenders if isinstance(c, Contender)]
-    probs_in = [p for p in (problems or []) if isinstance(p, Problem)]
-    names = [p for p in (problems or []) if isinstance(p, str)]
-    probs = _select(suite.problems, names, lambda p: p.name) if names or not probs_in else []
-    probs = [dataclasses.replace(p, seed=seed) for p in probs + probs_in]
+        if not chosen:
+            raise ValueError(f"contenders={given_contenders!r} names no contender: pass names or "
+                             f"globs (e.g. 'dffkit-*,sklearn-mu'), or leave it out for all of them")
+    if problems is None:
+        probs = list(suite.problems)
+    else:
+        names = [p for p in problems if isinstance(p, str)]
+        probs = (_select(suite.problems, names, lambda p: p.name, "problems",
+                         f"the problems of suite {suite.name!r}") if names else [])
+        probs += [p for p in problems if isinstance(p, Problem)]
+        if not probs:
+            raise ValueError(f"problems={given_problems!r} names no problem: pass names or globs "
+                             f"of suite {suite.name!r} (e.g. 'dff-*'), or leave it out for all of them")
+    probs = [dataclasses.replace(p, seed=seed) for p in probs]
     if isolate:
         known = {c.name for c in pool}
         custom = [c.name for c in chosen if c.name not in known] + \
@@ -663,9 +803,8 @@ _OUTPUT_EXAMPLES = {"json": "bench.json", "markdown": "bench.md", "plot": "bench
 
 def _check_outputs(paths: dict) -> None:
     """Each output path (``{option: path}``, None for not wanted) writable before any work:
-    OSError naming the option and what to do otherwise."""
-    from pathlib import Path
-
+    OSError naming the option and what to do otherwise (ValueError for a plot format
+    matplotlib does not write). Missing folders are created."""
     from dffkit.cli import prepare_output_file
 
     seen = {}
@@ -676,6 +815,8 @@ def _check_outputs(paths: dict) -> None:
             example = _OUTPUT_EXAMPLES.get(option.lstrip("-"), "bench.out")
             raise OSError(f"{option} {path} is a folder: pass a file name for the output, "
                           f"e.g. {Path(path) / example}")
+        if option.lstrip("-") == "plot":
+            _plot_suffix(path, option)
         prepare_output_file(path, option)
         key = Path(path).resolve()
         if key in seen:
@@ -866,6 +1007,20 @@ def _sanitize(obj):
 # command line
 # ---------------------------------------------------------------------------------------------
 
+def _seconds(text: str) -> float:
+    """An argparse ``type`` for a number of seconds > 0 (``inf``: no cap)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0 (inf: no cap), got {text!r}")
+    return value
+
+
+_seconds.__name__ = "number of seconds"
+
+
 def _add_arguments(parser):
     names = sorted(suites())
     parser.add_argument("--suite", default=None, choices=names,
@@ -878,14 +1033,15 @@ def _add_arguments(parser):
                         help="comma-separated names or globs, e.g. 'dffkit-*,sklearn-mu' (default: all)")
     parser.add_argument("--problems", default=None,
                         help="comma-separated problem names or globs of the suite (default: all)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per row (default: adaptive, the suite's range)")
     from dffkit.cli import int_at_least
 
+    parser.add_argument("--repeats", type=int_at_least(1, "timed solves per row"), default=None,
+                        help="timed runs per row (default: adaptive, the suite's range)")
     parser.add_argument("--seed", type=int_at_least(0, "it seeds the data and the shared start"), default=0,
                         help="seed of the data and the shared start, >= 0 (default: 0)")
-    parser.add_argument("--row-cap", type=float, default=None, metavar="SECONDS",
-                        help="skip a contender whose one solve is estimated above this")
+    parser.add_argument("--row-cap", type=_seconds, default=None, metavar="SECONDS",
+                        help="skip a contender whose one solve is estimated above this many "
+                             "seconds, > 0 (inf: no cap; default: the suite's caps)")
     parser.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write a Markdown report")
     parser.add_argument("--plot", default=None, metavar="PATH",
@@ -898,20 +1054,31 @@ def _add_arguments(parser):
     # isolated runs: the MU rows of the other processes, for the CD solver's target error
     parser.add_argument("--cd-reference", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--strict", action="store_true",
-                        help="exit with status 3 when a contender is flagged or a target fails")
+                        help="exit with status 3 when a contender is flagged (disagrees with the "
+                             "float64 oracle), fails with an error, or a target fails")
     parser.add_argument("--list", action="store_true",
-                        help="list suites, problems and contenders (with availability) and exit")
+                        help="list the suites (the one of --suite / --quick only, where given), "
+                             "their problems and the contenders (with availability) and exit")
 
 
 def _list(args) -> int:
-    for s in suites().values():
+    """The suites (only the one asked for with --suite / --quick), their problems, and the
+    contenders with whether they can run here."""
+    chosen = "quick" if args.quick else args.suite
+    shown = [s for s in suites().values() if chosen in (None, s.name)]
+    contenders = default_contenders()
+    width = max([len(p.name) for s in shown for p in s.problems] + [len(c.name) for c in contenders])
+    for s in shown:
         print(f"suite {s.name}: {s.description}")
         for p in s.problems:
-            print(f"  {p.name:<18} {p.describe()}")
+            print(f"  {p.name:<{width}}  {p.describe()}")
     print("contenders:")
-    for c in default_contenders():
-        why = c.unavailable()
-        print(f"  {c.name:<18} {'available' if not why else 'skipped: ' + why}")
+    for c in contenders:
+        try:
+            why = c.unavailable()
+        except Exception as exc:  # noqa: BLE001 - a broken peer is a skipped peer, as in a run
+            why = f"{type(exc).__name__}: {exc}"
+        print(f"  {c.name:<{width}}  {'available' if not why else 'skipped: ' + why}")
     return 0
 
 
@@ -922,24 +1089,29 @@ SAVE_HINT = ("Not saved: add --json PATH (every number and the machine), --markd
 def _run_cli(args) -> int:
     from dffkit.cli import _message
 
-    if args.list:
-        return _list(args)
     if args.quick and args.suite not in (None, "quick"):
         raise ValueError(f"--quick means --suite quick and cannot be combined with --suite "
                          f"{args.suite}: drop --quick to run {args.suite!r}, or drop --suite")
+    if args.list:
+        return _list(args)
     suite = "quick" if args.quick else (args.suite or "default")
     plan = _plan(suite, contenders=args.contenders, problems=args.problems,
                  repeats=args.repeats, seed=args.seed, row_cap_s=args.row_cap,
                  isolate=args.isolate)
     outputs = [("JSON", "--json", "json", args.json), ("Markdown", "--markdown", "markdown", args.markdown),
                ("plot", "--plot", "plot", args.plot)]
-    _check_outputs({option: path for _, option, _, path in outputs})
-    outside = None
-    if args.cd_reference:
-        with open(args.cd_reference) as f:
-            outside = _json.load(f)
-    report = _execute(plan, progress=not args.no_progress, measure_ceilings=not args.no_ceilings,
-                      outside=outside)
+    created = _new_folders(path for *_, path in outputs)
+    try:
+        _check_outputs({option: path for _, option, _, path in outputs})
+        outside = None
+        if args.cd_reference:
+            with open(args.cd_reference) as f:
+                outside = _json.load(f)
+        report = _execute(plan, progress=not args.no_progress, measure_ceilings=not args.no_ceilings,
+                          outside=outside)
+    except BaseException:  # an error or Ctrl-C before any file is written: no empty folders left
+        _remove_new_folders(created)
+        raise
     print(report.to_text())
     # the table is out; each file is written on its own, and only those written are named
     failed = False
@@ -962,9 +1134,21 @@ def _run_cli(args) -> int:
         print(SAVE_HINT)
     if failed:
         return 1
-    if args.strict and (report.flagged() or any(t["passed"] is False for t in report.targets)):
+    if args.strict and _strict_failures(report):
+        print(f"dffkit bench: --strict: {'; '.join(_strict_failures(report))}", file=sys.stderr)
         return 3
     return 0
+
+
+def _strict_failures(report) -> list:
+    """What makes ``--strict`` fail: flagged rows, rows that ended in an error, failed targets."""
+    out = [f"{r['contender']} on {r['problem']} disagrees with the float64 oracle"
+           for r in report.flagged()]
+    out += [f"{r['contender']} on {r['problem']} failed ({r['reason']})"
+            for r in report.rows if r["status"] == "error"]
+    out += [f"target #{t['issue']} on {t['problem']} failed: {t['text']} ({t['measured_text']})"
+            for t in report.targets if t["passed"] is False]
+    return out
 
 
 def _report_has_matplotlib() -> bool:

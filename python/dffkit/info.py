@@ -21,7 +21,9 @@ def engine_threads():
         return None, None
     setting = nmf.get_num_threads()
     if setting <= 0:
-        return openmp, "OpenMP's default (OMP_NUM_THREADS or all cores)"
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        return openmp, (f"OpenMP's default: OMP_NUM_THREADS={omp}" if omp
+                        else "OpenMP's default: the cores this process may use")
     try:
         from_env = int(os.environ.get("DFFKIT_NUM_THREADS", "").strip()) == setting
     except ValueError:
@@ -29,8 +31,50 @@ def engine_threads():
     return setting, ("DFFKIT_NUM_THREADS" if from_env else "set_num_threads")
 
 
+# the optional packages dffkit works with, by import name: (distribution, what for)
+OPTIONAL = {
+    "scipy": ("scipy", "sparse X"),
+    "sklearn": ("scikit-learn", "benchmark peer, tests"),
+    "torch": ("torch", "benchmark peer, CUDA arrays, VGG-16 export"),
+    "cupy": ("cupy", "benchmark peer, CUDA arrays"),
+    "onnxruntime": ("onnxruntime", "feature extraction"),
+    "PIL": ("pillow", "images"),
+    "matplotlib": ("matplotlib", "benchmark plots"),
+}
+
+
+def _version(name: str, dist: str):
+    """The installed version of ``dist`` (without importing it), None when not installed."""
+    import importlib.util
+    from importlib import metadata
+
+    dists = (dist, "onnxruntime-gpu") if dist == "onnxruntime" else (dist,)
+    for d in dists:
+        try:
+            return metadata.version(d) + ("" if d == dist else f" ({d})")
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    return "installed (version unknown)"
+
+
+def _cpu() -> dict:
+    from dffkit import _bench_report
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    return {"model": _bench_report._cpu_model(), "cores": cores, "flags": _bench_report._cpu_flags()}
+
+
 def describe() -> dict:
-    """A plain dict describing the installation: version, backends, why others are missing."""
+    """A plain dict describing the installation: version, backends, why others are missing,
+    the CPU engine's threads, the optional packages found."""
     import dffkit
 
     info = {
@@ -38,9 +82,14 @@ def describe() -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "machine": platform.machine(),
+        "cpu": _cpu(),
         "backends": _backends.available_backends(),
         "unavailable": _backends.unavailable_reasons(),
     }
+    try:
+        info["cpu_engine"] = _backends.cpu().__file__
+    except (ImportError, AttributeError):
+        pass
     threads, threads_from = engine_threads()
     if threads is not None:
         info["cpu_threads"] = threads
@@ -54,6 +103,7 @@ def describe() -> dict:
     if "cuda" in info["backends"]:
         cuda = _backends.cuda()
         info["cuda_devices"] = [cuda.device_info(i) for i in range(cuda.device_count())]
+    info["optional"] = {dist: _version(name, dist) for name, (dist, _) in OPTIONAL.items()}
     return info
 
 
@@ -69,7 +119,13 @@ def _run(args) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     for key, value in info.items():
-        if key == "unavailable":
+        if key == "cpu":
+            flags = " ".join(value["flags"])
+            print(f"{'cpu:':<16} {value['model']}, {value['cores']} cores" + (f" ({flags})" if flags else ""))
+        elif key == "optional":
+            print(f"{'optional:':<16} " + ", ".join(
+                f"{dist} {version or 'not installed'}" for dist, version in value.items()))
+        elif key == "unavailable":
             for name, why in value.items():
                 print(f"{'backend ' + name + ':':<16} unavailable: {why}")
         elif key == "cpu_threads_from":

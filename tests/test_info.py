@@ -1,0 +1,53 @@
+"""``dffkit info``: what a user (or a bug report) needs to know about this installation."""
+import json
+import os
+
+import dffkit
+from dffkit import _backends, info
+from dffkit.cli import main as cli_main
+
+
+def test_threads_say_where_openmps_default_comes_from(monkeypatch):
+    """OpenMP's default is OMP_NUM_THREADS when set (named with its value), else the cores."""
+    old = dffkit.get_num_threads()
+    dffkit.set_num_threads(0)
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        n, why = info.engine_threads()
+        assert n == _backends.cpu().max_threads() and why == "OpenMP's default: OMP_NUM_THREADS=1"
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert info.engine_threads()[1] == "OpenMP's default: the cores this process may use"
+    finally:
+        dffkit.set_num_threads(old)
+
+
+def test_describe_names_the_cpu_the_engine_file_and_the_optional_packages(monkeypatch):
+    """Besides backends and threads: the CPU (model, cores this process may use, SIMD flags),
+    the compiled engine that was loaded, and the optional packages (version or None)."""
+    d = info.describe()
+    assert d["cpu"]["cores"] == len(os.sched_getaffinity(0)) and d["cpu"]["model"]
+    assert isinstance(d["cpu"]["flags"], list)
+    assert d["cpu_engine"] == _backends.cpu().__file__ and os.path.exists(d["cpu_engine"])
+    assert set(d["optional"]) >= {"scipy", "scikit-learn", "torch", "cupy", "matplotlib"}
+    try:
+        import scipy
+    except ImportError:
+        assert d["optional"]["scipy"] is None
+    else:
+        assert d["optional"]["scipy"] == scipy.__version__
+    monkeypatch.setattr(info, "OPTIONAL", {"no_such_module_xyz": ("no-such-dist-xyz", "nothing")})
+    assert info.describe()["optional"] == {"no-such-dist-xyz": None}
+
+
+def test_cli_info_text_and_json_agree(capsys):
+    assert cli_main(["info", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert cli_main(["info"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out.splitlines()}
+    assert lines["cpu"].startswith(f"{d['cpu']['model']}, {d['cpu']['cores']} cores")
+    assert lines["cpu_threads"] == f"{d['cpu_threads']} ({d['cpu_threads_from']})"
+    for dist, version in d["optional"].items():
+        assert f"{dist} {version or 'not installed'}" in lines["optional"]
+    if "cuda" not in d["backends"]:
+        assert lines["backend cuda"] == f"unavailable: {d['unavailable']['cuda']}"
