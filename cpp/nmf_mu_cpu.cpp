@@ -817,6 +817,94 @@ void fit_mu_cpu_batched(std::vector<BatchItem<T>>& items, const Options& o,
   if (error) std::rethrow_exception(error);
 }
 
+// How the engine was compiled, as constant data: reading it runs none of the engine's code,
+// so a module built for instructions this CPU lacks can be refused before any of them runs.
+#define DFFKIT_STR2(x) #x
+#define DFFKIT_STR(x) DFFKIT_STR2(x)
+#if defined(__clang__)
+#define DFFKIT_COMPILER "clang " __clang_version__
+#elif defined(__GNUC__)
+#define DFFKIT_COMPILER "gcc " __VERSION__
+#else
+#define DFFKIT_COMPILER "unknown"
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#define DFFKIT_ISA_BASE "x86-64"
+#elif defined(__aarch64__)
+#define DFFKIT_ISA_BASE "aarch64"
+#else
+#define DFFKIT_ISA_BASE "other"
+#endif
+#ifdef __SSE4_2__
+#define DFFKIT_ISA_SSE42 " sse4_2"
+#else
+#define DFFKIT_ISA_SSE42 ""
+#endif
+#ifdef __AVX__
+#define DFFKIT_ISA_AVX " avx"
+#else
+#define DFFKIT_ISA_AVX ""
+#endif
+#ifdef __AVX2__
+#define DFFKIT_ISA_AVX2 " avx2"
+#else
+#define DFFKIT_ISA_AVX2 ""
+#endif
+#ifdef __FMA__
+#define DFFKIT_ISA_FMA " fma"
+#else
+#define DFFKIT_ISA_FMA ""
+#endif
+#ifdef __AVX512F__
+#define DFFKIT_ISA_AVX512F " avx512f"
+#else
+#define DFFKIT_ISA_AVX512F ""
+#endif
+#ifdef __AVX512DQ__
+#define DFFKIT_ISA_AVX512DQ " avx512dq"
+#else
+#define DFFKIT_ISA_AVX512DQ ""
+#endif
+#ifdef __AVX512BW__
+#define DFFKIT_ISA_AVX512BW " avx512bw"
+#else
+#define DFFKIT_ISA_AVX512BW ""
+#endif
+#ifdef __AVX512VL__
+#define DFFKIT_ISA_AVX512VL " avx512vl"
+#else
+#define DFFKIT_ISA_AVX512VL ""
+#endif
+#ifdef __ARM_NEON
+#define DFFKIT_ISA_NEON " neon"
+#else
+#define DFFKIT_ISA_NEON ""
+#endif
+#ifdef _OPENMP
+#define DFFKIT_OPENMP DFFKIT_STR(_OPENMP)
+#else
+#define DFFKIT_OPENMP "none"
+#endif
+#if DFFKIT_PHILOX_SIMD
+#define DFFKIT_INIT_PATH "vector"
+#else
+#define DFFKIT_INIT_PATH "scalar"
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#define DFFKIT_SANITIZERS "address"
+#elif defined(__SANITIZE_THREAD__)
+#define DFFKIT_SANITIZERS "thread"
+#else
+#define DFFKIT_SANITIZERS "none"
+#endif
+
+extern const char engine_build_text[] =
+    "compiler=" DFFKIT_COMPILER
+    "\ninstruction_sets=" DFFKIT_ISA_BASE DFFKIT_ISA_SSE42 DFFKIT_ISA_AVX DFFKIT_ISA_AVX2 DFFKIT_ISA_FMA
+    DFFKIT_ISA_AVX512F DFFKIT_ISA_AVX512DQ DFFKIT_ISA_AVX512BW DFFKIT_ISA_AVX512VL DFFKIT_ISA_NEON
+    "\nvector_bytes=" DFFKIT_STR(DFFKIT_VEC_BYTES) "\nvector_registers=" DFFKIT_STR(DFFKIT_VEC_REGS)
+    "\nrandom_init=" DFFKIT_INIT_PATH "\nopenmp=" DFFKIT_OPENMP "\nsanitizers=" DFFKIT_SANITIZERS;
+
 #define DFFKIT_INSTANTIATE(T)                                                                  \
   template Result fit_mu_cpu<T>(const T*, T*, T*, const Problem&, const Options&,             \
                                 const StopFn&, std::vector<double>*, const ProgressFn&);       \

@@ -82,4 +82,11 @@ template <class T>
 void random_init_from_mean(double mean, T* W, T* H, std::int64_t m, std::int64_t n,
                            std::int64_t k, std::uint64_t seed, int num_threads = 0);
 
+/// How this engine was compiled: "name=value" lines (compiler, instruction_sets: those the
+/// kernels were compiled for (-march=native builds for the building machine), vector_bytes,
+/// vector_registers, random_init, openmp, sanitizers). Constant data: reading it runs none of
+/// the engine's code. `dffkit info` shows it; the package refuses an engine built for
+/// instructions the CPU lacks.
+extern const char engine_build_text[];
+
 }  // namespace dffkit

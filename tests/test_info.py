@@ -51,3 +51,33 @@ def test_cli_info_text_and_json_agree(capsys):
         assert f"{dist} {version or 'not installed'}" in lines["optional"]
     if "cuda" not in d["backends"]:
         assert lines["backend cuda"] == f"unavailable: {d['unavailable']['cuda']}"
+
+
+def test_engine_build_names_what_the_kernels_were_compiled_for(capsys):
+    """The compiled engine says how it was built: the instruction sets its kernels use (a
+    -march=native build: those of the building machine, here this one), vector width, OpenMP."""
+    b = info.engine_build()
+    assert set(b) >= {"compiler", "instruction_sets", "vector_bytes", "vector_registers",
+                      "random_init", "openmp", "sanitizers"}
+    isa = b["instruction_sets"].split()
+    # the vector width follows the instruction sets: AVX-512 64 bytes, AVX 32, else 16
+    assert int(b["vector_bytes"]) == (64 if "avx512f" in isa else 32 if "avx" in isa else 16)
+    # the init's vector path needs vector FMA
+    assert (b["random_init"] == "vector") == ("avx512f" in isa or ("avx" in isa and "fma" in isa))
+    flags = set(info._cpu()["flags"]) | set(_cpu_flags_all())
+    if flags and isa[0] == "x86-64":  # the engine runs here: its instruction sets are this CPU's
+        assert set(isa[1:]) <= flags, set(isa[1:]) - flags
+    assert cli_main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("cpu build:"))
+    assert b["compiler"] in line and b["instruction_sets"] in line
+
+
+def _cpu_flags_all():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return []

@@ -358,4 +358,5 @@ PYBIND11_MODULE(_cpu, mod) {
       py::arg("X"), py::arg("W"), py::arg("H"), py::arg("seed"), py::arg("num_threads") = 0,
       "init='random' for sparse X: the start random_init gives the dense X, bit for bit.");
   mod.def("max_threads", []() { return dffkit::usable_threads(0); });
+  mod.attr("build_info") = py::str(dffkit::engine_build_text);
 }

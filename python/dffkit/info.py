@@ -62,6 +62,14 @@ def _version(name: str, dist: str):
     return "installed (version unknown)"
 
 
+def engine_build() -> dict:
+    """How the loaded CPU engine was compiled: compiler, instruction_sets (those its kernels
+    were compiled for: -march=native builds for the building machine), vector_bytes,
+    vector_registers, random_init, openmp, sanitizers."""
+    text = getattr(_backends.cpu(), "build_info", "")
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
 def _cpu() -> dict:
     from dffkit import _bench_report
 
@@ -88,6 +96,7 @@ def describe() -> dict:
     }
     try:
         info["cpu_engine"] = _backends.cpu().__file__
+        info["cpu_engine_build"] = engine_build()
     except (ImportError, AttributeError):
         pass
     threads, threads_from = engine_threads()
@@ -122,6 +131,10 @@ def _run(args) -> int:
         if key == "cpu":
             flags = " ".join(value["flags"])
             print(f"{'cpu:':<16} {value['model']}, {value['cores']} cores" + (f" ({flags})" if flags else ""))
+        elif key == "cpu_engine_build":
+            print(f"{'cpu build:':<16} {value.get('compiler', '?')}; for {value.get('instruction_sets', '?')}; "
+                  f"{value.get('vector_bytes', '?')}-byte vectors; OpenMP {value.get('openmp', '?')}"
+                  + (f"; sanitizers {value['sanitizers']}" if value.get("sanitizers", "none") != "none" else ""))
         elif key == "optional":
             print(f"{'optional:':<16} " + ", ".join(
                 f"{dist} {version or 'not installed'}" for dist, version in value.items()))
