@@ -120,3 +120,23 @@ def test_failed_commands_remove_only_the_empty_folders_they_made(tmp_path, image
     monkeypatch.setattr(dff_module, "dff", writes_then_fails)    # not empty: kept
     assert cli.main(["dff", image, "-k", "2", "--out", str(tmp_path / "new"), "--quiet"]) == 1
     assert (tmp_path / "new" / "partial.txt").read_text() == "x"
+
+
+def test_a_closed_stdout_ends_the_command_quietly():
+    # `dffkit info | head -1`: the reader goes away before the command writes; the command
+    # must end without "Broken pipe" errors or a traceback on stderr
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import dffkit
+
+    package_root = str(Path(dffkit.__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from dffkit.cli import main; sys.exit(main(['info']))"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the interpreter has started: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Broken pipe" not in err and "Traceback" not in err and "Exception ignored" not in err, err

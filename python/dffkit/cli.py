@@ -53,11 +53,32 @@ def main(argv=None) -> int:
         _remove_empty(created)
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of stdout has gone (``dffkit bench --list | head``): nothing to say to it,
+        # and the interpreter's last flush must not fail again; the files are written
+        _quiet_stdout()
+        return 141  # as a command ended by SIGPIPE
     except (ValueError, OSError, TypeError, RuntimeError, ImportError) as exc:
         _remove_empty(created)
         print(f"dffkit {args.command}: error: {_as_flags(_message(exc), args._parser)}", file=sys.stderr)
         return 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141
     return int(result or 0)
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at the null device (Python's advice for a closed pipe: the interpreter
+    flushes stdout again at exit)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (a captured stdout)
+        pass
 
 
 # Options several subcommands share, by their argparse dest: the flag, the test and what the
