@@ -725,3 +725,222 @@ def test_verbose_lines_on_sparse_X(capsys):
         assert a.split(" reached")[0] == b.split(" reached")[0]
         if "error" in b:
             assert float(ea) == pytest.approx(float(eb), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# a topic model on real vectorizer output; integer duplicates; odd shapes and malformed input
+# ---------------------------------------------------------------------------------------------
+
+CORPUS = [
+    "the cat sat on the mat", "dogs and cats are friends", "the dog chased the cat",
+    "stock markets fell sharply today", "investors sold stocks and bonds",
+    "the market rallied after the news", "a cat and a dog slept", "bond yields rose as markets fell",
+    "my dog likes the mat", "news about the stock market", "cats chase mice at night",
+    "bonds and stocks moved together",
+]
+
+
+@pytest.mark.parametrize("vectorizer", ["tfidf", "tfidf-float32", "count", "binary-int8"])
+@pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
+def test_vectorizer_output_matches_sklearn(vectorizer, beta_loss):
+    """TfidfVectorizer / CountVectorizer output (csr, float64, float32, int64, int8): NMF and
+    non_negative_factorization give scikit-learn's MU fit from its nndsvda start, with the
+    penalties, the same n_iter with tol, the dtype kept (integers as float64); the vectorizer's
+    unsorted csr is left as it was."""
+    text = pytest.importorskip("sklearn.feature_extraction.text")
+    make = {"tfidf": lambda: text.TfidfVectorizer(),
+            "tfidf-float32": lambda: text.TfidfVectorizer(dtype=np.float32),
+            "count": lambda: text.CountVectorizer(),
+            "binary-int8": lambda: text.CountVectorizer(binary=True, dtype=np.int8)}[vectorizer]
+    X = make().fit_transform(CORPUS * 3)
+    assert sp.issparse(X)
+    expect_dtype = np.float32 if X.dtype == np.float32 else np.float64
+    bound = 1e-4 if expect_dtype == np.float32 else 1e-9
+    snap = snapshot(X)
+    kw = dict(n_components=3, init="nndsvda", beta_loss=beta_loss, tol=1e-4, max_iter=150,
+              random_state=0, alpha_W=0.001, l1_ratio=0.5)
+    ours, theirs = dffkit.NMF(**kw), sk_decomp.NMF(solver="mu", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Wo = ours.fit_transform(X)
+        Wf, Hf, n_iter = dffkit.non_negative_factorization(X, **kw)
+        assert_unchanged(X, snap)
+        Ws = theirs.fit_transform(X.copy())  # scikit-learn sorts an unsorted X's indices in place
+    assert ours.n_iter_ == theirs.n_iter_ == n_iter
+    assert Wo.dtype == ours.components_.dtype == Wf.dtype == expect_dtype
+    assert rel(ours.components_, theirs.components_) <= bound
+    assert rel(Wo, Ws) <= bound
+    np.testing.assert_array_equal(Wf, Wo)
+    np.testing.assert_array_equal(Hf, ours.components_)
+    assert ours.reconstruction_err_ == pytest.approx(theirs.reconstruction_err_, rel=bound)
+    assert_unchanged(X, snap)
+
+
+def _duplicated_counts(dtype):
+    """A coo count matrix of `dtype` whose duplicates sum past what the dtype holds (200 + 100 in
+    uint8, 100 + 100 in int8), or past True for bool."""
+    big = {np.uint8: (200, 100), np.int8: (100, 100), np.bool_: (1, 1)}[dtype]
+    rows = np.array([0, 0, 1, 2, 3, 3, 4])
+    cols = np.array([0, 0, 1, 2, 0, 3, 4])
+    vals = np.array([big[0], big[1], 5, 7, 3, 2, 1]).astype(dtype)
+    return sp.coo_matrix((vals, (rows, cols)), shape=(5, 6))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.bool_])
+def test_integer_duplicates_are_summed_in_float64(dtype):
+    """Duplicates of an integer (or bool) sparse X are summed in float64, the matrix
+    X.astype(np.float64) is (and what NMF's validation already gave): the old path summed in the
+    integer dtype, so uint8 200 + 100 wrapped to 44 silently and int8 100 + 100 to -56 (refused
+    as negative), and non_negative_factorization disagreed with NMF on the same X."""
+    A = _duplicated_counts(dtype)
+    ref = A.astype(np.float64)
+    assert ref.toarray()[0, 0] == (300.0 if dtype == np.uint8 else 200.0 if dtype == np.int8 else 2.0)
+    snap = snapshot(A)
+    kw = dict(n_components=2, init="nndsvda", tol=0, max_iter=20, random_state=0)
+    W, H, _ = dffkit.non_negative_factorization(A, **kw)
+    Wr, Hr, _ = dffkit.non_negative_factorization(ref, **kw)
+    np.testing.assert_array_equal(W, Wr)
+    np.testing.assert_array_equal(H, Hr)
+    est = dffkit.NMF(**kw)
+    np.testing.assert_array_equal(est.fit_transform(A), Wr)
+    np.testing.assert_array_equal(est.components_, Hr)
+    for init in ("random", "nndsvda"):
+        for a, b in zip(dffkit.initialize(A, 2, init=init, random_state=1),
+                        dffkit.initialize(ref, 2, init=init, random_state=1)):
+            np.testing.assert_array_equal(a, b)
+    assert_unchanged(A, snap)
+
+
+def _coo_array_of(shape):
+    try:
+        return sp.coo_array(np.ones(shape))
+    except (TypeError, ValueError, AttributeError):
+        pytest.skip(f"this scipy has no {len(shape)}-D coo_array")
+
+
+@pytest.mark.parametrize("shape", [(4,), (2, 3, 2)], ids=["1-D", "3-D"])
+def test_sparse_array_not_2d_is_refused_with_the_fix(shape):
+    """A 1-D or n-D scipy.sparse array: a ValueError saying 2-D and how to reshape (NMF.fit
+    raised 'not enough values to unpack')."""
+    A = _coo_array_of(shape)
+    calls = [lambda: dffkit.NMF(1).fit(A), lambda: dffkit.NMF(1).fit_transform(A),
+             lambda: dffkit.non_negative_factorization(A, n_components=1),
+             lambda: dffkit.initialize(A, 1)]
+    fitted = dffkit.NMF(1, max_iter=5).fit(np.ones((3, 4)))
+    calls.append(lambda: fitted.transform(A))
+    for call in calls:
+        with pytest.raises(ValueError, match=r"must be 2-D .*reshape it"):
+            call()
+
+
+_LIL_OUT_OF_RANGE = """
+import numpy as np, scipy.sparse as sp, dffkit
+L = sp.lil_matrix((5, 4)); L[0, 0] = 1.0; L[1, 2] = 2.0
+L.rows[1] = [2, 900000]; L.data[1] = [2.0, 3.0]
+for call in (lambda: dffkit.non_negative_factorization(L, n_components=1, max_iter=3),
+             lambda: dffkit.NMF(1, max_iter=3).fit(L), lambda: dffkit.initialize(L, 1)):
+    try:
+        call()
+    except ValueError as exc:
+        print("refused:", exc)
+    else:
+        print("accepted")
+"""
+
+
+def test_lil_index_out_of_range_is_refused_not_a_crash():
+    """A LIL matrix whose row lists hold a column past the width: a ValueError (it ended the
+    process with a segmentation fault, in scipy's transpose). Run in a child process so that a
+    regression shows as a failure here, not as a dead test run."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(dffkit.__file__)), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _LIL_OUT_OF_RANGE], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    lines = out.stdout.splitlines()
+    assert len(lines) == 3, out.stdout
+    for line in lines:
+        assert line.startswith("refused:") and "malformed scipy.sparse lil" in line, line
+        assert "outside [0, 4)" in line
+
+
+def test_lil_row_with_fewer_values_than_indices_is_refused():
+    """A LIL row with more indices than values: scipy's tocsr read past the row's values (an
+    uninitialised number in X); now a ValueError naming the row."""
+    L = sp.lil_matrix((5, 4))
+    L[0, 0], L[1, 2] = 1.0, 2.0
+    L.rows[1], L.data[1] = [2, 3], [2.0]
+    for call in (lambda: dffkit.non_negative_factorization(L, n_components=1, max_iter=3),
+                 lambda: dffkit.NMF(1, max_iter=3).fit(L), lambda: dffkit.initialize(L, 1)):
+        with pytest.raises(ValueError, match="lil matrix: row 1 has 2 indices but 1 values"):
+            call()
+
+
+def test_malformed_csr_messages_name_the_short_array():
+    """A CSR whose data is shorter than indptr says so (it said 'past the 16 stored indices'
+    with 16 indices); float index arrays are named (an IndexError inside dffkit before)."""
+    X = sp.csr_matrix(np.ones((4, 4)))
+    X.data = X.data[:3]
+    with pytest.raises(ValueError, match="past the 16 stored indices and 3 stored values"):
+        dffkit.non_negative_factorization(X, n_components=1)
+    Y = sp.csr_matrix(np.ones((4, 4)))
+    Y.indptr = Y.indptr.astype(np.float64)
+    for call in (lambda: dffkit.non_negative_factorization(Y, n_components=1),
+                 lambda: dffkit.NMF(1).fit(Y)):
+        with pytest.raises(ValueError, match="indptr and indices must be integers"):
+            call()
+
+
+def test_sparse_factors_are_refused_with_toarray():
+    """A scipy.sparse W or H (init='custom', update_H=False): a TypeError naming toarray()
+    (it said 'H must have shape (3, 10), got ()')."""
+    X = sp.random(20, 10, density=0.4, format="csr", random_state=0) + 0.0
+    W0, H0 = dffkit.initialize(X, 3, init="random", random_state=0)
+    for call, name in (
+        (lambda: dffkit.non_negative_factorization(X, H=sp.csr_matrix(H0), n_components=3,
+                                                   update_H=False), "H"),
+        (lambda: dffkit.non_negative_factorization(X, sp.csr_matrix(W0), H0, n_components=3,
+                                                   init="custom"), "W"),
+        (lambda: dffkit.NMF(3, init="custom").fit_transform(X, W=W0, H=sp.csc_matrix(H0)), "H"),
+        (lambda: dffkit.non_negative_factorization(X.toarray(), W0, sp.coo_matrix(H0),
+                                                   n_components=3, init="custom"), "H"),
+    ):
+        with pytest.raises(TypeError, match=rf"{name} is a scipy.sparse matrix.*{name}.toarray\(\)"):
+            call()
+
+
+def test_negative_sparse_values_are_not_told_to_shift():
+    """Negative stored values (HashingVectorizer's default alternate_sign) are refused with a
+    fix that keeps X sparse: clip, not 'shift' (shifting fills every zero)."""
+    text = pytest.importorskip("sklearn.feature_extraction.text")
+    X = text.HashingVectorizer(n_features=64).transform(CORPUS)
+    assert X.data.min() < 0
+    for call in (lambda: dffkit.NMF(2).fit(X),
+                 lambda: dffkit.non_negative_factorization(X, n_components=2),
+                 lambda: dffkit.initialize(X, 2)):
+        with pytest.raises(ValueError, match="Negative values") as info:
+            call()
+        assert "shift or clip" not in str(info.value)
+        assert "clip the stored values" in str(info.value)
+        assert "alternate_sign=False" in str(info.value)
+    # the dense message is unchanged
+    with pytest.raises(ValueError, match="shift or clip the data first"):
+        dffkit.non_negative_factorization(-np.ones((3, 2)), n_components=1)
+
+
+def test_complex_and_oversized_sparse_messages_name_the_fix():
+    """complex sparse X: 'must be real' with X.real (it said 'must be numeric'); more than
+    2**31 - 1 columns: the 32-bit limit and which columns to keep (it said 'split it')."""
+    C = sp.csr_matrix(np.ones((3, 2), dtype=complex))
+    with pytest.raises(TypeError, match=r"must be real, got complex dtype .*X\.real"):
+        dffkit.non_negative_factorization(C, n_components=1)
+    wide = sp.csr_matrix((np.ones(1), np.array([2**31 + 1], dtype=np.int64),
+                          np.array([0, 1, 1], dtype=np.int64)), shape=(2, 2**31 + 5))
+    for call in (lambda: dffkit.non_negative_factorization(wide, n_components=1),
+                 lambda: dffkit.NMF(1).fit(wide)):
+        with pytest.raises(ValueError, match=r"32-bit integers .*getnnz\(axis=0\) > 0"):
+            call()

@@ -6,6 +6,7 @@ rows of X are samples, ``W`` is what ``transform`` returns, ``H`` is ``component
 """
 from __future__ import annotations
 
+import itertools
 import numbers
 import os
 import math
@@ -215,32 +216,69 @@ def _is_sparse(X) -> bool:
     return sparse is not None and bool(sparse.issparse(X))
 
 
+def _check_sparse_ndim(X, name="X"):
+    """A ValueError naming the fix for a scipy.sparse array that is not 2-D (scipy's coo_array
+    may be 1-D or n-D)."""
+    shape = tuple(int(d) for d in X.shape)
+    if len(shape) != 2:
+        raise ValueError(
+            f"{name} must be 2-D (samples x features), got a {len(shape)}-D scipy.sparse "
+            f"array of shape {shape}; reshape it, e.g. {name}.reshape(1, -1) for one sample"
+        )
+
+
 def _check_sparse_structure(X, name="X"):
-    """A ValueError for a compressed (CSR/CSC/BSR) or COO matrix whose index arrays do not
-    describe its shape (an edited indptr, an index out of range), before scipy's own C++
-    routines read them: given such arrays, those write out of bounds and end the process."""
+    """A ValueError for a compressed (CSR/CSC/BSR), COO or LIL matrix whose index arrays do not
+    describe its shape (an edited indptr, an index out of range, a LIL row with more indices
+    than values), before scipy's own C++ routines read them: given such arrays, those write out
+    of bounds and end the process, or read past a row's values. A ValueError too for a
+    scipy.sparse array that is not 2-D."""
     fmt = getattr(X, "format", None)
+    _check_sparse_ndim(X, name)
     m, n = (int(d) for d in X.shape)
 
     def bad(why):
+        more = (f" (scipy's {name}.check_format(full_check=True) says more)"
+                if hasattr(X, "check_format") else "")
         return ValueError(
             f"{name} is a malformed scipy.sparse {fmt} matrix: {why}. Rebuild it with the "
-            f"scipy.sparse constructor (scipy's X.check_format(full_check=True) says more)"
+            f"scipy.sparse constructor{more}"
         )
 
     if fmt in ("csr", "csc", "bsr"):
         R, C = X.blocksize if fmt == "bsr" else (1, 1)
         major, minor = (m // R, n // C) if fmt != "csc" else (n, m)
         indptr, indices, data = np.asarray(X.indptr), np.asarray(X.indices), np.asarray(X.data)
+        if indptr.dtype.kind not in "iu" or indices.dtype.kind not in "iu":
+            raise bad(f"its indptr and indices must be integers, got {indptr.dtype} and "
+                      f"{indices.dtype}")
         if indptr.ndim != 1 or indptr.size != major + 1:
             raise bad(f"indptr has {indptr.size} entries, not {major + 1}")
         if indptr.size and (indptr[0] != 0 or np.any(np.diff(indptr) < 0)):
             raise bad("indptr does not start at 0 and rise")
         nnz = int(indptr[-1]) if indptr.size else 0
-        if nnz > min(indices.size, data.shape[0] if data.ndim else 0):
-            raise bad(f"indptr ends at {nnz}, past the {indices.size} stored indices")
+        stored = data.shape[0] if data.ndim else 0
+        if nnz > min(indices.size, stored):
+            raise bad(f"indptr ends at {nnz}, past the {indices.size} stored indices and "
+                      f"{stored} stored values")
         if nnz and (indices[:nnz].min() < 0 or indices[:nnz].max() >= minor):
             raise bad(f"an index is outside [0, {minor})")
+    elif fmt == "lil":
+        # scipy's tocsr trusts these lists: an index past the width ends the process later (in
+        # the transpose), a row with fewer values than indices is read past its end (garbage)
+        rows, vals = X.rows, X.data
+        if len(rows) != m or len(vals) != m:
+            raise bad(f"it has {len(rows)} index lists and {len(vals)} value lists for {m} rows")
+        counts = np.fromiter(map(len, rows), dtype=np.int64, count=m)
+        differ = np.flatnonzero(counts != np.fromiter(map(len, vals), dtype=np.int64, count=m))
+        if differ.size:
+            row = int(differ[0])
+            raise bad(f"row {row} has {len(rows[row])} indices but {len(vals[row])} values")
+        if counts.sum():
+            cols = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int64,
+                               count=int(counts.sum()))
+            if cols.min() < 0 or cols.max() >= n:
+                raise bad(f"an index is outside [0, {n})")
     elif fmt == "coo":
         coords = getattr(X, "coords", None) or (X.row, X.col)
         if len(coords) != 2 or any(np.asarray(c).shape != (X.data.size,) for c in coords):
@@ -285,14 +323,23 @@ class _SparseX:
     """
 
     def __init__(self, X, name="X", whom="NMF"):
-        if len(X.shape) != 2:
-            raise ValueError(f"{name} must be 2-D (samples x features), got shape {X.shape}")
+        _check_sparse_ndim(X, name)
         m, n = (int(d) for d in X.shape)
         if m == 0 or n == 0:
             raise ValueError(f"{name} is empty (shape {(m, n)}); it needs at least one row and one column")
         if n > 2**31 - 1 or m > 2**31 - 1:
-            raise ValueError(f"sparse {name} has more than 2**31 - 1 rows or columns; split it")
+            raise ValueError(
+                f"sparse {name} has shape {(m, n)}, but the sparse engine indexes rows and "
+                f"columns with 32-bit integers (at most 2**31 - 1 each): keep only the columns "
+                f"(or rows) that hold entries, e.g. {name}[:, {name}.getnnz(axis=0) > 0], or "
+                f"use fewer features"
+            )
         dtype = np.dtype(X.dtype)
+        if dtype.kind == "c":
+            raise TypeError(
+                f"{name} must be real, got complex dtype {dtype}: pass {name}.real (or "
+                f"abs({name})) if that is what is meant"
+            )
         if dtype.kind not in "fiub":
             raise TypeError(f"{name} must be numeric, got dtype {dtype}")
         if dtype not in (np.float32, np.float64):
@@ -301,10 +348,12 @@ class _SparseX:
         if _is_canonical_csr(X, dtype):
             csr = X  # canonical already: read in place (never written), no copy of the entries
         else:
-            csr = X.tocsr(copy=True).astype(dtype, copy=False)
+            # the dtype first, then the sums: integer duplicates are summed in float64 (as
+            # scipy's X.astype(np.float64) sums them, and NMF's validation), never wrapped
+            csr = X.tocsr(copy=True) if X.dtype == dtype else X.astype(dtype).tocsr(copy=False)
             csr.sum_duplicates()  # sorts the indices too
             csr.eliminate_zeros()  # stored zeros change no iterate; dropped, they cost nothing
-        data = _check_values(np.ascontiguousarray(csr.data), name, whom)
+        data = _check_values(np.ascontiguousarray(csr.data), name, whom, sparse=True)
         self.shape, self.dtype = (m, n), dtype
         self.matrix = csr  # scipy CSR, for the NNDSVD start and the mean
         self._rows = (np.ascontiguousarray(csr.indptr, dtype=np.int64),
@@ -399,14 +448,17 @@ def _is_missing(v) -> bool:
     return type(v).__name__ in ("NAType", "NaTType")
 
 
-def _check_values(values, name, whom):
+def _check_values(values, name, whom, sparse=False):
     """values (X, or a sparse X's stored entries) if finite and >= 0; else the error."""
     if not np.isfinite(values).all():
         raise ValueError(f"Input {name} contains NaN or infinity; remove or impute those entries")
     if values.size and values.min() < 0:
+        fix = ("shift or clip the data first" if not sparse else
+               f"clip the stored values (a copy with {name}.data clipped at 0; shifting would "
+               f"fill every zero), or make them >= 0 where they are made (e.g. "
+               f"HashingVectorizer(alternate_sign=False))")
         raise ValueError(
-            f"Negative values in data passed to {whom} ({name}): NMF needs {name} >= 0; "
-            "shift or clip the data first"
+            f"Negative values in data passed to {whom} ({name}): NMF needs {name} >= 0; {fix}"
         )
     return values
 
@@ -414,6 +466,11 @@ def _check_values(values, name, whom):
 def _check_factor(A, shape, dtype, name, why="with init='custom'"):
     if A is None:
         raise ValueError(f"{name} is required {why}: pass an array of shape {tuple(shape)}")
+    if _is_sparse(A):  # numpy would read it as a 0-d object array ("got shape ()")
+        raise TypeError(
+            f"{name} is a scipy.sparse matrix; the factors W and H are dense (the updates fill "
+            f"them): pass {name}.toarray()"
+        )
     if _is_device_array(A):  # a GPU factor: checked on the device, copied by the CUDA backend
         from dffkit import _cuda_backend
 
