@@ -641,7 +641,8 @@ class DFFResult:
     # ---- records
     def summary(self) -> dict:
         """A JSON-ready description: settings, model, concept names, consistency, per-image
-        strength, presence, label area and box (None where absent) of each concept, timings.
+        strength, presence, label area and box (None where absent) of each concept, timings
+        (``timings_s``).
         ImageNet classes of the concepts (``concept_classes``, models with a classifier head):
         in ``concepts[j]["classes"]`` in joint mode, in ``images[i]["concept_classes"]`` (one
         list of (class, probability) pairs per concept) in per-image mode; None elsewhere.
@@ -694,7 +695,7 @@ class DFFResult:
         extension, J: the concept; ``heatmaps=False``: none), ``grid.png`` (all images) and
         ``summary.json`` (``summary()``, plus "files": the written paths relative to
         ``directory``). Returns the written paths by kind ("overlays", "heatmaps", "grid",
-        "summary"), the same lists as "files".
+        "summary"): the lists of "files", each path joined to ``directory``.
 
         A result without its images (``dff(..., keep_images=False)``) has no pictures to draw:
         only ``summary.json`` is written, with a warning. The places the files go are checked
@@ -1042,7 +1043,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         Read with ``dffkit.images.load_images`` (EXIF orientation applied, any mode to RGB).
         Heat maps come back at each image's original size. ``sources`` keeps the paths (a
         folder, alone or in a list, stands for its image files in name order); in-memory
-        images are named ``image_<i>``.
+        images are named ``image_<i>`` (a PIL image opened from a file keeps its file name).
     n_concepts : int
         k, the number of concepts (rank of the factorization), 1 <= k <= number of positions
         (N·h·w jointly, h·w per image). A k above the number of channels C is allowed with a
@@ -1080,7 +1081,8 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     keep_images : keep the PIL images in the result (overlays need them).
     name_concepts : name concepts (ImageNet classes through the model's classifier when it
         has one; the mean colour of each concept's pixels for the filter bank).
-    progress : None, True (a bar on stderr) or a callable(done, total) over images.
+    progress : None or False (none), True (a bar on stderr) or a callable(done, total) over
+        images.
     keep_maps : True | False | "auto"
         True: every heat map and label map is computed here and kept (lists of arrays at the
         images' full sizes: k·H·W·4 + H·W·2 bytes per image). False: only their maxima are

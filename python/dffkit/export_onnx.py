@@ -1,8 +1,9 @@
 """Export learned parts as a feed-forward ONNX model: image -> part maps and code.
 
 The graph is the CNN up to the chosen layer followed by a fixed number of multiplicative
-updates of W with the parts H fixed, written with plain ONNX operators (Transpose, Reshape,
-MatMul, Mul, Div, Add, Max, Sqrt, ReduceSum, ReduceMean, Where), so that onnxruntime alone
+updates of W with the parts H fixed, written with plain ONNX operators (MatMul, Mul, Div,
+Add, Sub, Max, Sqrt, ReduceSum, ReduceMean, Equal, Where, ArgMax, and Transpose, Reshape,
+Shape, Slice, Concat, ConstantOfShape for the layout), so that onnxruntime alone
 maps images to what ``transform`` computes. By default its input is the one of a
 ``FeatureExtractor``'s session: resized uint8 RGB images (N, H, W, 3), cast and normalised
 inside the graph (``dffkit.models.with_image_input``), so a caller only resizes the images
@@ -189,7 +190,9 @@ def export_parts_model(extractor_or_model, parts, n_iter, path=None, *, lam=None
     Returns
     -------
     onnx.ModelProto with outputs "part_maps" (N, k, h, w), "code" (N, k) [, "cluster" (N,)],
-    IR version 9 and the network's opset (17 for graphs built here).
+    the IR version the higher of 9 and the network's (lowered to what the installed
+    onnxruntime loads, ``dffkit.models.max_ir_version()``) and the network's opset (17 for
+    graphs built here).
 
     Its outputs agree with ``group_sparse_nmf(X_i, {"offsets": [0, h*w]}, k, H=H,
     update_H=False, lam=lam, max_iter=n_iter, tol=0)`` for each image's activations X_i

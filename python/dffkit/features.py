@@ -415,12 +415,13 @@ class FeatureExtractor:
         raises ValueError.
     resize : "fixed" or "shorter"
     num_threads : int, optional
-        onnxruntime's intra-op threads (CPU provider); None lets onnxruntime choose.
+        onnxruntime's intra-op threads (CPU provider); None (or 0) lets onnxruntime choose.
     normalization : "imagenet", "caffe", "unit", "none", optional
         Default: the model's ``dffkit.normalization`` metadata, else ImageNet mean/std
         (torchvision and the ONNX model zoo). Keras VGG16 files want ``"caffe"``.
     cache_dir : path, optional
-        Where built models are cached (default ``$DFFKIT_CACHE_DIR`` or ``~/.cache/dffkit``).
+        Where built models are cached (default ``$DFFKIT_CACHE_DIR``, else
+        ``$XDG_CACHE_HOME/dffkit``, else ``~/.cache/dffkit``: ``dffkit.models.cache_dir``).
     provider_options : dict, optional
         Options of onnxruntime's CUDA provider, over ``CUDA_PROVIDER_DEFAULTS`` (NHWC
         convolutions on; ``{"prefer_nhwc": 0}`` turns them off).

@@ -351,8 +351,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def default_workers() -> int:
-    """Threads that read and resize images: ``$DFFKIT_IO_THREADS``, else the cores, at most 8.
-    Pillow releases the GIL while it decodes and resizes, so they run in parallel."""
+    """Threads that read and resize images: ``$DFFKIT_IO_THREADS``, else the machine's cores
+    (``os.cpu_count()``), at most 8. Pillow releases the GIL while it decodes and resizes, so
+    they run in parallel."""
     env = os.environ.get("DFFKIT_IO_THREADS", "").strip()
     if env:
         try:

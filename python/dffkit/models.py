@@ -73,8 +73,8 @@ class UntrainedWeightsWarning(UserWarning):
 def max_ir_version() -> int:
     """Highest ONNX IR version the installed onnxruntime loads (probed once per process).
 
-    onnx >= 1.23 writes IR version 14 by default, which onnxruntime releases before it
-    refuse; ``DFFKIT_ONNX_IR_VERSION`` overrides the probe.
+    onnx >= 1.23 writes IR version 14 by default, which older onnxruntime releases refuse;
+    ``DFFKIT_ONNX_IR_VERSION`` overrides the probe.
     """
     env = os.environ.get("DFFKIT_ONNX_IR_VERSION")
     if env:
@@ -999,7 +999,8 @@ def vgg16(weights="random", include_classifier: bool = False, seed: int = 0, cac
     seed : int
         Seed of the random weights.
     cache_dir : path, optional
-        Overrides ``$DFFKIT_CACHE_DIR`` / ``~/.cache/dffkit``.
+        Overrides the default folder (``$DFFKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/dffkit``,
+        else ``~/.cache/dffkit``: see ``cache_dir``).
 
     Node and tensor names of the built models are ``conv1_1 ... conv5_3``,
     ``relu1_1 ... relu5_3``, ``pool1 ... pool5`` (and ``fc6, relu6, fc7, relu7, fc8,
