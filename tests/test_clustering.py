@@ -680,7 +680,7 @@ def test_cluster_images_takes_a_numpy_array_of_paths(tmp_path, parts_data):
     (2, dict(random_state=-1), ValueError, "random_state must be >= 0"),
     (2, dict(backend="gpu"), ValueError, "backend must be one of"),
     (2, dict(used_threshold=2.0), ValueError, r"used_threshold must be in \[0, 1\]"),
-    (2, dict(progress="yes"), TypeError, "progress must be None, True"),
+    (2, dict(progress="yes"), TypeError, "progress must be None or False"),
 ])
 def test_cluster_images_checks_its_arguments_before_extracting(n_clusters, kwargs, exc, match):
     """A wrong n_clusters or a misspelt option was found only after the features of every

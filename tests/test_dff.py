@@ -561,6 +561,20 @@ def test_progress_over_images_and_pictures(tmp_path):
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]  # counted under a lock: in order
 
 
+@pytest.mark.parametrize("progress", ["a", 0, 1.0, [1]])
+def test_progress_of_another_kind_is_a_type_error_before_any_work(tmp_path, progress):
+    # anything but None, a bool or a callable was drawn as a bar (0 and "no" included)
+    images, acts = block_activations(n=2)
+    ext = _StandInHostExtractor(acts)
+    with pytest.raises(TypeError, match="progress must be None or False"):
+        dff(images, 2, extractor=ext, progress=progress)
+    assert ext.start == 0  # no image was extracted
+    result = dff(images, 2, activations=acts, progress=False)
+    with pytest.raises(TypeError, match="progress must be"):
+        result.save(tmp_path / "out", progress=progress)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_info_says_backends_and_threads(capsys, monkeypatch):
     monkeypatch.setenv("DFFKIT_IO_THREADS", "3")
     assert cli.main(["info"]) == 0

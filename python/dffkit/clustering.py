@@ -466,22 +466,17 @@ def _check_params(n_images, n_clusters, *, n_parts=None, lam=None, mu=None,
                 f"{type(images).__name__} {images!r:.60}")
         if len(images) != n_images:
             raise ValueError(f"images has {len(images)} names for {n_images} images")
-    if not (progress is None or isinstance(progress, (bool, np.bool_)) or callable(progress)):
-        raise TypeError(
-            "progress must be None, True (bars on stderr) or a callable(done, total), got "
-            f"{progress!r} of type {type(progress).__name__}")
+    from dffkit.deep_feature_factorization import _check_progress
+
+    _check_progress(progress)
 
 
 def _progress(progress, total, unit, label):
     """A callable(done) reporting to ``progress``: nothing (None, False), a one-line bar on
     stderr (True), or the caller's callable(done, total)."""
-    if progress is None or progress is False:
-        return lambda done: None
-    if callable(progress) and not isinstance(progress, (bool, np.bool_)):
-        return lambda done: progress(done, total)
-    from dffkit.deep_feature_factorization import _TextProgress
+    from dffkit.deep_feature_factorization import _progress_callback
 
-    return _TextProgress(total, unit, label=label)
+    return _progress_callback(progress, total, label=label, unit=unit)
 
 
 def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,

@@ -945,12 +945,25 @@ def _check_k(n_concepts):
     return int(n_concepts)
 
 
-def _progress_callback(progress, total, label: str = ""):
-    if progress is None or progress is False:
+def _check_progress(progress):
+    """progress as the callers take it: None or False (silent), True (a bar on stderr) or a
+    callable(done, total); TypeError for anything else (0, "yes", a file)."""
+    if progress is None or isinstance(progress, (bool, np.bool_)) or callable(progress):
+        return progress
+    raise TypeError(
+        f"progress must be None or False (silent), True (a bar on stderr) or a callable "
+        f"(done, total), got {type(progress).__name__} {progress!r:.60}")
+
+
+def _progress_callback(progress, total, label: str = "", unit: str = "images"):
+    """A callable(done) reporting to ``progress`` (see _check_progress): nothing, a one-line
+    bar on stderr counting ``unit``, or the caller's callable(done, total)."""
+    _check_progress(progress)
+    if progress is None or not progress:
         return lambda done: None
-    if callable(progress):
+    if callable(progress) and not isinstance(progress, (bool, np.bool_)):
         return lambda done: progress(done, total)
-    return _TextProgress(total, "images", label=label)
+    return _TextProgress(total, unit, label=label)
 
 
 class _TextProgress:
@@ -1115,6 +1128,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     _check_init(init)
     _check_backend(backend)
     threshold = _check_fraction("threshold", threshold)
+    _check_progress(progress)
     _keep_maps(keep_maps, [], k)  # checked before the long work
     timings = {}
 
