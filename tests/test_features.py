@@ -546,6 +546,30 @@ def test_workers_are_checked(monkeypatch):
         load_images(images(2))
 
 
+def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    # a container limited to 2 of the host's 64 cores: 2 readers, not 8
+    from dffkit.images import default_workers
+
+    monkeypatch.delenv("DFFKIT_IO_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_workers() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_workers() == 8  # at most 8
+
+
+def test_extractor_arguments_of_the_wrong_kind_are_type_errors():
+    for model in (3, None, 2.5):
+        with pytest.raises(TypeError, match="model must be one of"):
+            FeatureExtractor(model, providers="cpu")
+    for bad in (1.5, "2", True):
+        with pytest.raises(TypeError, match=r"num_threads must be an int >= 0 or None \(None or 0"):
+            FeatureExtractor(small_net(), providers="cpu", num_threads=bad)
+    with pytest.raises(ValueError, match="num_threads must be an int >= 0"):
+        FeatureExtractor(small_net(), providers="cpu", num_threads=-1)
+    FeatureExtractor(small_net(), providers="cpu", num_threads=0)  # onnxruntime's default
+
+
 _FORK_SCRIPT = """
 import multiprocessing, numpy as np
 from dffkit.images import load_images

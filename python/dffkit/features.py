@@ -213,8 +213,12 @@ def _make_session(model_bytes: bytes, providers, num_threads: Optional[int], pro
     for key, value in {**SESSION_CONFIG, **(session_config or {})}.items():
         options.add_session_config_entry(key, str(value))
     if num_threads is not None:
-        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)) or num_threads < 0:
-            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+        if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+            raise TypeError(f"num_threads must be an int >= 0 or None (None or 0: onnxruntime's "
+                            f"default), got {type(num_threads).__name__} {num_threads!r}")
+        if num_threads < 0:
+            raise ValueError(f"num_threads must be an int >= 0 or None (None or 0: onnxruntime's "
+                             f"default), got {num_threads!r}")
         options.intra_op_num_threads = int(num_threads)
     if isinstance(providers, (list, tuple)):
         return _session_from_list(ort, model_bytes, options, providers)
@@ -328,7 +332,7 @@ def _resolve_model(model, cache_dir=None):
     if isinstance(model, (str, os.PathLike)):
         proto = _models.load_model(model)
         return proto, os.path.splitext(os.path.basename(os.fspath(model)))[0]
-    raise ValueError(f"model must be one of {MODEL_NAMES}, a path to an ONNX file or an onnx.ModelProto; got {type(model).__name__}")
+    raise TypeError(f"model must be one of {MODEL_NAMES}, a path to an ONNX file or an onnx.ModelProto; got {type(model).__name__}")
 
 
 def _unknown_model_message(name: str) -> str:

@@ -351,9 +351,10 @@ if hasattr(os, "register_at_fork"):
 
 
 def default_workers() -> int:
-    """Threads that read and resize images: ``$DFFKIT_IO_THREADS``, else the machine's cores
-    (``os.cpu_count()``), at most 8. Pillow releases the GIL while it decodes and resizes, so
-    they run in parallel."""
+    """Threads that read and resize images: ``$DFFKIT_IO_THREADS``, else the cores this
+    process may use (its CPU affinity: a container limited to 2 cores gets 2, not the host's
+    count), at most 8. Pillow releases the GIL while it decodes and resizes, so they run in
+    parallel."""
     env = os.environ.get("DFFKIT_IO_THREADS", "").strip()
     if env:
         try:
@@ -363,7 +364,11 @@ def default_workers() -> int:
         if value < 1:
             raise ValueError(f"DFFKIT_IO_THREADS must be a positive integer, got {env!r}")
         return value
-    return max(1, min(8, os.cpu_count() or 1))
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
 
 
 def _check_workers(workers) -> int:
