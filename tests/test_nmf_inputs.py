@@ -641,3 +641,21 @@ def test_transform_after_a_collapsed_fit_names_the_fit():
     assert not model.components_.any()
     with pytest.raises(ValueError, match="fitted components_ are all zero"):
         model.transform(X)
+
+
+def test_bad_option_values_are_invalid_parameter_errors():
+    # as scikit-learn's InvalidParameterError (a ValueError and a TypeError): every parameter of
+    # the wrong value, not only the wrong type; solver='cd' is a real solver dffkit lacks
+    X = np.random.default_rng(0).random((6, 5))
+    bad = [dict(beta_loss="x"), dict(beta_loss=3), dict(backend="tpu"), dict(random_state=-1),
+           dict(alpha_H="other"), dict(solver="xyz")]
+    for kwargs in bad:
+        with pytest.raises(dffkit.InvalidParameterError):
+            dffkit.NMF(2, max_iter=5, **kwargs).fit(X)
+        with pytest.raises(dffkit.InvalidParameterError):
+            dffkit.non_negative_factorization(X, n_components=2, max_iter=5, **kwargs)
+    with pytest.raises(dffkit.InvalidParameterError):
+        dffkit.set_num_threads(-1)
+    with pytest.raises(ValueError, match="not offered") as info:
+        dffkit.NMF(2, solver="cd").fit(X)
+    assert not isinstance(info.value, dffkit.InvalidParameterError)

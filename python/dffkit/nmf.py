@@ -89,7 +89,7 @@ def set_num_threads(n: int) -> None:
     global _NUM_THREADS
     _check_real("n", n, low=-math.inf, integer=True)
     if not 0 <= n <= _MAX_THREADS:
-        raise ValueError(
+        raise InvalidParameterError(
             f"set_num_threads: n must be an integer from 0 to {_MAX_THREADS} (0: OpenMP's "
             f"default, OMP_NUM_THREADS or all cores), got {n!r}"
         )
@@ -118,7 +118,7 @@ def _beta_from(beta_loss) -> int:
     elif isinstance(beta_loss, numbers.Real) and not isinstance(beta_loss, bool):
         if float(beta_loss) in (1.0, 2.0):
             return int(beta_loss)
-    raise ValueError(
+    raise InvalidParameterError(
         f"beta_loss must be 'frobenius' (2) or 'kullback-leibler' (1), got {beta_loss!r}"
     )
 
@@ -202,7 +202,7 @@ def _check_n_components(n_components, allow_auto=False):
 
 def _check_backend(backend: str) -> str:
     if not isinstance(backend, str) or backend not in _BACKENDS:
-        raise ValueError(
+        raise InvalidParameterError(
             f"backend must be one of {_BACKENDS}, got {backend!r}; available here: "
             f"{_backends.available_backends()}"
         )
@@ -512,7 +512,7 @@ def _seed_from(random_state) -> int:
         random_state = np.random.mtrand._rand
     if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
         if random_state < 0:
-            raise ValueError(f"random_state must be >= 0, got {random_state}")
+            raise InvalidParameterError(f"random_state must be >= 0, got {random_state}")
         return int(random_state) & 0xFFFFFFFFFFFFFFFF
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(0, 2**31 - 1)) * 2**32 + int(random_state.randint(0, 2**31 - 1))
@@ -534,7 +534,7 @@ def _legacy_random_state(random_state):
         return np.random.mtrand._rand
     if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
         if random_state < 0:
-            raise ValueError(f"random_state must be >= 0, got {random_state}")
+            raise InvalidParameterError(f"random_state must be >= 0, got {random_state}")
         if random_state < 2**32:
             return np.random.RandomState(int(random_state))
         return np.random.RandomState(np.random.MT19937(int(random_state)))
@@ -556,7 +556,7 @@ def _check_random_state(random_state):
         return random_state
     if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
         if random_state < 0:
-            raise ValueError(f"random_state must be >= 0, got {random_state}")
+            raise InvalidParameterError(f"random_state must be >= 0, got {random_state}")
         return random_state
     raise InvalidParameterError(
         f"random_state must be None, an int, a numpy RandomState or Generator; got {random_state!r}"
@@ -812,7 +812,7 @@ def _penalties(alpha_W, alpha_H, l1_ratio, m, n):
     _check_real("alpha_W", alpha_W)
     if isinstance(alpha_H, str):
         if alpha_H != "same":
-            raise ValueError(f"alpha_H must be a real number >= 0 or 'same', got {alpha_H!r}")
+            raise InvalidParameterError(f"alpha_H must be a real number >= 0 or 'same', got {alpha_H!r}")
         alpha_H = alpha_W
     else:
         _check_real("alpha_H", alpha_H)
@@ -1099,7 +1099,8 @@ def non_negative_factorization(
         numpy for numpy input; GPU arrays of the input's library for GPU input.
     """
     if not (isinstance(solver, str) and solver == "mu"):
-        raise ValueError(
+        # 'cd' is a solver scikit-learn has and dffkit does not; anything else is no solver
+        raise (ValueError if solver == "cd" else InvalidParameterError)(
             f"solver={solver!r} is not offered: dffkit implements solver='mu' (multiplicative "
             "updates); use scikit-learn for the coordinate-descent solver"
         )
@@ -1493,7 +1494,7 @@ class NMF(_FeaturesOutMixin, _TransformerMixin, _BaseEstimator):
 
     def _check_solver(self):
         if not (isinstance(self.solver, str) and self.solver == "mu"):
-            raise ValueError(
+            raise (ValueError if self.solver == "cd" else InvalidParameterError)(
                 f"solver={self.solver!r} is not offered: dffkit implements solver='mu' "
                 "(multiplicative updates); use scikit-learn's NMF for 'cd'"
             )
