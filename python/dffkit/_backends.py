@@ -8,9 +8,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 
 _reasons: dict[str, str] = {}
 _modules: dict[str, object] = {}
+# First loads, one at a time: each sets GOMP_SPINCOUNT around its import and removes it after,
+# so a load on another thread (the CUDA module's failed import, say) would remove it while
+# this one's import of libgomp still had to read it, and the CUDA probe would run twice.
+_load_lock = threading.RLock()
 
 # How long an idle OpenMP thread of the engine spins before it sleeps, read by libgomp once,
 # when it is loaded. Its default (300000 spins, milliseconds) leaves a thread spinning after
@@ -38,6 +43,13 @@ def _openmp_spin_default():
 def _load(name: str):
     if name in _modules:
         return _modules[name]
+    with _load_lock:
+        if name in _modules:  # loaded by another thread while this one waited
+            return _modules[name]
+        return _load_locked(name)
+
+
+def _load_locked(name: str):
     module = None
     try:
         with _openmp_spin_default():
