@@ -394,9 +394,6 @@ def test_one_convergence_warning_per_call_from_any_thread_and_the_warnings_state
     assert warnings.filters == filters and warnings.showwarning is show
 
 
-@pytest.mark.xfail(strict=True, reason="clustering.cluster_activations collects warnings with "
-                   "warnings.catch_warnings(record=True), which is process-wide: warnings of "
-                   "other threads land in its list (see the audit report)")
 def test_cluster_activations_leaves_the_warnings_of_other_threads_alone():
     rng = np.random.default_rng(8)
     A = rng.random((6, 8, 4, 4)).astype(np.float32)
@@ -420,6 +417,40 @@ def test_cluster_activations_leaves_the_warnings_of_other_threads_alone():
     messages = [str(w.message) for w in caught]
     assert any("Maximum number of iterations 5 reached" in m for m in messages), messages
     assert not any("GSNMF runs stopped" in m for m in messages), messages
+
+
+def test_callers_quieting_convergence_warnings_quiet_their_own_thread_only():
+    # DFF and the clustering report convergence themselves and quiet the NMF calls they make;
+    # with warnings.catch_warnings (process-wide) that silenced other threads' warnings too
+    from dffkit.nmf import _no_convergence_warnings
+
+    X = np.random.default_rng(3).random((30, 12)).astype(np.float32)
+    fit = lambda: dffkit.non_negative_factorization(X, n_components=2, init="random", random_state=0,
+                                                    max_iter=3, tol=1e-12, backend="cpu")
+    inside, go, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def quiet_thread():
+        with _no_convergence_warnings():
+            inside.set()
+            go.wait(DEADLOCK)
+            fit()  # stops at max_iter: no warning from this thread
+        finished.set()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = threading.Thread(target=quiet_thread)
+        t.start()
+        assert inside.wait(DEADLOCK)
+        fit()  # this thread's warning, while the other is quiet
+        go.set()
+        t.join(DEADLOCK)
+    assert finished.is_set()
+    hits = [w for w in caught if "Maximum number of iterations 3" in str(w.message)]
+    assert len(hits) == 1, [str(w.message) for w in caught]
+    with warnings.catch_warnings(record=True) as caught:  # the switch is off again after it
+        warnings.simplefilter("always")
+        fit()
+    assert len(caught) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ from dffkit.nmf import (
     _check_max_iter,
     _check_random_state,
     _check_real,
+    _no_convergence_warnings,
     _seed_from,
     non_negative_factorization,
 )
@@ -553,20 +554,17 @@ def cluster_activations(A, n_clusters, *, n_parts=None, lam=None, mu=None,
     best = None
     report = _progress(progress, int(n_init), "restarts", "parts    ")
     report(0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
+    unconverged = 0
+    with _no_convergence_warnings():  # counted here, one warning for all the runs
         for r in range(int(n_init)):
             W, H, n_iter = group_sparse_nmf(
                 X, {"offsets": off}, k, lam=lam, mu=mu, init="random", max_iter=max_iter, tol=tol,
                 random_state=(seed + r) & 0xFFFFFFFFFFFFFFFF, backend=backend)
+            unconverged += bool(tol > 0 and max_iter > 0 and n_iter == max_iter)  # nmf's rule
             obj = _objective(X, W, H, off, lam, mu)
             if best is None or obj < best[0]:
                 best = (obj, W, H, n_iter)
             report(r + 1)
-    unconverged = sum(issubclass(c.category, ConvergenceWarning) for c in caught)
-    for c in caught:
-        if not issubclass(c.category, ConvergenceWarning):
-            warnings.warn_explicit(c.message, c.category, c.filename, c.lineno)
     if unconverged:
         warnings.warn(f"{unconverged} of {n_init} GSNMF runs stopped at max_iter={max_iter} "
                       "before meeting tol; raise max_iter to converge further",

@@ -1119,7 +1119,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     UserWarning : k larger than the number of channels C.
     """
     from dffkit.images import image_sizes, load_images
-    from dffkit.nmf import ConvergenceWarning, _check_backend, nmf_batched, non_negative_factorization
+    from dffkit.nmf import _check_backend, _no_convergence_warnings, nmf_batched, non_negative_factorization
 
     k = _check_k(n_concepts)
     for name, value, allowed in (("mode", mode, _MODES), ("negatives", negatives, _NEGATIVES), ("assign", assign, _ASSIGN)):
@@ -1213,8 +1213,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         else:
             X = ops.concat([ops.matrix(a[None]) for a in per])
         X = _nonnegative(ops, X, negatives, what)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with _no_convergence_warnings():  # thread-local: others' warnings stay theirs
             W, H, n_iter, info = non_negative_factorization(
                 X, n_components=k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
                 backend=backend, return_info=True)
@@ -1225,8 +1224,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         Xs = [ops.matrix(ops.asarray(a)[None]) for a in per]
         Xs = [_nonnegative(ops, x, negatives, what) for x in Xs]
         batch = ops.stack(Xs) if same_grid and ops.name != "numpy" else Xs
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        with _no_convergence_warnings():  # thread-local: others' warnings stay theirs
             solved = nmf_batched(batch, k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
                                  backend=backend)
         Ws = [w for w, _, _ in solved]

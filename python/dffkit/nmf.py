@@ -11,6 +11,7 @@ import numbers
 import os
 import math
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Set
@@ -49,6 +50,31 @@ _C_INT_MAX = 2**31 - 1
 # More threads than any one machine runs: a larger request is a mistake (each OpenMP thread is
 # an OS thread; libgomp aborts the process when it cannot create them).
 _MAX_THREADS = 4096
+
+
+_quiet = threading.local()
+
+
+class _no_convergence_warnings:
+    """Within it, this thread's NMF calls give no ConvergenceWarning (the caller reports
+    convergence itself: DFF, the clustering). A thread-local switch: warnings.catch_warnings
+    changes the process's filters, so another thread's warnings would be lost or caught."""
+
+    def __enter__(self):
+        self._before = getattr(_quiet, "on", False)
+        _quiet.on = True
+        return self
+
+    def __exit__(self, *exc):
+        _quiet.on = self._before
+        return False
+
+
+def _warn_convergence(message, stacklevel):
+    """A ConvergenceWarning ``stacklevel`` frames above the caller, unless this thread is in
+    _no_convergence_warnings."""
+    if not getattr(_quiet, "on", False):
+        warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)
 
 
 def _threads_from_env() -> int:
@@ -1022,9 +1048,8 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
             f"error {result.error_init:.6g} -> {result.error:.6g}"
         )
     if tol > 0 and result.n_iter == max_iter and max_iter > 0:
-        warnings.warn(
+        _warn_convergence(
             f"Maximum number of iterations {max_iter} reached. Increase it to improve convergence.",
-            ConvergenceWarning,
             stacklevel=3,
         )
     return Wout, Hout, result
@@ -1344,10 +1369,9 @@ def _warn_batch_max_iter(results, tol, max_iter):
     if not hit:
         return
     shown = ", ".join(map(str, hit[:20])) + (", ..." if len(hit) > 20 else "")
-    warnings.warn(
+    _warn_convergence(
         f"Maximum number of iterations {max_iter} reached in {len(hit)} of {len(results)} "
         f"problems of the batch (indices {shown}). Increase it to improve convergence.",
-        ConvergenceWarning,
         stacklevel=3,
     )
 
