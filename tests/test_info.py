@@ -81,3 +81,41 @@ def _cpu_flags_all():
     except OSError:
         pass
     return []
+
+
+def test_an_engine_built_for_instructions_this_cpu_lacks_is_refused_with_the_fix(monkeypatch):
+    # a -march=native build carried to an older CPU: an ImportError saying why and what to do,
+    # not "Illegal instruction" ending the interpreter at the first fit
+    import types
+
+    build = "compiler=gcc\ninstruction_sets=x86-64 avx2 fma avx512f\nvector_bytes=64\n"
+    fake = types.SimpleNamespace(build_info=build, __file__="_cpu.so")
+    monkeypatch.setattr(_backends, "_modules", {})
+    monkeypatch.setattr(_backends, "_reasons", {})
+    def import_module(name):
+        if name != "dffkit._cpu":
+            raise ImportError(f"no {name} here")
+        return fake
+
+    monkeypatch.setattr(_backends, "importlib", types.SimpleNamespace(import_module=import_module))
+    monkeypatch.setattr(_backends, "_cpu_flags", lambda: {"sse2", "avx", "avx2", "fma"})
+    try:
+        _backends.cpu()
+    except ImportError as exc:
+        message = str(exc)
+    else:
+        raise AssertionError("the engine was accepted")
+    assert "avx512f" in message and "avx2" not in message.split("lacks")[1].split(")")[0]
+    assert "DFFKIT_ARCH=x86-64-v3" in message and "Illegal instruction" in message
+    assert "cpu" not in _backends.available_backends()
+    # the same engine on a CPU that has them all, and where the flags are unknown: accepted
+    for flags in ({"avx2", "fma", "avx512f"}, None):
+        monkeypatch.setattr(_backends, "_modules", {})
+        monkeypatch.setattr(_backends, "_cpu_flags", lambda flags=flags: flags)
+        assert _backends.cpu() is fake
+
+
+def test_the_installed_engine_runs_here():
+    # this machine built it: nothing it was compiled for is missing
+    assert _backends._missing_instructions(_backends.cpu().build_info) == []
+    assert "cpu" in _backends.available_backends()

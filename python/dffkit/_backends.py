@@ -59,6 +59,19 @@ def _load_locked(name: str):
             f"dffkit._{name} is not built ({exc}); "
             + ("reinstall dffkit" if name == "cpu" else "install dffkit on a machine where CMake finds nvcc")
         )
+    if module is not None and name == "cpu":
+        missing = _missing_instructions(getattr(module, "build_info", ""))
+        if missing:
+            _reasons[name] = (
+                f"dffkit._cpu was compiled for instructions this CPU lacks ({', '.join(missing)}): "
+                "it was built with -march=native on another machine (a wheel or Docker image built "
+                "elsewhere, a shared home directory or pip cache), and running it would end the "
+                "interpreter with 'Illegal instruction'. Reinstall it here (pip install --no-cache-dir "
+                "--force-reinstall . in the source tree), or build for a target every machine has: "
+                "DFFKIT_ARCH=x86-64-v3 pip wheel . (AVX2 and FMA), DFFKIT_NATIVE=OFF for the "
+                "compiler's default"
+            )
+            module = None
     if module is not None and name == "cuda":
         ok, why = module.probe()
         if not ok:
@@ -66,6 +79,33 @@ def _load_locked(name: str):
             module = None
     _modules[name] = module
     return module
+
+
+def _cpu_flags():
+    """The instruction set extensions this x86-64 CPU has, as Linux names them in /proc/cpuinfo
+    (avx2, fma, avx512f, ...); None where that is not known (another OS, another machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _missing_instructions(build_info: str) -> list:
+    """The instruction sets the engine's kernels were compiled for (its build_info's
+    instruction_sets, as /proc/cpuinfo names them) that this CPU lacks; [] where the engine is
+    not x86-64 or the CPU's flags are not known."""
+    fields = dict(line.split("=", 1) for line in str(build_info).splitlines() if "=" in line)
+    isa = fields.get("instruction_sets", "").split()
+    if not isa or isa[0] != "x86-64":
+        return []
+    flags = _cpu_flags()
+    if not flags:
+        return []
+    return [x for x in isa[1:] if x not in flags]
 
 
 def cpu():
