@@ -109,8 +109,10 @@ def set_num_threads(n: int) -> None:
     Results do not depend on it.
 
     On a machine whose cores are shared with other busy processes, fewer threads can be much
-    faster: each iteration ends at a barrier that waits for the slowest thread. The
-    environment variable DFFKIT_NUM_THREADS sets the starting value.
+    faster: each iteration ends at a barrier that waits for the slowest thread. More threads
+    than cores only slow it down, and each Python thread that calls the engine keeps an OpenMP
+    pool of its own of that many threads (a service with 8 worker threads and n = 64 holds 512).
+    The environment variable DFFKIT_NUM_THREADS sets the starting value.
     """
     global _NUM_THREADS
     _check_real("n", n, low=-math.inf, integer=True)
