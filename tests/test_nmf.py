@@ -274,6 +274,39 @@ def test_parity_update_H_false(backend, rng, beta_loss, dtype):
         np.testing.assert_array_equal(Hd, H0)  # H is fixed
 
 
+@pytest.mark.parametrize("shape", [(77, 9, 11), (130, 65, 17), (700, 400, 24), (3000, 120, 8)],
+                         ids=["narrow-X", "row-dots", "outer-products", "chunks"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fixed_components_frobenius_every_product_path(rng, shape, dtype):
+    # update_H=False with the Frobenius loss computes X H^T once (scikit-learn caches it too)
+    # with whichever product the shape takes (X^T copies for narrow X, outer products from H^T
+    # for X over 1 MiB at k >= 16, row dot products), then m k^2 work an iteration: against
+    # scikit-learn with penalties, the tol test's n_iter included, on 1 and 2 threads
+    m, n, k = shape
+    X, W0, H0 = make_problem(rng, m=m, n=n, k=k, dtype=dtype)
+    kw = dict(update_H=False, alpha_W=0.002, l1_ratio=0.3, tol=1e-4, max_iter=300)
+    Ws, _, its = sk_decomp.non_negative_factorization(X, None, H0.copy(), n_components=k,
+                                                      solver="mu", **kw)
+    runs = []
+    for threads in (1, 2):
+        before = dffkit.get_num_threads()
+        dffkit.set_num_threads(threads)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                runs.append(dffkit.non_negative_factorization(X, None, H0, n_components=k, backend="cpu",
+                                                              return_info=True, **kw))
+        finally:
+            dffkit.set_num_threads(before)
+    (W, H, it, info), (W2, _, it2, info2) = runs
+    np.testing.assert_array_equal(W, W2)  # the thread count changes no bit
+    assert it == it2 == its
+    assert rel(W, Ws) <= (1e-9 if dtype == np.float64 else 2e-3), rel(W, Ws)
+    np.testing.assert_array_equal(H, H0)
+    ref = np.linalg.norm(X.astype(np.float64) - W.astype(np.float64) @ H0.astype(np.float64))
+    assert info.error == pytest.approx(ref, rel=1e-6) and info2.error == info.error
+
+
 @pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
 @pytest.mark.parametrize("tol", [1e-2, 1e-3, 1e-4])
 def test_same_n_iter_as_sklearn_with_tol(backend, rng, beta_loss, tol):
