@@ -15,42 +15,23 @@ bandwidth measured in the same run (numpy copyto of 64 MiB).
 benchmarks/results/init_<label>.json and .md.
 """
 import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-try:  # an installed dffkit (with its compiled modules) first; else this checkout's source
-    import dffkit  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(HERE.parent / "python"))
-
-import dffkit  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HERE, dffkit, machine, timed, write  # noqa: E402
 
 PROBLEMS = [  # (m, n, k): one image, ten images, a tall matrix, a square one
     (196, 512, 5), (1960, 512, 5), (50000, 512, 20), (4096, 4096, 64),
 ]
 
 
-def best_of(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times), float(np.median(times))
-
-
 def copy_bandwidth():
     a = np.ones(64 << 18, dtype=np.float32)  # 64 MiB
     b = np.empty_like(a)
-    t, _ = best_of(lambda: np.copyto(b, a), 10)
+    _, t = timed(lambda: np.copyto(b, a), 10)
     return 2 * a.nbytes / t / 1e9
 
 
@@ -64,7 +45,6 @@ def main():
     except ImportError:
         _initialize_nmf = None
     from dffkit import _backends
-    from dffkit.info import engine_build
 
     rng = np.random.default_rng(0)
     bw = copy_bandwidth()
@@ -73,25 +53,22 @@ def main():
         X = rng.random((m, n), dtype=np.float32)
         draws = m * k + k * n
         row = dict(problem=f"{m}x{n}", k=k, draws=draws)
-        t, med = best_of(lambda: dffkit.initialize(X, k, init="random", random_state=0), args.repeats)
+        med, t = timed(lambda: dffkit.initialize(X, k, init="random", random_state=0), args.repeats)
         row.update(dffkit_s=t, dffkit_median_s=med, draws_per_s=draws / t,
                    mean_pass_gb_s=X.nbytes / t / 1e9)
         if _initialize_nmf is not None:
-            ts, meds = best_of(lambda: _initialize_nmf(X, k, init="random", random_state=0), args.repeats)
+            meds, ts = timed(lambda: _initialize_nmf(X, k, init="random", random_state=0), args.repeats)
             row.update(sklearn_s=ts, sklearn_median_s=meds, ratio=ts / t)
         rows.append(row)
         print(row, flush=True)
-    machine = dict(cpu=platform.processor() or platform.machine(), cores=len(os.sched_getaffinity(0)),
-                   load_average=os.getloadavg(), copy_gb_s=bw, engine=engine_build(),
-                   threads=dffkit.get_num_threads() or _backends.cpu().max_threads(),
-                   numpy=np.__version__, dffkit=dffkit.__version__)
+    machine_ = dict(machine(), copy_gb_s=bw,
+                    threads=dffkit.get_num_threads() or _backends.cpu().max_threads())
     out = HERE / "results" / f"init_{args.label}"
-    out.with_suffix(".json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=2))
     lines = [f"# init='random', {args.label}", "",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, engine for "
-             f"{machine['engine'].get('instruction_sets', '?')} (init path: "
-             f"{machine['engine'].get('random_init', 'scalar (before the vector path)')}); load "
-             f"average {', '.join(f'{v:.2f}' for v in machine['load_average'])}; copy bandwidth "
+             f"Machine: {machine_['cpu']}, {machine_['cores']} cores, engine for "
+             f"{machine_['engine'].get('instruction_sets', '?')} (init path: "
+             f"{machine_['engine'].get('random_init', 'scalar (before the vector path)')}); load "
+             f"average {', '.join(f'{v:.2f}' for v in machine_['load_average'])}; copy bandwidth "
              f"{bw:.1f} GB/s.", "",
              "| X | k | draws | dffkit | scikit-learn | sklearn / dffkit | draws/s | pass over X |",
              "|---|---|---|---|---|---|---|---|"]
@@ -103,9 +80,7 @@ def main():
                      f"({100 * r['mean_pass_gb_s'] / bw:.0f}% of copy) |")
     lines += ["", "Times: the best of the repeats (wall clock, one process, all the engine's threads); "
               "'pass over X': X's bytes / dffkit's whole time (the mean is one of its two parts)."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(out.with_suffix(".md").read_text())
-
+    write(out, dict(machine=machine_, rows=rows), lines)
 
 if __name__ == "__main__":
     main()

@@ -12,23 +12,13 @@ products. Also: one call of dffkit.non_negative_factorization(update_H=False, to
 benchmarks/results/transform_<label>.json and .md.
 """
 import argparse
-import json
-import os
-import platform
 import sys
-import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-try:  # an installed dffkit (with its compiled modules) first; else this checkout's source
-    import dffkit  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(HERE.parent / "python"))
-
-import dffkit  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import HERE, dffkit, machine, timed, write  # noqa: E402
 
 CASES = [  # (rows per call, n features, k, loss)
     (1, 512, 20, "frobenius"), (64, 512, 20, "frobenius"), (1024, 512, 20, "frobenius"),
@@ -36,28 +26,18 @@ CASES = [  # (rows per call, n features, k, loss)
 ]
 
 
-def median_of(fn, repeats):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)), float(min(times))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--label", default="cpu")
     args = ap.parse_args()
+    import warnings
+
     warnings.simplefilter("ignore")
     try:
         from sklearn.decomposition import NMF as SkNMF
     except ImportError:
         SkNMF = None
-    from dffkit.info import engine_build
 
     rng = np.random.default_rng(0)
     rows = []
@@ -66,28 +46,25 @@ def main():
         Xnew = (rng.random((b, k)) @ rng.random((k, n)) + 0.1 * rng.random((b, n))).astype(np.float32)
         ours = dffkit.NMF(k, beta_loss=loss, init="random", random_state=0, max_iter=200, backend="cpu").fit(Xfit)
         row = dict(rows=b, n=n, k=k, loss=loss)
-        row["dffkit_s"], row["dffkit_best_s"] = median_of(lambda: ours.transform(Xnew), args.repeats)
+        row["dffkit_s"], row["dffkit_best_s"] = timed(lambda: ours.transform(Xnew), args.repeats)
         _, _, row["dffkit_n_iter"] = dffkit.non_negative_factorization(
             Xnew, H=ours.components_, n_components=k, update_H=False, beta_loss=loss, backend="cpu")
-        row["dffkit_200it_s"], _ = median_of(lambda: dffkit.non_negative_factorization(
+        row["dffkit_200it_s"], _ = timed(lambda: dffkit.non_negative_factorization(
             Xnew, H=ours.components_, n_components=k, update_H=False, beta_loss=loss, tol=0,
             max_iter=200, backend="cpu"), args.repeats)
         if SkNMF is not None:
             theirs = SkNMF(k, solver="mu", beta_loss=loss, init="random", random_state=0, max_iter=200).fit(Xfit)
             theirs.components_ = ours.components_.copy()  # the same fixed components
-            row["sklearn_s"], row["sklearn_best_s"] = median_of(lambda: theirs.transform(Xnew), args.repeats)
+            row["sklearn_s"], row["sklearn_best_s"] = timed(lambda: theirs.transform(Xnew), args.repeats)
             row["ratio"] = row["sklearn_s"] / row["dffkit_s"]
         rows.append(row)
         print(row, flush=True)
-    machine = dict(cpu=platform.processor() or platform.machine(), cores=len(os.sched_getaffinity(0)),
-                   load_average=os.getloadavg(), engine=engine_build(), numpy=np.__version__,
-                   dffkit=dffkit.__version__)
+    machine_ = machine()
     out = HERE / "results" / f"transform_{args.label}"
-    out.with_suffix(".json").write_text(json.dumps(dict(machine=machine, rows=rows), indent=2))
     lines = [f"# NMF.transform, {args.label}", "",
-             f"Machine: {machine['cpu']}, {machine['cores']} cores, engine for "
-             f"{machine['engine'].get('instruction_sets', '?')}; load average "
-             f"{', '.join(f'{v:.2f}' for v in machine['load_average'])}.", "",
+             f"Machine: {machine_['cpu']}, {machine_['cores']} cores, engine for "
+             f"{machine_['engine'].get('instruction_sets', '?')}; load average "
+             f"{', '.join(f'{v:.2f}' for v in machine_['load_average'])}.", "",
              "| rows | n | k | loss | dffkit transform | scikit-learn transform | sklearn / dffkit | dffkit n_iter | dffkit, 200 it, tol 0 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -97,9 +74,7 @@ def main():
                      f"{ratio} | {r['dffkit_n_iter']} | {r['dffkit_200it_s'] * 1e3:.3f} ms |")
     lines += ["", "Times: medians of the repeats (wall clock, one process); transform with max_iter=200, tol=1e-4 "
               "(scikit-learn's defaults), the same fixed components for both."]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(out.with_suffix(".md").read_text())
-
+    write(out, dict(machine=machine_, rows=rows), lines)
 
 if __name__ == "__main__":
     main()

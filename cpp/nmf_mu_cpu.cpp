@@ -378,6 +378,19 @@ double penalty_value(const T* W, const T* H, const Problem& p) {
   return v;
 }
 
+/// N_b = X_b H^T for the block of `rows` rows at r0, by the product the workspace prepared:
+/// from X_b^T (narrow X), outer products with H^T (X over 1 MiB), or row dot products.
+template <class T>
+inline void frobenius_numerator(const T* X, const T* H, i64 n, i64 k, const Workspace<T>& ws,
+                                i64 r0, i64 rows, T* Nb) {
+  if (!ws.Xt.empty())
+    narrow_product(ws.Xt.data() + r0 * n, rows, rows, H, n, k, Nb);
+  else if (!ws.Ht.empty())
+    outer_product(X + r0 * n, n, rows, ws.Ht.data(), ws.kp, n, k, Nb);
+  else
+    dot_rows(X + r0 * n, n, rows, H, n, k, n, Nb, k);
+}
+
 /// One sweep over X: updates W in place; accumulates P (if want_P), G_W, and for KL the
 /// column sums of the new W. first: also accumulate <X H^T, W_old> for the initial error.
 template <class T>
@@ -412,12 +425,7 @@ void sweep(const T* X, T* W, const T* H, const Problem& p, Workspace<T>& ws, boo
       T* Wb = W + r0 * k;
       // numerator N_b
       if (!kl) {
-        if (!ws.Xt.empty())
-          narrow_product(ws.Xt.data() + r0 * n, rows, rows, H, n, k, Nb);
-        else if (!ws.Ht.empty())
-          outer_product(Xb, n, rows, ws.Ht.data(), ws.kp, n, k, Nb);
-        else
-          dot_rows(Xb, n, rows, H, n, k, n, Nb, k);
+        frobenius_numerator(X, H, n, k, ws, r0, rows, Nb);
       } else {
         product_ch(Wb, rows, k, H, n, R);
         for (i64 t = 0; t < rows * n; ++t) R[t] = kl_ratio(Xb[t], R[t]);
@@ -687,13 +695,7 @@ Result fit_w_fixed_h(const T* X, T* W, const T* H, const Problem& p, const Optio
   for (i64 c = 0; c < nch; ++c)
     for (i64 r0 = ws.ch.begin(c); r0 < ws.ch.end(c); r0 += brows) {
       const i64 rows = std::min(brows, ws.ch.end(c) - r0);
-      T* Nb = N.data() + r0 * k;
-      if (!ws.Xt.empty())
-        narrow_product(ws.Xt.data() + r0 * n, rows, rows, H, n, k, Nb);
-      else if (!ws.Ht.empty())
-        outer_product(X + r0 * n, n, rows, ws.Ht.data(), ws.kp, n, k, Nb);
-      else
-        dot_rows(X + r0 * n, n, rows, H, n, k, n, Nb, k);
+      frobenius_numerator(X, H, n, k, ws, r0, rows, N.data() + r0 * k);
     }
   Result res;
   res.error_init = beta_error_cpu(X, W, H, p, nt);
