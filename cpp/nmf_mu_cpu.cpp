@@ -712,19 +712,19 @@ Result fit_w_fixed_h(const T* X, T* W, const T* H, const Problem& p, const Optio
     N64.assign(m * k, 0.0);
     G64.assign(k * k, 0.0);
     const bool par64 = (m + k) * n * k >= kParallelWork;
-#pragma omp parallel num_threads(nt) if (par64)
-    {
-      std::vector<double> Xr(8 * n);
-#pragma omp for schedule(dynamic, 1)
-      for (i64 t = 0; t < (k + 7) / 8 + (m + 7) / 8; ++t) {
-        if (t < (k + 7) / 8) {
-          const i64 a0 = t * 8, rows = std::min<i64>(8, k - a0);
-          dot_rows(H64.data() + a0 * n, n, rows, H64.data(), n, k, n, G64.data() + a0 * k, k);
-        } else {
-          const i64 r0 = (t - (k + 7) / 8) * 8, rows = std::min<i64>(8, m - r0);
-          std::copy(X + r0 * n, X + (r0 + rows) * n, Xr.begin());
-          dot_rows(Xr.data(), n, rows, H64.data(), n, k, n, N64.data() + r0 * k, k);
-        }
+    // each thread's 8 rows of X in float64, allocated here: an exception must not leave an
+    // OpenMP region (it would end the process)
+    std::vector<double> Xr(i64(par64 ? std::max(nt, 1) : 1) * 8 * n);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (par64)
+    for (i64 t = 0; t < (k + 7) / 8 + (m + 7) / 8; ++t) {
+      if (t < (k + 7) / 8) {
+        const i64 a0 = t * 8, rows = std::min<i64>(8, k - a0);
+        dot_rows(H64.data() + a0 * n, n, rows, H64.data(), n, k, n, G64.data() + a0 * k, k);
+      } else {
+        const i64 r0 = (t - (k + 7) / 8) * 8, rows = std::min<i64>(8, m - r0);
+        double* xr = Xr.data() + i64(par64 ? omp_get_thread_num() : 0) * 8 * n;
+        std::copy(X + r0 * n, X + (r0 + rows) * n, xr);
+        dot_rows(xr, n, rows, H64.data(), n, k, n, N64.data() + r0 * k, k);
       }
     }
   }
