@@ -94,12 +94,16 @@ def _cpu_flags():
     return None
 
 
+def build_fields(build_info: str) -> dict:
+    """An engine's build_info ("name=value" lines) as a dict."""
+    return dict(line.split("=", 1) for line in str(build_info).splitlines() if "=" in line)
+
+
 def _missing_instructions(build_info: str) -> list:
     """The instruction sets the engine's kernels were compiled for (its build_info's
     instruction_sets, as /proc/cpuinfo names them) that this CPU lacks; [] where the engine is
     not x86-64 or the CPU's flags are not known."""
-    fields = dict(line.split("=", 1) for line in str(build_info).splitlines() if "=" in line)
-    isa = fields.get("instruction_sets", "").split()
+    isa = build_fields(build_info).get("instruction_sets", "").split()
     if not isa or isa[0] != "x86-64":
         return []
     flags = _cpu_flags()

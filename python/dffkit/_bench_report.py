@@ -31,15 +31,10 @@ def _cpu_model() -> str:
 
 
 def _cpu_flags() -> list:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = line.split(":", 1)[1].split()
-                    return [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if x in flags]
-    except OSError:
-        pass
-    return []
+    from dffkit._backends import _cpu_flags as all_flags
+
+    flags = all_flags() or set()
+    return [x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if x in flags]
 
 
 def _mem_total_gib():

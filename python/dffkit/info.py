@@ -66,8 +66,7 @@ def engine_build() -> dict:
     """How the loaded CPU engine was compiled: compiler, instruction_sets (those its kernels
     were compiled for: -march=native builds for the building machine), vector_bytes,
     vector_registers, random_init, openmp, sanitizers."""
-    text = getattr(_backends.cpu(), "build_info", "")
-    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+    return _backends.build_fields(getattr(_backends.cpu(), "build_info", ""))
 
 
 def _cpu() -> dict:
