@@ -546,19 +546,14 @@ def _seed_from(random_state) -> int:
     """A 64-bit Philox key from None / int / numpy RandomState or Generator. None draws it from
     numpy's global RandomState, as scikit-learn's check_random_state(None) does: np.random.seed
     makes the start reproducible."""
+    _check_random_state(random_state)
     if random_state is None or random_state is np.random:
         random_state = np.random.mtrand._rand
-    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
-        if random_state < 0:
-            raise InvalidParameterError(f"random_state must be >= 0, got {random_state}")
-        return int(random_state) & 0xFFFFFFFFFFFFFFFF
     if isinstance(random_state, np.random.RandomState):
         return int(random_state.randint(0, 2**31 - 1)) * 2**32 + int(random_state.randint(0, 2**31 - 1))
     if isinstance(random_state, np.random.Generator):
         return int(random_state.integers(0, 2**63 - 1))
-    raise InvalidParameterError(
-        f"random_state must be None, an int, a numpy RandomState or Generator; got {random_state!r}"
-    )
+    return int(random_state) & 0xFFFFFFFFFFFFFFFF
 
 
 def _legacy_random_state(random_state):
