@@ -205,7 +205,7 @@ def main(argv=None):
             assert fx.layer == "relu5_3"
             name = f"VGG-16 conv5_3 {precision} ({fx.provider.replace('ExecutionProvider', '')}){suffix}"
             rows += bench_extractor(fx, name, batches, warmup, repeats, budget, device_output_too=cuda)
-        del fx
+            del fx  # one session on the GPU at a time
     if not cuda and args.spinning:
         fx = features.FeatureExtractor(vgg, providers="cpu", num_threads=args.threads, batch_size=max(batches),
                                        session_config={"session.intra_op.allow_spinning": "1"})

@@ -44,8 +44,10 @@ build_prebuilt() {
   ext=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
   bash "$ROOT/benchmarks/link_cuda_module.sh" "$pkg/dffkit" "$GPU_CHECK_PREBUILT"/*.o &
   local p1=$!
-  g++ -O2 -march=native -fopenmp -std=gnu++17 -fPIC -fvisibility=hidden -shared -I"$ROOT/cpp" \
-      -I"$inc" -I"$pbinc" "$ROOT/cpp/nmf_mu_cpu.cpp" "$ROOT/cpp/resample.cpp" "$ROOT/cpp/bindings/module_cpu.cpp" \
+  # the CPU module from CMakeLists.txt's sources (dffkit_core + the bindings), as CMake builds it
+  g++ -O3 -march=native -fopenmp -std=gnu++17 -fPIC -fvisibility=hidden -shared -I"$ROOT/cpp" \
+      -I"$inc" -I"$pbinc" "$ROOT/cpp/nmf_mu_cpu.cpp" "$ROOT/cpp/nmf_mu_sparse.cpp" "$ROOT/cpp/resample.cpp" \
+      "$ROOT/cpp/bindings/module_cpu.cpp" \
       -o "$pkg/dffkit/_cpu$ext" &
   local p2=$!
   wait $p1 && wait $p2 || return 1

@@ -17,6 +17,13 @@
 # the fast path's float32 object instead (bash benchmarks/gpu_variants.sh
 # benchmarks/cuda_profile_small.py).
 #
+# bash benchmarks/gpu_final.sh --lease: every stage in one command (LEASE_LIMIT seconds), in the
+# order 1, 4, 1b, 5 (memcheck, racecheck), 2, 5c (the build-switch variants), 3, 5b (ncu), each
+# skipped or cut short when the time left is too little. For a 15-minute lease that also brings
+# onnxruntime-gpu: here, `python3 benchmarks/ort_slim.py` (the wheel trimmed to sm_90, two parts)
+# and `bash benchmarks/gpu_final.sh --pack` (the objects, compressed); there, one call carrying
+# .ortslim1 (`mkdir -p /tmp/ortw && cp .ortslim1/* /tmp/ortw/`), then at once, on the same warm
+# machine, one carrying .ortslim2 and .gpu_pack that runs this with --lease.
 # bash benchmarks/gpu_final.sh --ort: stage 4 alone (after the build), for the lease that brought
 # onnxruntime-gpu in chunks: issues 6 and 7, the nearest to their targets.
 # bash benchmarks/gpu_final.sh --short: for a lease of 15 minutes (one command of at most 600 s):
@@ -70,6 +77,17 @@ if [[ "${1:-}" == "--prepare" ]]; then
   exit 0
 fi
 
+# --pack: .gpu_prebuilt and .gpu_variants into .gpu_pack/objs.tar.xz (about a quarter of their
+# size; the next lease unpacks it before anything else), for a call that carries other things too
+if [[ "${1:-}" == "--pack" ]]; then
+  mkdir -p "$ROOT/.gpu_pack"
+  grep -qx "/.gpu_pack/" "$ROOT/.git/info/exclude" || echo "/.gpu_pack/" >> "$ROOT/.git/info/exclude"
+  dirs=(.gpu_prebuilt); [[ -d "$ROOT/.gpu_variants" ]] && dirs+=(.gpu_variants)
+  tar -C "$ROOT" -cf - "${dirs[@]}" | xz -9 -T2 > "$ROOT/.gpu_pack/objs.tar.xz"
+  ls -la "$ROOT/.gpu_pack"
+  exit 0
+fi
+
 SHORT=0
 LEASE=0
 if [[ "${1:-}" == "--short" ]]; then
@@ -99,6 +117,24 @@ export PYTHONUNBUFFERED=1
 SECONDS=0
 stamp() { echo "== [$SECONDS s] $*"; }
 
+# the CUDA objects packed here (--pack: .gpu_pack/objs.tar.xz, a quarter of their size, so that
+# onnxruntime's second chunk travels with them)
+if [[ -f "$ROOT/.gpu_pack/objs.tar.xz" ]]; then
+  tar -xJf "$ROOT/.gpu_pack/objs.tar.xz" -C "$ROOT" && stamp "CUDA objects unpacked from .gpu_pack"
+fi
+# onnxruntime-gpu trimmed to sm_90 (benchmarks/ort_slim.py): its parts come in .ortslim1, .ortslim2
+# (the first by an earlier call on the same warm machine, copied to /tmp/ortw)
+for d in "$ROOT"/.ortslim*/; do [[ -d "$d" ]] && mkdir -p /tmp/ortw && cp "$d"/* /tmp/ortw/; done
+if ls /tmp/ortw/ort_slim.tar.xz.part* > /dev/null 2>&1; then
+  nparts=$(ls /tmp/ortw/ort_slim.tar.xz.part* | wc -l)
+  if [[ "$nparts" == "$(cat /tmp/ortw/NPARTS 2>/dev/null)" ]]; then
+    mkdir -p /tmp/site && cat /tmp/ortw/ort_slim.tar.xz.part* | xz -d -T0 | tar -x -C /tmp/site \
+      && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    stamp "onnxruntime-gpu (sm_90 only): $(python3 -c 'import onnxruntime as o; print(o.__version__, o.__file__, o.get_available_providers())' 2>&1)"
+  else
+    stamp "onnxruntime-gpu: $nparts of $(cat /tmp/ortw/NPARTS 2>/dev/null || echo '?') parts here (the machine was not the same warm one): not installed"
+  fi
+fi
 if [[ -f /tmp/ortw/NAME ]]; then
   (cd /tmp/ortw && cat part* > "$(cat NAME)" && python3 -m pip install -q --no-index --no-deps \
      --no-compile --target /tmp/site "$(cat NAME)") && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -137,6 +173,10 @@ fi
 GPU_CHECK_STAGES="build test" TEST_TIMEOUT="${TEST_TIMEOUT_1:-180}" source "$ROOT/benchmarks/gpu_check.sh"
 stamp "stage 1 done"
 pack
+if [[ $LEASE == 1 ]]; then
+  (cd /tmp && stage4)
+  pack
+fi
 
 # 1b. issue 5's four shapes with every kernel variant side by side (cuda_bench.py --ab): the
 #     fast path on CUDA or tensor cores, the general resident kernel, the sweep and the gemm
@@ -151,26 +191,6 @@ if [[ $LEASE == 1 ]]; then
   stamp "stage 5 (sanitizers) done"
   pack
   SANITIZE=0
-  # 5b. Nsight Compute on the gemm engine's kernels at issue 5's two large shapes (NCU_TIMEOUT
-  #     each; NCU=0: off): where their time goes (pipes, stalls, shared-memory conflicts)
-  if [[ "${NCU:-1}" == 1 ]]; then
-    ncu_bin="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
-    sec="--section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats
-         --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
-         --section MemoryWorkloadAnalysis_Tables"
-    ncu_one() {  # name fused-switch kernel-regex count args...
-      local name=$1 fused=$2 kre=$3 cnt=$4; shift 4
-      (cd /tmp && DFFKIT_CUDA_GEMM_FUSED=$fused timeout "${NCU_TIMEOUT:-45}" "$ncu_bin" --clock-control none \
-         -k "regex:$kre" -c "$cnt" $sec python3 "$ROOT/benchmarks/cuda_one_fit.py" "$@" \
-         > "$OUT/ncu_$name.txt" 2>&1)
-      stamp "ncu $name: rc=$?"
-    }
-    ncu_one tall_fp32_1pass 1 gemm_fused 1 200000 512 20 2 fp32 gemm
-    ncu_one tall_tf32_1pass 1 gemm_fused 1 200000 512 20 2 tf32 gemm
-    ncu_one tall_fp32_2pass 0 "gemm_(n|p)_kernel" 2 200000 512 20 2 fp32 gemm
-    ncu_one square_fp32 0 "gemm_(n|p)_kernel" 2 16384 16384 64 1 fp32 gemm
-    pack
-  fi
 fi
 
 if [[ $SHORT == 1 ]]; then
@@ -184,11 +204,25 @@ cd /tmp
 timeout "${PYTEST_GPU_TIMEOUT:-150}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu "$ROOT/tests" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 25
 stamp "stage 2 done"
 pack
-# 4. (before 3, which takes what is left)
-stage4
-pack
+# 4. (before 3, which takes what is left; a lease ran it after stage 1)
+if [[ $LEASE != 1 ]]; then
+  stage4
+  pack
+fi
 if [[ $LEASE == 1 ]]; then
-  BENCH_SUITE_TIMEOUT=$(( LEASE_LIMIT - SECONDS - 15 ))
+  # 5c. the build-switch variants (.gpu_variants, gpu_final.sh --prepare with PREPARE_VARIANTS)
+  #     next to the main build, each in its own folder under $OUT: the large shapes for the gemm
+  #     engine's switches, the fast path's phase clock for prof
+  if [[ -d "$ROOT/.gpu_variants" ]] && (( LEASE_LIMIT - SECONDS > 200 )); then
+    (cd /tmp && mkdir -p "$OUT/variant_main" && OUT="$OUT/variant_main" timeout "${VARIANT_TIMEOUT:-60}" \
+       python3 "$ROOT/benchmarks/cuda_bench.py" --large 2>&1 | tee "$OUT/variant_main/log.txt" | tail -n 12)
+    VARIANTS="${LARGE_VARIANTS:-pad8 minb2}" bash "$ROOT/benchmarks/gpu_variants.sh" \
+      "$ROOT/benchmarks/cuda_bench.py" --large 2>&1 | tail -n 30
+    VARIANTS=prof bash "$ROOT/benchmarks/gpu_variants.sh" "$ROOT/benchmarks/cuda_profile_small.py" 2>&1 | tail -n 30
+    stamp "stage 5c (variants) done"
+    pack
+  fi
+  BENCH_SUITE_TIMEOUT=$(( LEASE_LIMIT - SECONDS - 15 - ${NCU_RESERVE:-60} ))
   (( BENCH_SUITE_TIMEOUT < 30 )) && BENCH_SUITE_TIMEOUT=30
 fi
 
@@ -201,6 +235,31 @@ timeout "${BENCH_SUITE_TIMEOUT:-400}" python3 -m dffkit bench --suite gpu \
 set +f
 stamp "stage 3 done"
 pack
+
+# 5b. (a lease, with what is left) Nsight Compute on the gemm engine's kernels at issue 5's two
+#     large shapes (NCU_TIMEOUT each; NCU=0: off): where their time goes (pipes, stalls,
+#     shared-memory conflicts)
+if [[ $LEASE == 1 ]] && (( LEASE_LIMIT - SECONDS > 40 )); then
+  if [[ "${NCU:-1}" == 1 ]]; then
+    ncu_bin="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
+    sec="--section SpeedOfLight --section LaunchStats --section Occupancy --section WarpStateStats
+         --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis
+         --section MemoryWorkloadAnalysis_Tables"
+    ncu_one() {  # name fused-switch kernel-regex count args...
+      local name=$1 fused=$2 kre=$3 cnt=$4; shift 4
+      (( LEASE_LIMIT - SECONDS > ${NCU_TIMEOUT:-45} + 5 )) || { stamp "ncu $name: no time left"; return; }
+      (cd /tmp && DFFKIT_CUDA_GEMM_FUSED=$fused timeout "${NCU_TIMEOUT:-45}" "$ncu_bin" --clock-control none \
+         -k "regex:$kre" -c "$cnt" $sec python3 "$ROOT/benchmarks/cuda_one_fit.py" "$@" \
+         > "$OUT/ncu_$name.txt" 2>&1)
+      stamp "ncu $name: rc=$?"
+    }
+    ncu_one tall_fp32_1pass 1 gemm_fused 1 200000 512 20 2 fp32 gemm
+    ncu_one tall_tf32_1pass 1 gemm_fused 1 200000 512 20 2 tf32 gemm
+    ncu_one tall_fp32_2pass 0 "gemm_(n|p)_kernel" 2 200000 512 20 2 fp32 gemm
+    ncu_one square_fp32 0 "gemm_(n|p)_kernel" 2 16384 16384 64 1 fp32 gemm
+    pack
+  fi
+fi
 
 # 5. compute-sanitizer memcheck and racecheck over the driver (every kernel path, tiny problems)
 if [[ "${SANITIZE:-1}" == 1 ]]; then

@@ -28,5 +28,8 @@ for vdir in "$ROOT"/.gpu_variants/*/; do
   # the CPU module of the main build
   cp /tmp/dffkit_site/dffkit/_cpu*.so "$pkg/dffkit/" 2>/dev/null
   echo "== variant $name"
-  (cd /tmp && PYTHONPATH="$pkg" timeout "${VARIANT_TIMEOUT:-60}" $PY "$@")
+  # each variant's files (cuda_bench.py's JSON) in its own folder under $OUT
+  vout="${OUT:-$ROOT/gpu_out}/variant_$name"
+  mkdir -p "$vout"
+  (cd /tmp && OUT="$vout" PYTHONPATH="$pkg" timeout "${VARIANT_TIMEOUT:-60}" $PY "$@" 2>&1 | tee "$vout/log.txt")
 done
