@@ -2,7 +2,8 @@
 target shapes). CUDA events, warm-up, median of repeats; achieved bandwidth (one pass over X per
 iteration) and FLOP rate against a copy-bandwidth and matrix-product ceiling measured here.
 
-    python3 benchmarks/cuda_bench.py [--quick] [--ab] [--large]   # JSON to $OUT/cuda_bench.json
+    python3 benchmarks/cuda_bench.py [--quick] [--ab] [--large] [--cases one,batch,tall,square]
+        [--variants rows,general,...]   # JSON to $OUT/cuda_bench.json
 """
 from __future__ import annotations
 
@@ -26,6 +27,16 @@ QUICK = "--quick" in sys.argv
 AB = "--ab" in sys.argv
 # --large: only the two large single problems (the sweep and gemm engines side by side)
 LARGE = "--large" in sys.argv
+# --cases one,batch,tall,square: only the cases whose name starts so; --variants rows,cols: only
+# those --ab variants (besides each precision's default)
+def _listed(flag):
+    if flag not in sys.argv[:-1]:
+        return None
+    return tuple(v.strip() for v in sys.argv[sys.argv.index(flag) + 1].split(",") if v.strip())
+
+
+CASES = _listed("--cases")
+ONLY_VARIANTS = _listed("--variants")
 
 
 def timed(fn, reps, prep=None, warm=1):
@@ -95,6 +106,8 @@ all_precisions = ("fp32", "tf32", "bf16x")
 
 
 def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffkit_iters=None):
+    if CASES is not None and not name.startswith(CASES):
+        return []
     torch.manual_seed(0)
     shape = (B, m, n) if B > 1 else (m, n)
     X = torch.rand(shape, device=dev)
@@ -108,8 +121,9 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     # (precision, variant): None = engine "auto"; "general" = the fast path off; "tc" = its
     # products on tensor cores ("tc 1/SM": and fewer, larger blocks); "regs 1/SM" / "regs 2/SM" =
     # its CUDA-core kernel's register budget forced (auto: one block per SM's when the launch's
-    # blocks fit one to an SM); "cols" = its column-split kernel (one cluster barrier per
-    # iteration; "cols C=4" / "cols C=16": that cluster size forced); "gemm" = the gemm engine
+    # blocks fit one to an SM); "rows" = its row-split kernel (two cluster barriers per
+    # iteration; the default until session 15, when the column-split kernel, one barrier, took
+    # over: "cols C=4" / "cols C=16": that one's cluster size forced); "gemm" = the gemm engine
     # forced (single problems too large for the resident engine; float32 and bf16x on split-tf32
     # tensor cores; one pass over X by default for tf32 and bf16x where the single-pass kernel
     # serves the shape), "gemm 1-pass" / "gemm 2-pass" = the single pass / the two-pass kernels
@@ -118,13 +132,15 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
         # the newest question first (rows are logged as they are timed)
-        variants += [("fp32", "cols"), ("fp32", "cols C=16"), ("fp32", "cols C=4"), ("bf16x", "cols"),
+        variants += [("fp32", "rows"), ("fp32", "cols C=16"), ("fp32", "cols C=4"), ("bf16x", "rows"),
                      ("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc"), ("fp32", "tc 1/SM"),
                      ("fp32", "regs 1/SM"), ("fp32", "regs 2/SM")]
     if B == 1 and m * n * k > (1 << 22):
         variants += [("fp32", "sweep"), ("tf32", "sweep"), ("fp32", "gemm simt")]
         if n <= 512:
             variants += [(p, v) for v in ("gemm 1-pass", "gemm 2-pass") for p in all_precisions]
+    if ONLY_VARIANTS is not None:
+        variants = [(p, v) for p, v in variants if v is None or v in ONLY_VARIANTS]
     for prec, variant in variants:
         it_d = dffkit_iters or iters
         label = f"dffkit {prec}" + (f" {variant}" if variant else "")
@@ -150,11 +166,27 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
         except Exception as exc:  # noqa: BLE001 - reported in the table
             rows.append({"case": name, "impl": label, "error": repr(exc)})
             continue
-        t_full = t * iters / it_d
+        fixed = None
+        if it_d != iters:
+            # a line through it_d and 2 it_d iterations: the per-fit work (the initial and final
+            # error, a pass over X each since session 11) is not scaled with the iterations
+            it_d *= 2
+            try:
+                t2, _ = timed(run, reps, prep, warm=0)
+            except Exception as exc:  # noqa: BLE001 - reported in the table
+                rows.append({"case": name, "impl": label, "error": repr(exc)})
+                continue
+            it_d //= 2
+            per_iter = (t2 - t) / it_d
+            fixed = t - it_d * per_iter
+            t_full = fixed + iters * per_iter
+        else:
+            t_full = t
         err = frob_err(X[0] if B > 1 else X, W[0] if B > 1 else W, H[0] if B > 1 else H)
         rows.append({"case": name, "impl": label, "kernel": kernel[0] if kernel else "batched",
                      "ms": t_full, "all_ms": ts,
-                     "extrapolated_from_iters": it_d if it_d != iters else None,
+                     "extrapolated_from_iters": [it_d, 2 * it_d] if it_d != iters else None,
+                     "per_fit_ms": fixed,
                      "TBps_one_pass": floor_bytes / (t_full * 1e-3) / 1e12,
                      "TFLOPs": flops / (t_full * 1e-3) / 1e12, "err_problem0": err})
         print(rows[-1]["case"], rows[-1]["impl"], f"{t_full:.3f} ms", flush=True)
@@ -181,6 +213,7 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
 # the switches each variant sets (cuda/NOTES.md); every other one is unset
 VARIANT_ENV = {
     "general": {"DFFKIT_CUDA_SMALL": "0"},
+    "rows": {"DFFKIT_CUDA_SMALL_COLS": "0"},
     "tc": {"DFFKIT_CUDA_SMALL_TC": "1"},
     "tc 1/SM": {"DFFKIT_CUDA_SMALL_TC": "1", "DFFKIT_CUDA_SMALL_ONE_PER_SM": "1"},
     "regs 1/SM": {"DFFKIT_CUDA_SMALL_REGS": "1"},
@@ -227,8 +260,8 @@ def main():
               f"{r['TBps_one_pass']:7.2f} "
               f"{r['TFLOPs']:8.2f} {r['err_problem0']:10.4g}")
     print(f"ceilings: copy {ceil['copy_TBps']:.2f} TB/s, SGEMM {ceil['sgemm_TFLOPs']:.1f} "
-          f"TFLOP/s, TF32 {ceil['tf32_TFLOPs']:.1f} TFLOP/s; * = timed on fewer iterations, "
-          "scaled")
+          f"TFLOP/s, TF32 {ceil['tf32_TFLOPs']:.1f} TFLOP/s; * = timed at 5 and 10 iterations, "
+          "extended along that line")
 
 
 if __name__ == "__main__":
