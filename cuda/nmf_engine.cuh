@@ -22,7 +22,9 @@
 #include <cstdlib>
 #include <type_traits>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "nmf_detail.hpp"
@@ -442,6 +444,55 @@ void launch_fused(const FusedArgs<XS>& a, const FusedPlan& fp, const KParams& q,
   if (!set_smem) DFFKIT_CUDA_CHECK_LAUNCH("gemm_fused_kernel");
 }
 
+/// Whether engine "auto" of fit() serves n_components k for X with n columns (element sizes esz,
+/// xsz) in `limit` bytes of shared memory per block: the sweep engine holds its fixed part on chip
+/// (the k x k statistics and three TM x k tiles; H, the X tiles, P and R only where they fit), or,
+/// with `gemm` (a single problem, the gemm engine on by default: DFFKIT_CUDA_GEMM), the gemm
+/// engine's kernels fit. The resident engine needs more than the sweep (fixed_smem) and takes
+/// nothing the sweep does not.
+bool engines_serve(i64 n, int k, bool kl, int esz, int xsz, std::size_t limit, bool gemm) {
+  return sweep_layout(n, k, kl, esz, xsz, limit).used <= limit ||
+         (gemm && gemm_fits(kl, k, esz, limit));
+}
+
+/// Whether fit() with engine "auto" may take the gemm engine (as nmf_mu.cu's gemm_by_default).
+bool gemm_in_auto() {
+  const char* v = std::getenv("DFFKIT_CUDA_GEMM");
+  return !(v && v[0] == '0');
+}
+
+/// The largest n_components up to which every k is served (engines_serve), from the layouts
+/// themselves: 146 for float32 and 97 for float64 on an H100 or H200 (232448 bytes per block),
+/// either loss, any n. 0 when not even k = 1 fits.
+int max_components(i64 n, bool kl, int esz, int xsz, std::size_t limit, bool gemm) {
+  int k = 0;
+  while (k < (1 << 16) && engines_serve(n, k + 1, kl, esz, xsz, limit, gemm)) ++k;
+  return k;
+}
+
+/// The error for n_components k beyond the sweep engine's on-chip statistics (the engine of
+/// single problems where the gemm engine does not serve, and of batches whose k the resident
+/// engine does not hold): the limit for this element size on this device, what float32 data
+/// allows, and the fixes. The limits quoted are the sweep's (gemm = false): every path serves
+/// them.
+std::string too_many_components(int k, i64 n, bool kl, int esz, int xsz, std::size_t limit) {
+  const int here = max_components(n, kl, esz, xsz, limit, false);
+  const std::string dt = esz == 8 ? "float64" : "float32";
+  std::string msg = "dffkit._cuda: n_components=" + std::to_string(k) +
+                    " is too large for the CUDA engine: its per-block statistics (two k x k "
+                    "matrices and three " + std::to_string(TM) + " x k tiles) live in shared "
+                    "memory, " +
+                    std::to_string(limit) + " bytes per block on this device, which holds " +
+                    "n_components <= " + std::to_string(here) + " for " + dt + " data";
+  if (esz == 8)
+    msg += " (n_components <= " + std::to_string(max_components(n, kl, 4, 4, limit, false)) +
+           " for float32 data)";
+  msg += ". Use n_components <= " + std::to_string(here) + (esz == 8 ? ", float32 X," : "") +
+         " or backend='cpu' (backend='auto' chooses the CPU for such a problem when X is on the "
+         "host; X in GPU memory must be copied to the host first)";
+  return msg;
+}
+
 /// Sweep engine for one large problem; GEMM: the gemm engine instead of the row-tile sweep for
 /// the products (Frobenius, k <= 64; the statistics, H update and stopping rule are shared).
 template <class T, class XS, int MODE, bool GEMM = false>
@@ -457,8 +508,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
     throw invalid_argument("dffkit._cuda: the gemm engine serves the Frobenius loss with "
                            "n_components <= 64; use engine='auto' or 'sweep'");
   if (!GEMM && L.used > limit)
-    throw invalid_argument("dffkit._cuda: n_components=" + std::to_string(k) +
-                           " is too large for the CUDA engine's on-chip statistics");
+    throw invalid_argument(too_many_components(k, n, kl, int(sizeof(T)), int(sizeof(XS)), limit));
   const i64 tiles = (m + TM - 1) / TM;
   const i64 kn = i64(k) * n;
   const i64 max_parts = std::max<i64>(1, (i64(512) << 20) / std::max<i64>(1, kn * i64(sizeof(T))));
@@ -690,13 +740,20 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
 }  // namespace cuda_detail
 }  // namespace dffkit
 
-/// Defines cuda_detail::engines_<name>() for one precision mode (used by nmf_mu_<name>.cu).
+/// Defines cuda_detail::engines_<name>() for one precision mode (used by nmf_mu_<name>.cu), and
+/// cuda_detail::max_components_<name>(n, kl, limit, batched): the largest n_components the engines
+/// of that mode serve for X with n columns in `limit` bytes of shared memory per block, for one
+/// problem (fit, engine "auto") or a batch (fit_batched); the pybind11 module's max_components.
 #define DFFKIT_DEFINE_ENGINES(name, T, XS, MODE)                                              \
   namespace dffkit {                                                                           \
   namespace cuda_detail {                                                                      \
   Engines engines_##name() {                                                                   \
     return Engines{resident_solve<T, XS, MODE>, sweep_solve<T, XS, MODE>,                     \
                    sweep_solve<T, XS, MODE, true>, int(sizeof(T)), int(sizeof(XS))};           \
+  }                                                                                            \
+  int max_components_##name(std::int64_t n, bool kl, std::size_t limit, bool batched) {      \
+    return max_components(n, kl, int(sizeof(T)), int(sizeof(XS)), limit,                     \
+                          !batched && gemm_in_auto());                                         \
   }                                                                                            \
   }                                                                                            \
   }

@@ -117,6 +117,45 @@ def test_is_device_array_numpy_false():
     assert not _cuda_backend.is_device_array([[1.0]])
 
 
+def _sweep_fixed_bytes(k, esz):
+    """Shared memory the sweep engine needs whatever n (cuda/nmf_engine_kernels.cuh's
+    sweep_layout, counted here independently): the reduction scratch (256 doubles), G_H, its row
+    sums, three 32 x k tiles, G_W and its column sums, each piece 16-byte aligned."""
+    pieces = [256 * 8, k * k * esz, k * esz, 32 * k * esz, 32 * k * esz, 32 * k * esz,
+              k * k * esz, k * esz]
+    return sum((p + 15) // 16 * 16 for p in pieces)
+
+
+def _layout_max_components(esz, limit):
+    k = 0
+    while _sweep_fixed_bytes(k + 1, esz) <= limit:
+        k += 1
+    return k
+
+
+@pytest.mark.skipif(_cuda_mod is None, reason="dffkit._cuda is not built here")
+def test_max_components_is_the_layouts_limit():
+    # smem given: no device needed. H100/H200 (232448 bytes), A100 (166912), sm_86/89 (101376)
+    assert _layout_max_components(8, 232448) == 97 and _layout_max_components(4, 232448) == 146
+    for limit in (232448, 166912, 101376):
+        for kl in (False, True):
+            for n in (1, 600, 100000):
+                for dtype, precision, esz in [("float64", "fp32", 8), ("float32", "fp32", 4),
+                                              ("float32", "tf32", 4), ("float32", "bf16x", 4)]:
+                    want = _layout_max_components(esz, limit)
+                    got = _cuda_mod.max_components(n, dtype, kl=kl, precision=precision,
+                                                   batched=True, smem=limit)
+                    assert got == want, (limit, kl, n, dtype, precision, got, want)
+                    # one problem: the gemm engine (Frobenius, k <= 64) may take more
+                    single = _cuda_mod.max_components(n, dtype, kl=kl, precision=precision,
+                                                      smem=limit)
+                    assert single == want or (not kl and want < single <= 64)
+    with pytest.raises(ValueError, match="smem"):
+        _cuda_mod.max_components(100, "float32", smem=-1)
+    with pytest.raises(ValueError, match="dtype"):
+        _cuda_mod.max_components(100, "float16", smem=232448)
+
+
 # ---- CPU vs CUDA from the same start --------------------------------------------------------
 
 # one image (n a multiple of 4: 16-byte staging), and an odd shape (scalar staging, partial tiles)
@@ -462,6 +501,54 @@ def test_low_precision_needs_float32():
     for precision in ("tf32", "bf16x"):
         with pytest.raises(ValueError, match="float32"):
             _gpu_fit(X, W, H, precision=precision)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_too_many_components_names_the_limit_and_auto_takes_the_cpu():
+    import dffkit
+    from dffkit import _cuda_backend
+
+    limit = _cuda_mod.device_info(_cuda_mod.current_device())["smem_per_block_optin"]
+    most64 = _cuda_backend.max_components(48, np.float64)
+    most32 = _cuda_backend.max_components(48, np.float32)
+    assert most64 == _cuda_backend.max_components(48, np.float64, batched=True) == \
+        _layout_max_components(8, limit)  # 97 on an H100/H200: beyond the gemm engine's 64
+    assert most32 == _layout_max_components(4, limit)  # 146
+    assert _cuda_backend.max_components(48, np.float64, beta=1) == most64
+    # the largest k runs, and agrees with the CPU engine
+    X, W, H = _problem(100, 48, most64, dtype=np.float64)
+    Wg, Hg, ig = _gpu_fit(X, W, H, max_iter=3)
+    Wc, Hc, ic = _cpu_fit(X, W, H, max_iter=3)
+    assert _rel(Wg, Wc) <= 1e-8 and _rel(Hg, Hc) <= 1e-8
+    # one more is refused with the limit, float32's limit and the fixes
+    X, W, H = _problem(100, 48, most64 + 1, dtype=np.float64)
+    with pytest.raises(ValueError) as e:
+        _gpu_fit(X, W, H, max_iter=3)
+    msg = str(e.value)
+    for part in (f"n_components={most64 + 1} is too large for the CUDA engine", f"{limit} bytes",
+                 f"n_components <= {most64} for float64 data",
+                 f"n_components <= {most32} for float32 data", "float32 X", "backend='cpu'"):
+        assert part in msg, (part, msg)
+    with pytest.raises(ValueError, match=f"n_components <= {most64} for float64 data"):
+        dffkit.nmf_batched([X, X[:50]], most64 + 1, max_iter=3, backend="cuda")
+    X32, W32, H32 = _problem(100, 48, most32 + 1)
+    with pytest.raises(ValueError, match=f"n_components={most32 + 1} .*n_components <= {most32} "
+                                         "for float32 data. Use n_components <= .*backend='cpu'"):
+        _gpu_fit(X32, W32, H32, max_iter=3)
+    _gpu_fit(X32[:, :], W32[:, :most32], H32[:most32], max_iter=3)  # the next call works
+    # backend='auto' takes the CPU for host X it would otherwise give CUDA, and says so
+    rng = np.random.default_rng(0)
+    Xb = rng.random((2000, 1000))  # 2e6 elements: CUDA's by size
+    k = most64 + 1
+    *_, r64 = dffkit.non_negative_factorization(Xb, n_components=k, max_iter=2, tol=0,
+                                                random_state=0, return_info=True)
+    *_, r32 = dffkit.non_negative_factorization(Xb.astype(np.float32), n_components=k,
+                                                max_iter=2, tol=0, random_state=0,
+                                                return_info=True)
+    assert r64.backend == "cpu" and r32.backend == "cuda"
+    out = dffkit.nmf_batched([Xb[:1000], Xb[1000:]], k, max_iter=2, tol=0, random_state=0)
+    assert [r.backend for *_, r in out] == ["cpu", "cpu"]
 
 
 # ---- batches --------------------------------------------------------------------------------

@@ -85,6 +85,21 @@ def test_parity_narrow_and_wide_shapes(backend, rng, dtype, shape):
     # 8 MiB); else by dot products along rows
     m, n, k = shape
     X, W0, H0 = make_problem(rng, m=m, n=n, k=k, dtype=dtype)
+    if backend == "cuda":
+        # the CUDA engine keeps its k x k statistics in shared memory: beyond the largest k it
+        # serves (float64 k = 100 on an H100/H200, which hold k <= 97; float32 k <= 146) it
+        # refuses with a ValueError that names the limit and the fixes
+        from dffkit import _cuda_backend
+
+        most = _cuda_backend.max_components(n, dtype)
+        if k > most:
+            name = np.dtype(dtype).name
+            with pytest.raises(ValueError, match=rf"n_components={k} is too large for the CUDA "
+                               rf"engine.* n_components <= {most} for {name} data.*"
+                               rf"Use n_components <= {most}.*backend='cpu'"):
+                dffkit.non_negative_factorization(X, W0, H0, n_components=k, init="custom",
+                                                  tol=0, max_iter=1, backend=backend)
+            return
     for n_iter in (1, 10):
         Ws, Hs, _ = sk_decomp.non_negative_factorization(
             X, W0.copy(), H0.copy(), n_components=k, init="custom", solver="mu", tol=0, max_iter=n_iter)
@@ -93,6 +108,75 @@ def test_parity_narrow_and_wide_shapes(backend, rng, dtype, shape):
         bound = 1e-8 if dtype == np.float64 else 1e-4
         assert rel(Wd, Ws) <= bound, (n_iter, rel(Wd, Ws))
         assert rel(Hd, Hs) <= bound, (n_iter, rel(Hd, Hs))
+
+
+def _fake_cuda_limit(monkeypatch, most):
+    """backend='auto' as on a machine with a usable CUDA engine that serves n_components <= most
+    (the engine's answer, _cuda_backend.max_components, mocked); host X of any size goes to
+    CUDA when it fits. The CUDA engine itself must not run. Returns the recorded queries."""
+    from dffkit import _cuda_backend, nmf as nmf_mod
+
+    queries = []
+
+    def max_components(n, dtype, beta=2, precision="fp32", batched=False, device=None):
+        queries.append((n, np.dtype(dtype), beta, precision, batched))
+        return most
+
+    def no_cuda():
+        raise AssertionError("backend='auto' ran the CUDA engine for a problem it cannot serve")
+
+    monkeypatch.setattr(_backends, "available_backends", lambda: ["cuda", "cpu"])
+    monkeypatch.setattr(_backends, "cuda", no_cuda)
+    monkeypatch.setattr(_cuda_backend, "max_components", max_components)
+    monkeypatch.setattr(nmf_mod, "_AUTO_CUDA_MIN_ELEMENTS", 1000)
+    return queries
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("beta_loss", ["frobenius", "kullback-leibler"])
+def test_auto_backend_falls_back_to_cpu_beyond_the_cuda_components_limit(monkeypatch, rng, dtype,
+                                                                         beta_loss):
+    from dffkit.nmf import _resolve_backend
+
+    X, W0, H0 = make_problem(rng, m=60, n=40, k=6, dtype=dtype, zeros=beta_loss != "frobenius")
+    beta = 2 if beta_loss == "frobenius" else 1
+    kw = dict(n_components=6, init="custom", beta_loss=beta_loss, tol=0, max_iter=20)
+    queries = _fake_cuda_limit(monkeypatch, 5)
+    W, H, _, res = dffkit.non_negative_factorization(X, W0, H0, backend="auto", return_info=True,
+                                                     **kw)
+    assert res.backend == "cpu" and res.kernel == "cpu"
+    assert queries == [(40, np.dtype(dtype), beta, "fp32", False)]
+    Wc, Hc, _, rc = dffkit.non_negative_factorization(X, W0, H0, backend="cpu", return_info=True,
+                                                      **kw)
+    assert np.array_equal(W, Wc) and np.array_equal(H, Hc) and res.error == rc.error
+    # the estimator goes the same way, and says so
+    est = dffkit.NMF(backend="auto", **kw).fit(X, W=W0, H=H0)
+    assert est.backend_ == "cpu"
+    # within the limit, auto keeps CUDA; small problems stay on the CPU without asking; an
+    # explicit backend is never second-guessed
+    assert _resolve_backend("auto", False, 2400, k=5, problems=[(40, dtype)], beta=beta) == "cuda"
+    assert _resolve_backend("auto", False, 2400, k=6, problems=[(40, dtype)], beta=beta) == "cpu"
+    del queries[:]
+    assert _resolve_backend("auto", False, 999, k=6, problems=[(40, dtype)]) == "cpu"
+    assert not queries
+    assert _resolve_backend("cpu", False, 10 ** 9, k=6, problems=[(40, dtype)]) == "cpu"
+
+
+def test_auto_backend_batched_falls_back_to_cpu_beyond_the_cuda_components_limit(monkeypatch):
+    rng = np.random.default_rng(7)
+    Xs = [make_problem(rng, m=m, n=n, k=6, dtype=dt)[0]
+          for m, n, dt in [(60, 40, np.float32), (50, 30, np.float64), (40, 40, np.float32)]]
+    queries = _fake_cuda_limit(monkeypatch, 5)
+    out = dffkit.nmf_batched(Xs, 6, random_state=3, tol=0, max_iter=15, backend="auto")
+    assert [r.backend for _, _, r in out] == ["cpu"] * 3
+    # at most one query per (n_features, dtype), for the batched solver (the first refusal
+    # decides)
+    assert queries and len(set(queries)) == len(queries)
+    assert set(queries) <= {(40, np.dtype(np.float32), 2, "fp32", True),
+                            (30, np.dtype(np.float64), 2, "fp32", True)}
+    ref = dffkit.nmf_batched(Xs, 6, random_state=3, tol=0, max_iter=15, backend="cpu")
+    for (W, H, r), (Wc, Hc, rc) in zip(out, ref):
+        assert np.array_equal(W, Wc) and np.array_equal(H, Hc) and r.error == rc.error
 
 
 def _portable_flag_sets():

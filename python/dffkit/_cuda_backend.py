@@ -33,6 +33,7 @@ __all__ = [
     "fit",
     "fit_batched",
     "nmf_batched_device",
+    "max_components",
 ]
 
 _KDLCUDA, _KDLCUDAMANAGED = 2, 13
@@ -395,6 +396,34 @@ def random_init(X, k, seed):
     _cuda().random_init(v.ptr, _view(W).ptr, _view(H).ptr, m, n, k, v.dtype.name,
                         int(seed) & 0xFFFFFFFFFFFFFFFF, v.stream)
     return W, H
+
+
+_smem_limits: dict = {}
+
+
+def _smem_limit(device: int) -> int:
+    """The device's opt-in shared memory per block (bytes), read once per device."""
+    limit = _smem_limits.get(device)
+    if limit is None:
+        limit = _smem_limits[device] = int(_cuda().device_info(device)["smem_per_block_optin"])
+    return limit
+
+
+def max_components(n, dtype, beta=2, precision="fp32", batched=False, device=None):
+    """The largest n_components the CUDA engine serves for X with n columns of `dtype` with the
+    loss `beta` (2: Frobenius, 1: Kullback-Leibler) on `device` (None: the current one, where
+    :func:`fit` runs numpy X), for one problem (:func:`fit`) or a batch (:func:`fit_batched`,
+    ``batched=True``). The engine keeps its per-block statistics (two k x k matrices, three
+    32 x k tiles) in shared memory; beyond this k it raises ValueError. The answer comes from the
+    engine's own layouts (``_cuda.max_components``); 146 for float32 and 97 for float64 on an H100
+    or H200. None where the built module predates the query (then the engine's error decides)."""
+    cuda = _cuda()
+    query = getattr(cuda, "max_components", None)
+    if query is None:
+        return None
+    dev = cuda.current_device() if device is None else int(device)
+    return int(query(int(n), np.dtype(dtype).name, kl=int(beta) == 1, device=dev,
+                     precision=precision, batched=bool(batched), smem=_smem_limit(dev)))
 
 
 def _info(d, precision):

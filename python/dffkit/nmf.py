@@ -860,7 +860,15 @@ def _penalties(alpha_W, alpha_H, l1_ratio, m, n):
     )
 
 
-def _resolve_backend(backend, on_device, n_elements):
+def _resolve_backend(backend, on_device, n_elements, k=None, problems=(), beta=2,
+                     precision="fp32", batched=False):
+    """The engine of a solve, "cpu" or "cuda". backend="auto" takes CUDA for X in GPU memory,
+    and for host X of at least _AUTO_CUDA_MIN_ELEMENTS elements (all problems together) when the
+    CUDA engine serves n_components k for every problem ((n_features, dtype) pairs, with the
+    loss beta; batched: as nmf_batched solves them): its per-block statistics live in shared
+    memory, which holds k up to _cuda_backend.max_components (the engine's own answer). Else the
+    CPU, which the result's backend field then names. X in GPU memory stays there: beyond that
+    limit the engine's ValueError says what to do."""
     backend = _check_backend(backend)
     if backend == "cpu":
         return "cpu"
@@ -869,9 +877,19 @@ def _resolve_backend(backend, on_device, n_elements):
         return "cuda"
     if "cuda" not in _backends.available_backends():
         return "cpu"
-    if on_device or n_elements >= _AUTO_CUDA_MIN_ELEMENTS:
+    if on_device:
         return "cuda"
-    return "cpu"
+    if n_elements < _AUTO_CUDA_MIN_ELEMENTS:
+        return "cpu"
+    if k is not None:
+        from dffkit import _cuda_backend
+
+        for n, dtype in {(int(n), np.dtype(dt)) for n, dt in problems}:
+            most = _cuda_backend.max_components(n, dtype, beta=beta, precision=precision,
+                                                batched=batched)
+            if most is not None and k > most:
+                return "cpu"
+    return "cuda"
 
 
 def _is_device_array(X) -> bool:
@@ -969,7 +987,8 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
             stacklevel=3,
         )
     l1_W, l2_W, l1_H, l2_H = penalties(m, n)
-    engine = "cpu" if sparse is not None else _resolve_backend(backend, on_device, m * n)
+    engine = "cpu" if sparse is not None else _resolve_backend(
+        backend, on_device, m * n, k=k, problems=[(n, dtype)], beta=beta, precision=precision)
 
     # initial factors: our own arrays, never the caller's
     if not update_H:
@@ -1291,7 +1310,9 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
                 raise ValueError(f"nmf_batched: X[{b}] (shape {m} x {n}): {exc}") from None
         Ws.append(W0)
         Hs.append(H0)
-    engine = _resolve_backend(backend, on_device, sum(m * n for m, n in shapes))
+    engine = _resolve_backend(backend, on_device, sum(m * n for m, n in shapes), k=k,
+                              problems=[(n, dt) for (_, n), dt in zip(shapes, dtypes)],
+                              beta=beta, precision=precision, batched=True)
     module = _backends.cpu() if engine == "cpu" else _backends.cuda()
     if engine == "cpu":
         def solve(xs, ws, hs, params):  # updates ws, hs in place
