@@ -35,9 +35,10 @@ def solve(X, W, H, iters):
 
 SHAPES = [(1, 196, 512, 5, 200), (1, 196, 512, 5, 200), (528, 196, 512, 5, 100),
           (1, 196, 512, 8, 200), (1, 196, 512, 16, 200), (1, 784, 512, 5, 100)]
-# the row-split kernel, then the column-split one (DFFKIT_CUDA_SMALL_COLS=1; clusters of 16 too)
+# the row-split kernel (DFFKIT_CUDA_SMALL_COLS=0), then the column-split one (the default since
+# session 15; clusters of 16 too)
 for cols in (None, "auto", "16"):
-    os.environ.pop("DFFKIT_CUDA_SMALL_COLS", None)
+    os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
     os.environ.pop("DFFKIT_CUDA_SMALL_COLS_C", None)
     if cols:
         os.environ["DFFKIT_CUDA_SMALL_COLS"] = "1"
@@ -47,7 +48,7 @@ for cols in (None, "auto", "16"):
         print(f"-- {'cols ' + cols if cols else 'rows'} B={B} {m}x{n} k={k} {iters} it", flush=True)
         solve(*problem(B, m, n, k), iters)
         torch.cuda.synchronize()
-os.environ.pop("DFFKIT_CUDA_SMALL_COLS", None)
+os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
 os.environ.pop("DFFKIT_CUDA_SMALL_COLS_C", None)
 
 # timing with the phase clock off (same build)
@@ -75,4 +76,4 @@ os.environ["DFFKIT_CUDA_SMALL_COLS"] = "1"
 print("column-split kernel:", flush=True)
 timed(1, 196, 512, 5, 200, 9)
 timed(4096, 196, 512, 5, 100, 3)
-del os.environ["DFFKIT_CUDA_SMALL_COLS"]
+os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"

@@ -53,8 +53,9 @@ struct KParams {
   // DFFKIT_CUDA_SMALL_REGS=1 / 2: the CUDA-core fast path's register budget forced to one / two
   // blocks per SM (0: chosen per call from the number of blocks, nmf_small.cuh)
   int small_regs = 0;
-  // DFFKIT_CUDA_SMALL_COLS=1: the fast path's column-split kernel (one cluster barrier per
-  // iteration; nmf_small_cols_kernel.cuh; off until timed on a GPU). DFFKIT_CUDA_SMALL_COLS_C=C
+  // the fast path's column-split kernel (one cluster barrier per iteration;
+  // nmf_small_cols_kernel.cuh): the default since session 15 (timed on the H200); off with
+  // DFFKIT_CUDA_SMALL_COLS=0 or a switch of the row-split kernel. DFFKIT_CUDA_SMALL_COLS_C=C
   // (1, 2, 4, 8, 16) takes that cluster size where the problem fits it (0: from the shape).
   int small_cols = 0, small_cols_c = 0;
 };

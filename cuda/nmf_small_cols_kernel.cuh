@@ -1,6 +1,6 @@
 #pragma once
-// The fast path's column-split kernel (session 8; DFFKIT_CUDA_SMALL_COLS=1, not yet timed on a
-// GPU): the same problems as small_kernel (float32 Frobenius, k <= 16, sm_90) with a problem's
+// The fast path's column-split kernel (session 8; the default since session 15, after its first
+// timing on the H200; DFFKIT_CUDA_SMALL_COLS=0 turns it off): the same problems as small_kernel (float32 Frobenius, k <= 16, sm_90) with a problem's
 // COLUMNS split over a cluster of C blocks instead of its rows, so that an iteration needs one
 // cluster barrier instead of two.
 //

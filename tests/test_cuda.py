@@ -183,7 +183,10 @@ def test_matches_cpu(shape, beta, pen, dtype, tol):
 
 
 def _fast_path_env(variant, monkeypatch):
-    """The fast path's switches for a test variant (cuda/NOTES.md)."""
+    """The fast path's switches for a test variant (cuda/NOTES.md): "cuda-cores" is the row-split
+    kernel on CUDA cores (the column split is the default since session 15)."""
+    if variant == "cuda-cores":
+        monkeypatch.setenv("DFFKIT_CUDA_SMALL_COLS", "0")
     if variant.startswith("tensor-cores"):
         monkeypatch.setenv("DFFKIT_CUDA_SMALL_TC", "1")
     if variant.endswith("one-per-sm"):
@@ -578,8 +581,11 @@ def test_batched_equals_one_at_a_time():
 def test_fast_path_register_budgets_give_the_same_bits(monkeypatch):
     """The fast path's CUDA-core kernel compiled for one block per SM (255 registers) and for
     two (128): forced either way, and chosen per call (20 images: more blocks than SMs, so the
-    batch takes two per SM, each image alone one), the same bits."""
+    batch takes two per SM, each image alone one), the same bits. (The row-split kernel's
+    budgets: DFFKIT_CUDA_SMALL_COLS=0, since the column split is the default.)"""
     from dffkit import _cuda_backend
+
+    monkeypatch.setenv("DFFKIT_CUDA_SMALL_COLS", "0")
 
     probs = [_problem(196, 512, 5, seed=40 + s) for s in range(20)]
     p = _params(CUDA, max_iter=60, tol=0)

@@ -834,8 +834,9 @@ class NMFResult:
     precision: str = "fp32"
     objective: list = field(default_factory=list)
     #: the kernels that ran: "cpu", "cpu-sparse" (scipy.sparse X); on CUDA "resident",
-    #: "resident-fast" ("resident-fast-cols": its column-split kernel,
-    #: DFFKIT_CUDA_SMALL_COLS=1), "sweep", "gemm" (two passes over X per iteration) or
+    #: "resident-fast-cols" (the fast path's column-split kernel, the default for the problems it
+    #: fits), "resident-fast" (its row-split kernel: larger problems, or DFFKIT_CUDA_SMALL_COLS=0),
+    #: "sweep", "gemm" (two passes over X per iteration) or
     #: "gemm-fused" (one pass)
     kernel: str = ""
 
