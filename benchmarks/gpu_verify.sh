@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# A short lease's checks after a change to the CUDA engine (one command of about 4 minutes, no
-# onnxruntime): build from the packed objects (gpu_final.sh --pack, carry .gpu_pack), then
-#   1. tests/test_cuda.py                                   (TEST_TIMEOUT, 100 s)
-#   2. the gpu-marked tests of the NMF modules              (PYTEST_GPU_TIMEOUT, 60 s)
-#   3. compute-sanitizer memcheck over the whole driver, racecheck over SAN_ONLY's cases
-#      (default: the column-split kernel's, "fast cols")    (SAN_TIMEOUT each, 90 s)
-#   4. cuda_bench.py --ab on CUDA_BENCH_ARGS                (BENCH_TIMEOUT, 90 s)
+# A short lease's checks after a change to the CUDA engine (one command of 3 to 4 minutes, no
+# onnxruntime): build from the packed objects (gpu_final.sh --pack, carry .gpu_pack), then, in
+# this order, each under its own limit and only while DEADLINE (seconds, default 200) allows:
+#   1. tests/test_cuda.py                                   (TEST_TIMEOUT, 60 s)
+#   2. cuda_bench.py --ab on CUDA_BENCH_ARGS                (BENCH_TIMEOUT, 50 s)
+#   3. compute-sanitizer racecheck over SAN_ONLY's cases of the driver (default: the column-split
+#      kernel's, "fast cols")                              (SAN_TIMEOUT, 50 s)
+#   4. benchmarks/profile_dff_device.py: one image's DFF after the extractor (DFF_PROFILE_TIMEOUT, 30 s)
+#   5. the gpu-marked tests of the NMF modules              (what is left)
+#   6. compute-sanitizer memcheck over the whole driver     (what is left)
 # Everything under $OUT (logs, cuda_bench.json).
 set -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-$ROOT/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+DEADLINE="${DEADLINE:-200}"
 SECONDS=0
 stamp() { echo "== [$SECONDS s] $*"; }
+# the limit for a stage: its own, cut to what is left before DEADLINE; 0 when under 10 s are left
+limit() { local l=$(( DEADLINE - SECONDS )); (( l > $1 )) && l=$1; (( l < 10 )) && l=0; echo $l; }
 
 if [[ -f "$ROOT/.gpu_pack/objs.tar.xz" ]]; then
   tar -xJf "$ROOT/.gpu_pack/objs.tar.xz" -C "$ROOT" && stamp "CUDA objects unpacked"
@@ -23,24 +29,45 @@ if [[ "$(cat "$ROOT/.gpu_prebuilt/SOURCES" 2>/dev/null)" == "$(bash "$ROOT/bench
 else
   stamp "the prebuilt objects are stale: building with pip"
 fi
-GPU_CHECK_STAGES="build test" TEST_TIMEOUT="${TEST_TIMEOUT:-100}" source "$ROOT/benchmarks/gpu_check.sh"
+GPU_CHECK_STAGES="build test" TEST_TIMEOUT="${TEST_TIMEOUT:-60}" source "$ROOT/benchmarks/gpu_check.sh"
 stamp "build and tests/test_cuda.py done"
-
 cd /tmp || exit 1
-timeout "${PYTEST_GPU_TIMEOUT:-60}" python3 -m pytest -q -ra -p no:cacheprovider -m gpu \
-  "$ROOT/tests/test_nmf.py" "$ROOT/tests/test_batched_api.py" "$ROOT/tests/test_group_sparse.py" \
-  "$ROOT/tests/test_nmf_inputs.py" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 15
-stamp "gpu-marked NMF tests done"
-
 SAN="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-timeout "${SAN_TIMEOUT:-90}" "$SAN" --tool memcheck --error-exitcode 9 python3 \
-  "$ROOT/benchmarks/cuda_sanitize_driver.py" > "$OUT/sanitizer_memcheck.log" 2>&1
-stamp "memcheck: rc=$?, $(grep -c '^ok' "$OUT/sanitizer_memcheck.log") ok, $(grep -c '^BAD' "$OUT/sanitizer_memcheck.log") BAD, $(grep 'ERROR SUMMARY' "$OUT/sanitizer_memcheck.log" | tail -n 1)"
-SAN_ONLY="${SAN_ONLY:-fast cols}" timeout "${SAN_TIMEOUT:-90}" "$SAN" --tool racecheck --error-exitcode 9 python3 \
-  "$ROOT/benchmarks/cuda_sanitize_driver.py" > "$OUT/sanitizer_racecheck.log" 2>&1
-stamp "racecheck (${SAN_ONLY:-fast cols}): rc=$?, $(grep -c '^ok' "$OUT/sanitizer_racecheck.log") ok, $(grep -c '^BAD' "$OUT/sanitizer_racecheck.log") BAD, $(grep 'RACECHECK SUMMARY' "$OUT/sanitizer_racecheck.log" | tail -n 1)"
 
-# shellcheck disable=SC2086
-OUT="$OUT" timeout "${BENCH_TIMEOUT:-90}" python3 "$ROOT/benchmarks/cuda_bench.py" --ab \
-  ${CUDA_BENCH_ARGS:---cases one,batch,square --variants rows} 2>&1 | tee "$OUT/cuda_bench.log" | tail -n 25
+t=$(limit "${BENCH_TIMEOUT:-50}")
+if (( t > 0 )); then
+  # shellcheck disable=SC2086
+  OUT="$OUT" timeout "$t" python3 "$ROOT/benchmarks/cuda_bench.py" --ab \
+    ${CUDA_BENCH_ARGS:---cases one,batch,square --variants rows} 2>&1 | tee "$OUT/cuda_bench.log" | tail -n 25
+  stamp "cuda_bench: rc=$?"
+fi
+
+t=$(limit "${SAN_TIMEOUT:-50}")
+if (( t > 0 )); then
+  SAN_ONLY="${SAN_ONLY:-fast cols}" timeout "$t" "$SAN" --tool racecheck --error-exitcode 9 python3 \
+    "$ROOT/benchmarks/cuda_sanitize_driver.py" > "$OUT/sanitizer_racecheck.log" 2>&1
+  stamp "racecheck (${SAN_ONLY:-fast cols}): rc=$?, $(grep -c '^ok' "$OUT/sanitizer_racecheck.log") ok, $(grep -c '^BAD' "$OUT/sanitizer_racecheck.log") BAD, $(grep 'RACECHECK SUMMARY' "$OUT/sanitizer_racecheck.log" | tail -n 1)"
+fi
+
+t=$(limit "${DFF_PROFILE_TIMEOUT:-30}")
+if (( t > 0 )); then
+  timeout "$t" python3 "$ROOT/benchmarks/profile_dff_device.py" > "$OUT/profile_dff_device.log" 2>&1
+  stamp "profile_dff_device: rc=$?"
+  head -n 12 "$OUT/profile_dff_device.log"
+fi
+
+t=$(limit 90)
+if (( t > 0 )); then
+  timeout "$t" python3 -m pytest -q -ra -p no:cacheprovider -m gpu \
+    "$ROOT/tests/test_nmf.py" "$ROOT/tests/test_batched_api.py" "$ROOT/tests/test_group_sparse.py" \
+    "$ROOT/tests/test_nmf_inputs.py" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 8
+  stamp "gpu-marked NMF tests: rc=$?"
+fi
+
+t=$(limit 60)
+if (( t > 0 )); then
+  timeout "$t" "$SAN" --tool memcheck --error-exitcode 9 python3 \
+    "$ROOT/benchmarks/cuda_sanitize_driver.py" > "$OUT/sanitizer_memcheck.log" 2>&1
+  stamp "memcheck: rc=$?, $(grep -c '^ok' "$OUT/sanitizer_memcheck.log") ok, $(grep -c '^BAD' "$OUT/sanitizer_memcheck.log") BAD, $(grep 'ERROR SUMMARY' "$OUT/sanitizer_memcheck.log" | tail -n 1)"
+fi
 stamp "all done"
