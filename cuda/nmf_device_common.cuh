@@ -47,7 +47,8 @@ struct KParams {
   double tol = 1e-4;
   int profile = 0;  // DFFKIT_CUDA_PROFILE=1: the fast path prints its phase times (block 0)
   // DFFKIT_CUDA_SMALL_TC=1: the fast path's products on tensor cores (split tf32, float32
-  // accuracy; off until timed on a GPU). DFFKIT_CUDA_SMALL_ONE_PER_SM=1: its blocks sized one to
+  // accuracy; off: slower on the H200, one image 2.41 against 1.44 ms in session 15's run 6).
+  // DFFKIT_CUDA_SMALL_ONE_PER_SM=1: its blocks sized one to
   // an SM instead of two (fewer, larger blocks per problem; for side-by-side timings).
   int small_tc = 0, small_one_per_sm = 0;
   // DFFKIT_CUDA_SMALL_REGS=1 / 2: the CUDA-core fast path's register budget forced to one / two
