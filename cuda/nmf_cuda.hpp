@@ -90,6 +90,11 @@ void stream_synchronize(std::uintptr_t stream);
 /// The device that owns ptr, or -1 when ptr is not device (or managed) memory.
 int pointer_device(std::uintptr_t ptr);
 int current_device();
+/// The largest n_components fit (engine "auto"; batched: fit_batched) serves for X with n columns
+/// of dt in precision mode prec (kl: the Kullback-Leibler loss) with `limit` bytes of shared
+/// memory per block: the limit of the on-chip statistics, from the engines' layouts.
+int max_components(std::int64_t n, DType dt, Precision prec, bool kl, std::size_t limit,
+                   bool batched);
 /// Bytes held by the workspace cache (for the tests of steady-state allocation).
 std::int64_t workspace_bytes();
 void release_workspaces();

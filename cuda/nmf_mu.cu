@@ -35,16 +35,6 @@ int check_shapes_and_device(const std::vector<Item>& items, DType dt, Precision 
   return dev;
 }
 
-/// Engine "auto" takes the gemm engine instead of the sweep where it serves the problem: on the
-/// H200 (session 6 run 5, cuda_bench.py --ab, float32) it took 64-71 ms against the sweep's
-/// 159 ms at 200000 x 512, k = 20, and 194 ms against 1828 ms at 16384^2, k = 64 (5 iterations
-/// scaled to 50; tf32 and bf16x alike). DFFKIT_CUDA_GEMM=0 gives the sweep back (for
-/// side-by-side timings).
-bool gemm_by_default() {
-  const char* v = std::getenv("DFFKIT_CUDA_GEMM");
-  return !(v && v[0] == '0');
-}
-
 Engines pick_engines(DType dt, Precision prec) {
   if (dt == DType::f64) return engines_f64();
   if (prec == Precision::bf16x) return engines_bf16x();
@@ -53,6 +43,15 @@ Engines pick_engines(DType dt, Precision prec) {
 }
 
 }  // namespace
+
+int max_components(std::int64_t n, DType dt, Precision prec, bool kl, std::size_t limit,
+                   bool batched) {
+  if (n < 1) throw invalid_argument("dffkit._cuda.max_components: n must be >= 1");
+  if (dt == DType::f64) return max_components_f64(n, kl, limit, batched);
+  if (prec == Precision::bf16x) return max_components_bf16x(n, kl, limit, batched);
+  if (prec == Precision::tf32) return max_components_tf32(n, kl, limit, batched);
+  return max_components_f32(n, kl, limit, batched);
+}
 
 FitResult fit(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, const Problem& p,
               const Options& o, DType dt, Precision prec, std::uintptr_t stream, Engine engine) {
@@ -71,7 +70,7 @@ FitResult fit(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, const Proble
   if (engine == Engine::resident ||
       (engine == Engine::automatic && fits && prefer_resident(p.m, p.n, p.k)))
     return E.resident(items, p, o, dev, s)[0];
-  if (engine == Engine::gemm || (engine == Engine::automatic && gemm_by_default() &&
+  if (engine == Engine::gemm || (engine == Engine::automatic && gemm_in_auto() &&
                                  gemm_fits(kl, p.k, E.esz, limit)))
     return E.gemm(items[0], p, o, dev, s);
   return E.sweep(items[0], p, o, dev, s);

@@ -19,17 +19,6 @@ namespace py = pybind11;
 using namespace dffkit;
 using i64 = std::int64_t;
 
-// Defined by DFFKIT_DEFINE_ENGINES (cuda/nmf_engine.cuh) in nmf_mu_<mode>.cu: the largest
-// n_components the engines of that precision mode serve, from their shared-memory layouts.
-namespace dffkit {
-namespace cuda_detail {
-int max_components_f32(std::int64_t n, bool kl, std::size_t limit, bool batched);
-int max_components_tf32(std::int64_t n, bool kl, std::size_t limit, bool batched);
-int max_components_bf16x(std::int64_t n, bool kl, std::size_t limit, bool batched);
-int max_components_f64(std::int64_t n, bool kl, std::size_t limit, bool batched);
-}  // namespace cuda_detail
-}  // namespace dffkit
-
 namespace {
 
 struct Params : bindings::Params {
@@ -57,17 +46,6 @@ cuda::Precision parse_precision(const std::string& s) {
   if (s == "bf16x") return cuda::Precision::bf16x;
   throw invalid_argument("dffkit._cuda: precision must be 'fp32', 'tf32' or 'bf16x' (got '" + s +
                          "')");
-}
-
-/// The largest n_components the engine serves for X with n columns (the precision mode as
-/// nmf_mu.cu's pick_engines chooses it) with `limit` bytes of shared memory per block.
-int max_components_for(i64 n, cuda::DType dt, cuda::Precision prec, bool kl, std::size_t limit,
-                       bool batched) {
-  if (n < 1) throw invalid_argument("dffkit._cuda.max_components: n must be >= 1");
-  if (dt == cuda::DType::f64) return cuda_detail::max_components_f64(n, kl, limit, batched);
-  if (prec == cuda::Precision::bf16x) return cuda_detail::max_components_bf16x(n, kl, limit, batched);
-  if (prec == cuda::Precision::tf32) return cuda_detail::max_components_tf32(n, kl, limit, batched);
-  return cuda_detail::max_components_f32(n, kl, limit, batched);
 }
 
 Problem make_problem(i64 m, i64 n, i64 k, const Params& q, const std::vector<i64>* groups) {
@@ -247,7 +225,7 @@ PYBIND11_MODULE(_cuda, mod) {
           const int dev = device < 0 ? cuda::current_device() : device;
           limit = std::size_t(cuda::device_info(dev).smem_per_block_optin);
         }
-        return max_components_for(n, dt, prec, kl, limit, batched);
+        return cuda::max_components(n, dt, prec, kl, limit, batched);
       },
       py::arg("n"), py::arg("dtype"), py::arg("kl") = false, py::arg("device") = -1,
       py::arg("precision") = "fp32", py::arg("batched") = false, py::arg("smem") = 0,
