@@ -86,12 +86,6 @@ Engines engines_f32();
 Engines engines_tf32();
 Engines engines_bf16x();
 Engines engines_f64();
-// the largest n_components the engines of each precision mode serve for X with n columns in
-// `limit` bytes of shared memory per block, one problem or a batch (DFFKIT_DEFINE_ENGINES)
-int max_components_f32(std::int64_t n, bool kl, std::size_t limit, bool batched);
-int max_components_tf32(std::int64_t n, bool kl, std::size_t limit, bool batched);
-int max_components_bf16x(std::int64_t n, bool kl, std::size_t limit, bool batched);
-int max_components_f64(std::int64_t n, bool kl, std::size_t limit, bool batched);
 
 struct KParams;  // nmf_kernels.cuh
 

@@ -748,20 +748,13 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
 }  // namespace cuda_detail
 }  // namespace dffkit
 
-/// Defines cuda_detail::engines_<name>() for one precision mode (used by nmf_mu_<name>.cu), and
-/// cuda_detail::max_components_<name>(n, kl, limit, batched): the largest n_components the engines
-/// of that mode serve for X with n columns in `limit` bytes of shared memory per block, for one
-/// problem (fit, engine "auto") or a batch (fit_batched); the pybind11 module's max_components.
+/// Defines cuda_detail::engines_<name>() for one precision mode (used by nmf_mu_<name>.cu).
 #define DFFKIT_DEFINE_ENGINES(name, T, XS, MODE)                                              \
   namespace dffkit {                                                                           \
   namespace cuda_detail {                                                                      \
   Engines engines_##name() {                                                                   \
     return Engines{resident_solve<T, XS, MODE>, sweep_solve<T, XS, MODE>,                     \
                    sweep_solve<T, XS, MODE, true>, int(sizeof(T)), int(sizeof(XS))};           \
-  }                                                                                            \
-  int max_components_##name(std::int64_t n, bool kl, std::size_t limit, bool batched) {      \
-    return max_components(n, kl, int(sizeof(T)), int(sizeof(XS)), limit,                     \
-                          !batched && gemm_in_auto());                                         \
   }                                                                                            \
   }                                                                                            \
   }

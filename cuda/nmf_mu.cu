@@ -47,10 +47,8 @@ Engines pick_engines(DType dt, Precision prec) {
 int max_components(std::int64_t n, DType dt, Precision prec, bool kl, std::size_t limit,
                    bool batched) {
   if (n < 1) throw invalid_argument("dffkit._cuda.max_components: n must be >= 1");
-  if (dt == DType::f64) return max_components_f64(n, kl, limit, batched);
-  if (prec == Precision::bf16x) return max_components_bf16x(n, kl, limit, batched);
-  if (prec == Precision::tf32) return max_components_tf32(n, kl, limit, batched);
-  return max_components_f32(n, kl, limit, batched);
+  const Engines E = pick_engines(dt, prec);  // the mode's element sizes, as fit() lays them out
+  return cuda_detail::max_components(n, kl, E.esz, E.xsz, limit, !batched && gemm_in_auto());
 }
 
 FitResult fit(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, const Problem& p,
