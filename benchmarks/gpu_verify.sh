@@ -32,7 +32,6 @@ fi
 GPU_CHECK_STAGES="build test" TEST_TIMEOUT="${TEST_TIMEOUT:-60}" source "$ROOT/benchmarks/gpu_check.sh"
 stamp "build and tests/test_cuda.py done"
 cd /tmp || exit 1
-SAN="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
 
 t=$(limit "${BENCH_TIMEOUT:-50}")
 if (( t > 0 )); then
@@ -42,12 +41,15 @@ if (( t > 0 )); then
   stamp "cuda_bench: rc=$?"
 fi
 
+# the sanitizers through gpu_check.sh's stage (cuda_sanitize_driver.py reads SAN_ONLY)
+sanitize() {  # tool seconds [SAN_ONLY]
+  OUT="$OUT" SAN_ONLY="${3:-}" GPU_CHECK_STAGES="$1" SAN_TIMEOUT="$2" bash "$ROOT/benchmarks/gpu_check.sh" 2>&1 \
+    | grep "compute-sanitizer $1" | tail -n 1
+  stamp "$1 done"
+}
+
 t=$(limit "${SAN_TIMEOUT:-50}")
-if (( t > 0 )); then
-  SAN_ONLY="${SAN_ONLY:-fast cols}" timeout "$t" "$SAN" --tool racecheck --error-exitcode 9 python3 \
-    "$ROOT/benchmarks/cuda_sanitize_driver.py" > "$OUT/sanitizer_racecheck.log" 2>&1
-  stamp "racecheck (${SAN_ONLY:-fast cols}): rc=$?, $(grep -c '^ok' "$OUT/sanitizer_racecheck.log") ok, $(grep -c '^BAD' "$OUT/sanitizer_racecheck.log") BAD, $(grep 'RACECHECK SUMMARY' "$OUT/sanitizer_racecheck.log" | tail -n 1)"
-fi
+(( t > 0 )) && sanitize racecheck "$t" "${SAN_ONLY:-fast cols}"
 
 t=$(limit "${DFF_PROFILE_TIMEOUT:-30}")
 if (( t > 0 )); then
@@ -65,9 +67,5 @@ if (( t > 0 )); then
 fi
 
 t=$(limit 60)
-if (( t > 0 )); then
-  timeout "$t" "$SAN" --tool memcheck --error-exitcode 9 python3 \
-    "$ROOT/benchmarks/cuda_sanitize_driver.py" > "$OUT/sanitizer_memcheck.log" 2>&1
-  stamp "memcheck: rc=$?, $(grep -c '^ok' "$OUT/sanitizer_memcheck.log") ok, $(grep -c '^BAD' "$OUT/sanitizer_memcheck.log") BAD, $(grep 'ERROR SUMMARY' "$OUT/sanitizer_memcheck.log" | tail -n 1)"
-fi
+(( t > 0 )) && sanitize memcheck "$t"
 stamp "all done"

@@ -108,7 +108,8 @@ def main(argv=None):
                 if info.is_dir() or "providers_tensorrt" in info.filename:
                     continue
                 data = bytearray(z.read(info))
-                if info.filename.endswith(".so") or ".so." in info.filename:
+                shared_library = info.filename.endswith(".so") or ".so." in info.filename
+                if shared_library:
                     if data[:4] == b"\x7fELF":
                         zeroed, kept = keep_only_arch(data, args.keep_arch)
                         if zeroed:
@@ -116,7 +117,7 @@ def main(argv=None):
                                   f"zeroed {zeroed / 1e6:.1f} MB of others")
                 t = tarfile.TarInfo(info.filename)
                 t.size = len(data)
-                t.mode = 0o755 if info.filename.endswith((".so",)) or ".so." in info.filename else 0o644
+                t.mode = 0o755 if shared_library else 0o644
                 tar.addfile(t, io.BytesIO(bytes(data)))
         packed = subprocess.run(["xz", "-9e", "-T2", "-c"], input=buf.getvalue(), capture_output=True,
                                 check=True).stdout

@@ -72,7 +72,6 @@ def test_engine_build_names_what_the_kernels_were_compiled_for(capsys):
     assert b["compiler"] in line and b["instruction_sets"] in line
 
 
-
 def test_an_engine_built_for_instructions_this_cpu_lacks_is_refused_with_the_fix(monkeypatch):
     # a -march=native build carried to an older CPU: an ImportError saying why and what to do,
     # not "Illegal instruction" ending the interpreter at the first fit

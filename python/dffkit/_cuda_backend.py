@@ -416,13 +416,10 @@ def max_components(n, dtype, beta=2, precision="fp32", batched=False, device=Non
     ``batched=True``). The engine keeps its per-block statistics (two k x k matrices, three
     32 x k tiles) in shared memory; beyond this k it raises ValueError. The answer comes from the
     engine's own layouts (``_cuda.max_components``); 146 for float32 and 97 for float64 on an H100
-    or H200. None where the built module predates the query (then the engine's error decides)."""
+    or H200."""
     cuda = _cuda()
-    query = getattr(cuda, "max_components", None)
-    if query is None:
-        return None
     dev = cuda.current_device() if device is None else int(device)
-    return int(query(int(n), np.dtype(dtype).name, kl=int(beta) == 1, device=dev,
+    return int(cuda.max_components(int(n), np.dtype(dtype).name, kl=int(beta) == 1, device=dev,
                      precision=precision, batched=bool(batched), smem=_smem_limit(dev)))
 
 

@@ -888,7 +888,7 @@ def _resolve_backend(backend, on_device, n_elements, k=None, problems=(), beta=2
         for n, dtype in {(int(n), np.dtype(dt)) for n, dt in problems}:
             most = _cuda_backend.max_components(n, dtype, beta=beta, precision=precision,
                                                 batched=batched)
-            if most is not None and k > most:
+            if k > most:
                 return "cpu"
     return "cuda"
 
