@@ -143,6 +143,7 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
         variants = [(p, v) for p, v in variants if v is None or v in ONLY_VARIANTS]
     for prec, variant in variants:
         it_d = dffkit_iters or iters
+        fit_iters = it_d  # what run() asks for
         label = f"dffkit {prec}" + (f" {variant}" if variant else "")
         engine = ("gemm" if variant and variant.startswith("gemm")
                   else "sweep" if variant == "sweep" else None)
@@ -156,32 +157,26 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
         if B > 1:
             def run():
                 cuda.fit_batched_strided(X.data_ptr(), W.data_ptr(), H.data_ptr(), B, m, n, k,
-                                         "float32", params(it_d, prec), stream())
+                                         "float32", params(fit_iters, prec), stream())
         else:
             def run():
                 kernel[:] = [cuda.fit(X.data_ptr(), W.data_ptr(), H.data_ptr(), m, n, k, "float32",
-                                      params(it_d, prec, engine), [], stream())["kernel"]]
+                                      params(fit_iters, prec, engine), [], stream())["kernel"]]
+        fixed, t_full = None, None
         try:
             t, ts = timed(run, reps, prep, warm=1 if reps > 1 else 0)
+            t_full = t
+            if it_d != iters:
+                # a line through it_d and 2 it_d iterations: the per-fit work (the initial and
+                # final error, a pass over X each since session 11) is not scaled with them
+                fit_iters = 2 * it_d
+                t2, _ = timed(run, reps, prep, warm=0)
+                per_iter = (t2 - t) / it_d
+                fixed = t - it_d * per_iter
+                t_full = fixed + iters * per_iter
         except Exception as exc:  # noqa: BLE001 - reported in the table
             rows.append({"case": name, "impl": label, "error": repr(exc)})
             continue
-        fixed = None
-        if it_d != iters:
-            # a line through it_d and 2 it_d iterations: the per-fit work (the initial and final
-            # error, a pass over X each since session 11) is not scaled with the iterations
-            it_d *= 2
-            try:
-                t2, _ = timed(run, reps, prep, warm=0)
-            except Exception as exc:  # noqa: BLE001 - reported in the table
-                rows.append({"case": name, "impl": label, "error": repr(exc)})
-                continue
-            it_d //= 2
-            per_iter = (t2 - t) / it_d
-            fixed = t - it_d * per_iter
-            t_full = fixed + iters * per_iter
-        else:
-            t_full = t
         err = frob_err(X[0] if B > 1 else X, W[0] if B > 1 else W, H[0] if B > 1 else H)
         rows.append({"case": name, "impl": label, "kernel": kernel[0] if kernel else "batched",
                      "ms": t_full, "all_ms": ts,
