@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+import dffkit
 from dffkit import _backends
 
 try:
@@ -690,6 +691,39 @@ def test_torch_in_torch_out():
     Xbad = Xt.clone()
     Xbad[3, 4] = float("nan")
     assert _cuda_backend.check_values(Xbad)[1]
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_device_random_init_factors_are_fitted_in_place(monkeypatch):
+    """init='random' on device X: the factors random_init made for the fit are updated in place
+    and returned (no copies), with the same bits as a fit that copies them; a caller's own
+    factors (init='custom') are copied and left alone."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    from dffkit import _cuda_backend
+    from dffkit.nmf import _seed_from
+
+    X, _, _ = _problem(196, 512, 5)
+    Xt = torch.from_numpy(X).cuda()
+    made = []
+    real = _cuda_backend.random_init
+
+    def recording(*args, **kwargs):
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(_cuda_backend, "random_init", recording)
+    W, H, _ = dffkit.non_negative_factorization(Xt, n_components=5, init="random", random_state=3,
+                                                backend="cuda", max_iter=50)
+    assert W is made[0][0] and H is made[0][1]
+    W0, H0 = real(Xt, 5, _seed_from(3))
+    keep = (W0.clone(), H0.clone())
+    Wc, Hc, _ = dffkit.non_negative_factorization(Xt, n_components=5, init="custom", W=W0, H=H0,
+                                                  backend="cuda", max_iter=50)
+    assert Wc is not W0 and torch.equal(W0, keep[0]) and torch.equal(H0, keep[1])
+    assert torch.equal(Wc, W) and torch.equal(Hc, H)
 
 
 @pytest.mark.gpu

@@ -1280,3 +1280,55 @@ def test_more_concepts_than_channels_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dff(images, 4, activations=acts, max_iter=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the device branch's checks: one pass over all images, the same results as the host's
+# ---------------------------------------------------------------------------------------------
+
+def _counting_stand_in_ops(dff_module):
+    class StandInOps(dff_module._ArrayOps):
+        name = "stand-in"  # the array-API steps CuPy runs, on numpy
+        image_checks = 0
+
+        def all_finite(self, a):
+            type(self).image_checks += 1
+            return super().all_finite(a)
+
+    return StandInOps
+
+
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+def test_device_branch_checks_all_images_in_one_pass(monkeypatch, mode):
+    """Finite activations: no image-by-image check (each was a trip to the host on a GPU); a
+    NaN in image 2 is still named, in both modes."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    ops = _counting_stand_in_ops(dff_module)
+    monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: ops())
+    images, acts = block_activations(n=4)
+    result = dff(images, 2, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu")
+    assert result.device_path and ops.image_checks == 0
+    bad = acts.copy()
+    bad[2, 1, 3, 4] = np.nan
+    with pytest.raises(ValueError, match=r"hold NaN or infinite values, in image 2 \(image_2\)"):
+        dff(images, 2, extractor=_StandInDeviceExtractor(bad), mode=mode, backend="cpu")
+
+
+@pytest.mark.parametrize("negatives", ["clip", "shift"])
+def test_device_branch_per_image_negatives_and_errors_equal_the_host(monkeypatch, negatives):
+    """per_image on the device branch (one batch): 'shift' subtracts each image's own channel
+    minima, as the host does image by image; the relative errors use each image's own norm."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: _counting_stand_in_ops(dff_module)())
+    images, acts = block_activations(n=3)
+    acts = acts - np.linspace(0.1, 0.6, 3, dtype=np.float32)[:, None, None, None]  # image-dependent minima
+    on_device = dff(images, 2, extractor=_StandInDeviceExtractor(acts), mode="per_image", backend="cpu",
+                    negatives=negatives)
+    host = dff(images, 2, activations=acts, mode="per_image", backend="cpu", negatives=negatives)
+    assert on_device.device_path and not host.device_path
+    np.testing.assert_allclose(on_device.reconstruction_error, host.reconstruction_error, rtol=1e-5)
+    for i in range(3):
+        np.testing.assert_allclose(on_device.heatmaps[i], host.heatmaps[i], atol=1e-6)
+        np.testing.assert_array_equal(on_device.labels[i], host.labels[i])

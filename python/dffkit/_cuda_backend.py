@@ -430,11 +430,14 @@ def _info(d, precision):
     return out
 
 
-def fit(X, W, H, params, group_offsets=None, precision="fp32"):
+def fit(X, W, H, params, group_offsets=None, precision="fp32", factors_are_ours=False):
     """Fit from the initial factors W (m, k), H (k, n); returns (W_out, H_out, info).
 
     X: numpy (C-contiguous float32/float64; copied to the device and back) or a device array
-    (read in place when C-contiguous). W, H: numpy or device arrays of X's dtype; never modified.
+    (read in place when C-contiguous). W, H: numpy or device arrays of X's dtype; never modified,
+    except with ``factors_are_ours`` (the caller made them for this fit, e.g. with
+    :func:`random_init`): device arrays of X's library, dtype and device, C-contiguous, are then
+    updated in place and returned (two allocations and copies fewer).
     W_out, H_out: numpy for numpy X, else arrays of X's library on X's device.
     info: n_iter, error_init, error (scikit-learn's error), backend="cuda", precision[, objective].
     """
@@ -467,10 +470,23 @@ def fit(X, W, H, params, group_offsets=None, precision="fp32"):
         raise ValueError(f"X must be 2-D, got shape {v.shape}")
     m, n = v.shape
     k = int(_shape_any(W)[1]) if W is not None else int(_shape_any(H)[0])
-    Wout, wv = _device_copy(v.lib, v.obj, W, (m, k), v.dtype, v.device, v.stream, "W")
-    Hout, hv = _device_copy(v.lib, v.obj, H, (k, n), v.dtype, v.device, v.stream, "H")
+    if factors_are_ours and _fit_in_place(v, W, (m, k)) and _fit_in_place(v, H, (k, n)):
+        Wout, wv, Hout, hv = W, _view(W, "W"), H, _view(H, "H")
+    else:
+        Wout, wv = _device_copy(v.lib, v.obj, W, (m, k), v.dtype, v.device, v.stream, "W")
+        Hout, hv = _device_copy(v.lib, v.obj, H, (k, n), v.dtype, v.device, v.stream, "H")
     d = cuda.fit(v.ptr, wv.ptr, hv.ptr, m, n, k, v.dtype.name, params, groups, v.stream)
     return Wout, Hout, _info(d, precision)
+
+
+def _fit_in_place(v, A, shape) -> bool:
+    """Whether the factor A can be fitted in place next to X's view v: a C-contiguous device
+    array of v's library, dtype and device, of the given shape."""
+    if not is_device_array(A):
+        return False
+    a = _view(A)
+    return (a.lib == v.lib and a.contiguous and a.dtype == v.dtype and a.device == v.device
+            and a.shape == tuple(shape))
 
 
 def _shape_any(a):

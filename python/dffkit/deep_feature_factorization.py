@@ -1030,9 +1030,45 @@ def _image_items(images) -> list:
     return items
 
 
-def _check_finite(ops, per, sources, what: str) -> None:
-    """ValueError naming the images whose activations hold NaN or infinity."""
-    bad = [i for i, a in enumerate(per) if not ops.all_finite(a)]
+def _value_range(ops, X) -> Tuple[float, bool]:
+    """(minimum, every value finite) of X in one trip to the host: on a GPU the CUDA engine's
+    own one-pass check where X is a device array it reads, else both reductions on X's
+    device and one copy of their two values (a NaN minimum is read as non-finite)."""
+    if isinstance(ops, _NumpyOps):
+        return float(np.min(X)), bool(np.isfinite(X).all())
+    from dffkit import _backends
+
+    if "cuda" in _backends.available_backends():
+        from dffkit import _cuda_backend
+
+        if _cuda_backend.is_device_array(X):
+            lo, nonfinite = _cuda_backend.check_values(X)
+            return lo, not nonfinite
+    if ops.name == "torch":
+        t = ops.torch
+        both = t.stack([X.amin().double(), t.isfinite(X).all().double()])
+    else:
+        xp = ops.xp
+        both = xp.stack([X.min().astype(xp.float64), xp.isfinite(X).all().astype(xp.float64)])
+    lo, finite = (float(v) for v in _host(both))
+    return lo, bool(finite) and lo == lo
+
+
+def _checked_min(ops, X, per, sources, what: str, images: Optional[Sequence[int]] = None) -> float:
+    """The minimum of X, the matrix built from the activations ``per[i]`` of the images i in
+    ``images`` (all by default), in one pass over it; ValueError naming the images whose
+    activations hold NaN or infinity."""
+    lo, finite = _value_range(ops, X)
+    if not finite:
+        _check_finite(ops, per, sources, what, images)
+        raise ValueError(f"{what} hold NaN or infinite values: DFF needs finite activations")  # not reached
+    return lo
+
+
+def _check_finite(ops, per, sources, what: str, images: Optional[Sequence[int]] = None) -> None:
+    """ValueError naming the images (of ``images``, all by default) whose activations hold NaN
+    or infinity (image by image: called once the one-pass check has found some)."""
+    bad = [i for i in (range(len(per)) if images is None else images) if not ops.all_finite(per[i])]
     if not bad:
         return
     shown = ", ".join(f"{i} ({sources[i]})" for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -1186,7 +1222,6 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
             f"n_concepts={k} is more than the {C} channels of {what}: the factorization cannot find more than {C} "
             f"meaningful concepts (the concepts are rows of a {k} x {C} matrix), the rest split or repeat them and "
             f"the solver slows down; use n_concepts <= {C}", UserWarning, stacklevel=2)
-    _check_finite(ops, per, sources, what)
     feature_sizes = [(int(a.shape[1]), int(a.shape[2])) for a in per]
     positions = [h * w for h, w in feature_sizes]
     if mode == "joint" and k > sum(positions):
@@ -1212,7 +1247,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
             X = ops.matrix(stacked)
         else:
             X = ops.concat([ops.matrix(a[None]) for a in per])
-        X = _nonnegative(ops, X, negatives, what)
+        X = _nonnegative(ops, X, negatives, what, _checked_min(ops, X, per, sources, what))
         with _no_convergence_warnings():  # thread-local: others' warnings stay theirs
             W, H, n_iter, info = non_negative_factorization(
                 X, n_components=k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
@@ -1221,16 +1256,29 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         n_iter_out, engine = int(n_iter), info.backend
         errors = float(info.error) / max(ops.norm(X), 1e-30)
     else:
-        Xs = [ops.matrix(ops.asarray(a)[None]) for a in per]
-        Xs = [_nonnegative(ops, x, negatives, what) for x in Xs]
-        batch = ops.stack(Xs) if same_grid and ops.name != "numpy" else Xs
+        if same_grid and ops.name != "numpy":  # one (N, h w, C) batch, checked in one pass
+            hw = positions[0]
+            X_all = ops.matrix(ops.asarray(per[0][None]) if len(per) == 1 else ops.stack(per))
+            lo = _checked_min(ops, X_all, per, sources, what)
+            if lo < 0 and negatives == "shift":  # each image's own channel minima
+                batch = ops.stack([_nonnegative(ops, X_all[i * hw:(i + 1) * hw], negatives, what)
+                                   for i in range(len(per))])
+            else:
+                batch = _nonnegative(ops, X_all, negatives, what, lo).reshape(len(per), hw, C)
+            Xs = [batch[i] for i in range(len(per))]
+        else:
+            Xs = [ops.matrix(ops.asarray(a)[None]) for a in per]
+            Xs = [_nonnegative(ops, x, negatives, what, _checked_min(ops, x, per, sources, what, [i]))
+                  for i, x in enumerate(Xs)]
+            batch = Xs
         with _no_convergence_warnings():  # thread-local: others' warnings stay theirs
             solved = nmf_batched(batch, k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
                                  backend=backend)
         Ws = [w for w, _, _ in solved]
         Hs = [h for _, h, _ in solved]
         n_iter_out = [int(r.n_iter) for _, _, r in solved]
-        errors = [float(r.error) / max(ops.norm(x), 1e-30) for (_, _, r), x in zip(solved, Xs)]
+        norms = _norms(ops, batch, Xs)
+        errors = [float(r.error) / max(nx, 1e-30) for (_, _, r), nx in zip(solved, norms)]
         engine = solved[0][2].backend
     timings["factorize"] = time.perf_counter() - t0
 
@@ -1334,10 +1382,24 @@ def _extract(ext, pil, ops, report):
     return per, ops is not None
 
 
-def _nonnegative(ops, X, negatives, what: str):
+def _norms(ops, batch, Xs) -> List[float]:
+    """The Frobenius norm of each problem: of a (B, m, n) device batch in one trip to the
+    host (sums of squares in float64), else one problem at a time."""
+    if isinstance(batch, list) or isinstance(ops, _NumpyOps):
+        return [ops.norm(x) for x in Xs]
+    if ops.name == "torch":
+        sq = batch.square().sum(dim=(1, 2), dtype=ops.torch.float64)
+    else:
+        sq = ops.xp.square(batch).sum(axis=(1, 2), dtype=ops.xp.float64)
+    return [float(v) for v in np.sqrt(np.asarray(_host(sq), dtype=np.float64))]
+
+
+def _nonnegative(ops, X, negatives, what: str, lo: Optional[float] = None):
     """X with its negative values handled by ``negatives``; ``what`` names the activations
-    in the error ("the activations of layer 'conv5_3'"). X is finite (``_check_finite``)."""
-    lo = float(_host(X.min()))
+    in the error ("the activations of layer 'conv5_3'"). X is finite (``_checked_min``),
+    ``lo`` its minimum where known."""
+    if lo is None:
+        lo = float(_host(X.min()))
     if lo >= 0:
         return X
     if negatives == "error":

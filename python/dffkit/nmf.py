@@ -992,6 +992,7 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
         backend, on_device, m * n, k=k, problems=[(n, dtype)], beta=beta, precision=precision)
 
     # initial factors: our own arrays, never the caller's
+    own_factors = False
     if not update_H:
         if W is not None:
             warnings.warn("When update_H=False, the provided initial W is not used.", RuntimeWarning, stacklevel=3)
@@ -1014,6 +1015,7 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
             )
         if on_device and init == "random":
             W0, H0 = _cuda_backend.random_init(X, k, _seed_from(random_state))
+            own_factors = True  # made here for this fit: updated in place, not copied
         else:
             if Xh is None and sparse is None:
                 Xh = _cuda_backend.to_host(X)
@@ -1058,7 +1060,7 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
                      record_objective)
         Wout, Hout, info = _cuda_backend.fit(X if on_device else Xh, W0, H0, params,
                                              group_offsets=group_offsets or None,
-                                             precision=precision)
+                                             precision=precision, factors_are_ours=own_factors)
     result = NMFResult(
         n_iter=int(info["n_iter"]),
         error_init=float(info["error_init"]),
