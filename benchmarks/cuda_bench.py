@@ -127,7 +127,8 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     # forced (single problems too large for the resident engine; float32 and bf16x on split-tf32
     # tensor cores; one pass over X by default for tf32 and bf16x where the single-pass kernel
     # serves the shape), "gemm 1-pass" / "gemm 2-pass" = the single pass / the two-pass kernels
-    # forced, "gemm simt" = those on CUDA cores, "sweep" = the row-tile sweep (engine auto's
+    # forced, "gemm simt" / "gemm split" = those on CUDA cores / on split-tf32 tensor cores for
+    # every float32 case (auto: CUDA cores at 16 < k <= 32 only), "sweep" = the row-tile sweep (engine auto's
     # choice before session 6)
     variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
@@ -136,7 +137,7 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
                      ("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc"), ("fp32", "tc 1/SM"),
                      ("fp32", "regs 1/SM"), ("fp32", "regs 2/SM")]
     if B == 1 and m * n * k > (1 << 22):
-        variants += [("fp32", "sweep"), ("tf32", "sweep"), ("fp32", "gemm simt")]
+        variants += [("fp32", "sweep"), ("tf32", "sweep"), ("fp32", "gemm simt"), ("fp32", "gemm split")]
         if n <= 512:
             variants += [(p, v) for v in ("gemm 1-pass", "gemm 2-pass") for p in all_precisions]
     if ONLY_VARIANTS is not None:
@@ -217,7 +218,8 @@ VARIANT_ENV = {
     "cols C=4": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_C": "4"},
     "cols C=16": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_C": "16"},
     "gemm simt": {"DFFKIT_CUDA_GEMM_SIMT": "1"},
-    "gemm 1-pass": {"DFFKIT_CUDA_GEMM_FUSED": "1"},
+    "gemm split": {"DFFKIT_CUDA_GEMM_SIMT": "0"},
+    "gemm 1-pass": {"DFFKIT_CUDA_GEMM_FUSED": "1", "DFFKIT_CUDA_GEMM_SIMT": "0"},  # (float32: split tf32)
     "gemm 2-pass": {"DFFKIT_CUDA_GEMM_FUSED": "0"},
 }
 

@@ -346,14 +346,20 @@ void with_kp(int kp, F&& f) {
 }
 
 /// How the gemm kernels multiply (nmf_gemm.cuh's MODE): float64 on CUDA cores (0); the tf32 mode
-/// on tensor cores (1); float32 and bf16x on tensor cores with float32 accuracy (split tf32, 2),
-/// or on CUDA cores (0) with DFFKIT_CUDA_GEMM_SIMT=1 (for side-by-side timings).
-template <class T, int MODE>
-int gemm_mode() {
+/// on tensor cores (1); bf16x, and float32 X at 32 < k <= 64, on tensor cores with float32
+/// accuracy (split tf32, 2); float32 X at 16 < k <= 32 on CUDA cores (0), where they were faster
+/// on the H200 (session 15 run 6, cuda_bench.py --large, 200000 x 512, k = 20, 100 iterations:
+/// 62.1 ms against split tf32's 70.0; at 16384^2, k = 64 split tf32 stays: 307.6 against 313.7;
+/// k <= 16 not timed, left on split tf32). DFFKIT_CUDA_GEMM_SIMT=1 puts every float32 case on
+/// CUDA cores, =0 every one on split tf32 (for side-by-side timings).
+template <class T, class XS, int MODE>
+int gemm_mode(int k) {
   if constexpr (!std::is_same<T, float>::value) return 0;
   if constexpr (MODE == 1) return 1;
   const char* v = std::getenv("DFFKIT_CUDA_GEMM_SIMT");
-  return v && v[0] == '1' ? 0 : 2;
+  if (v && v[0] == '1') return 0;
+  if (v && v[0] == '0') return 2;
+  return std::is_same<XS, float>::value && gemm_kp(k) == 32 ? 0 : 2;
 }
 
 /// Calls f with the gemm MODE gm as a constant (only the modes the precision mode can take).
@@ -521,7 +527,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
   const i64 kn = i64(k) * n;
   const i64 max_parts = std::max<i64>(1, (i64(512) << 20) / std::max<i64>(1, kn * i64(sizeof(T))));
   const GemmPlan plan = GEMM ? gemm_plan(m, n, k, max_parts) : GemmPlan{};
-  const int gm = GEMM ? gemm_mode<T, MODE>() : 0;
+  const int gm = GEMM ? gemm_mode<T, XS, MODE>(k) : 0;
   const int cc_major = GEMM ? code_major(dev) : 0;
   // (X converted to bfloat16 lives in the workspace, whose pieces are 256-byte aligned)
   const std::uintptr_t x_read = std::is_same<XS, T>::value ? item.X : 0;

@@ -323,10 +323,9 @@ GEMM_SHAPES = [(301, 131, 12), (1000, 300, 20), (257, 520, 64), (90, 1000, 33), 
                          ids=["plain", "penalties", "fixed_H"])
 @pytest.mark.parametrize("kernels", ["split-tf32", "cuda-cores"])
 def test_gemm_engine_matches_cpu_and_sweep(shape, opts, kernels, monkeypatch):
-    """float32 on the gemm engine: tensor cores with split operands (3xTF32, the default) or
-    CUDA cores (DFFKIT_CUDA_GEMM_SIMT=1); both hold the float32 bound against the CPU."""
-    if kernels == "cuda-cores":
-        monkeypatch.setenv("DFFKIT_CUDA_GEMM_SIMT", "1")
+    """float32 on the gemm engine: tensor cores with split operands (3xTF32,
+    DFFKIT_CUDA_GEMM_SIMT=0) or CUDA cores (=1); both hold the float32 bound against the CPU."""
+    monkeypatch.setenv("DFFKIT_CUDA_GEMM_SIMT", "1" if kernels == "cuda-cores" else "0")
     X, W, H = _problem(*shape)
     Wc, Hc, ic = _cpu_fit(X, W, H, **opts)
     Wm, Hm, im = _gpu_fit(X, W, H, engine="gemm", **opts)
@@ -336,6 +335,25 @@ def test_gemm_engine_matches_cpu_and_sweep(shape, opts, kernels, monkeypatch):
     assert _rel(Wm, Ws) <= 1e-4 and not np.array_equal(Wm, Ws)  # another kernel really ran
     if opts.get("update_H") is False:
         assert np.array_equal(Hm, H)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gemm_engine_float32_kernels_by_width(monkeypatch):
+    """The gemm engine's float32 default: CUDA cores at 16 < k <= 32 (faster there on the
+    H200), split-tf32 tensor cores at k <= 16 and 32 < k <= 64: the default's bits are those of
+    the kernels forced by DFFKIT_CUDA_GEMM_SIMT."""
+    for shape, simt in (((1000, 300, 20), True), ((301, 131, 12), False), ((257, 520, 64), False)):
+        X, W, H = _problem(*shape)
+        monkeypatch.delenv("DFFKIT_CUDA_GEMM_SIMT", raising=False)
+        Wd, Hd, _ = _gpu_fit(X, W, H, engine="gemm", max_iter=20)
+        forced = {}
+        for v in ("0", "1"):
+            monkeypatch.setenv("DFFKIT_CUDA_GEMM_SIMT", v)
+            forced[v] = _gpu_fit(X, W, H, engine="gemm", max_iter=20)[:2]
+        assert not np.array_equal(forced["0"][0], forced["1"][0])  # two kernels really ran
+        want = forced["1" if simt else "0"]
+        assert np.array_equal(Wd, want[0]) and np.array_equal(Hd, want[1]), shape
 
 
 @pytest.mark.gpu
