@@ -99,5 +99,26 @@ int max_components(std::int64_t n, DType dt, Precision prec, bool kl, std::size_
 std::int64_t workspace_bytes();
 void release_workspaces();
 
+/// DFF's heat maps (cuda/dff_maps.cu), asynchronous on `stream` (unlike the calls above: the
+/// caller's library reads the results back on that stream). maps: one device address per image,
+/// its h*w x k block of W (float32, row-major, row y*w + x); taps_y / taps_x: int32 device arrays
+/// [i0, i1, bits of w0, bits of w1] of H / W entries each (bilinear_taps(H, h), (W, w)); fused:
+/// blend the taps as fma(w0, a0, w1*a1) instead of two rounded products and a rounded sum (the
+/// arithmetic of the host's resample_bilinear as compiled). Bad arguments throw invalid_argument.
+/// parts (float32, maps.size() x k x blocks_per_map): block b's maximum of concept j's map of
+/// image t at [t][j][b].
+void dff_map_peaks(const std::vector<std::uintptr_t>& maps, std::int64_t k, std::int64_t h,
+                   std::int64_t w, std::int64_t H, std::int64_t W, std::uintptr_t taps_y,
+                   std::uintptr_t taps_x, std::int64_t blocks_per_map, std::uintptr_t parts,
+                   bool fused, std::uintptr_t stream);
+/// params: float32 (maps.size(), 2k), each image's divisors then its strengths. heat: float32
+/// (maps.size(), k, H, W) = clip(upsampled / divisor, 0, 1); labels: int16 (maps.size(), H, W),
+/// the first j of the largest heat * strength, -1 below threshold.
+void dff_heat_labels(const std::vector<std::uintptr_t>& maps, std::int64_t k, std::int64_t h,
+                     std::int64_t w, std::int64_t H, std::int64_t W, std::uintptr_t taps_y,
+                     std::uintptr_t taps_x, std::uintptr_t params, float threshold,
+                     std::uintptr_t heat, std::uintptr_t labels, bool fused,
+                     std::uintptr_t stream);
+
 }  // namespace cuda
 }  // namespace dffkit

@@ -2,7 +2,7 @@
 import json
 import os
 import warnings
-from collections import deque
+from collections import OrderedDict, deque
 
 import numpy as np
 import pytest
@@ -1332,3 +1332,243 @@ def test_device_branch_per_image_negatives_and_errors_equal_the_host(monkeypatch
     for i in range(3):
         np.testing.assert_allclose(on_device.heatmaps[i], host.heatmaps[i], atol=1e-6)
         np.testing.assert_array_equal(on_device.labels[i], host.labels[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# the device path's map kernels (cuda/dff_maps.cuh, issue 7): their orchestration in _maps, on
+# numpy through stand-ins of the kernels (the kernels themselves: tests/test_dff_maps_emu.py)
+# ---------------------------------------------------------------------------------------------
+
+class _StandInMapKernels:
+    """numpy implementations of the contract of ``dffkit._cuda_backend.dff_maps`` (the two map
+    kernels): the host's resampler through the taps the kernels are given, the peaks as partial
+    maxima of blocks of 256 pixels taken in turn."""
+
+    def __init__(self):
+        self.launches = []
+
+    def dff_maps(self, maps, taps_y, taps_x, *, h, w, parts=None, params=None, threshold=None, heat=None,
+                 labels=None, fused=False):
+        from dffkit import deep_feature_factorization as dff_module
+
+        k, H, W = int(maps[0].shape[1]), len(taps_y) // 4, len(taps_x) // 4
+        for taps, n_out, n_in in ((taps_y, H, h), (taps_x, W, w)):
+            i0, i1, w0, w1 = dff_module.bilinear_taps(n_out, n_in)
+            assert taps.dtype == np.int32
+            np.testing.assert_array_equal(taps[:2 * n_out], np.concatenate([i0, i1]))
+            np.testing.assert_array_equal(taps[2 * n_out:].view(np.float32), np.concatenate([w0, w1]))
+        assert fused == dff_module._host_resample_fuses()
+        assert all(m.shape == (h * w, k) and m.dtype == np.float32 and m.flags.c_contiguous for m in maps)
+        A = np.stack([m.reshape(h, w, k).transpose(2, 0, 1) for m in maps])
+        U = dff_module._NumpyOps().resample(A, H, W)
+        if parts is not None:
+            self.launches.append("peaks")
+            flat, nb = U.reshape(len(maps), k, H * W), parts.shape[2]
+            block = (np.arange(H * W) // 256) % nb
+            for b in range(nb):
+                parts[:, :, b] = flat[:, :, block == b].max(axis=2) if (block == b).any() else -np.inf
+            return
+        self.launches.append("heat")
+        assert params.shape == (len(maps), 2 * k) and params.dtype == np.float32
+        heat[...] = np.clip(U / params[:, :k, None, None], 0.0, 1.0)
+        labels[...] = dff_module._NumpyOps().labels_of(heat, params[:, k:], threshold)
+
+
+def _kernel_stand_in_ops(dff_module, kernels):
+    class StandInOps(dff_module._ArrayOps):
+        name = "stand-in"  # numpy as the device library, the map kernels by stand-in
+        uploads = 0
+
+        def asarray(self, a):
+            type(self).uploads += isinstance(a, np.ndarray)
+            return super().asarray(a)
+
+        def map_kernels(self):
+            return kernels
+
+    return StandInOps
+
+
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+@pytest.mark.parametrize("sizes", [[(40, 70), (50, 70), (60, 70)], [(40, 70), (33, 21), (40, 70), (33, 21)],
+                                   [(45, 45)] * 3])
+def test_device_branch_map_kernels_give_the_host_paths_maps(monkeypatch, mode, sizes):
+    """The device branch through the map kernels (stand-ins here): heat maps (bits), labels,
+    strength and loadings equal the host path's, joint (strength across the images) and per
+    image, one group of images or several, interleaved (images 0, 2 and 1, 3), with one peaks
+    and one heat launch per group; kmeans and keep_maps=False keep the array steps."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    kernels = _StandInMapKernels()
+    monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: _kernel_stand_in_ops(dff_module, kernels)())
+    _, acts = block_activations(n=len(sizes))
+    images = [np.zeros(s + (3,), np.uint8) + 100 for s in sizes]
+    on_device = dff(images, 3, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu", threshold=0.3)
+    host = dff(images, 3, activations=acts, mode=mode, backend="cpu", threshold=0.3)
+    assert on_device.device_path and not host.device_path
+    groups = len(set(sizes))
+    assert kernels.launches == ["peaks"] * groups + ["heat"] * groups
+    np.testing.assert_array_equal(on_device.strength, host.strength)
+    for i in range(len(sizes)):
+        np.testing.assert_array_equal(on_device.loadings[i], host.loadings[i])
+        np.testing.assert_array_equal(on_device.heatmaps[i].view(np.uint32), host.heatmaps[i].view(np.uint32))
+        np.testing.assert_array_equal(on_device.labels[i], host.labels[i])
+        assert on_device.heatmaps[i].shape == (3,) + sizes[i] and on_device.labels[i].dtype == np.int16
+    kernels.launches.clear()
+    dff(images, 3, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu", assign="kmeans")
+    dff(images, 3, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu", keep_maps=False)
+    assert kernels.launches == []
+
+
+def test_device_branch_map_kernels_transfers_for_one_image(monkeypatch):
+    """One image on the map kernels: two launches; W, the peaks, heat and labels down (4
+    copies), divisors and strengths up in one array; the taps go up once per size."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    kernels = _StandInMapKernels()
+    ops = _kernel_stand_in_ops(dff_module, kernels)()
+    downloads = []
+    host = dff_module._host
+    monkeypatch.setattr(dff_module, "_host", lambda a: downloads.append(a.shape) or host(a))
+    monkeypatch.setattr(dff_module, "_DEVICE_TAPS", OrderedDict())
+    W = np.random.default_rng(0).random((14 * 13, 5), dtype=np.float32)
+    want = dff_module._maps(dff_module._NumpyOps(), [W], [(14, 13)], [(101, 77)], "joint", 0.2, "argmax")
+    for uploads in (3, 1):  # the taps of both axes, then only the divisors and strengths
+        type(ops).uploads, downloads[:] = 0, []
+        kernels.launches.clear()
+        got = dff_module._maps(ops, [W], [(14, 13)], [(101, 77)], "joint", 0.2, "argmax")
+        assert kernels.launches == ["peaks", "heat"]
+        assert len(downloads) == 4 and (14 * 13, 5) in downloads
+        assert type(ops).uploads == uploads
+        for g, h in zip(got, want):
+            for a, b in zip(g, h):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_map_kernels_are_used_only_where_the_module_has_them(monkeypatch):
+    """A CUDA module built before the map kernels (no dff_map_peaks) keeps the array steps;
+    one with them gets dffkit._cuda_backend; none at all, too."""
+    import types
+
+    from dffkit import _backends, _cuda_backend
+    from dffkit import deep_feature_factorization as dff_module
+
+    def fail():
+        raise RuntimeError("backend='cuda' is not available")
+
+    monkeypatch.setattr(_backends, "cuda", lambda: types.SimpleNamespace(fit=None))
+    assert dff_module._device_map_kernels() is None
+    monkeypatch.setattr(_backends, "cuda", lambda: types.SimpleNamespace(dff_map_peaks=1, dff_heat_labels=1))
+    assert dff_module._device_map_kernels() is _cuda_backend
+    monkeypatch.setattr(_backends, "cuda", fail)
+    assert dff_module._device_map_kernels() is None
+    assert dff_module._ArrayOps().map_kernels() is None and dff_module._NumpyOps().map_kernels() is None
+
+
+class _FakeCudaArray:
+    """Device memory as __cuda_array_interface__ describes it (a made-up address)."""
+
+    def __init__(self, shape, dtype, ptr, strides=None):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.__cuda_array_interface__ = dict(shape=self.shape, typestr=self.dtype.str, data=(ptr, False),
+                                             strides=strides, version=3)
+
+
+def test_dff_maps_wrapper_passes_pointers_and_checks_arrays(monkeypatch):
+    """_cuda_backend.dff_maps: the pointers, sizes and float32 threshold the binding gets, on the
+    arrays' stream; arrays of the wrong dtype, shape or layout are ValueErrors naming them."""
+    from dffkit import _cuda_backend
+
+    calls = []
+
+    class Recorder:
+        def dff_map_peaks(self, *args):
+            calls.append(("peaks",) + args)
+
+        def dff_heat_labels(self, *args):
+            calls.append(("heat",) + args)
+
+    monkeypatch.setattr(_cuda_backend, "_cuda", lambda: Recorder())
+    maps = [_FakeCudaArray((12, 5), np.float32, 4096), _FakeCudaArray((12, 5), np.float32, 8192)]
+    ty, tx = _FakeCudaArray((4 * 9,), np.int32, 1 << 20), _FakeCudaArray((4 * 7,), np.int32, 2 << 20)
+    _cuda_backend.dff_maps(maps, ty, tx, h=3, w=4, parts=_FakeCudaArray((2, 5, 3), np.float32, 3 << 20))
+    params = _FakeCudaArray((2, 10), np.float32, 4 << 20)
+    heat, labels = _FakeCudaArray((2, 5, 9, 7), np.float32, 5 << 20), _FakeCudaArray((2, 9, 7), np.int16, 6 << 20)
+    _cuda_backend.dff_maps(maps, ty, tx, h=3, w=4, params=params, threshold=0.2, heat=heat, labels=labels,
+                           fused=True)
+    assert calls[0] == ("peaks", [4096, 8192], 5, 3, 4, 9, 7, 1 << 20, 2 << 20, 3, 3 << 20, False, 1)
+    assert calls[1] == ("heat", [4096, 8192], 5, 3, 4, 9, 7, 1 << 20, 2 << 20, 4 << 20, float(np.float32(0.2)),
+                        5 << 20, 6 << 20, True, 1)
+    bad = [
+        (dict(maps=[np.zeros((12, 5), np.float32)]), "maps\\[0\\] is not a CUDA array"),
+        (dict(maps=[maps[0], _FakeCudaArray((12, 5), np.float64, 0)]), "maps\\[1\\] must be float32"),
+        (dict(maps=[maps[0], _FakeCudaArray((11, 5), np.float32, 0)]), "maps\\[1\\] must have shape \\(12, 5\\)"),
+        (dict(maps=[_FakeCudaArray((12, 5), np.float32, 0, strides=(4, 48))]), "maps\\[0\\] must be C-contiguous"),
+        (dict(taps_y=_FakeCudaArray((36,), np.int64, 0)), "taps_y must be int32"),
+        (dict(labels=_FakeCudaArray((2, 9, 7), np.int32, 0)), "labels must be int16"),
+        (dict(heat=_FakeCudaArray((2, 5, 9, 8), np.float32, 0)), "heat must have shape \\(2, 5, 9, 7\\)"),
+        (dict(params=_FakeCudaArray((2, 5), np.float32, 0)), "params must have shape \\(2, 10\\)"),
+        (dict(maps=[]), "maps is empty"),
+        (dict(heat=None), "pass parts"),
+    ]
+    for change, message in bad:
+        kw = dict(maps=maps, taps_y=ty, taps_x=tx, params=params, threshold=0.2, heat=heat, labels=labels)
+        kw.update(change)
+        with pytest.raises(ValueError, match=message):
+            _cuda_backend.dff_maps(kw.pop("maps"), kw.pop("taps_y"), kw.pop("taps_x"), h=3, w=4, **kw)
+    assert len(calls) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+@pytest.mark.parametrize("sizes", [[(40, 70), (50, 70), (40, 70)], [(224, 224)], [(96, 96)] * 3])
+def test_device_map_kernels_give_the_host_paths_maps(mode, sizes):
+    """On a GPU: dff on the device path (activations in CuPy or PyTorch, the map kernels) gives
+    the heat maps and labels that the host path makes from the same W, bit for bit."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    if "cuda" not in dffkit.available_backends():
+        pytest.skip(f"CUDA backend not usable: {dffkit.unavailable_reasons().get('cuda')}")
+    ops = dff_module._first_array_library()
+    if ops is None:
+        pytest.skip("neither CuPy nor PyTorch is importable")
+    if ops.map_kernels() is None:
+        pytest.skip("the CUDA module was built before the map kernels")
+    _, acts = block_activations(n=len(sizes), h=14, w=14)
+    images = [np.zeros(s + (3,), np.uint8) for s in sizes]
+    result = dff(images, 3, activations=ops.asarray(acts), mode=mode, backend="cuda", threshold=0.3)
+    assert result.device_path
+    k, grids = 3, result.feature_sizes
+    blocks = [np.ascontiguousarray(l.reshape(-1, k)) for l in result.loadings]
+    Ws = [np.concatenate(blocks)] if mode == "joint" else blocks
+    heat, strength, labels, _ = dff_module._maps(dff_module._NumpyOps(), Ws, grids, sizes, mode, 0.3, "argmax")
+    np.testing.assert_array_equal(result.strength, strength)
+    for i in range(len(sizes)):
+        np.testing.assert_array_equal(result.heatmaps[i].view(np.uint32), heat[i].view(np.uint32))
+        np.testing.assert_array_equal(result.labels[i], labels[i])
+
+
+@pytest.mark.gpu
+def test_device_map_kernels_refuse_host_memory_and_go_on():
+    """A host pointer where device memory belongs is a ValueError naming it, and leaves no error
+    behind: the next call runs."""
+    from dffkit import _backends
+    from dffkit import deep_feature_factorization as dff_module
+
+    if "cuda" not in dffkit.available_backends():
+        pytest.skip(f"CUDA backend not usable: {dffkit.unavailable_reasons().get('cuda')}")
+    ops = dff_module._first_array_library()
+    if ops is None or ops.map_kernels() is None:
+        pytest.skip("no CuPy or PyTorch, or a CUDA module without the map kernels")
+    cuda = _backends.cuda()
+    W = ops.asarray(np.random.default_rng(0).random((12, 2), dtype=np.float32))
+    ty, tx = dff_module._device_taps(ops, 9, 3), dff_module._device_taps(ops, 7, 4)
+    parts = ops.empty((1, 2, 1), np.float32)
+    host = np.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="parts is not device memory|parts is not a device pointer"):
+        cuda.dff_map_peaks([int(W.data_ptr() if hasattr(W, "data_ptr") else W.data.ptr)], 2, 3, 4, 9, 7,
+                           int(ty.data_ptr() if hasattr(ty, "data_ptr") else ty.data.ptr),
+                           int(tx.data_ptr() if hasattr(tx, "data_ptr") else tx.data.ptr), 1, host.ctypes.data)
+    ops.map_kernels().dff_maps([W], ty, tx, h=3, w=4, parts=parts, fused=dff_module._host_resample_fuses())
+    want = dff_module._NumpyOps().resample(dff_module._host(W).reshape(1, 3, 4, 2).transpose(0, 3, 1, 2).copy(), 9, 7)
+    np.testing.assert_array_equal(dff_module._host(parts)[0, :, 0], want[0].max(axis=(1, 2)))

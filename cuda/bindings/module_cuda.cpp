@@ -347,6 +347,40 @@ PYBIND11_MODULE(_cuda, mod) {
       py::arg("X"), py::arg("count"), py::arg("dtype"), py::arg("stream") = 0,
       "(min value, has NaN or inf) of count elements of device memory.");
 
+  mod.def(
+      "dff_map_peaks",
+      [](const std::vector<std::uintptr_t>& maps, i64 k, i64 h, i64 w, i64 H, i64 W,
+         std::uintptr_t taps_y, std::uintptr_t taps_x, i64 blocks_per_map, std::uintptr_t parts,
+         bool fused, std::uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        cuda::dff_map_peaks(maps, k, h, w, H, W, taps_y, taps_x, blocks_per_map, parts, fused,
+                            stream);
+      },
+      py::arg("maps"), py::arg("k"), py::arg("h"), py::arg("w"), py::arg("H"), py::arg("W"),
+      py::arg("taps_y"), py::arg("taps_x"), py::arg("blocks_per_map"), py::arg("parts"),
+      py::arg("fused") = false, py::arg("stream") = 0,
+      "DFF heat maps, step 1 (device pointers as ints; asynchronous on `stream`): for image t "
+      "(maps[t]: its h*w x k float32 block of W) and concept j, the maximum of column j "
+      "upsampled bilinearly to H x W, as blocks_per_map partial maxima at parts[t][j][b] "
+      "(float32, len(maps) x k x blocks_per_map). taps_y, taps_x: int32 [i0, i1, bits of w0, "
+      "bits of w1] of bilinear_taps(H, h), (W, w). fused: fma(w0, a0, w1*a1) taps.");
+  mod.def(
+      "dff_heat_labels",
+      [](const std::vector<std::uintptr_t>& maps, i64 k, i64 h, i64 w, i64 H, i64 W,
+         std::uintptr_t taps_y, std::uintptr_t taps_x, std::uintptr_t params, float threshold,
+         std::uintptr_t heat, std::uintptr_t labels, bool fused, std::uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        cuda::dff_heat_labels(maps, k, h, w, H, W, taps_y, taps_x, params, threshold, heat,
+                              labels, fused, stream);
+      },
+      py::arg("maps"), py::arg("k"), py::arg("h"), py::arg("w"), py::arg("H"), py::arg("W"),
+      py::arg("taps_y"), py::arg("taps_x"), py::arg("params"), py::arg("threshold"),
+      py::arg("heat"), py::arg("labels"), py::arg("fused") = false, py::arg("stream") = 0,
+      "DFF heat maps, step 2 (as dff_map_peaks): heat (float32, len(maps) x k x H x W) = "
+      "clip(upsampled / divisor, 0, 1) and labels (int16, len(maps) x H x W) = the first j of "
+      "the largest heat * strength, -1 below threshold; params: float32 len(maps) x 2k, each "
+      "image's k divisors then its k strengths.");
+
   mod.def("pointer_device", &cuda::pointer_device, py::arg("ptr"),
           "The device owning ptr, or -1 if ptr is not device memory.");
   mod.def("current_device", &cuda::current_device);

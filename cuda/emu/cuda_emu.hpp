@@ -333,3 +333,25 @@ inline void __pipeline_memcpy_async(void* dst, const void* src, std::size_t byte
 }
 inline void __pipeline_commit() { ::dffkit_emu::pipeline_commit(); }
 inline void __pipeline_wait_prior(std::size_t prior) { ::dffkit_emu::pipeline_wait_prior(prior); }
+
+// Rounded arithmetic intrinsics (cuda/dff_maps.cuh): each result is rounded to float32 on its
+// own, whatever the harness's -ffp-contract (the volatile keeps the compiler from fusing a
+// product into a following sum), as __fmul_rn / __fadd_rn are on the GPU.
+inline float __fmul_rn(float a, float b) {
+  volatile float r = a * b;
+  return r;
+}
+inline float __fadd_rn(float a, float b) {
+  volatile float r = a + b;
+  return r;
+}
+inline float __fdiv_rn(float a, float b) {
+  volatile float r = a / b;
+  return r;
+}
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}

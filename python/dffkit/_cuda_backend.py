@@ -596,3 +596,80 @@ def nmf_batched_device(X, n_components, *, beta, tol, max_iter, penalties, seed,
                                                        float(i["error"]), "cuda", precision,
                                                        kernel=str(i["kernel"])))
                                 for b, i in enumerate(infos)], dtype=v.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# DFF's heat maps (cuda/dff_maps.cuh)
+# ---------------------------------------------------------------------------------------------
+
+def _raw_device_array(x, name, dtype, shape=None):
+    """The device pointer of x, a C-contiguous CUDA array (PyTorch, CuPy or any
+    ``__cuda_array_interface__``) of ``dtype`` and, when given, ``shape``; ValueError naming
+    ``name`` otherwise. No copy."""
+    dtype = np.dtype(dtype)
+    if _is_torch(x):
+        if not x.is_cuda:
+            raise ValueError(f"{name} is a CPU tensor; pass a CUDA tensor")
+        got, ptr = str(x.dtype).replace("torch.", ""), x.data_ptr()
+        got_shape, contiguous = tuple(x.shape), x.is_contiguous()
+    else:
+        try:
+            cai = x.__cuda_array_interface__
+        except (AttributeError, RuntimeError, TypeError):
+            raise ValueError(f"{name} is not a CUDA array (no __cuda_array_interface__); pass a CuPy array "
+                             "or a PyTorch CUDA tensor") from None
+        got_shape = tuple(int(s) for s in cai["shape"])
+        got, ptr = np.dtype(cai["typestr"]).name, int(cai["data"][0])
+        strides = cai.get("strides")
+        contiguous = strides is None or tuple(strides) == _c_strides(got_shape, dtype.itemsize)
+    if got != dtype.name:
+        raise ValueError(f"{name} must be {dtype.name}, got {got}")
+    if shape is not None and got_shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {got_shape}")
+    if not contiguous:
+        raise ValueError(f"{name} must be C-contiguous (pass a contiguous copy)")
+    return ptr
+
+
+def dff_maps(maps, taps_y, taps_x, *, h, w, parts=None, params=None, threshold=None, heat=None, labels=None,
+             fused=False):
+    """Launch DFF's heat-map kernels on the device arrays of one batch of images (one feature
+    grid h x w, one output size H x W; everything on one device, work on the stream of maps[0]'s
+    library, asynchronous: read the outputs back through that library).
+
+    maps: one (h*w, k) float32 C-contiguous block of W per image (rows y*w + x); taps_y, taps_x:
+    int32 (4H,), (4W,): [i0, i1, bits of w0, bits of w1] of ``bilinear_taps(H, h)``,
+    ``(W, w)``; fused: the host resampler's fused arithmetic (fma(w0, a0, w1*a1)).
+    With ``parts`` (float32 (n, k, nb)): the peaks step, block b's maximum of map (t, j) at
+    parts[t, j, b] (the maximum over b is the map's maximum). With ``params`` (float32 (n, 2k):
+    divisors, then strengths), ``threshold``, ``heat`` (float32 (n, k, H, W)) and ``labels``
+    (int16 (n, H, W)): the heat and labels step. ValueError naming the argument for arrays of
+    the wrong kind, shape or dtype."""
+    n = len(maps)
+    if n == 0:
+        raise ValueError("maps is empty: pass one (h*w, k) block of W per image")
+    first = maps[0]
+    k = int(first.shape[1]) if len(first.shape) == 2 else 0
+    if k < 1:
+        raise ValueError(f"maps[0] must be a (h*w, k) block of W with k >= 1, got shape {tuple(first.shape)}")
+    ptrs = [_raw_device_array(m, f"maps[{t}]", np.float32, (h * w, k)) for t, m in enumerate(maps)]
+    H = int(taps_y.shape[0]) // 4
+    W = int(taps_x.shape[0]) // 4
+    ty = _raw_device_array(taps_y, "taps_y", np.int32, (4 * H,))
+    tx = _raw_device_array(taps_x, "taps_x", np.int32, (4 * W,))
+    stream = _stream_of(first)
+    cuda = _cuda()
+    if parts is not None:
+        if len(parts.shape) != 3:
+            raise ValueError(f"parts must be (n, k, blocks per map), got shape {tuple(parts.shape)}")
+        nb = int(parts.shape[2])
+        pp = _raw_device_array(parts, "parts", np.float32, (n, k, nb))
+        cuda.dff_map_peaks(ptrs, k, h, w, H, W, ty, tx, nb, pp, bool(fused), stream)
+        return
+    if params is None or threshold is None or heat is None or labels is None:
+        raise ValueError("pass parts (the peaks step), or params, threshold, heat and labels (the heat step)")
+    pa = _raw_device_array(params, "params", np.float32, (n, 2 * k))
+    hp = _raw_device_array(heat, "heat", np.float32, (n, k, H, W))
+    lp = _raw_device_array(labels, "labels", np.int16, (n, H, W))
+    cuda.dff_heat_labels(ptrs, k, h, w, H, W, ty, tx, pa, float(np.float32(threshold)), hp, lp, bool(fused),
+                         stream)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections import abc
+from collections import OrderedDict, abc
 import os
 import sys
 import threading
@@ -320,6 +320,23 @@ class _ArrayOps:
         """Labels of ``heat`` weighted by ``strength`` (n, k): ``labels(heat * strength)``."""
         return self.labels(heat * self.asarray(strength)[:, :, None, None], threshold)
 
+    def empty(self, shape, dtype):
+        """An uninitialised C-contiguous array of this library (numpy dtype)."""
+        return self.xp.empty(shape, dtype=dtype)
+
+    def device(self) -> int:
+        """The current device of this library (0 on the host)."""
+        return 0
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on this library's current stream (nothing on the host)."""
+
+    def map_kernels(self):
+        """What runs ``_maps``' peaks and heat steps on this library's arrays as two kernels
+        (an object with ``dff_maps``, the contract of ``dffkit._cuda_backend.dff_maps``), or None
+        for the array steps above."""
+        return None
+
 
 class _NumpyOps(_ArrayOps):
     """The host: the map steps work plane by plane in place, on contiguous (H, W) planes
@@ -380,6 +397,15 @@ class _CupyOps(_ArrayOps):
 
         self.xp = cupy
 
+    def device(self) -> int:
+        return int(self.xp.cuda.runtime.getDevice())
+
+    def synchronize(self) -> None:
+        self.xp.cuda.get_current_stream().synchronize()
+
+    def map_kernels(self):
+        return _device_map_kernels()
+
 
 class _TorchOps(_ArrayOps):
     name = "torch"
@@ -433,6 +459,32 @@ class _TorchOps(_ArrayOps):
 
     def all_finite(self, a) -> bool:
         return bool(self.torch.isfinite(a).all())
+
+    def empty(self, shape, dtype):
+        return self.torch.empty(tuple(shape), dtype=getattr(self.torch, np.dtype(dtype).name), device="cuda")
+
+    def device(self) -> int:
+        return int(self.torch.cuda.current_device())
+
+    def synchronize(self) -> None:
+        self.torch.cuda.current_stream().synchronize()
+
+    def map_kernels(self):
+        return _device_map_kernels()
+
+
+def _device_map_kernels():
+    """``dffkit._cuda_backend`` when the loaded CUDA module has DFF's map kernels
+    (cuda/dff_maps.cu), else None: a module built before them keeps the array steps."""
+    try:
+        cuda = _backends.cuda()
+    except (ImportError, RuntimeError):
+        return None
+    if not (hasattr(cuda, "dff_map_peaks") and hasattr(cuda, "dff_heat_labels")):
+        return None
+    from dffkit import _cuda_backend
+
+    return _cuda_backend
 
 
 def _device_ops(extractor, backend):
@@ -1422,6 +1474,9 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
     ``keep=False``: the maps are upsampled once for their maxima and dropped; heat maps and
     labels come back as lazy sequences (``_LazyMaps``) that compute an image's on the host
     when it is read, from the loadings (memory: a few images' maps, not all of them).
+    On a GPU whose CUDA module has the map kernels (``ops.map_kernels()``), ``keep`` with
+    ``assign="argmax"`` runs as two kernels per batch instead (``_maps_by_kernels``: the host
+    path's bits).
     """
     n_images = len(sizes)
     rows = np.concatenate([[0], np.cumsum([h * w for h, w in feature_sizes])])
@@ -1434,6 +1489,9 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
         # at most `chunk` images and MAPS_BATCH_BYTES of upsampled maps at a time
         step = max(1, min(chunk, MAPS_BATCH_BYTES // max(1, 4 * k * key[2] * key[3])))
         batches += [(key, idx[s:s + step]) for s in range(0, len(idx), step)]
+    kernels = ops.map_kernels() if keep and assign == "argmax" else None
+    if kernels is not None and all(str(W.dtype).endswith("float32") for W in Ws):
+        return _maps_by_kernels(ops, kernels, Ws, feature_sizes, rows, batches, mode, threshold, k)
 
     def loadings_of(idx, h, w):
         if mode == "joint" and idx == list(range(idx[0], idx[-1] + 1)):
@@ -1456,9 +1514,7 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
             loadings[i] = np.ascontiguousarray(A_host[t].transpose(1, 2, 0))
         ups.append(U if keep else None)
         del U
-    reference = peaks.max(axis=0, keepdims=True) if mode == "joint" else peaks
-    strength = np.where(reference > 0, peaks / np.where(reference > 0, reference, 1.0), 0.0).astype(np.float32)
-    divisors = _divisors(peaks, _presence(strength, threshold))
+    strength, divisors = _strength_divisors(peaks, mode, threshold)
     if not keep:
         cells = _kmeans_cells(loadings, peaks, mode, threshold, k) if assign == "kmeans" else None
         lazy = _LazyMaps(loadings, sizes, divisors, strength, threshold, cells,
@@ -1478,6 +1534,117 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
     if assign == "kmeans":
         labels = _kmeans_labels(loadings, peaks, mode, sizes, threshold, k)
     return heatmaps, strength, labels, loadings
+
+
+def _strength_divisors(peaks, mode, threshold):
+    """(strength, divisors), (N, k) float32 each, from the maps' maxima ``peaks`` (N, k)."""
+    reference = peaks.max(axis=0, keepdims=True) if mode == "joint" else peaks
+    strength = np.where(reference > 0, peaks / np.where(reference > 0, reference, 1.0), 0.0).astype(np.float32)
+    return strength, _divisors(peaks, _presence(strength, threshold))
+
+
+def _maps_by_kernels(ops, kernels, Ws, feature_sizes, rows, batches, mode, threshold, k):
+    """``_maps`` (keep, argmax) on the device through the two map kernels of
+    ``kernels.dff_maps`` (cuda/dff_maps.cuh): per batch one launch for the maps' maxima and
+    one for heat and labels, straight from W (no upsampled maps in memory). Transfers: W and
+    the maxima down, divisors and strengths up (one array), heat and labels down per batch;
+    the bilinear taps go up once per size and device (``_device_taps``). The upsampling is the
+    host resampler's arithmetic (``_host_resample_fuses``), so the results are the host path's
+    bits. ``rows``: image i's rows of W are rows[i]:rows[i + 1] (joint: of Ws[0]; per image:
+    of the Ws stacked)."""
+    n_images = len(feature_sizes)
+    Wd = Ws[0] if len(Ws) == 1 else ops.concat(Ws)
+    rows = [int(r) for r in rows]
+    blocks = [Wd[rows[i]:rows[i + 1]] for i in range(n_images)]
+    fused = _host_resample_fuses()
+    taps = [(_device_taps(ops, H, h), _device_taps(ops, Wo, w)) for (h, w, H, Wo), _ in batches]
+    nbs = [_peak_blocks(H * Wo) for (_, _, H, Wo), _ in batches]
+    counts = [len(idx) * k * nb for (_, idx), nb in zip(batches, nbs)]
+    ends = np.cumsum([0] + counts)
+    parts = ops.empty((int(ends[-1]),), np.float32)
+    for ((h, w, _, _), idx), (ty, tx), nb, a, b in zip(batches, taps, nbs, ends[:-1], ends[1:]):
+        kernels.dff_maps([blocks[i] for i in idx], ty, tx, h=h, w=w,
+                         parts=parts[int(a):int(b)].reshape(len(idx), k, nb), fused=fused)
+    W_host = _host(Wd)  # while the peaks kernels run
+    loadings = [W_host[rows[i]:rows[i + 1]].reshape(h, w, k) for i, (h, w) in enumerate(feature_sizes)]
+    parts_host = _host(parts)
+    peaks = np.zeros((n_images, k))
+    for ((_, _, _, _), idx), nb, a, b in zip(batches, nbs, ends[:-1], ends[1:]):
+        peaks[idx] = np.maximum(parts_host[a:b].reshape(len(idx), k, nb).max(axis=2), 0.0)
+    strength, divisors = _strength_divisors(peaks, mode, threshold)
+    order = [i for _, idx in batches for i in idx]  # each batch's images one after another
+    params = ops.asarray(np.ascontiguousarray(np.concatenate([divisors[order], strength[order]], axis=1),
+                                              dtype=np.float32))
+    heatmaps: List[Optional[np.ndarray]] = [None] * n_images
+    labels: List[Optional[np.ndarray]] = [None] * n_images
+    start = 0
+    for ((h, w, H, Wo), idx), (ty, tx) in zip(batches, taps):
+        n = len(idx)
+        heat, lab = ops.empty((n, k, H, Wo), np.float32), ops.empty((n, H, Wo), np.int16)
+        kernels.dff_maps([blocks[i] for i in idx], ty, tx, h=h, w=w, params=params[start:start + n],
+                         threshold=threshold, heat=heat, labels=lab, fused=fused)
+        start += n
+        heat, lab = _host(heat), _host(lab)
+        for t, i in enumerate(idx):
+            heatmaps[i], labels[i] = heat[t], lab[t]
+    return heatmaps, strength, labels, loadings
+
+
+def _peak_blocks(pixels: int) -> int:
+    """Blocks per map of the peaks kernel: about 2048 pixels (8 a thread) each, at most 128."""
+    return int(min(128, max(1, -(-pixels // 2048))))
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_taps(n_out: int, n_in: int) -> np.ndarray:
+    """``bilinear_taps(n_out, n_in)`` as the map kernels read them: int32 (4 n_out,), the
+    indices i0, i1, then the bits of the weights w0, w1."""
+    i0, i1, w0, w1 = bilinear_taps(n_out, n_in)
+    return np.concatenate([i0.astype(np.int32), i1.astype(np.int32), w0.view(np.int32), w1.view(np.int32)])
+
+
+_DEVICE_TAPS: "OrderedDict[tuple, object]" = OrderedDict()
+_DEVICE_TAPS_LOCK = threading.Lock()
+_DEVICE_TAPS_MAX = 128
+
+
+def _device_taps(ops, n_out: int, n_in: int):
+    """``_packed_taps(n_out, n_in)`` on the current device of ``ops``, uploaded once per size
+    and device (the most recently used ``_DEVICE_TAPS_MAX`` kept)."""
+    key = (ops.name, ops.device(), int(n_out), int(n_in))
+    with _DEVICE_TAPS_LOCK:
+        taps = _DEVICE_TAPS.get(key)
+        if taps is not None:
+            _DEVICE_TAPS.move_to_end(key)
+            return taps
+    taps = ops.asarray(_packed_taps(int(n_out), int(n_in)))
+    ops.synchronize()  # complete before another stream reads it
+    with _DEVICE_TAPS_LOCK:
+        _DEVICE_TAPS[key] = taps
+        while len(_DEVICE_TAPS) > _DEVICE_TAPS_MAX:
+            _DEVICE_TAPS.popitem(last=False)
+    return taps
+
+
+def _reference_resample(A, H, W) -> np.ndarray:
+    """(n, k, h, w) float32 -> (n, k, H, W): the host resampler's taps (``bilinear_taps``) with
+    every product and sum rounded to float32 (no fused multiply-add), along x, then along y."""
+    A = np.asarray(A, dtype=np.float32)
+    iy0, iy1, wy0, wy1 = bilinear_taps(H, A.shape[2])
+    ix0, ix1, wx0, wx1 = bilinear_taps(W, A.shape[3])
+    r = A[..., ix0] * wx0 + A[..., ix1] * wx1
+    return r[..., iy0, :] * wy0[:, None] + r[..., iy1, :] * wy1[:, None]
+
+
+@functools.lru_cache(maxsize=1)
+def _host_resample_fuses() -> bool:
+    """Whether the CPU engine's resample_bilinear, as compiled here, blends two taps as
+    fma(w0, a0, w1*a1) rather than rounding both products and the sum (GCC contracts
+    ``w0*a0 + w1*a1`` so with its default -ffp-contract=fast on an FMA target such as
+    -march=native). The map kernels then do the same, so that the device's maps are the host's
+    bits. Decided once, on a small map whose pixels tell the two apart."""
+    A = np.random.default_rng(7).random((1, 2, 5, 6), dtype=np.float32)
+    return not np.array_equal(_NumpyOps().resample(A, 23, 17), _reference_resample(A, 23, 17))
 
 
 def _kmeans_labels(loadings, peaks, mode, sizes, threshold, k, n_iter: int = 50):
