@@ -5,9 +5,9 @@
 #   1. tests/test_cuda.py                                   (TEST_TIMEOUT, 60 s)
 #   2. cuda_bench.py --ab on CUDA_BENCH_ARGS                (BENCH_TIMEOUT, 50 s)
 #   3. compute-sanitizer racecheck over SAN_ONLY's cases of the driver (default: the column-split
-#      kernel's, "fast cols")                              (SAN_TIMEOUT, 50 s)
+#      kernel's and DFF's map kernels, "fast cols,dff maps")  (SAN_TIMEOUT, 50 s)
 #   4. benchmarks/profile_dff_device.py: one image's DFF after the extractor (DFF_PROFILE_TIMEOUT, 30 s)
-#   5. the gpu-marked tests of the NMF modules              (what is left)
+#   5. the gpu-marked tests of the NMF modules and of DFF    (what is left)
 #   6. compute-sanitizer memcheck over the whole driver     (what is left)
 # Everything under $OUT (logs, cuda_bench.json).
 set -o pipefail
@@ -37,7 +37,7 @@ t=$(limit "${BENCH_TIMEOUT:-50}")
 if (( t > 0 )); then
   # shellcheck disable=SC2086
   OUT="$OUT" timeout "$t" python3 "$ROOT/benchmarks/cuda_bench.py" --ab \
-    ${CUDA_BENCH_ARGS:---cases one,batch,square --variants rows} 2>&1 | tee "$OUT/cuda_bench.log" | tail -n 25
+    ${CUDA_BENCH_ARGS:---cases one,batch,tall,square --variants rows,gemm split} 2>&1 | tee "$OUT/cuda_bench.log" | tail -n 25
   stamp "cuda_bench: rc=$?"
 fi
 
@@ -49,7 +49,7 @@ sanitize() {  # tool seconds [SAN_ONLY]
 }
 
 t=$(limit "${SAN_TIMEOUT:-50}")
-(( t > 0 )) && sanitize racecheck "$t" "${SAN_ONLY:-fast cols}"
+(( t > 0 )) && sanitize racecheck "$t" "${SAN_ONLY:-fast cols,dff maps}"
 
 t=$(limit "${DFF_PROFILE_TIMEOUT:-30}")
 if (( t > 0 )); then
@@ -62,8 +62,8 @@ t=$(limit 90)
 if (( t > 0 )); then
   timeout "$t" python3 -m pytest -q -ra -p no:cacheprovider -m gpu \
     "$ROOT/tests/test_nmf.py" "$ROOT/tests/test_batched_api.py" "$ROOT/tests/test_group_sparse.py" \
-    "$ROOT/tests/test_nmf_inputs.py" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 8
-  stamp "gpu-marked NMF tests: rc=$?"
+    "$ROOT/tests/test_nmf_inputs.py" "$ROOT/tests/test_dff.py" 2>&1 | tee "$OUT/pytest_gpu.log" | tail -n 8
+  stamp "gpu-marked NMF and DFF tests: rc=$?"
 fi
 
 t=$(limit 60)
