@@ -123,7 +123,8 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     # its CUDA-core kernel's register budget forced (auto: one block per SM's when the launch's
     # blocks fit one to an SM); "rows" = its row-split kernel (two cluster barriers per
     # iteration; the default until session 15, when the column-split kernel, one barrier, took
-    # over: "cols C=4" / "cols C=16": that one's cluster size forced); "gemm" = the gemm engine
+    # over: "cols C=4" / "cols C=16": that one's cluster size forced; "cols gather": its W update
+    # split over the cluster, session 16, not yet timed); "gemm" = the gemm engine
     # forced (single problems too large for the resident engine; float32 and bf16x on split-tf32
     # tensor cores; one pass over X by default for tf32 and bf16x where the single-pass kernel
     # serves the shape), "gemm 1-pass" / "gemm 2-pass" = the single pass / the two-pass kernels
@@ -133,7 +134,8 @@ def case(name, B, m, n, k, iters, reps, precisions=("fp32",), torch_reps=3, dffk
     variants = [(p, None) for p in precisions]
     if AB and m * n <= (1 << 22):
         # the newest question first (rows are logged as they are timed)
-        variants += [("fp32", "rows"), ("fp32", "cols C=16"), ("fp32", "cols C=4"), ("bf16x", "rows"),
+        variants += [("fp32", "cols gather"), ("fp32", "cols gather C=16"),
+                     ("fp32", "rows"), ("fp32", "cols C=16"), ("fp32", "cols C=4"), ("bf16x", "rows"),
                      ("fp32", "general"), ("fp32", "tc"), ("bf16x", "tc"), ("fp32", "tc 1/SM"),
                      ("fp32", "regs 1/SM"), ("fp32", "regs 2/SM")]
     if B == 1 and m * n * k > (1 << 22):
@@ -217,6 +219,9 @@ VARIANT_ENV = {
     "cols": {"DFFKIT_CUDA_SMALL_COLS": "1"},
     "cols C=4": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_C": "4"},
     "cols C=16": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_C": "16"},
+    "cols gather": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_GATHER": "1"},
+    "cols gather C=16": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_GATHER": "1",
+                         "DFFKIT_CUDA_SMALL_COLS_C": "16"},
     "gemm simt": {"DFFKIT_CUDA_GEMM_SIMT": "1"},
     "gemm split": {"DFFKIT_CUDA_GEMM_SIMT": "0"},
     "gemm 1-pass": {"DFFKIT_CUDA_GEMM_FUSED": "1", "DFFKIT_CUDA_GEMM_SIMT": "0"},  # (float32: split tf32)

@@ -36,20 +36,26 @@ def solve(X, W, H, iters):
 SHAPES = [(1, 196, 512, 5, 200), (1, 196, 512, 5, 200), (528, 196, 512, 5, 100),
           (1, 196, 512, 8, 200), (1, 196, 512, 16, 200), (1, 784, 512, 5, 100)]
 # the row-split kernel (DFFKIT_CUDA_SMALL_COLS=0), then the column-split one (the default since
-# session 15; clusters of 16 too)
-for cols in (None, "auto", "16"):
+# session 15; clusters of 16 too; "gather": its W update split over the cluster,
+# DFFKIT_CUDA_SMALL_COLS_GATHER=1, session 16, not yet timed)
+for cols in (None, "auto", "16", "auto gather", "16 gather"):
     os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
     os.environ.pop("DFFKIT_CUDA_SMALL_COLS_C", None)
+    os.environ.pop("DFFKIT_CUDA_SMALL_COLS_GATHER", None)
     if cols:
         os.environ["DFFKIT_CUDA_SMALL_COLS"] = "1"
-        if cols != "auto":
-            os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = cols
+        size, _, gather = cols.partition(" ")
+        if size != "auto":
+            os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = size
+        if gather:
+            os.environ["DFFKIT_CUDA_SMALL_COLS_GATHER"] = "1"
     for B, m, n, k, iters in SHAPES[:3] if cols else SHAPES:
         print(f"-- {'cols ' + cols if cols else 'rows'} B={B} {m}x{n} k={k} {iters} it", flush=True)
         solve(*problem(B, m, n, k), iters)
         torch.cuda.synchronize()
 os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
 os.environ.pop("DFFKIT_CUDA_SMALL_COLS_C", None)
+os.environ.pop("DFFKIT_CUDA_SMALL_COLS_GATHER", None)
 
 # timing with the phase clock off (same build)
 os.environ["DFFKIT_CUDA_PROFILE"] = "0"
@@ -76,4 +82,9 @@ os.environ["DFFKIT_CUDA_SMALL_COLS"] = "1"
 print("column-split kernel:", flush=True)
 timed(1, 196, 512, 5, 200, 9)
 timed(4096, 196, 512, 5, 100, 3)
+os.environ["DFFKIT_CUDA_SMALL_COLS_GATHER"] = "1"
+print("column-split kernel, W update gathered:", flush=True)
+timed(1, 196, 512, 5, 200, 9)
+timed(4096, 196, 512, 5, 100, 3)
+os.environ.pop("DFFKIT_CUDA_SMALL_COLS_GATHER", None)
 os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"

@@ -124,7 +124,13 @@ if cuda.device_info(0)["cc"][0] >= 9:
           kernel="resident-fast-cols")
     check("fast cols update_H=False", X, W, H, engine="resident", max_iter=3, update_H=False,
           kernel="resident-fast-cols")
+    os.environ["DFFKIT_CUDA_SMALL_COLS_GATHER"] = "1"  # the W update split over the cluster
+    check("fast cols gather", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+    check("fast cols gather stopping rule", X, W, H, engine="resident", max_iter=30, tol=1e-2,
+          kernel="resident-fast-cols")
     os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = "16"
+    check("fast cols gather C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+    del os.environ["DFFKIT_CUDA_SMALL_COLS_GATHER"]
     check("fast cols C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
     os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
     del os.environ["DFFKIT_CUDA_SMALL_COLS_C"]

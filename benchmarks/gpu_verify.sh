@@ -37,7 +37,7 @@ t=$(limit "${BENCH_TIMEOUT:-50}")
 if (( t > 0 )); then
   # shellcheck disable=SC2086
   OUT="$OUT" timeout "$t" python3 "$ROOT/benchmarks/cuda_bench.py" --ab \
-    ${CUDA_BENCH_ARGS:---cases one,batch,tall,square --variants rows,gemm split} 2>&1 | tee "$OUT/cuda_bench.log" | tail -n 25
+    ${CUDA_BENCH_ARGS:---cases one,batch,tall,square --variants rows,gemm split,cols gather,cols gather C=16} 2>&1 | tee "$OUT/cuda_bench.log" | tail -n 25
   stamp "cuda_bench: rc=$?"
 fi
 

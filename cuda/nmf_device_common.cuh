@@ -59,6 +59,11 @@ struct KParams {
   // DFFKIT_CUDA_SMALL_COLS=0 or a switch of the row-split kernel. DFFKIT_CUDA_SMALL_COLS_C=C
   // (1, 2, 4, 8, 16) takes that cluster size where the problem fits it (0: from the shape).
   int small_cols = 0, small_cols_c = 0;
+  // DFFKIT_CUDA_SMALL_COLS_GATHER=1: the column-split kernel's W update split over the cluster's
+  // blocks (each block its slice of the rows from the C shares of X H^T, one more cluster
+  // barrier, then the other rows copied from their owners: about 2 m k distributed-shared-memory
+  // loads per block and iteration instead of C m k); the same bits. Not yet timed: off by default.
+  int small_cols_gather = 0;
 };
 
 __device__ __forceinline__ i64 group_of_row(const i64* goff, i64 ngroups, i64 row) {

@@ -190,6 +190,9 @@ __global__ void __launch_bounds__(SNT, MINB)
   const int ch = tid % NCH, rrow = tid / NCH;
   const int NQP = L.nqp, RS = SNT / NQP;   // P step: lanes per slice, row slices
   const int pq = tid % NQP, prs = tid / NQP;
+  // DFFKIT_CUDA_SMALL_COLS_GATHER: block r updates the rows [row_begin(r), row_begin(r + 1)) of W
+  const bool gather = q.small_cols_gather != 0 && C > 1;
+  auto row_begin = [&](int r) { return int(i64(r) * m / C); };
 
   double err_init = 0, err = 0, prev = 0;
   int it, n_iter = q.max_iter;
@@ -261,13 +264,29 @@ __global__ void __launch_bounds__(SNT, MINB)
     if (stopped || last_pass) break;
     {
       float* Ns = e_N(s);
-      for (int e = tid; e < mi * K; e += SNT) {
+      // every row of W (or, gathering, this block's slice of them): N from the C shares in
+      // rank order, then the multiplicative step
+      const int eb = gather ? row_begin(rank) * K : 0, ee = gather ? row_begin(rank + 1) * K : mi * K;
+      for (int e = eb + tid; e < ee; e += SNT) {
         const int r = e / K, j = e - r * K;
         const float num = cluster_sum16(Ns, e, C);
         float base = 0.f;
 #pragma unroll
         for (int c = 0; c < K; ++c) base += Wo[r * K + c] * GH[c * K + j];
         Wn[e] = j < k ? mu_step(Wo[e], num, base, l1W, l2W, 0.f) : 0.f;
+      }
+      if (gather) {
+        // every slice is written; the other rows from their owners' Wn (an owner writes that
+        // buffer again two iterations on, after two barriers this block reaches only after
+        // these reads)
+        cluster_barrier(C);
+        int owner = 0;
+        for (int e = tid; e < mi * K; e += SNT) {
+          const int r = e / K;
+          while (owner > 0 && row_begin(owner) > r) --owner;
+          while (owner + 1 < C && row_begin(owner + 1) <= r) ++owner;
+          if (owner != rank) Wn[e] = cluster_peer(Wn, owner, C)[e];
+        }
       }
       __syncthreads();
     }

@@ -308,14 +308,16 @@ def _small_problem(B, m, n, k, seed):
 
 
 def _run_small(exe, tmp_path, X, W, H, *, C, bf16=False, tc=False, cols=False, max_iter=30, tol=0.0,
-               pen=(0, 0, 0, 0), mu=0.0, update_H=True, skew_us=0):
+               pen=(0, 0, 0, 0), mu=0.0, update_H=True, skew_us=0, gather=False):
     """One launch of the fast path on the emulator (cols: the column-split kernel; skew_us: rank r
-    held back r x skew_us after every cluster barrier)."""
+    held back r x skew_us after every cluster barrier; gather: its W update split over the
+    cluster, DFFKIT_CUDA_SMALL_COLS_GATHER)."""
     B, m, n = X.shape
     k = W.shape[2]
-    d = tmp_path / f"small_{B}_{m}_{n}_{k}_{C}_{int(bf16)}_{int(tc)}_{int(cols)}_{max_iter}_{skew_us}"
+    d = tmp_path / f"small_{B}_{m}_{n}_{k}_{C}_{int(bf16)}_{int(tc)}_{int(cols)}_{max_iter}_{skew_us}_{int(gather)}"
     d.mkdir()
-    meta = dict(B=B, m=m, n=n, k=k, C=C, bf16=int(bf16), tc=int(tc), cols=int(cols), max_iter=max_iter, tol=tol,
+    meta = dict(B=B, m=m, n=n, k=k, C=C, bf16=int(bf16), tc=int(tc), cols=int(cols), gather=int(gather),
+                max_iter=max_iter, tol=tol,
                 l1_W=pen[0], l2_W=pen[1],
                 l1_H=pen[2], l2_H=pen[3], mu=mu, update_H=int(update_H))
     (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))

@@ -44,6 +44,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   q.l1_H = std::stod(meta["l1_H"]); q.l2_H = std::stod(meta["l2_H"]);
   q.mu = std::stod(meta["mu"]);
   q.update_H = std::stoi(meta["update_H"]);
+  q.small_cols_gather = meta.count("gather") ? std::stoi(meta["gather"]) : 0;
   std::vector<SmallDesc> descs(static_cast<std::size_t>(B));
   for (i64 b = 0; b < B; ++b)
     descs[std::size_t(b)] = SmallDesc{X.data() + b * m * n, W.data() + b * m * k, H.data() + b * k * n, m, n, k};
