@@ -541,7 +541,7 @@ cuda::FitResult sweep_solve(const Item& item, const Problem& p, const Options& o
                         : std::max<i64>(1, std::min<i64>(std::min<i64>(tiles, 264), max_parts));
   const i64 nbd = fp.use ? fp.blocks : GEMM ? plan.n_blocks : nb;
   const i64 nbh = (n + NT - 1) / NT;
-  const i64 nbe = std::min<i64>(m, 1024);
+  const i64 nbe = error_blocks(m, n);
   const i64 nchunks = (m * n + 4095) / 4096;
 
   State* st; T *GH, *GW, *rs, *colsum, *Gpart, *cspart, *Ppart, *gR; double *d0p, *ggp, *php,

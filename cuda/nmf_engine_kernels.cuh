@@ -656,20 +656,126 @@ __global__ void group_norm_kernel(const State* st, const T* W, const i64* goff, 
   out[p] = std::sqrt(s);
 }
 
+// error_kernel's tiling: tiles of EBM x EBN elements of X; W's EBM x EKC and H's EKC x EBN
+// slices staged in shared memory (EKC columns of W at a time); each thread an
+// ETM x ETN register tile of W H: rows ty ETM + a (contiguous: W's values as 16-byte broadcast
+// loads), columns tx + ETX b (a warp on 32 consecutive columns: conflict-free H loads, coalesced
+// X loads).
+constexpr int EBM = 64, EBN = 128, EKC = 16, ETM = 8, ETN = 4, ETX = EBN / ETN;
+static_assert((EBM / ETM) * ETX == NT, "error_kernel: one register tile per thread");
+
+/// error_kernel's blocks (and partials) for an m x n X: one per tile, at most 1024; from the
+/// shape only, so the partials and the order of their sum do not change from run to run.
+DFFKIT_HD i64 error_blocks(i64 m, i64 n) {
+  const i64 tiles = ((m + EBM - 1) / EBM) * ((n + EBN - 1) / EBN);
+  return tiles < 1 ? 1 : tiles < 1024 ? tiles : 1024;
+}
+
+/// 16 bytes of T, for shared-memory loads of that width.
+template <class T>
+struct alignas(16) Pack16 {
+  T v[16 / sizeof(T)];
+};
+
+/// acc[a][b] += W[i][j] H[j][l] over the kc staged columns j in order, from the W slice ws
+/// (EKC x WLD, transposed) and the H slice hs (EKC x EBN).
+template <class T, int WLD>
+__device__ __forceinline__ void error_products(T (&acc)[ETM][ETN], const T* ws, const T* hs,
+                                               int kc, int tx, int ty) {
+  constexpr int P = 16 / sizeof(T);
+  auto step = [&](int j) {
+    T wv[ETM], hv[ETN];
+    const Pack16<T>* wp = reinterpret_cast<const Pack16<T>*>(ws + j * WLD + ty * ETM);
+#pragma unroll
+    for (int q = 0; q < ETM / P; ++q) {
+      const Pack16<T> w = wp[q];
+#pragma unroll
+      for (int u = 0; u < P; ++u) wv[q * P + u] = w.v[u];
+    }
+#pragma unroll
+    for (int b = 0; b < ETN; ++b) hv[b] = hs[j * EBN + tx + ETX * b];
+#pragma unroll
+    for (int a = 0; a < ETM; ++a)
+#pragma unroll
+      for (int b = 0; b < ETN; ++b) acc[a][b] += wv[a] * hv[b];
+  };
+  if (kc == EKC) {
+#pragma unroll
+    for (int j = 0; j < EKC; ++j) step(j);
+  } else {
+#pragma unroll 2
+    for (int j = 0; j < kc; ++j) step(j);
+  }
+}
+
 /// Full-pass error partials: per block the sum of error_terms (x - wh)^2 (Frobenius) or the
-/// divergence's terms (KL); rows b, b + NBE, ...
+/// divergence's terms (KL) over tiles b, b + gridDim.x, ... (error_blocks blocks; any grid
+/// gives the same total). Each wh summed over j = 0 .. k-1 in order, in T, as W H's element.
+/// Registers (ptxas, sm_90): float32 in 128, no spills, two blocks an SM (163 where not
+/// bounded; at 80 it spills); float64 227 (its accumulators alone 64; at 128 it spills).
 template <class T, class XS>
-__global__ void __launch_bounds__(NT) error_kernel(const State* st, const XS* X, const T* W,
-                                                   const T* H, i64 m, i64 n, int k, int kl,
-                                                   double* spart) {
+__global__ void __launch_bounds__(NT, sizeof(T) == 4 ? 2 : 1)
+    error_kernel(const State* st, const XS* X, const T* W, const T* H, i64 m, i64 n, int k, int kl,
+                 double* spart) {
   if (st->stopped) return;
+  constexpr int P = 16 / int(sizeof(T));
+  constexpr int WLD = EBM + P;  // W slice's row stride: 16-byte rows, conflict-free stores
+  constexpr int NWS = EBM * EKC / NT, NHS = EKC * EBN / NT;  // staged values per thread
+  static_assert(NWS * NT == EBM * EKC && NHS * NT == EKC * EBN && EKC % 8 == 0, "error_kernel staging");
   DFFKIT_SHARED(double, red, [NT]);
+  DFFKIT_SHARED(Pack16<T>, wsp, [EKC * WLD / P]);
+  DFFKIT_SHARED(Pack16<T>, hsp, [EKC * EBN / P]);
+  T* ws = &wsp[0].v[0];
+  T* hs = &hsp[0].v[0];
+  const int tid = threadIdx.x, tx = tid % ETX, ty = tid / ETX;
+  const i64 mt = (m + EBM - 1) / EBM, nt = (n + EBN - 1) / EBN;
   double s = 0;
-  for (i64 i = blockIdx.x; i < m; i += gridDim.x) {
-    for (i64 l = threadIdx.x; l < n; l += NT) {
-      T wh = T(0);
-      for (int j = 0; j < k; ++j) wh += W[i * k + j] * H[j * n + l];
-      error_terms(xget<T>(X + i * n + l), wh, kl != 0, s);
+  for (i64 t = blockIdx.x; t < mt * nt; t += gridDim.x) {
+    const i64 r0 = (t / nt) * EBM, c0 = (t % nt) * EBN;
+    T acc[ETM][ETN];
+#pragma unroll
+    for (int a = 0; a < ETM; ++a)
+#pragma unroll
+      for (int b = 0; b < ETN; ++b) acc[a][b] = T(0);
+    // the next slices in registers while the block multiplies the staged ones; W's read 8
+    // columns x 4 rows a warp (32-byte pieces of its rows), H's along its rows; zeros outside
+    T wr[NWS], hr[NHS];
+    auto fetch = [&](int k0) {
+#pragma unroll
+      for (int p = 0; p < NWS; ++p) {
+        const int e = tid + p * NT, rest = e / 8, r = rest % EBM, j = (rest / EBM) * 8 + e % 8;
+        const i64 i = r0 + r;
+        wr[p] = i < m && k0 + j < k ? W[i * k + k0 + j] : T(0);
+      }
+#pragma unroll
+      for (int p = 0; p < NHS; ++p) {
+        const int e = tid + p * NT, j = e / EBN, c = e % EBN;
+        const i64 l = c0 + c;
+        hr[p] = k0 + j < k && l < n ? H[i64(k0 + j) * n + l] : T(0);
+      }
+    };
+    fetch(0);
+    for (int k0 = 0; k0 < k; k0 += EKC) {
+      __syncthreads();  // the block is done with the slices staged before
+#pragma unroll
+      for (int p = 0; p < NWS; ++p) {
+        const int e = tid + p * NT, rest = e / 8, r = rest % EBM, j = (rest / EBM) * 8 + e % 8;
+        ws[j * WLD + r] = wr[p];
+      }
+#pragma unroll
+      for (int p = 0; p < NHS; ++p) hs[tid + p * NT] = hr[p];
+      __syncthreads();
+      if (k0 + EKC < k) fetch(k0 + EKC);
+      error_products<T, WLD>(acc, ws, hs, k - k0 < EKC ? k - k0 : EKC, tx, ty);
+    }
+#pragma unroll
+    for (int a = 0; a < ETM; ++a) {
+      const i64 i = r0 + ty * ETM + a;
+#pragma unroll
+      for (int b = 0; b < ETN; ++b) {
+        const i64 l = c0 + tx + ETX * b;
+        if (i < m && l < n) error_terms(xget<T>(X + i * n + l), acc[a][b], kl != 0, s);
+      }
     }
   }
   s = block_sum(s, red);

@@ -837,3 +837,115 @@ def test_float32_error_is_measured_not_cancelled(small_emu, resident_emu, driver
     assert e0 == pytest.approx(_true_error(X, W, H), rel=1e-4)
     assert e == pytest.approx(_true_error(X, Wg, Hg), rel=1e-3)
     assert n_iter == ic["n_iter"]
+
+
+# ---- the full-pass error kernel (error_kernel, cuda/nmf_engine_kernels.cuh): register tiles ------
+
+@pytest.fixture(scope="module")
+def error_emu(tmp_path_factory):
+    return _build(tmp_path_factory, "error_emu.cpp")
+
+
+def _run_error(exe, d, X, W, H, *, dtype, kl=False, blocks=0, stopped=False):
+    """error_kernel's per-block partials for X (stored as bfloat16 for dtype bf16x), W, H, launched
+    on `blocks` blocks (0: as the engines launch it), and the engines' block count."""
+    m, n = X.shape
+    k = W.shape[1]
+    T = np.float64 if dtype == "f64" else np.float32
+    d.mkdir()
+    meta = dict(m=m, n=n, k=k, dtype=dtype, kl=int(kl), blocks=blocks, stopped=int(stopped))
+    (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
+    if dtype == "bf16x":
+        _bf16_round(X)[0].tofile(d / "X.bin")
+    else:
+        np.ascontiguousarray(X, dtype=T).tofile(d / "X.bin")
+    np.ascontiguousarray(W, dtype=T).tofile(d / "W.bin")
+    np.ascontiguousarray(H, dtype=T).tofile(d / "H.bin")
+    done = subprocess.run([str(exe), str(d)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return np.fromfile(d / "spart.bin", dtype=np.float64), int((d / "blocks.txt").read_text())
+
+
+def _error_oracle(X, W, H, kl):
+    """sum (x - wh)^2, or the KL divergence's terms x log(x / max(wh, eps)) - x + wh (x > eps; wh
+    otherwise), in float64 from the values the kernel reads."""
+    X64, WH = X.astype(np.float64), W.astype(np.float64) @ H.astype(np.float64)
+    if not kl:
+        return float(np.sum((X64 - WH) ** 2))
+    eps = float(np.finfo(np.float32).eps)
+    pos = X64 > eps
+    x, wh = X64[pos], WH[pos]
+    return float(np.sum(x * np.log(x / np.maximum(wh, eps)) - x + wh) + np.sum(WH[~pos]))
+
+
+# shapes that are no multiple of a tile, one row, one column, several tiles both ways
+ERROR_SHAPES = [(37, 29), (130, 70), (1, 300), (300, 1), (130, 300)]
+# one column of W; within one staged slice of k (float64: 16, float32: 32); just past one; several
+ERROR_KS = [1, 5, 17, 33, 64, 100]
+
+
+@pytest.mark.parametrize("kl", [False, True], ids=["frobenius", "kl"])
+@pytest.mark.parametrize("dtype", ["f32", "f64", "bf16x"])
+def test_error_kernel_matches_float64_oracle(error_emu, tmp_path, dtype, kl):
+    """The error pass's total (its partials summed in order, as finalize_kernel does) against
+    float64 numpy, from the values the kernel reads (X rounded to bfloat16 for bf16x): X with
+    zeros (KL's wh-only terms) and a zero row of W (wh below eps)."""
+    T = np.float64 if dtype == "f64" else np.float32
+    rtol = 1e-12 if dtype == "f64" else 1e-6  # measured: 4e-16, 2e-8
+    for m, n in ERROR_SHAPES:
+        for k in ERROR_KS:
+            rng = np.random.default_rng(m * 1000 + n + k)
+            X = rng.random((m, n))
+            X[rng.random((m, n)) < 0.2] = 0
+            W = rng.random((m, k)) * np.sqrt(2 / k)
+            H = rng.random((k, n)) * np.sqrt(2 / k)
+            if m > 2:
+                W[m // 2] = 0
+            X, W, H = X.astype(T), W.astype(T), H.astype(T)
+            Xr = _bf16_round(X)[1].reshape(X.shape) if dtype == "bf16x" else X
+            spart, blocks = _run_error(error_emu, tmp_path / f"{m}_{n}_{k}", X, W, H, dtype=dtype, kl=kl)
+            assert len(spart) == blocks and 1 <= blocks <= 1024
+            total = sum(float(v) for v in spart)
+            assert total == pytest.approx(_error_oracle(Xr, W, H, kl), rel=rtol), (m, n, k)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64", "bf16x"])
+def test_error_kernel_tiles_cover_every_element_once(error_emu, tmp_path, dtype):
+    """Integer W, H in {0, 1} and X = W H + (1, 2 or 3): every element's term is a positive
+    integer, every sum exact, so an element dropped (a partial tile, a tail of k) or counted
+    twice, or a product from the wrong row or column, changes the total: it equals the oracle
+    exactly, on the engines' grid and on two blocks that walk all the tiles."""
+    T = np.float64 if dtype == "f64" else np.float32
+    for m, n in ERROR_SHAPES + [(65, 129), (200, 257)]:
+        for k in (1, 16, 17, 32, 33, 100):
+            rng = np.random.default_rng(m + n + k)
+            W = rng.integers(0, 2, (m, k)).astype(T)
+            H = rng.integers(0, 2, (k, n)).astype(T)
+            X = (W.astype(np.float64) @ H + rng.integers(1, 4, (m, n))).astype(T)  # <= 103: exact in bfloat16
+            want = _error_oracle(X, W, H, False)
+            for blocks in (0, 2):
+                spart, _ = _run_error(error_emu, tmp_path / f"{m}_{n}_{k}_{blocks}", X, W, H, dtype=dtype,
+                                      blocks=blocks)
+                assert (spart >= 0).all(), "every block writes its partial"
+                assert sum(float(v) for v in spart) == want, (m, n, k, blocks)
+
+
+def test_error_kernel_returns_once_stopped(error_emu, tmp_path):
+    """After the stopping rule fired (State::stopped) the pass writes nothing."""
+    X, W, H = _resident_problem(70, 40, 5, seed=1)
+    spart, blocks = _run_error(error_emu, tmp_path / "stopped", X, W, H, dtype="f32", stopped=True)
+    assert len(spart) == blocks and (spart == -7).all()
+
+
+@pytest.mark.parametrize("sanitizer", ["thread", "address"])
+def test_error_kernel_under_sanitizers(tmp_path_factory, tmp_path, sanitizer):
+    """ThreadSanitizer: a slice restaged while a thread still multiplies the previous one is a
+    race; AddressSanitizer: a read past W, H or X at the last row, column or column of W."""
+    exe = _sanitized(tmp_path_factory, sanitizer, "error_emu.cpp")
+    for dtype, (m, n, k), blocks in (("f32", (130, 150, 33), 2), ("f64", (70, 29, 17), 0),
+                                     ("bf16x", (65, 129, 40), 0)):
+        X, W, H = _resident_problem(m, n, k, np.float64 if dtype == "f64" else np.float32, seed=k)
+        Xr = _bf16_round(X)[1].reshape(X.shape) if dtype == "bf16x" else X
+        for kl in (False, True):
+            spart, _ = _run_error(exe, tmp_path / f"{dtype}_{kl}", X, W, H, dtype=dtype, kl=kl, blocks=blocks)
+            assert sum(spart) == pytest.approx(_error_oracle(Xr, W, H, kl), rel=1e-5)

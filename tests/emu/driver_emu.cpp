@@ -57,7 +57,7 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   // nb: partials of P and G_W; nbd: of the first iteration's error terms
   const i64 nb = fp.use ? fp.blocks : GEMM ? plan.slices : std::max<i64>(1, std::min<i64>(tiles, 264));
   const i64 nbd = fp.use ? fp.blocks : GEMM ? plan.n_blocks : nb, nbh = (n + NT - 1) / NT,
-            nbe = std::min<i64>(m, 1024);
+            nbe = error_blocks(m, n);
   const auto z = [](i64 v) { return static_cast<std::size_t>(v); };
   std::vector<State> st(1, State{});
   std::vector<T> GH(z((GEMM ? plan.h_slices : 1) * k * k)), GW(z(k * k)), rs(z(k)), colsum(z(k)),
