@@ -208,6 +208,9 @@ def _view(x, name="X") -> _View:
                      x.is_contiguous(), x)
     if isinstance(x, DeviceArray):
         return _View(x.ptr, x.shape, x.dtype, x.device, 0, "dffkit", True, x)
+    if _is_cupy(x):  # its own attributes: no interface dict to build, no pointer query
+        return _View(int(x.data.ptr), tuple(int(s) for s in x.shape), np.dtype(x.dtype), int(x.device.id),
+                     _stream_of(x), "cupy", bool(x.flags.c_contiguous), x)
     cai = None
     try:
         cai = x.__cuda_array_interface__
@@ -612,6 +615,9 @@ def _raw_device_array(x, name, dtype, shape=None):
             raise ValueError(f"{name} is a CPU tensor; pass a CUDA tensor")
         got, ptr = str(x.dtype).replace("torch.", ""), x.data_ptr()
         got_shape, contiguous = tuple(x.shape), x.is_contiguous()
+    elif _is_cupy(x):
+        got, ptr = np.dtype(x.dtype).name, int(x.data.ptr)
+        got_shape, contiguous = tuple(int(s) for s in x.shape), bool(x.flags.c_contiguous)
     else:
         try:
             cai = x.__cuda_array_interface__
