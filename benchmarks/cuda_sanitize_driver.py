@@ -94,10 +94,12 @@ check("gemm bf16x", X, W, H, precision="bf16x", tol=5e-2, engine="gemm")
 X, W, H = problem(150, 45, 11, np.float64)
 check("gemm float64", X, W, H, engine="gemm")
 # its single pass (sm_90): every column-tile count, padded columns, the largest layout (n = 512,
-# k = 32), tf32 (DFFKIT_CUDA_GEMM_FUSED=1: float32 X takes the two passes by default); then the
-# same shape on the two-pass kernels (DFFKIT_CUDA_GEMM_FUSED=0)
+# k = 32), tf32 (DFFKIT_CUDA_GEMM_FUSED=1: float32 X takes the two passes by default; and
+# DFFKIT_CUDA_GEMM_SIMT=0: at 16 < k <= 32 it takes CUDA cores, which the single pass lacks); then
+# the same shape on the two-pass kernels (DFFKIT_CUDA_GEMM_FUSED=0)
 if cuda.device_info(0)["cc"][0] >= 9:
     os.environ["DFFKIT_CUDA_GEMM_FUSED"] = "1"
+    os.environ["DFFKIT_CUDA_GEMM_SIMT"] = "0"
     for k in (3, 20, 32):
         X, W, H = problem(150, 68, k)
         check(f"gemm fused k={k}", X, W, H, engine="gemm", kernel="gemm-fused")
@@ -111,7 +113,7 @@ if cuda.device_info(0)["cc"][0] >= 9:
           kernel="gemm-fused")
     os.environ["DFFKIT_CUDA_GEMM_FUSED"] = "0"
     check("gemm two-pass n=512 k=32", X, W, H, engine="gemm", max_iter=2, kernel="gemm")
-    del os.environ["DFFKIT_CUDA_GEMM_FUSED"]
+    del os.environ["DFFKIT_CUDA_GEMM_FUSED"], os.environ["DFFKIT_CUDA_GEMM_SIMT"]
 # the fast path's column-split kernel (DFFKIT_CUDA_SMALL_COLS=1, sm_90): clusters of 8 and 16
 # (non-portable), the stopping rule (decided one cluster barrier late), bfloat16 X, fixed H
 if cuda.device_info(0)["cc"][0] >= 9:

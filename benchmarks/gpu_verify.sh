@@ -3,7 +3,8 @@
 # onnxruntime): build from the packed objects (gpu_final.sh --pack, carry .gpu_pack), then, in
 # this order, each under its own limit and only while DEADLINE (seconds, default 200) allows:
 #   1. tests/test_cuda.py                                   (TEST_TIMEOUT, 60 s)
-#   2. cuda_bench.py --ab on CUDA_BENCH_ARGS                (BENCH_TIMEOUT, 50 s)
+#   2. cuda_bench.py --ab --cases BENCH_CASES --variants BENCH_VARIANTS  (BENCH_TIMEOUT, 50 s)
+#      (each one word, commas between: a variant's name may hold spaces)
 #   3. compute-sanitizer racecheck over SAN_ONLY's cases of the driver (default: the column-split
 #      kernel's and DFF's map kernels, "fast cols,dff maps")  (SAN_TIMEOUT, 50 s)
 #   4. benchmarks/profile_dff_device.py: one image's DFF after the extractor (DFF_PROFILE_TIMEOUT, 30 s)
@@ -35,9 +36,9 @@ cd /tmp || exit 1
 
 t=$(limit "${BENCH_TIMEOUT:-50}")
 if (( t > 0 )); then
-  # shellcheck disable=SC2086
   OUT="$OUT" timeout "$t" python3 "$ROOT/benchmarks/cuda_bench.py" --ab \
-    ${CUDA_BENCH_ARGS:---cases one,batch,tall,square --variants rows,gemm split,cols gather,cols gather C=16} 2>&1 | tee "$OUT/cuda_bench.log" | tail -n 25
+    --cases "${BENCH_CASES:-one,batch,tall,square}" \
+    --variants "${BENCH_VARIANTS:-rows,gemm split,cols gather,cols gather C=16}" 2>&1 | tee "$OUT/cuda_bench.log" | tail -n 25
   stamp "cuda_bench: rc=$?"
 fi
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# gpu_verify.sh, then DFF end to end on onnxruntime-gpu (issue 7), in one command on a machine
+# where an earlier call of the same lease left the first part of onnxruntime-gpu in /tmp/ortw
+# (carry .ortslim1: `mkdir -p /tmp/ortw && cp .ortslim1/* /tmp/ortw/`); this call carries
+# .ortslim2 and .gpu_pack. onnxruntime is unpacked in the background while the CUDA checks run.
+# Everything lands in $OUT/gpu_out.tgz, packed again after each stage (a command stopped at its
+# limit keeps the last archive). VERIFY_DEADLINE (default 230) bounds gpu_verify.sh,
+# DFF_BENCH_TIMEOUT (default 120) the DFF bench.
+set -o pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+FINAL_OUT="${OUT:-$ROOT/gpu_out}"
+STAGE=/tmp/gpu_verify_out
+rm -rf "$STAGE" && mkdir -p "$STAGE" "$FINAL_OUT"
+pack() { tar czf "$FINAL_OUT/gpu_out.tgz.part" -C "$STAGE" . && mv "$FINAL_OUT/gpu_out.tgz.part" "$FINAL_OUT/gpu_out.tgz"; }
+SECONDS=0
+stamp() { echo "== [$SECONDS s] $*"; }
+
+for d in "$ROOT"/.ortslim*/; do [[ -d "$d" ]] && mkdir -p /tmp/ortw && cp "$d"/* /tmp/ortw/; done
+ort_ready=0
+if ls /tmp/ortw/ort_slim.tar.xz.part* > /dev/null 2>&1 \
+   && [[ "$(ls /tmp/ortw/ort_slim.tar.xz.part* | wc -l)" == "$(cat /tmp/ortw/NPARTS 2>/dev/null)" ]]; then
+  mkdir -p /tmp/site
+  (cat /tmp/ortw/ort_slim.tar.xz.part* | xz -d -T4 | tar -x -C /tmp/site && touch /tmp/site/.done) &
+  ort_ready=1
+else
+  stamp "onnxruntime-gpu: not every part is here (was the machine the same warm one?): no DFF bench"
+fi
+
+OUT="$STAGE" DEADLINE="${VERIFY_DEADLINE:-230}" bash "$ROOT/benchmarks/gpu_verify.sh" 2>&1 | tee "$STAGE/verify.log"
+pack
+stamp "gpu_verify.sh done"
+
+# the module gpu_verify.sh built (gpu_check.sh's prebuilt route installs it there)
+[[ -f /tmp/dffkit_site/dffkit/__init__.py ]] && export PYTHONPATH="/tmp/dffkit_site${PYTHONPATH:+:$PYTHONPATH}"
+if (( ort_ready )); then
+  wait
+  if [[ -f /tmp/site/.done ]]; then
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    stamp "onnxruntime: $(python3 -c 'import onnxruntime as o; print(o.__version__, o.get_available_providers())' 2>&1)"
+    (cd /tmp && timeout "${DFF_BENCH_TIMEOUT:-120}" python3 "$ROOT/benchmarks/bench_dff.py" --device cuda \
+       ${DFF_BENCH_ARGS:---models vgg16} --out "$STAGE/dff_cuda" 2>&1 | tee "$STAGE/bench_dff.log" | tail -n 30)
+    stamp "bench_dff: rc=$?"
+  else
+    stamp "onnxruntime-gpu did not unpack"
+  fi
+  pack
+fi
+stamp "all done"
