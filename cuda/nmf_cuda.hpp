@@ -74,9 +74,14 @@ void random_init_strided(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, s
 double fixed_order_sum(std::uintptr_t X, std::int64_t count, DType dt, bool square,
                        std::uintptr_t stream);
 
-/// (min value, whether any value is NaN or +-inf) of count elements.
-std::pair<double, bool> check_values(std::uintptr_t X, std::int64_t count, DType dt,
-                                     std::uintptr_t stream);
+/// One pass over count elements: the minimum of the finite values, whether any value is NaN
+/// or +-inf, and the sum of the finite values' squares (float64; a fixed tree order).
+struct ValueStats {
+  double min;
+  bool nonfinite;
+  double sum_sq;
+};
+ValueStats check_values(std::uintptr_t X, std::int64_t count, DType dt, std::uintptr_t stream);
 
 /// Device memory for the Python device buffer.
 std::uintptr_t device_malloc(std::int64_t bytes, int device);

@@ -3,11 +3,13 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <vector>
 
 #include "nmf_detail.hpp"
+#include "nmf_sums.cuh"
 #include "philox.hpp"
 
 namespace dffkit {
@@ -15,7 +17,6 @@ namespace cuda_detail {
 namespace {
 
 using i64 = std::int64_t;
-constexpr i64 kChunk = 4096;  // = kMeanChunk of the CPU engine
 
 struct Pool {
   std::mutex mutex;
@@ -25,49 +26,6 @@ struct Pool {
 Pool& pool() {
   static Pool* p = new Pool;  // never destroyed: blocks may be returned during interpreter exit
   return *p;
-}
-
-template <class T>
-__global__ void chunk_sum_kernel(const T* X, i64 count, int square, double* part) {
-  const i64 c = i64(blockIdx.x) * blockDim.x + threadIdx.x;
-  const i64 nc = (count + kChunk - 1) / kChunk;
-  if (c >= nc) return;
-  const i64 b = c * kChunk, e = b + kChunk < count ? b + kChunk : count;
-  double s = 0;
-  if (square) {
-    for (i64 i = b; i < e; ++i) s += double(X[i]) * double(X[i]);
-  } else {
-    for (i64 i = b; i < e; ++i) s += double(X[i]);
-  }
-  part[c] = s;
-}
-
-__global__ void ordered_total_kernel(const double* part, i64 nc, double* out) {
-  if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  double s = 0;
-  for (i64 c = 0; c < nc; ++c) s += part[c];
-  *out = s;
-}
-
-template <class T>
-__global__ void chunk_sum_batched_kernel(const T* X, i64 B, i64 count, double* part) {
-  const i64 nc = (count + kChunk - 1) / kChunk;
-  const i64 idx = i64(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= B * nc) return;
-  const i64 b = idx / nc, c = idx - b * nc;
-  const T* x = X + b * count;
-  const i64 e = (c + 1) * kChunk < count ? (c + 1) * kChunk : count;
-  double s = 0;
-  for (i64 i = c * kChunk; i < e; ++i) s += double(x[i]);
-  part[idx] = s;
-}
-
-__global__ void ordered_total_batched_kernel(const double* part, i64 B, i64 nc, double* out) {
-  const i64 b = i64(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  double s = 0;
-  for (i64 c = 0; c < nc; ++c) s += part[b * nc + c];
-  out[b] = s;
 }
 
 /// out[b, i] = sqrt(mean(X_b) / k) |N(0,1)| of element i of stream `stream_id` under seed + b.
@@ -82,30 +40,69 @@ __global__ void random_fill_kernel(T* out, i64 B, i64 per, const double* totals,
   }
 }
 
-template <class T>
-__global__ void check_values_kernel(const T* X, i64 count, double* mins, int* nonfinite) {
-  __shared__ double smin[256];
-  __shared__ int sbad[256];
-  double mn = INFINITY;
-  int bad = 0;
-  for (i64 i = i64(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
-       i += i64(gridDim.x) * blockDim.x) {
-    const double v = double(X[i]);
-    if (!isfinite(v)) bad = 1; else if (v < mn) mn = v;
-  }
+/// The block's (256 threads) minimum of mn, "or" of bad and sum of sq, in smin[0], sbad[0] and
+/// ssq[0] on return (the sums in a fixed tree order).
+__device__ void block_stats(double mn, int bad, double sq, double* smin, int* sbad, double* ssq) {
   smin[threadIdx.x] = mn;
   sbad[threadIdx.x] = bad;
+  ssq[threadIdx.x] = sq;
   __syncthreads();
   for (int s = 128; s > 0; s >>= 1) {
     if (threadIdx.x < s) {
       smin[threadIdx.x] = fmin(smin[threadIdx.x], smin[threadIdx.x + s]);
       sbad[threadIdx.x] |= sbad[threadIdx.x + s];
+      ssq[threadIdx.x] += ssq[threadIdx.x + s];
     }
     __syncthreads();
   }
+}
+
+/// Per block: the minimum of the finite values, whether any is not finite, the sum of the finite
+/// values' squares (partials: mins, nonfinite, sqs at blockIdx.x).
+template <class T>
+__global__ void check_values_kernel(const T* X, i64 count, double* mins, int* nonfinite, double* sqs) {
+  __shared__ double smin[256];
+  __shared__ int sbad[256];
+  __shared__ double ssq[256];
+  double mn = INFINITY, sq = 0;
+  int bad = 0;
+  for (i64 i = i64(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += i64(gridDim.x) * blockDim.x) {
+    const double v = double(X[i]);
+    if (!isfinite(v)) {
+      bad = 1;
+    } else {
+      if (v < mn) mn = v;
+      sq += v * v;
+    }
+  }
+  block_stats(mn, bad, sq, smin, sbad, ssq);
   if (threadIdx.x == 0) {
     mins[blockIdx.x] = smin[0];
     nonfinite[blockIdx.x] = sbad[0];
+    sqs[blockIdx.x] = ssq[0];
+  }
+}
+
+/// check_values_kernel's `blocks` partials into out[0] (the minimum), out[1] (the sum of
+/// squares) and the int at out + 2 (any non-finite): one block of 256, one copy to the host.
+__global__ void check_values_final_kernel(const double* mins, const int* nonfinite, const double* sqs,
+                                          int blocks, double* out) {
+  __shared__ double smin[256];
+  __shared__ int sbad[256];
+  __shared__ double ssq[256];
+  double mn = INFINITY, sq = 0;
+  int bad = 0;
+  for (int b = int(threadIdx.x); b < blocks; b += int(blockDim.x)) {
+    mn = fmin(mn, mins[b]);
+    bad |= nonfinite[b];
+    sq += sqs[b];
+  }
+  block_stats(mn, bad, sq, smin, sbad, ssq);
+  if (threadIdx.x == 0) {
+    out[0] = smin[0];
+    out[1] = ssq[0];
+    reinterpret_cast<int*>(out + 2)[0] = sbad[0];
   }
 }
 
@@ -175,15 +172,17 @@ int require_device_pointer(std::uintptr_t ptr, const char* name) {
 void launch_fixed_order_sum(const void* X, i64 count, cuda::DType dt, bool square,
                             double* scratch, double* out, cudaStream_t stream) {
   const i64 nc = (count + kChunk - 1) / kChunk;
-  const unsigned blocks = unsigned((nc + 127) / 128);
-  if (dt == cuda::DType::f32)
-    chunk_sum_kernel<float><<<blocks, 128, 0, stream>>>(static_cast<const float*>(X), count,
-                                                        square, scratch);
-  else
-    chunk_sum_kernel<double><<<blocks, 128, 0, stream>>>(static_cast<const double*>(X), count,
-                                                         square, scratch);
+  const unsigned blocks = sum_blocks(nc), threads = 32 * kSumWarps;
+  auto go = [&](auto kern, const auto* x) { kern<<<blocks, threads, 0, stream>>>(x, i64(1), count, scratch); };
+  if (dt == cuda::DType::f32) {
+    const auto* x = static_cast<const float*>(X);
+    if (square) go(chunk_sum_kernel<float, true>, x); else go(chunk_sum_kernel<float, false>, x);
+  } else {
+    const auto* x = static_cast<const double*>(X);
+    if (square) go(chunk_sum_kernel<double, true>, x); else go(chunk_sum_kernel<double, false>, x);
+  }
   DFFKIT_CUDA_CHECK_LAUNCH("chunk_sum_kernel");
-  ordered_total_kernel<<<1, 32, 0, stream>>>(scratch, nc, out);
+  ordered_total_kernel<<<1, 32, 0, stream>>>(scratch, 1, nc, out);
   DFFKIT_CUDA_CHECK_LAUNCH("ordered_total_kernel");
 }
 
@@ -268,11 +267,11 @@ void random_init_strided(std::uintptr_t X, std::uintptr_t W, std::uintptr_t H, i
   double* totals = part + B * nc;
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    chunk_sum_batched_kernel<T><<<unsigned((B * nc + 127) / 128), 128, 0, s>>>(
+    chunk_sum_kernel<T, false><<<sum_blocks(B * nc), 32 * kSumWarps, 0, s>>>(
         reinterpret_cast<const T*>(X), B, m * n, part);
-    DFFKIT_CUDA_CHECK_LAUNCH("chunk_sum_batched_kernel");
-    ordered_total_batched_kernel<<<unsigned((B + 127) / 128), 128, 0, s>>>(part, B, nc, totals);
-    DFFKIT_CUDA_CHECK_LAUNCH("ordered_total_batched_kernel");
+    DFFKIT_CUDA_CHECK_LAUNCH("chunk_sum_kernel");
+    ordered_total_kernel<<<sum_blocks(B), 32 * kSumWarps, 0, s>>>(part, B, nc, totals);
+    DFFKIT_CUDA_CHECK_LAUNCH("ordered_total_kernel");
     auto fill = [&](T* out, i64 per, std::uint32_t id) {
       const i64 blocks = std::min<i64>((B * per + 255) / 256, 8192);
       random_fill_kernel<T><<<unsigned(blocks), 256, 0, s>>>(out, B, per, totals, m * n, k, seed, id);
@@ -305,34 +304,34 @@ double fixed_order_sum(std::uintptr_t X, i64 count, DType dt, bool square, std::
   return total;
 }
 
-std::pair<double, bool> check_values(std::uintptr_t X, i64 count, DType dt, std::uintptr_t stream) {
+ValueStats check_values(std::uintptr_t X, i64 count, DType dt, std::uintptr_t stream) {
   if (count < 1) throw invalid_argument("dffkit._cuda.check_values: count must be >= 1");
   const int dev = require_device_pointer(X, "X");
   DeviceGuard guard(dev);
   cudaStream_t s = as_stream(stream);
   const int blocks = int(std::min<i64>((count + 255) / 256, 1024));
-  Workspace ws(dev, std::size_t(blocks) * (sizeof(double) + sizeof(int)));
-  double* mins = reinterpret_cast<double*>(ws.data());
-  int* bad = reinterpret_cast<int*>(mins + blocks);
+  // out (three doubles' room: the minimum, the sum of squares, then the flag), the blocks'
+  // minima and sums of squares, their flags
+  Workspace ws(dev, std::size_t(3 + 2 * blocks) * sizeof(double) + std::size_t(blocks) * sizeof(int));
+  double* out = reinterpret_cast<double*>(ws.data());
+  double* mins = out + 3;
+  double* sqs = mins + blocks;
+  int* bad = reinterpret_cast<int*>(sqs + blocks);
   if (dt == DType::f32)
     check_values_kernel<float><<<blocks, 256, 0, s>>>(reinterpret_cast<const float*>(X), count,
-                                                      mins, bad);
+                                                      mins, bad, sqs);
   else
     check_values_kernel<double><<<blocks, 256, 0, s>>>(reinterpret_cast<const double*>(X), count,
-                                                       mins, bad);
+                                                       mins, bad, sqs);
   DFFKIT_CUDA_CHECK_LAUNCH("check_values_kernel");
-  std::vector<double> hm(blocks);
-  std::vector<int> hb(blocks);
-  DFFKIT_CUDA_TRY(cudaMemcpyAsync(hm.data(), mins, blocks * sizeof(double), cudaMemcpyDeviceToHost, s));
-  DFFKIT_CUDA_TRY(cudaMemcpyAsync(hb.data(), bad, blocks * sizeof(int), cudaMemcpyDeviceToHost, s));
+  check_values_final_kernel<<<1, 256, 0, s>>>(mins, bad, sqs, blocks, out);
+  DFFKIT_CUDA_CHECK_LAUNCH("check_values_final_kernel");
+  double host[3];
+  DFFKIT_CUDA_TRY(cudaMemcpyAsync(host, out, sizeof(host), cudaMemcpyDeviceToHost, s));
   DFFKIT_CUDA_TRY(cudaStreamSynchronize(s));
-  double mn = INFINITY;
-  bool any_bad = false;
-  for (int b = 0; b < blocks; ++b) {
-    mn = std::min(mn, hm[b]);
-    any_bad = any_bad || hb[b] != 0;
-  }
-  return {mn, any_bad};
+  int any_bad = 0;
+  std::memcpy(&any_bad, &host[2], sizeof(int));
+  return {host[0], any_bad != 0, host[1]};
 }
 
 std::uintptr_t device_malloc(i64 bytes, int device) {

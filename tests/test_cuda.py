@@ -716,6 +716,30 @@ def test_torch_in_torch_out():
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("count", [1, 255, 256 * 1024 + 77, 3 * 256 * 1024 + 5])
+def test_value_stats_against_numpy(dtype, count):
+    """value_stats: the minimum of the finite values, whether any is NaN or infinite, and the sum
+    of the finite values' squares (float64), over sizes below one block, at the grid's limit of
+    1024 blocks and beyond it (a grid-stride loop), with NaN and infinities in place."""
+    import torch
+
+    rng = np.random.default_rng(count)
+    x = (rng.standard_normal(count) * 10 ** rng.uniform(-3, 3, count)).astype(dtype)
+    lo, bad, sq = _cuda_backend.value_stats(torch.from_numpy(x).cuda())
+    x64 = x.astype(np.float64)
+    assert lo == x64.min() and not bad
+    assert sq == pytest.approx(float(np.dot(x64, x64)), rel=1e-12)
+    if count > 2:
+        x[[0, count // 2]] = [np.nan, np.inf]
+        lo2, bad2, sq2 = _cuda_backend.value_stats(torch.from_numpy(x).cuda())
+        finite = x.astype(np.float64)[np.isfinite(x)]
+        assert bad2 and lo2 == finite.min()
+        assert sq2 == pytest.approx(float(np.dot(finite, finite)), rel=1e-12)
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_device_random_init_factors_are_fitted_in_place(monkeypatch):
     """init='random' on device X: the factors random_init made for the fit are updated in place
     and returned (no copies), with the same bits as a fit that copies them; a caller's own

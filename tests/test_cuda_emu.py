@@ -5,36 +5,18 @@ bounds of the last row and column tiles, the 4-wide and the scalar load paths, t
 partial sums, the W update's epilogue (penalties, groups, the first iteration's error terms). It
 does not check speed or anything the GPU adds (tests/test_cuda.py runs the engine there)."""
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
+from emu_harness import build
 EPS32 = float(np.finfo(np.float32).eps)
-
-
-def _compiler():
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
 
 
 def _build(tmp_path_factory, source, defines=()):
     """tests/emu/<source> compiled against the kernels (skip where there is no C++ compiler);
     defines: build switches of the kernels (NAME=VALUE)."""
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the CUDA emulator harness")
-    exe = tmp_path_factory.mktemp("emu") / Path(source).stem
-    cmd = [cxx, "-std=c++20", "-O2", "-pthread", f"-I{ROOT / 'cpp'}", f"-I{ROOT / 'cuda'}",
-           *(f"-D{d}" for d in defines), str(ROOT / "tests" / "emu" / source), "-o", str(exe)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, f"emulator harness did not compile:\n{done.stderr[-4000:]}"
-    return exe
+    return build(tmp_path_factory, source, defines=defines)
 
 
 @pytest.fixture(scope="module")
@@ -259,23 +241,7 @@ def test_gemm_plan_covers_the_rows_once(emu, tmp_path):
 
 def _sanitized(tmp_path_factory, sanitizer, source):
     """The emulator harness `source` built with -fsanitize=<sanitizer> (skip where unusable)."""
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler")
-    d = tmp_path_factory.mktemp(sanitizer)
-    flag = f"-fsanitize={sanitizer}"
-    probe = d / "probe.cpp"
-    probe.write_text("#include <thread>\nint main() { std::thread t([] {}); t.join(); }\n")
-    ok = subprocess.run([cxx, "-std=c++20", flag, "-pthread", str(probe), "-o", str(d / "probe")],
-                        capture_output=True)
-    if ok.returncode != 0 or subprocess.run([str(d / "probe")], capture_output=True).returncode != 0:
-        pytest.skip(f"{flag} is not usable with this compiler or kernel")
-    exe = d / (Path(source).stem + "_san")
-    done = subprocess.run([cxx, "-std=c++20", "-O1", "-g", flag, "-pthread", f"-I{ROOT / 'cpp'}",
-                           f"-I{ROOT / 'cuda'}", str(ROOT / "tests" / "emu" / source), "-o", str(exe)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return exe
+    return build(tmp_path_factory, source, flags=("-O1", "-g", f"-fsanitize={sanitizer}"))
 
 
 @pytest.mark.parametrize("sanitizer", ["thread", "address"])

@@ -4,46 +4,19 @@ standing in for device arrays, against the host path (``_maps`` with ``_NumpyOps
 maxima, heat maps and labels, bit for bit. What the GPU adds (launch limits, streams, the binding's
 pointer checks) is tests/test_dff.py's GPU test."""
 import ctypes
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+from emu_harness import build
 
 from dffkit import deep_feature_factorization as dffm
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _compiler():
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
 
 def _build(tmp_path_factory, flags=("-O2",)):
-    """tests/emu/maps_emu.cpp compiled with ``flags`` (skip where there is no C++ compiler, or
-    where a sanitizer in flags does not work here)."""
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler to build the CUDA emulator harness")
-    d = tmp_path_factory.mktemp("emu")
-    if any(f.startswith("-fsanitize") for f in flags):
-        probe = d / "probe.cpp"
-        probe.write_text("#include <thread>\nint main() { std::thread t([] {}); t.join(); }\n")
-        ok = subprocess.run([cxx, "-std=c++20", *flags, "-pthread", str(probe), "-o", str(d / "probe")],
-                            capture_output=True)
-        if ok.returncode != 0 or subprocess.run([str(d / "probe")], capture_output=True).returncode != 0:
-            pytest.skip(f"{' '.join(flags)} is not usable with this compiler or kernel")
-    exe = d / "maps_emu"
-    cmd = [cxx, "-std=c++20", *flags, "-pthread", f"-I{ROOT / 'cpp'}", f"-I{ROOT / 'cuda'}",
-           str(ROOT / "tests" / "emu" / "maps_emu.cpp"), "-o", str(exe)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, f"emulator harness did not compile:\n{done.stderr[-4000:]}"
-    return exe
+    """tests/emu/maps_emu.cpp compiled with ``flags`` (emu_harness.build: skips where unusable)."""
+    return build(tmp_path_factory, "maps_emu.cpp", flags=flags)
 
 
 @pytest.fixture(scope="module")

@@ -341,11 +341,16 @@ PYBIND11_MODULE(_cuda, mod) {
       "check_values",
       [](std::uintptr_t X, i64 count, const std::string& dtype, std::uintptr_t stream) {
         const cuda::DType dt = parse_dtype(dtype);
-        py::gil_scoped_release nogil;
-        return cuda::check_values(X, count, dt, stream);
+        cuda::ValueStats v;
+        {
+          py::gil_scoped_release nogil;
+          v = cuda::check_values(X, count, dt, stream);
+        }
+        return py::make_tuple(v.min, v.nonfinite, v.sum_sq);
       },
       py::arg("X"), py::arg("count"), py::arg("dtype"), py::arg("stream") = 0,
-      "(min value, has NaN or inf) of count elements of device memory.");
+      "(min of the finite values, has NaN or inf, sum of the finite values' squares) of count "
+      "elements of device memory, in one pass.");
 
   mod.def(
       "dff_map_peaks",

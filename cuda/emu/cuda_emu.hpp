@@ -5,7 +5,7 @@
 // (filled with a garbage pattern, so a kernel that reads shared memory it did not write gives
 // garbage here too). It checks what a kernel computes and where its barriers are (run under
 // ThreadSanitizer it reports shared-memory races between barriers), not how fast it is.
-// Warp-level operations: __shfl_xor_sync (full mask) and the tensor-core product
+// Warp-level operations: __shfl_xor_sync and __shfl_sync (full mask) and the tensor-core product
 // mma.sync.m16n8k8 (tf32), the warp's 32 threads exchanging values through a per-warp buffer
 // between two warp barriers; votes and other shuffles are not emulated. Thread-block clusters
 // (sm_90): launch_cluster runs the C blocks of a cluster together, with a cluster barrier and
@@ -190,9 +190,9 @@ U* map_shared_rank(U* p, int rank) {
   return reinterpret_cast<U*>(tls.cluster_smem[rank] + (b - tls.smem));
 }
 
-/// __shfl_xor_sync(0xffffffff, v, lane_mask) for values of up to 8 bytes.
-template <class V>
-V shfl_xor(unsigned mask, V v, int lane_mask) {
+/// A full-warp shuffle of values of up to 8 bytes: this lane gets lane src(lane)'s v.
+template <class V, class Src>
+V shfl_exchange(unsigned mask, V v, Src src) {
   static_assert(sizeof(V) <= 8, "emu: shuffles of up to 8 bytes");
   if (mask != 0xffffffffu) {
     std::fprintf(stderr, "emu: only full-warp shuffles are emulated\n");
@@ -202,9 +202,21 @@ V shfl_xor(unsigned mask, V v, int lane_mask) {
   std::memcpy(x.shfl[tls.lane], &v, sizeof(V));
   tls.warp_bar->arrive_and_wait();
   V r;
-  std::memcpy(&r, x.shfl[tls.lane ^ unsigned(lane_mask & 31)], sizeof(V));
+  std::memcpy(&r, x.shfl[src(tls.lane) & 31u], sizeof(V));
   tls.warp_bar->arrive_and_wait();
   return r;
+}
+
+/// __shfl_xor_sync(0xffffffff, v, lane_mask)
+template <class V>
+V shfl_xor(unsigned mask, V v, int lane_mask) {
+  return shfl_exchange(mask, v, [lane_mask](unsigned lane) { return lane ^ unsigned(lane_mask & 31); });
+}
+
+/// __shfl_sync(0xffffffff, v, src_lane)
+template <class V>
+V shfl_idx(unsigned mask, V v, int src_lane) {
+  return shfl_exchange(mask, v, [src_lane](unsigned) { return unsigned(src_lane); });
 }
 
 /// cvt.rna.tf32.f32: round to 10 mantissa bits, nearest, ties away from zero (finite inputs).
@@ -326,6 +338,8 @@ inline void __syncthreads() { ::dffkit_emu::sync_block(); }
 
 template <class V>
 inline V __shfl_xor_sync(unsigned mask, V v, int lane_mask) { return ::dffkit_emu::shfl_xor(mask, v, lane_mask); }
+template <class V>
+inline V __shfl_sync(unsigned mask, V v, int src_lane) { return ::dffkit_emu::shfl_idx(mask, v, src_lane); }
 inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
 inline float fmaf(float a, float b, float c) { return std::fma(a, b, c); }
 inline void __pipeline_memcpy_async(void* dst, const void* src, std::size_t bytes, std::size_t = 0) {
