@@ -1315,6 +1315,85 @@ def test_device_branch_checks_all_images_in_one_pass(monkeypatch, mode):
         dff(images, 2, extractor=_StandInDeviceExtractor(bad), mode=mode, backend="cpu")
 
 
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+@pytest.mark.parametrize("negatives", ["error", "clip", "shift"])
+def test_device_branch_hands_the_solver_its_checked_matrix(monkeypatch, mode, negatives):
+    """The matrix (joint) or batch (per image) dff has just found finite and non-negative goes to
+    the solver marked as checked (no second pass over it on a GPU); values made by 'clip' or
+    'shift' from negative activations are not marked (the solver checks them: a shift can
+    overflow); the mark ends with the call."""
+    from dffkit import deep_feature_factorization as dff_module
+    from dffkit import nmf as nmf_module
+
+    seen = []
+
+    def recording(fn):
+        def call(X, *args, **kwargs):
+            seen.append(nmf_module._is_checked_input(X))
+            return fn(X, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(nmf_module, "non_negative_factorization", recording(nmf_module.non_negative_factorization))
+    monkeypatch.setattr(nmf_module, "nmf_batched", recording(nmf_module.nmf_batched))
+    monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: _counting_stand_in_ops(dff_module)())
+    images, acts = block_activations(n=3)
+    if negatives != "error":
+        acts = acts - np.float32(0.25)
+    result = dff(images, 2, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu", negatives=negatives)
+    assert result.device_path
+    assert seen == [negatives == "error"]
+    assert nmf_module._CHECKED_INPUT.get() is None
+
+
+def test_checked_input_marks_one_object_in_one_context():
+    """``_checked_input(X)``: that very object (not an equal copy, not another view), only inside
+    the block, not in other threads; the mark is gone after an exception."""
+    import threading
+
+    from dffkit import nmf as nmf_module
+
+    X = np.ones((3, 2), np.float32)
+    assert not nmf_module._is_checked_input(X)
+    with nmf_module._checked_input(X):
+        assert nmf_module._is_checked_input(X)
+        assert not nmf_module._is_checked_input(X.copy()) and not nmf_module._is_checked_input(X[:])
+        assert not nmf_module._is_checked_input(None)
+        other = []
+        t = threading.Thread(target=lambda: other.append(nmf_module._is_checked_input(X)))
+        t.start()
+        t.join()
+        assert other == [False]
+    assert not nmf_module._is_checked_input(X)
+    with pytest.raises(RuntimeError):
+        with nmf_module._checked_input(X):
+            raise RuntimeError("inside")
+    assert not nmf_module._is_checked_input(X)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+def test_device_path_checks_the_activations_once(monkeypatch, mode):
+    """On a GPU: one pass over the activations for the values (dff's, which brings ||X|| for
+    the joint relative error too), none in the solver; the relative errors are the host
+    path's (within float32)."""
+    from dffkit import _cuda_backend
+    from dffkit import deep_feature_factorization as dff_module
+
+    if "cuda" not in dffkit.available_backends():
+        pytest.skip(f"CUDA backend not usable: {dffkit.unavailable_reasons().get('cuda')}")
+    ops = dff_module._first_array_library()
+    if ops is None:
+        pytest.skip("neither CuPy nor PyTorch is importable")
+    calls = []
+    stats = _cuda_backend.value_stats  # check_values' pass too
+    monkeypatch.setattr(_cuda_backend, "value_stats", lambda x: calls.append(1) or stats(x))
+    images, acts = block_activations(n=3)
+    result = dff(images, 2, activations=ops.asarray(acts), mode=mode, backend="cuda")
+    assert result.device_path and len(calls) == 1
+    host = dff(images, 2, activations=acts, mode=mode, backend="cpu")
+    np.testing.assert_allclose(result.reconstruction_error, host.reconstruction_error, rtol=1e-3)
+
+
 @pytest.mark.parametrize("negatives", ["clip", "shift"])
 def test_device_branch_per_image_negatives_and_errors_equal_the_host(monkeypatch, negatives):
     """per_image on the device branch (one batch): 'shift' subtracts each image's own channel
@@ -1346,6 +1425,7 @@ class _StandInMapKernels:
 
     def __init__(self):
         self.launches = []
+        self.waits = []  # copy_to_host calls: the number of arrays each brought back
 
     def dff_maps(self, maps, taps_y, taps_x, *, h, w, parts=None, params=None, threshold=None, heat=None,
                  labels=None, fused=False):
@@ -1373,11 +1453,20 @@ class _StandInMapKernels:
         heat[...] = np.clip(U / params[:, :k, None, None], 0.0, 1.0)
         labels[...] = dff_module._NumpyOps().labels_of(heat, params[:, k:], threshold)
 
+    def copy_to_host(self, arrays, outs):
+        """The contract of ``dffkit._cuda_backend.copy_to_host``: each array into its
+        destination (shapes and dtypes must match), one wait for all."""
+        self.waits.append(len(arrays))
+        for a, out in zip(arrays, outs):
+            assert a.shape == out.shape and a.dtype == out.dtype and out.flags.c_contiguous
+            out[...] = a
 
-def _kernel_stand_in_ops(dff_module, kernels):
+
+def _kernel_stand_in_ops(dff_module, kernels, pinned=False):
     class StandInOps(dff_module._ArrayOps):
         name = "stand-in"  # numpy as the device library, the map kernels by stand-in
         uploads = 0
+        pinned_arrays = 0
 
         def asarray(self, a):
             type(self).uploads += isinstance(a, np.ndarray)
@@ -1385,6 +1474,12 @@ def _kernel_stand_in_ops(dff_module, kernels):
 
         def map_kernels(self):
             return kernels
+
+        def pinned_empty(self, shape, dtype):  # with pinned=True: a pool of page-locked memory
+            if not pinned:
+                return None
+            type(self).pinned_arrays += 1
+            return np.full(shape, 99, dtype)
 
     return StandInOps
 
@@ -1443,6 +1538,38 @@ def test_device_branch_map_kernels_transfers_for_one_image(monkeypatch):
         for g, h in zip(got, want):
             for a, b in zip(g, h):
                 np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("budget", [None, 0, "first"])
+def test_device_branch_map_kernels_bring_the_maps_back_through_pinned_memory(monkeypatch, budget):
+    """Where the array library has pinned memory, each step's copies down (W and the peaks;
+    heat and labels) go into it in one ``copy_to_host`` (one wait each) while the call's
+    PINNED_MAPS_BYTES allow, and into ordinary memory (one ``_host`` copy each) beyond; the
+    maps are the same either way."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    kernels = _StandInMapKernels()
+    ops = _kernel_stand_in_ops(dff_module, kernels, pinned=True)()
+    downloads = []
+    host = dff_module._host
+    monkeypatch.setattr(dff_module, "_host", lambda a: downloads.append(a.shape) or host(a))
+    k, grid, size = 5, (14, 13), (101, 77)
+    first = 4 * k * dff_module._peak_blocks(size[0] * size[1]) + 4 * grid[0] * grid[1] * k
+    if budget == "first":  # room for the first step's copies, not for the heat maps
+        monkeypatch.setattr(dff_module, "PINNED_MAPS_BYTES", first)
+    elif budget == 0:
+        monkeypatch.setattr(dff_module, "PINNED_MAPS_BYTES", 0)
+    W = np.random.default_rng(0).random((grid[0] * grid[1], k), dtype=np.float32)
+    want = dff_module._maps(dff_module._NumpyOps(), [W], [grid], [size], "joint", 0.2, "argmax")
+    downloads.clear()
+    got = dff_module._maps(ops, [W], [grid], [size], "joint", 0.2, "argmax")
+    expected_waits = {None: [2, 2], 0: [], "first": [2]}[budget]
+    assert kernels.waits == expected_waits
+    assert len(downloads) == 4 - 2 * len(expected_waits)
+    assert ops.pinned_arrays == 2 * len(expected_waits)
+    for g, h in zip(got, want):
+        for a, b in zip(g, h):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_map_kernels_are_used_only_where_the_module_has_them(monkeypatch):
@@ -1546,6 +1673,34 @@ def test_device_map_kernels_give_the_host_paths_maps(mode, sizes):
     for i in range(len(sizes)):
         np.testing.assert_array_equal(result.heatmaps[i].view(np.uint32), heat[i].view(np.uint32))
         np.testing.assert_array_equal(result.labels[i], labels[i])
+
+
+@pytest.mark.gpu
+def test_copy_to_host_checks_everything_before_copying_and_goes_on():
+    """On a GPU: ``copy_to_host`` brings device arrays into pinned host arrays; a destination of
+    the wrong shape or dtype is a ValueError naming it, with nothing copied, and the next call
+    works."""
+    from dffkit import _cuda_backend
+    from dffkit import deep_feature_factorization as dff_module
+
+    if "cuda" not in dffkit.available_backends():
+        pytest.skip(f"CUDA backend not usable: {dffkit.unavailable_reasons().get('cuda')}")
+    ops = dff_module._first_array_library()
+    if ops is None:
+        pytest.skip("neither CuPy nor PyTorch is importable")
+    a_host = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b_host = np.arange(6, dtype=np.int16) - 3
+    a, b = ops.asarray(a_host), ops.asarray(b_host)
+    first = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match=r"arrays\[1\] must have shape \(5,\), got \(6,\)"):
+        _cuda_backend.copy_to_host([a, b], [first, np.zeros(5, np.int16)])
+    with pytest.raises(ValueError, match=r"arrays\[0\] must be float64, got float32"):
+        _cuda_backend.copy_to_host([a], [np.zeros((3, 4), np.float64)])
+    assert not first.any()  # nothing copied
+    outs = [ops.pinned_empty((3, 4), np.float32), ops.pinned_empty((6,), np.int16)]
+    _cuda_backend.copy_to_host([a, b], outs)
+    np.testing.assert_array_equal(outs[0], a_host)
+    np.testing.assert_array_equal(outs[1], b_host)
 
 
 @pytest.mark.gpu

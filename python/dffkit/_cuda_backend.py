@@ -27,7 +27,9 @@ __all__ = [
     "shape_of",
     "dtype_of",
     "check_values",
+    "value_stats",
     "mean",
+    "copy_to_host",
     "to_host",
     "random_init",
     "fit",
@@ -189,7 +191,10 @@ def _stream_of(x) -> int:
     if _is_cupy(x):
         import cupy
 
-        with cupy.cuda.Device(x.device.id):
+        dev = x.device.id
+        if dev == cupy.cuda.runtime.getDevice():  # the usual case: no device switch
+            return int(cupy.cuda.get_current_stream().ptr)
+        with cupy.cuda.Device(dev):
             return int(cupy.cuda.get_current_stream().ptr)
     cai = getattr(x, "__cuda_array_interface__", None) if not isinstance(x, DeviceArray) else None
     if isinstance(cai, dict) and cai.get("stream") is not None:
@@ -285,12 +290,19 @@ def dtype_of(x):
 
 def check_values(x):
     """(min value, has NaN/inf) of a device array, computed on the device."""
+    lo, bad, _ = value_stats(x)
+    return lo, bad
+
+
+def value_stats(x):
+    """(minimum of the finite values, has NaN/inf, sum of the finite values' squares in
+    float64) of a device array, in one pass on the device and one copy back."""
     v = _usable_view(x)
     count = int(np.prod(v.shape, dtype=np.int64))
     if count == 0:
-        return 0.0, False
-    lo, bad = _cuda().check_values(v.ptr, count, v.dtype.name, v.stream)
-    return float(lo), bool(bad)
+        return 0.0, False, 0.0
+    lo, bad, sum_sq = _cuda().check_values(v.ptr, count, v.dtype.name, v.stream)
+    return float(lo), bool(bad), float(sum_sq)
 
 
 def mean(x) -> float:
@@ -298,6 +310,30 @@ def mean(x) -> float:
     v = _usable_view(x)
     count = int(np.prod(v.shape, dtype=np.int64))
     return _cuda().fixed_order_sum(v.ptr, count, v.dtype.name, False, v.stream) / count
+
+
+def copy_to_host(arrays, outs) -> None:
+    """Copy each device array of ``arrays`` (C-contiguous) into the host array of ``outs`` at
+    the same index (numpy, C-contiguous, writeable, of the array's shape, in the dtype the
+    array holds), all asynchronously on the arrays' streams, then wait for each of those
+    streams once. Into pinned (page-locked) host memory such a copy runs at about three times
+    the speed it has into ordinary memory (1 MB on the H200: 36 against 115 us). ValueError
+    naming the array for a mismatch; nothing is copied then."""
+    if len(arrays) != len(outs):
+        raise ValueError(f"copy_to_host: {len(arrays)} arrays but {len(outs)} destinations")
+    plan = []
+    for i, (a, out) in enumerate(zip(arrays, outs)):
+        if not (isinstance(out, np.ndarray) and out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError(f"outs[{i}] must be a C-contiguous, writeable numpy array")
+        plan.append((out, _raw_device_array(a, f"arrays[{i}]", out.dtype, tuple(out.shape)), _stream_of(a)))
+    cuda = _cuda()
+    streams = []
+    for out, ptr, stream in plan:
+        cuda.memcpy(out.ctypes.data, ptr, out.nbytes, stream)
+        if stream not in streams:
+            streams.append(stream)
+    for stream in streams:
+        cuda.synchronize(stream)
 
 
 def to_host(x) -> np.ndarray:
@@ -566,21 +602,23 @@ def _offsets(sizes):
 
 
 def nmf_batched_device(X, n_components, *, beta, tol, max_iter, penalties, seed,
-                       precision="fp32"):
+                       precision="fp32", checked=False):
     """B problems of one shape on the device: X (B, m, n) device array, init='random' with
     seed + b for problem b (as the CPU path does). Returns a list of (W_b, H_b, NMFResult_b);
-    W_b, H_b are views of two stacked arrays (B, m, k), (B, k, n) of X's library."""
+    W_b, H_b are views of two stacked arrays (B, m, k), (B, k, n) of X's library.
+    ``checked``: the caller has just found X finite and non-negative (no second pass)."""
     from dffkit.nmf import NMFResult, _check_batch_finite
 
     cuda = _cuda()
     v = _usable_view(X)
     if len(v.shape) != 3 or 0 in v.shape:
         raise ValueError(f"X must be a non-empty (B, m, n) array, got shape {v.shape}")
-    lo, bad = check_values(X)
-    if bad:
-        raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
-    if lo < 0:
-        raise ValueError("Negative values in data passed to nmf_batched (X): NMF needs X >= 0")
+    if not checked:
+        lo, bad = check_values(X)
+        if bad:
+            raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
+        if lo < 0:
+            raise ValueError("Negative values in data passed to nmf_batched (X): NMF needs X >= 0")
     B, m, n = v.shape
     k = int(n_components)
     W = _empty_like_lib(v.lib, v.obj, (B, m, k), v.dtype, v.device)

@@ -333,8 +333,13 @@ class _ArrayOps:
 
     def map_kernels(self):
         """What runs ``_maps``' peaks and heat steps on this library's arrays as two kernels
-        (an object with ``dff_maps``, the contract of ``dffkit._cuda_backend.dff_maps``), or None
-        for the array steps above."""
+        (an object with ``dff_maps`` and ``copy_to_host``, the contracts of
+        ``dffkit._cuda_backend``'s), or None for the array steps above."""
+        return None
+
+    def pinned_empty(self, shape, dtype) -> Optional[np.ndarray]:
+        """An uninitialised numpy array in pinned (page-locked) host memory from this library's
+        pool, or None where the library has none."""
         return None
 
 
@@ -406,6 +411,11 @@ class _CupyOps(_ArrayOps):
     def map_kernels(self):
         return _device_map_kernels()
 
+    def pinned_empty(self, shape, dtype):
+        import cupyx
+
+        return cupyx.empty_pinned(tuple(shape), dtype=np.dtype(dtype))
+
 
 class _TorchOps(_ArrayOps):
     name = "torch"
@@ -471,6 +481,11 @@ class _TorchOps(_ArrayOps):
 
     def map_kernels(self):
         return _device_map_kernels()
+
+    def pinned_empty(self, shape, dtype):
+        # the array keeps the tensor (and so the pinned block) alive: numpy() sets it as its base
+        t = self.torch.empty(tuple(shape), dtype=getattr(self.torch, np.dtype(dtype).name), pin_memory=True)
+        return t.numpy()
 
 
 def _device_map_kernels():
@@ -1082,20 +1097,21 @@ def _image_items(images) -> list:
     return items
 
 
-def _value_range(ops, X) -> Tuple[float, bool]:
-    """(minimum, every value finite) of X in one trip to the host: on a GPU the CUDA engine's
-    own one-pass check where X is a device array it reads, else both reductions on X's
-    device and one copy of their two values (a NaN minimum is read as non-finite)."""
+def _value_range(ops, X) -> Tuple[float, bool, Optional[float]]:
+    """(minimum, every value finite, sum of squares or None) of X in one trip to the host: on a
+    GPU the CUDA engine's own one-pass check where X is a device array it reads (the sum of
+    squares comes with it), else both reductions on X's device and one copy of their two
+    values (a NaN minimum is read as non-finite; no sum of squares)."""
     if isinstance(ops, _NumpyOps):
-        return float(np.min(X)), bool(np.isfinite(X).all())
+        return float(np.min(X)), bool(np.isfinite(X).all()), None
     from dffkit import _backends
 
     if "cuda" in _backends.available_backends():
         from dffkit import _cuda_backend
 
         if _cuda_backend.is_device_array(X):
-            lo, nonfinite = _cuda_backend.check_values(X)
-            return lo, not nonfinite
+            lo, nonfinite, sum_sq = _cuda_backend.value_stats(X)
+            return lo, not nonfinite, sum_sq
     if ops.name == "torch":
         t = ops.torch
         both = t.stack([X.amin().double(), t.isfinite(X).all().double()])
@@ -1103,18 +1119,24 @@ def _value_range(ops, X) -> Tuple[float, bool]:
         xp = ops.xp
         both = xp.stack([X.min().astype(xp.float64), xp.isfinite(X).all().astype(xp.float64)])
     lo, finite = (float(v) for v in _host(both))
-    return lo, bool(finite) and lo == lo
+    return lo, bool(finite) and lo == lo, None
 
 
-def _checked_min(ops, X, per, sources, what: str, images: Optional[Sequence[int]] = None) -> float:
-    """The minimum of X, the matrix built from the activations ``per[i]`` of the images i in
-    ``images`` (all by default), in one pass over it; ValueError naming the images whose
-    activations hold NaN or infinity."""
-    lo, finite = _value_range(ops, X)
+def _checked_range(ops, X, per, sources, what: str,
+                   images: Optional[Sequence[int]] = None) -> Tuple[float, Optional[float]]:
+    """(minimum, sum of squares or None) of X, the matrix built from the activations ``per[i]``
+    of the images i in ``images`` (all by default), in one pass over it (``_value_range``);
+    ValueError naming the images whose activations hold NaN or infinity."""
+    lo, finite, sum_sq = _value_range(ops, X)
     if not finite:
         _check_finite(ops, per, sources, what, images)
         raise ValueError(f"{what} hold NaN or infinite values: DFF needs finite activations")  # not reached
-    return lo
+    return lo, sum_sq
+
+
+def _checked_min(ops, X, per, sources, what: str, images: Optional[Sequence[int]] = None) -> float:
+    """The minimum of ``_checked_range``."""
+    return _checked_range(ops, X, per, sources, what, images)[0]
 
 
 def _check_finite(ops, per, sources, what: str, images: Optional[Sequence[int]] = None) -> None:
@@ -1207,7 +1229,8 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     UserWarning : k larger than the number of channels C.
     """
     from dffkit.images import image_sizes, load_images
-    from dffkit.nmf import _check_backend, _no_convergence_warnings, nmf_batched, non_negative_factorization
+    from dffkit.nmf import (_check_backend, _checked_input, _no_convergence_warnings, nmf_batched,
+                            non_negative_factorization)
 
     k = _check_k(n_concepts)
     for name, value, allowed in (("mode", mode, _MODES), ("negatives", negatives, _NEGATIVES), ("assign", assign, _ASSIGN)):
@@ -1299,14 +1322,21 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
             X = ops.matrix(stacked)
         else:
             X = ops.concat([ops.matrix(a[None]) for a in per])
-        X = _nonnegative(ops, X, negatives, what, _checked_min(ops, X, per, sources, what))
-        with _no_convergence_warnings():  # thread-local: others' warnings stay theirs
+        lo, sum_sq = _checked_range(ops, X, per, sources, what)
+        X = _nonnegative(ops, X, negatives, what, lo)
+        # found finite and >= 0 just above: the solver takes X without a second pass ('clip' and
+        # 'shift' make new values, which it checks: a shift can overflow); the warnings filter
+        # is thread-local: others' warnings stay theirs
+        with _no_convergence_warnings(), _checked_input(X if lo >= 0 else None):
             W, H, n_iter, info = non_negative_factorization(
                 X, n_components=k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
                 backend=backend, return_info=True)
         Ws, Hs = [W], [H]
         n_iter_out, engine = int(n_iter), info.backend
-        errors = float(info.error) / max(ops.norm(X), 1e-30)
+        # ||X|| from the check's pass where it made one and X is still what it saw (no 'clip' or
+        # 'shift' applied)
+        norm = float(np.sqrt(sum_sq)) if sum_sq is not None and lo >= 0 else ops.norm(X)
+        errors = float(info.error) / max(norm, 1e-30)
     else:
         if same_grid and ops.name != "numpy":  # one (N, h w, C) batch, checked in one pass
             hw = positions[0]
@@ -1323,7 +1353,9 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
             Xs = [_nonnegative(ops, x, negatives, what, _checked_min(ops, x, per, sources, what, [i]))
                   for i, x in enumerate(Xs)]
             batch = Xs
-        with _no_convergence_warnings():  # thread-local: others' warnings stay theirs
+        # a (B, h w, C) device batch found finite and >= 0 above: the solver takes it as it is
+        checked = same_grid and ops.name != "numpy" and lo >= 0
+        with _no_convergence_warnings(), _checked_input(batch if checked else None):
             solved = nmf_batched(batch, k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
                                  backend=backend)
         Ws = [w for w, _, _ in solved]
@@ -1379,6 +1411,12 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
 KEEP_MAPS_BYTES = 2 << 30
 #: the most bytes of upsampled maps ``_maps`` makes in one batch (host or GPU memory)
 MAPS_BATCH_BYTES = 256 << 20
+#: the most bytes of maps one call on the GPU brings back into pinned (page-locked) host memory,
+#: which copies at about three times the speed of ordinary memory (one image's 1 MB of heat
+#: maps: 36 against 115 us on the H200); the rest comes back into ordinary memory. The pinned
+#: blocks come from the array library's pool (CuPy's, PyTorch's) and return to it when the
+#: maps are freed; 0: none.
+PINNED_MAPS_BYTES = 256 << 20
 
 
 def _keep_maps(keep_maps, sizes, k: int) -> bool:
@@ -1547,7 +1585,8 @@ def _maps_by_kernels(ops, kernels, Ws, feature_sizes, rows, batches, mode, thres
     """``_maps`` (keep, argmax) on the device through the two map kernels of
     ``kernels.dff_maps`` (cuda/dff_maps.cuh): per batch one launch for the maps' maxima and
     one for heat and labels, straight from W (no upsampled maps in memory). Transfers: W and
-    the maxima down, divisors and strengths up (one array), heat and labels down per batch;
+    the maxima down (one wait), divisors and strengths up (one array), heat and labels down
+    per batch (one wait), into pinned host memory up to ``PINNED_MAPS_BYTES`` (``_download``);
     the bilinear taps go up once per size and device (``_device_taps``). The upsampling is the
     host resampler's arithmetic (``_host_resample_fuses``), so the results are the host path's
     bits. ``rows``: image i's rows of W are rows[i]:rows[i + 1] (joint: of Ws[0]; per image:
@@ -1565,9 +1604,9 @@ def _maps_by_kernels(ops, kernels, Ws, feature_sizes, rows, batches, mode, thres
     for ((h, w, _, _), idx), (ty, tx), nb, a, b in zip(batches, taps, nbs, ends[:-1], ends[1:]):
         kernels.dff_maps([blocks[i] for i in idx], ty, tx, h=h, w=w,
                          parts=parts[int(a):int(b)].reshape(len(idx), k, nb), fused=fused)
-    W_host = _host(Wd)  # while the peaks kernels run
+    pinned = [PINNED_MAPS_BYTES]  # what this call may still bring back into pinned memory
+    parts_host, W_host = _download(ops, kernels, [(parts, np.float32), (Wd, np.float32)], pinned)
     loadings = [W_host[rows[i]:rows[i + 1]].reshape(h, w, k) for i, (h, w) in enumerate(feature_sizes)]
-    parts_host = _host(parts)
     peaks = np.zeros((n_images, k))
     for ((_, _, _, _), idx), nb, a, b in zip(batches, nbs, ends[:-1], ends[1:]):
         peaks[idx] = np.maximum(parts_host[a:b].reshape(len(idx), k, nb).max(axis=2), 0.0)
@@ -1584,10 +1623,29 @@ def _maps_by_kernels(ops, kernels, Ws, feature_sizes, rows, batches, mode, thres
         kernels.dff_maps([blocks[i] for i in idx], ty, tx, h=h, w=w, params=params[start:start + n],
                          threshold=threshold, heat=heat, labels=lab, fused=fused)
         start += n
-        heat, lab = _host(heat), _host(lab)
+        heat, lab = _download(ops, kernels, [(heat, np.float32), (lab, np.int16)], pinned)
         for t, i in enumerate(idx):
             heatmaps[i], labels[i] = heat[t], lab[t]
     return heatmaps, strength, labels, loadings
+
+
+def _download(ops, kernels, arrays, pinned) -> List[np.ndarray]:
+    """Host copies of the device arrays of ``arrays`` ((array, numpy dtype) pairs), with one
+    wait for all of them: into pinned memory of ``ops``' pool (``kernels.copy_to_host``) while
+    ``pinned[0]``, the bytes this call may still pin, allows (and takes them from it), else
+    one ``_host`` copy each."""
+    shapes = [tuple(int(d) for d in a.shape) for a, _ in arrays]
+    nbytes = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, (_, dt) in zip(shapes, arrays))
+    if nbytes <= pinned[0]:
+        try:
+            outs = [ops.pinned_empty(shape, dt) for shape, (_, dt) in zip(shapes, arrays)]
+        except (MemoryError, RuntimeError):  # no page-locked memory to be had: ordinary memory
+            outs = [None]
+        if all(o is not None for o in outs):
+            kernels.copy_to_host([a for a, _ in arrays], outs)
+            pinned[0] -= nbytes
+            return outs
+    return [_host(a) for a, _ in arrays]
 
 
 def _peak_blocks(pixels: int) -> int:

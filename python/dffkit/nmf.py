@@ -6,6 +6,8 @@ rows of X are samples, ``W`` is what ``transform`` returns, ``H`` is ``component
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import numbers
 import os
@@ -893,6 +895,28 @@ def _resolve_backend(backend, on_device, n_elements, k=None, problems=(), beta=2
     return "cuda"
 
 
+# the device array whose values the caller has just checked (finite, >= 0; ``_checked_input``):
+# the solvers take it without a second pass over it (one kernel and one wait for a DFF call)
+_CHECKED_INPUT: "contextvars.ContextVar[object]" = contextvars.ContextVar("dffkit_checked_input", default=None)
+
+
+@contextlib.contextmanager
+def _checked_input(X):
+    """Inside this block, ``_solve`` and ``nmf_batched`` take the device array X (this very
+    object, not a copy or a view of it) as checked: its values finite and non-negative, as the
+    caller (``dff``) has just found in its own pass over them. Per thread and task
+    (a context variable); any other X is checked as usual."""
+    token = _CHECKED_INPUT.set(X)
+    try:
+        yield
+    finally:
+        _CHECKED_INPUT.reset(token)
+
+
+def _is_checked_input(X) -> bool:
+    return X is not None and _CHECKED_INPUT.get() is X
+
+
 def _is_device_array(X) -> bool:
     if isinstance(X, np.ndarray):
         return False
@@ -954,11 +978,12 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
         dtype = np.dtype(_cuda_backend.dtype_of(X))
         if len(shape) != 2 or 0 in shape:
             raise ValueError(f"X must be a non-empty 2-D array, got shape {shape}")
-        lo, nonfinite = _cuda_backend.check_values(X)
-        if nonfinite:
-            raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
-        if lo < 0:
-            raise ValueError(f"Negative values in data passed to {whom} (X): NMF needs X >= 0")
+        if not _is_checked_input(X):
+            lo, nonfinite = _cuda_backend.check_values(X)
+            if nonfinite:
+                raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
+            if lo < 0:
+                raise ValueError(f"Negative values in data passed to {whom} (X): NMF needs X >= 0")
         Xh = None
     elif type(X) is _CheckedX:  # checked by an estimator's _validate: no second pass
         Xh = X.view(np.ndarray)
@@ -1250,7 +1275,7 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
             results = _cuda_backend.nmf_batched_device(
                 X, k, beta=beta, tol=tol, max_iter=max_iter,
                 penalties=lambda m, n: _penalties(alpha_W, alpha_H, l1_ratio, m, n),
-                seed=seed, precision=precision)
+                seed=seed, precision=precision, checked=_is_checked_input(X))
             _warn_batch_max_iter(results, tol, max_iter)
             return results
         if len(shape) != 3 or 0 in shape:
@@ -1259,11 +1284,12 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
             raise ValueError(
                 "X is in GPU memory; use backend='cuda' (or 'auto'), or copy it to the host first"
             )
-        lo, nonfinite = _cuda_backend.check_values(X)
-        if nonfinite:
-            raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
-        if lo < 0:
-            raise ValueError("Negative values in data passed to nmf_batched (X): NMF needs X >= 0")
+        if not _is_checked_input(X):
+            lo, nonfinite = _cuda_backend.check_values(X)
+            if nonfinite:
+                raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
+            if lo < 0:
+                raise ValueError("Negative values in data passed to nmf_batched (X): NMF needs X >= 0")
         on_device = True
         items = [X[b] for b in range(shape[0])]  # views of the stack, in X's library
     else:
