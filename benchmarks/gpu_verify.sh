@@ -22,14 +22,7 @@ stamp() { echo "== [$SECONDS s] $*"; }
 # the limit for a stage: its own, cut to what is left before DEADLINE; 0 when under 10 s are left
 limit() { local l=$(( DEADLINE - SECONDS )); (( l > $1 )) && l=$1; (( l < 10 )) && l=0; echo $l; }
 
-if [[ -f "$ROOT/.gpu_pack/objs.tar.xz" ]]; then
-  tar -xJf "$ROOT/.gpu_pack/objs.tar.xz" -C "$ROOT" && stamp "CUDA objects unpacked"
-fi
-if [[ "$(cat "$ROOT/.gpu_prebuilt/SOURCES" 2>/dev/null)" == "$(bash "$ROOT/benchmarks/gpu_final.sh" --sources-hash)" ]]; then
-  export GPU_CHECK_PREBUILT="$ROOT/.gpu_prebuilt"
-else
-  stamp "the prebuilt objects are stale: building with pip"
-fi
+source "$ROOT/benchmarks/gpu_prebuilt.sh"
 GPU_CHECK_STAGES="build test" TEST_TIMEOUT="${TEST_TIMEOUT:-60}" source "$ROOT/benchmarks/gpu_check.sh"
 stamp "build and tests/test_cuda.py done"
 cd /tmp || exit 1

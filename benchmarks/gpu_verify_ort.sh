@@ -5,7 +5,9 @@
 # .ortslim2 and .gpu_pack. onnxruntime is unpacked in the background while the CUDA checks run.
 # Everything lands in $OUT/gpu_out.tgz, packed again after each stage (a command stopped at its
 # limit keeps the last archive). VERIFY_DEADLINE (default 230) bounds gpu_verify.sh,
-# DFF_BENCH_TIMEOUT (default 120) the DFF bench.
+# DFF_BENCH_TIMEOUT (default 120) the DFF bench; PROFILE_ENVS: one image's DFF profile again per
+# kernel switch ("DFFKIT_CUDA_SMALL_COLS_GATHER=1 DFFKIT_CUDA_SMALL_COLS=0"); STEPS_TIMEOUT bounds
+# benchmarks/profile_dff_steps.py (STEPS_ARGS; 0: not run).
 set -o pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FINAL_OUT="${OUT:-$ROOT/gpu_out}"
@@ -45,4 +47,19 @@ if (( ort_ready )); then
   fi
   pack
 fi
+# each step of one image's DFF alone (STEPS_TIMEOUT, default 40 s; 0: skipped)
+if (( ${STEPS_TIMEOUT:-40} > 0 )); then
+  (cd /tmp && timeout "${STEPS_TIMEOUT:-40}" python3 "$ROOT/benchmarks/profile_dff_steps.py" ${STEPS_ARGS:---reps 150} \
+     2>&1 | tee "$STAGE/profile_dff_steps.log")
+  stamp "profile_dff_steps: rc=$?"
+  pack
+fi
+# one image's DFF profile again under each of PROFILE_ENVS (space-separated NAME=VALUE: a kernel
+# variant's switch), next to gpu_verify.sh's default one
+for e in ${PROFILE_ENVS:-}; do
+  (cd /tmp && env "$e" timeout 30 python3 "$ROOT/benchmarks/profile_dff_device.py" > "$STAGE/profile_dff_device.$e.log" 2>&1)
+  stamp "profile_dff_device with $e: rc=$?"
+  head -n 8 "$STAGE/profile_dff_device.$e.log"
+done
+pack
 stamp "all done"
