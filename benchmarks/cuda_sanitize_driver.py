@@ -152,6 +152,16 @@ failures += not same
 print("ok " if same else "BAD", "random_init bits", flush=True)
 print("ok  check_values", cb.check_values(Xd), flush=True)
 print("ok  mean", cb.mean(Xd), float(Xh.mean()), flush=True)
+lo, bad, sum_sq = cb.value_stats(Xd)
+x64 = Xh.astype(np.float64)
+same = lo == x64.min() and not bad and abs(sum_sq - float(np.dot(x64.ravel(), x64.ravel()))) <= 1e-12 * sum_sq
+failures += not same
+print("ok " if same else "BAD", "value_stats", (lo, bad, sum_sq), flush=True)
+back = np.empty((50, 40), np.float32)
+cb.copy_to_host([Xd], [back])
+same = np.array_equal(back, Xh)
+failures += not same
+print("ok " if same else "BAD", "copy_to_host", flush=True)
 
 
 def on_device(a):
