@@ -12,6 +12,7 @@ the profiler's clock only where the code itself waits.
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import sys
 import time
@@ -50,7 +51,8 @@ def main(argv=None):
     for _ in range(5):
         r = one()
     torch.cuda.synchronize()
-    print(f"backend {r.backend}, device path {r.device_path}, n_iter {r.n_iter}", flush=True)
+    print(f"backend {r.backend}, device path {r.device_path}, n_iter {r.n_iter}; load average {os.getloadavg()}",
+          flush=True)
     total, parts = [], {}
     for _ in range(args.runs):
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ run; the table gives the median and the 90th percentile in microseconds. The Pyt
     python3 benchmarks/profile_dff_steps.py [--reps 300] [-k 5]
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,8 @@ def main(argv=None):
         rows.append((name, float(np.median(ts)), float(np.percentile(ts, 90))))
         print(f"{name:58s} {rows[-1][1]:9.1f} {rows[-1][2]:9.1f}", flush=True)
 
+    # the machine is shared: its load says how far these numbers can be compared with another run's
+    print(f"load average at start {os.getloadavg()}")
     print(f"array library {ops.name}; {'step':49s} p50 us    p90 us")
     timed("sync alone (nothing queued)", lambda: None)
     a = ops.asarray(acts)
@@ -125,6 +128,7 @@ def main(argv=None):
           lambda: _cuda_backend._raw_device_array(X, "X", np.float32), n=many, synced=False)
     timed("python: _image_items + load_images (one PIL image)",
           lambda: load_images(dff_module._image_items([image])), n=reps, synced=False)
+    print(f"load average at the end {os.getloadavg()}")
 
 
 if __name__ == "__main__":
