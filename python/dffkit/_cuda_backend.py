@@ -602,23 +602,17 @@ def _offsets(sizes):
 
 
 def nmf_batched_device(X, n_components, *, beta, tol, max_iter, penalties, seed,
-                       precision="fp32", checked=False):
+                       precision="fp32"):
     """B problems of one shape on the device: X (B, m, n) device array, init='random' with
     seed + b for problem b (as the CPU path does). Returns a list of (W_b, H_b, NMFResult_b);
-    W_b, H_b are views of two stacked arrays (B, m, k), (B, k, n) of X's library.
-    ``checked``: the caller has just found X finite and non-negative (no second pass)."""
-    from dffkit.nmf import NMFResult, _check_batch_finite
+    W_b, H_b are views of two stacked arrays (B, m, k), (B, k, n) of X's library."""
+    from dffkit.nmf import NMFResult, _check_batch_finite, _check_device_input
 
     cuda = _cuda()
     v = _usable_view(X)
     if len(v.shape) != 3 or 0 in v.shape:
         raise ValueError(f"X must be a non-empty (B, m, n) array, got shape {v.shape}")
-    if not checked:
-        lo, bad = check_values(X)
-        if bad:
-            raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
-        if lo < 0:
-            raise ValueError("Negative values in data passed to nmf_batched (X): NMF needs X >= 0")
+    _check_device_input(X, "nmf_batched")
     B, m, n = v.shape
     k = int(n_components)
     W = _empty_like_lib(v.lib, v.obj, (B, m, k), v.dtype, v.device)

@@ -917,6 +917,20 @@ def _is_checked_input(X) -> bool:
     return X is not None and _CHECKED_INPUT.get() is X
 
 
+def _check_device_input(X, whom: str) -> None:
+    """ValueError where the device array X holds NaN, infinity or negative values (one pass on
+    the device), unless the caller has just checked this very X (``_checked_input``)."""
+    if _is_checked_input(X):
+        return
+    from dffkit import _cuda_backend
+
+    lo, nonfinite = _cuda_backend.check_values(X)
+    if nonfinite:
+        raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
+    if lo < 0:
+        raise ValueError(f"Negative values in data passed to {whom} (X): NMF needs X >= 0")
+
+
 def _is_device_array(X) -> bool:
     if isinstance(X, np.ndarray):
         return False
@@ -978,12 +992,7 @@ def _solve(X, W, H, *, n_components, init, update_H, beta, tol, max_iter, penalt
         dtype = np.dtype(_cuda_backend.dtype_of(X))
         if len(shape) != 2 or 0 in shape:
             raise ValueError(f"X must be a non-empty 2-D array, got shape {shape}")
-        if not _is_checked_input(X):
-            lo, nonfinite = _cuda_backend.check_values(X)
-            if nonfinite:
-                raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
-            if lo < 0:
-                raise ValueError(f"Negative values in data passed to {whom} (X): NMF needs X >= 0")
+        _check_device_input(X, whom)
         Xh = None
     elif type(X) is _CheckedX:  # checked by an estimator's _validate: no second pass
         Xh = X.view(np.ndarray)
@@ -1275,7 +1284,7 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
             results = _cuda_backend.nmf_batched_device(
                 X, k, beta=beta, tol=tol, max_iter=max_iter,
                 penalties=lambda m, n: _penalties(alpha_W, alpha_H, l1_ratio, m, n),
-                seed=seed, precision=precision, checked=_is_checked_input(X))
+                seed=seed, precision=precision)
             _warn_batch_max_iter(results, tol, max_iter)
             return results
         if len(shape) != 3 or 0 in shape:
@@ -1284,12 +1293,7 @@ def nmf_batched(X, n_components, *, init="random", W=None, H=None, beta_loss="fr
             raise ValueError(
                 "X is in GPU memory; use backend='cuda' (or 'auto'), or copy it to the host first"
             )
-        if not _is_checked_input(X):
-            lo, nonfinite = _cuda_backend.check_values(X)
-            if nonfinite:
-                raise ValueError("Input X contains NaN or infinity; remove or impute those entries")
-            if lo < 0:
-                raise ValueError("Negative values in data passed to nmf_batched (X): NMF needs X >= 0")
+        _check_device_input(X, "nmf_batched")
         on_device = True
         items = [X[b] for b in range(shape[0])]  # views of the stack, in X's library
     else:
