@@ -86,7 +86,6 @@ def main(argv=None):
           lambda: dffkit.non_negative_factorization(X, n_components=k, init="random", random_state=0,
                                                     max_iter=200, tol=1e-4, backend="cuda"))
     timed("ops.norm(X)", lambda: ops.norm(X))
-    timed("_cuda_backend.frobenius_norm(X)", lambda: _cuda_backend.frobenius_norm(X))
     timed("W to the host (196 x k)", lambda: dff_module._host(W))
     timed("_maps (peaks, heat, labels; 224 x 224)",
           lambda: dff_module._maps(ops, [W], [(14, 14)], [(224, 224)], "joint", 0.2, "argmax"))

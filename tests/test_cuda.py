@@ -724,6 +724,8 @@ def test_value_stats_against_numpy(dtype, count):
     1024 blocks and beyond it (a grid-stride loop), with NaN and infinities in place."""
     import torch
 
+    from dffkit import _cuda_backend
+
     rng = np.random.default_rng(count)
     x = (rng.standard_normal(count) * 10 ** rng.uniform(-3, 3, count)).astype(dtype)
     lo, bad, sq = _cuda_backend.value_stats(torch.from_numpy(x).cuda())
