@@ -54,6 +54,8 @@ def test_cupy_arrays_are_read_from_their_attributes(monkeypatch):
     assert _cuda_backend._raw_device_array(x, "heat", np.float32, (3, 4)) == 0x1000
     with pytest.raises(ValueError, match="labels must be int16, got float32"):
         _cuda_backend._raw_device_array(x, "labels", np.int16)
+    with pytest.raises(ValueError, match=r"heat must have shape \(4, 3\), got \(3, 4\)"):
+        _cuda_backend._raw_device_array(x, "heat", np.float32, (4, 3))
     with pytest.raises(ValueError, match=r"heat must be C-contiguous"):
         _cuda_backend._raw_device_array(cupy.ndarray((3, 4), np.float32, 0x3000, contiguous=False), "heat",
                                         np.float32)
