@@ -125,6 +125,21 @@ def main(argv=None):
           synced=False)
     timed("python: _raw_device_array(X)",
           lambda: _cuda_backend._raw_device_array(X, "X", np.float32), n=many, synced=False)
+    # the binding's own costs: a call that does nothing on the device, the pointer query every
+    # launcher makes of each array it is given (cudaPointerGetAttributes), a launch of the peaks
+    # kernel by the binding alone (pointers ready, no wait)
+    raw = _cuda_backend._cuda()
+    timed("binding: _cuda.current_device()", raw.current_device, n=many, synced=False)
+    ptr = _cuda_backend._raw_device_array(X, "X", np.float32)
+    timed("binding: _cuda.pointer_device(ptr) (cudaPointerGetAttributes)", lambda: raw.pointer_device(ptr),
+          n=many, synced=False)
+    if kernels is not None:
+        wp, typ, txp, pp = (_cuda_backend._raw_device_array(a, "a", dt) for a, dt in
+                            ((W, np.float32), (taps[0], np.int32), (taps[1], np.int32), (parts, np.float32)))
+        stream = _cuda_backend._stream_of(W)
+        timed("binding: _cuda.dff_map_peaks (4 pointers, a launch, no wait)",
+              lambda: raw.dff_map_peaks([wp], k, 14, 14, 224, 224, typ, txp, nb, pp, fused, stream), n=reps,
+              synced=False)
     timed("python: _image_items + load_images (one PIL image)",
           lambda: load_images(dff_module._image_items([image])), n=reps, synced=False)
     print(f"load average at the end {os.getloadavg()}")

@@ -214,8 +214,8 @@ def _view(x, name="X") -> _View:
     if isinstance(x, DeviceArray):
         return _View(x.ptr, x.shape, x.dtype, x.device, 0, "dffkit", True, x)
     if _is_cupy(x):  # its own attributes: no interface dict to build, no pointer query
-        return _View(int(x.data.ptr), tuple(int(s) for s in x.shape), np.dtype(x.dtype), int(x.device.id),
-                     _stream_of(x), "cupy", bool(x.flags.c_contiguous), x)
+        return _View(x.data.ptr, x.shape, np.dtype(x.dtype), int(x.device.id), _stream_of(x), "cupy",
+                     bool(x.flags.c_contiguous), x)
     cai = None
     try:
         cai = x.__cuda_array_interface__
@@ -382,9 +382,21 @@ def _empty_like_lib(lib, like, shape, dtype, device):
     if lib == "cupy":
         import cupy
 
+        if device == cupy.cuda.runtime.getDevice():  # the usual case: no switch (two CUDA calls)
+            return cupy.empty(tuple(shape), dtype=dtype)
         with cupy.cuda.Device(device):
             return cupy.empty(tuple(shape), dtype=dtype)
     return DeviceArray(shape, dtype, device)
+
+
+def _new_array_ptr(a) -> int:
+    """The device pointer of an array ``_empty_like_lib`` has just made (read without a view for
+    CuPy and PyTorch)."""
+    if _is_cupy(a):
+        return int(a.data.ptr)
+    if _is_torch(a):
+        return int(a.data_ptr())
+    return _view(a).ptr
 
 
 def _copy_into(dst_ptr, src, nbytes, dtype, shape, stream, name):
@@ -432,7 +444,7 @@ def random_init(X, k, seed):
     k = int(k)
     W = _empty_like_lib(v.lib, v.obj, (m, k), v.dtype, v.device)
     H = _empty_like_lib(v.lib, v.obj, (k, n), v.dtype, v.device)
-    _cuda().random_init(v.ptr, _view(W).ptr, _view(H).ptr, m, n, k, v.dtype.name,
+    _cuda().random_init(v.ptr, _new_array_ptr(W), _new_array_ptr(H), m, n, k, v.dtype.name,
                         int(seed) & 0xFFFFFFFFFFFFFFFF, v.stream)
     return W, H
 
@@ -509,8 +521,10 @@ def fit(X, W, H, params, group_offsets=None, precision="fp32", factors_are_ours=
         raise ValueError(f"X must be 2-D, got shape {v.shape}")
     m, n = v.shape
     k = int(_shape_any(W)[1]) if W is not None else int(_shape_any(H)[0])
-    if factors_are_ours and _fit_in_place(v, W, (m, k)) and _fit_in_place(v, H, (k, n)):
-        Wout, wv, Hout, hv = W, _view(W, "W"), H, _view(H, "H")
+    wv = _in_place_view(v, W, (m, k)) if factors_are_ours else None
+    hv = _in_place_view(v, H, (k, n)) if wv is not None else None
+    if hv is not None:
+        Wout, Hout = W, H
     else:
         Wout, wv = _device_copy(v.lib, v.obj, W, (m, k), v.dtype, v.device, v.stream, "W")
         Hout, hv = _device_copy(v.lib, v.obj, H, (k, n), v.dtype, v.device, v.stream, "H")
@@ -518,14 +532,15 @@ def fit(X, W, H, params, group_offsets=None, precision="fp32", factors_are_ours=
     return Wout, Hout, _info(d, precision)
 
 
-def _fit_in_place(v, A, shape) -> bool:
-    """Whether the factor A can be fitted in place next to X's view v: a C-contiguous device
-    array of v's library, dtype and device, of the given shape."""
+def _in_place_view(v, A, shape):
+    """The view of factor A where A can be fitted in place next to X's view v (a C-contiguous
+    device array of v's library, dtype and device, of the given shape), else None."""
     if not is_device_array(A):
-        return False
+        return None
     a = _view(A)
-    return (a.lib == v.lib and a.contiguous and a.dtype == v.dtype and a.device == v.device
-            and a.shape == tuple(shape))
+    ok = (a.lib == v.lib and a.contiguous and a.dtype == v.dtype and a.device == v.device
+          and a.shape == tuple(shape))
+    return a if ok else None
 
 
 def _shape_any(a):

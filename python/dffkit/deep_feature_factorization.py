@@ -28,7 +28,9 @@ Heat-map conventions (one place, so that every consumer agrees):
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import math
 from collections import OrderedDict, abc
 import os
 import sys
@@ -1517,7 +1519,7 @@ def _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, chunk: int = 3
     path's bits).
     """
     n_images = len(sizes)
-    rows = np.concatenate([[0], np.cumsum([h * w for h, w in feature_sizes])])
+    rows = [0, *itertools.accumulate(int(h) * int(w) for h, w in feature_sizes)]
     groups: Dict[tuple, List[int]] = {}
     for i, (fs, size) in enumerate(zip(feature_sizes, sizes)):
         groups.setdefault(tuple(fs) + tuple(size), []).append(i)
@@ -1598,16 +1600,16 @@ def _maps_by_kernels(ops, kernels, Ws, feature_sizes, rows, batches, mode, thres
     fused = _host_resample_fuses()
     taps = [(_device_taps(ops, H, h), _device_taps(ops, Wo, w)) for (h, w, H, Wo), _ in batches]
     nbs = [_peak_blocks(H * Wo) for (_, _, H, Wo), _ in batches]
-    counts = [len(idx) * k * nb for (_, idx), nb in zip(batches, nbs)]
-    ends = np.cumsum([0] + counts)
-    parts = ops.empty((int(ends[-1]),), np.float32)
+    ends = [0, *itertools.accumulate(len(idx) * k * nb for (_, idx), nb in zip(batches, nbs))]
+    parts = ops.empty((len(batches[0][1]), k, nbs[0]) if len(batches) == 1 else (ends[-1],), np.float32)
     for ((h, w, _, _), idx), (ty, tx), nb, a, b in zip(batches, taps, nbs, ends[:-1], ends[1:]):
         kernels.dff_maps([blocks[i] for i in idx], ty, tx, h=h, w=w,
-                         parts=_whole_or_rows(parts, int(a), int(b)).reshape(len(idx), k, nb), fused=fused)
+                         parts=parts if len(batches) == 1 else parts[a:b].reshape(len(idx), k, nb), fused=fused)
     pinned = [PINNED_MAPS_BYTES]  # what this call may still bring back into pinned memory
     parts_host, W_host = _download(ops, kernels, [(parts, np.float32), (Wd, np.float32)], pinned)
     loadings = [W_host[rows[i]:rows[i + 1]].reshape(h, w, k) for i, (h, w) in enumerate(feature_sizes)]
     peaks = np.zeros((n_images, k))
+    parts_host = parts_host.reshape(-1)
     for ((_, _, _, _), idx), nb, a, b in zip(batches, nbs, ends[:-1], ends[1:]):
         peaks[idx] = np.maximum(parts_host[a:b].reshape(len(idx), k, nb).max(axis=2), 0.0)
     strength, divisors = _strength_divisors(peaks, mode, threshold)
@@ -1637,15 +1639,15 @@ def _download(ops, kernels, arrays, pinned) -> List[np.ndarray]:
     (and takes them from it), else one ``_host`` copy each. The arrays returned keep the whole
     block alive."""
     shapes = [tuple(int(d) for d in a.shape) for a, _ in arrays]
-    sizes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, (_, dt) in zip(shapes, arrays)]
-    offsets = np.cumsum([0] + [-(-n // 64) * 64 for n in sizes])
+    sizes = [math.prod(shape) * np.dtype(dt).itemsize for shape, (_, dt) in zip(shapes, arrays)]
+    offsets = [0, *itertools.accumulate(-(-n // 64) * 64 for n in sizes)]
     if sum(sizes) <= pinned[0]:
         try:
-            block = ops.pinned_empty((int(offsets[-1]),), np.uint8)
+            block = ops.pinned_empty((offsets[-1],), np.uint8)
         except (MemoryError, RuntimeError):  # no page-locked memory to be had: ordinary memory
             block = None
         if block is not None:
-            outs = [block[int(o):int(o) + n].view(dt).reshape(shape)
+            outs = [block[o:o + n].view(dt).reshape(shape)
                     for o, n, shape, (_, dt) in zip(offsets, sizes, shapes, arrays)]
             kernels.copy_to_host([a for a, _ in arrays], outs)
             pinned[0] -= sum(sizes)
