@@ -1198,3 +1198,47 @@ def test_batch_size_must_be_a_positive_int_not_a_bool():
         with pytest.raises(ValueError, match=r"batch_size must be a positive int \(images per onnxruntime run"):
             FeatureExtractor(small_net(), providers="cpu", batch_size=bad)
     assert FeatureExtractor(small_net(), providers="cpu", batch_size=np.int64(3)).batch_size == 3
+
+
+def test_device_output_runs_of_one_chunk_reuse_a_binding_and_keep_their_outputs():
+    """device_output of one chunk goes through the thread's cached binding for the input's shape
+    (the input's device buffer refreshed in place, no new binding per run); each run still gets
+    its own output, so activations the caller holds are not overwritten by the next images;
+    another thread gets its own binding; at most _BOUND_SHAPES shapes stay bound (the least
+    recently used goes). Pointed at host memory, as the test above."""
+    import threading
+
+    fx = FeatureExtractor(small_net(), "pool1", providers="cpu", image_size=16, batch_size=16)
+    fx.provider, fx._device_type = "CUDAExecutionProvider", "cpu"
+    first, second = images(2, 16, 16, seed=31), images(2, 16, 16, seed=32)
+    want1, want2 = fx(first), fx(second)
+    made = []
+    real = fx.session.io_binding
+
+    class Session:  # counts the bindings made; everything else is the real session
+        def __getattr__(self, name):
+            return getattr(fx.session_real, name)
+
+        def io_binding(self):
+            made.append(threading.get_ident())
+            return real()
+
+    fx.session_real, fx.session = fx.session, Session()
+    a = fx(first, device_output=True)
+    b = fx(second, device_output=True)
+    assert len(made) == 1  # one binding for both runs
+    np.testing.assert_array_equal(a.numpy(), want1)  # the first result survives the second run
+    np.testing.assert_array_equal(b.numpy(), want2)
+    assert a.data_ptr != b.data_ptr
+    got = {}
+    t = threading.Thread(target=lambda: got.setdefault("b", fx(second, device_output=True)))
+    t.start()
+    t.join()
+    assert len(made) == 2 and made[1] != made[0]  # the other thread's own binding
+    np.testing.assert_array_equal(got["b"].numpy(), want2)
+    for n in range(1, 1 + fx._BOUND_SHAPES):  # four new shapes evict the first one
+        fx(images(n + 2, 16, 16, seed=n), device_output=True)
+    assert len(fx._bound.entries) == fx._BOUND_SHAPES
+    made.clear()
+    np.testing.assert_array_equal(fx(first, device_output=True).numpy(), want1)
+    assert len(made) == 1
