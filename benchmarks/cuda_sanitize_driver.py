@@ -170,8 +170,9 @@ def on_device(a):
     return d
 
 
-# DFF's map kernels (cuda/dff_maps.cuh): both steps on two images of a 3 x 4 grid up to 7 x 9
-# (k = 3) and one 5 x 5 grid down to 2 x 3, against the host path's maps from the same W
+# DFF's map kernels (cuda/dff_maps.cuh): the three steps (peaks, params, heat) on two images of a
+# 3 x 4 grid up to 7 x 9 (k = 3) and one 5 x 5 grid down to 2 x 3, against the host path's params
+# and maps from the same W
 if not ONLY or "dff maps".startswith(ONLY):
     from dffkit import deep_feature_factorization as dffm
 
@@ -185,17 +186,20 @@ if not ONLY or "dff maps".startswith(ONLY):
         blocks = [on_device(W[t * h * w:(t + 1) * h * w]) for t in range(n_img)]
         nb = dffm._peak_blocks(Ho * Wo)
         parts = cb.DeviceArray((n_img, k, nb), np.float32)
-        cb.dff_maps(blocks, ty, tx, h=h, w=w, parts=parts, fused=fused)
-        peaks = np.maximum(parts.get().max(axis=2), 0.0)
+        params_d = cb.DeviceArray((n_img, 2 * k), np.float32)  # the params step's, on the device
+        cb.dff_maps(blocks, ty, tx, h=h, w=w, parts=parts, fused=fused, params_out=params_d, threshold=0.1,
+                    joint=True)
+        peaks = np.maximum(parts.get().max(axis=2), 0.0).astype(np.float64)
         strength, divisors = dffm._strength_divisors(peaks, "joint", 0.1)
-        params_d = on_device(np.concatenate([divisors, strength], axis=1).astype(np.float32))
+        params_ok = np.array_equal(params_d.get().view(np.uint32),
+                                   np.concatenate([divisors, strength], axis=1).astype(np.float32).view(np.uint32))
         heat = cb.DeviceArray((n_img, k, Ho, Wo), np.float32)
         labels = cb.DeviceArray((n_img, Ho, Wo), np.int16)
         cb.dff_maps(blocks, ty, tx, h=h, w=w, params=params_d, threshold=0.1, heat=heat, labels=labels,
                     fused=fused)
         want_heat, _, want_labels, _ = dffm._maps(dffm._NumpyOps(), [W], [(h, w)] * n_img, [(Ho, Wo)] * n_img,
                                                   "joint", 0.1, "argmax")
-        same = (np.array_equal(heat.get(), np.stack(want_heat))
+        same = (params_ok and np.array_equal(heat.get(), np.stack(want_heat))
                 and np.array_equal(labels.get(), np.stack(want_labels)))
         failures += not same
         print("ok " if same else "BAD", f"dff maps {n_img} x {h}x{w} -> {Ho}x{Wo}", flush=True)

@@ -103,6 +103,22 @@ void dff_map_peaks(const std::vector<std::uintptr_t>& maps, i64 k, i64 h, i64 w,
   }
 }
 
+void dff_map_params(std::uintptr_t parts, i64 n, i64 k, i64 nb, bool joint, float threshold,
+                    std::uintptr_t params, std::uintptr_t stream) {
+  const char* fn = "dff_map_params";
+  cuda_detail::check_extent(fn, "n", n, INT_MAX);
+  cuda_detail::check_extent(fn, "k", k, 65535);
+  cuda_detail::check_extent(fn, "nb", nb, 65535);
+  const int dev = cuda_detail::device_of(fn, parts, "parts", 4, -1);
+  cuda_detail::device_of(fn, params, "params", 4, dev);
+  cuda_detail::DeviceGuard guard(dev);
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  cuda_detail::dff_params_kernel<<<1, kMapsThreads, 0, s>>>(
+      reinterpret_cast<const float*>(parts), int(n), int(k), int(nb), joint, threshold,
+      reinterpret_cast<float*>(params));
+  DFFKIT_CUDA_CHECK_LAUNCH("dff_params_kernel");
+}
+
 void dff_heat_labels(const std::vector<std::uintptr_t>& maps, i64 k, i64 h, i64 w, i64 H, i64 W,
                      std::uintptr_t taps_y, std::uintptr_t taps_x, std::uintptr_t params,
                      float threshold, std::uintptr_t heat, std::uintptr_t labels, bool fused,

@@ -4,6 +4,8 @@
 // resampler, then heat = clip(u / divisor, 0, 1) and labels = argmax_j heat_j * strength_j).
 //   peaks:       for image t and concept j, the maximum of column j of W upsampled to H x W,
 //                block partials parts[t][j][b] (the host takes their maximum and clamps at 0);
+//   params:      the heat step's divisors and strengths from those partials, on the device
+//                (the host's arithmetic: no copy to the host between the two steps);
 //   heat+labels: heat (n, k, H, W) float32 and labels (n, H, W) int16 in one pass over the pixels.
 // Both upsample through upsampled_at(), so a map's peak pixel divides to exactly 1.0. Portable:
 // the CPU emulator (cuda/emu/cuda_emu.hpp) compiles this file for tests/emu/maps_emu.cpp.
@@ -127,6 +129,42 @@ __global__ void __launch_bounds__(kMapsThreads)
       }
     }
     labels[q] = std::int16_t(best < threshold ? -1 : label);
+  }
+}
+
+/// One block: the heat step's params (n, 2k) from the peaks step's partial maxima parts (n, k, nb)
+/// on the device, as the host computes them from the same parts (python/dffkit/
+/// deep_feature_factorization.py: the maxima, ``_strength_divisors``, ``_presence``,
+/// ``_divisors``), so that the two steps need no copy to the host between them:
+///   peak[t][j] = np.maximum(max_b parts[t][j][b], 0)       (NaN kept: numpy's max and maximum)
+///   ref[t][j]  = max_t' peak[t'][j] (joint) or peak[t][j]  (NaN kept)
+///   strength   = float32(double(peak) / double(ref)) where ref > 0, else 0
+///   present    = strength > 0 and strength >= threshold    (float32 compares)
+///   divisor    = peak where present and peak > 0, else +inf
+/// params[t] = image t's k divisors, then its k strengths. A thread per concept j (two passes
+/// over the images: the joint reference, then the values).
+__global__ void __launch_bounds__(kMapsThreads)
+    dff_params_kernel(const float* __restrict__ parts, int n, int k, int nb, bool joint,
+                      float threshold, float* __restrict__ params) {
+  auto peak_of = [&](int t, int j) {
+    const float* p = parts + (i64(t) * k + j) * nb;
+    float m = -INFINITY;
+    for (int b = 0; b < nb; ++b) m = nan_max(m, p[b]);
+    return (m != m || m >= 0.f) ? m : 0.f;  // np.maximum(m, 0.0): NaN and -0.0 kept
+  };
+  for (int j = int(threadIdx.x); j < k; j += kMapsThreads) {
+    float ref = -INFINITY;
+    if (joint)
+      for (int t = 0; t < n; ++t) ref = nan_max(ref, peak_of(t, j));
+    for (int t = 0; t < n; ++t) {
+      const float peak = peak_of(t, j);
+      const float r = joint ? ref : peak;
+      const float strength =
+          r > 0.f ? float(double(peak) / double(r)) : 0.f;  // IEEE division, then rounding
+      const bool present = strength > 0.f && strength >= threshold;
+      params[i64(t) * 2 * k + j] = (present && peak > 0.f) ? peak : INFINITY;
+      params[i64(t) * 2 * k + k + j] = strength;
+    }
   }
 }
 

@@ -116,6 +116,13 @@ void dff_map_peaks(const std::vector<std::uintptr_t>& maps, std::int64_t k, std:
                    std::int64_t w, std::int64_t H, std::int64_t W, std::uintptr_t taps_y,
                    std::uintptr_t taps_x, std::int64_t blocks_per_map, std::uintptr_t parts,
                    bool fused, std::uintptr_t stream);
+/// DFF heat maps, between the two steps: the heat step's params (float32, n x 2k: each image's
+/// k divisors, then its k strengths) from the peaks step's partial maxima parts (float32,
+/// n x k x nb) on the device, as the host computes them (cuda/dff_maps.cuh,
+/// dff_params_kernel); joint: strengths relative to each concept's largest maximum over the n
+/// images, else to the image's own. Asynchronous on `stream`.
+void dff_map_params(std::uintptr_t parts, std::int64_t n, std::int64_t k, std::int64_t nb,
+                    bool joint, float threshold, std::uintptr_t params, std::uintptr_t stream);
 /// params: float32 (maps.size(), 2k), each image's divisors then its strengths. heat: float32
 /// (maps.size(), k, H, W) = clip(upsampled / divisor, 0, 1); labels: int16 (maps.size(), H, W),
 /// the first j of the largest heat * strength, -1 below threshold.

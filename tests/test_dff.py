@@ -1423,13 +1423,19 @@ class _StandInMapKernels:
     kernels): the host's resampler through the taps the kernels are given, the peaks as partial
     maxima of blocks of 256 pixels taken in turn."""
 
-    def __init__(self):
+    def __init__(self, on_device=False):
         self.launches = []
         self.waits = []  # copy_to_host calls: the number of arrays each brought back
+        self.on_device = on_device  # whether the params step runs on the device (params_out)
+
+    def device_params(self):
+        return self.on_device
 
     def dff_maps(self, maps, taps_y, taps_x, *, h, w, parts=None, params=None, threshold=None, heat=None,
-                 labels=None, fused=False):
+                 labels=None, fused=False, params_out=None, joint=False):
         from dffkit import deep_feature_factorization as dff_module
+
+        assert params_out is None or (self.on_device and parts is not None)
 
         k, H, W = int(maps[0].shape[1]), len(taps_y) // 4, len(taps_x) // 4
         for taps, n_out, n_in in ((taps_y, H, h), (taps_x, W, w)):
@@ -1447,6 +1453,11 @@ class _StandInMapKernels:
             block = (np.arange(H * W) // 256) % nb
             for b in range(nb):
                 parts[:, :, b] = flat[:, :, block == b].max(axis=2) if (block == b).any() else -np.inf
+            if params_out is not None:  # the host's arithmetic on the parts (the emulator tests the kernel's)
+                self.launches.append("params")
+                peaks = np.maximum(parts.max(axis=2), 0.0).astype(np.float64)
+                strength, divisors = dff_module._strength_divisors(peaks, "joint" if joint else "per_image", threshold)
+                params_out[...] = np.concatenate([divisors, strength], axis=1)
             return
         self.launches.append("heat")
         assert params.shape == (len(maps), 2 * k) and params.dtype == np.float32
@@ -1615,6 +1626,9 @@ def test_dff_maps_wrapper_passes_pointers_and_checks_arrays(monkeypatch):
         def dff_heat_labels(self, *args):
             calls.append(("heat",) + args)
 
+        def dff_map_params(self, *args):
+            calls.append(("params",) + args)
+
     monkeypatch.setattr(_cuda_backend, "_cuda", lambda: Recorder())
     maps = [_FakeCudaArray((12, 5), np.float32, 4096), _FakeCudaArray((12, 5), np.float32, 8192)]
     ty, tx = _FakeCudaArray((4 * 9,), np.int32, 1 << 20), _FakeCudaArray((4 * 7,), np.int32, 2 << 20)
@@ -1644,6 +1658,51 @@ def test_dff_maps_wrapper_passes_pointers_and_checks_arrays(monkeypatch):
         with pytest.raises(ValueError, match=message):
             _cuda_backend.dff_maps(kw.pop("maps"), kw.pop("taps_y"), kw.pop("taps_x"), h=3, w=4, **kw)
     assert len(calls) == 2
+    # the params step after the peaks: its pointers, sizes, joint and float32 threshold
+    params_out = _FakeCudaArray((2, 10), np.float32, 7 << 20)
+    parts = _FakeCudaArray((2, 5, 3), np.float32, 3 << 20)
+    _cuda_backend.dff_maps(maps, ty, tx, h=3, w=4, parts=parts, params_out=params_out, threshold=0.3, joint=True)
+    assert calls[2][0] == "peaks" and calls[3] == ("params", 3 << 20, 2, 5, 3, True, float(np.float32(0.3)), 7 << 20, 1)
+    with pytest.raises(ValueError, match="params_out must have shape \\(2, 10\\)"):
+        _cuda_backend.dff_maps(maps, ty, tx, h=3, w=4, parts=parts, threshold=0.3,
+                               params_out=_FakeCudaArray((2, 5), np.float32, 0))
+    with pytest.raises(ValueError, match="params_out needs the threshold"):
+        _cuda_backend.dff_maps(maps, ty, tx, h=3, w=4, parts=parts, params_out=params_out)
+    assert len(calls) == 4  # nothing launched for the bad calls
+
+
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+@pytest.mark.parametrize("pinned", [True, False])
+def test_device_branch_one_batch_makes_the_params_on_the_device_and_waits_once(mode, pinned):
+    """Images of one grid and size, with a module that makes the params on the device: peaks,
+    params and heat launched back to back, nothing uploaded, one copy down (params, W, heat and
+    labels: one wait into pinned memory, or four ordinary copies); the host path's results. With
+    images of two sizes (two batches) the two-trip path stays."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    k = 4
+    kernels = _StandInMapKernels(on_device=True)
+    Ops = _kernel_stand_in_ops(dff_module, kernels, pinned=pinned)
+    grids, sizes = [(6, 5)] * 3, [(30, 25)] * 3
+    rng = np.random.default_rng(8)
+    Ws = [rng.random((90, k), dtype=np.float32)] if mode == "joint" else [rng.random((30, k), dtype=np.float32)
+                                                                          for _ in range(3)]
+    want = dff_module._maps(dff_module._NumpyOps(), [w.copy() for w in Ws], grids, sizes, mode, 0.2, "argmax")
+    dff_module._maps(Ops(), Ws, grids, sizes, mode, 0.2, "argmax")  # the taps go up once per size
+    kernels.launches.clear()
+    kernels.waits.clear()
+    Ops.uploads = 0
+    got = dff_module._maps(Ops(), Ws, grids, sizes, mode, 0.2, "argmax")
+    assert kernels.launches == ["peaks", "params", "heat"]
+    assert Ops.uploads == 0 and kernels.waits == ([4] if pinned else [])
+    np.testing.assert_array_equal(got[1], want[1])
+    for g, h in zip(got, want):
+        for a, b in zip(g, h):
+            np.testing.assert_array_equal(a, b)
+    kernels.launches.clear()
+    two = dff_module._maps(Ops(), [rng.random((60, k), dtype=np.float32)], [(6, 5), (6, 5)], [(30, 25), (20, 25)],
+                           "joint", 0.2, "argmax")
+    assert kernels.launches == ["peaks", "peaks", "heat", "heat"] and two[1].shape == (2, k)
 
 
 @pytest.mark.gpu

@@ -38,12 +38,20 @@ def _span(arrays, k):
 class _EmuKernels:
     """``dffkit._cuda_backend.dff_maps``' contract, each call one launch of the emulated kernel."""
 
-    def __init__(self, exe, workdir, heat_blocks=3):
+    def __init__(self, exe, workdir, heat_blocks=3, on_device=True):
         self.exe, self.workdir, self.heat_blocks = exe, Path(workdir), heat_blocks
-        self.calls, self.peak_parts = 0, []
+        self.calls, self.peak_parts, self.params_made, self.on_device = 0, [], 0, on_device
+
+    def device_params(self):
+        return self.on_device
+
+    def _run(self, d, meta):
+        (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
+        done = subprocess.run([str(self.exe), str(d)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
 
     def dff_maps(self, maps, taps_y, taps_x, *, h, w, parts=None, params=None, threshold=None, heat=None,
-                 labels=None, fused=False):
+                 labels=None, fused=False, params_out=None, joint=False):
         k, n = int(maps[0].shape[1]), len(maps)
         H, W = len(taps_y) // 4, len(taps_x) // 4
         assert all(m.shape == (h * w, k) and m.dtype == np.float32 and m.flags.c_contiguous for m in maps)
@@ -62,12 +70,15 @@ class _EmuKernels:
             meta.update(step="heat", grid=self.heat_blocks,
                         threshold_bits=int(np.float32(threshold).view(np.uint32)))
             np.ascontiguousarray(params, np.float32).tofile(d / "params.bin")
-        (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
-        done = subprocess.run([str(self.exe), str(d)], capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr
+        self._run(d, meta)
         if parts is not None:
             parts[...] = np.fromfile(d / "parts.bin", np.float32).reshape(parts.shape)
             self.peak_parts.append(parts.copy())
+            if params_out is not None:  # the params step, a launch of its own on the peaks' parts
+                meta.update(step="params", joint=int(joint), threshold_bits=int(np.float32(threshold).view(np.uint32)))
+                self._run(d, meta)
+                params_out[...] = np.fromfile(d / "params.bin", np.float32).reshape(params_out.shape)
+                self.params_made += 1
         else:
             heat[...] = np.fromfile(d / "heat.bin", np.float32).reshape(heat.shape)
             labels[...] = np.fromfile(d / "labels.bin", np.int16).reshape(labels.shape)
@@ -234,3 +245,65 @@ def test_map_kernels_under_sanitizers(tmp_path_factory, tmp_path, monkeypatch, s
         for i in range(len(sizes)):
             np.testing.assert_array_equal(_bits(got[0][i]), _bits(want[0][i]))
             np.testing.assert_array_equal(got[2][i], want[2][i])
+
+
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+def test_params_kernel_is_the_hosts_strength_and_divisors(maps_emu, tmp_path, mode):
+    """The params step on its own (dff_params_kernel), on partial maxima made to reach every
+    branch: a NaN among the blocks (numpy's max keeps it: in joint mode the concept's strength is
+    then 0 in every image), blocks of -inf, maxima below 0 (peak 0: absent, divisor inf), a
+    strength exactly at the threshold (present), one just below it, and ordinary values. The
+    params' bits are the host's (``_strength_divisors`` on the maxima as ``_maps_by_kernels``
+    takes them)."""
+    n, k, nb, threshold = 4, 6, 5, np.float32(0.25)
+    rng = np.random.default_rng(11)
+    parts = rng.random((n, k, nb), dtype=np.float32) * 3
+    parts[1, 0, 2] = np.nan                      # concept 0: a NaN in image 1
+    parts[:, 1, :] = -np.inf                     # concept 1: blocks with no pixels but one
+    parts[:, 1, 0] = [0.5, 2.0, 1.0, 0.25]
+    parts[2, 2, :] = -0.5                        # concept 2 below 0 in image 2
+    parts[:, 3, :] = [[0.1], [0.4], [0.099999994], [0.4]]  # concept 3: 0.25 of 0.4 exactly, and below
+    parts[3, 4, :] = 0.0                         # concept 4: 0 in image 3
+    d = tmp_path / "params"
+    d.mkdir()
+    meta = dict(step="params", n=n, k=k, h=1, w=1, H=1, W=1, fused=0, rows=n, nb=nb, joint=int(mode == "joint"),
+                threshold_bits=int(threshold.view(np.uint32)))
+    np.zeros((n, k), np.float32).tofile(d / "W.bin")
+    np.arange(n, dtype=np.int64).tofile(d / "offsets.bin")
+    np.zeros(4, np.int32).tofile(d / "ty.bin")
+    np.zeros(4, np.int32).tofile(d / "tx.bin")
+    parts.tofile(d / "parts.bin")
+    (d / "meta.txt").write_text("".join(f"{key} {v}\n" for key, v in meta.items()))
+    done = subprocess.run([str(maps_emu), str(d)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    got = np.fromfile(d / "params.bin", np.float32).reshape(n, 2 * k)
+    peaks = np.zeros((n, k))
+    with np.errstate(invalid="ignore"):
+        peaks[:] = np.maximum(parts.max(axis=2), 0.0)
+        strength, divisors = dffm._strength_divisors(peaks, mode, threshold)
+    want = np.concatenate([divisors, strength], axis=1).astype(np.float32)
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+    assert np.isinf(got[2, 2]) and got[2, k + 2] == 0  # below 0: absent
+    if mode == "joint":
+        assert (got[:, k] == 0).all() and np.isinf(got[:, 0]).all()  # the NaN reference
+        assert got[0, k + 3] == threshold and got[0, 3] == np.float32(0.1)  # exactly at the threshold
+        assert np.isinf(got[2, 3]) and 0 < got[2, k + 3] < threshold
+
+
+def test_one_batch_goes_in_one_trip(maps_emu, tmp_path):
+    """Images of one grid and size (one batch): the peaks, the params on the device and the heat
+    step, with no params made on the host; a module without the params step keeps the two-trip
+    path; both give the host path's bits."""
+    grids, sizes, k = [(5, 7)] * 3, [(23, 31)] * 3, 5
+    Ws = _problem(grids, k, "joint", 4)
+    want = dffm._maps(dffm._NumpyOps(), [Ws[0].copy()], grids, sizes, "joint", 0.2, "argmax")
+    for on_device in (True, False):
+        (tmp_path / str(on_device)).mkdir()
+        kernels = _EmuKernels(maps_emu, tmp_path / str(on_device), on_device=on_device)
+        got = dffm._maps(_emu_ops(kernels), [Ws[0].copy()], grids, sizes, "joint", 0.2, "argmax")
+        assert kernels.params_made == int(on_device) and kernels.calls == 2
+        np.testing.assert_array_equal(got[1], want[1])
+        for i in range(3):
+            np.testing.assert_array_equal(_bits(got[0][i]), _bits(want[0][i]))
+            np.testing.assert_array_equal(got[2][i], want[2][i])
+            np.testing.assert_array_equal(got[3][i], want[3][i])

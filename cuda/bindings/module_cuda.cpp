@@ -370,6 +370,19 @@ PYBIND11_MODULE(_cuda, mod) {
       "(float32, len(maps) x k x blocks_per_map). taps_y, taps_x: int32 [i0, i1, bits of w0, "
       "bits of w1] of bilinear_taps(H, h), (W, w). fused: fma(w0, a0, w1*a1) taps.");
   mod.def(
+      "dff_map_params",
+      [](std::uintptr_t parts, i64 n, i64 k, i64 nb, bool joint, float threshold,
+         std::uintptr_t params, std::uintptr_t stream) {
+        py::gil_scoped_release nogil;
+        cuda::dff_map_params(parts, n, k, nb, joint, threshold, params, stream);
+      },
+      py::arg("parts"), py::arg("n"), py::arg("k"), py::arg("nb"), py::arg("joint"),
+      py::arg("threshold"), py::arg("params"), py::arg("stream") = 0,
+      "DFF heat maps, between the steps (as dff_map_peaks): params (float32, n x 2k: each "
+      "image's k divisors, then its k strengths) from parts (float32, n x k x nb) on the device, "
+      "as the host computes them; joint: strengths relative to each concept's largest maximum "
+      "over the n images, else to the image's own.");
+  mod.def(
       "dff_heat_labels",
       [](const std::vector<std::uintptr_t>& maps, i64 k, i64 h, i64 w, i64 H, i64 W,
          std::uintptr_t taps_y, std::uintptr_t taps_x, std::uintptr_t params, float threshold,

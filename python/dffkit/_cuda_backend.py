@@ -716,8 +716,14 @@ def _raw_device_array_checked(x, name, dtype, shape=None):
     return ptr
 
 
+def device_params() -> bool:
+    """Whether the loaded CUDA module computes the heat step's params from the peaks on the
+    device (``dff_maps(..., params_out=...)``; a module built before session 18 does not)."""
+    return hasattr(_cuda(), "dff_map_params")
+
+
 def dff_maps(maps, taps_y, taps_x, *, h, w, parts=None, params=None, threshold=None, heat=None, labels=None,
-             fused=False):
+             fused=False, params_out=None, joint=False):
     """Launch DFF's heat-map kernels on the device arrays of one batch of images (one feature
     grid h x w, one output size H x W; everything on one device, work on the stream of maps[0]'s
     library, asynchronous: read the outputs back through that library).
@@ -726,7 +732,10 @@ def dff_maps(maps, taps_y, taps_x, *, h, w, parts=None, params=None, threshold=N
     int32 (4H,), (4W,): [i0, i1, bits of w0, bits of w1] of ``bilinear_taps(H, h)``,
     ``(W, w)``; fused: the host resampler's fused arithmetic (fma(w0, a0, w1*a1)).
     With ``parts`` (float32 (n, k, nb)): the peaks step, block b's maximum of map (t, j) at
-    parts[t, j, b] (the maximum over b is the map's maximum). With ``params`` (float32 (n, 2k):
+    parts[t, j, b] (the maximum over b is the map's maximum); with ``params_out`` (float32
+    (n, 2k)) and ``threshold`` as well, then the heat step's params from them on the device
+    (the host's ``_strength_divisors`` arithmetic; ``joint``: strengths relative to each
+    concept's largest maximum over these n images, else to each image's own). With ``params`` (float32 (n, 2k):
     divisors, then strengths), ``threshold``, ``heat`` (float32 (n, k, H, W)) and ``labels``
     (int16 (n, H, W)): the heat and labels step. ValueError naming the argument for arrays of
     the wrong kind, shape or dtype."""
@@ -749,7 +758,14 @@ def dff_maps(maps, taps_y, taps_x, *, h, w, parts=None, params=None, threshold=N
             raise ValueError(f"parts must be (n, k, blocks per map), got shape {tuple(parts.shape)}")
         nb = int(parts.shape[2])
         pp = _raw_device_array(parts, "parts", np.float32, (n, k, nb))
+        po = None
+        if params_out is not None:
+            if threshold is None:
+                raise ValueError("params_out needs the threshold the params are made for")
+            po = _raw_device_array(params_out, "params_out", np.float32, (n, 2 * k))
         cuda.dff_map_peaks(ptrs, k, h, w, H, W, ty, tx, nb, pp, bool(fused), stream)
+        if po is not None:
+            cuda.dff_map_params(pp, n, k, nb, bool(joint), float(np.float32(threshold)), po, stream)
         return
     if params is None or threshold is None or heat is None or labels is None:
         raise ValueError("pass parts (the peaks step), or params, threshold, heat and labels (the heat step)")

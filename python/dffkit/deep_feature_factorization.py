@@ -1595,11 +1595,13 @@ def _maps_by_kernels(ops, kernels, Ws, feature_sizes, rows, batches, mode, thres
     of the Ws stacked)."""
     n_images = len(feature_sizes)
     Wd = Ws[0] if len(Ws) == 1 else ops.concat(Ws)
-    rows = [int(r) for r in rows]
     blocks = [_whole_or_rows(Wd, rows[i], rows[i + 1]) for i in range(n_images)]
     fused = _host_resample_fuses()
     taps = [(_device_taps(ops, H, h), _device_taps(ops, Wo, w)) for (h, w, H, Wo), _ in batches]
     nbs = [_peak_blocks(H * Wo) for (_, _, H, Wo), _ in batches]
+    if len(batches) == 1 and getattr(kernels, "device_params", lambda: False)():
+        return _maps_in_one_trip(ops, kernels, Wd, blocks, feature_sizes, rows, batches[0], taps[0], nbs[0],
+                                 fused, mode, threshold, k)
     ends = [0, *itertools.accumulate(len(idx) * k * nb for (_, idx), nb in zip(batches, nbs))]
     parts = ops.empty((len(batches[0][1]), k, nbs[0]) if len(batches) == 1 else (ends[-1],), np.float32)
     for ((h, w, _, _), idx), (ty, tx), nb, a, b in zip(batches, taps, nbs, ends[:-1], ends[1:]):
@@ -1628,6 +1630,34 @@ def _maps_by_kernels(ops, kernels, Ws, feature_sizes, rows, batches, mode, thres
         heat, lab = _download(ops, kernels, [(heat, np.float32), (lab, np.int16)], pinned)
         for t, i in enumerate(idx):
             heatmaps[i], labels[i] = heat[t], lab[t]
+    return heatmaps, strength, labels, loadings
+
+
+def _maps_in_one_trip(ops, kernels, Wd, blocks, feature_sizes, rows, batch, taps, nb, fused, mode, threshold, k):
+    """``_maps_by_kernels`` for one batch (every image of one feature grid and size, at most
+    ``chunk`` of them: one image's DFF, for one): the peaks, the params made from them on the
+    device (``params_out``: the host's ``_strength_divisors`` arithmetic, so the same bits),
+    heat and labels, then one copy down of everything the result needs (params, W, heat,
+    labels) and one wait, where the general path waits for the peaks before the heat step."""
+    (h, w, H, Wo), idx = batch
+    n = len(idx)
+    parts, params = ops.empty((n, k, nb), np.float32), ops.empty((n, 2 * k), np.float32)
+    heat, lab = ops.empty((n, k, H, Wo), np.float32), ops.empty((n, H, Wo), np.int16)
+    maps = [blocks[i] for i in idx]
+    kernels.dff_maps(maps, *taps, h=h, w=w, parts=parts, fused=fused, params_out=params, threshold=threshold,
+                     joint=mode == "joint")
+    kernels.dff_maps(maps, *taps, h=h, w=w, params=params, threshold=threshold, heat=heat, labels=lab, fused=fused)
+    params_host, W_host, heat, lab = _download(
+        ops, kernels, [(params, np.float32), (Wd, np.float32), (heat, np.float32), (lab, np.int16)],
+        [PINNED_MAPS_BYTES])
+    n_images = len(feature_sizes)
+    strength = np.empty((n_images, k), np.float32)
+    heatmaps: List[Optional[np.ndarray]] = [None] * n_images
+    labels: List[Optional[np.ndarray]] = [None] * n_images
+    for t, i in enumerate(idx):
+        strength[i] = params_host[t, k:]
+        heatmaps[i], labels[i] = heat[t], lab[t]
+    loadings = [W_host[rows[i]:rows[i + 1]].reshape(hi, wi, k) for i, (hi, wi) in enumerate(feature_sizes)]
     return heatmaps, strength, labels, loadings
 
 

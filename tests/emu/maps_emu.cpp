@@ -1,10 +1,11 @@
 // Runs DFF's heat-map kernels (cuda/dff_maps.cuh) on the CPU emulator for
 // tests/test_dff_maps_emu.py. Usage: maps_emu DIR. DIR/meta.txt holds "key value" lines: step
-// (peaks or heat), n k h w H W, fused (0/1), nb (peaks: blocks per map), grid (heat: blocks),
-// threshold_bits (heat: the float32 threshold's bits), rows (rows of W.bin). DIR holds W.bin
-// (float32 rows x k), offsets.bin (int64, image t's first row), ty.bin, tx.bin (int32 taps) and,
-// for heat, params.bin (float32 n x 2k). Writes parts.bin (peaks: float32 n x k x nb) or heat.bin
-// (float32 n x k x H x W) and labels.bin (int16 n x H x W).
+// (peaks, params or heat), n k h w H W, fused (0/1), nb (peaks, params: blocks per map), grid
+// (heat: blocks), threshold_bits (heat, params: the float32 threshold's bits), joint (params: 0/1),
+// rows (rows of W.bin). DIR holds W.bin (float32 rows x k), offsets.bin (int64, image t's first
+// row), ty.bin, tx.bin (int32 taps), for heat params.bin (float32 n x 2k), for params parts.bin
+// (float32 n x k x nb). Writes parts.bin (peaks: float32 n x k x nb), params.bin (params) or
+// heat.bin (float32 n x k x H x W) and labels.bin (int16 n x H x W).
 #define DFFKIT_EMULATE 1
 #include "dff_maps.cuh"
 
@@ -59,8 +60,19 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
                        static_cast<const float*>(params.data()), threshold, heat.data(), labels.data());
     emu_io::write_bin(dir + "/heat.bin", heat.data(), heat.size());
     emu_io::write_bin(dir + "/labels.bin", labels.data(), labels.size());
+  } else if (meta["step"] == "params") {
+    const int nb = std::stoi(meta["nb"]);
+    const std::uint32_t bits = std::uint32_t(std::stoul(meta["threshold_bits"]));
+    float threshold;
+    std::memcpy(&threshold, &bits, 4);
+    auto parts = emu_io::read_bin<float>(dir + "/parts.bin", std::size_t(n) * s.k * nb);
+    std::vector<float> params(std::size_t(n) * 2 * s.k, -7.f);
+    dffkit_emu::launch(dff_params_kernel, dim3(1), dim3(kMapsThreads), 0,
+                       static_cast<const float*>(parts.data()), n, s.k, nb, std::stoi(meta["joint"]) != 0,
+                       threshold, params.data());
+    emu_io::write_bin(dir + "/params.bin", params.data(), params.size());
   } else {
-    throw std::runtime_error("step must be peaks or heat");
+    throw std::runtime_error("step must be peaks, params or heat");
   }
 }
 
