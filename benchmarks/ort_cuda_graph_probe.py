@@ -4,9 +4,8 @@ extraction (issue 7: one image's DFF in under 3 ms, of which VGG-16 to conv5_3 t
 Times one 224 x 224 image through the random-weight VGG-16 extractor (uint8 NHWC input, conv5_3
 out, left on the device) four ways, p50 / p90 over --reps runs, each ended by a wait:
   0. a binding made per run (``bind_cpu_input``, output in onnxruntime's arena): what the
-     extractor did before session 18;
-  1. the extractor as dff uses it (``ext.run(x, device_output=True)``: since session 18 the
-     thread's binding for the shape kept, the input refreshed in place, output in the arena);
+     extractor does, without its Python around it;
+  1. the extractor as dff uses it (``ext.run(x, device_output=True)``);
   2. the same session with input and output bound once to fixed device buffers (the input
      refreshed in place each run);
   3. as 2 on a session with ``enable_cuda_graph=1``: the whole network one graph launch.
@@ -60,7 +59,7 @@ def main(argv=None):
         ext = FeatureExtractor("vgg16", providers="cuda", image_size=224, batch_size=1)
     x = ext.resize_images([img])
     print(f"onnxruntime {ort.__version__}; extractor {ext.model_name} layer {ext.layer}; input {x.shape} {x.dtype}")
-    def per_run_binding():  # what ext.run did before the binding was kept (session 18)
+    def per_run_binding():  # what ext.run does, without its Python
         binding = ext.session.io_binding()
         binding.bind_cpu_input(ext.input_name, x)
         binding.bind_output(ext.output_name, "cuda", 0)

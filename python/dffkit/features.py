@@ -23,7 +23,6 @@ import ctypes
 import io
 import os
 import sys
-import threading
 import warnings
 from typing import List, Optional, Sequence, Tuple
 
@@ -557,9 +556,6 @@ class FeatureExtractor:
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self._out_shapes = {}
-        # per thread: (session, input shape, dtype) -> (device input OrtValue, io binding), for
-        # device_output runs of one chunk (``_run_bound``)
-        self._bound = threading.local()
         self.last_sizes: List[Tuple[int, int]] = []
         if self.untrained:
             _models._untrained_warning(f"FeatureExtractor({self.model_name!r})")
@@ -711,38 +707,6 @@ class FeatureExtractor:
         value = ort.OrtValue.ortvalue_from_shape_and_type((n_alloc,) + per, np.float32, self._device_type, self._device_id)
         return value, per
 
-    _BOUND_SHAPES = 4  # input shapes a thread keeps bound per extractor
-
-    def _run_bound(self, session, name: str, x: np.ndarray):
-        """Run ``x`` (one chunk) into a new device output (onnxruntime's arena allocation,
-        the caller's to keep) through this thread's binding for x's shape: the input's device
-        buffer and the binding are made once and the input is refreshed in place
-        (``update_inplace``), where a binding made per run (``bind_cpu_input``: a new input
-        allocation and copy, a new binding) took 0.28 ms more per 224 x 224 image on the H200
-        (benchmarks/ort_cuda_graph_probe.py). The bindings are per thread, so threads sharing
-        an extractor never write one another's input."""
-        import onnxruntime as ort
-
-        cache = getattr(self._bound, "entries", None)
-        if cache is None:
-            cache = self._bound.entries = {}
-        key = (id(session), x.shape, x.dtype.str)
-        entry = cache.pop(key, None)
-        if entry is None:
-            while len(cache) >= self._BOUND_SHAPES:
-                cache.pop(next(iter(cache)))  # the least recently used
-            xin = ort.OrtValue.ortvalue_from_numpy(x, self._device_type, self._device_id)
-            binding = session.io_binding()
-            binding.bind_ortvalue_input(name, xin)
-            entry = (session, xin, binding)
-        else:
-            entry[1].update_inplace(x)
-        cache[key] = entry  # most recently used last
-        binding = entry[2]
-        binding.bind_output(self.output_name, self._device_type, self._device_id)
-        session.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
-
     def _forward(self, chunks, n_total: int, device_output: bool):
         """Run chunks (each at most batch_size images: uint8 (n, H, W, 3) images or float
         (n, 3, H, W) tensors) into one result."""
@@ -760,7 +724,11 @@ class FeatureExtractor:
                 session, name = self._session_for(images)
             if device_output and n == n_total and self._fixed_batch is None:
                 # one run: onnxruntime's own (arena) allocation is the buffer, no extra cudaMalloc
-                buffer = self._run_bound(session, name, x)
+                io_binding = session.io_binding()
+                io_binding.bind_cpu_input(name, x)
+                io_binding.bind_output(self.output_name, self._device_type, self._device_id)
+                session.run_with_iobinding(io_binding)
+                buffer = io_binding.get_outputs()[0]
                 per = tuple(buffer.shape()[1:])
                 if len(per) != 3:
                     raise ValueError(f"layer {self.layer!r} gives shape {tuple(buffer.shape())}, not (N, C, h, w)")
