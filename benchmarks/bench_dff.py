@@ -92,7 +92,7 @@ def bench_model(model: str, args) -> dict:
     batch = images(args.n_images, args.image_size)
     one = batch[:1]
     opts = dict(extractor=ext, backend=backend, max_iter=args.max_iter, tol=args.tol, random_state=0,
-                name_concepts=False, negatives="clip")
+                name_concepts=False, negatives="clip", precision=args.precision)
 
     # the extractor's own speed: on a GPU with its output left in device memory, as DFF uses it
     device_output = args.device == "cuda"
@@ -152,7 +152,8 @@ def markdown(report: dict) -> str:
         f"a load above the core count slows every number here). Settings: {m.get('environment') or 'defaults'}, "
         f"dffkit CPU threads {m.get('dffkit_cpu_threads')}. {report['date']}.",
         f"Images {report['image_size']} x {report['image_size']} (synthetic, in memory), batch of "
-        f"{report['n_images']}, k = {report['k']}, max_iter {report['max_iter']}, tol {report['tol']}; "
+        f"{report['n_images']}, k = {report['k']}, max_iter {report['max_iter']}, tol {report['tol']}, "
+        f"NMF precision {report.get('precision', 'fp32')}; "
         "concept naming off. Throughput: best of the repeats; latency: p50 / p99 over the repeats.",
         "",
         "| model | layer | provider | extractor img/s | DFF joint img/s | DFF per-image img/s | joint / extractor "
@@ -201,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats-one", type=int, default=None, help="latency samples (default 30 CPU, 300 GPU)")
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16x"), default="fp32",
+                   help="the CUDA NMF's arithmetic (dff's precision)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/dff_<device>)")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
@@ -220,6 +223,7 @@ def main(argv=None) -> int:
         "k": args.k,
         "max_iter": args.max_iter,
         "tol": args.tol,
+        "precision": args.precision,
         "machine": machine(),
         "results": [],
     }

@@ -250,6 +250,33 @@ def test_bad_input_gives_clear_errors():
     two, acts2 = block_activations(n=2, h=2, w=2)
     with pytest.raises(ValueError, match="smallest image's feature grid"):
         dff(two, 5, activations=acts2, mode="per_image")
+    with pytest.raises(ValueError, match="precision must be one of 'fp32', 'tf32', 'bf16x'; got 'fp16'"):
+        dff(images, 2, activations=acts, precision="fp16")
+
+
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+def test_precision_goes_to_the_solver_and_the_result_says_what_ran(monkeypatch, mode):
+    """dff's precision reaches the NMF (non_negative_factorization in joint mode, nmf_batched
+    per image); the CPU engine ignores it, so its results equal fp32's and the result (and its
+    JSON summary) says "fp32"."""
+    from dffkit import deep_feature_factorization as dff_module
+    from dffkit import nmf
+
+    images, acts = block_activations(n=2, h=4, w=4)
+    seen = []
+    for name in ("non_negative_factorization", "nmf_batched"):
+        real = getattr(nmf, name)
+
+        def spy(*a, _real=real, **kw):
+            seen.append(kw.get("precision"))
+            return _real(*a, **kw)
+        monkeypatch.setattr(nmf, name, spy)
+    got = dff(images, 2, activations=acts, backend="cpu", mode=mode, precision="tf32", name_concepts=False)
+    want = dff(images, 2, activations=acts, backend="cpu", mode=mode, name_concepts=False)
+    assert seen == ["tf32", "fp32"]
+    assert got.precision == want.precision == "fp32" and got.summary()["precision"] == "fp32"
+    for a, b in zip(got.heatmaps, want.heatmaps):
+        np.testing.assert_array_equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,8 +569,10 @@ def test_cli_dff_writes_the_promised_files(tmp_path, capsys):
     for p in list(out.glob("*.png")) + list((out / "heatmaps").glob("*.png")):
         with Image.open(p) as im:
             im.load()
-    rc = cli.main(["dff", *paths, "-k", "2", "--per-image", "--out", str(tmp_path / "pi"), "--quiet", "--no-heatmaps"])
+    rc = cli.main(["dff", *paths, "-k", "2", "--per-image", "--out", str(tmp_path / "pi"), "--quiet", "--no-heatmaps",
+                   "--precision", "tf32", "--backend", "cpu"])
     assert rc == 0 and not (tmp_path / "pi" / "heatmaps").exists()
+    assert json.loads((tmp_path / "pi" / "summary.json").read_text())["precision"] == "fp32"  # the CPU's
     assert "[" not in capsys.readouterr().err  # --quiet: no bars
 
 
@@ -1392,6 +1421,29 @@ def test_device_path_checks_the_activations_once(monkeypatch, mode):
     assert result.device_path and len(calls) == 1
     host = dff(images, 2, activations=acts, mode=mode, backend="cpu")
     np.testing.assert_allclose(result.reconstruction_error, host.reconstruction_error, rtol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+@pytest.mark.parametrize("precision", ["tf32", "bf16x"])
+def test_device_path_in_another_precision(mode, precision):
+    """On a GPU: dff's precision runs the CUDA NMF in that mode (the result says so) and gives
+    the fp32 run's concepts: relative errors within 1e-3 and every label map the same on at
+    least 99% of the pixels (block activations: two clear concepts)."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    if "cuda" not in dffkit.available_backends():
+        pytest.skip(f"CUDA backend not usable: {dffkit.unavailable_reasons().get('cuda')}")
+    ops = dff_module._first_array_library()
+    if ops is None:
+        pytest.skip("neither CuPy nor PyTorch is importable")
+    images, acts = block_activations(n=3)
+    got = dff(images, 2, activations=ops.asarray(acts), mode=mode, backend="cuda", precision=precision)
+    want = dff(images, 2, activations=ops.asarray(acts), mode=mode, backend="cuda")
+    assert got.precision == precision and want.precision == "fp32" and got.device_path
+    np.testing.assert_allclose(got.reconstruction_error, want.reconstruction_error, rtol=1e-3)
+    for a, b in zip(got.labels, want.labels):
+        assert np.mean(a == b) >= 0.99
 
 
 @pytest.mark.parametrize("negatives", ["clip", "shift"])
