@@ -522,6 +522,25 @@ def test_threads_change_nothing(tmp_path):
             load_images([str(paths[0]), str(slow_bad), str(paths[1]), str(tmp_path / "x.png")], workers=workers)
 
 
+def test_images_in_memory_are_loaded_without_threads(monkeypatch, tmp_path):
+    """PIL images with no file behind them (made in memory, or loaded) have nothing to decode:
+    load_images does them in a loop, with the same result, and leaves the pool alone; a lazy
+    image opened from a file still goes to the threads."""
+    from dffkit import images as images_module
+
+    used = []
+    real = images_module._pool
+    monkeypatch.setattr(images_module, "_pool", lambda workers: used.append(workers) or real(workers))
+    arrays = images(3, 20, 20, seed=36)
+    made = [Image.fromarray(a) for a in arrays]
+    out = load_images(made, workers=3)
+    assert used == [] and [np.array_equal(np.asarray(o), a) for o, a in zip(out, arrays)] == [True] * 3
+    Image.fromarray(arrays[0]).save(tmp_path / "a.png")
+    lazy = Image.open(tmp_path / "a.png")
+    out = load_images([made[1], lazy], workers=3)
+    assert used and set(used) == {3} and np.array_equal(np.asarray(out[1]), arrays[0])
+
+
 def test_one_pil_image_twice_is_read_safely():
     """The same lazy PIL image twice in one call: not decoded by two threads at once."""
     data = _png(images(1, 64, 64, seed=35)[0])
