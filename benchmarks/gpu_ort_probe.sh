@@ -34,7 +34,8 @@ if [[ "${CHECKS:-0}" == 1 ]]; then
     "$ROOT/tests/test_features.py" "$ROOT/tests/test_nmf.py" "$ROOT/tests/test_batched_api.py" \
     "$ROOT/tests/test_device_views.py" 2>&1 | tee "$OUT/pytest_gpu_ort.log" | tail -n 6
   stamp "gpu-marked tests with onnxruntime-gpu: rc=$?"
-  SAN_ONLY="${SAN_ONLY:-dff maps}" timeout "${SAN_TIMEOUT:-40}" "$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)" --tool memcheck --error-exitcode 9 \
+  export SAN_ONLY="${SAN_ONLY:-dff maps}"
+  timeout "${SAN_TIMEOUT:-40}" "$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)" --tool memcheck --error-exitcode 9 \
     python3 "$ROOT/benchmarks/cuda_sanitize_driver.py" > "$OUT/sanitizer_memcheck.log" 2>&1
   stamp "memcheck ($SAN_ONLY): rc=$?, $(grep -c '^ok' "$OUT/sanitizer_memcheck.log") ok, $(grep -c '^BAD' "$OUT/sanitizer_memcheck.log") BAD, $(grep 'ERROR SUMMARY' "$OUT/sanitizer_memcheck.log")"
 fi
