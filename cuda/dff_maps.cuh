@@ -136,7 +136,8 @@ __global__ void __launch_bounds__(kMapsThreads)
 /// on the device, as the host computes them from the same parts (python/dffkit/
 /// deep_feature_factorization.py: the maxima, ``_strength_divisors``, ``_presence``,
 /// ``_divisors``), so that the two steps need no copy to the host between them:
-///   peak[t][j] = np.maximum(max_b parts[t][j][b], 0)       (NaN kept: numpy's max and maximum)
+///   peak[t][j] = np.maximum(max_b parts[t][j][b], 0)       (NaN kept: numpy's max and maximum;
+///                                                            -0.0 becomes +0.0, as there)
 ///   ref[t][j]  = max_t' peak[t'][j] (joint) or peak[t][j]  (NaN kept)
 ///   strength   = float32(double(peak) / double(ref)) where ref > 0, else 0
 ///   present    = strength > 0 and strength >= threshold    (float32 compares)
@@ -150,7 +151,7 @@ __global__ void __launch_bounds__(kMapsThreads)
     const float* p = parts + (i64(t) * k + j) * nb;
     float m = -INFINITY;
     for (int b = 0; b < nb; ++b) m = nan_max(m, p[b]);
-    return (m != m || m >= 0.f) ? m : 0.f;  // np.maximum(m, 0.0): NaN and -0.0 kept
+    return (m != m || m > 0.f) ? m : 0.f;  // np.maximum(m, 0.0): NaN kept, -0.0 becomes +0.0
   };
   for (int j = int(threadIdx.x); j < k; j += kMapsThreads) {
     float ref = -INFINITY;

@@ -252,7 +252,8 @@ def test_params_kernel_is_the_hosts_strength_and_divisors(maps_emu, tmp_path, mo
     """The params step on its own (dff_params_kernel), on partial maxima made to reach every
     branch: a NaN among the blocks (numpy's max keeps it: in joint mode the concept's strength is
     then 0 in every image), blocks of -inf, maxima below 0 (peak 0: absent, divisor inf), a
-    strength exactly at the threshold (present), one just below it, and ordinary values. The
+    maximum of -0.0 (whose strength is +0.0, as numpy's maximum with 0 makes it), a strength
+    exactly at the threshold (present), one just below it, and ordinary values. The
     params' bits are the host's (``_strength_divisors`` on the maxima as ``_maps_by_kernels``
     takes them)."""
     n, k, nb, threshold = 4, 6, 5, np.float32(0.25)
@@ -264,6 +265,7 @@ def test_params_kernel_is_the_hosts_strength_and_divisors(maps_emu, tmp_path, mo
     parts[2, 2, :] = -0.5                        # concept 2 below 0 in image 2
     parts[:, 3, :] = [[0.1], [0.4], [0.099999994], [0.4]]  # concept 3: 0.25 of 0.4 exactly, and below
     parts[3, 4, :] = 0.0                         # concept 4: 0 in image 3
+    parts[0, 5, :] = -0.0                        # concept 5: -0.0 in image 0 (numpy's maximum gives +0.0)
     d = tmp_path / "params"
     d.mkdir()
     meta = dict(step="params", n=n, k=k, h=1, w=1, H=1, W=1, fused=0, rows=n, nb=nb, joint=int(mode == "joint"),
