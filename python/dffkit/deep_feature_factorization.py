@@ -1613,15 +1613,14 @@ def _maps_by_kernels(ops, kernels, Ws, feature_sizes, rows, batches, mode, thres
         return _maps_in_one_trip(ops, kernels, Wd, blocks, feature_sizes, rows, batches[0], taps[0], nbs[0],
                                  fused, mode, threshold, k)
     ends = [0, *itertools.accumulate(len(idx) * k * nb for (_, idx), nb in zip(batches, nbs))]
-    parts = ops.empty((len(batches[0][1]), k, nbs[0]) if len(batches) == 1 else (ends[-1],), np.float32)
+    parts = ops.empty((ends[-1],), np.float32)
     for ((h, w, _, _), idx), (ty, tx), nb, a, b in zip(batches, taps, nbs, ends[:-1], ends[1:]):
         kernels.dff_maps([blocks[i] for i in idx], ty, tx, h=h, w=w,
-                         parts=parts if len(batches) == 1 else parts[a:b].reshape(len(idx), k, nb), fused=fused)
+                         parts=_whole_or_rows(parts, a, b).reshape(len(idx), k, nb), fused=fused)
     pinned = [PINNED_MAPS_BYTES]  # what this call may still bring back into pinned memory
     parts_host, W_host = _download(ops, kernels, [(parts, np.float32), (Wd, np.float32)], pinned)
     loadings = [W_host[rows[i]:rows[i + 1]].reshape(h, w, k) for i, (h, w) in enumerate(feature_sizes)]
     peaks = np.zeros((n_images, k))
-    parts_host = parts_host.reshape(-1)
     for ((_, _, _, _), idx), nb, a, b in zip(batches, nbs, ends[:-1], ends[1:]):
         peaks[idx] = np.maximum(parts_host[a:b].reshape(len(idx), k, nb).max(axis=2), 0.0)
     strength, divisors = _strength_divisors(peaks, mode, threshold)
