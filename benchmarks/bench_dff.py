@@ -38,6 +38,7 @@ except ImportError:
 import dffkit  # noqa: E402
 from dffkit.deep_feature_factorization import dff  # noqa: E402
 from dffkit.features import FeatureExtractor  # noqa: E402
+from dffkit.nmf import _PRECISIONS  # noqa: E402
 
 
 def machine() -> dict:
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats-one", type=int, default=None, help="latency samples (default 30 CPU, 300 GPU)")
     p.add_argument("--max-iter", type=int, default=200)
     p.add_argument("--tol", type=float, default=1e-4)
-    p.add_argument("--precision", choices=("fp32", "tf32", "bf16x"), default="fp32",
+    p.add_argument("--precision", choices=_PRECISIONS, default="fp32",
                    help="the CUDA NMF's arithmetic (dff's precision)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/dff_<device>)")
     args = p.parse_args(argv)

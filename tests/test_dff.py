@@ -259,7 +259,6 @@ def test_precision_goes_to_the_solver_and_the_result_says_what_ran(monkeypatch, 
     """dff's precision reaches the NMF (non_negative_factorization in joint mode, nmf_batched
     per image); the CPU engine ignores it, so its results equal fp32's and the result (and its
     JSON summary) says "fp32"."""
-    from dffkit import deep_feature_factorization as dff_module
     from dffkit import nmf
 
     images, acts = block_activations(n=2, h=4, w=4)

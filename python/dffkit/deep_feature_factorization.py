@@ -1917,7 +1917,9 @@ def _add_common_arguments(p, k_default: int):
     p.add_argument("--layer", default=None, help="tensor to factorize (default: the model's own, conv5_3 for VGG-16)")
     p.add_argument("--per-image", action="store_true", help="factorize each image on its own")
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto", help="NMF engine")
-    p.add_argument("--precision", choices=("fp32", "tf32", "bf16x"), default="fp32",
+    from dffkit.nmf import _PRECISIONS
+
+    p.add_argument("--precision", choices=_PRECISIONS, default="fp32",
                    help="the CUDA NMF's arithmetic (tf32: tensor cores for the products with X; bf16x: X kept as "
                         "bfloat16); the CPU ignores it")
     p.add_argument("--max-iter", type=int, default=200)
