@@ -15,18 +15,11 @@ stops the capture) instead of raising.
     python3 benchmarks/ort_cuda_graph_probe.py [--reps 300]
 """
 import argparse
-import sys
 import time
 import warnings
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-try:
-    import dffkit  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(HERE.parent / "python"))
-
-import numpy as np  # noqa: E402
+import _common  # noqa: F401  (dffkit from an install or this checkout)
+import numpy as np
 
 
 def main(argv=None):

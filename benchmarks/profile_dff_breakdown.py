@@ -13,18 +13,11 @@ CUDA events (cupyx.profiler.benchmark): device time against the host's time for 
 """
 import argparse
 import os
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-try:
-    import dffkit  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(HERE.parent / "python"))
-
-import numpy as np  # noqa: E402
+import _common  # noqa: F401  (dffkit from an install or this checkout)
+import numpy as np
 
 
 class Timers:

@@ -8,17 +8,10 @@ speed, next to a copy's measured in the same run.
     python3 benchmarks/profile_dff_joint_nmf.py [--images 256] [--iters 200] [--reps 5]
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-try:
-    import dffkit  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(HERE.parent / "python"))
-
-import numpy as np  # noqa: E402
+import _common  # noqa: F401  (dffkit from an install or this checkout)
+import numpy as np
 
 
 def main(argv=None):
