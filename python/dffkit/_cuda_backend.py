@@ -672,9 +672,9 @@ def _raw_device_array(x, name, dtype, shape=None):
     """The device pointer of x, a C-contiguous CUDA array (PyTorch, CuPy or any
     ``__cuda_array_interface__``) of ``dtype`` and, when given, ``shape``; ValueError naming
     ``name`` otherwise. No copy. The usual case, a CuPy array or CUDA tensor that is what was
-    asked, is read in about a microsecond (the map kernels' launches read ten arrays: at the 6 us
-    a generic reading took, a twentieth of one image's maps); anything else goes through
-    ``_raw_device_array_checked``, which names what is wrong."""
+    asked, is read from the library's own attributes (1.4 us on the H200's host, session 18's run
+    13, against 6 us through numpy's dtype names; one image's maps read 14 arrays); anything else
+    goes through ``_raw_device_array_checked``, which names what is wrong."""
     dtype = np.dtype(dtype)
     if _is_cupy(x):
         if x.dtype == dtype and (shape is None or x.shape == shape) and x.flags.c_contiguous:
