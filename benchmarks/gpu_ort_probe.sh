@@ -13,12 +13,9 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 SECONDS=0
 stamp() { echo "== [$SECONDS s] $*"; }
-for d in "$ROOT"/.ortslim*/; do [[ -d "$d" ]] && mkdir -p /tmp/ortw && cp "$d"/* /tmp/ortw/; done
-if [[ "$(ls /tmp/ortw/ort_slim.tar.xz.part* 2>/dev/null | wc -l)" != "$(cat /tmp/ortw/NPARTS 2>/dev/null)" ]]; then
-  stamp "onnxruntime-gpu: not every part is here (was the machine the same warm one?)"; exit 2
-fi
-mkdir -p /tmp/site
-(cat /tmp/ortw/ort_slim.tar.xz.part* | xz -d -T4 | tar -x -C /tmp/site && touch /tmp/site/.done) &
+source "$ROOT/benchmarks/ort_unpack.sh"
+ort_unpack_start
+(( ort_ready )) || exit 2
 source "$ROOT/benchmarks/gpu_prebuilt.sh"
 GPU_CHECK_STAGES="build" source "$ROOT/benchmarks/gpu_check.sh" > "$OUT/build_stage.log" 2>&1
 stamp "build: $(grep -m1 'build:' "$OUT/build_stage.log")"

@@ -17,16 +17,8 @@ pack() { tar czf "$FINAL_OUT/gpu_out.tgz.part" -C "$STAGE" . && mv "$FINAL_OUT/g
 SECONDS=0
 stamp() { echo "== [$SECONDS s] $*"; }
 
-for d in "$ROOT"/.ortslim*/; do [[ -d "$d" ]] && mkdir -p /tmp/ortw && cp "$d"/* /tmp/ortw/; done
-ort_ready=0
-if ls /tmp/ortw/ort_slim.tar.xz.part* > /dev/null 2>&1 \
-   && [[ "$(ls /tmp/ortw/ort_slim.tar.xz.part* | wc -l)" == "$(cat /tmp/ortw/NPARTS 2>/dev/null)" ]]; then
-  mkdir -p /tmp/site
-  (cat /tmp/ortw/ort_slim.tar.xz.part* | xz -d -T4 | tar -x -C /tmp/site && touch /tmp/site/.done) &
-  ort_ready=1
-else
-  stamp "onnxruntime-gpu: not every part is here (was the machine the same warm one?): no DFF bench"
-fi
+source "$ROOT/benchmarks/ort_unpack.sh"
+ort_unpack_start  # ort_ready=0 (said why): no DFF bench
 
 OUT="$STAGE" DEADLINE="${VERIFY_DEADLINE:-230}" bash "$ROOT/benchmarks/gpu_verify.sh" 2>&1 | tee "$STAGE/verify.log"
 pack
