@@ -37,25 +37,31 @@ SHAPES = [(1, 196, 512, 5, 200), (1, 196, 512, 5, 200), (528, 196, 512, 5, 100),
           (1, 196, 512, 8, 200), (1, 196, 512, 16, 200), (1, 784, 512, 5, 100)]
 # the row-split kernel (DFFKIT_CUDA_SMALL_COLS=0), then the column-split one (the default since
 # session 15; clusters of 16 too; "gather": its W update split over the cluster,
-# DFFKIT_CUDA_SMALL_COLS_GATHER=1, session 16, not yet timed)
-for cols in (None, "auto", "16", "auto gather", "16 gather"):
-    os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
-    os.environ.pop("DFFKIT_CUDA_SMALL_COLS_C", None)
-    os.environ.pop("DFFKIT_CUDA_SMALL_COLS_GATHER", None)
+# DFFKIT_CUDA_SMALL_COLS_GATHER=1, session 16, timed slower in session 17; "vec": the shares of
+# X H^T read four floats a request, DFFKIT_CUDA_SMALL_COLS_VEC=1, session 19, not yet timed)
+MODES = {"gather": "DFFKIT_CUDA_SMALL_COLS_GATHER", "vec": "DFFKIT_CUDA_SMALL_COLS_VEC"}
+
+
+def set_cols(cols):
+    """The switches of one row: None (row split), "auto" / "16" (cluster size), then a mode."""
+    os.environ["DFFKIT_CUDA_SMALL_COLS"] = "1" if cols else "0"
+    for key in ("DFFKIT_CUDA_SMALL_COLS_C", *MODES.values()):
+        os.environ.pop(key, None)
     if cols:
-        os.environ["DFFKIT_CUDA_SMALL_COLS"] = "1"
-        size, _, gather = cols.partition(" ")
+        size, _, mode = cols.partition(" ")
         if size != "auto":
             os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = size
-        if gather:
-            os.environ["DFFKIT_CUDA_SMALL_COLS_GATHER"] = "1"
+        if mode:
+            os.environ[MODES[mode]] = "1"
+
+
+for cols in (None, "auto", "16", "auto gather", "16 gather", "auto vec", "16 vec"):
+    set_cols(cols)
     for B, m, n, k, iters in SHAPES[:3] if cols else SHAPES:
         print(f"-- {'cols ' + cols if cols else 'rows'} B={B} {m}x{n} k={k} {iters} it", flush=True)
         solve(*problem(B, m, n, k), iters)
         torch.cuda.synchronize()
-os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
-os.environ.pop("DFFKIT_CUDA_SMALL_COLS_C", None)
-os.environ.pop("DFFKIT_CUDA_SMALL_COLS_GATHER", None)
+set_cols(None)
 
 # timing with the phase clock off (same build)
 os.environ["DFFKIT_CUDA_PROFILE"] = "0"
@@ -76,15 +82,11 @@ def timed(B, m, n, k, iters, reps):
     print(f"time B={B} {m}x{n} k={k} {iters} it: median {ts[len(ts) // 2]:.3f} ms", flush=True)
 
 
-timed(1, 196, 512, 5, 200, 9)
-timed(4096, 196, 512, 5, 100, 3)
-os.environ["DFFKIT_CUDA_SMALL_COLS"] = "1"
-print("column-split kernel:", flush=True)
-timed(1, 196, 512, 5, 200, 9)
-timed(4096, 196, 512, 5, 100, 3)
-os.environ["DFFKIT_CUDA_SMALL_COLS_GATHER"] = "1"
-print("column-split kernel, W update gathered:", flush=True)
-timed(1, 196, 512, 5, 200, 9)
-timed(4096, 196, 512, 5, 100, 3)
-os.environ.pop("DFFKIT_CUDA_SMALL_COLS_GATHER", None)
-os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
+for cols, title in ((None, "row-split kernel"), ("auto", "column-split kernel"),
+                    ("auto gather", "column-split kernel, W update gathered"),
+                    ("auto vec", "column-split kernel, shares read four floats a request")):
+    set_cols(cols)
+    print(f"{title}:", flush=True)
+    timed(1, 196, 512, 5, 200, 9)
+    timed(4096, 196, 512, 5, 100, 3)
+set_cols(None)

@@ -134,6 +134,14 @@ if cuda.device_info(0)["cc"][0] >= 9:
     check("fast cols gather C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
     del os.environ["DFFKIT_CUDA_SMALL_COLS_GATHER"]
     check("fast cols C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+    os.environ["DFFKIT_CUDA_SMALL_COLS_VEC"] = "1"  # the shares read four floats a request
+    check("fast cols vec C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+    del os.environ["DFFKIT_CUDA_SMALL_COLS_C"]
+    check("fast cols vec", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+    check("fast cols vec stopping rule", X, W, H, engine="resident", max_iter=30, tol=1e-2,
+          kernel="resident-fast-cols")
+    os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = "16"
+    del os.environ["DFFKIT_CUDA_SMALL_COLS_VEC"]
     os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
     del os.environ["DFFKIT_CUDA_SMALL_COLS_C"]
 probs = [problem(30 + 7 * b, 20 + 5 * b, 3, seed=b) for b in range(3)]

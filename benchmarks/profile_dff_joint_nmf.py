@@ -3,11 +3,15 @@ in each precision mode of the CUDA engine: X = the conv5_3 activations of --imag
 ((images * 196) x 512, float32, made on the device), k = 5, --iters iterations with tol 0 (every
 iteration run), init 'random'. Prints ms per fit (median of --reps), the kernel, microseconds per
 iteration, and the bandwidth that one and two passes over X per iteration would need at that
-speed, next to a copy's measured in the same run.
+speed, next to a copy's measured in the same run. Beyond each mode's default engine, the rows
+"sweep" (DFFKIT_CUDA_GEMM=0: the one-pass row-tile sweep on CUDA cores, untimed at this shape)
+and "1-pass" (the gemm engine's single pass with float32 accuracy by split tf32: DFFKIT_CUDA_GEMM_FUSED=1,
+DFFKIT_CUDA_GEMM_SIMT=0).
 
     python3 benchmarks/profile_dff_joint_nmf.py [--images 256] [--iters 200] [--reps 5]
 """
 import argparse
+import os
 import time
 
 import _common  # noqa: F401  (dffkit from an install or this checkout)
@@ -42,7 +46,15 @@ def main(argv=None):
     del a, b
     print(f"X {m} x {n} float32 ({nbytes / 1e6:.0f} MB), k = {args.k}, {args.iters} iterations, tol 0; "
           f"copy {copy_tbps:.2f} TB/s")
-    for precision in ("fp32", "tf32", "bf16x"):
+    switches = ("DFFKIT_CUDA_GEMM", "DFFKIT_CUDA_GEMM_FUSED", "DFFKIT_CUDA_GEMM_SIMT")
+    rows = [("fp32", "fp32", {}), ("tf32", "tf32", {}), ("bf16x", "bf16x", {}),
+            ("fp32 sweep", "fp32", {"DFFKIT_CUDA_GEMM": "0"}),
+            ("bf16x sweep", "bf16x", {"DFFKIT_CUDA_GEMM": "0"}),
+            ("fp32 1-pass", "fp32", {"DFFKIT_CUDA_GEMM_FUSED": "1", "DFFKIT_CUDA_GEMM_SIMT": "0"})]
+    for label, precision, env in rows:
+        for key in switches:
+            os.environ.pop(key, None)
+        os.environ.update(env)
         ts, info = [], None
         for r in range(args.reps + 1):
             torch.cuda.synchronize()
@@ -56,7 +68,7 @@ def main(argv=None):
         t = float(np.median(ts))
         per_it = t / max(1, info.n_iter)
         xb = nbytes // 2 if precision == "bf16x" else nbytes
-        print(f"{precision:6s} {1e3 * t:8.2f} ms  kernel {info.kernel:18s} {1e6 * per_it:7.1f} us/it  "
+        print(f"{label:12s} {1e3 * t:8.2f} ms  kernel {info.kernel:18s} {1e6 * per_it:7.1f} us/it  "
               f"one pass {xb / per_it / 1e12:5.2f} TB/s, two {2 * xb / per_it / 1e12:5.2f} TB/s  "
               f"(error {info.error:.6g})", flush=True)
 

@@ -64,6 +64,11 @@ struct KParams {
   // barrier, then the other rows copied from their owners: about 2 m k distributed-shared-memory
   // loads per block and iteration instead of C m k); the same bits. Not yet timed: off by default.
   int small_cols_gather = 0;
+  // DFFKIT_CUDA_SMALL_COLS_VEC=1 (session 19): the column-split kernel's W update reads the C
+  // shares of X H^T four floats a distributed-shared-memory request (a quarter of the requests:
+  // 245 float4 loads per peer for one image instead of 980 floats, one round of loads instead of
+  // four), the first round issued before G_H's sums; the same bits. Not yet timed: off.
+  int small_cols_vec = 0;
 };
 
 __device__ __forceinline__ i64 group_of_row(const i64* goff, i64 ngroups, i64 row) {

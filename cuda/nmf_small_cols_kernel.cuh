@@ -35,6 +35,12 @@
 // 2,560) and one barrier (the row split's first barrier took 1,340 cycles and its H broadcast,
 // G_H share and second barrier 2,950 of its 17,800 per iteration in session 3's phase clock).
 // To be timed (`cuda_bench.py --ab`, rows "cols"; phase clocks with -DDFFKIT_SMALL_PROFILE).
+// Run 6's phase clock put step 2's W update (its C m K peer loads, a float each) at 4,390 of
+// 13,600 cycles per iteration, ~1,100 per round of loads at C = 8 (twice that at C = 16: two
+// rounds per element). DFFKIT_CUDA_SMALL_COLS_VEC=1 (session 19, not yet timed) reads those
+// shares four floats a request (for one image one round of eight float4 loads per thread
+// instead of four rounds of eight floats), the first round issued before G_H's sums and the
+// stopping test; each element is still added over the blocks in rank order (the same bits).
 //
 // Compiles under nvcc and under the CPU emulator (tests/test_cuda_emu.py runs it).
 #include <cmath>
@@ -118,6 +124,47 @@ __device__ __forceinline__ U cluster_sum16(U* p, int e, int C) {
   return v;
 }
 
+/// The C shares of four consecutive floats (p4[f] on every block), each component added over
+/// the blocks in rank order as cluster_sum16 adds one float: the same bits, a quarter of the
+/// distributed-shared-memory requests. t holds the first (up to) eight blocks' loads, issued
+/// earlier by cluster_load4 so that they travel while the thread does other work.
+struct ClusterLoads4 {
+  float4 t[8];
+};
+
+__device__ __forceinline__ void cluster_load4(const float4* p4, int f, int C, ClusterLoads4& l) {
+#pragma unroll
+  for (int r = 0; r < 8; ++r)
+    l.t[r] = r < C ? cluster_peer(const_cast<float4*>(p4), r, C)[f] : make_float4(0.f, 0.f, 0.f, 0.f);
+}
+
+__device__ __forceinline__ float4 cluster_finish4(const float4* p4, int f, int C, const ClusterLoads4& l) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int r = 0; r < 8; ++r)
+    if (r < C) {
+      v.x += l.t[r].x;
+      v.y += l.t[r].y;
+      v.z += l.t[r].z;
+      v.w += l.t[r].w;
+    }
+  if (C > 8) {
+    ClusterLoads4 u;
+#pragma unroll
+    for (int r = 0; r < 8; ++r)
+      u.t[r] = 8 + r < C ? cluster_peer(const_cast<float4*>(p4), 8 + r, C)[f] : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int r = 0; r < 8; ++r)
+      if (8 + r < C) {
+        v.x += u.t[r].x;
+        v.y += u.t[r].y;
+        v.z += u.t[r].z;
+        v.w += u.t[r].w;
+      }
+  }
+  return v;
+}
+
 /// One problem per cluster of C blocks (SNT threads each), columns split over the blocks.
 template <bool BF16, int K, int MINB = DFFKIT_SMALL_MINB>
 __global__ void __launch_bounds__(SNT, MINB)
@@ -192,6 +239,7 @@ __global__ void __launch_bounds__(SNT, MINB)
   const int pq = tid % NQP, prs = tid / NQP;
   // DFFKIT_CUDA_SMALL_COLS_GATHER: block r updates the rows [row_begin(r), row_begin(r + 1)) of W
   const bool gather = q.small_cols_gather != 0 && C > 1;
+  const bool vec = q.small_cols_vec != 0 && !gather;
   auto row_begin = [&](int r) { return int(i64(r) * m / C); };
 
   double err_init = 0, err = 0, prev = 0;
@@ -243,6 +291,12 @@ __global__ void __launch_bounds__(SNT, MINB)
     prof(1);
 
     // ---- 2: G_H and the error of iteration it - 1, the stopping rule; the W update
+    // DFFKIT_CUDA_SMALL_COLS_VEC: the shares of X H^T read four floats a request, the first of
+    // them issued here, before G_H's sums and the stopping test (same bits)
+    const int mK = mi * K, nf4 = vec ? mK / 4 : 0;
+    const float4* Ns4 = reinterpret_cast<const float4*>(e_N(s));
+    ClusterLoads4 pre;
+    if (vec && !last_pass && tid < nf4) cluster_load4(Ns4, tid, C, pre);
     float* GHs = e_GH(s);
     for (int e = tid; e < K * K; e += SNT) GH[e] = cluster_sum16(GHs, e, C);
     if (it == 1 && tid == 0) red[RG_E0] = std::sqrt(cluster_sum16(e_dbl(s), 0, C));
@@ -264,17 +318,27 @@ __global__ void __launch_bounds__(SNT, MINB)
     if (stopped || last_pass) break;
     {
       float* Ns = e_N(s);
-      // every row of W (or, gathering, this block's slice of them): N from the C shares in
-      // rank order, then the multiplicative step
-      const int eb = gather ? row_begin(rank) * K : 0, ee = gather ? row_begin(rank + 1) * K : mi * K;
-      for (int e = eb + tid; e < ee; e += SNT) {
+      // W[e] from N[e] (its C shares added in rank order): the multiplicative step
+      auto w_update = [&](int e, float num) {
         const int r = e / K, j = e - r * K;
-        const float num = cluster_sum16(Ns, e, C);
         float base = 0.f;
 #pragma unroll
         for (int c = 0; c < K; ++c) base += Wo[r * K + c] * GH[c * K + j];
         Wn[e] = j < k ? mu_step(Wo[e], num, base, l1W, l2W, 0.f) : 0.f;
+      };
+      // vec: four elements a thread at a time (the first loaded above), then the tail
+      for (int f = tid; f < nf4; f += SNT) {
+        if (f != tid) cluster_load4(Ns4, f, C, pre);
+        const float4 v = cluster_finish4(Ns4, f, C, pre);
+        w_update(4 * f, v.x);
+        w_update(4 * f + 1, v.y);
+        w_update(4 * f + 2, v.z);
+        w_update(4 * f + 3, v.w);
       }
+      // every row of W (or, gathering, this block's slice of them): N from the C shares in
+      // rank order, then the multiplicative step
+      const int eb = gather ? row_begin(rank) * K : 4 * nf4, ee = gather ? row_begin(rank + 1) * K : mK;
+      for (int e = eb + tid; e < ee; e += SNT) w_update(e, cluster_sum16(Ns, e, C));
       if (gather) {
         // every slice is written; the other rows from their owners' Wn (an owner writes that
         // buffer again two iterations on, after two barriers this block reaches only after

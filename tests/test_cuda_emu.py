@@ -274,15 +274,16 @@ def _small_problem(B, m, n, k, seed):
 
 
 def _run_small(exe, tmp_path, X, W, H, *, C, bf16=False, tc=False, cols=False, max_iter=30, tol=0.0,
-               pen=(0, 0, 0, 0), mu=0.0, update_H=True, skew_us=0, gather=False):
+               pen=(0, 0, 0, 0), mu=0.0, update_H=True, skew_us=0, gather=False, vec=False):
     """One launch of the fast path on the emulator (cols: the column-split kernel; skew_us: rank r
     held back r x skew_us after every cluster barrier; gather: its W update split over the
-    cluster, DFFKIT_CUDA_SMALL_COLS_GATHER)."""
+    cluster, DFFKIT_CUDA_SMALL_COLS_GATHER; vec: its W update reading the shares four floats a
+    request, DFFKIT_CUDA_SMALL_COLS_VEC)."""
     B, m, n = X.shape
     k = W.shape[2]
-    d = tmp_path / f"small_{B}_{m}_{n}_{k}_{C}_{int(bf16)}_{int(tc)}_{int(cols)}_{max_iter}_{skew_us}_{int(gather)}"
+    d = tmp_path / f"small_{B}_{m}_{n}_{k}_{C}_{int(bf16)}_{int(tc)}_{int(cols)}_{max_iter}_{skew_us}_{int(gather)}_{int(vec)}"
     d.mkdir()
-    meta = dict(B=B, m=m, n=n, k=k, C=C, bf16=int(bf16), tc=int(tc), cols=int(cols), gather=int(gather),
+    meta = dict(B=B, m=m, n=n, k=k, C=C, bf16=int(bf16), tc=int(tc), cols=int(cols), gather=int(gather), vec=int(vec),
                 max_iter=max_iter, tol=tol,
                 l1_W=pen[0], l2_W=pen[1],
                 l1_H=pen[2], l2_H=pen[3], mu=mu, update_H=int(update_H))
@@ -328,7 +329,7 @@ def test_fast_path_kernel_matches_cpu_engine(small_emu, tmp_path, case, tc):
 
 def _check_small_case(exe, tmp_path, case, **kernel):
     """One of SMALL_CASES / COLS_CASES on the emulator against the CPU engine: n_iter, W, H, the
-    initial and final errors; the caller's arrays untouched."""
+    initial and final errors; the caller's arrays untouched. Returns the kernel's W, H, outs."""
     case = dict(case)
     B, m, n, k, C, max_iter = (case.pop(key) for key in ("B", "m", "n", "k", "C", "max_iter"))
     bf16 = case.pop("bf16", False)
@@ -348,6 +349,7 @@ def _check_small_case(exe, tmp_path, case, **kernel):
         assert abs(e0 - ic["error_init"]) <= 1e-5 * ic["error_init"]
         if not case.get("update_H", True):
             assert np.array_equal(Hg[b], H[b])
+    return Wg, Hg, outs
 
 
 @pytest.mark.parametrize("sanitizer", ["thread", "address"])
@@ -373,9 +375,11 @@ COLS_CASES = SMALL_CASES + [
 ]
 
 
-@pytest.mark.parametrize("case", COLS_CASES, ids=["k3-C1", "k5-C2-batch", "k8-C8", "k12-C4-penalties",
-                                                  "k16-C2-fixedH", "k5-C2-bf16", "stopping-rule",
-                                                  "k5-C16", "k5-C2-wide-blocks"])
+COLS_IDS = ["k3-C1", "k5-C2-batch", "k8-C8", "k12-C4-penalties", "k16-C2-fixedH", "k5-C2-bf16",
+            "stopping-rule", "k5-C16", "k5-C2-wide-blocks"]
+
+
+@pytest.mark.parametrize("case", COLS_CASES, ids=COLS_IDS)
 def test_fast_path_cols_kernel_matches_cpu_engine(small_emu, tmp_path, case):
     """The column-split kernel holds the row-split kernel's bound against the CPU engine: the
     same iterates, n_iter and errors (initial and final) to float32 rounding."""
@@ -390,6 +394,21 @@ def test_fast_path_cols_kernel_gives_the_same_bits_alone_and_in_a_batch(small_em
     assert np.array_equal(Wb[1], W1[0]) and np.array_equal(Hb[1], H1[0]) and ob[1] == o1[0]
 
 
+# COLS_CASES with one more row where k = 5 (m k then not a multiple of 4: the scalar tail after
+# the float4 loads); k5-C16: the second round of loads
+VEC_CASES = [dict(c, m=c["m"] + 1) if c["k"] == 5 else c for c in COLS_CASES]
+
+
+@pytest.mark.parametrize("case", VEC_CASES, ids=COLS_IDS)
+def test_fast_path_cols_vec_gives_the_default_bits(small_emu, tmp_path, case):
+    """DFFKIT_CUDA_SMALL_COLS_VEC (the shares of X H^T read four floats a request, the first
+    round issued before G_H's sums) changes no bit: W, H, n_iter and both errors equal the
+    default kernel's, and both hold the bound against the CPU engine."""
+    default = _check_small_case(small_emu, tmp_path, case, cols=True)
+    Wv, Hv, ov = _check_small_case(small_emu, tmp_path, case, cols=True, vec=True)
+    assert np.array_equal(default[0], Wv) and np.array_equal(default[1], Hv) and default[2] == ov
+
+
 @pytest.mark.parametrize("C", [2, 4])
 def test_fast_path_cols_kernel_with_skewed_blocks(small_emu, tmp_path, C):
     """The lower ranks run ahead after every cluster barrier (the emulator holds rank r back
@@ -397,9 +416,11 @@ def test_fast_path_cols_kernel_with_skewed_blocks(small_emu, tmp_path, C):
     numbers here (checked: one buffer instead of two fails this test; ThreadSanitizer missed it)."""
     X, W, H = _small_problem(1, 24, 40, 5, seed=3)
     Wc, Hc, ic = _cpu_fit_full(X[0], W[0], H[0], max_iter=6)
-    Wg, Hg, outs = _run_small(small_emu, tmp_path, X, W, H, C=C, cols=True, max_iter=6, skew_us=50000)
-    assert _rel(Wg[0], Wc) <= 3e-6 and _rel(Hg[0], Hc) <= 3e-6
-    assert abs(outs[0][2] - ic["error"]) <= 1e-5 * ic["error"]
+    for vec in (False, True):
+        Wg, Hg, outs = _run_small(small_emu, tmp_path, X, W, H, C=C, cols=True, max_iter=6, skew_us=50000,
+                                  vec=vec)
+        assert _rel(Wg[0], Wc) <= 3e-6 and _rel(Hg[0], Hc) <= 3e-6
+        assert abs(outs[0][2] - ic["error"]) <= 1e-5 * ic["error"]
 
 
 @pytest.mark.parametrize("sanitizer", ["thread", "address"])
@@ -409,9 +430,12 @@ def test_fast_path_cols_kernel_under_sanitizers(tmp_path_factory, tmp_path, sani
     a race) and AddressSanitizer; with the stopping rule, which ends the loop one barrier late."""
     exe = _sanitized(tmp_path_factory, sanitizer, "small_emu.cpp")
     X, W, H = _small_problem(1, 30, 37, 5, seed=1)
-    for C, max_iter, tol in ((2, 3, 0.0), (4, 12, 0.99)):  # the second stops at iteration 10
+    # the second and third stop at iteration 10; the third reads the shares four floats a
+    # request (DFFKIT_CUDA_SMALL_COLS_VEC), its first loads before the stopping test
+    for C, max_iter, tol, vec in ((2, 3, 0.0, False), (4, 12, 0.99, False), (4, 12, 0.99, True)):
         Wc, Hc, ic = _cpu_fit_full(X[0], W[0], H[0], max_iter=max_iter, tol=tol)
-        Wg, Hg, outs = _run_small(exe, tmp_path, X, W, H, C=C, cols=True, max_iter=max_iter, tol=tol)
+        Wg, Hg, outs = _run_small(exe, tmp_path, X, W, H, C=C, cols=True, max_iter=max_iter, tol=tol,
+                                  vec=vec)
         assert outs[0][0] == ic["n_iter"] == (10 if tol else max_iter)
         assert _rel(Wg[0], Wc) <= 1e-4 and _rel(Hg[0], Hc) <= 1e-4
 
