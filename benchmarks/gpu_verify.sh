@@ -7,6 +7,10 @@
 #      (each one word, commas between: a variant's name may hold spaces)
 #   3. compute-sanitizer racecheck over SAN_ONLY's cases of the driver (default: the column-split
 #      kernel's and DFF's map kernels, "fast cols,dff maps")  (SAN_TIMEOUT, 50 s)
+#   3b. the fast path's phase clocks (gpu_variants.sh with the "prof" objects, when .gpu_pack holds
+#      them for these sources: benchmarks/cuda_profile_small.py)  (PROF_TIMEOUT, 0 s: off unless set)
+#   3c. benchmarks/profile_dff_joint_nmf.py --reps 3: joint DFF's NMF per engine and precision
+#      (JOINT_TIMEOUT, 0 s: off unless set)
 #   4. benchmarks/profile_dff_device.py: one image's DFF after the extractor (DFF_PROFILE_TIMEOUT, 30 s)
 #   5. the gpu-marked tests of the NMF modules and of DFF    (what is left)
 #   6. compute-sanitizer memcheck over the whole driver     (what is left)
@@ -44,6 +48,21 @@ sanitize() {  # tool seconds [SAN_ONLY]
 
 t=$(limit "${SAN_TIMEOUT:-50}")
 (( t > 0 )) && sanitize racecheck "$t" "${SAN_ONLY:-fast cols,dff maps}"
+
+t=$(limit "${PROF_TIMEOUT:-0}")
+if (( t > 0 )); then
+  OUT="$OUT" VARIANTS=prof VARIANT_TIMEOUT="$t" bash "$ROOT/benchmarks/gpu_variants.sh" \
+    "$ROOT/benchmarks/cuda_profile_small.py" > "$OUT/cuda_profile_small.log" 2>&1
+  stamp "phase clocks: rc=$?"
+  grep -E "^(--|dffkit|time|column|row)" "$OUT/cuda_profile_small.log" | tail -n 40
+fi
+
+t=$(limit "${JOINT_TIMEOUT:-0}")
+if (( t > 0 )); then
+  timeout "$t" python3 "$ROOT/benchmarks/profile_dff_joint_nmf.py" --reps 3 2>&1 \
+    | tee "$OUT/profile_dff_joint_nmf.log" | tail -n 8
+  stamp "joint DFF NMF: rc=$?"
+fi
 
 t=$(limit "${DFF_PROFILE_TIMEOUT:-30}")
 if (( t > 0 )); then
