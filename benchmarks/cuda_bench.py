@@ -225,6 +225,9 @@ VARIANT_ENV = {
     "cols vec": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_VEC": "1"},
     "cols vec C=16": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_VEC": "1",
                       "DFFKIT_CUDA_SMALL_COLS_C": "16"},
+    "cols push": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_PUSH": "1"},
+    "cols push C=16": {"DFFKIT_CUDA_SMALL_COLS": "1", "DFFKIT_CUDA_SMALL_COLS_PUSH": "1",
+                       "DFFKIT_CUDA_SMALL_COLS_C": "16"},
     "gemm simt": {"DFFKIT_CUDA_GEMM_SIMT": "1"},
     "gemm split": {"DFFKIT_CUDA_GEMM_SIMT": "0"},
     "gemm 1-pass": {"DFFKIT_CUDA_GEMM_FUSED": "1", "DFFKIT_CUDA_GEMM_SIMT": "0"},  # (float32: split tf32)

@@ -38,8 +38,10 @@ SHAPES = [(1, 196, 512, 5, 200), (1, 196, 512, 5, 200), (528, 196, 512, 5, 100),
 # the row-split kernel (DFFKIT_CUDA_SMALL_COLS=0), then the column-split one (the default since
 # session 15; clusters of 16 too; "gather": its W update split over the cluster,
 # DFFKIT_CUDA_SMALL_COLS_GATHER=1, session 16, timed slower in session 17; "vec": the shares of
-# X H^T read four floats a request, DFFKIT_CUDA_SMALL_COLS_VEC=1, session 19, not yet timed)
-MODES = {"gather": "DFFKIT_CUDA_SMALL_COLS_GATHER", "vec": "DFFKIT_CUDA_SMALL_COLS_VEC"}
+# X H^T read four floats a request, DFFKIT_CUDA_SMALL_COLS_VEC=1; "push": the shares stored into
+# every block, DFFKIT_CUDA_SMALL_COLS_PUSH=1; both session 19, not yet timed)
+MODES = {"gather": "DFFKIT_CUDA_SMALL_COLS_GATHER", "vec": "DFFKIT_CUDA_SMALL_COLS_VEC",
+         "push": "DFFKIT_CUDA_SMALL_COLS_PUSH"}
 
 
 def set_cols(cols):
@@ -55,7 +57,7 @@ def set_cols(cols):
             os.environ[MODES[mode]] = "1"
 
 
-for cols in (None, "auto", "16", "auto gather", "16 gather", "auto vec", "16 vec"):
+for cols in (None, "auto", "16", "auto gather", "16 gather", "auto vec", "16 vec", "auto push", "16 push"):
     set_cols(cols)
     for B, m, n, k, iters in SHAPES[:3] if cols else SHAPES:
         print(f"-- {'cols ' + cols if cols else 'rows'} B={B} {m}x{n} k={k} {iters} it", flush=True)
@@ -84,7 +86,8 @@ def timed(B, m, n, k, iters, reps):
 
 for cols, title in ((None, "row-split kernel"), ("auto", "column-split kernel"),
                     ("auto gather", "column-split kernel, W update gathered"),
-                    ("auto vec", "column-split kernel, shares read four floats a request")):
+                    ("auto vec", "column-split kernel, shares read four floats a request"),
+                    ("auto push", "column-split kernel, shares stored into every block")):
     set_cols(cols)
     print(f"{title}:", flush=True)
     timed(1, 196, 512, 5, 200, 9)

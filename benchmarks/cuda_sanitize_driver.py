@@ -140,8 +140,14 @@ if cuda.device_info(0)["cc"][0] >= 9:
     check("fast cols vec", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
     check("fast cols vec stopping rule", X, W, H, engine="resident", max_iter=30, tol=1e-2,
           kernel="resident-fast-cols")
-    os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = "16"
     del os.environ["DFFKIT_CUDA_SMALL_COLS_VEC"]
+    os.environ["DFFKIT_CUDA_SMALL_COLS_PUSH"] = "1"  # the shares stored into every block
+    check("fast cols push", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+    check("fast cols push stopping rule", X, W, H, engine="resident", max_iter=30, tol=1e-2,
+          kernel="resident-fast-cols")
+    os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = "16"
+    check("fast cols push C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+    del os.environ["DFFKIT_CUDA_SMALL_COLS_PUSH"]
     os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
     del os.environ["DFFKIT_CUDA_SMALL_COLS_C"]
 probs = [problem(30 + 7 * b, 20 + 5 * b, 3, seed=b) for b in range(3)]

@@ -69,6 +69,11 @@ struct KParams {
   // 245 float4 loads per peer for one image instead of 980 floats, one round of loads instead of
   // four), the first round issued before G_H's sums; the same bits. Not yet timed: off.
   int small_cols_vec = 0;
+  // DFFKIT_CUDA_SMALL_COLS_PUSH=1 (session 19): the column-split kernel's blocks store their
+  // shares of X H^T into every block's shared memory (2 C m K floats more a block) instead of
+  // each block loading all of them from its peers; the same bits. The host sets it per launch
+  // where that layout fits (nmf_small.cuh); not yet timed: off.
+  int small_cols_push = 0;
 };
 
 __device__ __forceinline__ i64 group_of_row(const i64* goff, i64 ngroups, i64 row) {

@@ -92,6 +92,8 @@ KParams make_kparams(const Problem& p, const Options& o) {
   q.small_cols_gather = gather && gather[0] == '1';
   const char* vec = std::getenv("DFFKIT_CUDA_SMALL_COLS_VEC");
   q.small_cols_vec = vec && vec[0] == '1';
+  const char* push = std::getenv("DFFKIT_CUDA_SMALL_COLS_PUSH");
+  q.small_cols_push = push && push[0] == '1';
   if (const char* cc = std::getenv("DFFKIT_CUDA_SMALL_COLS_C"); cc && *cc) {
     const int v = std::atoi(cc);
     q.small_cols_c = v == 1 || v == 2 || v == 4 || v == 8 || v == 16 ? v : 0;

@@ -146,8 +146,19 @@ std::vector<cuda::FitResult> small_solve(const std::vector<Item>& items, const K
     for (const Group& g : groups)
       with_small_width(g.K, [&](auto kw) {
         constexpr int K = decltype(kw)::value;
-        if (g.cols)
-          launch_small_cols<BF16, K>(d_descs + g.start, g.count, q, d_out + g.start, g.smem, g.C, s);
+        if (g.cols) {
+          // q.small_cols_push where the group's larger layout fits (C from the shape either way)
+          KParams qc = q;
+          std::size_t smem = g.smem;
+          if (q.small_cols_push) {
+            std::size_t wide = 0;
+            for (std::size_t j = g.start; j < g.start + g.count; ++j)
+              wide = std::max(wide, small_cols_layout(sorted[j].m, sorted[j].n, K, g.C, true).used);
+            qc.small_cols_push = wide <= limit;
+            if (qc.small_cols_push) smem = wide;
+          }
+          launch_small_cols<BF16, K>(d_descs + g.start, g.count, qc, d_out + g.start, smem, g.C, s);
+        }
         else if (tc)
           launch_small<BF16, K, true>(d_descs + g.start, g.count, q, d_out + g.start, g.smem, g.C, s);
         else if (one_per_sm)

@@ -41,6 +41,11 @@
 // shares four floats a request (for one image one round of eight float4 loads per thread
 // instead of four rounds of eight floats), the first round issued before G_H's sums and the
 // stopping test; each element is still added over the blocks in rank order (the same bits).
+// DFFKIT_CUDA_SMALL_COLS_PUSH=1 (session 19, not yet timed) turns the exchange around: step 1
+// stores the block's share into R[s][rank] of every block (C K remote stores a row, not waited
+// for: the barrier's release orders them), step 2 adds R[s][0..C) from the block's own shared
+// memory, in rank order (the same bits). R is 2 C m K floats (one image at C = 8: 62.7 KB), so
+// a block no longer fits two to an SM: the host sets it per launch where the layout fits.
 //
 // Compiles under nvcc and under the CPU emulator (tests/test_cuda_emu.py runs it).
 #include <cmath>
@@ -68,11 +73,12 @@ struct SmallColsLayout {
   int ldx;    // floats per row of X (>= ldh; rows read together start on different banks)
   int nqp;    // lanes per row slice in the P step (nqb rounded up to a power of two)
   int slots;  // P partials added in order (warps, or row slices when nqp > 32)
-  std::size_t X, H0, H1, Wo, Wn, E, ebytes, eN, eGH, Pw, GH, GW, red, used;
+  std::size_t X, H0, H1, Wo, Wn, E, ebytes, eN, eGH, Pw, GH, GW, red, R, used;
 };
 
-/// Shared-memory layout of one block of the column-split kernel (host and device alike).
-DFFKIT_HD SmallColsLayout small_cols_layout(i64 m, i64 n, int K, int C) {
+/// Shared-memory layout of one block of the column-split kernel (host and device alike). push
+/// (DFFKIT_CUDA_SMALL_COLS_PUSH): room R for the C blocks' shares of X H^T, twice (2 C m K floats).
+DFFKIT_HD SmallColsLayout small_cols_layout(i64 m, i64 n, int K, int C, bool push = false) {
   SmallColsLayout L{};
   L.Q = int((n + 3) / 4);
   L.nqb = (L.Q + C - 1) / C;
@@ -105,6 +111,7 @@ DFFKIT_HD SmallColsLayout small_cols_layout(i64 m, i64 n, int K, int C) {
   L.GH = put(std::size_t(K) * K * f);
   L.GW = put(std::size_t(K) * K * f);
   L.red = put(RG_SIZE * sizeof(double));
+  L.R = push ? put(2 * std::size_t(C) * std::size_t(m) * K * f) : 0;
   L.used = o;
   return L;
 }
@@ -175,7 +182,11 @@ __global__ void __launch_bounds__(SNT, MINB)
   const SmallDesc d = descs[blockIdx.x / C];
   const i64 m = d.m, n = d.n;
   const int k = d.k, mi = int(m);
-  const SmallColsLayout L = small_cols_layout(m, n, K, C);
+  // DFFKIT_CUDA_SMALL_COLS_PUSH (set by the host only where the larger layout fits): step 1
+  // stores this block's share of X H^T into every block's R[s][rank] (remote stores, which the
+  // thread does not wait for), step 2 adds the C shares from its own shared memory
+  const bool push = q.small_cols_push != 0;
+  const SmallColsLayout L = small_cols_layout(m, n, K, C, push);
   const int tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int q0 = rank * L.Q / C, q1 = (rank + 1) * L.Q / C, nq = q1 - q0;
   const i64 c0 = 4 * i64(q0);
@@ -239,7 +250,8 @@ __global__ void __launch_bounds__(SNT, MINB)
   const int pq = tid % NQP, prs = tid / NQP;
   // DFFKIT_CUDA_SMALL_COLS_GATHER: block r updates the rows [row_begin(r), row_begin(r + 1)) of W
   const bool gather = q.small_cols_gather != 0 && C > 1;
-  const bool vec = q.small_cols_vec != 0 && !gather;
+  const bool vec = q.small_cols_vec != 0 && !gather && !push;
+  float* R = reinterpret_cast<float*>(smem + L.R);  // push: R[(s C + rank) m K + e]
   auto row_begin = [&](int r) { return int(i64(r) * m / C); };
 
   double err_init = 0, err = 0, prev = 0;
@@ -281,9 +293,18 @@ __global__ void __launch_bounds__(SNT, MINB)
         for (int o = 1; o < NCH; o <<= 1)
 #pragma unroll
           for (int j = 0; j < K; ++j) v[j] += __shfl_xor_sync(0xffffffffu, v[j], o);
-        if (ch == 0 && r < mi)
+        if (ch == 0 && r < mi) {
+          if (push) {
+            for (int p = 0; p < C; ++p) {
+              float* dst = cluster_peer(R + (std::size_t(s) * C + rank) * (mi * K), p, C);
 #pragma unroll
-          for (int j = 0; j < K; ++j) Nout[r * K + j] = v[j];
+              for (int j = 0; j < K; ++j) dst[r * K + j] = v[j];
+            }
+          } else {
+#pragma unroll
+            for (int j = 0; j < K; ++j) Nout[r * K + j] = v[j];
+          }
+        }
       }
     }
     prof(0);
@@ -338,7 +359,17 @@ __global__ void __launch_bounds__(SNT, MINB)
       // every row of W (or, gathering, this block's slice of them): N from the C shares in
       // rank order, then the multiplicative step
       const int eb = gather ? row_begin(rank) * K : 4 * nf4, ee = gather ? row_begin(rank + 1) * K : mK;
-      for (int e = eb + tid; e < ee; e += SNT) w_update(e, cluster_sum16(Ns, e, C));
+      if (push) {
+        // the C shares in this block's own memory, added in rank order as cluster_sum16 does
+        const float* Rs = R + std::size_t(s) * C * mK;
+        for (int e = tid; e < mK; e += SNT) {
+          float v = 0.f;
+          for (int p = 0; p < C; ++p) v += Rs[p * mK + e];
+          w_update(e, v);
+        }
+      } else {
+        for (int e = eb + tid; e < ee; e += SNT) w_update(e, cluster_sum16(Ns, e, C));
+      }
       if (gather) {
         // every slice is written; the other rows from their owners' Wn (an owner writes that
         // buffer again two iterations on, after two barriers this block reaches only after

@@ -654,10 +654,11 @@ def test_fast_path_cols_batched_equals_one_at_a_time(cluster, monkeypatch):
 @pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("cluster", [None, "16"])
-def test_fast_path_cols_vec_gives_the_default_bits(cluster, monkeypatch):
+def test_fast_path_cols_vec_and_push_give_the_default_bits(cluster, monkeypatch):
     """DFFKIT_CUDA_SMALL_COLS_VEC=1 (the W update's distributed-shared-memory reads four floats a
-    request) on the device: every problem of a batch (one image's shape, one whose m k is not a
-    multiple of 4, the stopping rule) and one image alone get the default kernel's bits."""
+    request) and DFFKIT_CUDA_SMALL_COLS_PUSH=1 (the shares of X H^T stored into every block) on
+    the device: every problem of a batch (one image's shape, one whose m k is not a multiple of
+    4, the stopping rule) and one image alone get the default kernel's bits."""
     from dffkit import _cuda_backend
 
     if not _sm90():
@@ -667,20 +668,23 @@ def test_fast_path_cols_vec_gives_the_default_bits(cluster, monkeypatch):
         monkeypatch.setenv("DFFKIT_CUDA_SMALL_COLS_C", cluster)
     probs = [_problem(196, 512, 5, seed=80 + s) for s in range(12)] + [_problem(91, 200, 5, seed=9)]
     p = _params(CUDA, max_iter=120, tol=1e-3)
-    runs = []
-    for vec in ("0", "1"):
-        monkeypatch.setenv("DFFKIT_CUDA_SMALL_COLS_VEC", vec)
+    runs = {}
+    for switch in (None, "VEC", "PUSH"):
+        for key in ("VEC", "PUSH"):
+            monkeypatch.setenv(f"DFFKIT_CUDA_SMALL_COLS_{key}", "1" if key == switch else "0")
         out = _cuda_backend.fit_batched([q[0] for q in probs], [q[1] for q in probs],
                                         [q[2] for q in probs], p)
         alone = _cuda_backend.fit(*probs[3], _params(CUDA, max_iter=120, tol=1e-3, engine="resident"))
-        runs.append((out, alone))
-    (out0, alone0), (out1, alone1) = runs
-    for (Wa, Ha, ia), (Wb, Hb, ib) in zip(out0, out1):
-        assert ia["kernel"] == ib["kernel"] == "resident-fast-cols"
-        assert ia["n_iter"] == ib["n_iter"] and ia["error"] == ib["error"]
-        assert np.array_equal(Wa, Wb) and np.array_equal(Ha, Hb)
-    assert np.array_equal(alone0[0], alone1[0]) and np.array_equal(alone0[1], alone1[1])
-    assert np.array_equal(alone1[0], out1[3][0])
+        runs[switch] = (out, alone)
+    out0, alone0 = runs[None]
+    for switch in ("VEC", "PUSH"):
+        out1, alone1 = runs[switch]
+        for (Wa, Ha, ia), (Wb, Hb, ib) in zip(out0, out1):
+            assert ia["kernel"] == ib["kernel"] == "resident-fast-cols"
+            assert ia["n_iter"] == ib["n_iter"] and ia["error"] == ib["error"], switch
+            assert np.array_equal(Wa, Wb) and np.array_equal(Ha, Hb), switch
+        assert np.array_equal(alone0[0], alone1[0]) and np.array_equal(alone0[1], alone1[1]), switch
+        assert np.array_equal(alone1[0], out1[3][0]), switch
 
 
 # ---- init -----------------------------------------------------------------------------------

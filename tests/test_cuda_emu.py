@@ -274,16 +274,17 @@ def _small_problem(B, m, n, k, seed):
 
 
 def _run_small(exe, tmp_path, X, W, H, *, C, bf16=False, tc=False, cols=False, max_iter=30, tol=0.0,
-               pen=(0, 0, 0, 0), mu=0.0, update_H=True, skew_us=0, gather=False, vec=False):
+               pen=(0, 0, 0, 0), mu=0.0, update_H=True, skew_us=0, gather=False, vec=False, push=False):
     """One launch of the fast path on the emulator (cols: the column-split kernel; skew_us: rank r
     held back r x skew_us after every cluster barrier; gather: its W update split over the
     cluster, DFFKIT_CUDA_SMALL_COLS_GATHER; vec: its W update reading the shares four floats a
-    request, DFFKIT_CUDA_SMALL_COLS_VEC)."""
+    request, DFFKIT_CUDA_SMALL_COLS_VEC; push: its shares stored into every block,
+    DFFKIT_CUDA_SMALL_COLS_PUSH)."""
     B, m, n = X.shape
     k = W.shape[2]
-    d = tmp_path / f"small_{B}_{m}_{n}_{k}_{C}_{int(bf16)}_{int(tc)}_{int(cols)}_{max_iter}_{skew_us}_{int(gather)}_{int(vec)}"
+    d = tmp_path / f"small_{B}_{m}_{n}_{k}_{C}_{int(bf16)}_{int(tc)}_{int(cols)}_{max_iter}_{skew_us}_{int(gather)}_{int(vec)}_{int(push)}"
     d.mkdir()
-    meta = dict(B=B, m=m, n=n, k=k, C=C, bf16=int(bf16), tc=int(tc), cols=int(cols), gather=int(gather), vec=int(vec),
+    meta = dict(B=B, m=m, n=n, k=k, C=C, bf16=int(bf16), tc=int(tc), cols=int(cols), gather=int(gather), vec=int(vec), push=int(push),
                 max_iter=max_iter, tol=tol,
                 l1_W=pen[0], l2_W=pen[1],
                 l1_H=pen[2], l2_H=pen[3], mu=mu, update_H=int(update_H))
@@ -400,13 +401,15 @@ VEC_CASES = [dict(c, m=c["m"] + 1) if c["k"] == 5 else c for c in COLS_CASES]
 
 
 @pytest.mark.parametrize("case", VEC_CASES, ids=COLS_IDS)
-def test_fast_path_cols_vec_gives_the_default_bits(small_emu, tmp_path, case):
+def test_fast_path_cols_vec_and_push_give_the_default_bits(small_emu, tmp_path, case):
     """DFFKIT_CUDA_SMALL_COLS_VEC (the shares of X H^T read four floats a request, the first
-    round issued before G_H's sums) changes no bit: W, H, n_iter and both errors equal the
-    default kernel's, and both hold the bound against the CPU engine."""
+    round issued before G_H's sums) and DFFKIT_CUDA_SMALL_COLS_PUSH (the shares stored into
+    every block, added there from its own memory) change no bit: W, H, n_iter and both errors
+    equal the default kernel's, and all hold the bound against the CPU engine."""
     default = _check_small_case(small_emu, tmp_path, case, cols=True)
-    Wv, Hv, ov = _check_small_case(small_emu, tmp_path, case, cols=True, vec=True)
-    assert np.array_equal(default[0], Wv) and np.array_equal(default[1], Hv) and default[2] == ov
+    for switch in ("vec", "push"):
+        Wv, Hv, ov = _check_small_case(small_emu, tmp_path, case, cols=True, **{switch: True})
+        assert np.array_equal(default[0], Wv) and np.array_equal(default[1], Hv) and default[2] == ov, switch
 
 
 @pytest.mark.parametrize("C", [2, 4])
@@ -416,9 +419,9 @@ def test_fast_path_cols_kernel_with_skewed_blocks(small_emu, tmp_path, C):
     numbers here (checked: one buffer instead of two fails this test; ThreadSanitizer missed it)."""
     X, W, H = _small_problem(1, 24, 40, 5, seed=3)
     Wc, Hc, ic = _cpu_fit_full(X[0], W[0], H[0], max_iter=6)
-    for vec in (False, True):
+    for switch in ({}, {"vec": True}, {"push": True}):
         Wg, Hg, outs = _run_small(small_emu, tmp_path, X, W, H, C=C, cols=True, max_iter=6, skew_us=50000,
-                                  vec=vec)
+                                  **switch)
         assert _rel(Wg[0], Wc) <= 3e-6 and _rel(Hg[0], Hc) <= 3e-6
         assert abs(outs[0][2] - ic["error"]) <= 1e-5 * ic["error"]
 
@@ -432,10 +435,12 @@ def test_fast_path_cols_kernel_under_sanitizers(tmp_path_factory, tmp_path, sani
     X, W, H = _small_problem(1, 30, 37, 5, seed=1)
     # the second and third stop at iteration 10; the third reads the shares four floats a
     # request (DFFKIT_CUDA_SMALL_COLS_VEC), its first loads before the stopping test
-    for C, max_iter, tol, vec in ((2, 3, 0.0, False), (4, 12, 0.99, False), (4, 12, 0.99, True)):
+    # (the fourth stores the shares into every block: DFFKIT_CUDA_SMALL_COLS_PUSH)
+    for C, max_iter, tol, switch in ((2, 3, 0.0, None), (4, 12, 0.99, None), (4, 12, 0.99, "vec"),
+                                     (4, 12, 0.99, "push")):
         Wc, Hc, ic = _cpu_fit_full(X[0], W[0], H[0], max_iter=max_iter, tol=tol)
         Wg, Hg, outs = _run_small(exe, tmp_path, X, W, H, C=C, cols=True, max_iter=max_iter, tol=tol,
-                                  vec=vec)
+                                  **({switch: True} if switch else {}))
         assert outs[0][0] == ic["n_iter"] == (10 if tol else max_iter)
         assert _rel(Wg[0], Wc) <= 1e-4 and _rel(Hg[0], Hc) <= 1e-4
 

@@ -2,7 +2,7 @@
 // cuda/nmf_small_cols_kernel.cuh) on the CPU emulator, clusters included, for
 // tests/test_cuda_emu.py. Usage: small_emu DIR. DIR/meta.txt holds "key value"
 // lines (B m n k C bf16 tc cols max_iter tol l1_W l2_W l1_H l2_H mu update_H; tc: the tensor-core kernel;
-// optional: gather, vec, the column-split kernel's switches); DIR holds X.bin (B x m x n),
+// optional: gather, vec, push, the column-split kernel's switches); DIR holds X.bin (B x m x n),
 // W.bin (B x m x k), H.bin (B x k x n), float32. Writes W_out.bin, H_out.bin and out.txt (per
 // problem: n_iter error_init error).
 #define DFFKIT_EMULATE 1
@@ -47,13 +47,14 @@ void run(const std::string& dir, std::map<std::string, std::string>& meta) {
   q.update_H = std::stoi(meta["update_H"]);
   q.small_cols_gather = meta.count("gather") ? std::stoi(meta["gather"]) : 0;
   q.small_cols_vec = meta.count("vec") ? std::stoi(meta["vec"]) : 0;
+  q.small_cols_push = meta.count("push") ? std::stoi(meta["push"]) : 0;
   std::vector<SmallDesc> descs(static_cast<std::size_t>(B));
   for (i64 b = 0; b < B; ++b)
     descs[std::size_t(b)] = SmallDesc{X.data() + b * m * n, W.data() + b * m * k, H.data() + b * k * n, m, n, k};
   std::vector<ResOut> outs(static_cast<std::size_t>(B), ResOut{-1, -1.0, -1.0});
   if (meta.count("cols") && std::stoi(meta["cols"]) != 0)
     dffkit_emu::launch_cluster(small_cols_kernel<BF16, K>, dim3(unsigned(B * C)), dim3(SNT),
-                               small_cols_layout(m, n, K, C).used, unsigned(C),
+                               small_cols_layout(m, n, K, C, q.small_cols_push != 0).used, unsigned(C),
                                static_cast<const SmallDesc*>(descs.data()), q, outs.data(), C);
   else
     dffkit_emu::launch_cluster(small_kernel<BF16, K, TC>, dim3(unsigned(B * C)), dim3(SNT),
