@@ -126,30 +126,21 @@ if cuda.device_info(0)["cc"][0] >= 9:
           kernel="resident-fast-cols")
     check("fast cols update_H=False", X, W, H, engine="resident", max_iter=3, update_H=False,
           kernel="resident-fast-cols")
-    os.environ["DFFKIT_CUDA_SMALL_COLS_GATHER"] = "1"  # the W update split over the cluster
-    check("fast cols gather", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
-    check("fast cols gather stopping rule", X, W, H, engine="resident", max_iter=30, tol=1e-2,
-          kernel="resident-fast-cols")
     os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = "16"
-    check("fast cols gather C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
-    del os.environ["DFFKIT_CUDA_SMALL_COLS_GATHER"]
     check("fast cols C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
-    os.environ["DFFKIT_CUDA_SMALL_COLS_VEC"] = "1"  # the shares read four floats a request
-    check("fast cols vec C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
     del os.environ["DFFKIT_CUDA_SMALL_COLS_C"]
-    check("fast cols vec", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
-    check("fast cols vec stopping rule", X, W, H, engine="resident", max_iter=30, tol=1e-2,
-          kernel="resident-fast-cols")
-    del os.environ["DFFKIT_CUDA_SMALL_COLS_VEC"]
-    os.environ["DFFKIT_CUDA_SMALL_COLS_PUSH"] = "1"  # the shares stored into every block
-    check("fast cols push", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
-    check("fast cols push stopping rule", X, W, H, engine="resident", max_iter=30, tol=1e-2,
-          kernel="resident-fast-cols")
-    os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = "16"
-    check("fast cols push C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
-    del os.environ["DFFKIT_CUDA_SMALL_COLS_PUSH"]
+    # its switches, each with the stopping rule and clusters of 16: the W update split over the
+    # cluster (gather), the shares read four floats a request (vec), stored into every block (push)
+    for name in ("gather", "vec", "push"):
+        switch = f"DFFKIT_CUDA_SMALL_COLS_{name.upper()}"
+        os.environ[switch] = "1"
+        check(f"fast cols {name}", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+        check(f"fast cols {name} stopping rule", X, W, H, engine="resident", max_iter=30, tol=1e-2,
+              kernel="resident-fast-cols")
+        os.environ["DFFKIT_CUDA_SMALL_COLS_C"] = "16"
+        check(f"fast cols {name} C=16", X, W, H, engine="resident", max_iter=3, kernel="resident-fast-cols")
+        del os.environ["DFFKIT_CUDA_SMALL_COLS_C"], os.environ[switch]
     os.environ["DFFKIT_CUDA_SMALL_COLS"] = "0"
-    del os.environ["DFFKIT_CUDA_SMALL_COLS_C"]
 probs = [problem(30 + 7 * b, 20 + 5 * b, 3, seed=b) for b in range(3)]
 out = cb.fit_batched([p[0] for p in probs], [p[1] for p in probs], [p[2] for p in probs],
                      params(cuda, max_iter=5))
