@@ -240,6 +240,10 @@ __global__ void __launch_bounds__(SNT, MINB)
     for (int e = tid; e < 12; e += SNT) red[RG_PROF + e] = 0;  // phase clock slots
     __syncthreads();
   }
+  // push: the first iteration stores into the peers' shared memory before any cluster barrier
+  // of the loop; a block may touch a peer's shared memory only once the peer is known to be
+  // running (CUDA programming guide, distributed shared memory), so one barrier here
+  if (push) cluster_barrier(C);
   SmallPhaseClock prof(red + RG_PROF, q.profile && tid == 0);
   prof(8);
   const float l1W = float(q.l1_W), l2W = float(q.l2_W), l1H = float(q.l1_H), l2H = float(q.l2_H),
