@@ -122,6 +122,17 @@ def bench_model(model: str, args) -> dict:
         times, result = timed(lambda: dff(one, args.k, mode=mode, **opts), args.repeats_one, warmup=3)
         row[f"dff_{mode}_one_image"] = percentiles(times)
         row[f"dff_{mode}_one_image_split_s"] = {k: round(v, 5) for k, v in result.timings.items()}
+    if args.device == "cuda":  # per image without the pipeline (dff_module.PIPELINE), for the ratio it buys
+        from dffkit import deep_feature_factorization as dff_module
+
+        before = dff_module.PIPELINE
+        dff_module.PIPELINE = False
+        try:
+            times, result = timed(lambda: dff(batch, args.k, mode="per_image", **opts), args.repeats_batch)
+        finally:
+            dff_module.PIPELINE = before
+        row["dff_per_image_unpipelined_images_per_s"] = round(args.n_images / min(times), 2)
+        row["dff_per_image_unpipelined_split_s"] = {k: round(v, 4) for k, v in result.timings.items()}
     if args.device == "cuda":  # one image with each GPU array library the maps can run on
         import importlib.util
 
@@ -176,6 +187,10 @@ def markdown(report: dict) -> str:
             lines.append(f"- {r['model']} {mode}: " + ", ".join(f"{k} {v}" for k, v in s.items())
                          + f"; {r[f'dff_{mode}_n_iter']} NMF iterations on {r[f'dff_{mode}_backend']}"
                          + (", device path" if r[f"dff_{mode}_device_path"] else ""))
+        if "dff_per_image_unpipelined_images_per_s" in r:  # (per image's steps overlap: their sum is no wall time)
+            lines.append(f"- {r['model']} per_image without the pipeline (dff's PIPELINE = False): "
+                         f"{r['dff_per_image_unpipelined_images_per_s']} img/s; "
+                         + ", ".join(f"{k} {v}" for k, v in r["dff_per_image_unpipelined_split_s"].items()))
     libs = [(r["model"], lib, r[f"dff_joint_one_image_{lib}"]) for r in report["results"] for lib in ("cupy", "torch")
             if f"dff_joint_one_image_{lib}" in r]
     if libs:

@@ -4,6 +4,8 @@ import os
 import warnings
 from collections import OrderedDict, deque
 
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -1369,8 +1371,95 @@ def test_device_branch_hands_the_solver_its_checked_matrix(monkeypatch, mode, ne
         acts = acts - np.float32(0.25)
     result = dff(images, 2, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu", negatives=negatives)
     assert result.device_path
-    assert seen == [negatives == "error"]
+    # per image: one solve per extractor batch of 2 (dff_module.PIPELINE), each batch marked
+    assert seen == [negatives == "error"] * (2 if mode == "per_image" else 1)
     assert nmf_module._CHECKED_INPUT.get() is None
+
+
+def _pipeline_runs(monkeypatch, acts, images, extractor_cls, make_options):
+    """dff per image with the extraction pipelined (one extractor batch of 2 a group) and not,
+    each with the options ``make_options()`` makes (numpy's global state seeded the same before
+    each): (pipelined, all at once, the threads the extractor ran on, the progress reports)."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    threads, reports = [], []
+
+    class Recording(extractor_cls):
+        def __call__(self, images, device_output=False):
+            threads.append(threading.current_thread().name)
+            return super().__call__(images, device_output)
+
+    runs = []
+    for pipeline in (True, False):
+        monkeypatch.setattr(dff_module, "PIPELINE", pipeline)
+        progress = (lambda done, total: reports.append((done, total))) if pipeline else None
+        np.random.seed(11)
+        runs.append(dff(images, 2, extractor=Recording(acts), mode="per_image", backend="cpu", progress=progress,
+                        **make_options()))
+    return runs[0], runs[1], threads, reports
+
+
+@pytest.mark.parametrize("extractor_cls", [_StandInDeviceExtractor, _StandInHostExtractor], ids=["device", "host"])
+@pytest.mark.parametrize("make_options", [dict, lambda: dict(random_state=np.random.RandomState(5), negatives="shift"),
+                                          lambda: dict(assign="kmeans", random_state=None)],
+                         ids=["defaults", "random-state-object-shift", "kmeans-global-state"])
+def test_per_image_pipeline_gives_the_same_results(monkeypatch, extractor_cls, make_options):
+    """per_image DFF over more images than one extractor batch: each batch extracted on a worker
+    thread while the one before is factorized and mapped gives the results of all at once, bit
+    for bit (each image's random_state seed + its number, a RandomState drawn from once, the
+    negatives shifted per image, k-means labels); progress reaches every image in order."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    if extractor_cls is _StandInDeviceExtractor:
+        monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: _counting_stand_in_ops(dff_module)())
+    images, acts = block_activations(n=5, seed=3)
+    acts[:, 0, 0, :] += np.arange(5, dtype=np.float32)[:, None]  # images differ
+    if make_options().get("negatives") == "shift":
+        acts = acts - np.float32(0.3)
+    piped, whole, threads, reports = _pipeline_runs(monkeypatch, acts, images, extractor_cls, make_options)
+    assert threads[:3] != ["MainThread"] * 3 and all(t.startswith("dffkit-extract") for t in threads[:3])
+    assert threads[3:] == ["MainThread"] * 3  # the run without the pipeline
+    assert piped.device_path == whole.device_path == (extractor_cls is _StandInDeviceExtractor)
+    assert piped.n_iter == whole.n_iter and piped.reconstruction_error == whole.reconstruction_error
+    np.testing.assert_array_equal(piped.concepts, whole.concepts)
+    np.testing.assert_array_equal(piped.strength, whole.strength)
+    for name in ("heatmaps", "labels", "loadings"):
+        for a, b in zip(getattr(piped, name), getattr(whole, name)):
+            np.testing.assert_array_equal(a, b)
+    assert piped.feature_sizes == whole.feature_sizes
+    done = [d for d, total in reports if total == 5]
+    assert done == sorted(done) and done[-1] == 5
+    assert set(piped.timings) >= {"load", "extract", "factorize", "maps"}
+
+
+def test_per_image_pipeline_checks_name_images_by_their_numbers(monkeypatch):
+    """Checks in the second group of the pipeline name the image by its number in the call; a
+    channel count that changes between groups is refused; k above C warns once."""
+    from dffkit import deep_feature_factorization as dff_module
+
+    monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: _counting_stand_in_ops(dff_module)())
+    images, acts = block_activations(n=4)
+    bad = acts.copy()
+    bad[3, 1, 2, 2] = np.inf
+    with pytest.raises(ValueError, match=r"in image 3 \(image_3\)"):
+        dff(images, 2, extractor=_StandInDeviceExtractor(bad), mode="per_image", backend="cpu")
+    bad = acts.copy()
+    bad[2, 0, 1, 1] = -1.0
+    with pytest.raises(ValueError, match="negative values"):
+        dff(images, 2, extractor=_StandInDeviceExtractor(bad), mode="per_image", backend="cpu")
+
+    class Growing(_StandInDeviceExtractor):  # the second batch has more channels
+        def __call__(self, images, device_output=False):
+            out = super().__call__(images, device_output)
+            return np.concatenate([out, out], axis=1) if self.start > 2 else out
+
+    with pytest.raises(ValueError, match=r"different channel counts \[8, 16\]"):
+        dff(images, 2, extractor=Growing(acts), mode="per_image", backend="cpu")
+    with pytest.warns(UserWarning, match="more than the 8 channels") as caught:
+        dff(images, 9, extractor=_StandInDeviceExtractor(acts[:, :, :3, :3].copy()), mode="per_image",
+            backend="cpu", max_iter=5)
+    assert len([w for w in caught if "channels" in str(w.message)]) == 1
+    assert caught[0].filename == __file__
 
 
 def test_checked_input_marks_one_object_in_one_context():
@@ -1558,6 +1647,7 @@ def test_device_branch_map_kernels_give_the_host_paths_maps(monkeypatch, mode, s
 
     kernels = _StandInMapKernels()
     monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: _kernel_stand_in_ops(dff_module, kernels)())
+    monkeypatch.setattr(dff_module, "PIPELINE", False)  # first the launches of one pass over all images
     _, acts = block_activations(n=len(sizes))
     images = [np.zeros(s + (3,), np.uint8) + 100 for s in sizes]
     on_device = dff(images, 3, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu", threshold=0.3)
@@ -1565,12 +1655,16 @@ def test_device_branch_map_kernels_give_the_host_paths_maps(monkeypatch, mode, s
     assert on_device.device_path and not host.device_path
     groups = len(set(sizes))
     assert kernels.launches == ["peaks"] * groups + ["heat"] * groups
-    np.testing.assert_array_equal(on_device.strength, host.strength)
-    for i in range(len(sizes)):
-        np.testing.assert_array_equal(on_device.loadings[i], host.loadings[i])
-        np.testing.assert_array_equal(on_device.heatmaps[i].view(np.uint32), host.heatmaps[i].view(np.uint32))
-        np.testing.assert_array_equal(on_device.labels[i], host.labels[i])
-        assert on_device.heatmaps[i].shape == (3,) + sizes[i] and on_device.labels[i].dtype == np.int16
+    monkeypatch.setattr(dff_module, "PIPELINE", "auto")  # per image: groups of one extractor batch (2)
+    piped = dff(images, 3, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu", threshold=0.3)
+    for got in (on_device, piped):
+        assert got.device_path
+        np.testing.assert_array_equal(got.strength, host.strength)
+        for i in range(len(sizes)):
+            np.testing.assert_array_equal(got.loadings[i], host.loadings[i])
+            np.testing.assert_array_equal(got.heatmaps[i].view(np.uint32), host.heatmaps[i].view(np.uint32))
+            np.testing.assert_array_equal(got.labels[i], host.labels[i])
+            assert got.heatmaps[i].shape == (3,) + sizes[i] and got.labels[i].dtype == np.int16
     kernels.launches.clear()
     dff(images, 3, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu", assign="kmeans")
     dff(images, 3, extractor=_StandInDeviceExtractor(acts), mode=mode, backend="cpu", keep_maps=False)

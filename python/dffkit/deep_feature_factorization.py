@@ -1182,7 +1182,9 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
         Tensor to factorize when the extractor is built here (default: the model's own).
     mode : "joint" | "per_image"
         joint: all images stacked into one (N·h·w x C) matrix, concepts shared across images;
-        per_image: each image factorized on its own (batched solver), concepts per image.
+        per_image: each image factorized on its own (batched solver), concepts per image; on a
+        GPU the extraction of each extractor batch overlaps the factorization and maps of the
+        batch before it (``PIPELINE``; the same results).
     backend : "auto" | "cpu" | "cuda"
         NMF engine. On a GPU (CUDA NMF, an extractor on CUDA, CuPy or PyTorch present)
         activations stay in device memory and the maps are computed there; only the final
@@ -1240,8 +1242,7 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     UserWarning : k larger than the number of channels C.
     """
     from dffkit.images import image_sizes, load_images
-    from dffkit.nmf import (_PRECISIONS, _check_backend, _check_option, _checked_input, _no_convergence_warnings,
-                            nmf_batched, non_negative_factorization)
+    from dffkit.nmf import _PRECISIONS, _check_backend, _check_option
 
     k = _check_k(n_concepts)
     for name, value, allowed in (("mode", mode, _MODES), ("negatives", negatives, _NEGATIVES), ("assign", assign, _ASSIGN)):
@@ -1265,10 +1266,13 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     sources = [_describe_source(it, i) for i, it in enumerate(items)]
     sizes = image_sizes(pil)
     timings["load"] = time.perf_counter() - t0
+    keep = _keep_maps(keep_maps, sizes, k)
+    solver = dict(init=init, tol=tol, max_iter=max_iter, random_state=random_state, backend=backend,
+                  precision=precision)
 
     # ---- activations
     t0 = time.perf_counter()
-    ops = None
+    ops, piped = None, None
     if activations is not None:
         ext = None if extractor is None else _resolve_extractor(extractor, layer, backend)
         on_host = isinstance(activations, np.ndarray) or (
@@ -1286,103 +1290,26 @@ def dff(images, n_concepts: int, *, extractor=None, layer: Optional[str] = None,
     else:
         ext = _resolve_extractor(extractor, layer, backend)
         ops = _device_ops(ext, backend)
-        per, on_device = _extract(ext, pil, ops, _progress_callback(progress, len(pil), label="features "))
-        if not on_device:  # the host path, by choice or by fallback
-            ops = None
+        report = _progress_callback(progress, len(pil), label="features ")
+        groups = _pipeline_groups(ext, ops, len(pil)) if mode == "per_image" and keep else None
+        if groups:  # each group's extraction overlaps the factorization and maps of the one before
+            piped = _pipelined_per_image(
+                ext, pil, ops, groups, report, sources, sizes, f"the activations of layer {getattr(ext, 'layer', layer)!r}",
+                k, negatives, solver, threshold, assign, timings)
+            if not piped[-1]:  # a group fell back to the host
+                ops = None
+        else:
+            per, on_device = _extract(ext, pil, ops, report)
+            if not on_device:  # the host path, by choice or by fallback
+                ops = None
     ops = ops or _NumpyOps()
-    what = ("the activations you passed" if activations is not None
-            else f"the activations of layer {getattr(ext, 'layer', layer)!r}")
-    empty = [i for i, a in enumerate(per) if 0 in tuple(a.shape)]
-    if empty:
-        i = empty[0]
-        raise ValueError(
-            f"{what} are empty for image {i} ({sources[i]}): shape (C, h, w) = {tuple(int(d) for d in per[i].shape)}; "
-            "DFF needs at least one channel and a feature grid of at least 1 x 1: pass activations (N, C, h, w) "
-            "with C, h, w >= 1 (a convolutional layer's output)"
-        )
-    channels = {int(a.shape[0]) for a in per}
-    if len(channels) != 1:
-        raise ValueError(f"activations of the images have different channel counts {sorted(channels)}")
-    C = channels.pop()
-    if k > C:
-        warnings.warn(
-            f"n_concepts={k} is more than the {C} channels of {what}: the factorization cannot find more than {C} "
-            f"meaningful concepts (the concepts are rows of a {k} x {C} matrix), the rest split or repeat them and "
-            f"the solver slows down; use n_concepts <= {C}", UserWarning, stacklevel=2)
-    feature_sizes = [(int(a.shape[1]), int(a.shape[2])) for a in per]
-    positions = [h * w for h, w in feature_sizes]
-    if mode == "joint" and k > sum(positions):
-        raise ValueError(
-            f"n_concepts={k} is larger than the number of positions ({sum(positions)}: "
-            + (f"one image's {feature_sizes[0][0]} x {feature_sizes[0][1]} feature grid" if len(pil) == 1
-               else f"{len(pil)} images x their feature grids")
-            + "); use fewer concepts or more/larger images"
-        )
-    if mode == "per_image" and k > min(positions):
-        raise ValueError(
-            f"n_concepts={k} is larger than the number of positions of the smallest image's feature grid "
-            f"({min(positions)}, {feature_sizes[int(np.argmin(positions))]}); use fewer concepts or larger images"
-        )
-    timings["extract"] = time.perf_counter() - t0
-
-    # ---- the factorization
-    t0 = time.perf_counter()
-    same_grid = len(set(feature_sizes)) == 1
-    if mode == "joint":
-        if same_grid:
-            stacked = ops.asarray(per[0][None]) if len(per) == 1 else ops.stack(per)
-            X = ops.matrix(stacked)
-        else:
-            X = ops.concat([ops.matrix(a[None]) for a in per])
-        lo, sum_sq = _checked_range(ops, X, per, sources, what)
-        X = _nonnegative(ops, X, negatives, what, lo)
-        # found finite and >= 0 just above: the solver takes X without a second pass ('clip' and
-        # 'shift' make new values, which it checks: a shift can overflow); the warnings filter
-        # is thread-local: others' warnings stay theirs
-        with _no_convergence_warnings(), _checked_input(X if lo >= 0 else None):
-            W, H, n_iter, info = non_negative_factorization(
-                X, n_components=k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
-                backend=backend, precision=precision, return_info=True)
-        Ws, Hs = [W], [H]
-        n_iter_out, engine, ran = int(n_iter), info.backend, info.precision
-        # ||X|| from the check's pass where it made one and X is still what it saw (no 'clip' or
-        # 'shift' applied)
-        norm = float(np.sqrt(sum_sq)) if sum_sq is not None and lo >= 0 else ops.norm(X)
-        errors = float(info.error) / max(norm, 1e-30)
+    if piped is not None:
+        feature_sizes, Ws, Hs, n_iter_out, errors, engine, ran, heatmaps, strength, labels, loadings, _ = piped
     else:
-        if same_grid and ops.name != "numpy":  # one (N, h w, C) batch, checked in one pass
-            hw = positions[0]
-            X_all = ops.matrix(ops.asarray(per[0][None]) if len(per) == 1 else ops.stack(per))
-            lo = _checked_min(ops, X_all, per, sources, what)
-            if lo < 0 and negatives == "shift":  # each image's own channel minima
-                batch = ops.stack([_nonnegative(ops, X_all[i * hw:(i + 1) * hw], negatives, what)
-                                   for i in range(len(per))])
-            else:
-                batch = _nonnegative(ops, X_all, negatives, what, lo).reshape(len(per), hw, C)
-            Xs = [batch[i] for i in range(len(per))]
-        else:
-            Xs = [ops.matrix(ops.asarray(a)[None]) for a in per]
-            Xs = [_nonnegative(ops, x, negatives, what, _checked_min(ops, x, per, sources, what, [i]))
-                  for i, x in enumerate(Xs)]
-            batch = Xs
-        # a (B, h w, C) device batch found finite and >= 0 above: the solver takes it as it is
-        checked = same_grid and ops.name != "numpy" and lo >= 0
-        with _no_convergence_warnings(), _checked_input(batch if checked else None):
-            solved = nmf_batched(batch, k, init=init, tol=tol, max_iter=max_iter, random_state=random_state,
-                                 backend=backend, precision=precision)
-        Ws = [w for w, _, _ in solved]
-        Hs = [h for _, h, _ in solved]
-        n_iter_out = [int(r.n_iter) for _, _, r in solved]
-        norms = _norms(ops, batch, Xs)
-        errors = [float(r.error) / max(nx, 1e-30) for (_, _, r), nx in zip(solved, norms)]
-        engine, ran = solved[0][2].backend, solved[0][2].precision
-    timings["factorize"] = time.perf_counter() - t0
-
-    # ---- heat maps, strength, labels
-    t0 = time.perf_counter()
-    keep = _keep_maps(keep_maps, sizes, k)
-    heatmaps, strength, labels, loadings = _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, keep=keep)
-    timings["maps"] = time.perf_counter() - t0
+        (feature_sizes, Ws, Hs, n_iter_out, errors, engine, ran, heatmaps, strength, labels,
+         loadings) = _validate_factorize_map(
+            ops, per, pil, sources, sizes, activations, ext, layer, k, mode, negatives, keep, threshold, assign,
+            solver, timings, t0)
 
     concepts = _host(Hs[0]).astype(np.float32) if mode == "joint" else np.stack([_host(h) for h in Hs]).astype(np.float32)
     concept_names, concept_classes = None, None
@@ -1482,6 +1409,218 @@ def _extract(ext, pil, ops, report):
             per.extend(_split_activations(list(ext.extract_list(chunk))))
         report(min(start + batch, len(pil)))
     return per, ops is not None
+
+
+def _validate_factorize_map(ops, per, pil, sources, sizes, activations, ext, layer, k, mode, negatives, keep,
+                            threshold, assign, solver, timings, t0):
+    """dff's steps after the activations (all images at once): their checks, the factorization
+    (``solver``: the NMF's options), the maps. ``t0``: when the activations step began (its
+    time ends with the checks). Returns (feature sizes, Ws, Hs, n_iter, errors, engine,
+    precision, heatmaps, strength, labels, loadings)."""
+    from dffkit.nmf import _checked_input, _no_convergence_warnings, non_negative_factorization
+
+    what = ("the activations you passed" if activations is not None
+            else f"the activations of layer {getattr(ext, 'layer', layer)!r}")
+    C, feature_sizes, positions = _grids(per, sources, what, k, stacklevel=4)
+    if mode == "joint" and k > sum(positions):
+        raise ValueError(
+            f"n_concepts={k} is larger than the number of positions ({sum(positions)}: "
+            + (f"one image's {feature_sizes[0][0]} x {feature_sizes[0][1]} feature grid" if len(pil) == 1
+               else f"{len(pil)} images x their feature grids")
+            + "); use fewer concepts or more/larger images"
+        )
+    if mode == "per_image":
+        _check_k_per_image(k, feature_sizes)
+    timings["extract"] = time.perf_counter() - t0
+
+    # ---- the factorization
+    t0 = time.perf_counter()
+    same_grid = len(set(feature_sizes)) == 1
+    if mode == "joint":
+        if same_grid:
+            stacked = ops.asarray(per[0][None]) if len(per) == 1 else ops.stack(per)
+            X = ops.matrix(stacked)
+        else:
+            X = ops.concat([ops.matrix(a[None]) for a in per])
+        lo, sum_sq = _checked_range(ops, X, per, sources, what)
+        X = _nonnegative(ops, X, negatives, what, lo)
+        # found finite and >= 0 just above: the solver takes X without a second pass ('clip' and
+        # 'shift' make new values, which it checks: a shift can overflow); the warnings filter
+        # is thread-local: others' warnings stay theirs
+        with _no_convergence_warnings(), _checked_input(X if lo >= 0 else None):
+            W, H, n_iter, info = non_negative_factorization(X, n_components=k, return_info=True, **solver)
+        Ws, Hs = [W], [H]
+        n_iter_out, engine, ran = int(n_iter), info.backend, info.precision
+        # ||X|| from the check's pass where it made one and X is still what it saw (no 'clip' or
+        # 'shift' applied)
+        norm = float(np.sqrt(sum_sq)) if sum_sq is not None and lo >= 0 else ops.norm(X)
+        errors = float(info.error) / max(norm, 1e-30)
+    else:
+        Ws, Hs, n_iter_out, errors, engine, ran = _factorize_per_image(ops, per, sources, what, k, negatives, 0, solver)
+    timings["factorize"] = time.perf_counter() - t0
+
+    # ---- heat maps, strength, labels
+    t0 = time.perf_counter()
+    heatmaps, strength, labels, loadings = _maps(ops, Ws, feature_sizes, sizes, mode, threshold, assign, keep=keep)
+    timings["maps"] = time.perf_counter() - t0
+    return feature_sizes, Ws, Hs, n_iter_out, errors, engine, ran, heatmaps, strength, labels, loadings
+
+
+#: per_image DFF over more images than one extractor batch: "auto" runs each batch's extraction
+#: on a worker thread while this thread factorizes the batch before it and makes its maps, where
+#: the activations stay on a GPU (the extractor's work and the maps' copies can then overlap the
+#: NMF's; on the CPU both would share the same cores); True: also on the CPU path; False: never.
+#: The results are the same either way.
+PIPELINE = "auto"
+
+
+def _pipeline_groups(ext, ops, n: int) -> Optional[List[Tuple[int, int]]]:
+    """The groups of images (index ranges, one extractor batch each) whose extraction overlaps
+    the previous group's factorization and maps (``PIPELINE``); None where there is one group
+    or the setting does not apply."""
+    if PIPELINE is False or (PIPELINE == "auto" and ops is None):
+        return None
+    batch = int(getattr(ext, "batch_size", 16) or 16)
+    if n <= batch:
+        return None
+    return [(a, min(a + batch, n)) for a in range(0, n, batch)]
+
+
+def _pipelined_per_image(ext, pil, ops, groups, report, sources, sizes, what, k, negatives, solver, threshold,
+                         assign, timings):
+    """per_image DFF group by group: the extraction of group g + 1 on a worker thread while this
+    thread checks and factorizes group g and makes its maps (keep_maps). The same results as
+    all groups at once: each image's random_state is seed + its number, the extractor runs
+    the same batches, checks name images by their numbers, k above C warns once. timings'
+    "extract", "factorize" and "maps" are each step's own time added over the groups (they
+    overlap: their sum exceeds the wall time). Returns (feature sizes, Ws, Hs, n_iter, errors,
+    engine, precision, heatmaps, strength, labels, loadings, whether every group stayed on the
+    device)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dffkit.nmf import _seed_from
+
+    solver = dict(solver, random_state=_seed_from(solver["random_state"]))  # drawn once
+    spent = {"extract": 0.0, "factorize": 0.0, "maps": 0.0}
+
+    def extract(a, b):
+        t = time.perf_counter()
+        out = _extract(ext, pil[a:b], ops, lambda done: report(a + done))
+        spent["extract"] += time.perf_counter() - t  # the worker's alone: read after its last result
+        return out
+
+    feature_sizes, Ws, Hs, n_iter, errors, heatmaps, strength, labels, loadings = ([] for _ in range(9))
+    C, engine, ran, device = None, None, None, True
+    with ThreadPoolExecutor(1, thread_name_prefix="dffkit-extract") as pool:
+        upcoming = pool.submit(extract, *groups[0])
+        for g, (a, b) in enumerate(groups):
+            per, on_device = upcoming.result()
+            if g + 1 < len(groups):
+                upcoming = pool.submit(extract, *groups[g + 1])
+            group_ops = ops if on_device else _NumpyOps()
+            device = device and on_device
+            C, fs, _ = _grids(per, sources, what, k, a, C, stacklevel=4)
+            _check_k_per_image(k, fs)
+            t = time.perf_counter()
+            Wg, Hg, it, err, engine, ran = _factorize_per_image(group_ops, per, sources, what, k, negatives, a, solver)
+            spent["factorize"] += time.perf_counter() - t
+            t = time.perf_counter()
+            hm, st, lb, ld = _maps(group_ops, Wg, fs, sizes[a:b], "per_image", threshold, assign, keep=True)
+            spent["maps"] += time.perf_counter() - t
+            del per
+            for out, part in zip((feature_sizes, Ws, Hs, n_iter, errors, heatmaps, strength, labels, loadings),
+                                 (fs, Wg, Hg, it, err, hm, [st], lb, ld)):
+                out.extend(part)
+    timings.update(spent)
+    return (feature_sizes, Ws, Hs, n_iter, errors, engine, ran, heatmaps, np.concatenate(strength), labels, loadings,
+            device)
+
+
+class _Numbered:
+    """A group of images' activations indexed by the images' numbers in the whole call
+    (``start`` + position), for the checks that name images."""
+
+    def __init__(self, items, start: int):
+        self.items, self.start = items, start
+
+    def __getitem__(self, i):
+        return self.items[i - self.start]
+
+    def __len__(self) -> int:
+        return self.start + len(self.items)
+
+
+def _grids(per, sources, what: str, k: int, start: int = 0, channels: Optional[int] = None,
+           stacklevel: int = 3) -> Tuple[int, list, list]:
+    """(C, feature sizes, positions) of the activations ``per`` of images start, start + 1, ...
+    (``channels``: the C of the images before them); ValueError for empty activations or
+    channel counts that differ; the warning for k above C (once: where ``channels`` is None)."""
+    empty = [i for i, a in enumerate(per) if 0 in tuple(a.shape)]
+    if empty:
+        i = empty[0]
+        raise ValueError(
+            f"{what} are empty for image {start + i} ({sources[start + i]}): shape (C, h, w) = "
+            f"{tuple(int(d) for d in per[i].shape)}; "
+            "DFF needs at least one channel and a feature grid of at least 1 x 1: pass activations (N, C, h, w) "
+            "with C, h, w >= 1 (a convolutional layer's output)"
+        )
+    counts = {int(a.shape[0]) for a in per} | ({channels} if channels is not None else set())
+    if len(counts) != 1:
+        raise ValueError(f"activations of the images have different channel counts {sorted(counts)}")
+    C = counts.pop()
+    if k > C and channels is None:
+        warnings.warn(
+            f"n_concepts={k} is more than the {C} channels of {what}: the factorization cannot find more than {C} "
+            f"meaningful concepts (the concepts are rows of a {k} x {C} matrix), the rest split or repeat them and "
+            f"the solver slows down; use n_concepts <= {C}", UserWarning, stacklevel=stacklevel)
+    feature_sizes = [(int(a.shape[1]), int(a.shape[2])) for a in per]
+    return C, feature_sizes, [h * w for h, w in feature_sizes]
+
+
+def _check_k_per_image(k: int, feature_sizes) -> None:
+    positions = [h * w for h, w in feature_sizes]
+    if k > min(positions):
+        raise ValueError(
+            f"n_concepts={k} is larger than the number of positions of the smallest image's feature grid "
+            f"({min(positions)}, {feature_sizes[int(np.argmin(positions))]}); use fewer concepts or larger images"
+        )
+
+
+def _factorize_per_image(ops, per, sources, what: str, k: int, negatives: str, start: int, solver: dict):
+    """per_image mode's factorization of images start, start + 1, ... (activations ``per``):
+    their checks (named by their numbers in the call), negatives handled, one batched solve
+    (``solver``: nmf_batched's options; image i's random_state is seed + i, as in one call
+    over all images). Returns (Ws, Hs, n_iter per image, relative errors, engine, precision)."""
+    from dffkit.nmf import _checked_input, _no_convergence_warnings, _seed_from, nmf_batched
+
+    numbered = _Numbered(per, start)
+    C = int(per[0].shape[0])
+    same_grid = len({tuple(a.shape) for a in per}) == 1
+    if start:
+        solver = dict(solver, random_state=_seed_from(solver["random_state"]) + start)
+    if same_grid and ops.name != "numpy":  # one (N, h w, C) batch, checked in one pass
+        hw = int(per[0].shape[1]) * int(per[0].shape[2])
+        X_all = ops.matrix(ops.asarray(per[0][None]) if len(per) == 1 else ops.stack(per))
+        lo = _checked_min(ops, X_all, numbered, sources, what, range(start, start + len(per)))
+        if lo < 0 and negatives == "shift":  # each image's own channel minima
+            batch = ops.stack([_nonnegative(ops, X_all[i * hw:(i + 1) * hw], negatives, what)
+                               for i in range(len(per))])
+        else:
+            batch = _nonnegative(ops, X_all, negatives, what, lo).reshape(len(per), hw, C)
+        Xs = [batch[i] for i in range(len(per))]
+    else:
+        Xs = [ops.matrix(ops.asarray(a)[None]) for a in per]
+        Xs = [_nonnegative(ops, x, negatives, what, _checked_min(ops, x, numbered, sources, what, [start + i]))
+              for i, x in enumerate(Xs)]
+        batch = Xs
+    # a (B, h w, C) device batch found finite and >= 0 above: the solver takes it as it is
+    checked = same_grid and ops.name != "numpy" and lo >= 0
+    with _no_convergence_warnings(), _checked_input(batch if checked else None):
+        solved = nmf_batched(batch, k, **solver)
+    norms = _norms(ops, batch, Xs)
+    return ([w for w, _, _ in solved], [h for _, h, _ in solved], [int(r.n_iter) for _, _, r in solved],
+            [float(r.error) / max(nx, 1e-30) for (_, _, r), nx in zip(solved, norms)],
+            solved[0][2].backend, solved[0][2].precision)
 
 
 def _norms(ops, batch, Xs) -> List[float]:
