@@ -789,24 +789,34 @@ def test_visualize_building_blocks():
     assert g.size == (2 * 54 + 4, 2 * (50 + 18 + 4) + 4)
 
 
-def test_device_failure_falls_back_to_the_host(monkeypatch):
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+def test_device_failure_falls_back_to_the_host(monkeypatch, mode):
+    """The first failure on the device path: one warning, the host from there on (per image:
+    the later extractor batches of the pipeline too), the host path's maps."""
     from dffkit import deep_feature_factorization as dff_module
 
     class StandInOps(dff_module._NumpyOps):
         name = "stand-in"
 
     class Flaky(_StandInDeviceExtractor):
+        device_calls = 0
+
         def __call__(self, images, device_output=False):
             if device_output:
+                self.device_calls += 1
                 raise RuntimeError("no device buffer today")
             return super().__call__(images, device_output=True)
 
     monkeypatch.setattr(dff_module, "_device_ops", lambda ext, backend: StandInOps())
-    images, acts = block_activations(n=3)
-    with pytest.warns(RuntimeWarning, match="continuing on the host"):
-        result = dff(images, 2, extractor=Flaky(acts), backend="cpu")
+    images, acts = block_activations(n=5)
+    ext = Flaky(acts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = dff(images, 2, extractor=ext, backend="cpu", mode=mode)
+    assert [str(w.message) for w in caught if "continuing on the host" in str(w.message)] != []
+    assert len([w for w in caught if "continuing on the host" in str(w.message)]) == 1 == ext.device_calls
     assert not result.device_path
-    host = dff(images, 2, activations=acts, backend="cpu")
+    host = dff(images, 2, activations=acts, backend="cpu", mode=mode)
     for a, b in zip(result.heatmaps, host.heatmaps):
         np.testing.assert_allclose(a, b, atol=1e-6)
 

@@ -1502,10 +1502,11 @@ def _pipelined_per_image(ext, pil, ops, groups, report, sources, sizes, what, k,
 
     solver = dict(solver, random_state=_seed_from(solver["random_state"]))  # drawn once
     spent = {"extract": 0.0, "factorize": 0.0, "maps": 0.0}
+    source = [ops]  # None once a group has fallen back to the host: the rest follow, as in one pass
 
     def extract(a, b):
         t = time.perf_counter()
-        out = _extract(ext, pil[a:b], ops, lambda done: report(a + done))
+        out = _extract(ext, pil[a:b], source[0], lambda done: report(a + done))
         spent["extract"] += time.perf_counter() - t  # the worker's alone: read after its last result
         return out
 
@@ -1515,6 +1516,8 @@ def _pipelined_per_image(ext, pil, ops, groups, report, sources, sizes, what, k,
         upcoming = pool.submit(extract, *groups[0])
         for g, (a, b) in enumerate(groups):
             per, on_device = upcoming.result()
+            if not on_device:
+                source[0] = None  # (the next group is submitted only now)
             if g + 1 < len(groups):
                 upcoming = pool.submit(extract, *groups[g + 1])
             group_ops = ops if on_device else _NumpyOps()
