@@ -813,7 +813,6 @@ def test_device_failure_falls_back_to_the_host(monkeypatch, mode):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = dff(images, 2, extractor=ext, backend="cpu", mode=mode)
-    assert [str(w.message) for w in caught if "continuing on the host" in str(w.message)] != []
     assert len([w for w in caught if "continuing on the host" in str(w.message)]) == 1 == ext.device_calls
     assert not result.device_path
     host = dff(images, 2, activations=acts, backend="cpu", mode=mode)
