@@ -87,6 +87,47 @@ def test_filterbank_joint_separates_object(filterbank):
 
 
 @needs_extractor
+@pytest.mark.parametrize("mode", ["joint", "per_image"])
+def test_arrays_reach_dffkits_extractor_as_they_are(monkeypatch, tmp_path, mode):
+    """dff hands dffkit's extractor the caller's RGB uint8 arrays themselves (at its size it
+    takes their pixels without Pillow), PIL images and files as read here; the result equals
+    that of the same pictures given as PIL images, and the arrays are left as they were. An
+    extractor of the caller's (any callable) gets PIL images."""
+    ext = FeatureExtractor("filterbank", providers="cpu", image_size=64)
+    arrays, _ = coseg_set(n=3, size=64)  # 64 x 64 (at the size), 64 x 80 and 64 x 96 (resized)
+    Image.fromarray(arrays[2]).save(tmp_path / "c.png")
+    copies = [a.copy() for a in arrays]
+    seen = []
+    real = FeatureExtractor.__call__
+
+    def kinds(images):
+        return ["array" if isinstance(im, np.ndarray) else "PIL" if isinstance(im, Image.Image) else "?" for im in images]
+
+    def spy(self, images, **kw):
+        seen.append(kinds(images))
+        return real(self, images, **kw)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", spy)
+    given = dff([arrays[0], arrays[1], str(tmp_path / "c.png")], 2, extractor=ext, mode=mode, backend="cpu")
+    assert [t for call in seen for t in call] == ["array", "array", "PIL"]
+    assert all(np.array_equal(a, c) for a, c in zip(arrays, copies))
+    as_pil = dff([Image.fromarray(a) for a in arrays], 2, extractor=ext, mode=mode, backend="cpu")
+    for a, b in zip(given.heatmaps + given.labels, as_pil.heatmaps + as_pil.labels):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(given.concepts, as_pil.concepts)
+
+    calls = []
+
+    def own(images):
+        calls.append(kinds(images))
+        return ext(images)
+
+    own.layer, own.model_name = ext.layer, ext.model_name
+    dff(arrays, 2, extractor=own, mode=mode, backend="cpu")
+    assert calls and all(t == "PIL" for call in calls for t in call)
+
+
+@needs_extractor
 def test_filterbank_per_image_separates_object(filterbank):
     images, masks = coseg_set()
     result = dff(images, 2, extractor=filterbank, mode="per_image", backend="cpu")

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dffkit import features, models  # noqa: E402
-from dffkit.features import FeatureExtractor, load_images, preprocess  # noqa: E402
+from dffkit.features import FeatureExtractor, load_image, load_images, preprocess  # noqa: E402
 from dffkit.images import IMAGENET_MEAN, IMAGENET_STD, resized_size  # noqa: E402
 
 RNG = np.random.default_rng(20261123)
@@ -539,6 +539,43 @@ def test_images_in_memory_are_loaded_without_threads(monkeypatch, tmp_path):
     lazy = Image.open(tmp_path / "a.png")
     out = load_images([made[1], lazy], workers=3)
     assert used and set(used) == {3} and np.array_equal(np.asarray(out[1]), arrays[0])
+
+
+def test_arrays_at_the_size_skip_pillow_and_the_threads(monkeypatch):
+    """RGB uint8 arrays already at the size asked for are taken as they are: no Pillow, no
+    hand-over to a thread, the same pixels as through Pillow (a strided view too). An array that
+    needs resizing, an RGBA and a uint16 array still go through Pillow, and a batch with any of
+    them goes to the threads."""
+    from dffkit import images as images_module
+
+    used, read = [], []
+    real_pool, real_read = images_module._pool, images_module._load_indexed
+    monkeypatch.setattr(images_module, "_pool", lambda workers: used.append(workers) or real_pool(workers))
+    monkeypatch.setattr(images_module, "_load_indexed", lambda i, item: read.append(i) or real_read(i, item))
+
+    def run(batch, size):
+        parts = list(images_module.resized_batches(batch, 2, size, workers=3))
+        return [a for _, p in parts for a in p], [hw for s, _ in parts for hw in s]
+
+    at_size = images(3, 16, 16, seed=40) + [images(1, 16, 32, seed=41)[0][:, ::2]]  # the last one strided
+    copies = [a.copy() for a in at_size]
+    out, sizes = run(at_size, 16)
+    assert used == [] and read == []
+    assert [np.array_equal(o, np.asarray(Image.fromarray(np.ascontiguousarray(a)))) for o, a in zip(out, at_size)] == [True] * 4
+    assert sizes == [(16, 16)] * 4 and all(np.array_equal(a, c) for a, c in zip(at_size, copies))
+
+    rgba = np.concatenate([images(1, 16, 16, seed=42)[0], np.full((16, 16, 1), 128, np.uint8)], axis=2)
+    wide = (images(1, 16, 16, seed=43)[0].astype(np.uint16) * 257)
+    bigger = images(1, 20, 24, seed=44)[0]
+    for other in (rgba, wide, bigger):
+        used.clear(), read.clear()
+        out, _ = run([at_size[0], other], 16)
+        ref = np.asarray(images_module.resize_image(load_image(other), 16))
+        assert read == [1] and np.array_equal(out[1], ref) and np.array_equal(out[0], at_size[0])
+        assert used  # not every image a plain copy: the threads, as before
+    used.clear()
+    run(at_size, 8)  # every one to resize
+    assert used
 
 
 def test_one_pil_image_twice_is_read_safely():
