@@ -1388,7 +1388,7 @@ def _host(a) -> np.ndarray:
 def _extractor_inputs(ext, items, pil) -> list:
     """What the extractor reads: where it is dffkit's own, the caller's RGB uint8 arrays as they
     are (at its size it takes their pixels without Pillow: the same pixels without two
-    conversions; 256 arrays of 224 x 224 went into batches in 21-24 ms against 61-83 as PIL
+    conversions; 256 arrays of 224 x 224 went into batches in 21-24 ms against 61-95 as PIL
     images, session 20, 2 cores), the images read here for the rest; a callable of the caller's
     gets the PIL images."""
     from dffkit.features import FeatureExtractor
